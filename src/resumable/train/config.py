@@ -1,0 +1,273 @@
+"""The trainer's YAML configuration, typed and checked once at the boundary.
+
+Keys and defaults follow ../shared/FORMATS.md (MindSpore Transformers' names).
+Every key is parsed from the start. Keys whose behaviour is not built yet raise
+``NotImplementedYet`` when set to a non-default value (see ``NOT_IMPLEMENTED``),
+unknown keys and wrong types raise ``ConfigError`` naming the dotted key.
+
+Example::
+
+    cfg = load_config("configs/tiny.yaml", overrides=["runner_config.stop_step=20"])
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from resumable.errors import ConfigError, NotImplementedYet
+
+DEFAULT_CONFIG = Path(__file__).with_name("configs") / "default.yaml"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    """Qwen3 sizes, named as in HuggingFace's ``Qwen3Config``."""
+
+    vocab_size: int = Field(256, gt=0, description="vocabulary size")
+    hidden_size: int = Field(64, gt=0, description="width of the residual stream")
+    intermediate_size: int = Field(128, gt=0, description="SwiGLU inner width")
+    num_hidden_layers: int = Field(4, gt=0, description="decoder layers")
+    num_attention_heads: int = Field(4, gt=0, description="query heads")
+    num_key_value_heads: int = Field(2, gt=0, description="key/value heads (GQA)")
+    head_dim: int = Field(16, gt=0, description="width of one attention head")
+    rms_norm_eps: float = Field(1e-6, gt=0)
+    rope_theta: float = Field(10000.0, gt=0)
+    max_position_embeddings: int = Field(512, gt=0)
+    tie_word_embeddings: bool = False
+    initializer_range: float = Field(0.02, gt=0)
+
+    @model_validator(mode="after")
+    def _heads_group(self) -> "ModelConfig":
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"model.num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"model.num_key_value_heads ({self.num_key_value_heads})"
+            )
+        return self
+
+
+class DatasetConfig(_Section):
+    path: str = Field("", description="token file (.bin/.npy, uint16/uint32) or UTF-8 text; empty: embedded corpus")
+    seq_length: int = Field(64, gt=1, description="tokens per sample")
+    dtype: Literal["uint16", "uint32"] = Field("uint16", description="element type of a raw .bin token file")
+
+
+class RunnerConfig(_Section):
+    epochs: int = Field(1, gt=0)
+    batch_size: int = Field(4, gt=0, description="micro batch size per data-parallel rank")
+    stop_step: int | None = Field(None, gt=0, description="stop after this global step; the LR curve is unchanged")
+    log_interval: int = Field(1, gt=0)
+
+
+class LRScheduleConfig(_Section):
+    type: Literal["cosine"] = "cosine"
+    learning_rate: float = Field(3e-3, gt=0)
+    min_lr: float = Field(3e-4, ge=0)
+    warmup_steps: int = Field(5, ge=0)
+    total_steps: int | None = Field(None, gt=0, description="fixes the LR curve; default epochs x steps per epoch")
+
+
+class OptimizerConfig(_Section):
+    type: Literal["AdamW"] = "AdamW"
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+
+
+class ParallelConfig(_Section):
+    data_parallel: int = Field(1, gt=0)
+    model_parallel: int = Field(1, gt=0, description="tensor parallel size")
+    pipeline_stage: int = Field(1, gt=0)
+    micro_batch_num: int = Field(1, gt=0, description="micro batches per step (pipeline schedule)")
+
+    @property
+    def world_size(self) -> int:
+        return self.data_parallel * self.model_parallel * self.pipeline_stage
+
+
+class ParallelOptions(_Section):
+    enable_parallel_optimizer: bool = False
+
+
+class CheckpointMonitorConfig(_Section):
+    type: Literal["CheckpointMonitor"]
+    prefix: str = "CKP"
+    directory: str = Field("", description="default <output_dir>/checkpoint")
+    save_checkpoint_steps: int = Field(1, gt=0)
+    keep_checkpoint_max: int = Field(5, gt=0)
+    async_save: bool = False
+    checkpoint_format: Literal["safetensors", "ckpt"] = "safetensors"
+    remove_redundancy: bool = False
+    save_optimizer: bool = True
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix_is_a_name(cls, v: str) -> str:
+        if not v or "/" in v or v.startswith("."):
+            raise ValueError(f"prefix must be a plain file-name prefix, got {v!r}")
+        return v
+
+
+class TrainConfig(_Section):
+    output_dir: str = "./output"
+    load_checkpoint: str = ""
+    resume_training: bool | str = False
+    use_legacy_format: bool = False
+    load_ckpt_format: Literal["safetensors", "ckpt"] = "safetensors"
+    auto_trans_ckpt: bool = False
+    src_strategy_path_or_dir: str = ""
+    transform_process_num: int | None = Field(None, gt=0)
+    remove_redundancy: bool = False
+    load_ckpt_async: bool = False
+    balanced_load: bool = False
+    pretrained_model_dir: str = ""
+    seed: int = 0
+    model: ModelConfig = ModelConfig()
+    train_dataset: DatasetConfig = DatasetConfig()
+    runner_config: RunnerConfig = RunnerConfig()
+    lr_schedule: LRScheduleConfig = LRScheduleConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    parallel_config: ParallelConfig = ParallelConfig()
+    parallel: ParallelOptions = ParallelOptions()
+    callbacks: list[CheckpointMonitorConfig] = []
+
+    @property
+    def checkpoint(self) -> CheckpointMonitorConfig | None:
+        """The CheckpointMonitor callback, or None when the config saves nothing."""
+        return self.callbacks[0] if self.callbacks else None
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        ckpt = self.checkpoint
+        if ckpt is not None and ckpt.directory:
+            return Path(ckpt.directory)
+        return Path(self.output_dir) / "checkpoint"
+
+    @model_validator(mode="after")
+    def _one_monitor(self) -> "TrainConfig":
+        if len(self.callbacks) > 1:
+            raise ValueError("callbacks: give at most one CheckpointMonitor")
+        return self
+
+
+# Keys whose behaviour later work builds: (dotted key, default). Setting one to
+# anything else stops with "not implemented yet: <key>".
+NOT_IMPLEMENTED: dict[str, Any] = {
+    "load_checkpoint": "",
+    "resume_training": False,
+    "use_legacy_format": False,
+    "load_ckpt_format": "safetensors",
+    "auto_trans_ckpt": False,
+    "src_strategy_path_or_dir": "",
+    "transform_process_num": None,
+    "remove_redundancy": False,
+    "load_ckpt_async": False,
+    "balanced_load": False,
+    "pretrained_model_dir": "",
+}
+
+
+def _lookup(cfg: BaseModel, dotted: str) -> Any:
+    value: Any = cfg
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def check_implemented(cfg: TrainConfig) -> None:
+    """Raise NotImplementedYet for the first key set to a behaviour not built yet."""
+    for key, default in NOT_IMPLEMENTED.items():
+        if _lookup(cfg, key) != default:
+            raise NotImplementedYet(key)
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        # pydantic puts union member names and tagged types in loc; keep the YAML path only.
+        key = ".".join(p for p in key.split(".") if p not in {"bool", "str", "int", "float", "none"})
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling against the README's config table)"
+        got = e.get("input")
+        shown = "" if e["type"] == "extra_forbidden" or isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"{key or '<top level>'}: {msg}{shown}")
+    return f"invalid config {source}:\n  " + "\n  ".join(dict.fromkeys(lines))
+
+
+def apply_override(tree: dict, assignment: str) -> None:
+    """Set ``a.b.0.c=value`` in a nested dict/list tree; the value is parsed as YAML."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. runner_config.stop_step=20")
+    dotted, raw = assignment.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else ""
+    parts = dotted.strip().split(".")
+    node: Any = tree
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        where = ".".join(parts[: depth + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(
+                    f"--set {dotted}: {where!r} is not an index of the {len(node)}-item list "
+                    f"{'.'.join(parts[:depth])}"
+                )
+            idx = int(part)
+            if last:
+                node[idx] = value
+            else:
+                node = node[idx]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+        else:
+            raise ConfigError(f"--set {dotted}: {'.'.join(parts[:depth])!r} is a value, not a section")
+
+
+def parse_config(tree: dict, source: str = "<dict>") -> TrainConfig:
+    """Validate a nested dict into a TrainConfig, raising ConfigError that names the key."""
+    if not isinstance(tree, dict):
+        raise ConfigError(f"invalid config {source}: the top level must be a mapping of keys")
+    try:
+        return TrainConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def load_config_tree(path: str | os.PathLike | None) -> tuple[dict, str]:
+    """Read a YAML file (or the embedded default) into a plain dict."""
+    source = Path(path) if path else DEFAULT_CONFIG
+    try:
+        text = source.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file {source} does not exist") from None
+    try:
+        tree = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {source} is not valid YAML: {err}") from None
+    return tree, str(source)
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Load a YAML config (default: the embedded one), apply ``--set`` overrides and validate."""
+    tree, source = load_config_tree(path)
+    tree = copy.deepcopy(tree)
+    for assignment in overrides:
+        apply_override(tree, assignment)
+    return parse_config(tree, source)
+
+
+def dump_config(cfg: TrainConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
