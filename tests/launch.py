@@ -1,0 +1,79 @@
+"""Run a function on N real ``torch.distributed`` processes (gloo, CPU) and collect results.
+
+Usage in a test::
+
+    def _body(rank: int, world_size: int, tmp: str) -> float:   # module level: it is pickled
+        ...
+        return value
+
+    results = run_distributed(_body, 4, str(tmp_path))          # [value of rank 0, ..., rank 3]
+
+An exception on any rank fails the test with that rank's traceback. Every process
+group gets a bounded timeout so a bug shows up as an error, not a hung suite.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+from datetime import timedelta
+from typing import Any, Callable
+
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+TIMEOUT = timedelta(seconds=120)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue: Any) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+        OMP_NUM_THREADS="1",
+    )
+    import torch
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=TIMEOUT)
+    try:
+        queue.put((rank, True, fn(rank, world_size, *args)))
+    except BaseException:  # report every failure, then let the others time out or finish
+        queue.put((rank, False, traceback.format_exc()))
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def run_distributed(fn: Callable, world_size: int, *args: Any) -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo processes; return per-rank results."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    port = free_port()
+    error = None
+    try:
+        mp.start_processes(_worker, args=(world_size, port, fn, args, queue), nprocs=world_size,
+                           join=True, start_method="spawn")
+    except Exception as exc:  # the per-rank tracebacks below say more
+        error = exc
+    results: dict[int, Any] = {}
+    failures = []
+    while not queue.empty():
+        rank, ok, value = queue.get()
+        if ok:
+            results[rank] = value
+        else:
+            failures.append(f"rank {rank} failed:\n{value}")
+    if failures or error is not None:
+        raise AssertionError("\n".join(failures) or f"distributed run failed: {error}")
+    return [results[r] for r in range(world_size)]
