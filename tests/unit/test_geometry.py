@@ -1,0 +1,133 @@
+"""Boxes, splits and reshard plans: exhaustive and property-based checks (pure, no I/O)."""
+
+import itertools
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.distributed.tensor.placement_types import Replicate, Shard, _StridedShard
+
+from resumable.errors import CorruptCheckpointError
+from resumable.geometry import Box, covers_exactly, dedupe, runs, split_bounds, split_sizes
+from resumable.layout import dim_indices, placement_chunks
+from resumable.planning import StoredChunk, assign_writers, plan_tensor_reads
+
+
+@pytest.mark.parametrize("n", range(0, 13))
+@pytest.mark.parametrize("parts", range(1, 6))
+def test_split_sizes_match_torch_chunk(n, parts):
+    expected = [len(c) for c in torch.arange(n).chunk(parts)] if n else []
+    expected += [0] * (parts - len(expected))
+    assert split_sizes(n, parts) == expected
+    assert [s for _, s in split_bounds(n, parts)] == expected
+
+
+def test_intersection_of_overlapping_and_disjoint_boxes():
+    a, b = Box((0, 0), (4, 4)), Box((2, 3), (4, 4))
+    assert a.intersect(b) == Box((2, 3), (2, 1))
+    assert a.intersect(Box((4, 0), (1, 4))) is None
+    assert Box((), ()).intersect(Box((), ())) == Box((), ())
+    assert Box((2, 3), (2, 1)).slices_in(a) == (slice(2, 4), slice(3, 4))
+
+
+def test_covers_exactly_names_gaps_overlaps_and_escapes():
+    assert covers_exactly((4,), [Box((0,), (2,)), Box((2,), (2,))]) is None
+    assert covers_exactly((4,), [Box((0,), (3,)), Box((2,), (2,))]) == "chunks at [0] and [2] overlap"
+    assert covers_exactly((4,), [Box((0,), (2,))]) == "chunks cover 2 of 4 elements"
+    assert covers_exactly((4,), [Box((3,), (2,))]) == "chunk at [3] of shape [2] lies outside [4]"
+
+
+def test_runs_group_contiguous_indices():
+    assert runs([0, 1, 2, 5, 6, 9]) == [(0, 3), (5, 2), (9, 1)]
+    assert runs([]) == []
+
+
+def test_strided_shard_matches_torch_docstring_example():
+    # torch's _StridedShard docstring: [8, 8] on a 2x2 (dp, tp) mesh, FSDP over TP.
+    placements = [_StridedShard(0, split_factor=2), Shard(0)]
+    rows = {c: placement_chunks((8, 8), placements, (2, 2), c)[0].box.offsets[0]
+            for c in itertools.product(range(2), range(2))}
+    assert rows == {(0, 0): 0, (0, 1): 4, (1, 0): 2, (1, 1): 6}
+
+
+def test_strided_shard_can_give_a_rank_several_boxes():
+    chunks = placement_chunks((10,), [_StridedShard(0, split_factor=3)], (2,), (1,))
+    assert [c.box for c in chunks] == [Box((2,), (2,)), Box((6,), (2,)), Box((9,), (1,))]
+    assert [c.local for c in chunks] == [(slice(0, 2),), (slice(2, 4),), (slice(4, 5),)]
+
+
+# ---- property-based: any layout -> any layout reassembles exactly ----
+
+@st.composite
+def layouts(draw, ndim):
+    mesh = tuple(draw(st.lists(st.integers(1, 3), min_size=1, max_size=2)))
+    placements = []
+    for _ in mesh:
+        kind = draw(st.sampled_from(["r", "s", "ss"] if ndim else ["r"]))
+        if kind == "r":
+            placements.append(Replicate())
+        elif kind == "s":
+            placements.append(Shard(draw(st.integers(0, ndim - 1))))
+        else:
+            placements.append(_StridedShard(draw(st.integers(0, ndim - 1)), split_factor=draw(st.integers(1, 3))))
+    return mesh, placements
+
+
+def _local(global_t, shape, placements, mesh, coord):
+    """The local tensor DTensor would hold: the global tensor at this rank's indices per dim."""
+    idx = [dim_indices(shape[d], d, len(shape), placements, mesh, coord) for d in range(len(shape))]
+    out = global_t
+    for d, ix in enumerate(idx):
+        out = out.index_select(d, torch.tensor(ix, dtype=torch.long))
+    return out
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_any_layout_reshards_exactly_onto_any_other(data):
+    ndim = data.draw(st.integers(0, 3))
+    shape = tuple(data.draw(st.lists(st.integers(0, 7), min_size=ndim, max_size=ndim)))
+    src_mesh, src_pl = data.draw(layouts(ndim))
+    dst_mesh, dst_pl = data.draw(layouts(ndim))
+    full = torch.arange(Box.full(shape).numel, dtype=torch.float64).reshape(shape)
+
+    stored, boxes = [], []
+    for coord in itertools.product(*map(range, src_mesh)):
+        local = _local(full, shape, src_pl, src_mesh, coord)
+        for ch in placement_chunks(shape, src_pl, src_mesh, coord):
+            assert torch.equal(local[ch.local], full[ch.box.slices_in(Box.full(shape))])
+            stored.append(StoredChunk(ch.box, f"file{coord}", "t"))
+            boxes.append(ch.box)
+    if full.numel():
+        assert covers_exactly(shape, dedupe(boxes)) is None
+
+    source = {s.box: full[s.box.slices_in(Box.full(shape))] for s in stored}
+    for coord in itertools.product(*map(range, dst_mesh)):
+        expected = _local(full, shape, dst_pl, dst_mesh, coord)
+        got = torch.full_like(expected, -1.0)
+        for r in plan_tensor_reads("t", placement_chunks(shape, dst_pl, dst_mesh, coord), stored):
+            got[r.dst] = source[r.stored_box][r.src]
+        assert torch.equal(got, expected)
+
+
+def test_missing_source_chunk_is_reported_with_the_tensor_name():
+    target = placement_chunks((4,), [Replicate()], (1,), (0,))
+    with pytest.raises(CorruptCheckpointError, match=r"tensor 'w': the checkpoint covers 2 of the 4 elements"):
+        plan_tensor_reads("w", target, [StoredChunk(Box((0,), (2,)), "f", "w")])
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 9), min_size=1, max_size=6, unique=True), min_size=1, max_size=4),
+       st.lists(st.integers(1, 100), min_size=10, max_size=10))
+def test_writer_assignment_stores_each_chunk_once_and_balances_bytes(held, sizes):
+    holdings = {r: [(f"t{c}", Box((0,), (sizes[c],))) for c in cs] for r, cs in enumerate(held)}
+    nbytes = {k: k[1].numel for ks in holdings.values() for k in ks}
+    owner = assign_writers(holdings, nbytes)
+    assert set(owner) == set(nbytes)
+    for key, rank in owner.items():
+        assert key in holdings[rank]
+    # Fully replicated chunks (held by everyone) can always be balanced to within the largest.
+    if all(set(h) == set(held[0]) for h in held):
+        loads = [sum(nbytes[k] for k, r in owner.items() if r == rank) for rank in holdings]
+        assert max(loads) - min(loads) <= max(nbytes.values())
