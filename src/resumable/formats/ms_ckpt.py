@@ -1,0 +1,379 @@
+"""MindSpore ``.ckpt`` files (protobuf) read and written without protobuf or MindSpore.
+
+A ``.ckpt`` file is one protobuf message of three small types (MindSpore's
+``checkpoint.proto``)::
+
+    Checkpoint  { repeated Value value = 1; }
+    Value       { required string tag = 1; optional TensorProto tensor = 2;
+                  optional MapTensorProto maptensor = 3; }
+    TensorProto { repeated int64 dims = 1; required string tensor_type = 2;
+                  required bytes tensor_content = 3; }
+
+``tensor_content`` is the raw little-endian array. MindSpore cuts tensors above
+512 MB into several consecutive ``Value`` s with the same tag and full ``dims``,
+whose contents concatenate; the index below records such a tensor as several byte
+segments. Indexing walks the wire format over an ``mmap`` and skips the tensor
+bytes, so it costs memory for the index only; :func:`read_ms_tensor` then reads one
+tensor's bytes with ``seek``/``readinto``.
+
+Example::
+
+    write_ms_ckpt("net.ckpt", {"w": torch.ones(2, 3)})
+    index = index_ms_ckpt("net.ckpt")       # {"w": MsTensorEntry(dtype=float32, shape=(2, 3), ...)}
+    w = read_ms_tensor("net.ckpt", index["w"])
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import sys
+from dataclasses import dataclass
+from typing import Iterable, Mapping
+
+import torch
+
+from resumable.errors import CorruptCheckpointError, NotImplementedYet
+
+__all__ = [
+    "MS_DTYPES",
+    "MsTensorEntry",
+    "index_ms_ckpt",
+    "load_ms_ckpt",
+    "ms_dtype_name",
+    "read_ms_tensor",
+    "write_ms_ckpt",
+]
+
+MS_DTYPES: dict[str, torch.dtype] = {
+    "Bool": torch.bool,
+    "Int8": torch.int8,
+    "Int16": torch.int16,
+    "Int32": torch.int32,
+    "Int64": torch.int64,
+    "UInt8": torch.uint8,
+    "UInt16": torch.uint16,
+    "UInt32": torch.uint32,
+    "UInt64": torch.uint64,
+    "Float16": torch.float16,
+    "BFloat16": torch.bfloat16,
+    "Float32": torch.float32,
+    "Float64": torch.float64,
+}
+"""MindSpore dtype names (as in ``tensor_type`` and MindFormers' metadata.json) → torch."""
+
+_MS_NAMES = {dtype: name for name, dtype in MS_DTYPES.items()}
+
+_VARINT, _FIXED64, _LENGTH, _FIXED32 = 0, 1, 2, 5
+
+if sys.byteorder != "little":  # tensor_content is little-endian; so is every host torch supports well
+    raise ImportError("resumable.formats.ms_ckpt needs a little-endian host")
+
+
+def ms_dtype_name(dtype: torch.dtype) -> str:
+    """MindSpore's name of a torch dtype.
+
+    Example::
+
+        ms_dtype_name(torch.bfloat16)   # "BFloat16"
+    """
+    try:
+        return _MS_NAMES[dtype]
+    except KeyError:
+        raise ValueError(f"{dtype} has no MindSpore dtype name; supported: {sorted(_MS_NAMES.values())}") from None
+
+
+@dataclass(frozen=True)
+class MsTensorEntry:
+    """Where one tensor's bytes lie in a ``.ckpt`` file.
+
+    ``segments`` are ``(offset, length)`` byte ranges in file order; their
+    concatenation is the tensor's little-endian content.
+    """
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    segments: tuple[tuple[int, int], ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(length for _, length in self.segments)
+
+
+class _Corrupt(Exception):
+    """Internal: a wire-format problem, turned into CorruptCheckpointError with the file name."""
+
+
+class _Wire:
+    """A cursor over a protobuf message held in ``buf[start:end]``."""
+
+    def __init__(self, buf: mmap.mmap | bytes, start: int, end: int) -> None:
+        self.buf, self.pos, self.end = buf, start, end
+
+    def done(self) -> bool:
+        return self.pos >= self.end
+
+    def varint(self) -> int:
+        value, shift = 0, 0
+        while True:
+            if self.pos >= self.end:
+                raise _Corrupt(f"truncated varint at byte {self.pos}")
+            byte = self.buf[self.pos]
+            self.pos += 1
+            value |= (byte & 0x7F) << shift
+            if not byte & 0x80:
+                return value
+            shift += 7
+            if shift >= 70:
+                raise _Corrupt(f"varint longer than 10 bytes ending at byte {self.pos}")
+
+    def key(self) -> tuple[int, int]:
+        key = self.varint()
+        return key >> 3, key & 7
+
+    def span(self) -> tuple[int, int]:
+        """``(offset, length)`` of a length-delimited field, checked against the message end."""
+        length = self.varint()
+        start = self.pos
+        if length > self.end - start:
+            raise _Corrupt(f"field of {length} bytes at byte {start} runs past the end ({self.end})")
+        self.pos = start + length
+        return start, length
+
+    def skip(self, wire_type: int) -> None:
+        if wire_type == _VARINT:
+            self.varint()
+        elif wire_type == _LENGTH:
+            self.span()
+        elif wire_type in (_FIXED64, _FIXED32):
+            size = 8 if wire_type == _FIXED64 else 4
+            if self.pos + size > self.end:
+                raise _Corrupt(f"truncated fixed-width field at byte {self.pos}")
+            self.pos += size
+        else:
+            raise _Corrupt(f"unsupported wire type {wire_type} at byte {self.pos}")
+
+    def text(self) -> str:
+        start, length = self.span()
+        try:
+            return bytes(self.buf[start:start + length]).decode("utf-8")
+        except UnicodeDecodeError:
+            raise _Corrupt(f"string at byte {start} is not UTF-8") from None
+
+
+def _int64(value: int) -> int:
+    """A varint read as protobuf int64 (negative numbers are 10-byte two's complement)."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _parse_tensor(wire: _Wire) -> tuple[list[int], str | None, tuple[int, int] | None]:
+    dims: list[int] = []
+    dtype_name, content = None, None
+    while not wire.done():
+        field, wire_type = wire.key()
+        if field == 1 and wire_type == _VARINT:  # unpacked repeated int64
+            dims.append(_int64(wire.varint()))
+        elif field == 1 and wire_type == _LENGTH:  # packed repeated int64
+            start, length = wire.span()
+            packed = _Wire(wire.buf, start, start + length)
+            while not packed.done():
+                dims.append(_int64(packed.varint()))
+        elif field == 2 and wire_type == _LENGTH:
+            dtype_name = wire.text()
+        elif field == 3 and wire_type == _LENGTH:
+            content = wire.span()
+        else:
+            wire.skip(wire_type)
+    return dims, dtype_name, content
+
+
+def _parse_value(wire: _Wire, number: int, path: str) -> tuple[str, list[int], str, tuple[int, int]]:
+    tag, tensor, has_map = None, None, False
+    while not wire.done():
+        field, wire_type = wire.key()
+        if field == 1 and wire_type == _LENGTH:
+            tag = wire.text()
+        elif field == 2 and wire_type == _LENGTH:
+            start, length = wire.span()
+            tensor = _parse_tensor(_Wire(wire.buf, start, start + length))
+        elif field == 3 and wire_type == _LENGTH:
+            wire.span()
+            has_map = True
+        else:
+            wire.skip(wire_type)
+    where = f"value #{number}" if tag is None else f"value {tag!r}"
+    if tag is None:
+        raise _Corrupt(f"{where} has no tag")
+    if has_map:
+        raise NotImplementedYet(f"MapTensor values in MindSpore .ckpt files ({where} in {path})")
+    if tensor is None:
+        raise _Corrupt(f"{where} has no tensor")
+    dims, dtype_name, content = tensor
+    if dtype_name is None or content is None:
+        raise _Corrupt(f"{where} lacks tensor_type or tensor_content")
+    if dtype_name not in MS_DTYPES:
+        raise _Corrupt(f"{where} has unsupported tensor_type {dtype_name!r}; supported: {sorted(MS_DTYPES)}")
+    if any(d < 0 for d in dims):
+        raise _Corrupt(f"{where} has negative dims {dims}")
+    return tag, dims, dtype_name, content
+
+
+def _entry_nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    numel = 1
+    for dim in shape:
+        numel *= dim
+    return numel * dtype.itemsize
+
+
+def index_ms_ckpt(path: str | os.PathLike[str]) -> dict[str, MsTensorEntry]:
+    """Index a MindSpore ``.ckpt`` file: tag → dtype, shape and byte segments.
+
+    Only the message structure is read (through ``mmap``); tensor bytes are skipped.
+
+    Args:
+        path: the ``.ckpt`` file.
+
+    Returns:
+        Entries in file order, keyed by tag.
+
+    Raises:
+        CorruptCheckpointError: empty or truncated file, a length past the end of the
+            file, unknown ``tensor_type``, or content whose size is not dims × itemsize;
+            the message names the file and the tag.
+        NotImplementedYet: the file holds a MapTensor.
+
+    Example::
+
+        index_ms_ckpt("net.ckpt")["fc.weight"].shape    # (8, 4)
+    """
+    path = os.fspath(path)
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            raise CorruptCheckpointError(f"corrupt MindSpore checkpoint {path}: the file is empty")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            try:
+                return _index(buf, path)
+            except _Corrupt as e:
+                raise CorruptCheckpointError(f"corrupt MindSpore checkpoint {path}: {e}") from None
+
+
+def _index(buf: mmap.mmap, path: str) -> dict[str, MsTensorEntry]:
+    wire = _Wire(buf, 0, len(buf))
+    parts: dict[str, tuple[list[int], str, list[tuple[int, int]]]] = {}
+    number = 0
+    while not wire.done():
+        field, wire_type = wire.key()
+        if field != 1 or wire_type != _LENGTH:
+            wire.skip(wire_type)
+            continue
+        start, length = wire.span()
+        tag, dims, dtype_name, content = _parse_value(_Wire(buf, start, start + length), number, path)
+        number += 1
+        if tag in parts:  # a tensor cut into slices: same tag, same full dims
+            if parts[tag][:2] != (dims, dtype_name):
+                raise _Corrupt(f"value {tag!r} appears twice with different dims or dtype")
+            parts[tag][2].append(content)
+        else:
+            parts[tag] = (dims, dtype_name, [content])
+    entries = {}
+    for tag, (dims, dtype_name, segments) in parts.items():
+        entry = MsTensorEntry(tag, MS_DTYPES[dtype_name], tuple(dims), tuple(segments))
+        expected = _entry_nbytes(entry.shape, entry.dtype)
+        if entry.nbytes != expected:
+            raise _Corrupt(
+                f"value {tag!r}: tensor_content holds {entry.nbytes} bytes but dims {dims} "
+                f"of {dtype_name} need {expected}"
+            )
+        entries[tag] = entry
+    return entries
+
+
+def read_ms_tensor(path: str | os.PathLike[str], entry: MsTensorEntry) -> torch.Tensor:
+    """Read one tensor of a ``.ckpt`` file, given its entry from :func:`index_ms_ckpt`.
+
+    Reads exactly the tensor's bytes into a fresh tensor (no other tensor is loaded).
+
+    Example::
+
+        entry = index_ms_ckpt("net.ckpt")["fc.weight"]
+        w = read_ms_tensor("net.ckpt", entry)
+    """
+    path = os.fspath(path)
+    out = torch.empty(entry.shape, dtype=entry.dtype)
+    raw = out.reshape(-1).view(torch.uint8).numpy()  # shares memory with ``out``
+    filled = 0
+    with open(path, "rb") as f:
+        for offset, length in entry.segments:
+            f.seek(offset)
+            got = f.readinto(memoryview(raw[filled:filled + length]))
+            if got != length:
+                raise CorruptCheckpointError(
+                    f"corrupt MindSpore checkpoint {path}: value {entry.name!r} is truncated "
+                    f"({got} of {length} bytes at offset {offset}); was the file changed after indexing?"
+                )
+            filled += length
+    return out
+
+
+def load_ms_ckpt(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Read every tensor of a ``.ckpt`` file (for small files and tests).
+
+    Example::
+
+        load_ms_ckpt("net.ckpt")    # {"fc.weight": tensor(...), ...}
+    """
+    return {name: read_ms_tensor(path, entry) for name, entry in index_ms_ckpt(path).items()}
+
+
+def _varint_bytes(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _length_field(field: int, payload_len: int) -> bytes:
+    return _varint_bytes(field << 3 | _LENGTH) + _varint_bytes(payload_len)
+
+
+def write_ms_ckpt(
+    path: str | os.PathLike[str],
+    tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+) -> None:
+    """Write tensors as a MindSpore ``.ckpt`` file, one tensor in memory at a time.
+
+    ``dims`` are written unpacked, as MindSpore's proto2 schema does. The file is
+    written in place (no temp file, no fsync): callers that need atomicity use
+    ``commit.atomic_write`` around it.
+
+    Args:
+        path: the file to create or overwrite.
+        tensors: a mapping, or an iterable of ``(tag, tensor)`` pairs (may be a generator).
+
+    Example::
+
+        write_ms_ckpt("net.ckpt", {"fc.weight": torch.randn(8, 4), "global_step": torch.tensor([3], dtype=torch.int32)})
+    """
+    items = tensors.items() if isinstance(tensors, Mapping) else tensors
+    with open(path, "wb") as f:
+        for tag, tensor in items:
+            dtype_name = ms_dtype_name(tensor.dtype).encode()
+            content = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+            dims = b"".join(_varint_bytes(1 << 3 | _VARINT) + _varint_bytes(d) for d in tensor.shape)
+            tensor_len = len(dims) + len(_length_field(2, len(dtype_name))) + len(dtype_name) \
+                + len(_length_field(3, content.nbytes)) + content.nbytes
+            tag_bytes = tag.encode()
+            value_len = len(_length_field(1, len(tag_bytes))) + len(tag_bytes) \
+                + len(_length_field(2, tensor_len)) + tensor_len
+            f.write(_length_field(1, value_len))
+            f.write(_length_field(1, len(tag_bytes)) + tag_bytes)
+            f.write(_length_field(2, tensor_len) + dims)
+            f.write(_length_field(2, len(dtype_name)) + dtype_name)
+            f.write(_length_field(3, content.nbytes))
+            f.write(memoryview(content))
