@@ -1,0 +1,354 @@
+"""MindFormers Qwen3 tensor names ↔ HuggingFace names, and the fused-tensor transforms.
+
+Every name is matched exactly against a literal table (``{i}`` stands for a layer
+number); there is no substring dispatch, so an unknown name is an error, never a
+silent guess.
+
+Two MindFormers tensors are fusions of several HuggingFace tensors (rows of the
+fused tensor, ``[out, in]`` weights)::
+
+    linear_qkv  for each KV group g: its query heads, then key head g, then value head g
+                (head_dim rows each)                     → q_proj, k_proj, v_proj
+    linear_fc1  row 2r is gate row r, row 2r+1 is up row r → gate_proj, up_proj
+
+Optimizer tensors follow their parameter: ``adam_m.<p>`` / ``moment1.<p>`` become
+``optimizer.state.<hf p>.exp_avg``; ``adam_v.<p>`` / ``moment2.<p>`` become
+``...exp_avg_sq`` (the names of docs/internals.md), with the same split as ``<p>``.
+
+Scalars that are not tensors of our state are dropped on import, each for a stated
+reason (:data:`DROPPED`): the training context (``global_step``, ``epoch_num``,
+``step_num``, ``loss_scale``, ``global_batch_size``) is read from ``common.json`` or
+the legacy scalars by :mod:`resumable.formats.mindformers`; the learning rate is
+derived from the global step; Adam's ``beta1_power``/``beta2_power`` equal
+``beta ** step``, and torch's AdamW keeps ``step`` instead, which the importer sets
+from the global step.
+
+Example::
+
+    heads = AttentionShape(num_heads=4, num_kv_heads=2, head_dim=8)
+    hf = mf_to_hf("decoder.layers.0.self_attention.linear_qkv.weight", qkv, heads)
+    # {"model.layers.0.self_attn.q_proj.weight": ..., "...k_proj.weight": ..., "...v_proj.weight": ...}
+    assert torch.equal(hf_to_mf(hf, heads)["decoder.layers.0.self_attention.linear_qkv.weight"], qkv)
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal, Mapping
+
+import torch
+
+__all__ = [
+    "DROPPED",
+    "FUSED",
+    "RENAMES",
+    "AttentionShape",
+    "NameMap",
+    "fc1_rows",
+    "fuse_fc1",
+    "fuse_qkv",
+    "hf_to_mf",
+    "map_mf_name",
+    "mf_to_hf",
+    "qkv_rows",
+    "split_fc1",
+    "split_qkv",
+]
+
+RENAMES: dict[str, str] = {
+    "embedding.word_embeddings.weight": "model.embed_tokens.weight",
+    "decoder.layers.{i}.input_layernorm.weight": "model.layers.{i}.input_layernorm.weight",
+    "decoder.layers.{i}.self_attention.linear_proj.weight": "model.layers.{i}.self_attn.o_proj.weight",
+    "decoder.layers.{i}.self_attention.q_layernorm.weight": "model.layers.{i}.self_attn.q_norm.weight",
+    "decoder.layers.{i}.self_attention.k_layernorm.weight": "model.layers.{i}.self_attn.k_norm.weight",
+    "decoder.layers.{i}.pre_mlp_layernorm.weight": "model.layers.{i}.post_attention_layernorm.weight",
+    "decoder.layers.{i}.mlp.linear_fc2.weight": "model.layers.{i}.mlp.down_proj.weight",
+    "decoder.final_layernorm.weight": "model.norm.weight",
+    "output_layer.weight": "lm_head.weight",
+}
+"""MindFormers parameter → HuggingFace parameter, one to one."""
+
+FUSED: dict[str, tuple[Literal["qkv", "fc1"], tuple[str, ...]]] = {
+    "decoder.layers.{i}.self_attention.linear_qkv.weight": ("qkv", (
+        "model.layers.{i}.self_attn.q_proj.weight",
+        "model.layers.{i}.self_attn.k_proj.weight",
+        "model.layers.{i}.self_attn.v_proj.weight",
+    )),
+    "decoder.layers.{i}.mlp.linear_fc1.weight": ("fc1", (
+        "model.layers.{i}.mlp.gate_proj.weight",
+        "model.layers.{i}.mlp.up_proj.weight",
+    )),
+}
+"""MindFormers fused parameter → (transform, HuggingFace parameters in fusion order)."""
+
+_OPTIMIZER_PREFIXES: dict[str, str] = {
+    "adam_m.": "exp_avg",
+    "adam_v.": "exp_avg_sq",
+    "moment1.": "exp_avg",
+    "moment2.": "exp_avg_sq",
+}
+_EXPORT_PREFIXES = {"exp_avg": "adam_m.", "exp_avg_sq": "adam_v."}  # AdamWeightDecay, MindFormers' default
+
+DROPPED: dict[str, str] = {
+    "global_step": "the training context's global step (common.json or legacy scalar)",
+    "epoch_num": "the training context (legacy scalar)",
+    "step_num": "the training context (legacy scalar)",
+    "loss_scale": "the training context (legacy scalar)",
+    "global_batch_size": "the training context (legacy scalar)",
+    "learning_rate": "derived from the global step by the LR schedule",
+    "beta1_power": "equals beta1 ** step; AdamW's per-parameter step is set from the global step",
+    "beta2_power": "equals beta2 ** step; AdamW's per-parameter step is set from the global step",
+}
+"""MindFormers scalars that have no tensor in our state, with where their value comes from."""
+
+_OPT_STATE = "optimizer.state."
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    """Head counts needed to split ``linear_qkv``.
+
+    Example::
+
+        AttentionShape(num_heads=16, num_kv_heads=8, head_dim=128)
+    """
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    def __post_init__(self) -> None:
+        if min(self.num_heads, self.num_kv_heads, self.head_dim) <= 0:
+            raise ValueError(f"head counts and head_dim must be positive, got {self}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
+            )
+
+
+@dataclass(frozen=True)
+class NameMap:
+    """How one MindFormers tensor becomes HuggingFace-side tensors of our state.
+
+    ``transform`` is ``"rename"`` (one name), ``"qkv"`` (q, k, v), ``"fc1"``
+    (gate, up) or ``"drop"`` (no tensor; ``reason`` says where the value goes).
+    """
+
+    mf_name: str
+    transform: Literal["rename", "qkv", "fc1", "drop"]
+    hf_names: tuple[str, ...]
+    reason: str = ""
+
+
+def _template_regex(template: str) -> re.Pattern[str]:
+    return re.compile("^" + r"(\d+)".join(re.escape(part) for part in template.split("{i}")) + "$")
+
+
+_MF_PATTERNS = [(_template_regex(t), t) for t in [*RENAMES, *FUSED]]
+_HF_TO_MF: dict[str, tuple[str, int]] = {  # HF template → (MF template, position in the fusion)
+    **{hf: (mf, 0) for mf, hf in RENAMES.items()},
+    **{hf: (mf, k) for mf, (_, hfs) in FUSED.items() for k, hf in enumerate(hfs)},
+}
+_HF_PATTERNS = [(_template_regex(t), t) for t in _HF_TO_MF]
+
+
+def _match(patterns: list[tuple[re.Pattern[str], str]], name: str) -> tuple[str, str] | None:
+    """``(template, layer)`` of the one template ``name`` matches exactly, else None."""
+    for regex, template in patterns:
+        m = regex.match(name)
+        if m:
+            return template, m.group(1) if m.groups() else ""
+    return None
+
+
+def map_mf_name(name: str) -> NameMap:
+    """Where a MindFormers Qwen3 tensor (parameter, optimizer state or scalar) goes.
+
+    Raises:
+        ValueError: the name is in none of the tables.
+
+    Example::
+
+        map_mf_name("adam_m.decoder.final_layernorm.weight").hf_names
+        # ("optimizer.state.model.norm.weight.exp_avg",)
+    """
+    if name in DROPPED:
+        return NameMap(name, "drop", (), DROPPED[name])
+    param, suffix = name, ""
+    for prefix, state in _OPTIMIZER_PREFIXES.items():
+        if name.startswith(prefix):
+            param, suffix = name[len(prefix):], state
+            break
+    found = _match(_MF_PATTERNS, param)
+    if found is None:
+        raise ValueError(
+            f"unknown MindFormers Qwen3 tensor name {name!r}: it matches no entry of "
+            "resumable.formats.names (RENAMES, FUSED, DROPPED, optimizer prefixes adam_m./adam_v./moment1./moment2.)"
+        )
+    template, layer = found
+    transform, hf_templates = ("rename", (RENAMES[template],)) if template in RENAMES else FUSED[template]
+    hf_names = tuple(t.replace("{i}", layer) for t in hf_templates)
+    if suffix:
+        hf_names = tuple(f"{_OPT_STATE}{n}.{suffix}" for n in hf_names)
+    return NameMap(name, transform, hf_names)
+
+
+def qkv_rows(heads: AttentionShape) -> tuple[list[int], list[int], list[int]]:
+    """Rows of the fused ``linear_qkv`` weight that hold q_proj, k_proj and v_proj, in order.
+
+    Use :func:`resumable.geometry.runs` on a list to read it as contiguous slices.
+
+    Example::
+
+        qkv_rows(AttentionShape(num_heads=2, num_kv_heads=1, head_dim=1))   # ([0, 1], [2], [3])
+    """
+    group = heads.num_heads // heads.num_kv_heads
+    block = (group + 2) * heads.head_dim  # one KV group: its queries, its key, its value
+    q, k, v = [], [], []
+    for g in range(heads.num_kv_heads):
+        base = g * block
+        q.extend(range(base, base + group * heads.head_dim))
+        k.extend(range(base + group * heads.head_dim, base + (group + 1) * heads.head_dim))
+        v.extend(range(base + (group + 1) * heads.head_dim, base + block))
+    return q, k, v
+
+
+def fc1_rows(fused_rows: int) -> tuple[list[int], list[int]]:
+    """Rows of the fused ``linear_fc1`` weight that hold gate_proj and up_proj (interleaved).
+
+    Example::
+
+        fc1_rows(4)     # ([0, 2], [1, 3])
+    """
+    if fused_rows % 2:
+        raise ValueError(f"linear_fc1 must have an even number of rows, got {fused_rows}")
+    return list(range(0, fused_rows, 2)), list(range(1, fused_rows, 2))
+
+
+def _check_rows(what: str, tensor: torch.Tensor, rows: int) -> None:
+    if tensor.dim() < 1 or tensor.shape[0] != rows:
+        raise ValueError(f"{what} must have {rows} rows, got shape {list(tensor.shape)}")
+
+
+def split_qkv(fused: torch.Tensor, heads: AttentionShape) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split ``linear_qkv`` ([(H + 2·KV)·D, hidden]) into q [H·D, hidden], k and v [KV·D, hidden].
+
+    Example::
+
+        q, k, v = split_qkv(qkv, AttentionShape(16, 8, 128))
+    """
+    _check_rows("linear_qkv", fused, (heads.num_heads + 2 * heads.num_kv_heads) * heads.head_dim)
+    return tuple(fused[torch.tensor(rows, dtype=torch.long)] for rows in qkv_rows(heads))  # type: ignore[return-value]
+
+
+def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: AttentionShape) -> torch.Tensor:
+    """Inverse of :func:`split_qkv`.
+
+    Example::
+
+        qkv = fuse_qkv(q, k, v, AttentionShape(16, 8, 128))
+    """
+    _check_rows("q_proj", q, heads.num_heads * heads.head_dim)
+    _check_rows("k_proj", k, heads.num_kv_heads * heads.head_dim)
+    _check_rows("v_proj", v, heads.num_kv_heads * heads.head_dim)
+    out = q.new_empty((q.shape[0] + k.shape[0] + v.shape[0], *q.shape[1:]))
+    for part, rows in zip((q, k, v), qkv_rows(heads)):
+        out[torch.tensor(rows, dtype=torch.long)] = part
+    return out
+
+
+def split_fc1(fused: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split ``linear_fc1`` ([2·ffn, hidden], interleaved) into gate and up ([ffn, hidden]).
+
+    Example::
+
+        gate, up = split_fc1(fc1)
+    """
+    gate, up = fc1_rows(fused.shape[0])
+    return fused[gate], fused[up]
+
+
+def fuse_fc1(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`split_fc1`: interleave gate and up row by row.
+
+    Example::
+
+        fc1 = fuse_fc1(gate, up)
+    """
+    if gate.shape != up.shape:
+        raise ValueError(f"gate_proj {list(gate.shape)} and up_proj {list(up.shape)} differ in shape")
+    return torch.stack((gate, up), dim=1).reshape(2 * gate.shape[0], *gate.shape[1:])  # [ffn, 2, ...] → [2ffn, ...]
+
+
+def mf_to_hf(name: str, tensor: torch.Tensor, heads: AttentionShape) -> dict[str, torch.Tensor]:
+    """Turn one full MindFormers tensor into the HuggingFace-side tensors it holds.
+
+    Returns an empty dict for the :data:`DROPPED` scalars.
+
+    Example::
+
+        mf_to_hf("decoder.layers.0.mlp.linear_fc1.weight", fc1, heads)
+        # {"model.layers.0.mlp.gate_proj.weight": ..., "model.layers.0.mlp.up_proj.weight": ...}
+    """
+    mapped = map_mf_name(name)
+    if mapped.transform == "drop":
+        return {}
+    if mapped.transform == "rename":
+        parts: tuple[torch.Tensor, ...] = (tensor,)
+    elif mapped.transform == "qkv":
+        parts = split_qkv(tensor, heads)
+    else:
+        parts = split_fc1(tensor)
+    return dict(zip(mapped.hf_names, parts))
+
+
+def _hf_to_mf_name(name: str) -> tuple[str, int]:
+    """MindFormers name and position in the fusion of one HF-side tensor name."""
+    param, prefix = name, ""
+    if name.startswith(_OPT_STATE):
+        for state, export_prefix in _EXPORT_PREFIXES.items():
+            if name.endswith("." + state):
+                param, prefix = name[len(_OPT_STATE):-len(state) - 1], export_prefix
+                break
+    found = _match(_HF_PATTERNS, param)
+    if found is None:
+        raise ValueError(
+            f"no MindFormers name for {name!r}: it matches no HuggingFace Qwen3 entry of "
+            "resumable.formats.names (optimizer tensors must be optimizer.state.<fqn>.exp_avg or .exp_avg_sq)"
+        )
+    template, layer = found
+    mf_template, position = _HF_TO_MF[template]
+    return prefix + mf_template.replace("{i}", layer), position
+
+
+def hf_to_mf(tensors: Mapping[str, torch.Tensor], heads: AttentionShape) -> dict[str, torch.Tensor]:
+    """Turn HuggingFace-side tensors (parameters and AdamW ``exp_avg``/``exp_avg_sq``) into MindFormers ones.
+
+    Optimizer states are exported under AdamWeightDecay's ``adam_m.``/``adam_v.``.
+
+    Raises:
+        ValueError: a name is unknown, or a fused tensor misses one of its parts.
+
+    Example::
+
+        hf_to_mf({"model.norm.weight": w}, heads)     # {"decoder.final_layernorm.weight": w}
+    """
+    groups: dict[str, dict[int, torch.Tensor]] = {}
+    for name, tensor in tensors.items():
+        mf_name, position = _hf_to_mf_name(name)
+        groups.setdefault(mf_name, {})[position] = tensor
+    out = {}
+    for mf_name, parts in groups.items():
+        mapped = map_mf_name(mf_name)
+        if len(parts) != len(mapped.hf_names):
+            missing = [n for k, n in enumerate(mapped.hf_names) if k not in parts]
+            raise ValueError(f"cannot build {mf_name!r}: missing {missing}")
+        ordered = [parts[k] for k in range(len(parts))]
+        if mapped.transform == "qkv":
+            out[mf_name] = fuse_qkv(*ordered, heads)
+        elif mapped.transform == "fc1":
+            out[mf_name] = fuse_fc1(*ordered)
+        else:
+            out[mf_name] = ordered[0]
+    return out
