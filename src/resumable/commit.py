@@ -1,0 +1,346 @@
+"""Commit protocol: the only module that renames folders, replaces files and fsyncs folders.
+
+A checkpoint is *committed* when its folder carries its final name
+``iteration_XXXXXXXX`` and holds a readable ``metadata.json`` (or, for a MindFormers
+single-rank checkpoint, a readable ``common.json`` and no ``metadata.json``). Files are
+written under ``.tmp-iteration_XXXXXXXX`` beside the final folder; the rename is the
+commit point; the tracker ``latest_checkpointed_iteration.txt`` is replaced atomically
+only afterwards. :func:`is_committed` is the one definition used by discovery,
+retention, verification and the CLI.
+
+Folder names this module owns (all hidden, all removed by :func:`clean_leftovers`):
+
+====================================  ===============================================
+``.tmp-iteration_XXXXXXXX``           a save in progress, or (after an exchange) the
+                                      previous copy of a replaced iteration
+``.old-iteration_XXXXXXXX``           two-step replacement without ``renameat2``: the
+                                      previous copy, set aside until the new one is in
+``.del-iteration_XXXXXXXX``           retention: renamed away first, then deleted, so a
+                                      crash mid-delete never leaves a half folder that
+                                      looks committed
+``.{name}.tmp-{pid}-{hex}``           :func:`atomic_write` in progress
+====================================  ===============================================
+
+Nothing here is collective: callers decide which rank calls what (rank 0 commits).
+Concurrency: safe for one job; two jobs writing one directory are not supported.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import logging
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+from typing import Iterable
+
+from resumable.errors import ConfigError, CorruptCheckpointError
+
+log = logging.getLogger(__name__)
+
+TRACKER = "latest_checkpointed_iteration.txt"
+METADATA = "metadata.json"
+COMMON = "common.json"
+_ITER_RE = re.compile(r"^iteration_(\d{8,})$")
+_LEFTOVER_RE = re.compile(r"^\.(tmp|old|del)-(iteration_\d{8,})$")
+_ATOMIC_TMP_RE = re.compile(r"^\..+\.tmp-\d+-[0-9a-f]{8}$")
+
+
+def iteration_dirname(iteration: int) -> str:
+    """``iteration_00000100`` for 100."""
+    if iteration < 0:
+        raise ValueError(f"iteration must be >= 0, got {iteration}")
+    return f"iteration_{iteration:08d}"
+
+
+def parse_iteration(name: str) -> int | None:
+    """The iteration of a final folder name, or None (temp folders never parse)."""
+    m = _ITER_RE.match(name)
+    return int(m.group(1)) if m else None
+
+
+def temp_dirname(iteration: int) -> str:
+    """``.tmp-iteration_00000100``: where a save of 100 writes before it commits."""
+    return ".tmp-" + iteration_dirname(iteration)
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """fsync a directory so that renames and creations inside it survive a power loss."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
+    """Replace ``path`` with ``data`` so that readers see the old or the new content, never a mix.
+
+    Writes a temp file in the same folder, fsyncs it, renames it over ``path`` and
+    fsyncs the folder. On any error the temp file is removed and ``path`` is untouched.
+
+    Args:
+        path: the file to create or replace.
+        data: its new content.
+
+    Raises:
+        OSError: the folder is missing or not writable, or the disk is full.
+
+    Example:
+        >>> atomic_write(Path("ckpt") / "latest_checkpointed_iteration.txt", b"100\\n")
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def fsync_file(path: str | os.PathLike[str]) -> None:
+    """fsync one file's data (metadata.json and friends before the folder rename)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _readable_json_object(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return isinstance(json.load(f), dict)
+    except (OSError, ValueError):
+        return False
+
+
+def is_committed(folder: str | os.PathLike[str]) -> bool:
+    """True when ``folder`` is a complete checkpoint; THE definition used everywhere.
+
+    A folder is committed when its name is ``iteration_XXXXXXXX`` (never a temp name)
+    and it holds a ``metadata.json`` that parses as a JSON object. A MindFormers
+    single-rank checkpoint has no metadata.json; it counts when ``common.json`` parses
+    and at least one ``.safetensors`` file is present.
+    """
+    folder = Path(folder)
+    if parse_iteration(folder.name) is None or not folder.is_dir():
+        return False
+    meta = folder / METADATA
+    if meta.exists():
+        return _readable_json_object(meta)
+    return _readable_json_object(folder / COMMON) and any(folder.glob("*.safetensors"))
+
+
+def committed_iterations(directory: str | os.PathLike[str]) -> list[int]:
+    """Iterations of the committed folders directly under ``directory``, oldest first."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = []
+    for child in directory.iterdir():
+        n = parse_iteration(child.name)
+        if n is not None and is_committed(child):
+            found.append(n)
+    return sorted(found)
+
+
+def read_tracker(directory: str | os.PathLike[str]) -> int | None:
+    """The iteration named by ``latest_checkpointed_iteration.txt``, or None when absent.
+
+    Tolerates surrounding whitespace and a missing trailing newline (MindFormers
+    writes none).
+
+    Raises:
+        CorruptCheckpointError: the file holds anything but one non-negative integer.
+    """
+    path = Path(directory) / TRACKER
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    text = raw.decode("utf-8", errors="replace").strip()
+    if not text.isdigit() or not text.isascii():
+        shown = text if len(text) <= 40 else text[:40] + "..."
+        raise CorruptCheckpointError(
+            f"{path}: expected one iteration number, found {shown!r}; "
+            f"write the iteration to load (e.g. 100) or delete the file to use the newest committed folder")
+    return int(text)
+
+
+def write_tracker(directory: str | os.PathLike[str], iteration: int) -> None:
+    """Point the tracker at ``iteration`` atomically (call only after that folder is committed)."""
+    atomic_write(Path(directory) / TRACKER, f"{iteration}\n".encode())
+
+
+def _renameat2_exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths with Linux ``renameat2(RENAME_EXCHANGE)``; False if unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False  # e.g. a file system without exchange support: use the two-step path
+    raise OSError(err, f"renameat2(RENAME_EXCHANGE) {a} <-> {b} failed: {os.strerror(err)}")
+
+
+def publish_folder(temp: str | os.PathLike[str], final: str | os.PathLike[str]) -> None:
+    """Rename a complete temp folder to its final name: the commit point of a save.
+
+    When ``final`` already exists (the same iteration saved again) the old copy is never
+    removed before the new one is in place: the two are swapped atomically with
+    ``renameat2(RENAME_EXCHANGE)``, and the old copy (now under the temp name) is then
+    deleted. Without exchange support: ``final`` → ``.old-…``, ``temp`` → ``final``, then
+    the old copy is deleted; a crash between the two renames leaves ``.old-…`` which
+    :func:`clean_leftovers` renames back. The parent folder is fsynced after the rename.
+
+    Who calls it: the coordinator (rank 0) only, after every rank agreed the files are written.
+    """
+    temp, final = Path(temp), Path(final)
+    parent = final.parent
+    if not final.exists():
+        os.rename(temp, final)
+        fsync_dir(parent)
+        return
+    if _renameat2_exchange(temp, final):
+        fsync_dir(parent)
+        _remove_tree(temp)  # the previous copy, now under the temp name
+        return
+    old = parent / (".old-" + final.name)
+    if old.exists():
+        _remove_tree(old)
+    os.rename(final, old)
+    os.rename(temp, final)
+    fsync_dir(parent)
+    _remove_tree(old)
+
+
+def _remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=False)
+
+
+def clean_leftovers(directory: str | os.PathLike[str]) -> list[Path]:
+    """Remove what interrupted saves and deletions left behind; returns what was removed.
+
+    Removes ``.tmp-iteration_*`` and ``.del-iteration_*`` folders and stale
+    ``atomic_write`` temp files. An ``.old-iteration_X`` folder (two-step replacement
+    interrupted) is renamed back to ``iteration_X`` when no committed ``iteration_X``
+    exists, else removed. Every action is logged.
+
+    Who calls it: one process (rank 0) at start-up, before any save of this job begins;
+    never while a save into ``directory`` is running.
+    """
+    directory = Path(directory)
+    removed: list[Path] = []
+    if not directory.is_dir():
+        return removed
+    for child in sorted(directory.iterdir()):
+        m = _LEFTOVER_RE.match(child.name)
+        if m and child.is_dir():
+            final = directory / m.group(2)
+            if m.group(1) == "old" and not is_committed(final):
+                if final.exists():
+                    _remove_tree(final)  # an uncommitted half: the old copy is the good one
+                os.rename(child, final)
+                fsync_dir(directory)
+                log.warning("restored %s from interrupted replacement %s", final, child.name)
+                continue
+            _remove_tree(child)
+            removed.append(child)
+            log.warning("removed leftover %s of an interrupted save or deletion", child)
+        elif _ATOMIC_TMP_RE.match(child.name) and child.is_file():
+            child.unlink()
+            removed.append(child)
+            log.warning("removed leftover temp file %s", child)
+    return removed
+
+
+def apply_keep_max(directory: str | os.PathLike[str], keep: int | None,
+                   protect: Iterable[int] = ()) -> list[int]:
+    """Delete the oldest committed checkpoints so that ``keep`` newest remain.
+
+    Never deletes the tracker's target nor an iteration in ``protect`` (the one being
+    loaded or written); those may make more than ``keep`` folders remain. A folder is
+    first renamed to ``.del-…`` (atomic: it stops being committed at once), then deleted.
+
+    Args:
+        directory: the checkpoint folder.
+        keep: how many of the newest committed checkpoints to keep; None keeps all.
+        protect: iterations that must not be deleted.
+
+    Returns:
+        The deleted iterations, oldest first.
+
+    Raises:
+        ConfigError: ``keep`` below 1.
+
+    Who calls it: rank 0, after the tracker names the newest commit.
+    """
+    if keep is None:
+        return []
+    if keep < 1:
+        raise ConfigError(f"keep_checkpoint_max must be at least 1, got {keep}: "
+                          "the newest checkpoint is always kept")
+    directory = Path(directory)
+    committed = committed_iterations(directory)
+    keep_set = set(committed[-keep:]) | set(protect)
+    try:
+        target = read_tracker(directory)
+    except CorruptCheckpointError:
+        log.warning("tracker in %s is unreadable; retention skipped", directory)
+        return []
+    if target is not None:
+        keep_set.add(target)
+    deleted = []
+    for n in committed:
+        if n in keep_set:
+            continue
+        folder = directory / iteration_dirname(n)
+        doomed = directory / (".del-" + folder.name)
+        if doomed.exists():
+            _remove_tree(doomed)
+        os.rename(folder, doomed)
+        fsync_dir(directory)
+        _remove_tree(doomed)
+        deleted.append(n)
+        log.info("keep_checkpoint_max=%d: deleted %s", keep, folder)
+    return deleted
+
+
+def latest_committed(directory: str | os.PathLike[str]) -> Path | None:
+    """The folder a resume should load: the tracker's target when committed, else the newest committed.
+
+    Raises:
+        CorruptCheckpointError: the tracker is unreadable, or names a folder that is not committed.
+    """
+    directory = Path(directory)
+    target = read_tracker(directory)
+    if target is not None:
+        folder = directory / iteration_dirname(target)
+        if not is_committed(folder):
+            raise CorruptCheckpointError(
+                f"{directory / TRACKER} names iteration {target} but {folder} is not a committed "
+                f"checkpoint; committed iterations: {committed_iterations(directory)}; "
+                "edit the tracker to one of them")
+        return folder
+    committed = committed_iterations(directory)
+    return directory / iteration_dirname(committed[-1]) if committed else None

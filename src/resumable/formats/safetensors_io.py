@@ -1,0 +1,311 @@
+"""Streaming safetensors writer with a running checksum, and a bounded header reader.
+
+The writer produces files that the real ``safetensors`` library reads
+(``safetensors.safe_open``): an 8-byte little-endian header length, a JSON header
+(``dtype``, ``shape``, ``data_offsets`` per key, plus ``__metadata__``) padded with
+spaces to a multiple of 8 bytes, then the raw little-endian bytes of each tensor in
+header order. Tensors are written one after another straight from memory: each is made
+contiguous on its own (a view stays a view when it already is), seen as bytes through
+numpy, and handed to ``os.write`` in blocks of a few MB. No second copy of the whole
+state is made, and the xxh3-64 checksum of the file is computed from the same blocks
+as they go out, never by reading the file back.
+
+The reader parses only the header, with hard limits, so that a hostile or truncated
+file produces a ``CorruptCheckpointError`` / ``UnsafeCheckpointError`` naming the file
+instead of a huge allocation or an out-of-bounds read.
+
+This module is bytes only: no ``torch.distributed``, no renames. It fsyncs the file it
+wrote (the data must be durable before the commit); directory fsyncs and renames live
+in ``resumable.commit``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+import xxhash
+
+from resumable.errors import CorruptCheckpointError, UnsafeCheckpointError
+
+__all__ = [
+    "DTYPE_NAMES",
+    "MAX_HEADER_BYTES",
+    "Header",
+    "TensorEntry",
+    "dtype_from_name",
+    "dtype_name",
+    "read_header",
+    "write_file",
+]
+
+#: safetensors dtype names ↔ torch dtypes (the subset both sides know).
+DTYPE_NAMES: dict[torch.dtype, str] = {
+    torch.bool: "BOOL",
+    torch.uint8: "U8",
+    torch.int8: "I8",
+    torch.int16: "I16",
+    torch.uint16: "U16",
+    torch.int32: "I32",
+    torch.uint32: "U32",
+    torch.int64: "I64",
+    torch.uint64: "U64",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float32: "F32",
+    torch.float64: "F64",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+}
+_DTYPES_BY_NAME: dict[str, torch.dtype] = {v: k for k, v in DTYPE_NAMES.items()}
+_ITEMSIZE: dict[str, int] = {v: torch.empty(0, dtype=k).element_size() for k, v in DTYPE_NAMES.items()}
+
+#: Largest header we agree to parse (the safetensors library uses the same bound).
+MAX_HEADER_BYTES = 100_000_000
+#: Bytes handed to one ``os.write`` call: large enough to amortise syscalls, small
+#: enough that the checksum and the write overlap well in the page cache.
+BLOCK_BYTES = 8 << 20
+
+#: Test seam: called after each block is written with (path, bytes written so far).
+#: The crash tests set it in a child process to stop a real writer mid-file; it is
+#: None in production and costs one comparison per block.
+after_block_hook: Callable[[Path, int], None] | None = None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The safetensors name of a torch dtype (``torch.bfloat16`` → ``"BF16"``).
+
+    Raises:
+        TypeError: the dtype has no safetensors name (complex, quantized ...).
+    """
+    try:
+        return DTYPE_NAMES[dtype]
+    except KeyError:
+        raise TypeError(
+            f"dtype {dtype} cannot be stored in safetensors; "
+            f"supported: {', '.join(str(d) for d in DTYPE_NAMES)}"
+        ) from None
+
+
+def dtype_from_name(name: str) -> torch.dtype | None:
+    """The torch dtype of a safetensors dtype name, or None when unknown."""
+    return _DTYPES_BY_NAME.get(name)
+
+
+def _header_bytes(tensors: Sequence[tuple[str, torch.Tensor]],
+                  metadata: Mapping[str, str] | None) -> tuple[bytes, int]:
+    """JSON header (padded to 8 bytes) for ``tensors`` in order, and the data size."""
+    header: dict[str, object] = {}
+    if metadata:
+        for k, v in metadata.items():
+            if not isinstance(k, str) or not isinstance(v, str):
+                raise TypeError(f"safetensors __metadata__ must map str to str, got {k!r}: {type(v).__name__}")
+        header["__metadata__"] = dict(metadata)
+    offset = 0
+    for key, t in tensors:
+        if key == "__metadata__" or key in header:
+            raise ValueError(f"duplicate or reserved safetensors key {key!r}")
+        nbytes = t.numel() * t.element_size()
+        header[key] = {"dtype": dtype_name(t.dtype), "shape": list(t.shape),
+                       "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    # The safetensors library pads with spaces so that the data starts 8-byte aligned.
+    raw += b" " * (-len(raw) % 8)
+    return raw, offset
+
+
+def _byte_view(t: torch.Tensor) -> memoryview:
+    """The bytes of ``t`` as a memoryview, copying only when ``t`` is not contiguous."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous()  # no-op for contiguous tensors; one copy of this chunk otherwise
+    if t.numel() == 0:
+        return memoryview(b"")
+    # reshape(-1) on a contiguous tensor is a view; uint8 view works for every dtype,
+    # including bf16 / bool that numpy cannot represent directly.
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
+
+
+def _write_all(fd: int, view: memoryview) -> None:
+    """``os.write`` until every byte of ``view`` is out (short writes are legal)."""
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def write_file(path: str | os.PathLike[str], tensors: Sequence[tuple[str, torch.Tensor]],
+               metadata: Mapping[str, str] | None = None, *, fsync: bool = True) -> tuple[int, str]:
+    """Stream ``tensors`` into a new safetensors file, checksumming as it writes.
+
+    Args:
+        path: file to create; it must not exist (created with ``O_EXCL`` so two writers
+            can never interleave into one file).
+        tensors: ``(key, tensor)`` pairs, written in this order. A tensor may be a
+            non-contiguous view (a slice of a shard): only that chunk is copied, when
+            its turn comes.
+        metadata: ``__metadata__`` entries (str → str).
+        fsync: fsync the file before returning (default). Turn off only for scratch files.
+
+    Returns:
+        ``(size_in_bytes, xxh3_64_hex)`` of the whole file as written.
+
+    Raises:
+        TypeError: a dtype safetensors cannot store, or non-str metadata.
+        ValueError: a duplicate or reserved key.
+        OSError: the file system refused (exists, no space, read-only ...).
+
+    Example:
+        >>> size, digest = write_file("/tmp/a.safetensors", [("w", torch.ones(2, 3))])
+
+    Hazard: the bytes are read from ``tensors`` while the call runs; mutating them from
+    another thread meanwhile stores a mix of old and new values.
+    """
+    path = Path(path)
+    header, _ = _header_bytes(tensors, metadata)
+    hasher = xxhash.xxh3_64()
+    prefix = struct.pack("<Q", len(header)) + header
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+    try:
+        hasher.update(prefix)
+        _write_all(fd, memoryview(prefix))
+        written = len(prefix)
+        for _, t in tensors:
+            view = _byte_view(t)
+            for start in range(0, len(view), BLOCK_BYTES):
+                block = view[start:start + BLOCK_BYTES]
+                hasher.update(block)
+                _write_all(fd, block)
+                written += len(block)
+                if after_block_hook is not None:
+                    after_block_hook(path, written)
+            del view  # release this chunk (and any contiguous copy) before the next
+        if fsync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    return written, hasher.hexdigest()
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of a safetensors header; offsets are absolute positions in the file."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES_BY_NAME[self.dtype]
+
+
+@dataclass(frozen=True)
+class Header:
+    """A parsed, validated safetensors header."""
+
+    path: Path
+    file_size: int
+    data_start: int
+    tensors: dict[str, TensorEntry]
+    metadata: dict[str, str]
+
+
+def _corrupt(path: Path, problem: str) -> CorruptCheckpointError:
+    return CorruptCheckpointError(
+        f"{path}: not a valid safetensors file: {problem}; "
+        "the file is truncated or damaged: restore it from a copy or re-save the checkpoint")
+
+
+def read_header(path: str | os.PathLike[str], *, max_header_bytes: int = MAX_HEADER_BYTES) -> Header:
+    """Read and validate the header of a safetensors file without reading its data.
+
+    Checks: the header length fits the file and ``max_header_bytes``; the header is a
+    JSON object; every entry has a known dtype, a non-negative shape and data offsets
+    inside the file whose length equals ``numel × itemsize``; no two entries overlap.
+
+    Args:
+        path: the file.
+        max_header_bytes: refuse larger headers (a hostile length would otherwise make us
+            allocate it).
+
+    Returns:
+        The parsed :class:`Header`.
+
+    Raises:
+        CheckpointNotFoundError / FileNotFoundError: the file does not exist.
+        UnsafeCheckpointError: the header length exceeds ``max_header_bytes``.
+        CorruptCheckpointError: anything else wrong, with the file and the problem named.
+
+    Example:
+        >>> h = read_header("CKP-model-0000000-0000001.safetensors")
+        >>> h.tensors["model.norm.weight"].shape
+    """
+    path = Path(path)
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 8:
+            raise _corrupt(path, f"file has {size} bytes, fewer than the 8-byte header length")
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > max_header_bytes:
+            raise UnsafeCheckpointError(
+                f"{path}: safetensors header length {n} exceeds the limit of {max_header_bytes} bytes; "
+                "refusing to read it (the file is damaged or not a safetensors file)")
+        if 8 + n > size:
+            raise _corrupt(path, f"header length {n} runs past the end of the {size}-byte file")
+        raw = f.read(n)
+    try:
+        doc = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _corrupt(path, f"header is not valid JSON ({exc})") from exc
+    if not isinstance(doc, dict):
+        raise _corrupt(path, f"header is a JSON {type(doc).__name__}, expected an object")
+    data_start = 8 + n
+    meta = doc.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise _corrupt(path, "__metadata__ must map strings to strings")
+    entries: dict[str, TensorEntry] = {}
+    for key, info in doc.items():
+        entries[key] = _parse_entry(path, key, info, data_start, size)
+    spans = sorted((e.start, e.end, k) for k, e in entries.items() if e.end > e.start)
+    for (s0, e0, k0), (s1, e1, k1) in zip(spans, spans[1:]):
+        if s1 < e0:
+            raise _corrupt(path, f"tensors {k0!r} and {k1!r} overlap in the data section")
+    return Header(path, size, data_start, entries, dict(meta))
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _parse_entry(path: Path, key: str, info: object, data_start: int, size: int) -> TensorEntry:
+    """Validate one header entry; offsets become absolute file positions."""
+    if not isinstance(info, dict):
+        raise _corrupt(path, f"entry {key!r} is not an object")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if dtype not in _ITEMSIZE:
+        raise _corrupt(path, f"tensor {key!r} has unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(_is_int(s) and s >= 0 for s in shape):
+        raise _corrupt(path, f"tensor {key!r} has invalid shape {shape!r}")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]):
+        raise _corrupt(path, f"tensor {key!r} has invalid data_offsets {offsets!r}")
+    begin, end = data_start + offsets[0], data_start + offsets[1]
+    if end > size:
+        raise _corrupt(path, f"tensor {key!r} data_offsets {offsets} run past the end of the "
+                             f"{size}-byte file")
+    numel = 1
+    for s in shape:
+        numel *= s
+    if end - begin != numel * _ITEMSIZE[dtype]:
+        raise _corrupt(path, f"tensor {key!r} spans {end - begin} bytes but {dtype} of shape "
+                             f"{shape} needs {numel * _ITEMSIZE[dtype]}")
+    return TensorEntry(dtype, tuple(shape), begin, end)

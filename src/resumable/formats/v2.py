@@ -1,0 +1,371 @@
+"""Checkpoint 2.0 on disk: file names, the metadata.json schema with validation, common.json.
+
+The layout is in ``shared/FORMATS.md``; the details we fixed are in ``docs/internals.md``.
+Everything read from disk is validated before use: file names must be bare names inside
+the checkpoint folder, every chunk must lie inside its tensor, the chunks of a tensor
+must tile it exactly, dtypes must be known. Errors name ``metadata.json`` (with its
+path), the tensor and the rule.
+
+``metadata.json`` can be rebuilt from the safetensors files alone
+(:func:`rebuild_metadata`): each file's ``__metadata__`` carries the global shape and
+offsets of every chunk it stores plus the file's kind, writer rank and the layout.
+
+This module is bytes and JSON only: no ``torch.distributed``, no renames.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import xxhash
+
+from resumable.errors import CorruptCheckpointError, UnsafeCheckpointError
+from resumable.formats.safetensors_io import DTYPE_NAMES, read_header
+from resumable.geometry import Box, covers_exactly
+
+FORMAT = "resumable-checkpoint"
+FORMAT_VERSION = 1
+METADATA = "metadata.json"
+COMMON = "common.json"
+KINDS = ("model", "opt")
+#: ``__metadata__`` keys written into every file.
+META_CHUNKS = "resumable"          # {key: {"name", "global_shape", "offsets"}}
+META_FILE = "resumable_file"       # {"kind", "rank", "iteration", "layout", "save_optimizer"}
+
+#: torch dtype names as stored in metadata.json ("float32"), the ones safetensors can hold.
+DTYPES = frozenset(str(d).removeprefix("torch.") for d in DTYPE_NAMES)
+_FILE_RE = re.compile(r"^(?:(?P<prefix>.+)-)?(?P<kind>model|opt)-(?P<index>\d{7})-(?P<count>\d{7})\.safetensors$")
+
+
+def file_name(prefix: str, kind: str, index: int, count: int) -> str:
+    """``CKP-model-0000000-0000004.safetensors``; an empty prefix gives ``model-…`` (MindFormers)."""
+    if kind not in KINDS:
+        raise ValueError(f"file kind must be one of {KINDS}, got {kind!r}")
+    if not 0 <= index < count:
+        raise ValueError(f"file index {index} must be in [0, {count})")
+    if "/" in prefix or "\\" in prefix or "\0" in prefix:
+        raise ValueError(f"prefix {prefix!r} must not contain path separators")
+    head = f"{prefix}-" if prefix else ""
+    return f"{head}{kind}-{index:07d}-{count:07d}.safetensors"
+
+
+def parse_file_name(name: str) -> tuple[str, str, int, int] | None:
+    """``(prefix, kind, index, count)`` of a Checkpoint 2.0 file name, or None."""
+    m = _FILE_RE.match(name)
+    if not m:
+        return None
+    return m.group("prefix") or "", m.group("kind"), int(m.group("index")), int(m.group("count"))
+
+
+def chunk_key(name: str, offsets: tuple[int, ...], several: bool) -> str:
+    """Key of a chunk inside a file: the tensor name, or ``name@o0,o1`` when the file holds several of its chunks."""
+    return f"{name}@{','.join(map(str, offsets))}" if several else name
+
+
+@dataclass(frozen=True)
+class Stored:
+    """Where one copy of a chunk lives: a file of the folder and the key inside it."""
+
+    file: str
+    key: str
+
+
+@dataclass
+class ChunkMeta:
+    """A box of a tensor and every file holding a copy of it."""
+
+    offsets: list[int]
+    shape: list[int]
+    stored: list[Stored]
+
+    @property
+    def box(self) -> Box:
+        return Box(tuple(self.offsets), tuple(self.shape))
+
+
+@dataclass
+class TensorMeta:
+    """One tensor: dtype (torch name), global shape, kind (model/opt) and its chunks."""
+
+    dtype: str
+    shape: list[int]
+    kind: str
+    chunks: list[ChunkMeta]
+
+
+@dataclass
+class FileMeta:
+    """One safetensors file: size, xxh3-64 of its bytes (hex), kind and the rank that wrote it."""
+
+    size: int
+    xxh3_64: str
+    kind: str
+    rank: int
+
+
+@dataclass
+class LayoutMeta:
+    """The parallel layout that wrote the checkpoint (for humans and ``inspect``)."""
+
+    world_size: int
+    mesh: dict[str, int] | None = None
+    pipeline_stages: int = 1
+    writers: int = 1
+
+
+@dataclass
+class Metadata:
+    """The content of ``metadata.json``."""
+
+    iteration: int
+    layout: LayoutMeta
+    save_optimizer: bool
+    tensors: dict[str, TensorMeta] = field(default_factory=dict)
+    files: dict[str, FileMeta] = field(default_factory=dict)
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        """Serialise (stable key order, one line per nothing: compact but readable with ``jq``)."""
+        doc = {"format": self.format, "format_version": self.format_version,
+               "iteration": self.iteration, "layout": asdict(self.layout),
+               "save_optimizer": self.save_optimizer,
+               "tensors": {n: asdict(t) for n, t in self.tensors.items()},
+               "files": {n: asdict(f) for n, f in self.files.items()}}
+        return json.dumps(doc, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str | bytes, source: str | os.PathLike[str] = METADATA) -> "Metadata":
+        """Parse and validate ``metadata.json``.
+
+        Args:
+            text: the file's content.
+            source: its path, used in error messages.
+
+        Raises:
+            UnsafeCheckpointError: a file name that is not a bare name inside the folder.
+            CorruptCheckpointError: anything else malformed, naming ``source`` and the tensor.
+        """
+        return _parse(text, str(source))
+
+    def validate(self, source: str = METADATA) -> None:
+        """Run the read-time checks on an in-memory instance (save runs them before committing)."""
+        _parse(self.to_json(), source)
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _int_list(x: object) -> bool:
+    return isinstance(x, list) and all(_is_int(v) and v >= 0 for v in x)
+
+
+def check_bare_name(name: object, source: str) -> str:
+    """Refuse any file name that could leave the checkpoint folder."""
+    if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name
+            or "\0" in name or PurePosixPath(name).is_absolute()):
+        raise UnsafeCheckpointError(
+            f"{source}: file name {name!r} is not a bare file name inside the checkpoint folder; "
+            "refusing to read outside it (the metadata was edited or forged)")
+    return name
+
+
+def _parse(text: str | bytes, source: str) -> Metadata:
+    def bad(problem: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(f"{source}: {problem}; the checkpoint metadata is damaged: "
+                                      "restore it or rebuild it from the files (resumable.formats.v2.rebuild_metadata)")
+    try:
+        doc = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise bad(f"not valid JSON ({exc})") from exc
+    if not isinstance(doc, dict):
+        raise bad(f"top level is a JSON {type(doc).__name__}, expected an object")
+    if doc.get("format") != FORMAT:
+        raise bad(f"format is {doc.get('format')!r}, expected {FORMAT!r}")
+    version = doc.get("format_version")
+    if not _is_int(version) or version > FORMAT_VERSION or version < 1:
+        raise CorruptCheckpointError(
+            f"{source}: format_version {version!r} is not supported (this resumable reads up to "
+            f"{FORMAT_VERSION}); upgrade resumable to load this checkpoint")
+    it, lay = doc.get("iteration"), doc.get("layout")
+    if not _is_int(it) or it < 0:
+        raise bad(f"iteration {it!r} is not a non-negative integer")
+    if not isinstance(lay, dict) or not _is_int(lay.get("world_size")) or lay["world_size"] < 1:
+        raise bad(f"layout {lay!r} lacks a positive world_size")
+    layout = LayoutMeta(world_size=lay["world_size"], mesh=lay.get("mesh"),
+                        pipeline_stages=int(lay.get("pipeline_stages", 1)), writers=int(lay.get("writers", 1)))
+    files: dict[str, FileMeta] = {}
+    raw_files = doc.get("files")
+    if not isinstance(raw_files, dict):
+        raise bad("'files' is missing or not an object")
+    for name, f in raw_files.items():
+        check_bare_name(name, source)
+        if (not isinstance(f, dict) or not _is_int(f.get("size")) or f["size"] < 0
+                or not isinstance(f.get("xxh3_64"), str) or not re.fullmatch(r"[0-9a-f]{16}", f["xxh3_64"])
+                or f.get("kind") not in KINDS or not _is_int(f.get("rank"))):
+            raise bad(f"file {name!r} entry {f!r} needs size (int), xxh3_64 (16 hex digits), "
+                      f"kind (model/opt) and rank (int)")
+        files[name] = FileMeta(f["size"], f["xxh3_64"], f["kind"], f["rank"])
+    tensors: dict[str, TensorMeta] = {}
+    raw_tensors = doc.get("tensors")
+    if not isinstance(raw_tensors, dict):
+        raise bad("'tensors' is missing or not an object")
+    for name, t in raw_tensors.items():
+        tensors[name] = _parse_tensor(name, t, files, source, bad)
+    return Metadata(iteration=it, layout=layout, save_optimizer=bool(doc.get("save_optimizer", True)),
+                    tensors=tensors, files=files, format=FORMAT, format_version=version)
+
+
+def _parse_tensor(name: str, t: object, files: dict[str, FileMeta], source: str, bad: Any) -> TensorMeta:
+    if not isinstance(t, dict):
+        raise bad(f"tensor {name!r} is not an object")
+    dtype, shape, kind, chunks = t.get("dtype"), t.get("shape"), t.get("kind"), t.get("chunks")
+    if dtype not in DTYPES:
+        raise bad(f"tensor {name!r} has unknown dtype {dtype!r}")
+    if not _int_list(shape):
+        raise bad(f"tensor {name!r} has invalid shape {shape!r}")
+    if kind not in KINDS:
+        raise bad(f"tensor {name!r} has kind {kind!r}, expected model or opt")
+    if not isinstance(chunks, list):
+        raise bad(f"tensor {name!r} has no chunk list")
+    parsed = []
+    for c in chunks:
+        if not isinstance(c, dict) or not _int_list(c.get("offsets")) or not _int_list(c.get("shape")) \
+                or len(c["offsets"]) != len(shape) or len(c["shape"]) != len(shape):
+            raise bad(f"tensor {name!r} has a malformed chunk {c!r} (offsets and shape must be "
+                      f"{len(shape)} non-negative integers)")
+        stored = c.get("stored")
+        if not isinstance(stored, list) or not stored:
+            raise bad(f"tensor {name!r} chunk at {c['offsets']} is stored nowhere")
+        copies = []
+        for s in stored:
+            if not isinstance(s, dict) or not isinstance(s.get("key"), str):
+                raise bad(f"tensor {name!r} chunk at {c['offsets']} has a malformed location {s!r}")
+            check_bare_name(s.get("file"), source)
+            if s["file"] not in files:
+                raise bad(f"tensor {name!r} chunk at {c['offsets']} is stored in {s['file']!r}, "
+                          "which is not listed under 'files'")
+            copies.append(Stored(s["file"], s["key"]))
+        parsed.append(ChunkMeta(list(c["offsets"]), list(c["shape"]), copies))
+    problem = covers_exactly(shape, [c.box for c in parsed])
+    if problem is not None:
+        raise bad(f"tensor {name!r} of shape {shape}: {problem}")
+    if len({tuple(c.offsets) for c in parsed}) != len(parsed):
+        raise bad(f"tensor {name!r} lists one chunk twice")
+    return TensorMeta(dtype, list(shape), kind, parsed)
+
+
+def read_metadata(folder: str | os.PathLike[str]) -> Metadata:
+    """Read and validate ``<folder>/metadata.json``.
+
+    Raises:
+        FileNotFoundError: no metadata.json.
+        CorruptCheckpointError / UnsafeCheckpointError: see :meth:`Metadata.from_json`.
+    """
+    path = Path(folder) / METADATA
+    return Metadata.from_json(path.read_bytes(), path)
+
+
+def read_common(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read ``<folder>/common.json`` (must be a JSON object)."""
+    path = Path(folder) / COMMON
+    try:
+        doc = json.loads(path.read_bytes())
+    except json.JSONDecodeError as exc:
+        raise CorruptCheckpointError(f"{path}: not valid JSON ({exc}); restore the file") from exc
+    if not isinstance(doc, dict):
+        raise CorruptCheckpointError(f"{path}: top level is a JSON {type(doc).__name__}, expected an object")
+    return doc
+
+
+def common_bytes(common: dict[str, Any]) -> bytes:
+    """Serialise common.json; refuses non-JSON values with the offending key named."""
+    try:
+        return json.dumps(common, indent=1, allow_nan=True).encode()
+    except TypeError as exc:
+        raise TypeError(f"common.json values must be JSON (int, float, str, bool, None, lists, dicts): {exc}") from exc
+
+
+def file_metadata(chunks: dict[str, tuple[str, list[int], list[int]]], *, kind: str, rank: int,
+                  iteration: int, layout: LayoutMeta, save_optimizer: bool) -> dict[str, str]:
+    """The ``__metadata__`` of one file: its chunks (key → name, global shape, offsets) and its context."""
+    return {
+        "format": "pt",
+        META_CHUNKS: json.dumps({k: {"name": n, "global_shape": g, "offsets": o}
+                                 for k, (n, g, o) in chunks.items()}, separators=(",", ":")),
+        META_FILE: json.dumps({"kind": kind, "rank": rank, "iteration": iteration,
+                               "layout": asdict(layout), "save_optimizer": save_optimizer},
+                              separators=(",", ":")),
+    }
+
+
+def _xxh3_of(path: Path) -> str:
+    h = xxhash.xxh3_64()
+    with open(path, "rb") as f:
+        while block := f.read(8 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def rebuild_metadata(folder: str | os.PathLike[str]) -> Metadata:
+    """Rebuild ``metadata.json`` from the safetensors files of a Checkpoint 2.0 folder.
+
+    Reads every ``*-model-*`` / ``*-opt-*`` file's header (bounded) and ``__metadata__``,
+    and checksums each file (this reads the files once; it is a recovery tool).
+
+    Args:
+        folder: an ``iteration_*`` folder (or its temp copy) written by resumable.
+
+    Returns:
+        The rebuilt, validated :class:`Metadata` (not written: call ``to_json`` and save it).
+
+    Raises:
+        CorruptCheckpointError: a file lacks resumable's ``__metadata__``, or the chunks
+            found do not tile their tensors (a file is missing).
+
+    Example:
+        >>> meta = rebuild_metadata("ckpt/iteration_00000100")
+        >>> Path("ckpt/iteration_00000100/metadata.json").write_text(meta.to_json())
+    """
+    folder = Path(folder)
+    names = sorted(p.name for p in folder.iterdir() if parse_file_name(p.name))
+    if not names:
+        raise CorruptCheckpointError(f"{folder}: no Checkpoint 2.0 safetensors files to rebuild metadata from")
+    tensors: dict[str, TensorMeta] = {}
+    files: dict[str, FileMeta] = {}
+    context: dict[str, Any] = {}
+    for name in names:
+        header = read_header(folder / name)
+        try:
+            info = json.loads(header.metadata[META_FILE])
+            chunks = json.loads(header.metadata[META_CHUNKS])
+        except (KeyError, json.JSONDecodeError) as exc:
+            raise CorruptCheckpointError(
+                f"{folder / name}: __metadata__ lacks resumable's chunk description ({exc}); "
+                "this file was not written by resumable") from exc
+        context = info
+        files[name] = FileMeta(header.file_size, _xxh3_of(folder / name), info["kind"], info["rank"])
+        for key, c in chunks.items():
+            entry = header.tensors[key]
+            dtype = str(entry.torch_dtype).removeprefix("torch.")
+            t = tensors.setdefault(c["name"], TensorMeta(dtype, list(c["global_shape"]), info["kind"], []))
+            for chunk in t.chunks:
+                if chunk.offsets == list(c["offsets"]) and chunk.shape == list(entry.shape):
+                    chunk.stored.append(Stored(name, key))
+                    break
+            else:
+                t.chunks.append(ChunkMeta(list(c["offsets"]), list(entry.shape), [Stored(name, key)]))
+    lay = context["layout"]
+    meta = Metadata(iteration=int(context["iteration"]),
+                    layout=LayoutMeta(lay["world_size"], lay.get("mesh"), lay.get("pipeline_stages", 1),
+                                      lay.get("writers", 1)),
+                    save_optimizer=bool(context["save_optimizer"]), tensors=dict(sorted(tensors.items())),
+                    files=files)
+    meta.validate(str(folder / METADATA))
+    return meta
