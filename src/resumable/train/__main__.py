@@ -1,0 +1,29 @@
+"""Train from a YAML config, single process or under torchrun.
+
+    python -m resumable.train --config configs/tiny.yaml --set runner_config.stop_step=20
+    torchrun --nproc-per-node 4 -m resumable.train --config configs/dp2_tp2.yaml
+
+Without ``--config`` the embedded default (DP2 x TP2, 4 processes) is used.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from resumable.train.config import check_implemented, load_config
+from resumable.train.loop import run
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m resumable.train", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default=None, help="YAML config (default: the embedded default.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a key, e.g. runner_config.stop_step=20 (repeatable)")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    check_implemented(cfg)
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

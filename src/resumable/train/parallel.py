@@ -1,0 +1,232 @@
+"""Parallel layouts: a ("pp", "dp", "tp") DeviceMesh and what each dimension does to the model.
+
+=====================  ==========================================================
+``parallel_config``    effect
+=====================  ==========================================================
+``model_parallel``     tensor parallel (DTensor), see the table below
+``data_parallel``      own micro batches per rank; gradients averaged over "dp":
+                       FSDP2 ``fully_shard`` when ``parallel.enable_parallel_optimizer``
+                       (parameters and optimizer state sharded), else one all-reduce
+``pipeline_stage``     layers split over stages, ``torch.distributed.pipelining``
+=====================  ==========================================================
+
+Tensor parallel plan (column-wise shards weight dim 0 = output features, row-wise dim 1):
+
+==============================  ============  ================================================
+module                          style         why
+==============================  ============  ================================================
+q/k/v_proj, gate/up_proj        column-wise   each rank computes its own heads / FFN slice
+o_proj, down_proj               row-wise      partial sums all-reduced back to the full width
+embed_tokens                    row-wise      vocabulary-sharded lookup, summed over ranks
+lm_head                         column-wise   logits gathered to full vocabulary for the loss
+norms (incl. q_norm/k_norm)     replicated    q/k_norm see local heads only: their gradient is
+                                              a partial sum, all-reduced over "tp" (sync_grads)
+==============================  ============  ================================================
+
+Rank order is pp-major, tp-minor: rank = (pp_rank * dp + dp_rank) * tp + tp_rank.
+Everything here is collective over the world unless it says otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+from torch.distributed.pipelining.schedules import PipelineScheduleSingle
+from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+from resumable.errors import ConfigError
+from resumable.train.config import TrainConfig
+from resumable.train.model import Qwen3ForCausalLM
+
+_LAYER_PLAN = {
+    "self_attn.q_proj": ColwiseParallel,
+    "self_attn.k_proj": ColwiseParallel,
+    "self_attn.v_proj": ColwiseParallel,
+    "self_attn.o_proj": RowwiseParallel,
+    "mlp.gate_proj": ColwiseParallel,
+    "mlp.up_proj": ColwiseParallel,
+    "mlp.down_proj": RowwiseParallel,
+}
+# Replicated weights that only see this rank's heads: their gradient is partial over "tp".
+_TP_PARTIAL_GRADS = ("self_attn.q_norm.weight", "self_attn.k_norm.weight")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """This rank's place in the mesh."""
+
+    mesh: DeviceMesh
+    device: torch.device
+    pp: int
+    dp: int
+    tp: int
+    sharded_optimizer: bool
+
+    def coord(self, dim: str) -> int:
+        return self.mesh.get_local_rank(dim)
+
+    def group(self, dim: str) -> dist.ProcessGroup:
+        return self.mesh.get_group(dim)
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.coord("pp") == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.coord("pp") == self.pp - 1
+
+
+def check_layout(cfg: TrainConfig, world_size: int) -> None:
+    """Raise ConfigError if the layout cannot run on ``world_size`` processes (no collectives)."""
+    pc, mc = cfg.parallel_config, cfg.model
+    if pc.world_size != world_size:
+        raise ConfigError(
+            f"parallel_config.data_parallel ({pc.data_parallel}) x parallel_config.model_parallel "
+            f"({pc.model_parallel}) x parallel_config.pipeline_stage ({pc.pipeline_stage}) = {pc.world_size}, "
+            f"but the job has {world_size} processes (WORLD_SIZE); make the product equal the world size"
+        )
+    tp = pc.model_parallel
+    for key, heads in (("num_attention_heads", mc.num_attention_heads), ("num_key_value_heads", mc.num_key_value_heads)):
+        if heads % tp:
+            raise ConfigError(
+                f"model.{key} ({heads}) must be divisible by parallel_config.model_parallel ({tp}): "
+                "tensor parallelism splits attention heads across ranks"
+            )
+    if pc.pipeline_stage > mc.num_hidden_layers:
+        raise ConfigError(
+            f"parallel_config.pipeline_stage ({pc.pipeline_stage}) exceeds model.num_hidden_layers "
+            f"({mc.num_hidden_layers}): every stage needs at least one layer"
+        )
+    if pc.pipeline_stage > 1 and mc.tie_word_embeddings:
+        raise ConfigError(
+            "model.tie_word_embeddings: true cannot be used with parallel_config.pipeline_stage > 1 "
+            "(the embedding and lm_head live on different stages)"
+        )
+
+
+def pick_device() -> torch.device:
+    """CUDA device of this local rank when available, else CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def build_layout(cfg: TrainConfig) -> Layout:
+    """Create the mesh; collective over the world. The process group must be initialised."""
+    check_layout(cfg, dist.get_world_size())
+    pc = cfg.parallel_config
+    device = pick_device()
+    mesh = init_device_mesh(device.type, (pc.pipeline_stage, pc.data_parallel, pc.model_parallel),
+                            mesh_dim_names=("pp", "dp", "tp"))
+    return Layout(mesh, device, pc.pipeline_stage, pc.data_parallel, pc.model_parallel,
+                  cfg.parallel.enable_parallel_optimizer and pc.data_parallel > 1)
+
+
+def stage_layers(num_layers: int, stages: int, stage: int) -> range:
+    """Layer indices of ``stage``: contiguous, the first ``num_layers % stages`` get one more."""
+    base, extra = divmod(num_layers, stages)
+    start = stage * base + min(stage, extra)
+    return range(start, start + base + (stage < extra))
+
+
+def _keep_stage(model: Qwen3ForCausalLM, layout: Layout) -> None:
+    """Delete what this pipeline stage does not own; the kept names stay global."""
+    keep = stage_layers(len(model.model.layers), layout.pp, layout.coord("pp"))
+    for name in list(model.model.layers):
+        if int(name) not in keep:
+            del model.model.layers[name]
+    if not layout.is_first_stage:
+        model.model.embed_tokens = None
+    if not layout.is_last_stage:
+        model.model.norm = None
+        model.lm_head = None
+
+
+def _tensor_parallel(model: Qwen3ForCausalLM, layout: Layout) -> None:
+    tp_mesh = layout.mesh["tp"]
+    for layer in model.model.layers.values():
+        parallelize_module(layer, tp_mesh, {name: style() for name, style in _LAYER_PLAN.items()})
+    top: dict[str, ColwiseParallel | RowwiseParallel] = {}
+    if model.model.embed_tokens is not None:
+        top["model.embed_tokens"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
+    if model.lm_head is not None:
+        # Gather the logits: the vocabulary is small and the loss stays a plain cross entropy.
+        top["lm_head"] = ColwiseParallel(output_layouts=Replicate())
+    if top:
+        tied = model.lm_head is not None and model.model.embed_tokens is not None and (
+            model.lm_head.weight is model.model.embed_tokens.weight)
+        parallelize_module(model, tp_mesh, top)
+        if tied:  # both are Shard(0) over the vocabulary, so one DTensor serves both
+            model.lm_head.weight = model.model.embed_tokens.weight
+
+
+def _fully_shard(model: Qwen3ForCausalLM, layout: Layout) -> None:
+    dp_mesh = layout.mesh["dp"]
+    for layer in model.model.layers.values():
+        fully_shard(layer, mesh=dp_mesh)
+    fully_shard(model, mesh=dp_mesh)  # embedding, final norm, lm_head (tied or not) in the root unit
+
+
+def parallelize(model: Qwen3ForCausalLM, layout: Layout) -> Qwen3ForCausalLM:
+    """Turn the full, identically initialised model into this rank's part, in place."""
+    if layout.pp > 1:
+        _keep_stage(model, layout)
+    model.to(layout.device)
+    if layout.tp > 1:
+        _tensor_parallel(model, layout)
+    if layout.sharded_optimizer:
+        _fully_shard(model, layout)
+    return model
+
+
+def build_pipeline(model: nn.Module, layout: Layout, micro_batch_num: int,
+                   loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> PipelineScheduleSingle:
+    """This stage's schedule: 1F1B when there are enough micro batches, else GPipe.
+
+    The schedule divides gradients by ``micro_batch_num`` itself (``scale_grads``).
+    """
+    stage = PipelineStage(model, layout.coord("pp"), layout.pp, layout.device, group=layout.group("pp"))
+    schedule = Schedule1F1B if micro_batch_num >= layout.pp else ScheduleGPipe
+    return schedule(stage, n_microbatches=micro_batch_num, loss_fn=loss_fn)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _all_reduce_flat(grads: list[torch.Tensor], group: dist.ProcessGroup, scale: float) -> None:
+    """Sum ``grads`` over ``group`` in one collective, then multiply by ``scale``, in place."""
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=group)
+    flat.mul_(scale)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def sync_grads(model: nn.Module, layout: Layout) -> None:
+    """Finish the gradients after backward; collective over "tp" and "dp" (each rank calls it).
+
+    1. q_norm/k_norm gradients are partial sums over the tensor-parallel ranks: sum them.
+    2. Without FSDP, average every gradient over the data-parallel ranks (FSDP already did).
+    DTensor gradients are reduced through their local tensors: a replica group shares the
+    same local shard, so summing local shards over "dp" is the data-parallel sum.
+    """
+    named = [(n, p.grad) for n, p in model.named_parameters() if p.grad is not None]
+    if layout.tp > 1:
+        _all_reduce_flat([_local(g) for n, g in named if n.endswith(_TP_PARTIAL_GRADS)], layout.group("tp"), 1.0)
+    if layout.dp > 1 and not layout.sharded_optimizer:
+        _all_reduce_flat([_local(g) for _, g in named], layout.group("dp"), 1.0 / layout.dp)
