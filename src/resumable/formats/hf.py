@@ -1,0 +1,304 @@
+"""HuggingFace model folders: read the config and a tensor index, write sharded safetensors.
+
+A HuggingFace folder holds ``config.json`` and either ``model.safetensors`` or shards
+``model-00001-of-0000N.safetensors`` listed by ``model.safetensors.index.json``
+(``{"metadata": {...}, "weight_map": {tensor: file}}``).
+
+Reading gives an index ``name → HFTensor(file, dtype, shape)`` built from the
+safetensors headers only, so each rank reads just the slices it needs
+(:func:`read_hf_box`, through ``safe_open(...).get_slice``). The config comes back as
+the plain dict of ``config.json``: this library must not import the trainer, so the
+trainer maps it onto its own ``ModelConfig``.
+
+Writing streams: the caller gives every tensor's name, dtype and shape up front and a
+function returning one tensor at a time, so memory stays bounded by the largest
+tensor, not by the shard size.
+
+Example::
+
+    index = index_hf_folder("Qwen3-0.6B")
+    w = read_hf_box(index["model.norm.weight"], Box((0,), (64,)))
+    specs = [(n, t.dtype, t.shape) for n, t in index.items()]
+    write_hf_folder("out", read_hf_config("Qwen3-0.6B"), specs,
+                    lambda n: read_hf_box(index[n], Box.full(index[n].shape)), max_shard_size=2**30)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from resumable.errors import CheckpointNotFoundError, CorruptCheckpointError, UnsafeCheckpointError
+from resumable.geometry import Box
+
+__all__ = [
+    "CONFIG",
+    "INDEX",
+    "SINGLE",
+    "HFTensor",
+    "index_hf_folder",
+    "read_hf_box",
+    "load_json_object",
+    "read_hf_config",
+    "safe_member",
+    "safetensors_header",
+    "write_hf_folder",
+]
+
+CONFIG = "config.json"
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+MAX_JSON_BYTES = 64 << 20
+"""Largest config.json / index.json we parse; real ones are a few hundred kB at most."""
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "BOOL": torch.bool,
+    "U8": torch.uint8, "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+    "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
+    "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+"""safetensors dtype strings → torch dtypes."""
+
+_DTYPE_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class HFTensor:
+    """One tensor of a HuggingFace folder: the file holding it, its dtype and shape."""
+
+    name: str
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+def safe_member(folder: Path, name: object, what: str) -> Path:
+    """``folder / name`` for a bare file name read from metadata, refusing anything that escapes.
+
+    Raises:
+        UnsafeCheckpointError: ``name`` is not a non-empty string, is ``.``/``..``, holds a
+            path separator or NUL, or resolves (through symlinks) outside ``folder``.
+
+    Example::
+
+        safe_member(Path("ckpt"), "model-00001-of-00002.safetensors", "weight_map entry")
+    """
+    if (not isinstance(name, str) or name in ("", ".", "..")
+            or any(c in name for c in ("/", "\\", "\0")) or os.path.isabs(name)):
+        raise UnsafeCheckpointError(
+            f"{what} {name!r} in {folder} is not a bare file name inside the checkpoint folder; refusing to open it"
+        )
+    path = folder / name
+    if path.resolve().parent != folder.resolve():
+        raise UnsafeCheckpointError(f"{what} {name!r} in {folder} resolves outside the folder; refusing to open it")
+    return path
+
+
+def load_json_object(path: Path, what: str) -> dict[str, Any]:
+    """Parse a bounded JSON file that must hold an object (shared with formats/mindformers.py).
+
+    Example::
+
+        load_json_object(Path("ckpt/config.json"), "HuggingFace config")
+    """
+    if not path.is_file():
+        raise CheckpointNotFoundError(f"{what} {path} does not exist")
+    size = path.stat().st_size
+    if size > MAX_JSON_BYTES:
+        raise UnsafeCheckpointError(f"{what} {path} is {size} bytes, more than the {MAX_JSON_BYTES} we parse")
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptCheckpointError(f"{what} {path} is not valid JSON: {e}") from e
+    if not isinstance(value, dict):
+        raise CorruptCheckpointError(f"{what} {path} must hold a JSON object, got {type(value).__name__}")
+    return value
+
+
+def read_hf_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """The ``config.json`` of a HuggingFace folder, as a plain dict.
+
+    Example::
+
+        read_hf_config("Qwen3-0.6B")["num_key_value_heads"]    # 8
+    """
+    return load_json_object(Path(folder) / CONFIG, "HuggingFace config")
+
+
+def safetensors_header(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """Name → (dtype, shape) of every tensor of a safetensors file, from its header only."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            out = {}
+            for key in f.keys():
+                piece = f.get_slice(key)
+                code = piece.get_dtype()
+                if code not in SAFETENSORS_DTYPES:
+                    raise CorruptCheckpointError(f"{path}: tensor {key!r} has unsupported dtype {code}")
+                out[key] = (SAFETENSORS_DTYPES[code], tuple(piece.get_shape()))
+            return out
+    except (SafetensorError, OSError) as e:
+        raise CorruptCheckpointError(f"{path} is not a readable safetensors file: {e}") from e
+
+
+def index_hf_folder(folder: str | os.PathLike[str]) -> dict[str, HFTensor]:
+    """Index the tensors of a HuggingFace folder from its safetensors headers.
+
+    Raises:
+        CheckpointNotFoundError: neither ``model.safetensors`` nor the index exists, or a
+            shard named by the index is missing.
+        UnsafeCheckpointError: the index names a file outside the folder.
+        CorruptCheckpointError: a malformed index, or a tensor missing from the shard the
+            index names.
+
+    Example::
+
+        index_hf_folder("Qwen3-0.6B")["lm_head.weight"].shape     # (151936, 1024)
+    """
+    folder = Path(folder)
+    if (folder / INDEX).is_file():
+        weight_map = load_json_object(folder / INDEX, "HuggingFace index").get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CorruptCheckpointError(f"{folder / INDEX} has no \"weight_map\" object")
+    elif (folder / SINGLE).is_file():
+        weight_map = {name: SINGLE for name in safetensors_header(folder / SINGLE)}
+    else:
+        raise CheckpointNotFoundError(f"{folder} holds neither {SINGLE} nor {INDEX}; is it a HuggingFace model folder?")
+    headers: dict[str, dict[str, tuple[torch.dtype, tuple[int, ...]]]] = {}
+    index = {}
+    for name, file_name in weight_map.items():
+        path = safe_member(folder, file_name, "weight_map entry")
+        if file_name not in headers:
+            if not path.is_file():
+                raise CheckpointNotFoundError(f"shard {path} named by {folder / INDEX} does not exist")
+            headers[file_name] = safetensors_header(path)
+        if name not in headers[file_name]:
+            raise CorruptCheckpointError(f"{folder / INDEX} puts tensor {name!r} in {file_name}, which does not hold it")
+        dtype, shape = headers[file_name][name]
+        index[name] = HFTensor(name, path, dtype, shape)
+    return index
+
+
+def read_hf_box(entry: HFTensor, box: Box) -> torch.Tensor:
+    """Read the region ``box`` of one tensor, reading only those bytes.
+
+    Example::
+
+        rows = read_hf_box(index["lm_head.weight"], Box((0, 0), (1024, 1024)))
+    """
+    if not box.within(entry.shape):
+        raise ValueError(f"{box} lies outside {entry.name!r} of shape {list(entry.shape)}")
+    with safe_open(entry.file, framework="pt") as f:
+        if not entry.shape:
+            return f.get_tensor(entry.name)
+        return f.get_slice(entry.name)[box.slices_in(Box.full(entry.shape))].contiguous()
+
+
+def _plan_shards(specs: Sequence[tuple[str, torch.dtype, tuple[int, ...]]], max_shard_size: int) -> list[list[int]]:
+    """Indices of ``specs`` per shard, in order, each shard at most ``max_shard_size`` bytes
+    unless a single tensor is larger (it then gets a shard of its own)."""
+    shards: list[list[int]] = [[]]
+    used = 0
+    for k, (_, dtype, shape) in enumerate(specs):
+        size = Box.full(shape).numel * dtype.itemsize
+        if shards[-1] and used + size > max_shard_size:
+            shards.append([])
+            used = 0
+        shards[-1].append(k)
+        used += size
+    return shards
+
+
+def _write_safetensors(
+    path: Path,
+    specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
+    get: Callable[[str], torch.Tensor],
+) -> None:
+    """Write one safetensors file: the header from ``specs``, then each tensor as it is fetched."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, dtype, shape in specs:
+        size = Box.full(shape).numel * dtype.itemsize
+        header[name] = {"dtype": _DTYPE_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)) + encoded)
+        for name, dtype, shape in specs:
+            tensor = get(name)
+            if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+                raise ValueError(
+                    f"tensor {name!r} was announced as {dtype} {list(shape)} but is {tensor.dtype} {list(tensor.shape)}"
+                )
+            f.write(memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+
+
+def write_hf_folder(
+    folder: str | os.PathLike[str],
+    config: dict[str, Any],
+    specs: Sequence[tuple[str, torch.dtype, Sequence[int]]],
+    get: Callable[[str], torch.Tensor],
+    max_shard_size: int = 5 << 30,
+) -> list[Path]:
+    """Write a HuggingFace folder, fetching one tensor at a time.
+
+    Tensors are stored in the order of ``specs``; one shard is written as
+    ``model.safetensors`` with no index, several as ``model-0000k-of-0000n.safetensors``
+    plus ``model.safetensors.index.json``. Files are written in place: the folder must
+    be new or empty (an export tool renames it into place when done).
+
+    Args:
+        folder: the folder to create.
+        config: the content of ``config.json``.
+        specs: ``(name, dtype, shape)`` of every tensor, in file order.
+        get: returns the tensor of a name; called once per name, in order.
+        max_shard_size: shard size limit in bytes (a larger tensor gets a shard alone).
+
+    Returns:
+        The safetensors files written.
+
+    Raises:
+        FileExistsError: ``folder`` exists and is not empty.
+        ValueError: a duplicate name, an unsupported dtype, or ``get`` returned a tensor
+            other than announced.
+
+    Example::
+
+        state = model.state_dict()
+        write_hf_folder("out", model.config.to_dict(),
+                        [(n, t.dtype, t.shape) for n, t in state.items()], state.__getitem__)
+    """
+    folder = Path(folder)
+    if folder.exists() and any(folder.iterdir()):
+        raise FileExistsError(f"{folder} is not empty; write a HuggingFace folder into a new or empty folder")
+    plain = [(name, dtype, tuple(int(s) for s in shape)) for name, dtype, shape in specs]
+    names = [name for name, _, _ in plain]
+    if len(set(names)) != len(names):
+        raise ValueError(f"duplicate tensor names: {sorted({n for n in names if names.count(n) > 1})}")
+    unsupported = sorted({str(dtype) for _, dtype, _ in plain if dtype not in _DTYPE_CODES})
+    if unsupported:
+        raise ValueError(f"safetensors cannot store {unsupported}")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    shards = _plan_shards(plain, max_shard_size)
+    files = [folder / SINGLE] if len(shards) == 1 else [
+        folder / f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))
+    ]
+    for path, members in zip(files, shards):
+        _write_safetensors(path, [plain[k] for k in members], get)
+    if len(shards) > 1:
+        index = {
+            "metadata": {"total_size": sum(Box.full(s).numel * d.itemsize for _, d, s in plain)},
+            "weight_map": {plain[k][0]: path.name for path, members in zip(files, shards) for k in members},
+        }
+        (folder / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return files
