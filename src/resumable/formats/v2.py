@@ -131,13 +131,13 @@ class Metadata:
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> str:
-        """Serialise (stable key order, one line per nothing: compact but readable with ``jq``)."""
+        """Serialise compactly (one line: metadata of big models stays small; read it with ``jq``)."""
         doc = {"format": self.format, "format_version": self.format_version,
                "iteration": self.iteration, "layout": asdict(self.layout),
                "save_optimizer": self.save_optimizer,
                "tensors": {n: asdict(t) for n, t in self.tensors.items()},
                "files": {n: asdict(f) for n, f in self.files.items()}}
-        return json.dumps(doc, indent=1)
+        return json.dumps(doc, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str | bytes, source: str | os.PathLike[str] = METADATA) -> "Metadata":

@@ -1,0 +1,227 @@
+"""Asynchronous save: stage into reusable CPU buffers, write and commit in a background thread.
+
+Timeline of one ``AsyncSaver.save`` (every rank calls it together)::
+
+    training thread                              background thread ("resumable-async-save")
+    1 wait for the previous save (re-raise
+      its error)
+    2 plan_save       (collective, gloo group)
+    3 stage: copy my chunks into CPU buffers
+      allocated once and reused (pinned on CUDA)
+    4 return the handle: training continues  ->  5 prepare temp folder (collective, gloo group)
+                                                 6 write + fsync my files
+                                                 7 agree + rank 0 commit (collective, gloo group)
+
+All of the saver's collectives run on its own gloo group, created once when the saver
+is built, so they can never interleave with the training loop's collectives on the
+default group (which may be NCCL). Only one save is in flight per saver: the next
+save waits for the previous one. A thread is enough: writing and checksumming release
+the GIL (``os.write`` and xxhash work on buffers without holding it).
+
+Hazard: the state is copied during ``save`` (step 3); mutating its tensors from another
+thread *before* ``save`` returns corrupts the checkpoint. Mutating them afterwards is safe.
+Call ``wait()`` (or ``CheckpointManager.close()``) before ``destroy_process_group``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+import weakref
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+
+from resumable import dist
+from resumable.geometry import Box
+from resumable.save import SavePlan, _error_text, finish_save, plan_save, prepare_temp, write_files
+
+log = logging.getLogger(__name__)
+
+
+class AsyncSaveHandle:
+    """A save running in the background. ``wait()`` returns its folder or raises its error."""
+
+    def __init__(self, final: Path) -> None:
+        self.path = final
+        self._done = threading.Event()
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+
+    def done(self) -> bool:
+        """True once the background work ended (committed or failed). Not collective."""
+        return self._done.is_set()
+
+    def wait(self) -> Path:
+        """Block until the save is committed on every rank; return its folder.
+
+        Raises:
+            SaveError: the save failed on some rank (nothing was committed).
+        """
+        if self._thread is not None:
+            self._thread.join()
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        return self.path
+
+
+class Stager:
+    """CPU copies of the chunks a rank writes, in buffers allocated once and reused.
+
+    Buffers are keyed by (tensor name, box, dtype); a later save with the same layout
+    copies into the same memory (pinned when CUDA is available, so device-to-host
+    copies run at full speed), a changed layout reallocates only what changed.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[str, Box, torch.dtype], torch.Tensor] = {}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+
+    def stage(self, plan: SavePlan) -> None:
+        """Copy every chunk this rank writes into its buffer and point the plan at the copies."""
+        pin = torch.cuda.is_available()
+        used = set()
+        on_cuda = False
+        for _, items in plan.files.values():
+            for item in items:
+                src = item.tensor
+                key = (item.name, item.box, src.dtype)
+                buf = self._buffers.get(key)
+                if buf is None or buf.shape != src.shape:
+                    buf = torch.empty(src.shape, dtype=src.dtype, pin_memory=pin)
+                    self._buffers[key] = buf
+                on_cuda |= src.is_cuda
+                buf.copy_(src, non_blocking=pin and src.is_cuda)
+                item.tensor = buf
+                used.add(key)
+        for key in [k for k in self._buffers if k not in used]:
+            del self._buffers[key]  # the layout changed: free what no longer fits
+        if on_cuda:
+            torch.cuda.synchronize()  # the copies must be complete before training resumes
+
+
+class AsyncSaver:
+    """Runs saves in a background thread, one at a time, committing through its own gloo group.
+
+    Args:
+        process_group: the ranks that save together (default: all). The saver builds a
+            gloo group over the same ranks.
+
+    Who calls it: every rank of the default group constructs it at the same point (the
+    group creation is collective), then every rank calls ``save`` / ``wait`` together.
+    Concurrency: one saver per job; not thread safe (call it from the training thread).
+    """
+
+    def __init__(self, process_group: Any = None) -> None:
+        ranks = None
+        if dist.initialized() and process_group is not None:
+            ranks = torch.distributed.get_process_group_ranks(process_group)
+        self._group = (torch.distributed.new_group(ranks=ranks, backend="gloo")
+                       if dist.initialized() else None)
+        self._stager = Stager()
+        self._inflight: AsyncSaveHandle | None = None
+        _LIVE.add(self)
+
+    def save(self, state: Mapping[str, Any], directory: str | os.PathLike[str], iteration: int, *,
+             prefix: str = "CKP", save_optimizer: bool = True, remove_redundancy: bool = False,
+             layout_info: Any = None, on_commit: Callable[[SavePlan], None] | None = None) -> AsyncSaveHandle:
+        """Stage ``state`` and start writing it; returns once training may continue.
+
+        Raises:
+            SaveError: the *previous* save failed, or planning failed on some rank.
+
+        Collective (on the saver's gloo group): every rank calls it together.
+        """
+        self.wait()
+        plan = plan_save(state, directory, iteration, prefix=prefix, save_optimizer=save_optimizer,
+                         remove_redundancy=remove_redundancy, group=self._group, layout_info=layout_info)
+        error = None
+        try:
+            self._stager.stage(plan)
+        except Exception as exc:  # still enter the background collectives, so peers learn it
+            error = _error_text(exc)
+        handle = AsyncSaveHandle(plan.final)
+        handle._thread = threading.Thread(target=_run, args=(plan, error, on_commit, handle),
+                                          name="resumable-async-save", daemon=False)
+        self._inflight = handle
+        handle._thread.start()
+        return handle
+
+    def wait(self) -> Path | None:
+        """Wait for the save in flight; return its folder (None if none), re-raising its error once."""
+        handle, self._inflight = self._inflight, None
+        return handle.wait() if handle is not None else None
+
+
+def _run(plan: SavePlan, error: str | None, on_commit: Callable[[SavePlan], None] | None,
+         handle: AsyncSaveHandle) -> None:
+    """Background thread body: prepare, write, agree, commit. Never raises: errors go to the handle."""
+    try:
+        prepare_temp(plan)
+        written = None
+        if error is None:
+            try:
+                written = write_files(plan)
+            except Exception as exc:
+                error = _error_text(exc)
+        finish_save(plan, written, error, on_commit)
+    except BaseException as exc:  # re-raised in the training thread by wait()
+        handle._error = exc
+    finally:
+        handle._done.set()
+
+
+_LIVE: "weakref.WeakSet[AsyncSaver]" = weakref.WeakSet()
+_DEFAULT: dict[Any, AsyncSaver] = {}
+
+
+@atexit.register
+def _wait_at_exit() -> None:
+    """Do not let the interpreter finish while a save is uncommitted; report its failure."""
+    for saver in list(_LIVE):
+        try:
+            saver.wait()
+        except Exception:
+            log.exception("the last asynchronous checkpoint save failed")
+
+
+def async_save(state: Mapping[str, Any], directory: str | os.PathLike[str], iteration: int, *,
+               prefix: str = "CKP", save_optimizer: bool = True, remove_redundancy: bool = False,
+               process_group: Any = None, layout_info: Any = None) -> AsyncSaveHandle:
+    """Like :func:`resumable.save`, but returns as soon as the state is copied to CPU.
+
+    The first call builds a process-wide :class:`AsyncSaver` (and its gloo group) for
+    ``process_group``; later calls reuse it, so staging buffers are allocated once.
+
+    Args:
+        state, directory, iteration, prefix, save_optimizer, remove_redundancy,
+        process_group, layout_info: as for :func:`resumable.save`.
+
+    Returns:
+        An :class:`AsyncSaveHandle`; ``handle.wait()`` returns the committed folder.
+
+    Raises:
+        SaveError: the previous asynchronous save failed, or planning failed on a rank.
+            Errors of this save surface from ``handle.wait()`` or the next ``async_save``.
+
+    Example:
+        >>> h = async_save({"model": model.state_dict()}, "ckpt", 100)
+        >>> train_more()          # safe: the state was staged
+        >>> h.wait()
+
+    Hazard: mutating the state's tensors from another thread before this call returns
+    corrupts the checkpoint. Collective: every rank of ``process_group`` calls it.
+    """
+    key = id(process_group) if process_group is not None else None
+    saver = _DEFAULT.get(key)
+    if saver is None:
+        saver = _DEFAULT[key] = AsyncSaver(process_group)
+    return saver.save(state, directory, iteration, prefix=prefix, save_optimizer=save_optimizer,
+                      remove_redundancy=remove_redundancy, layout_info=layout_info)

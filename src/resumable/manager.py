@@ -1,0 +1,125 @@
+"""CheckpointManager: when to save, how (sync or async), and how many checkpoints to keep.
+
+Concurrency contract: multi-process safe (every rank builds the manager and calls
+``save`` / ``wait`` / ``close`` together, in the same order); not thread safe (call it
+from the training thread only); not multi-job safe (one job per checkpoint directory:
+construction removes leftover temp folders of earlier runs).
+
+Example (single process or under ``torchrun``)::
+
+    mgr = CheckpointManager("output/checkpoint", keep_checkpoint_max=3, async_save=True)
+    for step in range(1, steps + 1):
+        train_step()
+        if mgr.should_save(step, last_step=steps):
+            mgr.save({"model": model_sd, "optimizer": optim_sd, "global_step": step}, step)
+    mgr.close()   # waits for the last save to be committed
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+from resumable import commit, dist
+from resumable.async_save import AsyncSaveHandle, AsyncSaver
+from resumable.errors import ConfigError
+from resumable.save import SavePlan, save as sync_save
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointManager:
+    """Saves Checkpoint 2.0 checkpoints every N steps and keeps the newest ``keep_checkpoint_max``.
+
+    Args:
+        directory: the checkpoint folder (``<output_dir>/checkpoint``).
+        prefix: file name prefix (``CKP``).
+        save_checkpoint_steps: save every this many steps (``should_save``).
+        keep_checkpoint_max: committed checkpoints to keep (None: all). The tracker's
+            target and ``protected`` iterations are never deleted.
+        async_save: stage and write in the background (training continues after staging).
+        save_optimizer: store the optimizer state (``-opt-`` files).
+        remove_redundancy: store each replicated chunk once.
+        checkpoint_format: ``safetensors``; ``ckpt`` is accepted with a warning and
+            saved as safetensors (Checkpoint 2.0 has no .ckpt variant).
+        process_group: the ranks that save together (default: all).
+        layout_info: recorded in metadata.json (see :func:`resumable.save`).
+
+    Raises:
+        ConfigError: a value out of range, naming the YAML key.
+
+    Who calls it: every rank constructs it at the same point (collective: rank 0 cleans
+    leftovers while the others wait; an async manager also creates its gloo group).
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], *, prefix: str = "CKP", save_checkpoint_steps: int = 1,
+                 keep_checkpoint_max: int | None = 5, async_save: bool = False, save_optimizer: bool = True,
+                 remove_redundancy: bool = False, checkpoint_format: str = "safetensors",
+                 process_group: Any = None, layout_info: Any = None) -> None:
+        if save_checkpoint_steps < 1:
+            raise ConfigError(f"save_checkpoint_steps must be at least 1, got {save_checkpoint_steps}")
+        if keep_checkpoint_max is not None and keep_checkpoint_max < 1:
+            raise ConfigError(f"keep_checkpoint_max must be at least 1 (the newest checkpoint is always kept), "
+                              f"got {keep_checkpoint_max}")
+        if checkpoint_format not in ("safetensors", "ckpt"):
+            raise ConfigError(f"checkpoint_format must be 'safetensors' or 'ckpt', got {checkpoint_format!r}")
+        if checkpoint_format == "ckpt":
+            log.warning("checkpoint_format 'ckpt' is not available in Checkpoint 2.0; saving safetensors")
+        self.directory = Path(directory)
+        self.prefix = prefix
+        self.save_checkpoint_steps = save_checkpoint_steps
+        self.keep_checkpoint_max = keep_checkpoint_max
+        self.save_optimizer = save_optimizer
+        self.remove_redundancy = remove_redundancy
+        self.layout_info = layout_info
+        self.protected: set[int] = set()  # iterations retention must keep (e.g. the one loaded)
+        self._group = process_group
+        if dist.rank(process_group) == 0:
+            for path in commit.clean_leftovers(self.directory):
+                log.info("cleaned leftover %s", path)
+        dist.barrier(process_group)  # nobody saves while rank 0 is still cleaning
+        self._async = AsyncSaver(process_group) if async_save else None
+
+    def should_save(self, step: int, last_step: int | None = None) -> bool:
+        """True on every ``save_checkpoint_steps``-th step and on ``last_step``. Not collective."""
+        return step % self.save_checkpoint_steps == 0 or (last_step is not None and step == last_step)
+
+    def save(self, state: Mapping[str, Any], iteration: int) -> Path | AsyncSaveHandle:
+        """Save ``state`` as ``iteration``; then apply ``keep_checkpoint_max``.
+
+        Returns:
+            The committed folder (sync) or a handle (async; the previous async save has
+            been committed or its error raised).
+
+        Raises:
+            SaveError: this save failed (sync) or the previous async save failed.
+
+        Collective: every rank calls it together. Hazard (async): do not mutate the
+        state's tensors from another thread before this call returns.
+        """
+        options = dict(prefix=self.prefix, save_optimizer=self.save_optimizer,
+                       remove_redundancy=self.remove_redundancy, layout_info=self.layout_info,
+                       on_commit=self._retain)
+        if self._async is not None:
+            return self._async.save(state, self.directory, iteration, **options)
+        return sync_save(state, self.directory, iteration, process_group=self._group, **options)
+
+    def wait(self) -> Path | None:
+        """Wait for the async save in flight (if any); return its folder, raising its error."""
+        return self._async.wait() if self._async is not None else None
+
+    def close(self) -> None:
+        """Wait for the last save to be committed. Call before ``destroy_process_group``."""
+        self.wait()
+
+    def __enter__(self) -> "CheckpointManager":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _retain(self, plan: SavePlan) -> None:
+        """Rank 0, after a commit: delete the oldest committed checkpoints beyond the limit."""
+        commit.apply_keep_max(self.directory, self.keep_checkpoint_max, {plan.iteration, *self.protected})

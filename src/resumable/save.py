@@ -1,0 +1,362 @@
+"""Synchronous Checkpoint 2.0 save: plan, write, agree, commit.
+
+Order of calls across ranks (every step is entered by every rank of the group)::
+
+    step                         collective?   who does the work
+    1 plan_save                  all_gather    every rank: flatten, list chunks; all: same plan
+    2 prepare temp folder        broadcast     rank 0 creates .tmp-iteration_X; others wait
+    3 write_files                no            each writing rank streams its model/opt files
+    4 finish_save: agree         all_gather    every rank reports (error | file sizes+checksums)
+    5 finish_save: commit        broadcast     rank 0 writes metadata.json, common.json,
+                                               renames the folder, fsyncs, writes the tracker
+                                               (then runs on_commit, e.g. retention)
+
+A failure on any rank at steps 1, 2, 4 or 5 becomes a ``SaveError`` on every rank (the
+error texts are all-gathered, never left for a later collective to trip over), the
+temp folder is removed and nothing is committed. ``async_save`` reuses steps 1, 3-5 with
+staged copies and a background thread.
+
+Run it::
+
+    python -c "import torch, resumable; print(resumable.save({'model': {'w': torch.ones(2)}}, 'ckpt', 1))"
+    torchrun --nproc-per-node 2 my_train.py     # each rank calls resumable.save(...) together
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+
+from resumable import commit, dist
+from resumable.errors import SaveError
+from resumable.formats import v2
+from resumable.formats.safetensors_io import dtype_name, write_file
+from resumable.geometry import Box
+from resumable.layout import LocalChunk, local_chunks, local_tensor
+from resumable.planning import assign_writers
+from resumable.state import flatten_state
+
+log = logging.getLogger(__name__)
+
+#: Top-level state keys copied into common.json's top level (docs/internals.md).
+CONTEXT_KEYS = ("global_step", "epoch_num", "step_num", "consumed_samples", "global_batch_size",
+                "loss_scale", "lr_schedule", "data")
+
+
+@dataclass
+class WriteItem:
+    """One chunk this rank writes: where it goes in the file and where its bytes are now."""
+
+    name: str
+    key: str
+    box: Box
+    tensor: torch.Tensor  # a view of the live local tensor, or a staged CPU copy
+
+
+@dataclass
+class SavePlan:
+    """Everything one rank needs to write its files and (rank 0) commit. Built by :func:`plan_save`."""
+
+    iteration: int
+    directory: Path
+    group: Any
+    rank: int
+    files: dict[str, tuple[str, list[WriteItem]]]  # file name -> (kind, items), this rank's files only
+    file_meta: dict[str, dict[str, str]]            # file name -> __metadata__
+    metadata: v2.Metadata                           # complete but for file sizes/checksums
+    common: dict[str, Any]
+
+    @property
+    def temp(self) -> Path:
+        return self.directory / commit.temp_dirname(self.iteration)
+
+    @property
+    def final(self) -> Path:
+        return self.directory / commit.iteration_dirname(self.iteration)
+
+
+def _error_text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _mesh_info(state_tensors: Mapping[str, Any], layout_info: Any) -> tuple[dict[str, int] | None, int]:
+    """Mesh dims (name → size) and pipeline stages, from ``layout_info`` or the first DTensor's mesh."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import DTensor
+
+    stages = 1
+    mesh = None
+    if isinstance(layout_info, Mapping):
+        stages = int(layout_info.get("pipeline_stages", 1))
+        mesh = layout_info.get("mesh")
+        if isinstance(mesh, Mapping):
+            return {str(k): int(v) for k, v in mesh.items()}, stages
+    elif isinstance(layout_info, DeviceMesh):
+        mesh = layout_info
+    if mesh is None:
+        mesh = next((leaf.value.device_mesh for leaf in state_tensors.values() if isinstance(leaf.value, DTensor)),
+                    None)
+    if mesh is None:
+        return None, stages
+    names = mesh.mesh_dim_names or tuple(f"dim{i}" for i in range(mesh.ndim))
+    return dict(zip(names, (int(s) for s in mesh.shape))), stages
+
+
+def _describe_local(state: Mapping[str, Any], save_optimizer: bool) -> tuple[dict, Any, dict, dict]:
+    """This rank's holdings: name → (kind, dtype, global shape, [boxes]) plus views for writing."""
+    flat = flatten_state(state)
+    holdings: dict[str, tuple[str, str, list[int], list[tuple]]] = {}
+    views: dict[tuple[str, Box], torch.Tensor] = {}
+    for name, leaf in flat.tensors.items():
+        if leaf.kind == "opt" and not save_optimizer:
+            continue
+        dtype_name(leaf.value.dtype)  # fail now, on this rank, for a dtype safetensors cannot hold
+        chunks: list[LocalChunk] = local_chunks(leaf.value)
+        local = local_tensor(leaf.value)
+        boxes = []
+        for c in chunks:
+            views[(name, c.box)] = local[c.local]
+            boxes.append((c.box.offsets, c.box.shape))
+        holdings[name] = (leaf.kind, str(leaf.value.dtype).removeprefix("torch."), list(leaf.value.shape), boxes)
+    return holdings, flat.rank_local, flat.objects, {"views": views, "tensors": flat.tensors}
+
+
+def plan_save(state: Mapping[str, Any], directory: str | os.PathLike[str], iteration: int, *, prefix: str,
+              save_optimizer: bool, remove_redundancy: bool, group: Any, layout_info: Any) -> SavePlan:
+    """Step 1: gather every rank's holdings and compute the same plan everywhere.
+
+    Collective: every rank of ``group`` calls it. A rank whose state cannot be flattened
+    (an unsupported value, a dtype safetensors cannot hold) reports the error in the
+    gather, so every rank raises ``SaveError`` naming it.
+    """
+    me, world = dist.rank(group), dist.world_size(group)
+    error, local, rank_local, objects, extra = None, {}, None, {}, {"views": {}, "tensors": {}}
+    try:
+        local, rank_local, objects, extra = _describe_local(state, save_optimizer)
+    except Exception as exc:  # reported to every rank below, then raised there as SaveError
+        error = _error_text(exc)
+    gathered = dist.all_gather_object((error, local, rank_local), group)
+    failed = [(dist.global_rank(group, r), g[0]) for r, g in enumerate(gathered) if g[0] is not None]
+    if failed:
+        detail = "; ".join(f"rank {r}: {e}" for r, e in failed)
+        raise SaveError(f"saving iteration {iteration} failed on {len(failed)} rank(s), nothing was committed: "
+                        f"{detail}")
+    mesh, stages = _mesh_info(extra["tensors"], layout_info)
+    return _build_plan([g[1] for g in gathered], [g[2] for g in gathered], objects, extra["views"],
+                       Path(directory), iteration, prefix=prefix, save_optimizer=save_optimizer,
+                       remove_redundancy=remove_redundancy, group=group, me=me, world=world, mesh=mesh,
+                       stages=stages)
+
+
+def _build_plan(holdings: list[dict], rank_locals: list[Any], objects: dict, views: dict, directory: Path,
+                iteration: int, *, prefix: str, save_optimizer: bool, remove_redundancy: bool, group: Any,
+                me: int, world: int, mesh: dict[str, int] | None, stages: int) -> SavePlan:
+    """Pure part of planning: identical on every rank given the same gathered holdings."""
+    entries: dict[str, tuple[str, str, list[int]]] = {}
+    held: dict[int, list[tuple[str, Box]]] = {}
+    for r, h in enumerate(holdings):
+        keys = []
+        for name, (kind, dtype, shape, boxes) in sorted(h.items()):
+            first = entries.setdefault(name, (kind, dtype, shape))
+            if first != (kind, dtype, shape):
+                raise SaveError(f"saving iteration {iteration}: tensor {name!r} is {first[1]} {first[2]} on one rank "
+                                f"but {dtype} {shape} on rank {dist.global_rank(group, r)}; every rank must hold "
+                                "pieces of the same global tensor under one name")
+            keys += [(name, Box(tuple(o), tuple(s))) for o, s in boxes]
+        held[r] = list(dict.fromkeys(keys))  # a rank lists a replicated box once
+    itemsize = {n: torch.empty(0, dtype=getattr(torch, d)).element_size() for n, (_, d, _) in entries.items()}
+    if remove_redundancy:
+        nbytes = {ck: ck[1].numel * itemsize[ck[0]] for keys in held.values() for ck in keys}
+        owner = assign_writers(held, nbytes)
+        assigned = {r: [ck for ck in held[r] if owner[ck] == r] for r in held}
+        writers = sorted({r for r, cks in assigned.items() if cks}) or [0]
+    else:
+        assigned, writers = held, list(range(world))
+    kinds = ["model", "opt"] if save_optimizer else ["model"]
+    layout = v2.LayoutMeta(world_size=world, mesh=mesh, pipeline_stages=stages, writers=len(writers))
+    meta = v2.Metadata(iteration=iteration, layout=layout, save_optimizer=save_optimizer)
+    for name, (kind, dtype, shape) in sorted(entries.items()):
+        meta.tensors[name] = v2.TensorMeta(dtype, list(shape), kind, [])
+    chunk_index: dict[tuple[str, Box], v2.ChunkMeta] = {}
+    my_files: dict[str, tuple[str, list[WriteItem]]] = {}
+    file_meta: dict[str, dict[str, str]] = {}
+    for index, w in enumerate(writers):
+        for kind in kinds:
+            fname = v2.file_name(prefix, kind, index, len(writers))
+            mine = sorted((ck for ck in assigned.get(w, []) if entries[ck[0]][0] == kind),
+                          key=lambda ck: (ck[0], ck[1]))
+            per_name: dict[str, int] = {}
+            for name, _ in mine:
+                per_name[name] = per_name.get(name, 0) + 1
+            items, described = [], {}
+            for name, box in mine:
+                key = v2.chunk_key(name, box.offsets, per_name[name] > 1)
+                chunk = chunk_index.get((name, box))
+                if chunk is None:
+                    chunk = chunk_index[(name, box)] = v2.ChunkMeta(list(box.offsets), list(box.shape), [])
+                    meta.tensors[name].chunks.append(chunk)
+                chunk.stored.append(v2.Stored(fname, key))
+                described[key] = (name, list(entries[name][2]), list(box.offsets))
+                if w == me:
+                    items.append(WriteItem(name, key, box, views[(name, box)]))
+            # Every rank fills the file entry; sizes and checksums arrive at the agree step.
+            meta.files[fname] = v2.FileMeta(0, "0" * 16, kind, w)
+            if w == me:
+                my_files[fname] = (kind, items)
+                file_meta[fname] = v2.file_metadata(described, kind=kind, rank=w, iteration=iteration,
+                                                    layout=layout, save_optimizer=save_optimizer)
+    for t in meta.tensors.values():
+        t.chunks.sort(key=lambda c: c.offsets)
+    common = _common(objects, iteration, rank_locals)
+    return SavePlan(iteration, directory, group, me, my_files, file_meta, meta, common)
+
+
+def _common(objects: dict[str, Any], iteration: int, rank_locals: list[Any]) -> dict[str, Any]:
+    common: dict[str, Any] = {"iteration": iteration}
+    common["global_step"] = objects.get("global_step", iteration)
+    for key in CONTEXT_KEYS:
+        if key in objects:
+            common[key] = objects[key]
+    common["state"] = objects
+    common["rank_local"] = rank_locals
+    return common
+
+
+def prepare_temp(plan: SavePlan) -> None:
+    """Step 2: rank 0 creates an empty temp folder (removing a stale one); everyone waits.
+
+    Collective: every rank of the plan's group calls it.
+    """
+    error = None
+    if plan.rank == 0:
+        try:
+            plan.directory.mkdir(parents=True, exist_ok=True)
+            if plan.temp.exists():
+                log.warning("removing stale %s left by an earlier attempt at this iteration", plan.temp)
+                shutil.rmtree(plan.temp)
+            plan.temp.mkdir()
+        except OSError as exc:
+            error = _error_text(exc)
+    dist.agree(error, f"preparing {plan.temp}", plan.group)
+
+
+def write_files(plan: SavePlan) -> dict[str, tuple[int, str]]:
+    """Step 3: stream this rank's files into the temp folder. Not collective.
+
+    Returns:
+        file name → (size, xxh3-64 hex).
+    """
+    out = {}
+    for fname, (_, items) in plan.files.items():
+        out[fname] = write_file(plan.temp / fname, [(it.key, it.tensor) for it in items], plan.file_meta[fname])
+    return out
+
+
+def finish_save(plan: SavePlan, written: dict[str, tuple[int, str]] | None, error: str | None,
+                on_commit: Callable[[SavePlan], None] | None = None) -> Path:
+    """Steps 4-5: agree on the written files, then rank 0 commits; everyone learns the outcome.
+
+    Args:
+        plan: this rank's plan.
+        written: what :func:`write_files` returned (None when it failed).
+        error: this rank's failure text, or None.
+        on_commit: run on rank 0 after the tracker names the new checkpoint (retention);
+            its errors are logged, not raised: the checkpoint is already committed.
+
+    Returns:
+        The committed folder.
+
+    Raises:
+        SaveError: on every rank when any rank failed; the temp folder is removed.
+
+    Collective: every rank of the plan's group calls it, failed or not.
+    """
+    what = f"saving {plan.final}"
+    try:
+        results = dist.all_gather_object((error, written or {}), plan.group)
+        failed = [(dist.global_rank(plan.group, r), e) for r, (e, _) in enumerate(results) if e is not None]
+        if failed:
+            detail = "; ".join(f"rank {r}: {e}" for r, e in failed)
+            raise SaveError(f"{what} failed on {len(failed)} rank(s), nothing was committed: {detail}")
+        error = None
+        if plan.rank == 0:
+            try:
+                for _, files in results:
+                    for fname, (size, digest) in files.items():
+                        plan.metadata.files[fname].size, plan.metadata.files[fname].xxh3_64 = size, digest
+                _commit(plan)
+            except Exception as exc:  # told to every rank by agree below
+                error = _error_text(exc)
+        dist.agree(error, f"committing {plan.final}", plan.group)
+    except BaseException:
+        if plan.rank == 0 and plan.temp.exists():
+            shutil.rmtree(plan.temp, ignore_errors=True)
+        raise
+    if plan.rank == 0 and on_commit is not None:
+        try:
+            on_commit(plan)
+        except Exception:
+            log.exception("after committing %s: clean-up failed (the checkpoint itself is committed)", plan.final)
+    return plan.final
+
+
+def _commit(plan: SavePlan) -> None:
+    """Rank 0: metadata.json and common.json into the temp folder, fsync, rename, tracker."""
+    plan.metadata.validate(str(plan.temp / v2.METADATA))  # never commit a plan that does not tile
+    for name, data in ((v2.METADATA, plan.metadata.to_json().encode()), (v2.COMMON, v2.common_bytes(plan.common))):
+        with open(plan.temp / name, "wb") as f:
+            f.write(data)
+        commit.fsync_file(plan.temp / name)
+    commit.fsync_dir(plan.temp)
+    commit.publish_folder(plan.temp, plan.final)
+    commit.write_tracker(plan.directory, plan.iteration)
+    log.info("committed %s", plan.final)
+
+
+def save(state: Mapping[str, Any], directory: str | os.PathLike[str], iteration: int, *, prefix: str = "CKP",
+         save_optimizer: bool = True, remove_redundancy: bool = False, process_group: Any = None,
+         layout_info: Any = None, on_commit: Callable[[SavePlan], None] | None = None) -> Path:
+    """Save ``state`` as Checkpoint 2.0 ``<directory>/iteration_XXXXXXXX`` and point the tracker at it.
+
+    Args:
+        state: nested dict of tensors, DTensors and JSON-able values (docs/internals.md:
+            ``model`` / ``optimizer`` / ``rank_local`` conventions).
+        directory: the checkpoint folder (created when missing).
+        iteration: the iteration (global step) number of the folder.
+        prefix: file name prefix (``CKP`` → ``CKP-model-0000000-0000002.safetensors``); "" allowed.
+        save_optimizer: store tensors under ``optimizer`` in ``-opt-`` files; False skips them.
+        remove_redundancy: store each replicated chunk once, balancing bytes across writers.
+        process_group: the group whose ranks save together (default: the default group).
+        layout_info: a ``DeviceMesh`` or ``{"mesh": {name: size}, "pipeline_stages": n}``
+            recorded in metadata.json; by default the first DTensor's mesh.
+        on_commit: called on rank 0 after the commit (the manager's retention).
+
+    Returns:
+        The committed folder.
+
+    Raises:
+        SaveError: on every rank, when any rank failed (naming it); nothing is committed.
+
+    Example:
+        >>> save({"model": model.state_dict(), "global_step": 100}, "ckpt", 100)
+        PosixPath('ckpt/iteration_00000100')
+
+    Collective: every rank of ``process_group`` calls it with the same ``directory``,
+    ``iteration`` and options. Tensors are read while the call runs: do not mutate them
+    from another thread meanwhile.
+    """
+    plan = plan_save(state, directory, iteration, prefix=prefix, save_optimizer=save_optimizer,
+                     remove_redundancy=remove_redundancy, group=process_group, layout_info=layout_info)
+    prepare_temp(plan)
+    written, error = None, None
+    try:
+        written = write_files(plan)
+    except Exception as exc:  # reported to every rank by finish_save
+        error = _error_text(exc)
+    return finish_save(plan, written, error, on_commit)
