@@ -1,0 +1,149 @@
+"""Commit protocol: atomic writes, the tracker, is_committed, leftovers, retention, replacement."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from resumable import commit, latest
+from resumable.errors import ConfigError, CorruptCheckpointError
+from resumable.save import save
+
+
+def _fake_committed(directory: Path, n: int, marker: str = "") -> Path:
+    folder = directory / commit.iteration_dirname(n)
+    folder.mkdir(parents=True)
+    (folder / "metadata.json").write_text('{"marker": "%s"}' % marker)
+    return folder
+
+
+def test_atomic_write_replaces_content_and_leaves_no_temp_file(tmp_path: Path):
+    target = tmp_path / "f.txt"
+    commit.atomic_write(target, b"one")
+    commit.atomic_write(target, b"two")
+    assert target.read_bytes() == b"two"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.txt"]
+
+
+def test_atomic_write_into_a_missing_folder_fails_and_leaves_nothing(tmp_path: Path):
+    with pytest.raises(FileNotFoundError):
+        commit.atomic_write(tmp_path / "missing" / "f.txt", b"x")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_tracker_accepts_no_trailing_newline_and_rejects_garbage(tmp_path: Path):
+    assert commit.read_tracker(tmp_path) is None
+    (tmp_path / commit.TRACKER).write_text("200")
+    assert commit.read_tracker(tmp_path) == 200
+    commit.write_tracker(tmp_path, 300)
+    assert (tmp_path / commit.TRACKER).read_text() == "300\n" and commit.read_tracker(tmp_path) == 300
+    (tmp_path / commit.TRACKER).write_text("iteration_3\n")
+    with pytest.raises(CorruptCheckpointError) as e:
+        commit.read_tracker(tmp_path)
+    assert str(e.value) == (f"{tmp_path / commit.TRACKER}: expected one iteration number, found 'iteration_3'; "
+                            "write the iteration to load (e.g. 100) or delete the file to use the newest "
+                            "committed folder")
+
+
+def test_is_committed_needs_the_final_name_and_a_readable_metadata_json(tmp_path: Path):
+    good = _fake_committed(tmp_path, 1)
+    assert commit.is_committed(good)
+    temp = tmp_path / commit.temp_dirname(2)
+    temp.mkdir()
+    (temp / "metadata.json").write_text("{}")
+    assert not commit.is_committed(temp)
+    half = tmp_path / commit.iteration_dirname(3)
+    half.mkdir()
+    (half / "metadata.json").write_text('{"trunc')
+    assert not commit.is_committed(half)
+    ms_single = tmp_path / commit.iteration_dirname(4)  # MindFormers single rank: no metadata.json
+    ms_single.mkdir()
+    (ms_single / "common.json").write_text('{"global_step": 4}')
+    assert not commit.is_committed(ms_single)
+    (ms_single / "model-0000000-0000001.safetensors").write_bytes(b"")
+    assert commit.is_committed(ms_single)
+    assert commit.committed_iterations(tmp_path) == [1, 4]
+
+
+@pytest.mark.parametrize("keep", [1, 3])
+def test_retention_keeps_the_newest_and_never_the_tracker_target(tmp_path: Path, keep: int):
+    for n in range(1, 7):
+        _fake_committed(tmp_path, n * 10)
+    (tmp_path / commit.temp_dirname(70)).mkdir()  # a save in progress is not counted or touched
+    commit.write_tracker(tmp_path, 20)             # a user chose an older iteration
+    deleted = commit.apply_keep_max(tmp_path, keep, protect={30})
+    expected_kept = sorted({20, 30} | set([10, 20, 30, 40, 50, 60][-keep:]))
+    assert commit.committed_iterations(tmp_path) == expected_kept
+    assert deleted == [n for n in [10, 20, 30, 40, 50, 60] if n not in expected_kept]
+    assert (tmp_path / commit.temp_dirname(70)).is_dir()
+    assert not any(p.name.startswith(".del-") for p in tmp_path.iterdir())
+
+
+def test_retention_refuses_keep_below_one(tmp_path: Path):
+    with pytest.raises(ConfigError) as e:
+        commit.apply_keep_max(tmp_path, 0)
+    assert str(e.value) == "keep_checkpoint_max must be at least 1, got 0: the newest checkpoint is always kept"
+
+
+def test_publishing_over_an_existing_iteration_swaps_it_in_one_step(tmp_path: Path):
+    _fake_committed(tmp_path, 5, "old")
+    temp = tmp_path / commit.temp_dirname(5)
+    temp.mkdir()
+    (temp / "metadata.json").write_text('{"marker": "new"}')
+    inode_before = temp.stat().st_ino
+    commit.publish_folder(temp, tmp_path / commit.iteration_dirname(5))
+    final = tmp_path / commit.iteration_dirname(5)
+    assert (final / "metadata.json").read_text() == '{"marker": "new"}'
+    assert final.stat().st_ino == inode_before  # the new folder itself, renamed: nothing was copied
+    assert sorted(p.name for p in tmp_path.iterdir()) == [commit.iteration_dirname(5)]
+
+
+def test_exchange_is_atomic_both_folders_exist_at_every_instant(tmp_path: Path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    (a / "x").write_text("a"), (b / "x").write_text("b")
+    if not commit._renameat2_exchange(a, b):
+        pytest.skip("renameat2(RENAME_EXCHANGE) unsupported on this file system")
+    assert (a / "x").read_text() == "b" and (b / "x").read_text() == "a"
+
+
+def test_clean_leftovers_removes_temps_and_restores_an_interrupted_replacement(tmp_path: Path):
+    _fake_committed(tmp_path, 1)
+    (tmp_path / commit.temp_dirname(2)).mkdir()
+    (tmp_path / (".del-" + commit.iteration_dirname(0))).mkdir()
+    old = tmp_path / (".old-" + commit.iteration_dirname(3))  # crash between the two renames
+    old.mkdir()
+    (old / "metadata.json").write_text("{}")
+    stale = tmp_path / f".{commit.TRACKER}.tmp-123-abcdef01"
+    stale.write_text("9")
+    removed = commit.clean_leftovers(tmp_path)
+    assert sorted(p.name for p in removed) == sorted([".del-iteration_00000000", ".tmp-iteration_00000002",
+                                                       stale.name])
+    assert commit.committed_iterations(tmp_path) == [1, 3]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iteration_00000001", "iteration_00000003"]
+
+
+def test_latest_follows_the_tracker_and_names_a_bad_target(tmp_path: Path):
+    assert latest(tmp_path) is None
+    save({"model": {"w": torch.ones(2)}}, tmp_path, 4)
+    save({"model": {"w": torch.ones(2)}}, tmp_path, 8)
+    assert latest(tmp_path) == tmp_path / "iteration_00000008"
+    (tmp_path / commit.TRACKER).write_text("4")
+    assert latest(tmp_path) == tmp_path / "iteration_00000004"
+    (tmp_path / commit.TRACKER).write_text("6")
+    with pytest.raises(CorruptCheckpointError) as e:
+        latest(tmp_path)
+    assert str(e.value) == (f"{tmp_path / commit.TRACKER} names iteration 6 but {tmp_path / 'iteration_00000006'} "
+                            "is not a committed checkpoint; committed iterations: [4, 8]; edit the tracker to "
+                            "one of them")
+
+
+def test_saving_an_existing_iteration_again_replaces_it_completely(tmp_path: Path):
+    save({"model": {"old_only": torch.ones(2)}}, tmp_path, 3)
+    folder = save({"model": {"new_only": torch.zeros(2)}}, tmp_path, 3)
+    from resumable.formats import v2
+
+    assert sorted(v2.read_metadata(folder).tensors) == ["new_only"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iteration_00000003", commit.TRACKER]
