@@ -1,0 +1,74 @@
+"""The ``resumable`` command line.
+
+    resumable train [--config C.yaml] [--nproc N] [--set KEY=VALUE ...]
+
+``train`` with ``--nproc`` launches ``torchrun`` itself (single node); without it the
+command trains in this process, or as one rank of the user's own ``torchrun``
+(``torchrun --nproc-per-node 4 -m resumable.train --config C.yaml``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from typing import Callable, Sequence
+
+from resumable.errors import CheckpointError, ConfigError
+
+
+def _train(args: argparse.Namespace) -> int:
+    train_argv = (["--config", args.config] if args.config else []) + [
+        x for kv in args.set for x in ("--set", kv)
+    ]
+    if args.nproc and "WORLD_SIZE" not in os.environ:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={args.nproc}", "-m", "resumable.train", *train_argv]
+        return subprocess.call(cmd)
+    from resumable.train.__main__ import main as train_main
+
+    return train_main(train_argv)
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train the reference Qwen3 model",
+        description="Train the reference Qwen3 model with a MindFormers-style YAML config "
+        "(the embedded default when --config is not given).",
+    )
+    p.add_argument("--config", help="YAML config file (default: the embedded default config)")
+    p.add_argument("--nproc", type=int, default=0,
+                   help="launch this many processes on this node with torchrun")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key by dotted path, e.g. runner_config.stop_step=20 "
+                        "or callbacks.0.keep_checkpoint_max=2 (repeatable)")
+    p.set_defaults(func=_train)
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_train]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="resumable",
+        description="Checkpointing and resume-training for distributed PyTorch training.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, CheckpointError, NotImplementedError, FileNotFoundError) as err:
+        print(f"resumable {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
