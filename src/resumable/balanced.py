@@ -1,0 +1,242 @@
+"""``balanced_load``: each needed region is read from disk by one rank and sent to the others.
+
+With a plain load every rank reads all it needs, so a tensor replicated over 8 data
+parallel ranks is read 8 times. Here the ranks pool their read plans, split every stored
+chunk into disjoint *units* (pieces needed by the same set of ranks), give each unit to
+one of the ranks that need it (largest first, to the least-loaded one, so bytes read are
+balanced), and the reader sends the unit to the other ranks that need it with
+point-to-point ``isend``/``irecv`` (gloo and NCCL both have them). The placed values are
+bit-identical to a plain load: the same bytes, copied by the same slicing.
+
+Order of calls (from :func:`resumable.load.load` with ``balanced=True``, on every rank of
+the group, after its first agreement step)::
+
+    collective  all_gather_object of every rank's reads
+    local       the same deterministic units and readers on every rank; header checks
+                of the files this rank reads
+    collective  agreement (a bad header fails every rank before any send)
+    p2p         per tensor, in name order: readers read and isend, the others irecv;
+                each rank waits for that tensor's messages before the next tensor, so at
+                most one tensor's units are in flight
+
+Memory: a reader holds one tensor's units at a time on top of its target state.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+import torch.distributed as tdist
+from safetensors import safe_open
+
+from resumable import dist
+from resumable.errors import CheckpointError
+from resumable.formats import v2
+from resumable.geometry import Box
+from resumable.layout import local_tensor
+from resumable.planning import Read
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Unit", "assign_readers", "balanced_reads", "box_difference", "refine", "units_of"]
+
+
+def box_difference(a: Box, b: Box) -> list[Box]:
+    """``a`` minus ``b`` as disjoint boxes (slabs peeled off one dim at a time).
+
+    Example:
+        >>> box_difference(Box((0,), (8,)), Box((2,), (3,)))
+        [Box(offsets=(0,), shape=(2,)), Box(offsets=(5,), shape=(3,))]
+    """
+    inter = a.intersect(b)
+    if inter is None:
+        return [a]
+    out = []
+    lo, hi = list(a.offsets), list(a.end)
+    for d in range(a.ndim):
+        if inter.offsets[d] > lo[d]:
+            out.append(_box(lo, hi, d, lo[d], inter.offsets[d]))
+        if inter.end[d] < hi[d]:
+            out.append(_box(lo, hi, d, inter.end[d], hi[d]))
+        lo[d], hi[d] = inter.offsets[d], inter.end[d]  # the rest lies inside inter along d
+    return out
+
+
+def _box(lo: list[int], hi: list[int], d: int, start: int, stop: int) -> Box:
+    offsets = tuple(start if i == d else lo[i] for i in range(len(lo)))
+    shape = tuple(stop - start if i == d else hi[i] - lo[i] for i in range(len(lo)))
+    return Box(offsets, shape)
+
+
+def refine(needs: Iterable[tuple[int, Box]]) -> list[tuple[Box, frozenset[int]]]:
+    """Split the regions ranks need into disjoint pieces, each with the set of ranks needing it.
+
+    Identical regions (replicas across data parallel ranks) become one piece with
+    several owners; disjoint regions stay whole; partial overlaps are cut.
+    """
+    pieces: list[tuple[Box, frozenset[int]]] = []
+    for rank, region in needs:
+        rest = [region]
+        updated: list[tuple[Box, frozenset[int]]] = []
+        for box, owners in pieces:
+            inter = box.intersect(region)
+            if inter is None:
+                updated.append((box, owners))
+                continue
+            updated.append((inter, owners | {rank}))
+            updated.extend((d, owners) for d in box_difference(box, inter))
+            rest = [x for r in rest for x in box_difference(r, inter)]
+        updated.extend((r, frozenset({rank})) for r in rest)
+        pieces = updated
+    return pieces
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A disjoint piece of one stored chunk, the ranks needing it, and the one reading it."""
+
+    name: str
+    file: str
+    key: str
+    stored_box: Box
+    box: Box
+    owners: tuple[int, ...]
+    reader: int = -1
+
+    def src(self) -> tuple[slice, ...]:
+        return self.box.slices_in(self.stored_box)
+
+
+def units_of(plans: list[list[tuple]]) -> list[Unit]:
+    """Deterministic units from every rank's reads (``plans[rank]`` as gathered); pure."""
+    needs: dict[tuple[str, Box], list[tuple[int, Box]]] = defaultdict(list)
+    where: dict[tuple[str, Box], tuple[str, str]] = {}
+    for rank, plan in enumerate(plans):
+        for name, file, key, s_off, s_shape, r_off, r_shape in plan:
+            stored = Box(tuple(s_off), tuple(s_shape))
+            needs[(name, stored)].append((rank, Box(tuple(r_off), tuple(r_shape))))
+            where.setdefault((name, stored), (file, key))
+    units = []
+    for (name, stored), regions in needs.items():
+        file, key = where[(name, stored)]
+        for box, owners in refine(regions):
+            units.append(Unit(name, file, key, stored, box, tuple(sorted(owners))))
+    units.sort(key=lambda u: (u.name, u.box.offsets, u.box.shape))
+    return units
+
+
+def assign_readers(units: list[Unit], itemsize: Mapping[str, int], world: int) -> tuple[list[Unit], list[int]]:
+    """Give each unit to one of its owners: largest first, to the least-loaded (lowest rank on ties).
+
+    Returns:
+        The units with ``reader`` set (same order) and the bytes each rank will read.
+    """
+    load = [0] * world
+    readers: dict[int, int] = {}
+    order = sorted(range(len(units)), key=lambda i: (-units[i].box.numel * itemsize[units[i].name], i))
+    for i in order:
+        u = units[i]
+        r = min(u.owners, key=lambda o: (load[o], o))
+        readers[i] = r
+        load[r] += u.box.numel * itemsize[u.name]
+    return [Unit(u.name, u.file, u.key, u.stored_box, u.box, u.owners, readers[i]) for i, u in enumerate(units)], load
+
+
+def _dst(unit: Unit, mine: list[Read]) -> tuple[slice, ...]:
+    """Slices of ``unit.box`` in this rank's local tensor (it lies inside one of this rank's regions)."""
+    for r in mine:
+        if unit.box.intersect(r.region) == unit.box:
+            return tuple(slice(d.start + o - ro, d.start + o - ro + s)
+                         for d, o, ro, s in zip(r.dst, unit.box.offsets, r.region.offsets, unit.box.shape))
+    raise AssertionError(f"unit {unit} is not inside any region this rank needs")  # refine() guarantees it
+
+
+def balanced_reads(folder: Path, meta: v2.Metadata, reads: list[Read], targets: Mapping[str, torch.Tensor],
+                   group: Any) -> int:
+    """Fill this rank's targets for ``reads`` with the work of reading shared across ranks.
+
+    Args:
+        folder: the ``iteration_*`` folder.
+        meta: its metadata.
+        reads: this rank's plan (:func:`resumable.load.plan_reads`).
+        targets: name → the target tensor (DTensor or tensor) to fill in place.
+        group: the process group.
+
+    Returns:
+        The bytes this rank read from disk.
+
+    Raises:
+        CorruptCheckpointError: a file this rank reads has a bad header (every rank raises).
+
+    Collective: every rank of ``group`` calls it after :func:`resumable.load.load`'s first
+    agreement step (see the module docstring for the order).
+    """
+    from resumable.load import _agree, check_headers, read_region  # load imports us lazily
+
+    me, world = dist.rank(group), dist.world_size(group)
+    mine = [(r.name, r.file, r.key, r.stored_box.offsets, r.stored_box.shape, r.region.offsets, r.region.shape)
+            for r in reads]
+    plans = dist.all_gather_object(mine, group)
+    itemsize = {name: torch.empty(0, dtype=getattr(torch, t.dtype)).element_size() for name, t in meta.tensors.items()}
+    units, load = assign_readers(units_of(plans), itemsize, world)
+    if me == 0:
+        plain = sum(r_shape_numel(p) * itemsize[p[0]] for plan in plans for p in plan)
+        log.info("balanced_load: %d bytes read in all (%d without balancing); per rank: %s",
+                 sum(load), plain, load)
+    err: BaseException | None = None
+    try:
+        check_headers(folder, meta, [Read(u.name, u.file, u.key, u.stored_box, u.box, u.src(), ())
+                                     for u in units if u.reader == me])
+    except (CheckpointError, OSError) as exc:
+        err = exc
+    _agree(err, group)
+
+    my_reads: dict[tuple[str, Box], list[Read]] = defaultdict(list)
+    for r in reads:
+        my_reads[(r.name, r.stored_box)].append(r)
+    locals_ = {name: local_tensor(t) for name, t in targets.items()}
+    by_name: dict[str, list[tuple[int, Unit]]] = defaultdict(list)
+    for tag, u in enumerate(units):
+        if me in u.owners:
+            by_name[u.name].append((tag, u))
+    with ExitStack() as stack, torch.no_grad():
+        handles: dict[str, Any] = {}
+
+        def handle(file: str) -> Any:
+            if file not in handles:
+                handles[file] = stack.enter_context(safe_open(str(folder / file), framework="pt", device="cpu"))
+            return handles[file]
+
+        for name in sorted(by_name):
+            works, arrived = [], []
+            for tag, u in by_name[name]:
+                dst = _dst(u, my_reads[(u.name, u.stored_box)])
+                if u.reader == me:
+                    data = read_region(handle(u.file), u.key, u.src()).contiguous()
+                    locals_[name][dst].copy_(data)
+                    for o in u.owners:
+                        if o != me:
+                            works.append(tdist.isend(data, group=group, group_dst=o, tag=tag))
+                else:
+                    buf = torch.empty(u.box.shape, dtype=getattr(torch, meta.tensors[name].dtype))
+                    works.append(tdist.irecv(buf, group=group, group_src=u.reader, tag=tag))
+                    arrived.append((buf, dst))
+            for w in works:
+                w.wait()  # sends keep ``data`` alive until here; receives fill ``buf``
+            for buf, dst in arrived:
+                locals_[name][dst].copy_(buf)
+    return load[me]
+
+
+def r_shape_numel(p: tuple) -> int:
+    """Elements of the region of one gathered read tuple."""
+    n = 1
+    for s in p[6]:
+        n *= s
+    return n

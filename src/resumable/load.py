@@ -1,0 +1,556 @@
+"""Load a Checkpoint 2.0 iteration into a state built on the target layout, in place.
+
+The caller builds its model and optimizer on the layout it wants to train with (any
+mix of plain tensors, TP/FSDP/FSDP-over-TP DTensors, a pipeline stage's subset of the
+names) and passes the nested state dict; :func:`load` fills every tensor in place and
+the plain values from ``common.json``. Resharding is the general case: for each target
+chunk the planner (:mod:`resumable.planning`) lists the overlapping stored chunks, and
+each rank reads only those slices (``safe_open(...).get_slice(key)[slices]``), file by
+file, straight into its local tensors. The same layout is the special case where every
+overlap is a whole stored chunk. Peak memory is the target state plus one slice.
+
+Order of calls (every rank of ``process_group`` calls :func:`load` with its own state)::
+
+    every rank, no collective    resolve the folder, read metadata.json, verify files
+                                 (checksums: a 1/world share each), match the state
+                                 against the metadata, plan reads, check file headers
+    collective #1 (_agree)       everyone learns every failure; nothing is touched yet
+    plain: no collective         read slices into the local tensors
+    balanced: collectives        see resumable.balanced
+    every rank                   common.json → plain values, rank_local
+    collective #2 (_agree)       everyone learns whether every rank loaded
+
+Optimizer state must exist before loading (it is filled in place). Build the state with
+:func:`training_state` (which calls ``get_optimizer_state_dict``: it initialises AdamW's
+moments) and apply it afterwards with :func:`apply_training_state`.
+
+Example (single process or under ``torchrun``)::
+
+    state = training_state(model, optim)
+    result = load(state, "output/checkpoint")          # follows the tracker
+    apply_training_state(model, optim, state)
+    step = result.common["global_step"]
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Literal, Mapping
+
+import torch
+from safetensors import safe_open
+
+from resumable import dist, errors
+from resumable.errors import CheckpointError, CorruptCheckpointError
+from resumable.formats import v2
+from resumable.formats.safetensors_io import dtype_name, read_header
+from resumable.geometry import Box
+from resumable.layout import local_chunks, local_tensor
+from resumable.planning import Read, StoredChunk, plan_tensor_reads
+from resumable.resolve import check_iteration_folder, resolve_directory, verify_files
+from resumable.state import RANK_LOCAL, FlatState, flatten_state, merge_objects
+
+log = logging.getLogger(__name__)
+
+__all__ = ["LoadResult", "PendingLoad", "StateMismatchError", "apply_training_state", "load",
+           "load_async", "read_common", "training_state"]
+
+Verify = Literal["size", "checksum", "none"]
+read_common = v2.read_common
+
+
+class StateMismatchError(CheckpointError, ValueError):
+    """The state to load into does not match the checkpoint (names, shapes or dtypes)."""
+
+
+@dataclass
+class LoadResult:
+    """What :func:`load` did.
+
+    Attributes:
+        path: the ``iteration_*`` folder loaded.
+        iteration: its iteration.
+        common: the whole ``common.json`` (global step, epoch, data position ...).
+        rank_local: this rank's saved ``rank_local`` value when the world size is
+            unchanged, else None.
+        bytes_read: tensor bytes this rank read from disk.
+        tensors: number of tensors filled.
+        seconds: wall time of the load on this rank.
+    """
+
+    path: Path
+    iteration: int
+    common: dict[str, Any]
+    rank_local: Any
+    bytes_read: int
+    tensors: int
+    seconds: float
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    return getattr(torch, name)
+
+
+def _dtype_str(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def check_state(meta: v2.Metadata, flat: FlatState, folder: Path) -> None:
+    """Compare the target tensors with the checkpoint; report every mismatch at once.
+
+    Names in the checkpoint but absent from the state are fine (a pipeline stage loads
+    its own subset; a model without optimizer ignores the optimizer state).
+
+    Raises:
+        StateMismatchError: listing all missing names, then all shape and dtype mismatches.
+    """
+    missing, wrong = [], []
+    for name, leaf in flat.tensors.items():
+        saved = meta.tensors.get(name)
+        if saved is None:
+            missing.append(name)
+            continue
+        shape = list(leaf.value.shape)
+        if shape != saved.shape:
+            wrong.append(f"{name}: shape {shape} in the state, {saved.shape} in the checkpoint")
+        if _dtype_str(leaf.value.dtype) != saved.dtype:
+            wrong.append(f"{name}: dtype {_dtype_str(leaf.value.dtype)} in the state, "
+                         f"{saved.dtype} in the checkpoint")
+    if not missing and not wrong:
+        return
+    lines = [f"the state does not match checkpoint {folder}:"]
+    if missing:
+        lines.append(f"{len(missing)} tensor(s) missing from the checkpoint: {', '.join(sorted(missing))}")
+    lines.extend(wrong)
+    lines.append("build the model with the architecture (and optimizer) the checkpoint was saved with")
+    raise StateMismatchError("\n".join(lines))
+
+
+def plan_reads(meta: v2.Metadata, flat: FlatState) -> list[Read]:
+    """Every read this rank needs to fill its local chunks of the target tensors (pure)."""
+    reads: list[Read] = []
+    for name, leaf in sorted(flat.tensors.items()):
+        stored = [StoredChunk(c.box, s.file, s.key) for c in meta.tensors[name].chunks for s in c.stored]
+        reads.extend(plan_tensor_reads(name, local_chunks(leaf.value), stored))
+    return reads
+
+
+def check_headers(folder: Path, meta: v2.Metadata, reads: Iterable[Read]) -> None:
+    """Check, from the file headers alone, that each stored key has the recorded dtype and shape.
+
+    A safetensors slice outside the stored shape is silently clamped by the library, and
+    a dtype differing from metadata.json would reinterpret bytes: both are refused here.
+
+    Raises:
+        CorruptCheckpointError: naming the file and key.
+    """
+    wanted: dict[str, dict[str, tuple[str, tuple[int, ...]]]] = defaultdict(dict)
+    for r in reads:
+        wanted[r.file][r.key] = (meta.tensors[r.name].dtype, r.stored_box.shape)
+    for file, keys in sorted(wanted.items()):
+        path = folder / v2.check_bare_name(file, str(folder / v2.METADATA))
+        header = read_header(path)
+        for key, (dtype, shape) in sorted(keys.items()):
+            entry = header.tensors.get(key)
+            if entry is None:
+                raise CorruptCheckpointError(
+                    f"{path}: key {key!r} listed in metadata.json is not in the file; restore the "
+                    "file or rebuild metadata.json from the files")
+            expected = dtype_name(_torch_dtype(dtype))
+            if entry.dtype != expected or entry.shape != shape:
+                raise CorruptCheckpointError(
+                    f"{path}: key {key!r} is {entry.dtype} of shape {list(entry.shape)} in the file but "
+                    f"metadata.json records {expected} of shape {list(shape)}; the file and the "
+                    "metadata disagree: restore the file or rebuild metadata.json")
+
+
+# ---------------------------------------------------------------------------- execution
+
+Sink = Callable[[Read, torch.Tensor], None]
+
+
+def read_region(handle: Any, key: str, src: tuple[slice, ...]) -> torch.Tensor:
+    """Read ``stored[src]`` of ``key`` from an open ``safe_open`` handle (only those bytes)."""
+    if not src:  # 0-d tensors cannot be sliced
+        return handle.get_tensor(key)
+    return handle.get_slice(key)[src]
+
+
+def execute_reads(folder: Path, reads: Iterable[Read], sink: Sink) -> int:
+    """Read every planned slice, file by file (each file opened once), handing each to ``sink``.
+
+    Returns:
+        The bytes read.
+    """
+    by_file: dict[str, list[Read]] = defaultdict(list)
+    for r in reads:
+        by_file[r.file].append(r)
+    total = 0
+    for file in sorted(by_file):
+        with safe_open(str(folder / file), framework="pt", device="cpu") as handle:
+            for r in by_file[file]:
+                data = read_region(handle, r.key, r.src)
+                total += data.numel() * data.element_size()
+                sink(r, data)
+                del data  # one slice in memory at a time
+    return total
+
+
+def _place_into(targets: Mapping[str, torch.Tensor]) -> Sink:
+    """A sink copying each read into the rank's local tensor of its target."""
+    locals_ = {name: local_tensor(t) for name, t in targets.items()}
+
+    def sink(read: Read, data: torch.Tensor) -> None:
+        with torch.no_grad():
+            locals_[read.name][read.dst].copy_(data)
+    return sink
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def _iteration_folder(path: str | os.PathLike[str]) -> Path:
+    """An ``iteration_*`` folder as is; a checkpoint folder through its tracker."""
+    path = Path(path)
+    if path.name.startswith(("iteration_", ".tmp-", ".old-", ".del-")):
+        check_iteration_folder(path)
+        return path
+    if not path.is_dir():
+        raise errors.CheckpointNotFoundError(
+            f"{path} does not exist; pass a checkpoint folder or an iteration_* folder")
+    found = resolve_directory(path)
+    if found.path is None:
+        raise errors.CheckpointNotFoundError(
+            f"{path} holds no committed checkpoint; nothing to load (start fresh, or check the path)")
+    return found.path
+
+
+def _agree(error: BaseException | None, group: dist.Group) -> None:
+    """Every rank learns every rank's failure; all raise if any failed.
+
+    The failing rank re-raises its own exception; the others raise the same error type
+    with the failing rank's message, so no rank is left waiting in a later collective.
+
+    Collective: every rank of ``group`` calls it, failed or not, at the same step.
+    """
+    payload = None if error is None else (type(error).__name__, str(error))
+    gathered = dist.all_gather_object(payload, group)
+    if error is not None:
+        raise error
+    for r, item in enumerate(gathered):
+        if item is not None:
+            kind, message = item
+            cls = getattr(errors, kind, None) or (StateMismatchError if kind == "StateMismatchError" else None)
+            if not (isinstance(cls, type) and issubclass(cls, CheckpointError)):
+                cls = CheckpointError
+            raise cls(f"rank {dist.global_rank(group, r)} failed: {message}")
+
+
+def _verify(folder: Path, meta: v2.Metadata, verify: Verify, group: dist.Group) -> None:
+    """Sizes on every rank (a stat each); checksums split across ranks (file i on rank i % n)."""
+    if verify == "none":
+        return
+    if verify not in ("size", "checksum"):
+        raise ValueError(f"verify must be 'size', 'checksum' or 'none', got {verify!r}")
+    verify_files(folder, meta)
+    if verify == "checksum":
+        n, me = dist.world_size(group), dist.rank(group)
+        mine = {name for i, name in enumerate(sorted(meta.files)) if i % n == me}
+        verify_files(folder, meta, checksum=True, only=mine)
+
+
+def _rank_local(common: Mapping[str, Any], meta: v2.Metadata, group: dist.Group) -> Any:
+    """This rank's saved ``rank_local`` when the world size is unchanged, else None (logged)."""
+    saved = common.get(RANK_LOCAL)
+    if saved is None:
+        return None
+    n, me = dist.world_size(group), dist.rank(group)
+    if meta.layout.world_size != n:
+        log.info("world size changed (%d saved, %d now): per-rank values (RNG) are not restored",
+                 meta.layout.world_size, n)
+        return None
+    if isinstance(saved, list):
+        return saved[me] if me < len(saved) else None
+    if isinstance(saved, dict):
+        return saved.get(str(me), saved.get(me))  # type: ignore[call-overload]
+    return None
+
+
+def _restore_objects(state: dict, flat: FlatState, common: Mapping[str, Any], rank_local: Any) -> None:
+    saved = common.get("state")
+    if isinstance(saved, Mapping):
+        merge_objects(state, {k: v for k, v in saved.items() if k != RANK_LOCAL})
+    if RANK_LOCAL in state and rank_local is not None:
+        state[RANK_LOCAL] = rank_local
+
+
+@dataclass
+class _Prepared:
+    folder: Path
+    meta: v2.Metadata
+    flat: FlatState
+    reads: list[Read] = field(default_factory=list)
+
+
+def _prepare(state: Mapping[str, Any], path: str | os.PathLike[str], verify: Verify,
+             group: dist.Group, check_files: bool) -> _Prepared:
+    """Everything before the first byte of tensor data is read; local to this rank."""
+    folder = _iteration_folder(path)
+    meta = v2.read_metadata(folder)
+    _verify(folder, meta, verify, group)
+    flat = flatten_state(state)
+    check_state(meta, flat, folder)
+    reads = plan_reads(meta, flat)
+    if check_files:
+        check_headers(folder, meta, reads)
+    return _Prepared(folder, meta, flat, reads)
+
+
+def _finish(prep: _Prepared, state: dict, group: dist.Group, nbytes: int, start: float) -> LoadResult:
+    common = v2.read_common(prep.folder)
+    rank_local = _rank_local(common, prep.meta, group)
+    _restore_objects(state, prep.flat, common, rank_local)
+    result = LoadResult(prep.folder, prep.meta.iteration, common, rank_local, nbytes,
+                        len(prep.flat.tensors), time.perf_counter() - start)
+    log.info("rank %d loaded %d tensors (%.1f MB read) from %s in %.2fs", dist.rank(group), result.tensors,
+             nbytes / 1e6, prep.folder, result.seconds)
+    return result
+
+
+# ----------------------------------------------------------------------------- public
+
+
+def load(state: dict[str, Any], path: str | os.PathLike[str], *, process_group: dist.Group = None,
+         balanced: bool = False, verify: Verify = "size") -> LoadResult:
+    """Fill ``state`` in place from a Checkpoint 2.0 iteration, resharding as needed.
+
+    Args:
+        state: the nested target state, built on the layout to train with: tensors and
+            DTensors (their local shards are overwritten), plain values (replaced by the
+            saved ones). Optimizer state must already exist (see :func:`training_state`).
+        path: an ``iteration_*`` folder, or a checkpoint folder (its tracker is followed).
+        process_group: the ranks loading together (default: the default group; works
+            without ``torch.distributed`` as a world of one).
+        balanced: read each needed region once across the ranks and send it to the
+            others that need it (``balanced_load``), instead of every rank reading its own.
+        verify: ``"size"`` (every file listed exists with its size), ``"checksum"`` (also
+            its xxh3-64, the files split across ranks) or ``"none"``; done before any
+            tensor is touched.
+
+    Returns:
+        A :class:`LoadResult` (``common`` holds the training context).
+
+    Raises:
+        CheckpointNotFoundError: the folder or a file is missing.
+        CorruptCheckpointError: sizes, checksums, headers or metadata are wrong (file and key named).
+        StateMismatchError: names missing from the checkpoint, shape or dtype mismatches, all listed.
+        CheckpointError: another rank failed (its message included).
+
+    Collective: every rank of ``process_group`` calls it, with its own ``state`` and the same
+    other arguments (two agreement steps; more with ``balanced``).
+
+    Example:
+        >>> state = {"model": model.state_dict()}
+        >>> load(state, "output/checkpoint/iteration_00000100").common["global_step"]
+        100
+    """
+    start = time.perf_counter()
+    prep: _Prepared | None = None
+    try:
+        prep = _prepare(state, path, verify, process_group, check_files=not balanced)
+        err: BaseException | None = None
+    except (CheckpointError, OSError, ValueError, TypeError) as exc:
+        err = exc
+    _agree(err, process_group)
+    assert prep is not None
+    targets = {name: leaf.value for name, leaf in prep.flat.tensors.items()}
+    if balanced:
+        from resumable.balanced import balanced_reads
+        nbytes = balanced_reads(prep.folder, prep.meta, prep.reads, targets, process_group)
+        result = None
+        try:
+            result = _finish(prep, state, process_group, nbytes, start)
+            err = None
+        except (CheckpointError, OSError, ValueError) as exc:
+            err = exc
+        _agree(err, process_group)
+        assert result is not None
+        return result
+    result = None
+    try:
+        nbytes = execute_reads(prep.folder, prep.reads, _place_into(targets))
+        result = _finish(prep, state, process_group, nbytes, start)
+        err = None
+    except (CheckpointError, OSError, ValueError, RuntimeError) as exc:
+        err = exc
+    _agree(err, process_group)
+    assert result is not None
+    return result
+
+
+class PendingLoad:
+    """A load whose reading runs in a background thread; see :func:`load_async`.
+
+    The thread only reads files into CPU buffers (no collective, no touch of the
+    caller's tensors); :meth:`result` joins it, agrees across ranks and copies the
+    buffers into the real state.
+    """
+
+    def __init__(self, template: Mapping[str, Any], path: str | os.PathLike[str], verify: Verify,
+                 process_group: dist.Group) -> None:
+        self._group = process_group
+        self._start = time.perf_counter()
+        self._buffers: list[tuple[Read, torch.Tensor]] = []
+        self._prep: _Prepared | None = None
+        self._error: BaseException | None = None
+        self._bytes = 0
+        # Rank and world size are read here, on the caller's thread, so the worker
+        # thread never touches torch.distributed.
+        self._rank, self._world = dist.rank(process_group), dist.world_size(process_group)
+        self._thread = threading.Thread(target=self._run, args=(template, path, verify),
+                                        name="resumable-load", daemon=True)
+        self._thread.start()
+
+    def _run(self, template: Mapping[str, Any], path: str | os.PathLike[str], verify: Verify) -> None:
+        try:
+            folder = _iteration_folder(path)
+            meta = v2.read_metadata(folder)
+            if verify != "none":
+                verify_files(folder, meta)
+                if verify == "checksum":
+                    mine = {n for i, n in enumerate(sorted(meta.files)) if i % self._world == self._rank}
+                    verify_files(folder, meta, checksum=True, only=mine)
+            flat = flatten_state(template)
+            check_state(meta, flat, folder)
+            reads = plan_reads(meta, flat)
+            check_headers(folder, meta, reads)
+            self._prep = _Prepared(folder, meta, flat, reads)
+            self._bytes = execute_reads(folder, reads, lambda r, data: self._buffers.append((r, data)))
+        except BaseException as exc:  # handed to the caller's thread in result()
+            self._error = exc
+
+    def done(self) -> bool:
+        """True when the background reading has finished (successfully or not). Not collective."""
+        return not self._thread.is_alive()
+
+    def result(self, state: dict[str, Any]) -> LoadResult:
+        """Wait for the reads, then fill ``state`` in place exactly as :func:`load` would.
+
+        Args:
+            state: the real target state; it must have the same names, shapes, dtypes and
+                layout as the template given to :func:`load_async`.
+
+        Returns:
+            The :class:`LoadResult`.
+
+        Raises:
+            The errors of :func:`load`; StateMismatchError when ``state`` differs from the template.
+
+        Collective: every rank of the process group calls it (two agreement steps).
+        """
+        self._thread.join()
+        err = self._error
+        if err is None:
+            assert self._prep is not None
+            try:
+                flat = flatten_state(state)
+                check_state(self._prep.meta, flat, self._prep.folder)
+                if plan_reads(self._prep.meta, flat) != self._prep.reads:
+                    raise StateMismatchError(
+                        "the state given to PendingLoad.result() has another layout than the template "
+                        "given to load_async(); build both on the same mesh and placements")
+                self._prep.flat = flat
+            except (CheckpointError, ValueError, TypeError) as exc:
+                err = exc
+        _agree(err, self._group)
+        assert self._prep is not None
+        result = None
+        try:
+            sink = _place_into({n: leaf.value for n, leaf in self._prep.flat.tensors.items()})
+            for read, data in self._buffers:
+                sink(read, data)
+            self._buffers.clear()
+            result = _finish(self._prep, state, self._group, self._bytes, self._start)
+            err = None
+        except (CheckpointError, OSError, ValueError, RuntimeError) as exc:
+            err = exc
+        _agree(err, self._group)
+        assert result is not None
+        return result
+
+
+def load_async(template: Mapping[str, Any], path: str | os.PathLike[str], *, process_group: dist.Group = None,
+               verify: Verify = "size") -> PendingLoad:
+    """Start reading a checkpoint in a background thread while the caller builds its model.
+
+    ``template`` describes what will be loaded: the same nested state the real load will
+    fill, with the same names, shapes, dtypes and DTensor placements, but its tensors may
+    live on the ``meta`` device (build the model under ``torch.device("meta")``,
+    parallelize it, take its state). The thread reads this rank's slices into CPU buffers
+    (the size of this rank's share of the state); :meth:`PendingLoad.result` then copies
+    them into the real state. The result is identical to :func:`load`'s.
+
+    Args:
+        template: the target state's shape and layout (tensors may be on ``meta``).
+        path: an ``iteration_*`` folder or a checkpoint folder.
+        process_group: the ranks loading together.
+        verify: as for :func:`load` (runs in the thread).
+
+    Returns:
+        A :class:`PendingLoad`; call ``result(state)`` once the real state exists.
+
+    Collective: not here (the thread does file I/O only); ``result()`` is collective.
+
+    Example:
+        >>> pending = load_async(training_state(meta_model, meta_optim), "output/checkpoint")
+        >>> model, optim = build_and_init()            # overlaps with the reading
+        >>> state = training_state(model, optim)
+        >>> pending.result(state); apply_training_state(model, optim, state)
+
+    Hazard: the template's tensors are not read, but the template must not change
+    (names, placements) until ``result()`` returns.
+    """
+    return PendingLoad(template, path, verify, process_group)
+
+
+def training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+    """``{"model": ..., "optimizer": ...}`` keyed by parameter FQN, ready for :func:`load` and ``save``.
+
+    Uses ``torch.distributed.checkpoint.state_dict.get_state_dict``, which also creates
+    the optimizer state (AdamW moments) when the optimizer has not stepped yet, so that
+    loading has tensors to fill.
+
+    Example:
+        >>> state = training_state(model, optim)
+        >>> load(state, "output/checkpoint"); apply_training_state(model, optim, state)
+    """
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    if optimizer is None:
+        return {"model": get_model_state_dict(model)}
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    return {"model": model_sd, "optimizer": optim_sd}
+
+
+def apply_training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                         state: Mapping[str, Any]) -> None:
+    """Hand a loaded :func:`training_state` back to the model and optimizer (param groups included).
+
+    Example:
+        >>> apply_training_state(model, optim, state)
+    """
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
+
+    if optimizer is None:
+        set_model_state_dict(model, state["model"])
+    else:
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])

@@ -1,0 +1,292 @@
+"""Which checkpoint to load: follow the tracker, an ``iteration_*`` folder, or a fresh start.
+
+``load_checkpoint`` (FORMATS.md) may name:
+
+==============================================  =============================================
+``<dir>`` with ``latest_checkpointed_iteration.txt``  the iteration the tracker names (a hand-edited
+                                                tracker is obeyed)
+``<dir>/iteration_XXXXXXXX``                    that iteration
+``<dir>`` without a tracker                     its newest committed iteration
+an empty folder, or a missing folder inside     a fresh start (random initialisation), logged
+the job's own ``output_dir``
+``""``                                          a fresh start
+==============================================  =============================================
+
+Everything else is an error that names the path and says what to do: a missing path
+outside the job's output folder, a tracker naming a missing iteration, an incomplete
+folder (no ``metadata.json``, a ``.tmp-`` folder of an unfinished save). An incomplete
+checkpoint is never loaded silently. With ``fallback=True`` (``resume_training: true``)
+a tracker whose target is missing, incomplete or damaged makes us load the newest
+iteration that is committed *and* passes the size check instead, with a warning that
+says what was skipped and why.
+
+"Committed" is :func:`resumable.commit.is_committed`, the one definition. Nothing here
+is collective: every rank may resolve on its own (they read the same shared folder), or
+rank 0 resolves and broadcasts the result.
+
+Example::
+
+    r = resolve_checkpoint("output/checkpoint", output_dir="output", fallback=True)
+    if r.fresh:
+        init_weights()
+    else:
+        load(state, r.path)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from resumable.commit import (
+    TRACKER,
+    committed_iterations,
+    is_committed,
+    iteration_dirname,
+    parse_iteration,
+    read_tracker,
+)
+from resumable.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
+from resumable.formats import v2
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Resolution", "resolve_checkpoint", "resolve_directory", "verify_files"]
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """The outcome of resolving ``load_checkpoint``.
+
+    Attributes:
+        path: the ``iteration_*`` folder to load, or None for a fresh start.
+        iteration: its iteration number, or None for a fresh start.
+        reason: one sentence saying why this folder (or nothing) was chosen.
+    """
+
+    path: Path | None
+    iteration: int | None
+    reason: str
+
+    @property
+    def fresh(self) -> bool:
+        """True when nothing is to be loaded (random initialisation)."""
+        return self.path is None
+
+
+def verify_files(folder: str | os.PathLike[str], meta: v2.Metadata | None = None, *,
+                 checksum: bool = False, only: set[str] | None = None) -> None:
+    """Check that every file ``metadata.json`` names exists with its recorded size (and checksum).
+
+    Args:
+        folder: an ``iteration_*`` folder.
+        meta: its parsed metadata (read when None).
+        checksum: also compare the xxh3-64 of each file with the recorded one (reads
+            every byte of every checked file).
+        only: check just these file names (a rank's share of a distributed check).
+
+    Raises:
+        CheckpointNotFoundError: a file is missing (named).
+        CorruptCheckpointError: a file's size or checksum differs (named, with both values).
+
+    Example:
+        >>> verify_files("ckpt/iteration_00000100", checksum=True)
+    """
+    folder = Path(folder)
+    meta = meta if meta is not None else v2.read_metadata(folder)
+    for name, info in meta.files.items():
+        if only is not None and name not in only:
+            continue
+        path = folder / name
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise CheckpointNotFoundError(
+                f"{path}: missing; metadata.json lists it with {info.size} bytes. The checkpoint is "
+                "incomplete: restore the file or load another iteration") from None
+        if size != info.size:
+            raise CorruptCheckpointError(
+                f"{path}: {size} bytes on disk, metadata.json records {info.size}; the file is "
+                "truncated or was replaced: restore it or load another iteration")
+        if checksum:
+            digest = v2._xxh3_of(path)  # TODO(v2): a public checksum helper; this is v2's own
+            if digest != info.xxh3_64:
+                raise CorruptCheckpointError(
+                    f"{path}: xxh3-64 checksum {digest} differs from {info.xxh3_64} recorded in "
+                    "metadata.json; the file is damaged: restore it or load another iteration")
+
+
+def check_iteration_folder(folder: Path) -> int:
+    """The iteration of a committed folder, or a clear error saying why it is not loadable."""
+    name = folder.name
+    if name.startswith((".tmp-", ".old-", ".del-")):
+        raise CorruptCheckpointError(
+            f"{folder} is the temporary folder of an unfinished save or deletion, not a checkpoint; "
+            f"point load_checkpoint at a committed iteration_* folder or at {folder.parent}")
+    iteration = parse_iteration(name)
+    if iteration is None:
+        raise CheckpointNotFoundError(f"{folder} is not an iteration_XXXXXXXX folder")
+    if not folder.is_dir():
+        raise CheckpointNotFoundError(
+            f"{folder} does not exist; committed iterations in {folder.parent}: "
+            f"{committed_iterations(folder.parent)}")
+    if not is_committed(folder):
+        raise CorruptCheckpointError(
+            f"{folder} is incomplete (no readable metadata.json): the save that wrote it did not "
+            f"finish. Load another iteration (committed: {committed_iterations(folder.parent)}) "
+            "or delete the folder")
+    return iteration
+
+
+def _valid(folder: Path) -> str | None:
+    """None when ``folder`` is committed, its metadata parses and every file has its size; else why not."""
+    try:
+        check_iteration_folder(folder)
+        verify_files(folder)
+    except (CheckpointError, OSError) as exc:
+        return str(exc)
+    return None
+
+
+def _fallback(directory: Path, skipped: list[str]) -> Resolution:
+    """The newest committed and valid iteration of ``directory``, warning about what was skipped."""
+    for n in reversed(committed_iterations(directory)):
+        folder = directory / iteration_dirname(n)
+        problem = _valid(folder)
+        if problem is None:
+            log.warning("resume_training: skipped %s; loading %s instead", "; ".join(skipped), folder)
+            return Resolution(folder, n, f"newest valid iteration after skipping: {'; '.join(skipped)}")
+        skipped.append(f"{folder.name} ({problem})")
+    raise CorruptCheckpointError(
+        f"{directory}: no committed and valid iteration to resume from; skipped: {'; '.join(skipped)}. "
+        "Restore a checkpoint or clear load_checkpoint to start fresh")
+
+
+def resolve_directory(directory: str | os.PathLike[str], *, fallback: bool = False) -> Resolution:
+    """The checkpoint a resume from ``directory`` loads: the tracker's target, else the newest committed.
+
+    Args:
+        directory: a checkpoint folder (holding ``iteration_*`` folders and the tracker).
+        fallback: when the tracker is unreadable or its target is missing, incomplete or
+            fails the size check, load the newest committed and valid iteration instead
+            (with a warning) rather than raising.
+
+    Returns:
+        A :class:`Resolution`; ``fresh`` when the folder holds no iteration at all.
+
+    Raises:
+        CheckpointNotFoundError: the tracker names a missing iteration (without ``fallback``).
+        CorruptCheckpointError: the tracker is unreadable or names an incomplete folder
+            (without ``fallback``), or nothing valid is left (with ``fallback``).
+
+    Example:
+        >>> resolve_directory("output/checkpoint").path
+        PosixPath('output/checkpoint/iteration_00000200')
+    """
+    directory = Path(directory)
+    try:
+        target = read_tracker(directory)
+    except CorruptCheckpointError as exc:
+        if not fallback:
+            raise
+        return _fallback(directory, [f"{TRACKER} ({exc})"])
+    if target is not None:
+        folder = directory / iteration_dirname(target)
+        problem = _valid(folder) if fallback else None
+        if problem is not None:
+            return _fallback(directory, [f"{folder.name} named by {TRACKER} ({problem})"])
+        if not fallback and not folder.exists():
+            raise CheckpointNotFoundError(
+                f"{directory / TRACKER} names iteration {target} but {folder} does not exist; "
+                f"committed iterations: {committed_iterations(directory)}. Edit the tracker to one "
+                "of them, or set resume_training: true to fall back to the newest valid one")
+        check_iteration_folder(folder)
+        return Resolution(folder, target, f"{TRACKER} names iteration {target}")
+    committed = committed_iterations(directory)
+    if committed:
+        folder = directory / iteration_dirname(committed[-1])
+        if fallback and (problem := _valid(folder)) is not None:
+            return _fallback(directory, [f"{folder.name} ({problem})"])
+        return Resolution(folder, committed[-1], f"no {TRACKER}; newest committed iteration")
+    incomplete = sorted(p.name for p in directory.iterdir() if parse_iteration(p.name) is not None)
+    if incomplete:
+        raise CorruptCheckpointError(
+            f"{directory} holds only incomplete iterations ({', '.join(incomplete)}: no readable "
+            "metadata.json); they are never loaded. Delete them to start fresh, or restore their metadata")
+    return Resolution(None, None, f"{directory} holds no checkpoint yet")
+
+
+def _inside(path: Path, root: Path) -> bool:
+    try:
+        path.resolve().relative_to(root.resolve())
+    except ValueError:
+        return False
+    return True
+
+
+def _visible_entries(directory: Path) -> list[str]:
+    # Hidden names are leftovers of interrupted saves (.tmp-/.old-/.del-) or atomic writes.
+    return sorted(p.name for p in directory.iterdir() if not p.name.startswith("."))
+
+
+def resolve_checkpoint(load_checkpoint: str | os.PathLike[str] | None, *,
+                       output_dir: str | os.PathLike[str] | None = None,
+                       fallback: bool = False) -> Resolution:
+    """Decide which Checkpoint 2.0 iteration ``load_checkpoint`` means, or that training starts fresh.
+
+    Args:
+        load_checkpoint: the YAML key's value: a checkpoint folder, an ``iteration_*``
+            folder, or empty/None for a fresh start.
+        output_dir: the job's own output folder; a ``load_checkpoint`` inside it that does
+            not exist yet is a fresh start (automatic recovery, first run), elsewhere an error.
+        fallback: ``resume_training: true``: see :func:`resolve_directory`.
+
+    Returns:
+        A :class:`Resolution` (``fresh`` when nothing is to be loaded). The choice is logged.
+
+    Raises:
+        CheckpointNotFoundError: the path does not exist (outside ``output_dir``), the
+            tracker names a missing iteration, or the folder holds something other than
+            Checkpoint 2.0 iterations.
+        CorruptCheckpointError: an incomplete or temporary folder, a garbage tracker (see
+            :func:`resolve_directory` for what ``fallback`` changes).
+
+    Example:
+        >>> resolve_checkpoint("output/checkpoint", output_dir="output").iteration
+        200
+    """
+    result = _resolve(load_checkpoint, output_dir, fallback)
+    if result.fresh:
+        log.info("load_checkpoint=%r: fresh start (%s)", str(load_checkpoint or ""), result.reason)
+    else:
+        log.info("load_checkpoint=%r: loading %s (%s)", str(load_checkpoint), result.path, result.reason)
+    return result
+
+
+def _resolve(load_checkpoint: str | os.PathLike[str] | None, output_dir: str | os.PathLike[str] | None,
+             fallback: bool) -> Resolution:
+    if load_checkpoint is None or str(load_checkpoint) == "":
+        return Resolution(None, None, "load_checkpoint is empty")
+    path = Path(load_checkpoint)
+    if path.name.startswith((".tmp-", ".old-", ".del-")) or parse_iteration(path.name) is not None:
+        iteration = check_iteration_folder(path)
+        return Resolution(path, iteration, f"{path.name} was named explicitly")
+    if not path.exists():
+        if output_dir is not None and _inside(path, Path(output_dir)):
+            return Resolution(None, None, f"{path} does not exist yet (inside the job's output_dir)")
+        raise CheckpointNotFoundError(
+            f"load_checkpoint {path} does not exist; point it at a checkpoint folder or an "
+            "iteration_* folder, or leave it empty to start fresh")
+    if not path.is_dir():
+        raise CheckpointNotFoundError(
+            f"load_checkpoint {path} is a file; Checkpoint 2.0 loads a folder (the checkpoint folder "
+            "or one iteration_* folder). For a single legacy file set use_legacy_format: true")
+    result = resolve_directory(path, fallback=fallback)
+    if result.fresh and any(n != TRACKER for n in _visible_entries(path)):
+        raise CheckpointNotFoundError(
+            f"{path} holds no Checkpoint 2.0 iteration (no {TRACKER}, no iteration_* folder) but is "
+            f"not empty ({', '.join(_visible_entries(path)[:5])}); for rank_* trees set "
+            "use_legacy_format: true, for a HuggingFace folder use pretrained_model_dir")
+    return result
