@@ -1,0 +1,557 @@
+"""MindFormers checkpoints (2.0 ``iteration_*`` folders and legacy ``rank_*`` trees) described neutrally.
+
+Parsing gives a :class:`ForeignCheckpoint`: for every tensor, under its MindFormers
+name, its dtype, global shape and chunks (a :class:`~resumable.geometry.Box`, the file
+and the key inside it; the same box listed twice means two replicas), plus the
+training context. Nothing but headers and JSON is read; :func:`read_chunk` then reads
+one chunk (or a region of it) when the loader wants it. Names are mapped to ours by
+:mod:`resumable.formats.names`.
+
+What is understood (see ``shared/MINDFORMERS.md``):
+
+- 2.0 with ``metadata.json``: pieces of ``axis_fragmentations`` (or, when absent, of
+  ``layout.tensor_map`` over ``layout.device_matrix``), ``global_offset = [k]`` being the
+  piece's row-major index; the files of each piece from ``storage_data``.
+- 2.0 without ``metadata.json`` (one rank): every tensor of every
+  ``[{prefix}-]{model|opt}-{index}-{count}.safetensors`` file is one full chunk.
+- ``common.json``'s context; ``ckpt_status`` is not used.
+- Legacy: the newest ``(epoch, step)`` complete on every rank (the rule of
+  MINDFORMERS.md); ranks hold full tensors or, with ``remove_redundancy``, a share of
+  them. Files of one step sharded by a strategy (tensor shapes that differ between
+  ranks) need the strategy files, which are not parsed: that is reported, not guessed.
+
+Every file name read from metadata must be a bare name inside the folder.
+
+Example::
+
+    ckpt = read_mf_checkpoint(resolve_mf_iteration("output/checkpoint"))
+    ckpt.context.global_step                         # 100
+    qkv = ckpt.tensors["decoder.layers.0.self_attention.linear_qkv.weight"]
+    full = read_tensor(qkv)
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from resumable.errors import CheckpointNotFoundError, CorruptCheckpointError, NotImplementedYet, UnsafeCheckpointError
+from resumable.formats.hf import load_json_object, safe_member, safetensors_header
+from resumable.formats.ms_ckpt import MS_DTYPES, MsTensorEntry, index_ms_ckpt, read_ms_tensor
+from resumable.geometry import Box, covers_exactly
+
+__all__ = [
+    "TRACKER",
+    "ForeignCheckpoint",
+    "ForeignChunk",
+    "ForeignTensor",
+    "LegacyFile",
+    "TrainingContext",
+    "parse_legacy_name",
+    "read_chunk",
+    "read_mf_checkpoint",
+    "read_mf_legacy",
+    "read_tensor",
+    "resolve_mf_iteration",
+]
+
+TRACKER = "latest_checkpointed_iteration.txt"
+MAX_STORAGE_KEY = 4096
+"""Longest ``storage_data`` key handed to ``ast.literal_eval`` (a name and a short tuple)."""
+
+_V2_FILE = re.compile(r"^(?:(.+)-)?(model|opt)-(\d{7})-(\d{7})\.safetensors$")
+_LEGACY_FILE = re.compile(r"^(.+)_rank_(\d+)(?:_(\d+))?-(\d+)_(\d+)\.(ckpt|safetensors)$")
+_CONTEXT_SCALARS = ("global_step", "epoch_num", "step_num", "loss_scale", "global_batch_size")
+
+
+@dataclass(frozen=True)
+class ForeignChunk:
+    """One stored piece of a tensor: its box in the global tensor, its file and its key there."""
+
+    box: Box
+    file: Path
+    key: str
+
+
+@dataclass(frozen=True)
+class ForeignTensor:
+    """A tensor of a foreign checkpoint, by its name there; a box listed twice is a replica."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    chunks: tuple[ForeignChunk, ...]
+
+
+@dataclass(frozen=True)
+class TrainingContext:
+    """Where training stood, as MindFormers recorded it (``epoch_num``, ``step_num``, ...).
+
+    MindFormers keeps no LR, RNG or scheduler state: the LR follows ``global_step``.
+    """
+
+    global_step: int
+    epoch: int | None = None
+    step: int | None = None
+    consumed_samples: int | None = None
+    global_batch_size: int | None = None
+    loss_scale: float | None = None
+
+
+@dataclass(frozen=True)
+class ForeignCheckpoint:
+    """A parsed MindFormers checkpoint: ``path`` is the iteration folder or the legacy root."""
+
+    path: Path
+    iteration: int | None
+    tensors: dict[str, ForeignTensor]
+    context: TrainingContext
+
+
+# ---------------------------------------------------------------- reading chunks
+
+
+@functools.lru_cache(maxsize=64)
+def _ckpt_index(path: str, mtime_ns: int, size: int) -> dict[str, MsTensorEntry]:
+    return index_ms_ckpt(path)
+
+
+def _ms_entry(path: Path, key: str) -> MsTensorEntry:
+    stat = path.stat()
+    index = _ckpt_index(str(path), stat.st_mtime_ns, stat.st_size)
+    if key not in index:
+        raise CorruptCheckpointError(f"{path} holds no tensor {key!r}")
+    return index[key]
+
+
+def read_chunk(chunk: ForeignChunk, region: Box | None = None) -> torch.Tensor:
+    """Read a chunk, or only ``region`` of it (global coordinates, inside ``chunk.box``).
+
+    Safetensors chunks read just the region's bytes; ``.ckpt`` chunks read the chunk.
+
+    Example::
+
+        part = read_chunk(chunk, Box((0, 0), (4, 16)))
+    """
+    region = chunk.box if region is None else region
+    inner = region.slices_in(chunk.box)
+    if chunk.file.suffix == ".ckpt":
+        tensor = read_ms_tensor(chunk.file, _ms_entry(chunk.file, chunk.key))
+        return tensor[inner].clone() if inner else tensor
+    with safe_open(chunk.file, framework="pt") as f:
+        if not inner:
+            return f.get_tensor(chunk.key)
+        return f.get_slice(chunk.key)[inner].contiguous()
+
+
+def read_tensor(tensor: ForeignTensor) -> torch.Tensor:
+    """Assemble a full tensor from its chunks (first replica of each box).
+
+    Example::
+
+        w = read_tensor(ckpt.tensors["output_layer.weight"])
+    """
+    out = torch.empty(tensor.shape, dtype=tensor.dtype)
+    full = Box.full(tensor.shape)
+    done: set[Box] = set()
+    for chunk in tensor.chunks:
+        if chunk.box not in done:
+            out[chunk.box.slices_in(full)] = read_chunk(chunk)
+            done.add(chunk.box)
+    return out
+
+
+# ---------------------------------------------------------------- Checkpoint 2.0
+
+
+def resolve_mf_iteration(checkpoint_dir: str | os.PathLike[str]) -> Path:
+    """The ``iteration_*`` folder that ``latest_checkpointed_iteration.txt`` names.
+
+    The tracker holds a bare integer, with or without a trailing newline.
+
+    Example::
+
+        resolve_mf_iteration("output/checkpoint")    # Path("output/checkpoint/iteration_00000100")
+    """
+    root = Path(checkpoint_dir)
+    tracker = root / TRACKER
+    if not tracker.is_file():
+        raise CheckpointNotFoundError(f"{tracker} does not exist; is {root} a MindFormers checkpoint folder?")
+    with open(tracker, "rb") as f:
+        text = f.read(64).strip()
+    if not text.isdigit():
+        raise CorruptCheckpointError(f"{tracker} must hold an iteration number, got {text[:32]!r}")
+    folder = root / f"iteration_{int(text):08d}"
+    if not folder.is_dir():
+        raise CheckpointNotFoundError(f"{tracker} names iteration {int(text)} but {folder} does not exist")
+    return folder
+
+
+def read_mf_checkpoint(iteration_dir: str | os.PathLike[str]) -> ForeignCheckpoint:
+    """Describe a MindFormers Checkpoint 2.0 ``iteration_*`` folder.
+
+    Raises:
+        CheckpointNotFoundError: ``common.json`` or a named file is missing.
+        UnsafeCheckpointError: a file name leaves the folder, or a ``storage_data`` key is huge.
+        CorruptCheckpointError: malformed JSON, pieces out of bounds, overlapping or
+            missing, or files whose tensors disagree with the metadata.
+
+    Example::
+
+        ckpt = read_mf_checkpoint("output/checkpoint/iteration_00000100")
+    """
+    folder = Path(iteration_dir)
+    match = re.fullmatch(r"iteration_(\d+)", folder.name)
+    context = _v2_context(load_json_object(folder / "common.json", "MindFormers common.json"), folder / "common.json")
+    meta_path = folder / "metadata.json"
+    if meta_path.is_file():
+        tensors = _v2_tensors(folder, load_json_object(meta_path, "MindFormers metadata"), meta_path)
+    else:
+        tensors = _single_rank_tensors(folder)
+    return ForeignCheckpoint(folder, int(match.group(1)) if match else None, tensors, context)
+
+
+def _int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _v2_context(common: dict[str, Any], path: Path) -> TrainingContext:
+    if not _int(common.get("global_step")):
+        raise CorruptCheckpointError(f"{path}: \"global_step\" must be an integer, got {common.get('global_step')!r}")
+    fields = {"epoch": "epoch_num", "step": "step_num", "consumed_samples": "consumed_samples",
+              "global_batch_size": "global_batch_size"}
+    values: dict[str, Any] = {}
+    for field, key in fields.items():
+        value = common.get(key)
+        if value is not None and not _int(value):
+            raise CorruptCheckpointError(f"{path}: {key!r} must be an integer or null, got {value!r}")
+        values[field] = value
+    loss_scale = common.get("loss_scale")
+    if loss_scale is not None and (isinstance(loss_scale, bool) or not isinstance(loss_scale, (int, float))):
+        raise CorruptCheckpointError(f"{path}: \"loss_scale\" must be a number or null, got {loss_scale!r}")
+    return TrainingContext(common["global_step"], loss_scale=None if loss_scale is None else float(loss_scale), **values)
+
+
+def _storage_key(key: str, path: Path) -> tuple[str, int]:
+    """``"('fc1.weight', (3,))"`` → ``("fc1.weight", 3)``, evaluated as a literal only."""
+    if len(key) > MAX_STORAGE_KEY:
+        raise UnsafeCheckpointError(f"{path}: storage_data key of {len(key)} characters exceeds {MAX_STORAGE_KEY}")
+    try:
+        value = ast.literal_eval(key)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        value = None
+    if (not isinstance(value, tuple) or len(value) != 2 or not isinstance(value[0], str)
+            or not isinstance(value[1], tuple) or len(value[1]) != 1 or not _int(value[1][0])):
+        raise CorruptCheckpointError(f"{path}: storage_data key {key[:200]!r} is not of the form \"('name', (k,))\"")
+    return value[0], value[1][0]
+
+
+def _storage_files(meta: dict[str, Any], path: Path) -> dict[tuple[str, int], list[str]]:
+    storage = meta.get("storage_data")
+    if not isinstance(storage, dict):
+        raise CorruptCheckpointError(f"{path} has no \"storage_data\" object")
+    out = {}
+    for key, entries in storage.items():
+        piece = _storage_key(key, path)
+        if not isinstance(entries, list) or not entries or not all(
+                isinstance(e, dict) and "file_name" in e for e in entries):
+            raise CorruptCheckpointError(f"{path}: storage_data[{key!r}] must be a non-empty list of {{\"file_name\": ...}}")
+        out[piece] = [e["file_name"] for e in entries]
+    return out
+
+
+def _ints(value: Any, what: str, minimum: int) -> list[int]:
+    if not isinstance(value, list) or not all(_int(v) and v >= minimum for v in value):
+        raise ValueError(f"{what} must be a list of integers >= {minimum}, got {value!r}")
+    return value
+
+
+def _fragments(entry: dict[str, Any], ndim: int) -> list[int]:
+    """Pieces per axis: ``axis_fragmentations``, else derived from the layout's tensor_map."""
+    if "axis_fragmentations" in entry:
+        frag = _ints(entry["axis_fragmentations"], "axis_fragmentations", 1)
+    else:
+        layout = entry.get("layout") or {}
+        matrix = _ints(layout.get("device_matrix", []), "layout.device_matrix", 1)
+        tmap = _ints(layout.get("tensor_map", [-1] * ndim), "layout.tensor_map", -1)
+        if any(d >= len(matrix) for d in tmap):
+            raise ValueError(f"layout.tensor_map {tmap} refers past device_matrix {matrix}")
+        frag = [1 if d == -1 else matrix[-d - 1] for d in tmap]
+    if len(frag) != ndim:
+        raise ValueError(f"{len(frag)} fragmentation entries for a {ndim}-D tensor")
+    return frag
+
+
+def _piece_box(k: int, frag: list[int], local: list[int]) -> Box:
+    coord = []
+    for count in reversed(frag):  # row-major: the last axis varies fastest
+        coord.append(k % count)
+        k //= count
+    return Box(tuple(c * s for c, s in zip(reversed(coord), local)), tuple(local))
+
+
+class _Headers:
+    """Safetensors headers of a folder's files, each read once, names checked for safety."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder, self.cache = folder, {}
+
+    def get(self, file_name: object, what: str) -> tuple[Path, dict[str, tuple[torch.dtype, tuple[int, ...]]]]:
+        path = safe_member(self.folder, file_name, what)
+        if path not in self.cache:
+            if not path.is_file():
+                raise CheckpointNotFoundError(f"{path}, named by {self.folder / 'metadata.json'}, does not exist")
+            self.cache[path] = safetensors_header(path)
+        return path, self.cache[path]
+
+
+def _v2_tensors(folder: Path, meta: dict[str, Any], path: Path) -> dict[str, ForeignTensor]:
+    described = meta.get("state_dict_metadata")
+    if not isinstance(described, dict):
+        raise CorruptCheckpointError(f"{path} has no \"state_dict_metadata\" object")
+    storage = _storage_files(meta, path)
+    headers = _Headers(folder)
+    tensors = {}
+    for name, entry in described.items():
+        try:
+            tensors[name] = _v2_tensor(name, entry, storage, headers)
+        except CorruptCheckpointError:
+            raise
+        except KeyError as e:
+            raise CorruptCheckpointError(f"{path}: tensor {name!r}: missing key {e}") from e
+        except (ValueError, TypeError) as e:
+            raise CorruptCheckpointError(f"{path}: tensor {name!r}: {e}") from e
+    if storage:
+        name, k = next(iter(storage))
+        raise CorruptCheckpointError(f"{path}: storage_data names piece {k} of {name!r}, which state_dict_metadata lacks")
+    return tensors
+
+
+def _v2_tensor(name: str, entry: dict[str, Any], storage: dict[tuple[str, int], list[str]],
+               headers: _Headers) -> ForeignTensor:
+    dtype_name = entry["properties"]["dtype"]
+    if dtype_name not in MS_DTYPES:
+        raise ValueError(f"unknown dtype {dtype_name!r}; supported: {sorted(MS_DTYPES)}")
+    dtype = MS_DTYPES[dtype_name]
+    shape = tuple(_ints(entry["global_shape"], "global_shape", 0))
+    frag = _fragments(entry, len(shape))
+    pieces = math.prod(frag)
+    chunks = []
+    boxes: dict[int, Box] = {}
+    for chunk in entry["chunk"]:
+        offset = _ints(chunk["global_offset"], "global_offset", 0)
+        if len(offset) != 1 or offset[0] >= pieces:
+            raise ValueError(f"global_offset {offset} is not one piece index below {pieces} ({frag} fragments)")
+        k = offset[0]
+        local = _ints(chunk["local_shape"], "local_shape", 0)
+        if len(local) != len(shape):
+            raise ValueError(f"local_shape {local} does not match global_shape {list(shape)}")
+        box = _piece_box(k, frag, local)
+        if not box.within(shape):
+            raise ValueError(f"piece {k} at {list(box.offsets)} of shape {local} lies outside {list(shape)}")
+        if k in boxes:
+            continue
+        boxes[k] = box
+        if (name, k) not in storage:
+            raise ValueError(f"piece {k} has no storage_data entry")
+        for file_name in storage.pop((name, k)):
+            file, header = headers.get(file_name, "storage_data file_name")
+            if header.get(name) != (dtype, tuple(local)):
+                found = "nothing" if name not in header else f"{header[name][0]} {list(header[name][1])}"
+                raise CorruptCheckpointError(
+                    f"{file}: tensor {name!r} piece {k} should be {dtype} {local}, the file holds {found}")
+            chunks.append(ForeignChunk(box, file, name))
+    problem = covers_exactly(shape, boxes.values())
+    if problem:
+        raise ValueError(problem)
+    return ForeignTensor(name, dtype, shape, tuple(chunks))
+
+
+def _single_rank_tensors(folder: Path) -> dict[str, ForeignTensor]:
+    files = sorted(p for p in folder.iterdir() if _V2_FILE.match(p.name))
+    if not files:
+        raise CheckpointNotFoundError(
+            f"{folder} has neither metadata.json nor [prefix-]model|opt-NNNNNNN-NNNNNNN.safetensors files")
+    return _full_chunks({path: safetensors_header(path) for path in files})
+
+
+def _full_chunks(headers: dict[Path, dict[str, tuple[torch.dtype, tuple[int, ...]]]]) -> dict[str, ForeignTensor]:
+    """Every tensor of every file as a full chunk; the same name in several files is a replica."""
+    tensors: dict[str, ForeignTensor] = {}
+    for path, header in headers.items():
+        for name, (dtype, shape) in header.items():
+            chunk = ForeignChunk(Box.full(shape), path, name)
+            seen = tensors.get(name)
+            if seen is None:
+                tensors[name] = ForeignTensor(name, dtype, shape, (chunk,))
+            elif (seen.dtype, seen.shape) == (dtype, shape):
+                tensors[name] = ForeignTensor(name, dtype, shape, seen.chunks + (chunk,))
+            else:
+                raise NotImplementedYet(
+                    f"tensor {name!r} is {seen.dtype} {list(seen.shape)} in {seen.chunks[0].file} but "
+                    f"{dtype} {list(shape)} in {path}: sharded legacy checkpoints need the strategy files "
+                    "(src_strategy_path_or_dir), which this reader does not parse")
+    return tensors
+
+
+# ---------------------------------------------------------------- legacy (Checkpoint 1.0)
+
+
+@dataclass(frozen=True, order=True)
+class LegacyFile:
+    """A parsed legacy file name ``{prefix}_rank_{rank}[_{suffix}]-{epoch}_{step}.{ext}``."""
+
+    epoch: int
+    step: int
+    suffix: int
+    prefix: str
+    rank: int
+    ext: str
+
+
+def parse_legacy_name(name: str) -> LegacyFile | None:
+    """Parse a legacy checkpoint file name; None when it is not one.
+
+    Example::
+
+        parse_legacy_name("tiny_rank_0_1-2_3.safetensors")
+        # LegacyFile(epoch=2, step=3, suffix=1, prefix="tiny", rank=0, ext="safetensors")
+    """
+    m = _LEGACY_FILE.match(name)
+    if not m:
+        return None
+    prefix, rank, suffix, epoch, step, ext = m.groups()
+    return LegacyFile(int(epoch), int(step), int(suffix or 0), prefix, int(rank), ext)
+
+
+def _rank_dirs(root: Path) -> list[Path]:
+    ranks = {}
+    for path in root.iterdir():
+        m = re.fullmatch(r"rank_(\d+)", path.name)
+        if m and path.is_dir():
+            ranks[int(m.group(1))] = path
+    if not ranks:
+        raise CheckpointNotFoundError(f"{root} has no rank_N folders; is it a MindFormers legacy checkpoint folder?")
+    missing = sorted(set(range(max(ranks) + 1)) - set(ranks))
+    if missing:
+        raise CorruptCheckpointError(f"{root} lacks rank folders {['rank_%d' % r for r in missing]}")
+    return [ranks[r] for r in range(len(ranks))]
+
+
+def _meta_position(path: Path) -> tuple[int, int] | None:
+    if not (path / "meta.json").is_file():
+        return None
+    meta = load_json_object(path / "meta.json", "MindFormers meta.json")
+    if not (_int(meta.get("last_epoch")) and _int(meta.get("last_step"))):
+        raise CorruptCheckpointError(f"{path / 'meta.json'}: \"last_epoch\" and \"last_step\" must be integers")
+    return meta["last_epoch"], meta["last_step"]
+
+
+def _rank_files(path: Path, rank: int, ext: str) -> dict[tuple[int, int], LegacyFile]:
+    """(epoch, step) → newest file (largest prefix suffix) of one rank folder."""
+    files: dict[tuple[int, int], LegacyFile] = {}
+    for entry in path.iterdir():
+        parsed = parse_legacy_name(entry.name)
+        if parsed is None or parsed.ext != ext:
+            continue
+        if parsed.rank != rank:
+            raise CorruptCheckpointError(f"{entry} names rank {parsed.rank} but lies in rank_{rank}")
+        key = (parsed.epoch, parsed.step)
+        if key not in files or (parsed.suffix, parsed.prefix) > (files[key].suffix, files[key].prefix):
+            files[key] = parsed
+    return files
+
+
+def _legacy_name(f: LegacyFile) -> str:
+    suffix = f"_{f.suffix}" if f.suffix else ""
+    return f"{f.prefix}_rank_{f.rank}{suffix}-{f.epoch}_{f.step}.{f.ext}"
+
+
+def read_mf_legacy(checkpoint_dir: str | os.PathLike[str], fmt: str = "safetensors") -> ForeignCheckpoint:
+    """Describe the last complete save of a MindFormers legacy ``rank_*`` tree.
+
+    "Last complete": the minimum ``(epoch, step)`` over the ranks' ``meta.json`` bounds
+    the choice (ranks without one do not bound it); among the ``(epoch, step)`` present
+    on every rank at or below it, the newest wins. For one ``(epoch, step)`` the file
+    with the largest prefix suffix (the latest run) is taken.
+
+    Args:
+        checkpoint_dir: the folder holding ``rank_0``, ``rank_1``, ...
+        fmt: ``"safetensors"`` or ``"ckpt"`` (``load_ckpt_format``).
+
+    Raises:
+        CheckpointNotFoundError: no rank folder, or no step complete on every rank.
+        CorruptCheckpointError: inconsistent files or a missing ``global_step`` scalar.
+        NotImplementedYet: ranks hold different shapes of a tensor (strategy-sharded).
+
+    Example::
+
+        ckpt = read_mf_legacy("output/checkpoint")
+        ckpt.context.global_step                    # 12
+    """
+    if fmt not in ("safetensors", "ckpt"):
+        raise ValueError(f"fmt must be 'safetensors' or 'ckpt', got {fmt!r}")
+    root = Path(checkpoint_dir)
+    dirs = _rank_dirs(root)
+    per_rank = [_rank_files(d, r, fmt) for r, d in enumerate(dirs)]
+    bounds = [b for b in (_meta_position(d) for d in dirs) if b is not None]
+    common = set.intersection(*(set(files) for files in per_rank))
+    if bounds:
+        common = {pos for pos in common if pos <= min(bounds)}
+    if not common:
+        raise CheckpointNotFoundError(
+            f"{root}: no (epoch, step) with a .{fmt} file on every rank"
+            + (f" at or before {min(bounds)} (the oldest meta.json)" if bounds else ""))
+    chosen = max(common)
+    paths = [d / _legacy_name(files[chosen]) for d, files in zip(dirs, per_rank)]
+    headers = {p: _legacy_header(p) for p in paths}
+    flags = {p: _remove_redundancy_flag(p) for p in paths}
+    if len(set(flags.values())) > 1:
+        raise CorruptCheckpointError(f"{root}: files disagree on remove_redundancy: "
+                                     + ", ".join(f"{p.name}={v}" for p, v in flags.items()))
+    tensors = _full_chunks(headers)
+    return ForeignCheckpoint(root, None, tensors, _legacy_context(tensors, root, chosen))
+
+
+def _legacy_header(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    if path.suffix == ".ckpt":
+        return {name: (e.dtype, e.shape) for name, e in index_ms_ckpt(path).items()}
+    return safetensors_header(path)
+
+
+def _remove_redundancy_flag(path: Path) -> str | None:
+    if path.suffix == ".ckpt":
+        return None
+    with safe_open(path, framework="pt") as f:
+        return (f.metadata() or {}).get("remove_redundancy")
+
+
+def _legacy_context(tensors: dict[str, ForeignTensor], root: Path, chosen: tuple[int, int]) -> TrainingContext:
+    values: dict[str, float | int] = {}
+    for name in _CONTEXT_SCALARS:
+        tensor = tensors.get(name)
+        if tensor is not None and tensor.shape in ((), (1,)):
+            values[name] = read_chunk(tensor.chunks[0]).reshape(-1)[0].item()
+    if not isinstance(values.get("global_step"), int):
+        raise CorruptCheckpointError(f"{root}: the files of epoch {chosen[0]} step {chosen[1]} hold no integer "
+                                     "global_step scalar")
+
+    def optional(name: str, kind: type) -> Any:
+        return None if name not in values else kind(values[name])
+
+    return TrainingContext(
+        global_step=int(values["global_step"]),
+        epoch=optional("epoch_num", int),
+        step=optional("step_num", int),
+        global_batch_size=optional("global_batch_size", int),
+        loss_scale=optional("loss_scale", float),
+    )
