@@ -131,13 +131,21 @@ def check_iteration_folder(folder: Path) -> int:
     if not folder.is_dir():
         raise CheckpointNotFoundError(
             f"{folder} does not exist; committed iterations in {folder.parent}: "
-            f"{committed_iterations(folder.parent)}")
-    if not is_committed(folder):
+            f"{_loadable(folder.parent)}")
+    # is_committed() also accepts a MindFormers single-rank folder (common.json, no
+    # metadata.json); a Checkpoint 2.0 load needs metadata.json, so it is required here.
+    if not is_committed(folder) or not (folder / v2.METADATA).is_file():
         raise CorruptCheckpointError(
             f"{folder} is incomplete (no readable metadata.json): the save that wrote it did not "
-            f"finish. Load another iteration (committed: {committed_iterations(folder.parent)}) "
+            f"finish. Load another iteration (committed: {_loadable(folder.parent)}) "
             "or delete the folder")
     return iteration
+
+
+def _loadable(directory: Path) -> list[int]:
+    """Committed iterations of ``directory`` that have a metadata.json (for messages)."""
+    return [n for n in committed_iterations(directory)
+            if (directory / iteration_dirname(n) / v2.METADATA).is_file()]
 
 
 def _valid(folder: Path) -> str | None:
@@ -150,9 +158,11 @@ def _valid(folder: Path) -> str | None:
     return None
 
 
-def _fallback(directory: Path, skipped: list[str]) -> Resolution:
-    """The newest committed and valid iteration of ``directory``, warning about what was skipped."""
+def _fallback(directory: Path, skipped: list[str], tried: int | None = None) -> Resolution:
+    """The newest committed and valid iteration of ``directory`` (other than ``tried``), warning about what was skipped."""
     for n in reversed(committed_iterations(directory)):
+        if n == tried:
+            continue
         folder = directory / iteration_dirname(n)
         problem = _valid(folder)
         if problem is None:
@@ -196,11 +206,11 @@ def resolve_directory(directory: str | os.PathLike[str], *, fallback: bool = Fal
         folder = directory / iteration_dirname(target)
         problem = _valid(folder) if fallback else None
         if problem is not None:
-            return _fallback(directory, [f"{folder.name} named by {TRACKER} ({problem})"])
+            return _fallback(directory, [f"{folder.name} named by {TRACKER} ({problem})"], target)
         if not fallback and not folder.exists():
             raise CheckpointNotFoundError(
                 f"{directory / TRACKER} names iteration {target} but {folder} does not exist; "
-                f"committed iterations: {committed_iterations(directory)}. Edit the tracker to one "
+                f"committed iterations: {_loadable(directory)}. Edit the tracker to one "
                 "of them, or set resume_training: true to fall back to the newest valid one")
         check_iteration_folder(folder)
         return Resolution(folder, target, f"{TRACKER} names iteration {target}")
@@ -208,7 +218,7 @@ def resolve_directory(directory: str | os.PathLike[str], *, fallback: bool = Fal
     if committed:
         folder = directory / iteration_dirname(committed[-1])
         if fallback and (problem := _valid(folder)) is not None:
-            return _fallback(directory, [f"{folder.name} ({problem})"])
+            return _fallback(directory, [f"{folder.name} ({problem})"], committed[-1])
         return Resolution(folder, committed[-1], f"no {TRACKER}; newest committed iteration")
     incomplete = sorted(p.name for p in directory.iterdir() if parse_iteration(p.name) is not None)
     if incomplete:
