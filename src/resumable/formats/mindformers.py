@@ -345,34 +345,32 @@ def _v2_tensor(name: str, entry: dict[str, Any], storage: dict[tuple[str, int], 
     shape = tuple(_ints(entry["global_shape"], "global_shape", 0))
     frag = _fragments(entry, len(shape))
     pieces = math.prod(frag)
-    chunks = []
     boxes: dict[int, Box] = {}
     for chunk in entry["chunk"]:
         offset = _ints(chunk["global_offset"], "global_offset", 0)
         if len(offset) != 1 or offset[0] >= pieces:
             raise ValueError(f"global_offset {offset} is not one piece index below {pieces} ({frag} fragments)")
-        k = offset[0]
         local = _ints(chunk["local_shape"], "local_shape", 0)
         if len(local) != len(shape):
             raise ValueError(f"local_shape {local} does not match global_shape {list(shape)}")
-        box = _piece_box(k, frag, local)
+        box = _piece_box(offset[0], frag, local)
         if not box.within(shape):
-            raise ValueError(f"piece {k} at {list(box.offsets)} of shape {local} lies outside {list(shape)}")
-        if k in boxes:
-            continue
-        boxes[k] = box
+            raise ValueError(f"piece {offset[0]} at {list(box.offsets)} of shape {local} lies outside {list(shape)}")
+        boxes.setdefault(offset[0], box)
+    problem = covers_exactly(shape, boxes.values())
+    if problem:
+        raise ValueError(problem)
+    chunks = []
+    for k, box in boxes.items():
         if (name, k) not in storage:
             raise ValueError(f"piece {k} has no storage_data entry")
         for file_name in storage.pop((name, k)):
             file, header = headers.get(file_name, "storage_data file_name")
-            if header.get(name) != (dtype, tuple(local)):
+            if header.get(name) != (dtype, box.shape):
                 found = "nothing" if name not in header else f"{header[name][0]} {list(header[name][1])}"
                 raise CorruptCheckpointError(
-                    f"{file}: tensor {name!r} piece {k} should be {dtype} {local}, the file holds {found}")
+                    f"{file}: tensor {name!r} piece {k} should be {dtype} {list(box.shape)}, the file holds {found}")
             chunks.append(ForeignChunk(box, file, name))
-    problem = covers_exactly(shape, boxes.values())
-    if problem:
-        raise ValueError(problem)
     return ForeignTensor(name, dtype, shape, tuple(chunks))
 
 
