@@ -16,6 +16,7 @@ from resumable.formats.hf import (
     SINGLE,
     HFTensor,
     index_hf_folder,
+    load_json_object,
     read_hf_box,
     read_hf_config,
     safe_member,
@@ -173,3 +174,15 @@ def test_missing_or_broken_files_are_reported(tmp_path):
     (tmp_path / SINGLE).write_bytes(struct.pack("<Q", 1 << 40) + b"{}")
     with pytest.raises(CorruptCheckpointError, match=re.escape(f"{tmp_path / SINGLE} is not a readable safetensors file: ")):
         index_hf_folder(tmp_path)
+
+
+def test_json_files_are_bounded_and_must_parse(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text('{"a": 1}')
+    with pytest.raises(UnsafeCheckpointError, match=re.escape(
+            f"HuggingFace config {path} is 8 bytes, more than the 4 we parse")):
+        load_json_object(path, "HuggingFace config", limit=4)
+    path.write_text("{bad")
+    with pytest.raises(CorruptCheckpointError, match=re.escape(
+            f"HuggingFace config {path} is not valid JSON: Expecting property name enclosed in double quotes")):
+        read_hf_config(tmp_path)

@@ -56,7 +56,7 @@ CONFIG = "config.json"
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 MAX_JSON_BYTES = 64 << 20
-"""Largest config.json / index.json we parse; real ones are a few hundred kB at most."""
+"""Largest JSON file parsed by default; real config.json / index.json files are a few hundred kB."""
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
@@ -102,8 +102,8 @@ def safe_member(folder: Path, name: object, what: str) -> Path:
     return path
 
 
-def load_json_object(path: Path, what: str) -> dict[str, Any]:
-    """Parse a bounded JSON file that must hold an object (shared with formats/mindformers.py).
+def load_json_object(path: Path, what: str, limit: int = MAX_JSON_BYTES) -> dict[str, Any]:
+    """Parse a JSON file of at most ``limit`` bytes that must hold an object (shared with formats/mindformers.py).
 
     Example::
 
@@ -112,8 +112,8 @@ def load_json_object(path: Path, what: str) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointNotFoundError(f"{what} {path} does not exist")
     size = path.stat().st_size
-    if size > MAX_JSON_BYTES:
-        raise UnsafeCheckpointError(f"{what} {path} is {size} bytes, more than the {MAX_JSON_BYTES} we parse")
+    if size > limit:
+        raise UnsafeCheckpointError(f"{what} {path} is {size} bytes, more than the {limit} we parse")
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:

@@ -68,6 +68,9 @@ TRACKER = "latest_checkpointed_iteration.txt"
 MAX_STORAGE_KEY = 4096
 """Longest ``storage_data`` key handed to ``ast.literal_eval`` (a name and a short tuple)."""
 
+MAX_METADATA_BYTES = 1 << 30
+"""Largest metadata.json parsed: one entry per piece and replica grows with model and world size."""
+
 _V2_FILE = re.compile(r"^(?:(.+)-)?(model|opt)-(\d{7})-(\d{7})\.safetensors$")
 _LEGACY_FILE = re.compile(r"^(.+)_rank_(\d+)(?:_(\d+))?-(\d+)_(\d+)\.(ckpt|safetensors)$")
 _CONTEXT_SCALARS = ("global_step", "epoch_num", "step_num", "loss_scale", "global_batch_size")
@@ -214,7 +217,8 @@ def read_mf_checkpoint(iteration_dir: str | os.PathLike[str]) -> ForeignCheckpoi
     context = _v2_context(load_json_object(folder / "common.json", "MindFormers common.json"), folder / "common.json")
     meta_path = folder / "metadata.json"
     if meta_path.is_file():
-        tensors = _v2_tensors(folder, load_json_object(meta_path, "MindFormers metadata"), meta_path)
+        meta = load_json_object(meta_path, "MindFormers metadata", MAX_METADATA_BYTES)
+        tensors = _v2_tensors(folder, meta, meta_path)
     else:
         tensors = _single_rank_tensors(folder)
     return ForeignCheckpoint(folder, int(match.group(1)) if match else None, tensors, context)
