@@ -1,0 +1,140 @@
+"""The trainer's checkpoint callbacks: ``CheckpointMonitor`` saves, ``Resume`` loads.
+
+Both run on every rank at the same points of ``Trainer.fit`` (their calls into the
+library are collective). The YAML keys they read are those of ../shared/FORMATS.md:
+
+- ``callbacks: - type: CheckpointMonitor`` (prefix, directory, save_checkpoint_steps,
+  keep_checkpoint_max, async_save, checkpoint_format, remove_redundancy, save_optimizer);
+- ``load_checkpoint`` + ``resume_training``: with ``resume_training: true`` the whole
+  training state is restored (weights, optimizer, step, data position, RNG); without it
+  only the weights are loaded and training starts at step 0 (fine-tuning), as in
+  MindSpore Transformers;
+- ``balanced_load``, ``load_ckpt_async``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+from resumable import dist
+from resumable.load import load
+from resumable.manager import CheckpointManager
+from resumable.resolve import Resolution, resolve_checkpoint
+from resumable.train.config import TrainConfig
+from resumable.train.loop import Callback, Trainer
+
+logger = logging.getLogger(__name__)
+
+
+def layout_info(trainer: Trainer) -> dict[str, Any]:
+    """The layout recorded in metadata.json, for humans and ``resumable inspect``."""
+    lay = trainer.layout
+    return {"mesh": {"pp": lay.pp, "dp": lay.dp, "tp": lay.tp}, "pipeline_stages": lay.pp,
+            "sharded_optimizer": lay.sharded_optimizer}
+
+
+class CheckpointMonitor(Callback):
+    """Saves Checkpoint 2.0 every ``save_checkpoint_steps`` steps and at the last step."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.manager: CheckpointManager | None = None
+        self.last_saved: int | None = None
+        self.protected: set[int] = set()
+
+    def on_train_begin(self, trainer: Trainer) -> None:
+        mon = self.cfg.checkpoint
+        assert mon is not None  # only built when the config has a CheckpointMonitor
+        self.manager = CheckpointManager(
+            self.cfg.checkpoint_dir, prefix=mon.prefix, save_checkpoint_steps=mon.save_checkpoint_steps,
+            keep_checkpoint_max=mon.keep_checkpoint_max, async_save=mon.async_save,
+            save_optimizer=mon.save_optimizer, remove_redundancy=mon.remove_redundancy,
+            checkpoint_format=mon.checkpoint_format, layout_info=layout_info(trainer))
+        self.manager.protected |= self.protected
+        self.last_saved = trainer.ctx.global_step  # the state we start from is already on disk (or random)
+
+    def _save(self, trainer: Trainer) -> None:
+        assert self.manager is not None
+        step = trainer.ctx.global_step
+        self.manager.save(trainer.state_dict(), step)
+        self.last_saved = step
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        assert self.manager is not None
+        if self.manager.should_save(trainer.ctx.global_step):
+            self._save(trainer)
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        assert self.manager is not None
+        if self.last_saved != trainer.ctx.global_step:
+            self._save(trainer)  # training always ends on a checkpoint
+        self.manager.close()  # the job does not exit before the last save is committed
+
+    def protect(self, iteration: int) -> None:
+        """Keep ``iteration`` (the one resumed from) out of retention while this job runs."""
+        self.protected.add(iteration)
+        if self.manager is not None:
+            self.manager.protected.add(iteration)
+
+
+class Resume(Callback):
+    """Loads ``load_checkpoint`` before the first step (fresh start when it resolves to nothing)."""
+
+    def __init__(self, cfg: TrainConfig, monitor: CheckpointMonitor | None = None) -> None:
+        self.cfg = cfg
+        self.monitor = monitor
+        self.resolution: Resolution | None = None
+
+    def _resolve(self) -> Resolution:
+        """Rank 0 decides and tells the others, so every rank loads the same iteration."""
+        found: Resolution | BaseException
+        if dist.rank() == 0:
+            try:
+                found = resolve_checkpoint(self.cfg.load_checkpoint, output_dir=self.cfg.output_dir,
+                                           fallback=self.cfg.resume_training is True)
+            except Exception as exc:  # every rank must raise it, not just rank 0
+                found = exc
+        else:
+            found = None  # type: ignore[assignment]
+        found = dist.broadcast_object(found)
+        if isinstance(found, BaseException):
+            raise found
+        return found
+
+    def on_train_begin(self, trainer: Trainer) -> None:
+        self.resolution = res = self._resolve()
+        if res.fresh:
+            logger.info("fresh start: %s", res.reason)
+            return
+        full = self.cfg.resume_training is True
+        state = trainer.state_dict()
+        if not full:  # weights only: the optimizer and the context start anew
+            state = {"model": state["model"]}
+        result = load(state, res.path, balanced=self.cfg.balanced_load)
+        if full:
+            trainer.load_state_dict(state)
+            if self.monitor is not None:
+                self.monitor.protect(result.iteration)
+            saved_gbs = result.common.get("global_batch_size")
+            if saved_gbs and saved_gbs != trainer.ctx.global_batch_size:
+                logger.info("global batch size changed (%s -> %s): continuing from %d consumed samples",
+                            saved_gbs, trainer.ctx.global_batch_size, trainer.ctx.consumed_samples)
+            logger.info("resumed from %s at global step %d (epoch %d, step %d in epoch)", res.path,
+                        trainer.ctx.global_step, trainer.ctx.epoch, trainer.ctx.step_in_epoch)
+        else:
+            set_model_state_dict(trainer.model, state["model"])
+            logger.info("loaded weights from %s; training starts at step 0 (resume_training is false)", res.path)
+
+
+def checkpoint_callbacks(cfg: TrainConfig) -> list[Callback]:
+    """The callbacks a config asks for: resume first (it sets the step), then the monitor."""
+    monitor = CheckpointMonitor(cfg) if cfg.checkpoint is not None else None
+    callbacks: list[Callback] = []
+    if cfg.load_checkpoint:
+        callbacks.append(Resume(cfg, monitor))
+    if monitor is not None:
+        callbacks.append(monitor)
+    return callbacks
