@@ -54,7 +54,7 @@ from resumable.geometry import Box
 from resumable.layout import local_chunks, local_tensor
 from resumable.planning import Read, StoredChunk, plan_tensor_reads
 from resumable.resolve import check_iteration_folder, resolve_directory, verify_files
-from resumable.state import RANK_LOCAL, FlatState, flatten_state, merge_objects
+from resumable.state import OPTIMIZER_NAMESPACE, RANK_LOCAL, FlatState, flatten_state, merge_objects
 
 log = logging.getLogger(__name__)
 
@@ -285,10 +285,33 @@ def _rank_local(common: Mapping[str, Any], meta: v2.Metadata, group: dist.Group)
     return None
 
 
-def _restore_objects(state: dict, flat: FlatState, common: Mapping[str, Any], rank_local: Any) -> None:
+def _param_groups(state: Mapping[str, Any]) -> list | None:
+    optim = state.get(OPTIMIZER_NAMESPACE)
+    groups = optim.get("param_groups") if isinstance(optim, Mapping) else None
+    return groups if isinstance(groups, list) and all(isinstance(g, dict) for g in groups) else None
+
+
+def _restore_objects(state: dict, common: Mapping[str, Any], rank_local: Any) -> None:
+    """Fill plain values from common.json's ``state``; keep each optimizer group's own ``params``.
+
+    ``optimizer.param_groups[i]["params"]`` lists the parameter names *this* rank's
+    optimizer holds, which depends on the layout (a pipeline stage has a subset): the
+    hyper-parameters (lr, betas, ...) come from the checkpoint, the name lists stay.
+    """
     saved = common.get("state")
+    before = _param_groups(state)
+    kept = [g.get("params") for g in before] if before is not None else None
     if isinstance(saved, Mapping):
         merge_objects(state, {k: v for k, v in saved.items() if k != RANK_LOCAL})
+    after = _param_groups(state)
+    if kept is not None and after is not None:
+        if len(after) != len(kept):
+            raise StateMismatchError(
+                f"the checkpoint's optimizer has {len(after)} parameter group(s), the state {len(kept)}; "
+                "build the optimizer with the same parameter groups it was saved with")
+        for group, params in zip(after, kept):
+            if params is not None:
+                group["params"] = params
     if RANK_LOCAL in state and rank_local is not None:
         state[RANK_LOCAL] = rank_local
 
@@ -318,7 +341,7 @@ def _prepare(state: Mapping[str, Any], path: str | os.PathLike[str], verify: Ver
 def _finish(prep: _Prepared, state: dict, group: dist.Group, nbytes: int, start: float) -> LoadResult:
     common = v2.read_common(prep.folder)
     rank_local = _rank_local(common, prep.meta, group)
-    _restore_objects(state, prep.flat, common, rank_local)
+    _restore_objects(state, common, rank_local)
     result = LoadResult(prep.folder, prep.meta.iteration, common, rank_local, nbytes,
                         len(prep.flat.tensors), time.perf_counter() - start)
     log.info("rank %d loaded %d tensors (%.1f MB read) from %s in %.2fs", dist.rank(group), result.tensors,
