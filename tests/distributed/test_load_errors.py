@@ -1,0 +1,147 @@
+"""Load refuses what it cannot load correctly, before touching the model, with messages naming what and where.
+
+Single-process cases run in the test process (``load`` works without a process group);
+the last test checks on 2 real gloo ranks that one rank's failure fails every rank.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import resumable
+from resumable.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, UnsafeCheckpointError
+from resumable.load import StateMismatchError, load
+from tests.launch import run_distributed
+
+
+def _state(**overrides: torch.Tensor) -> dict:
+    model = {"embed.weight": torch.arange(12.0).reshape(4, 3), "norm.weight": torch.ones(3),
+             "head.weight": torch.full((2, 3), 2.0)}
+    model.update(overrides)
+    return {"model": model, "optimizer": {"state": {"norm.weight": {"exp_avg": torch.full((3,), 0.5)}}},
+            "global_step": 7}
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    return resumable.save(_state(), tmp_path / "ckpt", 7)
+
+
+def _zeros_like(state: dict) -> dict:
+    return {"model": {k: torch.zeros_like(v) for k, v in state["model"].items()},
+            "optimizer": {"state": {"norm.weight": {"exp_avg": torch.zeros(3)}}}, "global_step": 0}
+
+
+def test_a_plain_load_restores_tensors_and_values(folder: Path) -> None:
+    target = _zeros_like(_state())
+    result = load(target, folder)
+    assert torch.equal(target["model"]["embed.weight"], torch.arange(12.0).reshape(4, 3))
+    assert torch.equal(target["optimizer"]["state"]["norm.weight"]["exp_avg"], torch.full((3,), 0.5))
+    assert (target["global_step"], result.iteration, result.tensors) == (7, 7, 4)
+    assert result.bytes_read == 4 * (12 + 3 + 6 + 3)
+
+
+def test_every_missing_name_and_every_shape_and_dtype_mismatch_is_reported_at_once(folder: Path) -> None:
+    target = _zeros_like(_state())
+    target["model"]["extra.a"] = torch.zeros(1)
+    target["model"]["extra.b"] = torch.zeros(1)
+    target["model"]["embed.weight"] = torch.zeros(5, 3)
+    target["model"]["head.weight"] = torch.zeros(2, 3, dtype=torch.bfloat16)
+    before = target["model"]["norm.weight"].clone()
+    with pytest.raises(StateMismatchError) as info:
+        load(target, folder)
+    assert str(info.value) == "\n".join([
+        f"the state does not match checkpoint {folder}:",
+        "2 tensor(s) missing from the checkpoint: extra.a, extra.b",
+        "embed.weight: shape [5, 3] in the state, [4, 3] in the checkpoint",
+        "head.weight: dtype bfloat16 in the state, float32 in the checkpoint",
+        "build the model with the architecture (and optimizer) the checkpoint was saved with",
+    ])
+    assert torch.equal(target["model"]["norm.weight"], before)  # nothing was touched
+
+
+def test_a_truncated_file_fails_the_size_check_before_any_tensor_is_touched(folder: Path) -> None:
+    victim = folder / "CKP-model-0000000-0000001.safetensors"
+    size = victim.stat().st_size
+    victim.write_bytes(victim.read_bytes()[:-8])
+    target = _zeros_like(_state())
+    with pytest.raises(CorruptCheckpointError) as info:
+        load(target, folder)
+    assert str(info.value) == (
+        f"{victim}: {size - 8} bytes on disk, metadata.json records {size}; the file is truncated or was "
+        "replaced: restore it or load another iteration")
+    assert not target["model"]["norm.weight"].any()
+
+
+def test_a_flipped_byte_is_caught_only_with_verify_checksum(folder: Path) -> None:
+    victim = folder / "CKP-model-0000000-0000001.safetensors"
+    data = bytearray(victim.read_bytes())
+    data[-1] ^= 0x01  # the last byte of the last tensor's data
+    victim.write_bytes(bytes(data))
+    load(_zeros_like(_state()), folder, verify="size")  # same size: not seen
+    recorded = json.loads((folder / "metadata.json").read_text())["files"][victim.name]["xxh3_64"]
+    with pytest.raises(CorruptCheckpointError) as info:
+        load(_zeros_like(_state()), folder, verify="checksum")
+    import xxhash
+    actual = xxhash.xxh3_64(bytes(data)).hexdigest()
+    assert str(info.value) == (
+        f"{victim}: xxh3-64 checksum {actual} differs from {recorded} recorded in metadata.json; the file is "
+        "damaged: restore it or load another iteration")
+
+
+def test_a_missing_file_is_named(folder: Path) -> None:
+    victim = folder / "CKP-opt-0000000-0000001.safetensors"
+    victim.unlink()
+    with pytest.raises(CheckpointNotFoundError, match=rf"^{victim}: missing; metadata.json lists it with \d+ bytes"):
+        load(_zeros_like(_state()), folder)
+
+
+def _edit_metadata(folder: Path, edit) -> None:
+    path = folder / "metadata.json"
+    doc = json.loads(path.read_text())
+    edit(doc)
+    path.write_text(json.dumps(doc))
+
+
+def test_a_dtype_in_the_file_differing_from_metadata_is_refused(folder: Path) -> None:
+    def to_f16(doc: dict) -> None:
+        doc["tensors"]["norm.weight"]["dtype"] = "float16"
+    _edit_metadata(folder, to_f16)
+    target = _zeros_like(_state())
+    target["model"]["norm.weight"] = torch.zeros(3, dtype=torch.float16)
+    with pytest.raises(CorruptCheckpointError) as info:
+        load(target, folder)
+    assert str(info.value) == (
+        f"{folder / 'CKP-model-0000000-0000001.safetensors'}: key 'norm.weight' is F32 of shape [3] in the file "
+        "but metadata.json records F16 of shape [3]; the file and the metadata disagree: restore the file or "
+        "rebuild metadata.json")
+
+
+def test_a_file_name_leaving_the_folder_is_refused(folder: Path) -> None:
+    def escape(doc: dict) -> None:
+        doc["files"]["../../etc/passwd"] = doc["files"].pop("CKP-model-0000000-0000001.safetensors")
+    _edit_metadata(folder, escape)
+    with pytest.raises(UnsafeCheckpointError, match=r"file name '\.\./\.\./etc/passwd' is not a bare file name"):
+        load(_zeros_like(_state()), folder)
+
+
+def _one_rank_lacks_a_name(rank: int, world: int, folder: str) -> str:
+    target = _zeros_like(_state())
+    if rank == 1:
+        target["model"]["only.on.rank1"] = torch.zeros(1)
+    try:
+        load(target, folder)
+    except CheckpointError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return "loaded"
+
+
+def test_one_rank_failing_fails_every_rank_with_its_message(folder: Path) -> None:
+    results = run_distributed(_one_rank_lacks_a_name, 2, str(folder))
+    detail = (f"the state does not match checkpoint {folder}:\n1 tensor(s) missing from the checkpoint: "
+              "only.on.rank1\nbuild the model with the architecture (and optimizer) the checkpoint was saved with")
+    assert results == [f"StateMismatchError: rank 1 failed: {detail}", f"StateMismatchError: {detail}"]
