@@ -17,6 +17,8 @@ from resumable.errors import (
 from resumable.async_save import async_save
 from resumable.manager import CheckpointManager
 from resumable.save import save
+from resumable.load import LoadResult, StateMismatchError, load, load_async
+from resumable.resolve import resolve_checkpoint
 
 __version__ = "0.1.0"
 
@@ -51,4 +53,9 @@ __all__ = [
     "NotImplementedYet",
     "SaveError",
     "UnsafeCheckpointError",
+    "load",
+    "load_async",
+    "resolve_checkpoint",
+    "LoadResult",
+    "StateMismatchError",
 ]
