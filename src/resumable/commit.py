@@ -94,7 +94,7 @@ def atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
         >>> atomic_write(Path("ckpt") / "latest_checkpointed_iteration.txt", b"100\\n")
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp = temp_path(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         try:
@@ -109,6 +109,26 @@ def atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def temp_path(path: str | os.PathLike[str]) -> Path:
+    """A fresh hidden name beside ``path`` (``.{name}.tmp-{pid}-{hex}``) for a file written before its rename.
+
+    :func:`clean_leftovers` recognises these names; :func:`publish_file` renames one into place.
+    """
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def publish_file(temp: str | os.PathLike[str], final: str | os.PathLike[str]) -> None:
+    """Rename a complete, fsynced temp file (from :func:`temp_path`) to ``final`` and fsync the folder.
+
+    Readers see the old ``final`` (if any) or the new one, never a partial file. The caller
+    fsyncs the file's data first (the writers in ``formats`` do).
+    """
+    final = Path(final)
+    os.replace(temp, final)
+    fsync_dir(final.parent)
 
 
 def fsync_file(path: str | os.PathLike[str]) -> None:

@@ -473,9 +473,43 @@ def _rank_files(path: Path, rank: int, ext: str) -> dict[tuple[int, int], Legacy
     return files
 
 
-def _legacy_name(f: LegacyFile) -> str:
+def legacy_file_name(f: LegacyFile) -> str:
+    """The file name of a parsed legacy name (the inverse of :func:`parse_legacy_name`)."""
     suffix = f"_{f.suffix}" if f.suffix else ""
     return f"{f.prefix}_rank_{f.rank}{suffix}-{f.epoch}_{f.step}.{f.ext}"
+
+
+def select_legacy_files(root: str | os.PathLike[str], fmt: str) -> tuple[tuple[int, int], list[Path]]:
+    """The newest ``(epoch, step)`` complete on every rank of a legacy tree, and its file per rank.
+
+    The rule of :func:`read_mf_legacy` (``meta.json`` bounds, presence on every rank,
+    largest prefix suffix per step), without reading any file's content.
+
+    Raises:
+        ValueError: ``fmt`` is not ``"safetensors"`` or ``"ckpt"``.
+        CheckpointNotFoundError: no rank folder, or no step complete on every rank.
+        CorruptCheckpointError: missing rank folders, a bad meta.json, a file in the wrong rank folder.
+
+    Example::
+
+        (epoch, step), paths = select_legacy_files("output/checkpoint", "safetensors")
+    """
+    if fmt not in ("safetensors", "ckpt"):
+        raise ValueError(f"fmt must be 'safetensors' or 'ckpt', got {fmt!r}")
+    root = Path(root)
+    dirs = _rank_dirs(root)
+    per_rank = [_rank_files(d, r, fmt) for r, d in enumerate(dirs)]
+    bounds = [b for b in (_meta_position(d) for d in dirs) if b is not None]
+    common = set.intersection(*(set(files) for files in per_rank))
+    if bounds:
+        common = {pos for pos in common if pos <= min(bounds)}
+    if not common:
+        raise CheckpointNotFoundError(
+            f"{root}: no (epoch, step) with a .{fmt} file on every rank"
+            + (f" at or before {min(bounds)} (the oldest meta.json)" if bounds else ""))
+    chosen = max(common)
+    paths = [d / legacy_file_name(files[chosen]) for d, files in zip(dirs, per_rank)]
+    return chosen, paths
 
 
 def read_mf_legacy(checkpoint_dir: str | os.PathLike[str], fmt: str = "safetensors") -> ForeignCheckpoint:
@@ -500,21 +534,8 @@ def read_mf_legacy(checkpoint_dir: str | os.PathLike[str], fmt: str = "safetenso
         ckpt = read_mf_legacy("output/checkpoint")
         ckpt.context.global_step                    # 12
     """
-    if fmt not in ("safetensors", "ckpt"):
-        raise ValueError(f"fmt must be 'safetensors' or 'ckpt', got {fmt!r}")
     root = Path(checkpoint_dir)
-    dirs = _rank_dirs(root)
-    per_rank = [_rank_files(d, r, fmt) for r, d in enumerate(dirs)]
-    bounds = [b for b in (_meta_position(d) for d in dirs) if b is not None]
-    common = set.intersection(*(set(files) for files in per_rank))
-    if bounds:
-        common = {pos for pos in common if pos <= min(bounds)}
-    if not common:
-        raise CheckpointNotFoundError(
-            f"{root}: no (epoch, step) with a .{fmt} file on every rank"
-            + (f" at or before {min(bounds)} (the oldest meta.json)" if bounds else ""))
-    chosen = max(common)
-    paths = [d / _legacy_name(files[chosen]) for d, files in zip(dirs, per_rank)]
+    chosen, paths = select_legacy_files(root, fmt)
     headers = {p: _legacy_header(p) for p in paths}
     flags = {p: _remove_redundancy_flag(p) for p in paths}
     if len(set(flags.values())) > 1:
