@@ -43,6 +43,7 @@ __all__ = [
     "dtype_name",
     "read_header",
     "write_file",
+    "write_file_streaming",
 ]
 
 #: safetensors dtype names ↔ torch dtypes (the subset both sides know).
@@ -168,8 +169,36 @@ def write_file(path: str | os.PathLike[str], tensors: Sequence[tuple[str, torch.
     Hazard: the bytes are read from ``tensors`` while the call runs; mutating them from
     another thread meanwhile stores a mix of old and new values.
     """
+    by_key = dict(tensors)
+    specs = [(key, t.dtype, tuple(t.shape)) for key, t in tensors]
+    return write_file_streaming(path, specs, by_key.__getitem__, metadata, fsync=fsync)
+
+
+def write_file_streaming(path: str | os.PathLike[str], specs: Sequence[tuple[str, torch.dtype, Sequence[int]]],
+                         get: Callable[[str], torch.Tensor], metadata: Mapping[str, str] | None = None, *,
+                         fsync: bool = True) -> tuple[int, str]:
+    """:func:`write_file` for tensors fetched one at a time: memory bounded by the largest one.
+
+    Args:
+        path: file to create (``O_EXCL``).
+        specs: ``(key, dtype, shape)`` of every tensor, in file order (the header is written first).
+        get: returns the tensor of a key; called once per key, in order, and released before the next.
+        metadata: ``__metadata__`` entries (str → str).
+        fsync: fsync the file before returning.
+
+    Returns:
+        ``(size_in_bytes, xxh3_64_hex)`` of the whole file.
+
+    Raises:
+        ValueError: ``get`` returned a tensor whose dtype or shape differs from its spec.
+        TypeError, OSError: as :func:`write_file`.
+
+    Example:
+        >>> write_file_streaming("/tmp/a.safetensors", [("w", torch.float32, (2, 3))], lambda k: torch.ones(2, 3))
+    """
     path = Path(path)
-    header, _ = _header_bytes(tensors, metadata)
+    header, _ = _header_bytes([(key, torch.empty(tuple(shape), dtype=dtype, device="meta"))
+                               for key, dtype, shape in specs], metadata)
     hasher = xxhash.xxh3_64()
     prefix = struct.pack("<Q", len(header)) + header
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
@@ -177,8 +206,13 @@ def write_file(path: str | os.PathLike[str], tensors: Sequence[tuple[str, torch.
         hasher.update(prefix)
         _write_all(fd, memoryview(prefix))
         written = len(prefix)
-        for _, t in tensors:
+        for key, dtype, shape in specs:
+            t = get(key)
+            if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+                raise ValueError(f"{path}: tensor {key!r} was announced as {dtype} {list(shape)} but is "
+                                 f"{t.dtype} {list(t.shape)}")
             view = _byte_view(t)
+            del t
             for start in range(0, len(view), BLOCK_BYTES):
                 block = view[start:start + BLOCK_BYTES]
                 hasher.update(block)

@@ -1,0 +1,148 @@
+"""Write any checkpoint source as Checkpoint 2.0 for a chosen layout, offline (``resumable split``).
+
+Every target rank's holdings are computed with the trainer's rules
+(:mod:`resumable.tools.rules`) and handed to the same pure planner the distributed save
+uses (``resumable.save._build_plan``), so file names, keys, ``__metadata__``,
+``metadata.json`` and ``common.json`` are exactly what the trainer would write on that
+layout. Files are streamed one chunk at a time (memory: the largest chunk) into the
+temporary folder, then committed by ``resumable.save._commit`` (metadata, fsync, rename,
+tracker). ``resumable convert --to v2`` is this with a one-rank layout by default.
+
+Example::
+
+    write_v2(open_source("unified/"), "out/checkpoint", parse_layout("dp=2,tp=2"))
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from resumable import commit
+from resumable.errors import CheckpointError
+from resumable.formats.safetensors_io import write_file_streaming
+from resumable.geometry import Box
+from resumable.save import SavePlan, _build_plan, _commit
+from resumable.sources import Source, SourceTensor
+from resumable.tools.rules import TargetLayout, num_layers, parse_layout, rank_boxes
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TargetLayout", "parse_layout", "write_v2"]
+
+
+def _cast(t: SourceTensor, dtype: torch.dtype | None) -> torch.dtype:
+    return dtype if dtype is not None and t.dtype.is_floating_point else t.dtype
+
+
+def _holdings(source: Source, layout: TargetLayout, dtype: torch.dtype | None) -> list[dict]:
+    """Per rank: name → (kind, dtype name, global shape, [(offsets, shape)]) as ``plan_save`` gathers it."""
+    layers = num_layers(list(source.tensors))
+    holdings: list[dict] = []
+    for rank in range(layout.world_size):
+        mine = {}
+        for name, t in source.tensors.items():
+            boxes = rank_boxes(name, t.shape, layout, rank, layers)
+            if boxes:
+                mine[name] = (t.kind, str(_cast(t, dtype)).removeprefix("torch."), list(t.shape),
+                              [(b.offsets, b.shape) for b in boxes])
+        holdings.append(mine)
+    return holdings
+
+
+class _Lazy(dict):
+    """Stands in for the ``views`` of a live save: a chunk is read only when its file is written."""
+
+    def __missing__(self, key: tuple[str, Box]) -> tuple[str, Box]:
+        return key
+
+
+def _plan(source: Source, out: Path, iteration: int, layout: TargetLayout, holdings: list[dict], me: int,
+          objects: dict, rank_locals: list, prefix: str, remove_redundancy: bool) -> SavePlan:
+    return _build_plan(holdings, rank_locals, objects, _Lazy(), out, iteration, prefix=prefix,
+                       save_optimizer=any(t.kind == "opt" for t in source.tensors.values()),
+                       remove_redundancy=remove_redundancy, group=None, me=me, world=layout.world_size,
+                       mesh=layout.mesh, stages=layout.pp)
+
+
+def write_v2(source: Source, out: str | os.PathLike[str], layout: TargetLayout, *, prefix: str = "CKP",
+             remove_redundancy: bool = False, dtype: torch.dtype | None = None, iteration: int | None = None,
+             extra_common: dict[str, Any] | None = None, progress: bool = False) -> Path:
+    """Write ``source`` as ``<out>/iteration_XXXXXXXX`` for ``layout`` and point the tracker at it.
+
+    Args:
+        source: what to write (see :func:`resumable.sources.open_source`).
+        out: the checkpoint folder to write into (created when missing).
+        layout: the target layout.
+        prefix: file name prefix.
+        remove_redundancy: store each replicated chunk once (balanced across ranks).
+        dtype: cast floating-point tensors to this dtype.
+        iteration: the folder's iteration (default: the source's, else its global step, else 0).
+        extra_common: keys added to ``common.json``.
+        progress: show a progress bar (bytes written).
+
+    Returns:
+        The committed iteration folder.
+
+    Raises:
+        CheckpointError: the target iteration already exists in ``out``.
+
+    Example::
+
+        write_v2(open_source("merged/"), "ckpt", parse_layout("dp=2,tp=2"), progress=True)
+    """
+    out = Path(out)
+    common = source.common
+    if iteration is None:
+        iteration = source.iteration if source.iteration is not None else int(common.get("global_step", 0))
+    final = out / commit.iteration_dirname(iteration)
+    if final.exists():
+        raise CheckpointError(f"{final} already exists; write into another folder or delete it first")
+    objects = dict(common.get("state") or {})
+    saved_locals = common.get("rank_local")
+    rank_locals = saved_locals if isinstance(saved_locals, list) and len(saved_locals) == layout.world_size \
+        else [None] * layout.world_size
+    holdings = _holdings(source, layout, dtype)
+    plans = [_plan(source, out, iteration, layout, holdings, me, objects, rank_locals, prefix, remove_redundancy)
+             for me in range(layout.world_size)]
+    head = plans[0]
+    head.common.update(extra_common or {})
+    out.mkdir(parents=True, exist_ok=True)
+    if head.temp.exists():
+        shutil.rmtree(head.temp)
+    head.temp.mkdir()
+    total = sum(it.box.numel * source.tensors[it.name].dtype.itemsize
+                for p in plans for _, items in p.files.values() for it in items)
+    try:
+        with tqdm(total=total, unit="B", unit_scale=True, desc=f"writing {final.name}", disable=not progress) as bar:
+            for plan in plans:
+                for fname, (_, items) in plan.files.items():
+                    head.metadata.files[fname].size, head.metadata.files[fname].xxh3_64 = \
+                        _write(head.temp / fname, items, plan.file_meta[fname], source, dtype, bar)
+        _commit(head)
+    except BaseException:
+        shutil.rmtree(head.temp, ignore_errors=True)
+        raise
+    log.info("wrote %s for layout %s", final, layout)
+    return final
+
+
+def _write(path: Path, items: list, file_meta: dict[str, str], source: Source, dtype: torch.dtype | None,
+           bar: tqdm) -> tuple[int, str]:
+    by_key = {it.key: it for it in items}
+
+    def get(key: str) -> torch.Tensor:
+        it = by_key[key]
+        t = source.tensors[it.name]
+        data = t.read(it.box).to(_cast(t, dtype))
+        bar.update(it.box.numel * t.dtype.itemsize)
+        return data
+
+    specs = [(it.key, _cast(source.tensors[it.name], dtype), it.box.shape) for it in items]
+    return write_file_streaming(path, specs, get, file_meta)
