@@ -172,7 +172,6 @@ NOT_IMPLEMENTED: dict[str, Any] = {
     "remove_redundancy": False,
     "load_ckpt_async": False,
     "balanced_load": False,
-    "pretrained_model_dir": "",
 }
 
 

@@ -1,0 +1,163 @@
+"""Initialise the reference model from a HuggingFace Qwen3 folder (``pretrained_model_dir``).
+
+The folder holds ``config.json`` and ``model.safetensors`` (or shards with
+``model.safetensors.index.json``), as ``transformers``' ``save_pretrained`` writes them.
+Our parameter names are HuggingFace's, so no renaming is needed: every rank reads, for
+each parameter it holds, only the boxes of its own shard (``layout.local_chunks`` on the
+model's state dict, ``formats.hf.read_hf_box``), on any layout (TP, FSDP, pipeline
+stages). The config must describe the same architecture as ``model:`` in the YAML;
+every difference is listed in one ``ConfigError``. With ``load_checkpoint`` set, the
+checkpoint wins and the folder is ignored (logged).
+
+    resumable train --config c.yaml --set pretrained_model_dir=/models/qwen3-tiny
+
+It also maps our ``ModelConfig`` to a HuggingFace ``config.json`` (:func:`hf_config`)
+for ``resumable convert --to hf``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from resumable.errors import ConfigError
+from resumable.formats.hf import index_hf_folder, read_hf_box, read_hf_config
+from resumable.layout import local_chunks, local_tensor
+from resumable.train.config import ModelConfig, TrainConfig
+from resumable.train.loop import Callback, Trainer
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["PretrainedInit", "config_mismatches", "hf_config", "init_from_pretrained", "load_pretrained",
+           "model_config_from_hf"]
+
+_SAME = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+         "num_key_value_heads", "head_dim", "tie_word_embeddings", "rms_norm_eps", "rope_theta")
+"""Keys that must agree: they change the parameters' shapes or the function computed."""
+
+
+def _rope_theta(config: dict[str, Any]) -> float | None:
+    params = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    theta = config.get("rope_theta", params.get("rope_theta") if isinstance(params, dict) else None)
+    return None if theta is None else float(theta)
+
+
+def model_config_from_hf(config: dict[str, Any]) -> dict[str, Any]:
+    """The ``model:`` keys of our YAML that a HuggingFace Qwen3 ``config.json`` fixes.
+
+    ``head_dim`` defaults to ``hidden_size // num_attention_heads`` and
+    ``tie_word_embeddings`` to false, as ``transformers.Qwen3Config`` does.
+    """
+    out = {k: config[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                  "num_attention_heads", "rms_norm_eps", "max_position_embeddings",
+                                  "initializer_range") if k in config}
+    out["num_key_value_heads"] = config.get("num_key_value_heads", config.get("num_attention_heads"))
+    if "hidden_size" in config and "num_attention_heads" in config:
+        out["head_dim"] = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    out["tie_word_embeddings"] = bool(config.get("tie_word_embeddings", False))
+    theta = _rope_theta(config)
+    if theta is not None:
+        out["rope_theta"] = theta
+    return out
+
+
+def hf_config(model: ModelConfig) -> dict[str, Any]:
+    """A ``transformers`` Qwen3 ``config.json`` for our model config (float32 weights).
+
+    Example::
+
+        hf_config(ModelConfig())["model_type"]      # "qwen3"
+    """
+    return {
+        "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_act": "silu",
+        "attention_bias": False, "attention_dropout": 0.0, "use_sliding_window": False,
+        "vocab_size": model.vocab_size, "hidden_size": model.hidden_size,
+        "intermediate_size": model.intermediate_size, "num_hidden_layers": model.num_hidden_layers,
+        "num_attention_heads": model.num_attention_heads, "num_key_value_heads": model.num_key_value_heads,
+        "head_dim": model.head_dim, "rms_norm_eps": model.rms_norm_eps, "rope_theta": model.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": model.rope_theta},
+        "max_position_embeddings": model.max_position_embeddings, "initializer_range": model.initializer_range,
+        "tie_word_embeddings": model.tie_word_embeddings, "dtype": "float32",
+    }
+
+
+def config_mismatches(model: ModelConfig, config: dict[str, Any]) -> list[str]:
+    """Every architecture key on which ``config.json`` and ``model:`` disagree, as readable lines."""
+    found = model_config_from_hf(config)
+    lines = []
+    if config.get("model_type", "qwen3") != "qwen3":
+        lines.append(f"model_type: {config.get('model_type')!r} in config.json, only 'qwen3' is supported")
+    for key in _SAME:
+        ours = getattr(model, key)
+        theirs = found.get(key)
+        if theirs is None or (ours != theirs if not isinstance(ours, float) else abs(ours - theirs) > 1e-12 * abs(ours)):
+            lines.append(f"model.{key}: {ours!r} in the YAML, {theirs!r} in config.json")
+    return lines
+
+
+def load_pretrained(model: nn.Module, folder: str | Path, model_cfg: ModelConfig) -> int:
+    """Fill ``model``'s parameters (plain, TP/FSDP DTensors, a pipeline stage's subset) from a HF folder.
+
+    Each rank reads only the boxes it holds. Not collective.
+
+    Returns:
+        The bytes read.
+
+    Raises:
+        ConfigError: the folder's config or tensors do not match ``model_cfg`` (all listed).
+    """
+    folder = Path(folder)
+    config = read_hf_config(folder)
+    problems = config_mismatches(model_cfg, config)
+    index = index_hf_folder(folder)
+    state = model.state_dict()
+    if model_cfg.tie_word_embeddings and "lm_head.weight" not in index and "model.embed_tokens.weight" in index:
+        index["lm_head.weight"] = index["model.embed_tokens.weight"]
+    missing = sorted(n for n in state if n not in index)
+    if missing:
+        problems.append(f"tensors missing from {folder}: {', '.join(missing)}")
+    for name, t in state.items():
+        entry = index.get(name)
+        if entry is not None and tuple(entry.shape) != tuple(t.shape):
+            problems.append(f"{name}: shape {list(t.shape)} in the model, {list(entry.shape)} in {entry.file.name}")
+    if problems:
+        raise ConfigError(f"pretrained_model_dir {folder} does not match the model config:\n  "
+                          + "\n  ".join(problems) + "\nset model: to the folder's config.json values")
+    nbytes = 0
+    with torch.no_grad():
+        for name, t in state.items():
+            local = local_tensor(t)
+            for chunk in local_chunks(t):
+                data = read_hf_box(index[name], chunk.box)
+                local[chunk.local].copy_(data)
+                nbytes += data.numel() * data.element_size()
+    return nbytes
+
+
+def init_from_pretrained(trainer: Trainer, cfg: TrainConfig) -> None:
+    """Load ``cfg.pretrained_model_dir`` into ``trainer.model``; a no-op when unset or when ``load_checkpoint`` is set.
+
+    Every rank calls it (each reads its own slices); not collective.
+    """
+    if not cfg.pretrained_model_dir:
+        return
+    if cfg.load_checkpoint:
+        logger.info("pretrained_model_dir %s ignored: load_checkpoint %s is set and takes precedence",
+                    cfg.pretrained_model_dir, cfg.load_checkpoint)
+        return
+    nbytes = load_pretrained(trainer.model, cfg.pretrained_model_dir, cfg.model)
+    logger.info("initialised the model from %s (%.1f MB read on this rank)", cfg.pretrained_model_dir, nbytes / 1e6)
+
+
+class PretrainedInit(Callback):
+    """Trainer callback: :func:`init_from_pretrained` in ``on_train_begin`` (register it before Resume)."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+
+    def on_train_begin(self, trainer: Trainer) -> None:
+        init_from_pretrained(trainer, self.cfg)
