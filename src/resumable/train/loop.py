@@ -325,6 +325,9 @@ def run(cfg: TrainConfig, callbacks: Iterable[Callback] = ()) -> Trainer:
     try:
         trainer = Trainer(cfg, build_layout(cfg), callbacks)
         trainer.fit()
+        # Leave together: gloo torn down while a peer still finishes FSDP's last
+        # collectives sometimes aborts that peer ("terminate called without an active exception").
+        dist.barrier()
         return trainer
     finally:
         if created:

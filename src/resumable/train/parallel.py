@@ -31,21 +31,22 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
-from torch.distributed.pipelining.schedules import PipelineScheduleSingle
 from torch.distributed.tensor import DTensor, Replicate
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from resumable.errors import ConfigError
 from resumable.train.config import TrainConfig
 from resumable.train.model import Qwen3ForCausalLM
+
+if TYPE_CHECKING:
+    from torch.distributed.pipelining.schedules import PipelineScheduleSingle
 
 _LAYER_PLAN = {
     "self_attn.q_proj": ColwiseParallel,
@@ -190,11 +191,14 @@ def parallelize(model: Qwen3ForCausalLM, layout: Layout) -> Qwen3ForCausalLM:
 
 
 def build_pipeline(model: nn.Module, layout: Layout, micro_batch_num: int,
-                   loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> PipelineScheduleSingle:
+                   loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> "PipelineScheduleSingle":
     """This stage's schedule: 1F1B when there are enough micro batches, else GPipe.
 
     The schedule divides gradients by ``micro_batch_num`` itself (``scale_grads``).
     """
+    # Imported here: pipelining pulls in torch._dynamo, half a second per process.
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
     stage = PipelineStage(model, layout.coord("pp"), layout.pp, layout.device, group=layout.group("pp"))
     schedule = Schedule1F1B if micro_batch_num >= layout.pp else ScheduleGPipe
     return schedule(stage, n_microbatches=micro_batch_num, loss_fn=loss_fn)
