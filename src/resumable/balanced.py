@@ -217,14 +217,16 @@ def balanced_reads(folder: Path, meta: v2.Metadata, reads: list[Read], targets: 
             works, arrived = [], []
             for tag, u in by_name[name]:
                 dst = _dst(u, my_reads[(u.name, u.stored_box)])
+                # Messages live on the target's device: CPU for gloo, the GPU for NCCL.
+                device = locals_[name].device
                 if u.reader == me:
-                    data = read_region(handle(u.file), u.key, u.src()).contiguous()
+                    data = read_region(handle(u.file), u.key, u.src()).to(device).contiguous()
                     locals_[name][dst].copy_(data)
                     for o in u.owners:
                         if o != me:
                             works.append(tdist.isend(data, group=group, group_dst=o, tag=tag))
                 else:
-                    buf = torch.empty(u.box.shape, dtype=getattr(torch, meta.tensors[name].dtype))
+                    buf = torch.empty(u.box.shape, dtype=getattr(torch, meta.tensors[name].dtype), device=device)
                     works.append(tdist.irecv(buf, group=group, group_src=u.reader, tag=tag))
                     arrived.append((buf, dst))
             for w in works:

@@ -391,7 +391,7 @@ def load(state: dict[str, Any], path: str | os.PathLike[str], *, process_group: 
     try:
         prep = _prepare(state, path, verify, process_group, check_files=not balanced)
         err: BaseException | None = None
-    except (CheckpointError, OSError, ValueError, TypeError) as exc:
+    except Exception as exc:  # any failure, agreed below so that no rank is left waiting
         err = exc
     _agree(err, process_group)
     assert prep is not None
@@ -403,7 +403,7 @@ def load(state: dict[str, Any], path: str | os.PathLike[str], *, process_group: 
         try:
             result = _finish(prep, state, process_group, nbytes, start)
             err = None
-        except (CheckpointError, OSError, ValueError) as exc:
+        except Exception as exc:  # agreed below
             err = exc
         _agree(err, process_group)
         assert result is not None
@@ -413,7 +413,7 @@ def load(state: dict[str, Any], path: str | os.PathLike[str], *, process_group: 
         nbytes = execute_reads(prep.folder, prep.reads, _place_into(targets))
         result = _finish(prep, state, process_group, nbytes, start)
         err = None
-    except (CheckpointError, OSError, ValueError, RuntimeError) as exc:
+    except Exception as exc:  # agreed below
         err = exc
     _agree(err, process_group)
     assert result is not None
@@ -492,7 +492,7 @@ class PendingLoad:
                         "the state given to PendingLoad.result() has another layout than the template "
                         "given to load_async(); build both on the same mesh and placements")
                 self._prep.flat = flat
-            except (CheckpointError, ValueError, TypeError) as exc:
+            except Exception as exc:  # agreed below
                 err = exc
         _agree(err, self._group)
         assert self._prep is not None
@@ -504,7 +504,7 @@ class PendingLoad:
             self._buffers.clear()
             result = _finish(self._prep, state, self._group, self._bytes, self._start)
             err = None
-        except (CheckpointError, OSError, ValueError, RuntimeError) as exc:
+        except Exception as exc:  # agreed below
             err = exc
         _agree(err, self._group)
         assert result is not None
