@@ -131,6 +131,10 @@ class Resume(Callback):
 
 def checkpoint_callbacks(cfg: TrainConfig) -> list[Callback]:
     """The callbacks a config asks for: resume first (it sets the step), then the monitor."""
+    if cfg.use_legacy_format:  # Checkpoint 1.0: per-rank files (resumable.train.legacy_callbacks)
+        from resumable.train.legacy_callbacks import legacy_callbacks
+
+        return legacy_callbacks(cfg)
     monitor = CheckpointMonitor(cfg) if cfg.checkpoint is not None else None
     callbacks: list[Callback] = []
     if cfg.load_checkpoint:

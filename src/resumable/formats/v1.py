@@ -1,0 +1,382 @@
+"""Checkpoint 1.0 (legacy) on disk: file names, meta.json, file metadata, strategy files, ``.ckpt`` I/O.
+
+The layout is in ``shared/FORMATS.md`` ("Checkpoint 1.0"); names follow MindFormers
+(``shared/MINDFORMERS.md``) and are parsed with :mod:`resumable.formats.mindformers`::
+
+    <output_dir>/checkpoint/rank_{r}/{prefix}_rank_{r}[_{k}]-{epoch}_{step}.{safetensors|ckpt}
+    <output_dir>/checkpoint/rank_{r}/meta.json      {"last_epoch", "last_step", "last_ckpt_file"}
+    <output_dir>/strategy/ckpt_strategy_rank_{r}.ckpt
+
+``{epoch}_{step}`` is MindSpore's: the 1-based epoch the step belongs to and the 1-based
+step inside that epoch (the last step of the first epoch of 10 steps is ``1_10``, the
+next one ``2_1``), so name order is training order (:func:`name_position`).
+
+What a rank's file holds (both formats hold the same keys):
+
+- its chunks of every network and optimizer tensor, under the tensor's name (``name@o0,o1``
+  when it holds several chunks of one tensor, as Checkpoint 2.0 does);
+- the context scalars ``epoch_num``, ``step_num``, ``global_step``, ``consumed_samples``,
+  ``global_batch_size`` (int64, shape ``[]``) and ``loss_scale`` (float32, when set);
+- ``__metadata__`` (str → str): ``format`` ``"pt"``, ``remove_redundancy`` ``"True"|"False"``
+  and ``resumable_legacy``: JSON of the chunk map (key → name, global shape, offsets),
+  the writing rank, the layout and the context (the non-tensor state and ``rank_local``).
+
+A ``.ckpt`` is ``torch.save`` of ``{key: tensor, ..., "__metadata__": {str: str}}`` and is
+only ever read with ``torch.load(weights_only=True)``: a file carrying any pickled object
+is refused (:func:`load_ckpt`). A strategy file is JSON (never pickle) describing one rank's
+sharding (:func:`strategy_doc`).
+
+This module is bytes and JSON only: no ``torch.distributed``, no renames (see ``commit``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from resumable.errors import CheckpointNotFoundError, CorruptCheckpointError, UnsafeCheckpointError
+from resumable.formats.hf import load_json_object
+from resumable.formats.mindformers import LegacyFile, legacy_file_name, parse_legacy_name
+
+__all__ = [
+    "META_JSON",
+    "FileInfo",
+    "file_metadata",
+    "load_ckpt",
+    "meta_bytes",
+    "name_position",
+    "next_suffix",
+    "parse_file_metadata",
+    "rank_file_name",
+    "read_strategy",
+    "save_ckpt",
+    "strategy_doc",
+    "strategy_file_name",
+    "substitute_rank",
+]
+
+META_JSON = "meta.json"
+META_KEY = "resumable_legacy"
+STRATEGY_DIR = "strategy"
+UNIFIED_DIR = "unified_checkpoint"
+TRANSFORMED_DIR = "transformed_checkpoint"
+STRATEGY_FORMAT = "resumable-strategy"
+FORMATS = ("safetensors", "ckpt")
+#: Context values also stored as scalar tensors (MindFormers keeps these in its files).
+SCALARS = ("epoch_num", "step_num", "global_step", "consumed_samples", "global_batch_size", "loss_scale")
+_STRATEGY_RE = re.compile(r"^ckpt_strategy_rank_(\d+)\.ckpt$")
+MAX_STRATEGY_BYTES = 1 << 30
+
+
+# ------------------------------------------------------------------------------ names
+
+
+def rank_file_name(prefix: str, rank: int, suffix: int, epoch: int, step: int, fmt: str) -> str:
+    """``{prefix}_rank_{rank}[_{suffix}]-{epoch}_{step}.{fmt}`` (no ``_0`` for suffix 0).
+
+    Example:
+        >>> rank_file_name("qwen3", 1, 2, 3, 4, "ckpt")
+        'qwen3_rank_1_2-3_4.ckpt'
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"checkpoint_format must be one of {FORMATS}, got {fmt!r}")
+    if not prefix or "/" in prefix or "\\" in prefix or "\0" in prefix:
+        raise ValueError(f"prefix must be a plain file-name prefix, got {prefix!r}")
+    return legacy_file_name(LegacyFile(epoch, step, suffix, prefix, rank, fmt))
+
+
+def substitute_rank(name: str, rank: int) -> str:
+    """The same step's file name for ``rank`` (``resume_training: "<file name>"``).
+
+    Example:
+        >>> substitute_rank("qwen3_rank_0-200_1.safetensors", 1)
+        'qwen3_rank_1-200_1.safetensors'
+
+    Raises:
+        ValueError: ``name`` is not a legacy file name (the message shows the expected form).
+    """
+    parsed = parse_legacy_name(Path(name).name)
+    if parsed is None or Path(name).name != name:
+        raise ValueError(
+            f"resume_training: {name!r} is not a legacy checkpoint file name; expected a bare name like "
+            "qwen3_rank_0-200_1.safetensors ({prefix}_rank_{rank}[_{k}]-{epoch}_{step}.{safetensors|ckpt})")
+    return legacy_file_name(LegacyFile(parsed.epoch, parsed.step, parsed.suffix, parsed.prefix, rank, parsed.ext))
+
+
+def next_suffix(names: list[str] | tuple[str, ...], prefix: str, rank: int) -> int:
+    """The prefix suffix a new job uses so that it overwrites nothing.
+
+    0 when no file of ``rank`` carries ``prefix``; else one more than the largest suffix
+    seen (the bare prefix counts as 0): ``qwen3_rank_0`` → ``qwen3_rank_0_1`` → ``_2``.
+
+    Example:
+        >>> next_suffix(["q_rank_0-1_1.ckpt", "q_rank_0_3-1_2.ckpt", "other_rank_0_9-1_1.ckpt"], "q", 0)
+        4
+    """
+    seen = [p.suffix for p in map(parse_legacy_name, names)
+            if p is not None and p.prefix == prefix and p.rank == rank]
+    return max(seen) + 1 if seen else 0
+
+
+def name_position(epochs_done: int, step_in_epoch: int, steps_of_last_epoch: int) -> tuple[int, int]:
+    """MindSpore's ``(epoch, step)`` of a file name for the state after a step.
+
+    Args:
+        epochs_done: completed epochs (the trainer's 0-based epoch in progress).
+        step_in_epoch: steps done in the epoch in progress.
+        steps_of_last_epoch: steps the just-completed epoch had (used when
+            ``step_in_epoch`` is 0: that step closed an epoch).
+
+    Example:
+        >>> name_position(0, 3, 10), name_position(1, 0, 10), name_position(1, 1, 10)
+        ((1, 3), (1, 10), (2, 1))
+    """
+    if step_in_epoch > 0:
+        return epochs_done + 1, step_in_epoch
+    if epochs_done == 0:
+        return 1, 0  # nothing trained yet
+    return epochs_done, steps_of_last_epoch
+
+
+# ---------------------------------------------------------------------------- meta.json
+
+
+def meta_bytes(epoch: int, step: int, file_name: str) -> bytes:
+    """The content of a rank's ``meta.json`` naming its last complete save."""
+    return (json.dumps({"last_epoch": epoch, "last_step": step, "last_ckpt_file": file_name}) + "\n").encode()
+
+
+# ------------------------------------------------------------------------ file metadata
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """What a rank file's ``__metadata__`` says about it.
+
+    Attributes:
+        chunks: key → (tensor name, global shape, offsets) of every chunk in the file.
+        rank: the rank that wrote it (-1 for a unified checkpoint).
+        layout: the layout that wrote it (``world_size``, ``mesh``, ``pipeline_stages``, ...).
+        remove_redundancy: the file holds only its rank's share of replicated chunks.
+        context: ``{"state": non-tensor state, "rank_local": the writer's own values}``.
+    """
+
+    chunks: dict[str, tuple[str, tuple[int, ...], tuple[int, ...]]]
+    rank: int
+    layout: dict[str, Any]
+    remove_redundancy: bool
+    context: dict[str, Any]
+
+
+def file_metadata(chunks: Mapping[str, tuple[str, list[int] | tuple[int, ...], list[int] | tuple[int, ...]]], *,
+                  rank: int, layout: Mapping[str, Any], remove_redundancy: bool,
+                  context: Mapping[str, Any]) -> dict[str, str]:
+    """The ``__metadata__`` of one rank file (see the module docstring).
+
+    Raises:
+        TypeError: the context holds a value JSON cannot store (naming it).
+    """
+    doc = {"chunks": {k: {"name": n, "global_shape": list(g), "offsets": list(o)} for k, (n, g, o) in chunks.items()},
+           "rank": rank, "layout": dict(layout), "context": dict(context)}
+    try:
+        text = json.dumps(doc, separators=(",", ":"), allow_nan=True)
+    except TypeError as exc:
+        raise TypeError(f"legacy checkpoint context must be JSON (int, float, str, bool, None, lists, dicts): {exc}") \
+            from exc
+    return {"format": "pt", "remove_redundancy": str(bool(remove_redundancy)), META_KEY: text}
+
+
+def _ints(value: Any, minimum: int = 0) -> bool:
+    return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum
+                                           for v in value)
+
+
+def parse_file_metadata(meta: Mapping[str, str] | None, source: str | os.PathLike[str]) -> FileInfo:
+    """Parse and check a rank file's ``__metadata__``.
+
+    Raises:
+        CorruptCheckpointError: no ``resumable_legacy`` entry (a file not written by
+            resumable), bad JSON, or a malformed chunk map; ``source`` is named.
+    """
+    if not meta or META_KEY not in meta:
+        raise CorruptCheckpointError(
+            f"{source}: no {META_KEY!r} entry in the file's metadata, so it was not written by resumable's "
+            "Checkpoint 1.0; MindFormers legacy checkpoints are read with resumable.formats.mindformers")
+    try:
+        doc = json.loads(meta[META_KEY])
+    except json.JSONDecodeError as exc:
+        raise CorruptCheckpointError(f"{source}: {META_KEY!r} metadata is not valid JSON: {exc}") from exc
+    if not isinstance(doc, dict) or not isinstance(doc.get("chunks"), dict):
+        raise CorruptCheckpointError(f"{source}: {META_KEY!r} metadata has no \"chunks\" object")
+    chunks = {}
+    for key, c in doc["chunks"].items():
+        if not (isinstance(c, dict) and isinstance(c.get("name"), str) and _ints(c.get("global_shape"))
+                and _ints(c.get("offsets")) and len(c["offsets"]) == len(c["global_shape"])):
+            raise CorruptCheckpointError(f"{source}: chunk {key!r} must have a name, a global_shape and offsets of "
+                                         f"equal length, got {c!r}")
+        chunks[key] = (c["name"], tuple(c["global_shape"]), tuple(c["offsets"]))
+    rank, layout, context = doc.get("rank"), doc.get("layout"), doc.get("context")
+    if not isinstance(rank, int) or not isinstance(layout, dict) or not isinstance(context, dict):
+        raise CorruptCheckpointError(f"{source}: {META_KEY!r} metadata needs \"rank\", \"layout\" and \"context\"")
+    return FileInfo(chunks, rank, layout, meta.get("remove_redundancy") == "True", context)
+
+
+def context_scalars(objects: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The context values MindFormers keeps as scalar tensors (present ones only)."""
+    out = {}
+    for name in SCALARS:
+        value = objects.get(name)
+        if isinstance(value, bool) or value is None:
+            continue
+        if name == "loss_scale" and isinstance(value, (int, float)):
+            out[name] = torch.tensor(float(value), dtype=torch.float32)
+        elif isinstance(value, int):
+            out[name] = torch.tensor(value, dtype=torch.int64)
+    return out
+
+
+# ---------------------------------------------------------------------------- .ckpt I/O
+
+
+def save_ckpt(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> int:
+    """Write a ``.ckpt`` (``torch.save`` of tensors and ``__metadata__``) to a new file, fsynced.
+
+    Returns:
+        The file size in bytes.
+
+    Raises:
+        ValueError: a key is ``__metadata__``.
+        OSError: the file exists or cannot be written.
+    """
+    if "__metadata__" in tensors:
+        raise ValueError("'__metadata__' is reserved in a .ckpt file")
+    payload: dict[str, Any] = {k: t.detach().cpu().contiguous() for k, t in tensors.items()}
+    payload["__metadata__"] = dict(metadata)
+    with open(path, "xb") as f:
+        torch.save(payload, f)
+        f.flush()
+        os.fsync(f.fileno())
+        return f.tell()
+
+
+def load_ckpt(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Open a ``.ckpt`` safely: ``torch.load(weights_only=True, mmap=True)``; tensors map lazily.
+
+    Returns:
+        ``(tensors, metadata)``.
+
+    Raises:
+        UnsafeCheckpointError: the file carries pickled objects that weights-only loading
+            refuses (a custom class, a function ...): it is never unpickled.
+        CorruptCheckpointError: not a torch zip file, or not a dict of tensors with
+            ``__metadata__`` (str → str).
+        FileNotFoundError: no such file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    try:
+        doc = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UnsafeCheckpointError(
+            f"{path}: refused by weights-only loading ({first}); a .ckpt checkpoint holds only tensors and plain "
+            "values, and files carrying other pickled objects are never loaded: re-save it with resumable") from exc
+    except (RuntimeError, EOFError, ValueError, OSError) as exc:
+        raise CorruptCheckpointError(f"{path}: not a readable torch .ckpt file ({exc}); the file is truncated or "
+                                     "damaged: restore it or load another step") from exc
+    meta = doc.pop("__metadata__", None) if isinstance(doc, dict) else None
+    if (not isinstance(doc, dict) or not isinstance(meta, dict)
+            or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items())
+            or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in doc.items())):
+        raise CorruptCheckpointError(f"{path}: a legacy .ckpt must hold a dict of tensors and '__metadata__' "
+                                     "(str → str); this one does not")
+    return doc, meta
+
+
+# ----------------------------------------------------------------------- strategy files
+
+
+def strategy_file_name(rank: int) -> str:
+    """``ckpt_strategy_rank_{rank}.ckpt``."""
+    return f"ckpt_strategy_rank_{rank}.ckpt"
+
+
+def strategy_doc(*, rank: int, world_size: int, layout: Mapping[str, Any], remove_redundancy: bool,
+                 tensors: Mapping[str, Mapping[str, Any]]) -> bytes:
+    """A strategy file: this rank's sharding of every network and optimizer tensor, as JSON.
+
+    ``tensors[name]``: ``dtype``, ``global_shape``, ``kind``, ``mesh`` (``dim_names``,
+    ``shape``, ``coordinate``; None for a plain tensor), ``placements`` (``["S", d]``,
+    ``["SS", d, split_factor]``, ``["R"]``; None for a plain tensor) and ``chunks``: every
+    box the rank holds with its place in the local tensor and whether this rank's file
+    stores it (``{"offsets", "shape", "local": [[start, stop], ...], "stored"}``).
+    """
+    doc = {"format": STRATEGY_FORMAT, "format_version": 1, "rank": rank, "world_size": world_size,
+           "layout": dict(layout), "remove_redundancy": remove_redundancy, "tensors": dict(tensors)}
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def read_strategy(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read and check one strategy file.
+
+    Raises:
+        CheckpointNotFoundError: no such file.
+        UnsafeCheckpointError: the file is larger than we parse.
+        CorruptCheckpointError: not a resumable strategy (e.g. a pickled MindSpore strategy),
+            or a malformed tensor entry; the file and the tensor are named.
+    """
+    path = Path(path)
+    try:
+        doc = load_json_object(path, "strategy file", MAX_STRATEGY_BYTES)
+    except CorruptCheckpointError as exc:
+        raise CorruptCheckpointError(f"{exc}; strategy files written by resumable are JSON "
+                                     "(src_strategy_path_or_dir must name them)") from exc
+    if doc.get("format") != STRATEGY_FORMAT or not isinstance(doc.get("tensors"), dict):
+        raise CorruptCheckpointError(f"{path}: not a resumable strategy file (format {doc.get('format')!r})")
+    for key in ("rank", "world_size"):
+        if not isinstance(doc.get(key), int) or doc[key] < 0:
+            raise CorruptCheckpointError(f"{path}: {key!r} must be a non-negative integer")
+    if not isinstance(doc.get("layout"), dict):
+        raise CorruptCheckpointError(f"{path}: \"layout\" must be an object")
+    for name, t in doc["tensors"].items():
+        ok = (isinstance(t, dict) and _ints(t.get("global_shape")) and isinstance(t.get("chunks"), list)
+              and all(isinstance(c, dict) and _ints(c.get("offsets")) and _ints(c.get("shape"))
+                      and len(c["offsets"]) == len(c["shape"]) == len(t["global_shape"]) for c in t["chunks"]))
+        if not ok:
+            raise CorruptCheckpointError(f"{path}: tensor {name!r} needs a global_shape and chunks with offsets "
+                                         "and shape of its rank")
+    return doc
+
+
+def strategy_files(path_or_dir: str | os.PathLike[str]) -> dict[int, Path]:
+    """Rank → strategy file of ``src_strategy_path_or_dir`` (one file, or a folder of them).
+
+    Raises:
+        CheckpointNotFoundError: the path does not exist or the folder holds no strategy file.
+        UnsafeCheckpointError: a symlink in the folder points outside it.
+    """
+    path = Path(path_or_dir)
+    if path.is_file():
+        m = _STRATEGY_RE.match(path.name)
+        return {int(m.group(1)) if m else -1: path}
+    if not path.is_dir():
+        raise CheckpointNotFoundError(f"src_strategy_path_or_dir {path} does not exist; point it at the source "
+                                      "job's <output_dir>/strategy folder or one of its ckpt_strategy_rank_*.ckpt")
+    found = {}
+    for entry in path.iterdir():
+        m = _STRATEGY_RE.match(entry.name)
+        if m:
+            if entry.resolve().parent != path.resolve():
+                raise UnsafeCheckpointError(f"{entry} resolves outside {path}; refusing to read it")
+            found[int(m.group(1))] = entry
+    if not found:
+        raise CheckpointNotFoundError(f"src_strategy_path_or_dir {path} holds no ckpt_strategy_rank_*.ckpt file")
+    return found

@@ -1,0 +1,200 @@
+"""The trainer's Checkpoint 1.0 callbacks (``use_legacy_format: true``): save per-rank files, resume from them.
+
+They mirror :mod:`resumable.train.checkpointing` (``CheckpointMonitor`` / ``Resume``) and
+run on every rank at the same points of ``Trainer.fit`` (their library calls are
+collective). Keys read (../shared/FORMATS.md): the CheckpointMonitor's ``prefix``,
+``directory``, ``save_checkpoint_steps``, ``keep_checkpoint_max``, ``checkpoint_format``,
+``remove_redundancy``, ``save_optimizer``; ``output_dir`` (``strategy/``,
+``unified_checkpoint/``, ``transformed_checkpoint/``); ``load_checkpoint``,
+``resume_training`` (true, or a file name), ``load_ckpt_format``, ``auto_trans_ckpt``,
+``src_strategy_path_or_dir``, ``transform_process_num``, ``remove_redundancy``,
+``load_ckpt_async``.
+
+Run it::
+
+    python -m resumable.train --set use_legacy_format=true --set runner_config.stop_step=20 ...
+    python -m resumable.train --set use_legacy_format=true --set load_checkpoint=output/checkpoint \\
+        --set resume_training=true
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+from resumable import dist
+from resumable.formats import v1
+from resumable.legacy import (
+    LegacyLoadOptions,
+    LegacySaver,
+    LegacySource,
+    check_transform_process_num,
+    load_legacy,
+    resolve_legacy,
+)
+from resumable.train.checkpointing import layout_info
+from resumable.train.config import TrainConfig
+from resumable.train.loop import Callback, Trainer
+
+logger = logging.getLogger(__name__)
+
+
+def legacy_layout(trainer: Trainer) -> dict[str, Any]:
+    """The layout recorded in every legacy file; a different one on load needs ``auto_trans_ckpt``."""
+    return {"world_size": dist.world_size(), **layout_info(trainer)}
+
+
+class LegacyCheckpointMonitor(Callback):
+    """Saves every ``save_checkpoint_steps`` steps and at the last step, as Checkpoint 1.0.
+
+    File names carry MindSpore's ``{epoch}_{step}``: the 1-based epoch of the step and the
+    1-based step inside it (:func:`resumable.formats.v1.name_position`).
+    """
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.saver: LegacySaver | None = None
+        self.protected: set[Path] = set()
+        self.last_saved: int | None = None
+        self._in_epoch = 0  # steps done in the epoch in progress, before the latest step
+        self._position = (1, 0)
+
+    def on_train_begin(self, trainer: Trainer) -> None:
+        mon = self.cfg.checkpoint
+        assert mon is not None  # only built when the config has a CheckpointMonitor
+        if mon.async_save:
+            logger.warning("async_save is not available with use_legacy_format: true; saving synchronously")
+        self.saver = LegacySaver(
+            self.cfg.checkpoint_dir, prefix=mon.prefix, fmt=mon.checkpoint_format,
+            keep_checkpoint_max=mon.keep_checkpoint_max, remove_redundancy=mon.remove_redundancy,
+            save_optimizer=mon.save_optimizer, strategy_dir=Path(self.cfg.output_dir) / v1.STRATEGY_DIR,
+            layout=legacy_layout(trainer), protect=self.protected)
+        ctx = trainer.ctx
+        self.last_saved = ctx.global_step  # the state we start from is already on disk (or random)
+        self._in_epoch = ctx.step_in_epoch
+        self._position = v1.name_position(ctx.epoch, ctx.step_in_epoch, trainer.batches.steps_per_epoch)
+
+    def _save(self, trainer: Trainer) -> None:
+        assert self.saver is not None
+        self.saver.save(trainer.state_dict(), *self._position)
+        self.last_saved = trainer.ctx.global_step
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        ctx = trainer.ctx
+        self._position = v1.name_position(ctx.epoch, ctx.step_in_epoch, self._in_epoch + 1)
+        self._in_epoch = ctx.step_in_epoch
+        mon = self.cfg.checkpoint
+        assert mon is not None
+        if ctx.global_step % mon.save_checkpoint_steps == 0:
+            self._save(trainer)
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        if self.last_saved != trainer.ctx.global_step:
+            self._save(trainer)  # training always ends on a checkpoint
+
+    def protect(self, path: Path) -> None:
+        """Keep ``path`` (the file resumed from) out of retention while this job runs."""
+        self.protected.add(path.resolve())
+        if self.saver is not None:
+            self.saver.protect.add(path.resolve())
+
+
+class _Prefetch:
+    """``load_ckpt_async``: read this rank's file into the page cache while the model is built.
+
+    The thread only reads bytes (no torch.distributed, no parsing); the real load that
+    follows finds them in memory. It guesses the step with the same rule the load uses;
+    a wrong guess costs only the read.
+    """
+
+    def __init__(self, cfg: TrainConfig, rank: int) -> None:
+        self.thread = threading.Thread(target=self._run, args=(cfg, rank), name="resumable-legacy-prefetch",
+                                       daemon=True)
+        self.thread.start()
+
+    @staticmethod
+    def _run(cfg: TrainConfig, rank: int) -> None:
+        from resumable.legacy import _resolve_here
+
+        try:
+            found = _resolve_here(cfg.load_checkpoint, cfg.resume_training, cfg.load_ckpt_format, cfg.output_dir, rank)
+            if found.root is None:
+                return
+            name = found.files[0] if found.single else found.files[min(rank, len(found.files) - 1)]
+            with open(found.root / name, "rb") as f:
+                while f.read(8 << 20):
+                    pass
+        except Exception as exc:  # the real load reports problems; this is only a head start
+            logger.debug("load_ckpt_async prefetch skipped: %s", exc)
+
+    def join(self) -> None:
+        self.thread.join()
+
+
+class LegacyResume(Callback):
+    """Loads ``load_checkpoint`` before the first step (fresh start when it resolves to nothing).
+
+    With ``resume_training`` true or a file name the whole state is restored (weights,
+    optimizer, step, data position, RNG when the layout is unchanged); with false only the
+    weights are loaded and training starts at step 0.
+    """
+
+    def __init__(self, cfg: TrainConfig, monitor: LegacyCheckpointMonitor | None = None) -> None:
+        self.cfg = cfg
+        self.monitor = monitor
+        self.source: LegacySource | None = None
+        # Constructed before the trainer builds its model: the prefetch overlaps with that.
+        self._prefetch = _Prefetch(cfg, dist.rank() if dist.initialized() else _env_rank()) \
+            if cfg.load_ckpt_async else None
+
+    def on_train_begin(self, trainer: Trainer) -> None:
+        cfg = self.cfg
+        if cfg.transform_process_num is not None:
+            check_transform_process_num(cfg.transform_process_num, dist.world_size())
+        if self._prefetch is not None:
+            self._prefetch.join()
+        self.source = source = resolve_legacy(cfg.load_checkpoint, cfg.resume_training, fmt=cfg.load_ckpt_format,
+                                              output_dir=cfg.output_dir)
+        if source.fresh:
+            logger.info("fresh start: %s", source.reason)
+            return
+        full = cfg.resume_training is not False
+        state = trainer.state_dict()
+        if not full:  # weights only: the optimizer and the context start anew
+            state = {"model": state["model"]}
+        opts = LegacyLoadOptions(layout=legacy_layout(trainer), auto_trans_ckpt=cfg.auto_trans_ckpt,
+                                 src_strategy_path_or_dir=cfg.src_strategy_path_or_dir,
+                                 transform_process_num=cfg.transform_process_num,
+                                 remove_redundancy=cfg.remove_redundancy, output_dir=cfg.output_dir)
+        result = load_legacy(state, source, opts)
+        if not full:
+            set_model_state_dict(trainer.model, state["model"])
+            logger.info("loaded weights from %s; training starts at step 0 (resume_training is false)", source.root)
+            return
+        trainer.load_state_dict(state)
+        if self.monitor is not None:
+            assert result.source.root is not None
+            for name in result.source.files:
+                self.monitor.protect(result.source.root / name)
+        logger.info("resumed from %s at global step %d (epoch %d, step %d in epoch)", result.source.root,
+                    trainer.ctx.global_step, trainer.ctx.epoch, trainer.ctx.step_in_epoch)
+
+
+def _env_rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def legacy_callbacks(cfg: TrainConfig) -> list[Callback]:
+    """The Checkpoint 1.0 callbacks a config asks for: resume first (it sets the step), then the monitor."""
+    monitor = LegacyCheckpointMonitor(cfg) if cfg.checkpoint is not None else None
+    callbacks: list[Callback] = []
+    if cfg.load_checkpoint:
+        callbacks.append(LegacyResume(cfg, monitor))
+    if monitor is not None:
+        callbacks.append(monitor)
+    return callbacks
