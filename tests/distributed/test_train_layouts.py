@@ -9,8 +9,10 @@ builds its own mesh and Trainer) so the suite pays the process start-up once per
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
+import torch
 import torch.distributed as dist
 
 from resumable.train.config import load_config
@@ -41,13 +43,29 @@ LAYOUTS: dict[str, tuple[int, list[str]]] = {
 }
 
 
-def _train(overrides: list[str]) -> list[float]:
+def _copy(tree: Any) -> Any:
+    """A deep copy of a state dict whose tensors no longer alias the live model."""
+    if isinstance(tree, dict):
+        return {k: _copy(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_copy(v) for v in tree]
+    return tree.detach().clone() if isinstance(tree, torch.Tensor) else tree
+
+
+def _train(overrides: list[str]) -> tuple[list[float], list[float]]:
+    """Losses of STEPS steps, and of the last half again after restoring a mid-run state_dict."""
     cfg = load_config(None, [*BASE, *overrides])
     trainer = Trainer(cfg, build_layout(cfg))
-    return [trainer.train_step() for _ in range(STEPS)]
+    losses = [trainer.train_step() for _ in range(STEPS // 2)]
+    state = _copy(trainer.state_dict())
+    losses += [trainer.train_step() for _ in range(STEPS - STEPS // 2)]
+    resumed = Trainer(cfg, build_layout(cfg))
+    resumed.load_state_dict(state)
+    return losses, [resumed.train_step() for _ in range(STEPS - STEPS // 2)]
 
 
-def _train_each(rank: int, world_size: int, layouts: list[list[str]]) -> list[list[float]]:
+def _train_each(rank: int, world_size: int,
+                layouts: list[list[str]]) -> list[tuple[list[float], list[float]]]:
     losses = [_train(overrides) for overrides in layouts]
     # Leave together: a rank that tears down gloo while its peer is still finishing FSDP's
     # last collectives sometimes aborts the peer ("terminate called without an active exception").
@@ -55,8 +73,8 @@ def _train_each(rank: int, world_size: int, layouts: list[list[str]]) -> list[li
     return losses
 
 
-def _run_job(world_size: int) -> dict[str, list[list[float]]]:
-    """{layout name: per-rank losses} for every layout of this world size, in one job."""
+def _run_job(world_size: int) -> dict[str, list[tuple[list[float], list[float]]]]:
+    """{layout name: per-rank (losses, resumed losses)} for every layout of this size, in one job."""
     names = [n for n, (ws, _) in LAYOUTS.items() if ws == world_size]
     per_rank = run_distributed(_train_each, world_size, [LAYOUTS[n][1] for n in names])
     return {name: [rank_losses[i] for rank_losses in per_rank] for i, name in enumerate(names)}
@@ -65,11 +83,11 @@ def _run_job(world_size: int) -> dict[str, list[list[float]]]:
 @pytest.fixture(scope="module")
 def reference() -> list[float]:
     """One process, 4 samples per step."""
-    return run_distributed(_train_each, 1, [["runner_config.batch_size=4"]])[0][0]
+    return run_distributed(_train_each, 1, [["runner_config.batch_size=4"]])[0][0][0]
 
 
 @pytest.fixture(scope="module")
-def jobs() -> dict[int, dict[str, list[list[float]]]]:
+def jobs() -> dict[int, dict[str, list[tuple[list[float], list[float]]]]]:
     return {2: _run_job(2), 4: _run_job(4)}
 
 
@@ -81,13 +99,20 @@ def test_single_process_losses_are_finite_and_fall(reference):
 @pytest.mark.parametrize("name", LAYOUTS)
 def test_layout_gives_the_single_process_losses_on_every_rank(name, reference, jobs):
     world_size, _ = LAYOUTS[name]
-    per_rank = jobs[world_size][name]
+    per_rank = [losses for losses, _ in jobs[world_size][name]]
     assert all(r == per_rank[0] for r in per_rank), "every rank must report the same loss"
     # fp32 sums in another order (half-batch means averaged over DP, partial matmuls summed
     # over TP, micro-batch gradients accumulated) differ by ~1e-7 relative per step; six
     # AdamW steps amplify that to ~1e-6 at most, so 1e-5 catches any real mismatch (a wrong
     # gradient scale or a missed reduction moves the second loss by >1e-3).
     assert per_rank[0] == pytest.approx(reference, rel=1e-5)
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_restoring_a_mid_run_state_dict_continues_bitwise_identically(name, jobs):
+    world_size, _ = LAYOUTS[name]
+    for losses, resumed in jobs[world_size][name]:
+        assert resumed == losses[STEPS // 2:]
 
 
 def test_two_runs_of_one_layout_give_bitwise_identical_losses(jobs):
