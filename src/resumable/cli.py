@@ -1,6 +1,16 @@
 """The ``resumable`` command line.
 
     resumable train [--config C.yaml] [--nproc N] [--set KEY=VALUE ...]
+    resumable inspect PATH [--json]
+    resumable verify PATH [--no-checksum]
+    resumable diff A B [--model-only]
+    resumable merge SRC OUT
+    resumable split SRC OUT --layout dp=2,tp=2[,pp=N] [--sharded-optimizer]
+    resumable convert SRC OUT --to {v2,unified,hf,legacy}
+
+Exit status: 0 success; 1 the answer is "no" (verify found problems, diff found
+differences); 2 an error (the message names the path and what to do).
+The checkpoint commands live in :mod:`resumable.tools.commands`.
 
 ``train`` with ``--nproc`` launches ``torchrun`` itself (single node); without it the
 command trains in this process, or as one rank of the user's own ``torchrun``
@@ -47,7 +57,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_train)
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_train]
+def _commands() -> list[Callable[[argparse._SubParsersAction], None]]:
+    from resumable.tools.commands import COMMANDS as TOOLS
+
+    return [_add_train, *TOOLS]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Checkpointing and resume-training for distributed PyTorch training.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in COMMANDS:
+    for add in _commands():
         add(sub)
     return parser
 
@@ -65,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, CheckpointError, NotImplementedError, FileNotFoundError) as err:
+    except (ConfigError, CheckpointError, NotImplementedError, OSError, ValueError) as err:
         print(f"resumable {args.command}: error: {err}", file=sys.stderr)
         return 2
 

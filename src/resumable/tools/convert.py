@@ -1,0 +1,95 @@
+"""Convert between checkpoint formats (``resumable convert SRC OUT --to FORMAT``).
+
+=========  ======================================================================
+``--to``   what is written to ``OUT``
+=========  ======================================================================
+``v2``     Checkpoint 2.0 (``OUT/iteration_*`` + tracker), for one rank unless a
+           layout is given: the trainer reshards it online on load
+``unified`` full tensors (model and optimizer) + ``common.json`` (as ``merge``)
+``hf``     a HuggingFace folder: model parameters + ``config.json``
+``legacy`` Checkpoint 1.0 ``rank_*`` tree: not available yet
+=========  ======================================================================
+
+The source may be any format :func:`resumable.sources.open_source` reads (our
+Checkpoint 2.0, MindFormers 2.0 with or without ``metadata.json``, legacy ``rank_*``
+trees in ``.safetensors`` or ``.ckpt``, HuggingFace / unified folders).
+
+The model config of a HuggingFace export comes, in order, from ``hf_config`` (a
+``config.json`` dict), from ``model`` (our YAML's ``model:`` section), or from the
+source itself (a HuggingFace or unified source with a config); our Checkpoint 2.0 does
+not record it, so exporting one needs ``--config`` or ``--hf-config``.
+
+Example::
+
+    convert("mf_run/checkpoint", "ckpt", "v2", dtype=torch.float32)
+    convert("output/checkpoint", "hf_out", "hf", model=load_config("c.yaml").model)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from resumable.errors import ConfigError, NotImplementedYet
+from resumable.formats.names import AttentionShape
+from resumable.sources import open_source
+from resumable.tools.merge import DEFAULT_SHARD, export_hf, merge
+from resumable.tools.split import TargetLayout, write_v2
+
+__all__ = ["TARGETS", "convert"]
+
+Target = Literal["v2", "unified", "hf", "legacy"]
+TARGETS: tuple[str, ...] = ("v2", "unified", "hf", "legacy")
+
+
+def convert(src: str | os.PathLike[str], out: str | os.PathLike[str], to: Target, *,
+            layout: TargetLayout | None = None, prefix: str = "CKP", remove_redundancy: bool = False,
+            dtype: torch.dtype | None = None, heads: AttentionShape | None = None,
+            hf_config: dict[str, Any] | None = None, model: Any = None,
+            max_shard_size: int = DEFAULT_SHARD, progress: bool = False) -> Path:
+    """Convert the checkpoint at ``src`` to format ``to`` in ``out``.
+
+    Args:
+        src: any readable checkpoint path.
+        out: the output folder (a checkpoint folder for ``v2``; a new folder otherwise).
+        to: ``v2``, ``unified``, ``hf`` or ``legacy``.
+        layout: ``v2`` only: the target layout (default: one rank).
+        prefix, remove_redundancy: ``v2`` only, as the CheckpointMonitor keys.
+        dtype: cast floating-point tensors (e.g. ``torch.float32`` for the trainer).
+        heads: attention head counts for MindFormers ``linear_qkv`` (default: inferred).
+        hf_config: ``hf`` only: the ``config.json`` content.
+        model: ``hf`` only: our ``ModelConfig`` (used when ``hf_config`` is None).
+        max_shard_size: ``unified``/``hf``: bytes per safetensors shard.
+        progress: show progress bars.
+
+    Returns:
+        The folder written (for ``v2``, the committed iteration folder).
+
+    Raises:
+        ConfigError: ``hf`` without any model config; an unknown target.
+        NotImplementedYet: ``legacy``.
+    """
+    if to not in TARGETS:
+        raise ConfigError(f"--to {to!r}: choose one of {', '.join(TARGETS)}")
+    if to == "legacy":
+        raise NotImplementedYet("convert --to legacy (the Checkpoint 1.0 writer); convert to v2, or to unified "
+                                "and load it with auto_trans_ckpt")
+    source = open_source(src, heads=heads)
+    if to == "v2":
+        return write_v2(source, out, layout or TargetLayout(), prefix=prefix, remove_redundancy=remove_redundancy,
+                        dtype=dtype, progress=progress)
+    if to == "unified":
+        return merge(source, out, max_shard_size=max_shard_size, dtype=dtype, progress=progress)
+    config = hf_config
+    if config is None and model is not None:
+        from resumable.train.pretrained import hf_config as from_model
+
+        config = from_model(model)
+    config = config or source.model_config
+    if not config:
+        raise ConfigError(f"{src} does not record its model config; pass --config C.yaml (its model: section) "
+                          "or --hf-config config.json to export it as a HuggingFace folder")
+    return export_hf(source, out, config, max_shard_size=max_shard_size, dtype=dtype, progress=progress)

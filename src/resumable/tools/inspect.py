@@ -1,0 +1,112 @@
+"""What a checkpoint folder holds (``resumable inspect``): iterations, completeness, layout, tensors.
+
+Completeness is :func:`resumable.commit.is_committed`, the one definition. The report
+is a plain dict (``--json`` prints it as is); :func:`render` makes the terminal tables.
+
+Example::
+
+    report = inspect_path("output/checkpoint")
+    report["latest"], [t["name"] for t in report["tensors"]]
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from resumable import commit
+from resumable.errors import CheckpointError
+from resumable.sources import open_source
+
+__all__ = ["inspect_path", "render"]
+
+
+def _iterations(directory: Path) -> list[dict[str, Any]]:
+    rows = []
+    for child in sorted(directory.iterdir()):
+        name = child.name
+        n = commit.parse_iteration(name)
+        if n is None and name.startswith((".tmp-", ".old-", ".del-")):
+            n = commit.parse_iteration(name[5:])
+        if n is None or not child.is_dir():
+            continue
+        rows.append({"iteration": n, "folder": name, "committed": commit.is_committed(child)})
+    return rows
+
+
+def inspect_path(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Describe ``path`` (checkpoint folder, iteration folder, rank_* tree or HF/unified folder).
+
+    Returns:
+        ``{"path", "format", "tracker", "latest", "iterations": [{"iteration", "folder",
+        "committed"}], "selected", "iteration", "layout", "common", "tensors": [{"name",
+        "dtype", "shape", "chunks", "bytes", "kind"}], "total_bytes", "files": {name: bytes}}``.
+
+    Raises:
+        CheckpointNotFoundError / CorruptCheckpointError: naming the path.
+    """
+    path = Path(path)
+    report: dict[str, Any] = {"path": str(path), "tracker": None, "latest": None, "iterations": []}
+    if path.is_dir() and commit.parse_iteration(path.name) is None:
+        report["iterations"] = _iterations(path)
+        try:
+            report["tracker"] = commit.read_tracker(path)
+        except CheckpointError as exc:
+            report["tracker_error"] = str(exc)
+        latest = commit.latest_committed(path) if "tracker_error" not in report else None
+        report["latest"] = None if latest is None else commit.parse_iteration(latest.name)
+        for row in report["iterations"]:
+            row["latest"] = row["iteration"] == report["latest"] and row["committed"]
+    source = open_source(path)
+    report.update(format=source.format, selected=str(source.path), iteration=source.iteration,
+                  layout=source.layout, common={k: v for k, v in source.common.items() if k != "rank_local"})
+    report["tensors"] = [{"name": t.name, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape),
+                          "chunks": len(t.chunks), "bytes": t.nbytes, "kind": t.kind}
+                         for t in source.tensors.values()]
+    report["total_bytes"] = sum(t["bytes"] for t in report["tensors"])
+    files = sorted(p for p in source.path.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".ckpt", ".json"))
+    report["files"] = {str(p.relative_to(source.path)): p.stat().st_size for p in files}
+    return report
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return [fmt.format(*header).rstrip(), fmt.format(*("-" * w for w in widths)).rstrip(),
+            *(fmt.format(*r).rstrip() for r in rows)]
+
+
+def render(report: dict[str, Any]) -> str:
+    """Readable tables of an :func:`inspect_path` report."""
+    lines = [f"{report['path']}: {report['format']} checkpoint"]
+    if report["iterations"]:
+        lines.append(f"tracker: {report['tracker'] if report['tracker'] is not None else 'none'}"
+                     + (f" ({report['tracker_error']})" if "tracker_error" in report else ""))
+        rows = [[str(r["iteration"]), r["folder"], "yes" if r["committed"] else "NO (incomplete)",
+                 "<- latest" if r.get("latest") else ""] for r in report["iterations"]]
+        lines += ["", *_table(["iteration", "folder", "committed", ""], rows)]
+    lines += ["", f"selected: {report['selected']}"]
+    if report["layout"]:
+        lay = report["layout"]
+        lines.append(f"layout: world size {lay['world_size']}, mesh {lay.get('mesh')}, "
+                     f"{lay.get('pipeline_stages', 1)} pipeline stage(s), {lay.get('writers')} writer(s)")
+    common = report["common"]
+    context = ", ".join(f"{k} {common[k]}" for k in ("iteration", "global_step", "epoch_num", "step_num",
+                                                      "consumed_samples", "global_batch_size") if k in common)
+    if context:
+        lines.append(f"context: {context}")
+    rows = [[t["name"], t["dtype"], "x".join(map(str, t["shape"])) or "scalar", str(t["chunks"]), _size(t["bytes"])]
+            for t in report["tensors"]]
+    lines += ["", *_table(["tensor", "dtype", "shape", "chunks", "size"], rows)]
+    lines.append(f"{len(rows)} tensors, {_size(report['total_bytes'])}; {len(report['files'])} files, "
+                 f"{_size(sum(report['files'].values()))} on disk")
+    return "\n".join(lines)

@@ -1,0 +1,110 @@
+"""Completeness and integrity of checkpoints (``resumable verify``), every problem reported.
+
+For a checkpoint folder every ``iteration_*`` folder is checked (plus the tracker; the
+temporary folders of a save in progress are not checkpoints and are skipped); for one iteration folder, that one. A Checkpoint 2.0
+folder must be committed (:func:`resumable.commit.is_committed`) and every file listed
+by ``metadata.json`` must exist with its size and, unless ``checksum=False``, its
+xxh3-64 (:func:`resumable.resolve.verify_files`, one file at a time so that each damaged
+file is named). Foreign formats (MindFormers, legacy, HuggingFace) carry no checksums:
+their metadata and every file header are parsed and checked against each other.
+
+Example::
+
+    problems = verify_path("output/checkpoint")
+    for p in problems: print(p)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from resumable import commit
+from resumable.errors import CheckpointError
+from resumable.formats import v2
+from resumable.formats.safetensors_io import read_header
+from resumable.resolve import verify_files
+from resumable.sources import detect, open_source
+
+__all__ = ["Problem", "verify_path"]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong: where (a folder or file) and what, with what to do."""
+
+    where: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.message}" if not self.message.startswith(self.where) else self.message
+
+
+def _verify_v2(folder: Path, checksum: bool) -> tuple[list[Problem], int]:
+    try:
+        meta = v2.read_metadata(folder)
+    except (CheckpointError, OSError) as exc:
+        return [Problem(str(folder / v2.METADATA), str(exc))], 0
+    problems = []
+    for name in sorted(meta.files):
+        try:
+            verify_files(folder, meta, checksum=checksum, only={name})
+            read_header(folder / name)
+        except (CheckpointError, OSError) as exc:
+            problems.append(Problem(str(folder / name), str(exc)))
+    try:
+        v2.read_common(folder)
+    except (CheckpointError, OSError) as exc:
+        problems.append(Problem(str(folder / v2.COMMON), str(exc)))
+    return problems, len(meta.files)
+
+
+def _verify_foreign(path: Path) -> tuple[list[Problem], int]:
+    try:
+        source = open_source(path)
+    except (CheckpointError, OSError, ValueError) as exc:
+        return [Problem(str(path), str(exc))], 0
+    return [], len({c.where for t in source.tensors.values() for c in t.chunks})
+
+
+def _verify_one(folder: Path, checksum: bool) -> tuple[list[Problem], int]:
+    if not commit.is_committed(folder):
+        return [Problem(str(folder), "incomplete: not a committed checkpoint (no readable metadata.json); "
+                                     "the save that wrote it did not finish: delete it or restore it")], 0
+    fmt, _ = detect(folder)
+    return _verify_v2(folder, checksum) if fmt == "v2" else _verify_foreign(folder)
+
+
+def verify_path(path: str | os.PathLike[str], *, checksum: bool = True) -> tuple[list[Problem], int]:
+    """Check one checkpoint or every checkpoint of a folder.
+
+    Returns:
+        ``(problems, files_checked)``; no problems means everything is complete and intact.
+
+    Example::
+
+        problems, n = verify_path("output/checkpoint/iteration_00000100", checksum=False)
+    """
+    path = Path(path)
+    if not path.exists():
+        return [Problem(str(path), f"{path} does not exist")], 0
+    if commit.parse_iteration(path.name) is not None or path.name.startswith((".tmp-", ".old-", ".del-")):
+        return _verify_one(path, checksum)
+    iterations = sorted(p for p in path.iterdir() if p.is_dir() and commit.parse_iteration(p.name) is not None)
+    if not iterations:
+        return _verify_foreign(path)
+    problems: list[Problem] = []
+    checked = 0
+    try:
+        target = commit.read_tracker(path)
+        if target is not None and not commit.is_committed(path / commit.iteration_dirname(target)):
+            problems.append(Problem(str(path / commit.TRACKER), f"names iteration {target}, which is not a "
+                                    "committed folder; edit it to a committed iteration"))
+    except CheckpointError as exc:
+        problems.append(Problem(str(path / commit.TRACKER), str(exc)))
+    for folder in iterations:
+        found, n = _verify_one(folder, checksum)
+        problems += found
+        checked += n
+    return problems, checked
