@@ -2,15 +2,12 @@
 
 ``load_checkpoint`` (FORMATS.md) may name:
 
-==============================================  =============================================
-``<dir>`` with ``latest_checkpointed_iteration.txt``  the iteration the tracker names (a hand-edited
-                                                tracker is obeyed)
-``<dir>/iteration_XXXXXXXX``                    that iteration
-``<dir>`` without a tracker                     its newest committed iteration
-an empty folder, or a missing folder inside     a fresh start (random initialisation), logged
-the job's own ``output_dir``
-``""``                                          a fresh start
-==============================================  =============================================
+- a checkpoint folder with ``latest_checkpointed_iteration.txt``: the iteration the
+  tracker names (a hand-edited tracker is obeyed);
+- a checkpoint folder without a tracker: its newest committed iteration;
+- an ``iteration_XXXXXXXX`` folder: that iteration;
+- an empty folder, a folder not created yet inside the job's own ``output_dir``, or
+  ``""``: a fresh start (random initialisation), logged.
 
 Everything else is an error that names the path and says what to do: a missing path
 outside the job's output folder, a tracker naming a missing iteration, an incomplete
