@@ -50,7 +50,6 @@ from resumable import dist, errors
 from resumable.errors import CheckpointError, CorruptCheckpointError
 from resumable.formats import v2
 from resumable.formats.safetensors_io import dtype_name, read_header
-from resumable.geometry import Box
 from resumable.layout import local_chunks, local_tensor
 from resumable.planning import Read, StoredChunk, plan_tensor_reads
 from resumable.resolve import check_iteration_folder, resolve_directory, verify_files
