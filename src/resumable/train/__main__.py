@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 
+from resumable.train.checkpointing import checkpoint_callbacks
 from resumable.train.config import check_implemented, load_config
 from resumable.train.loop import run
 
@@ -22,7 +23,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     check_implemented(cfg)
-    run(cfg)
+    run(cfg, checkpoint_callbacks(cfg))
 
 
 if __name__ == "__main__":

@@ -130,13 +130,15 @@ class Resume(Callback):
 
 
 def checkpoint_callbacks(cfg: TrainConfig) -> list[Callback]:
-    """The callbacks a config asks for: resume first (it sets the step), then the monitor."""
+    """The callbacks a config asks for, in order: HF init, resume (it sets the step), the monitor."""
+    from resumable.train.pretrained import PretrainedInit
+
+    callbacks: list[Callback] = [PretrainedInit(cfg)] if cfg.pretrained_model_dir else []
     if cfg.use_legacy_format:  # Checkpoint 1.0: per-rank files (resumable.train.legacy_callbacks)
         from resumable.train.legacy_callbacks import legacy_callbacks
 
-        return legacy_callbacks(cfg)
+        return callbacks + legacy_callbacks(cfg)
     monitor = CheckpointMonitor(cfg) if cfg.checkpoint is not None else None
-    callbacks: list[Callback] = []
     if cfg.load_checkpoint:
         callbacks.append(Resume(cfg, monitor))
     if monitor is not None:

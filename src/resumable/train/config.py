@@ -162,16 +162,11 @@ class TrainConfig(_Section):
 # Keys whose behaviour later work builds: (dotted key, default). Setting one to
 # anything else stops with "not implemented yet: <key>".
 NOT_IMPLEMENTED: dict[str, Any] = {
-    "load_checkpoint": "",
-    "resume_training": False,
-    "use_legacy_format": False,
     "load_ckpt_format": "safetensors",
     "auto_trans_ckpt": False,
     "src_strategy_path_or_dir": "",
     "transform_process_num": None,
-    "remove_redundancy": False,
     "load_ckpt_async": False,
-    "balanced_load": False,
 }
 
 
