@@ -155,3 +155,41 @@ def test_tp2_ckpt_named_step_resume_errors_and_transform_to_dp2(tmp_path):
     assert r0["src"] == r0["ref"][:2]
     assert r0["converted"] == pytest.approx(r0["ref"][2:4], rel=1e-5)
     assert r0["again"] == r0["converted"][:1]
+
+
+# --------------------------------------------------- TP2 safetensors → one process via unified
+
+
+def _tp2_source(rank: int, world: int, tmp: str) -> list[float]:
+    return _train(Path(tmp) / "src", *TP2, "runner_config.stop_step=4", "callbacks.0.save_checkpoint_steps=2")
+
+
+def _one_process_unified(rank: int, world: int, tmp: str) -> dict:
+    tmp_path = Path(tmp)
+    src = tmp_path / "src"
+    one = ["runner_config.batch_size=4", "runner_config.stop_step=4"]
+    # A single strategy file suffices: the source had no pipeline split.
+    converted = _train(tmp_path / "one", *one, f"load_checkpoint={src / 'checkpoint'}",
+                       "resume_training=CKP_rank_0-1_2.safetensors",
+                       "auto_trans_ckpt=true", f"src_strategy_path_or_dir={src / 'strategy' / 'ckpt_strategy_rank_0.ckpt'}")
+    unified = tmp_path / "one" / "unified_checkpoint" / "CKP-1_2.safetensors"
+    # An already unified checkpoint loads directly.
+    direct = _train(tmp_path / "direct", *one, f"load_checkpoint={unified}", "resume_training=true",
+                    "runner_config.stop_step=3")
+    with safe_open(unified, framework="pt") as f:
+        shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+    return {"converted": converted, "direct": direct, "shapes": shapes,
+            "unified": _names(tmp_path / "one" / "unified_checkpoint")}
+
+
+def test_tp2_safetensors_merge_into_unified_then_load_on_one_process(tmp_path):
+    source = run_distributed(_tp2_source, 2, str(tmp_path))[0]
+    (result,) = run_distributed(_one_process_unified, 1, str(tmp_path))
+    assert result["unified"] == ["CKP-1_2.safetensors"]
+    # Full tensors: q_proj (64 x 64) was split by rows over TP2, o_proj by columns.
+    assert result["shapes"]["model.layers.0.self_attn.q_proj.weight"] == [64, 64]
+    assert result["shapes"]["model.layers.0.self_attn.o_proj.weight"] == [64, 64]
+    assert result["shapes"]["optimizer.state.model.layers.0.self_attn.q_proj.weight.exp_avg"] == [64, 64]
+    # TP2 and one process sum partial products in another order (~1e-7 relative per step).
+    assert result["converted"] == pytest.approx(source[2:4], rel=1e-5)
+    assert result["direct"] == result["converted"][:1]
