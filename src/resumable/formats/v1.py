@@ -285,9 +285,11 @@ def load_ckpt(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], di
     try:
         doc = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        # torch's text advises weights_only=False; we only name what was refused.
+        m = re.search(r"WeightsUnpickler error: (.*?)\.?(?: Please use|$)", str(exc), re.MULTILINE)
+        reason = m.group(1) if m else type(exc).__name__
         raise UnsafeCheckpointError(
-            f"{path}: refused by weights-only loading ({first}); a .ckpt checkpoint holds only tensors and plain "
+            f"{path}: refused by weights-only loading ({reason}); a .ckpt checkpoint holds only tensors and plain "
             "values, and files carrying other pickled objects are never loaded: re-save it with resumable") from exc
     except (RuntimeError, EOFError, ValueError, OSError) as exc:
         raise CorruptCheckpointError(f"{path}: not a readable torch .ckpt file ({exc}); the file is truncated or "
