@@ -9,7 +9,9 @@ Without ``--config`` the embedded default (DP2 x TP2, 4 processes) is used.
 from __future__ import annotations
 
 import argparse
+import sys
 
+from resumable.errors import ConfigError, NotImplementedYet
 from resumable.train.checkpointing import checkpoint_callbacks
 from resumable.train.config import check_implemented, load_config
 from resumable.train.loop import run
@@ -21,9 +23,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a key, e.g. runner_config.stop_step=20 (repeatable)")
     args = parser.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
-    check_implemented(cfg)
-    run(cfg, checkpoint_callbacks(cfg))
+    try:
+        cfg = load_config(args.config, args.overrides)
+        check_implemented(cfg)
+        run(cfg, checkpoint_callbacks(cfg))
+    except (ConfigError, NotImplementedYet) as err:  # the message says what to change
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -305,10 +305,13 @@ def _init_distributed() -> bool:
 
 
 def _fix_threads() -> None:
-    """Same thread count every run (bitwise-repeatable CPU kernels), cores split among local ranks."""
+    """One intra-op thread unless OMP_NUM_THREADS says otherwise.
+
+    A fixed count keeps CPU kernels bitwise repeatable; one thread because the reference
+    model is tiny and, on a busy machine, spinning OpenMP threads made steps 20x slower.
+    """
     if "OMP_NUM_THREADS" not in os.environ:
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+        torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
