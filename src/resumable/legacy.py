@@ -723,6 +723,8 @@ def _conversion(source: LegacySource, files: _Files, opts: LegacyLoadOptions, wo
             f"{source.root / source.files[0]} was saved with layout {saved} but this job runs {opts.layout}; "
             "the legacy format converts between layouts only with auto_trans_ckpt: true and "
             f"src_strategy_path_or_dir: <the source job's output_dir>/{v1.STRATEGY_DIR}")
+    if len(source.files) == 1:
+        return None  # one rank wrote full tensors: every layout reads its slices directly
     if not opts.src_strategy_path_or_dir:
         raise ConfigError("auto_trans_ckpt: true needs src_strategy_path_or_dir (the source job's strategy folder "
                           "or, without pipeline stages, one of its ckpt_strategy_rank_*.ckpt files)")
@@ -776,13 +778,12 @@ def load_legacy(state: dict[str, Any], source: LegacySource, opts: LegacyLoadOpt
     except Exception as exc:  # agreed below: every rank raises, none waits
         error = exc
     _agree(error, group)
-    converting = kind is not None
     if kind is not None:
         source = _convert(kind, source, files, opts, state, group)
         files = _Files(source.root)  # type: ignore[arg-type]
     prep = None
     try:
-        own = source.files[0] if source.single else source.files[me]
+        own = source.files[me] if len(source.files) > 1 else source.files[0]
         info = files.open(own)
         needed = [own]
         if info.remove_redundancy and not source.single:
@@ -803,7 +804,7 @@ def load_legacy(state: dict[str, Any], source: LegacySource, opts: LegacyLoadOpt
     result = None
     try:
         nbytes = files.read(reads, _place_into({n: leaf.value for n, leaf in flat.tensors.items()}))
-        same = not source.single and not converting and info.rank == me
+        same = info.layout == opts.layout and info.rank == me  # RNG state only for the rank that wrote it
         rank_local = info.context.get("rank_local") if same else None
         _restore_objects(state, {"state": info.context.get("state") or {}}, rank_local)
         result = LegacyLoadResult(source, state, rank_local, nbytes)

@@ -1,0 +1,84 @@
+"""The four resume scenarios of FORMATS.md in the legacy layout, through real ``python -m resumable.train`` runs.
+
+1. interrupted (a crash left a partial newer file) and 4. automatic recovery: the same
+   command, pointing ``load_checkpoint`` at the job's own folder, starts fresh and then resumes;
+2. layout change: one process → two (torchrun) with ``auto_trans_ckpt``;
+3. incremental: new data, the global step and the LR curve (``lr_schedule.total_steps``) continue.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BASE = ["train_dataset.seq_length=32", "lr_schedule.warmup_steps=2", "lr_schedule.total_steps=20",
+        "parallel_config.data_parallel=1", "parallel_config.model_parallel=1", "runner_config.batch_size=4",
+        "use_legacy_format=true", "callbacks.0.save_checkpoint_steps=2"]
+
+
+def _train(out: Path, *overrides: str, nproc: int = 0) -> list[dict]:
+    """Run ``resumable train`` to completion; the records of ``<out>/log/train.jsonl``."""
+    sets = [x for kv in [*BASE, f"output_dir={out}", *overrides] for x in ("--set", kv)]
+    cmd = [sys.executable, "-m", "resumable.cli", "train", *(["--nproc", str(nproc)] if nproc else []), *sets]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [json.loads(line) for line in (out / "log" / "train.jsonl").read_text().splitlines()]
+
+
+def _losses(records: list[dict], first: int, last: int) -> list[float]:
+    return [r["loss"] for r in records if first <= r["global_step"] <= last]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> list[dict]:
+    """Eight uninterrupted steps, one process."""
+    return _train(tmp_path_factory.mktemp("ref"), "runner_config.stop_step=8")
+
+
+def test_interrupted_job_recovers_automatically_from_its_last_complete_checkpoint(tmp_path, reference):
+    out = tmp_path / "job"
+    recovery = [f"load_checkpoint={out / 'checkpoint'}", "resume_training=true"]
+    _train(out, *recovery, "runner_config.stop_step=4")  # first start: the folder does not exist, fresh
+    # A crash in the middle of the next save left a partial file that meta.json does not name.
+    partial = out / "checkpoint" / "rank_0" / "CKP_rank_0-1_6.safetensors"
+    partial.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"trunc")
+    records = _train(out, *recovery, "runner_config.stop_step=8")
+    # Steps 5..8 after the restart are bit for bit those of the uninterrupted run.
+    assert _losses(records, 5, 8) == _losses(reference, 5, 8)
+    assert [r["global_step"] for r in records] == [1, 2, 3, 4, 5, 6, 7, 8]
+    # The restart writes with prefix suffix _1; keep_checkpoint_max 3 removed the oldest files of the
+    # folder (1_2 and the partial 1_6) but never the one it resumed from (1_4).
+    names = sorted(p.name for p in (out / "checkpoint" / "rank_0").iterdir())
+    assert names == ["CKP_rank_0-1_4.safetensors", "CKP_rank_0_1-1_6.safetensors", "CKP_rank_0_1-1_8.safetensors",
+                     "meta.json"]
+    assert json.loads((out / "checkpoint" / "rank_0" / "meta.json").read_text()) == {
+        "last_epoch": 1, "last_step": 8, "last_ckpt_file": "CKP_rank_0_1-1_8.safetensors"}
+
+
+def test_layout_change_one_process_to_two_with_auto_trans_ckpt(tmp_path, reference):
+    src = tmp_path / "one"
+    _train(src, "runner_config.stop_step=4", "callbacks.0.checkpoint_format=ckpt")
+    records = _train(tmp_path / "two", "parallel_config.data_parallel=2", "runner_config.batch_size=2",
+                     "runner_config.stop_step=6", f"load_checkpoint={src / 'checkpoint'}", "resume_training=true",
+                     "load_ckpt_format=ckpt", "auto_trans_ckpt=true", nproc=2)
+    # Same global batches; DP2 averages two half-batch means (~1e-7 relative per step).
+    assert _losses(records, 5, 6) == pytest.approx(_losses(reference, 5, 6), rel=1e-5)
+
+
+def test_incremental_training_continues_the_global_step_and_lr_curve_on_new_data(tmp_path, reference):
+    src = tmp_path / "part1"
+    _train(src, "runner_config.stop_step=4")
+    data = tmp_path / "part2.txt"
+    data.write_text("new data arrives in parts; the schedule does not restart. " * 60)
+    records = _train(tmp_path / "part2", f"train_dataset.path={data}", "runner_config.stop_step=7",
+                     f"load_checkpoint={src / 'checkpoint'}", "resume_training=true")
+    assert [r["global_step"] for r in records] == [5, 6, 7]
+    # The new data starts at its beginning (epoch 0); the LR follows the same curve as step 5..7 of one run.
+    assert [(r["epoch"], r["step_in_epoch"]) for r in records] == [(0, 1), (0, 2), (0, 3)]
+    assert [r["lr"] for r in records] == [r["lr"] for r in reference if 5 <= r["global_step"] <= 7]
