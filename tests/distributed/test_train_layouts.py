@@ -25,21 +25,34 @@ STEPS = 6
 BASE = ["train_dataset.seq_length=32", "lr_schedule.warmup_steps=2", "lr_schedule.total_steps=20",
         "parallel_config.data_parallel=1", "parallel_config.model_parallel=1"]
 
-LAYOUTS: dict[str, tuple[int, list[str]]] = {
-    "dp2": (2, ["parallel_config.data_parallel=2", "runner_config.batch_size=2"]),
-    "tp2": (2, ["parallel_config.model_parallel=2", "runner_config.batch_size=4"]),
-    "dp2_sharded_optimizer": (2, ["parallel_config.data_parallel=2", "runner_config.batch_size=2",
-                                  "parallel.enable_parallel_optimizer=true"]),
+# Single-process references: 4 samples per step.
+REFERENCES: dict[str, list[str]] = {
+    "plain": ["runner_config.batch_size=4"],
+    "tied": ["runner_config.batch_size=4", "model.tie_word_embeddings=true"],
+    # Neither the vocabulary nor the FFN width divides by 2: DTensor shards them unevenly.
+    "uneven": ["runner_config.batch_size=4", "model.vocab_size=251", "model.intermediate_size=100"],
+}
+DP2 = ["parallel_config.data_parallel=2", "runner_config.batch_size=2"]
+TP2 = ["parallel_config.model_parallel=2", "runner_config.batch_size=4"]
+FSDP = ["parallel.enable_parallel_optimizer=true"]
+# name: (world size, overrides, reference)
+LAYOUTS: dict[str, tuple[int, list[str], str]] = {
+    "dp2": (2, DP2, "plain"),
+    "tp2": (2, TP2, "plain"),
+    "dp2_sharded_optimizer": (2, DP2 + FSDP, "plain"),
     "pp2": (2, ["parallel_config.pipeline_stage=2", "parallel_config.micro_batch_num=2",
-                "runner_config.batch_size=2"]),
+                "runner_config.batch_size=2"], "plain"),
+    "tp2_tied": (2, TP2 + REFERENCES["tied"][1:], "tied"),
+    "dp2_sharded_optimizer_tied": (2, DP2 + FSDP + REFERENCES["tied"][1:], "tied"),
+    "tp2_uneven": (2, TP2 + REFERENCES["uneven"][1:], "uneven"),
     "dp2_tp2": (4, ["parallel_config.data_parallel=2", "parallel_config.model_parallel=2",
-                    "runner_config.batch_size=2"]),
+                    "runner_config.batch_size=2"], "plain"),
     "dp2_tp2_sharded_optimizer": (4, ["parallel_config.data_parallel=2", "parallel_config.model_parallel=2",
-                                      "runner_config.batch_size=2", "parallel.enable_parallel_optimizer=true"]),
+                                      "runner_config.batch_size=2", *FSDP], "plain"),
     "pp2_dp2": (4, ["parallel_config.pipeline_stage=2", "parallel_config.data_parallel=2",
-                    "parallel_config.micro_batch_num=2", "runner_config.batch_size=1"]),
+                    "parallel_config.micro_batch_num=2", "runner_config.batch_size=1"], "plain"),
     "pp2_tp2": (4, ["parallel_config.pipeline_stage=2", "parallel_config.model_parallel=2",
-                    "parallel_config.micro_batch_num=2", "runner_config.batch_size=2"]),
+                    "parallel_config.micro_batch_num=2", "runner_config.batch_size=2"], "plain"),
 }
 
 
@@ -75,15 +88,15 @@ def _train_each(rank: int, world_size: int,
 
 def _run_job(world_size: int) -> dict[str, list[tuple[list[float], list[float]]]]:
     """{layout name: per-rank (losses, resumed losses)} for every layout of this size, in one job."""
-    names = [n for n, (ws, _) in LAYOUTS.items() if ws == world_size]
+    names = [n for n, (ws, _, _) in LAYOUTS.items() if ws == world_size]
     per_rank = run_distributed(_train_each, world_size, [LAYOUTS[n][1] for n in names])
     return {name: [rank_losses[i] for rank_losses in per_rank] for i, name in enumerate(names)}
 
 
 @pytest.fixture(scope="module")
-def reference() -> list[float]:
-    """One process, 4 samples per step."""
-    return run_distributed(_train_each, 1, [["runner_config.batch_size=4"]])[0][0][0]
+def references() -> dict[str, list[float]]:
+    per_config = run_distributed(_train_each, 1, list(REFERENCES.values()))[0]
+    return {name: losses for name, (losses, _) in zip(REFERENCES, per_config)}
 
 
 @pytest.fixture(scope="module")
@@ -91,25 +104,26 @@ def jobs() -> dict[int, dict[str, list[tuple[list[float], list[float]]]]]:
     return {2: _run_job(2), 4: _run_job(4)}
 
 
-def test_single_process_losses_are_finite_and_fall(reference):
-    assert all(math.isfinite(x) for x in reference)
-    assert reference[-1] < reference[0] - 0.3
+@pytest.mark.parametrize("name", REFERENCES)
+def test_single_process_losses_are_finite_and_fall(name, references):
+    assert all(math.isfinite(x) for x in references[name])
+    assert references[name][-1] < references[name][0] - 0.3
 
 
 @pytest.mark.parametrize("name", LAYOUTS)
-def test_layout_gives_the_single_process_losses_on_every_rank(name, reference, jobs):
-    world_size, _ = LAYOUTS[name]
+def test_layout_gives_the_single_process_losses_on_every_rank(name, references, jobs):
+    world_size, _, reference = LAYOUTS[name]
     per_rank = [losses for losses, _ in jobs[world_size][name]]
     assert all(r == per_rank[0] for r in per_rank), "every rank must report the same loss"
     # fp32 sums in another order (half-batch means averaged over DP, partial matmuls summed
     # over TP, micro-batch gradients accumulated) differ by ~1e-7 relative per step; six
     # AdamW steps amplify that to ~1e-6 at most, so 1e-5 catches any real mismatch (a wrong
     # gradient scale or a missed reduction moves the second loss by >1e-3).
-    assert per_rank[0] == pytest.approx(reference, rel=1e-5)
+    assert per_rank[0] == pytest.approx(references[reference], rel=1e-5)
 
 
 @pytest.mark.parametrize("name", LAYOUTS)
 def test_restoring_a_mid_run_state_dict_continues_bitwise_identically(name, jobs):
-    world_size, _ = LAYOUTS[name]
+    world_size, _, _ = LAYOUTS[name]
     for losses, resumed in jobs[world_size][name]:
         assert resumed == losses[STEPS // 2:]
