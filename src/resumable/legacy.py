@@ -368,10 +368,10 @@ def _resolve_here(load_checkpoint: str, resume_training: bool | str, fmt: str,
         return _fresh(f"{path} is empty")
     if isinstance(resume_training, str):
         names = tuple(f"{r}/{v1.substitute_rank(resume_training, int(r[5:]))}" for r in ranks)
-        mine = path / names[rank] if rank < len(names) else path / f"rank_{rank}" / v1.substitute_rank(
-            resume_training, rank)
-        if not mine.is_file():
-            raise CheckpointNotFoundError(f"resume_training {resume_training!r}: rank {rank} has no {mine}")
+        # A rank beyond the source's rank folders (a larger job converting) has no file of its own.
+        if rank < len(names) and not (path / names[rank]).is_file():
+            raise CheckpointNotFoundError(f"resume_training {resume_training!r}: rank {rank} has no "
+                                          f"{path / names[rank]}")
         parsed = parse_legacy_name(resume_training)
         assert parsed is not None
         return LegacySource(path, names, (parsed.epoch, parsed.step), False, f"resume_training names {resume_training}")
