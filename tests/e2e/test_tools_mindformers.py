@@ -1,0 +1,132 @@
+"""MindFormers checkpoints of every kind → ``resumable convert --to v2`` → our loader reads the same tensors.
+
+The fixtures (tests/fixtures/mindformers.py) write a tiny Qwen3 under MindFormers names
+as MindFormers 2.0 (with metadata.json on DP×MP layouts, without it on one rank) and as
+legacy ``rank_*`` trees (.safetensors and .ckpt, with and without remove_redundancy).
+After conversion, :func:`resumable.load` fills plain tensors under our names with exactly
+the HuggingFace-side values the fixture started from, AdamW's ``step`` is the global step,
+and the context lands in common.json. ``ensure_loadable`` converts once and reuses.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+from resumable.cli import main
+from resumable.formats import v2
+from resumable.load import load
+from resumable.sources import CONVERTED, ensure_loadable
+from resumable.train.checkpointing import Resume
+from resumable.train.config import load_config
+from resumable.train.loop import Trainer
+from resumable.train.parallel import build_layout
+from tests.fixtures.mindformers import FFN, HEADS, HIDDEN, LAYERS, VOCAB, build_legacy, build_v2, hf_state, legacy_state, mf_state
+from tests.launch import run_distributed
+
+SEED = 3
+KINDS = {
+    "2.0-dp2-mp2": lambda root: build_v2(root, 100, mf_state(SEED), dp=2, mp=2, prefix="qwen3"),
+    "2.0-redundancy-removed-tensor-map": lambda root: build_v2(
+        root, 100, mf_state(SEED), dp=2, mp=2, remove_redundancy=True, fragmentations=False, rank_group=False),
+    "2.0-one-rank-no-metadata": lambda root: build_v2(root, 100, mf_state(SEED)),
+    "2.0-adam-moments": lambda root: build_v2(root, 100, mf_state(SEED, optimizer="adam"), dp=1, mp=2),
+}
+
+
+def _target(expected: dict[str, torch.Tensor]) -> dict:
+    """A state of zero tensors under our names, shaped as the expected tensors."""
+    model, optim = {}, {}
+    for name, t in expected.items():
+        if name.startswith("optimizer.state."):
+            fqn, _, slot = name[len("optimizer.state."):].rpartition(".")
+            optim.setdefault(fqn, {})[slot] = torch.zeros_like(t)
+            optim[fqn]["step"] = torch.zeros((), dtype=torch.float32)
+        else:
+            model[name] = torch.zeros_like(t)
+    return {"model": model, "optimizer": {"state": optim}}
+
+
+def _assert_loads(folder, expected: dict[str, torch.Tensor], global_step: int) -> None:
+    state = _target(expected)
+    result = load(state, folder)
+    for name, t in state["model"].items():
+        assert torch.equal(t, expected[name]), name
+    for fqn, slots in state["optimizer"]["state"].items():
+        for slot in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(slots[slot], expected[f"optimizer.state.{fqn}.{slot}"]), (fqn, slot)
+        assert slots["step"].item() == global_step
+    assert result.common["global_step"] == global_step
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_mindformers_2_0_converts_to_our_names_and_values(tmp_path, kind):
+    KINDS[kind](tmp_path / "mf")
+    assert main(["convert", str(tmp_path / "mf"), str(tmp_path / "ours"), "--to", "v2", "--quiet"]) == 0
+    _assert_loads(tmp_path / "ours", hf_state(SEED), 100)
+    common = v2.read_common(tmp_path / "ours" / "iteration_00000100")
+    assert {k: common[k] for k in ("iteration", "global_step", "epoch_num", "step_num", "consumed_samples",
+                                    "global_batch_size", "loss_scale")} == {
+        "iteration": 100, "global_step": 100, "epoch_num": 1, "step_num": 100, "consumed_samples": 800,
+        "global_batch_size": 8, "loss_scale": None}
+
+
+@pytest.mark.parametrize("fmt,remove_redundancy", [("safetensors", False), ("safetensors", True), ("ckpt", True)])
+def test_mindformers_legacy_converts_its_last_complete_step(tmp_path, fmt, remove_redundancy):
+    build_legacy(tmp_path / "mf", saves=[[(1, 2, 0), (1, 4, 0)], [(1, 2, 0)]], metas=[(1, 4), (1, 2)], fmt=fmt,
+                 remove_redundancy=remove_redundancy)
+    assert main(["convert", str(tmp_path / "mf"), str(tmp_path / "ours"), "--to", "v2", "--quiet"]) == 0
+    seed = 100 * 1 + 2  # legacy_state(1, 2): the newest step present on every rank
+    assert legacy_state(1, 2)["global_step"].item() == 12
+    _assert_loads(tmp_path / "ours", hf_state(seed), 12)
+
+
+def test_convert_to_legacy_is_not_available_yet(tmp_path, capsys):
+    KINDS["2.0-one-rank-no-metadata"](tmp_path / "mf")
+    assert main(["convert", str(tmp_path / "mf"), str(tmp_path / "out"), "--to", "legacy"]) == 2
+    assert capsys.readouterr().err == (
+        "resumable convert: error: not implemented yet: convert --to legacy (the Checkpoint 1.0 writer); convert "
+        "to v2, or to unified and load it with auto_trans_ckpt\n")
+
+
+def test_ensure_loadable_converts_once_and_leaves_our_checkpoints_alone(tmp_path):
+    KINDS["2.0-dp2-mp2"](tmp_path / "mf")
+    out = tmp_path / "output"
+    first = ensure_loadable(tmp_path / "mf", out, dtype=torch.float32)
+    assert first == out / CONVERTED
+    files = {p: p.stat().st_mtime_ns for p in first.rglob("*.safetensors")}
+    assert ensure_loadable(tmp_path / "mf", out, dtype=torch.float32) == first
+    assert {p: p.stat().st_mtime_ns for p in first.rglob("*.safetensors")} == files  # reused, not rewritten
+    assert ensure_loadable(first, out) == first
+    assert ensure_loadable(tmp_path / "empty", out) == tmp_path / "empty"
+    expected = {n: t.float() for n, t in hf_state(SEED).items()}
+    _assert_loads(first, expected, 100)
+
+
+def _resume(rank: int, world_size: int, folder: str, data: str) -> tuple[int, bool]:
+    cfg = load_config(None, [
+        f"model.vocab_size={VOCAB}", f"model.hidden_size={HIDDEN}", f"model.intermediate_size={FFN}",
+        f"model.num_hidden_layers={LAYERS}", f"model.num_attention_heads={HEADS.num_heads}",
+        f"model.num_key_value_heads={HEADS.num_kv_heads}", f"model.head_dim={HEADS.head_dim}",
+        "parallel_config.data_parallel=1", "parallel_config.model_parallel=2", "runner_config.batch_size=2",
+        f"train_dataset.path={data}", "train_dataset.seq_length=8", f"load_checkpoint={folder}",
+        "resume_training=true"])
+    trainer = Trainer(cfg, build_layout(cfg), [Resume(cfg)])
+    trainer.callbacks[0].on_train_begin(trainer)
+    expected = hf_state(SEED)
+    same = all(torch.equal(t.full_tensor() if hasattr(t, "full_tensor") else t, expected[n].float())
+               for n, t in trainer.model.state_dict().items())
+    trainer.train_step()
+    dist.barrier()
+    return trainer.ctx.global_step, same
+
+
+def test_trainer_resumes_from_a_mindformers_checkpoint_on_tp2(tmp_path):
+    KINDS["2.0-dp2-mp2"](tmp_path / "mf")
+    folder = ensure_loadable(tmp_path / "mf", tmp_path / "output", dtype=torch.float32)
+    np.save(tmp_path / "tokens.npy", (np.arange(400) * 7 % VOCAB).astype(np.uint16))
+    step, same = run_distributed(_resume, 2, str(folder), str(tmp_path / "tokens.npy"))[0]
+    assert same, "the weights after resuming must be the MindFormers weights"
+    assert step == 101
