@@ -51,6 +51,9 @@ LAYOUTS: dict[str, tuple[int, list[str], str]] = {
                                       "runner_config.batch_size=2", *FSDP], "plain"),
     "pp2_dp2": (4, ["parallel_config.pipeline_stage=2", "parallel_config.data_parallel=2",
                     "parallel_config.micro_batch_num=2", "runner_config.batch_size=1"], "plain"),
+    "pp2_dp2_sharded_optimizer": (4, ["parallel_config.pipeline_stage=2", "parallel_config.data_parallel=2",
+                                      "parallel_config.micro_batch_num=2", "runner_config.batch_size=1", *FSDP],
+                                  "plain"),
     "pp2_tp2": (4, ["parallel_config.pipeline_stage=2", "parallel_config.model_parallel=2",
                     "parallel_config.micro_batch_num=2", "runner_config.batch_size=2"], "plain"),
 }
