@@ -48,6 +48,9 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, qu
     dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=TIMEOUT)
     try:
         queue.put((rank, True, fn(rank, world_size, *args)))
+        # Leave together: gloo can abort ("terminate called without an active exception")
+        # when one rank tears down its pairs while another still uses them.
+        dist.barrier()
     except BaseException:  # report every failure, then let the others time out or finish
         queue.put((rank, False, traceback.format_exc()))
         raise

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -24,6 +23,7 @@ import time
 from pathlib import Path
 
 from resumable.commit import read_tracker
+from resumable.proctree import kill_tree
 
 KILL_AFTER = 20  # SIGKILL the job once this iteration is committed
 SAVE_EVERY = 10
@@ -51,7 +51,7 @@ def _run_and_kill(cmd: list[str], ckpt: Path) -> int:
     job = subprocess.Popen(cmd, start_new_session=True)
     while job.poll() is None:
         if (read_tracker(ckpt) or 0) >= KILL_AFTER:
-            os.killpg(job.pid, signal.SIGKILL)
+            kill_tree(job.pid, signal.SIGKILL)  # launcher and workers, like a node dying
             job.wait()
             print(f"--- SIGKILL sent to the job; tracker names iteration {read_tracker(ckpt)}", flush=True)
             return read_tracker(ckpt) or 0
@@ -78,7 +78,7 @@ def _plot(path: Path, curves: dict[str, dict[int, float]], kill_step: int) -> bo
         print("(matplotlib is not installed: no plot)")
         return False
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    styles = {"uninterrupted": dict(lw=3, alpha=0.4), "killed + resumed": dict(lw=1.2, marker=".", ms=4),
+    styles = {"uninterrupted (DP2 x TP2)": dict(lw=3, alpha=0.4), "killed + resumed": dict(lw=1.2, marker=".", ms=4),
               "new layout (PP2 x DP2)": dict(lw=1.2, ls="--")}
     for label, losses in curves.items():
         steps = sorted(losses)
@@ -104,12 +104,12 @@ def main(argv: list[str] | None = None) -> int:
     ref, job = root / "uninterrupted", root / "recovery"
     started = time.perf_counter()
 
-    _run(_train(ref, args.steps, []), f"uninterrupted reference run, {args.steps} steps, DP2 x TP2")
+    more = args.steps + SAVE_EVERY
+    _run(_train(ref, more, []), f"uninterrupted reference run, {more} steps, DP2 x TP2")
     cmd = _train(job, args.steps, [])
     killed_at = _run_and_kill(cmd, job / "checkpoint")
     _run(cmd, "automatic recovery: the identical command again")
     after_crash = _losses(job)
-    more = args.steps + SAVE_EVERY
     _run(_train(job, more, ["parallel_config.data_parallel=2", "parallel_config.model_parallel=1",
                             "parallel_config.pipeline_stage=2", "parallel_config.micro_batch_num=2",
                             "runner_config.batch_size=2",  # same global batch: 2 x DP2 x 2 micro batches
@@ -122,15 +122,17 @@ def main(argv: list[str] | None = None) -> int:
     worst = max(abs(resumed[s] - reference[s]) for s in tail)
     new_layout = {s: final[s] for s in range(args.steps + 1, more + 1) if s in final}
     png = root / "losses.png"
-    plotted = _plot(png, {"uninterrupted": reference, "killed + resumed": resumed,
+    plotted = _plot(png, {"uninterrupted (DP2 x TP2)": reference, "killed + resumed": resumed,
                           "new layout (PP2 x DP2)": new_layout}, killed_at)
     print("\n=== summary")
     print(f"killed after iteration {killed_at} was committed; the rerun resumed from it")
     print(f"steps {tail.start}..{tail.stop - 1} after the resume vs the uninterrupted run: "
           f"{'bitwise identical' if identical else f'max difference {worst:.3e}'}")
-    print(f"then continued on PP2 x DP2 (sharded optimizer) to step {more}: "
-          f"loss {new_layout.get(more, float('nan')):.4f} (reference at step {args.steps}: "
-          f"{reference[args.steps]:.4f})")
+    first = args.steps + 1
+    rel = abs(new_layout[first] - reference[first]) / abs(reference[first])
+    print(f"then resumed on PP2 x DP2 (sharded optimizer): step {first} loss {new_layout[first]:.6f} vs "
+          f"{reference[first]:.6f} on DP2 x TP2 (relative difference {rel:.1e}); step {more}: "
+          f"{new_layout[more]:.4f} vs {reference[more]:.4f}")
     print(f"outputs in {root}/ (logs, checkpoints{', losses.png' if plotted else ''}); "
           f"demo took {time.perf_counter() - started:.0f} s")
     return 0 if identical else 1
