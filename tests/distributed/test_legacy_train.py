@@ -108,6 +108,8 @@ def _tp2_ckpt(rank: int, world: int, tmp: str) -> dict:
         "layout": [*DP2, "resume_training=true"],
         "workers": [*DP2, "resume_training=true", "auto_trans_ckpt=true", "transform_process_num=3",
                     f"src_strategy_path_or_dir={out / 'strategy'}"],
+        "several": [*DP2, "resume_training=true", "auto_trans_ckpt=true", "transform_process_num=2",
+                    f"src_strategy_path_or_dir={out / 'strategy'}"],
     }.items():
         try:
             _train(tmp_path / f"err_{key}", "callbacks.0.checkpoint_format=ckpt", "runner_config.stop_step=5",
@@ -147,6 +149,10 @@ def test_tp2_ckpt_named_step_resume_errors_and_transform_to_dp2(tmp_path):
                                 "src_strategy_path_or_dir: <the source job's output_dir>/strategy")
         assert r["errors"]["workers"] == ("ConfigError", "transform_process_num (3) must divide the world size (2): "
                                           "each converting process takes the same number of target ranks")
+        assert r["errors"]["several"] == ("ConfigError", (
+            f"auto_trans_ckpt: {ckpt}/rank_0 holds 3 .ckpt files (CKP_rank_0-1_2.ckpt, CKP_rank_0-1_4.ckpt, "
+            "CKP_rank_0_1-1_4.ckpt); converting .ckpt checkpoints takes one file per rank folder: keep only the step "
+            "to convert"))
     assert r0["transformed"] == ["CKP_rank_0-1_2.ckpt", "meta.json"]
     assert r1["transformed"] == ["CKP_rank_1-1_2.ckpt", "meta.json"]
     # DP2 continues TP2's training: the same global batches; fp32 sums in another order

@@ -41,6 +41,14 @@ def reference(tmp_path_factory) -> list[dict]:
     return _train(tmp_path_factory.mktemp("ref"), "runner_config.stop_step=8")
 
 
+@pytest.fixture(scope="module")
+def four_steps_ckpt(tmp_path_factory) -> Path:
+    """A one-process job stopped at step 4, saved as .ckpt: the source of the other scenarios."""
+    out = tmp_path_factory.mktemp("four")
+    _train(out, "runner_config.stop_step=4", "callbacks.0.checkpoint_format=ckpt")
+    return out / "checkpoint"
+
+
 def test_interrupted_job_recovers_automatically_from_its_last_complete_checkpoint(tmp_path, reference):
     out = tmp_path / "job"
     recovery = [f"load_checkpoint={out / 'checkpoint'}", "resume_training=true"]
@@ -61,23 +69,20 @@ def test_interrupted_job_recovers_automatically_from_its_last_complete_checkpoin
         "last_epoch": 1, "last_step": 8, "last_ckpt_file": "CKP_rank_0_1-1_8.safetensors"}
 
 
-def test_layout_change_one_process_to_two_with_auto_trans_ckpt(tmp_path, reference):
-    src = tmp_path / "one"
-    _train(src, "runner_config.stop_step=4", "callbacks.0.checkpoint_format=ckpt")
+def test_layout_change_one_process_to_two_with_auto_trans_ckpt(tmp_path, reference, four_steps_ckpt):
     records = _train(tmp_path / "two", "parallel_config.data_parallel=2", "runner_config.batch_size=2",
-                     "runner_config.stop_step=6", f"load_checkpoint={src / 'checkpoint'}", "resume_training=true",
+                     "runner_config.stop_step=6", f"load_checkpoint={four_steps_ckpt}", "resume_training=true",
                      "load_ckpt_format=ckpt", "auto_trans_ckpt=true", nproc=2)
     # Same global batches; DP2 averages two half-batch means (~1e-7 relative per step).
     assert _losses(records, 5, 6) == pytest.approx(_losses(reference, 5, 6), rel=1e-5)
 
 
-def test_incremental_training_continues_the_global_step_and_lr_curve_on_new_data(tmp_path, reference):
-    src = tmp_path / "part1"
-    _train(src, "runner_config.stop_step=4")
+def test_incremental_training_continues_the_global_step_and_lr_curve_on_new_data(tmp_path, reference,
+                                                                                  four_steps_ckpt):
     data = tmp_path / "part2.txt"
     data.write_text("new data arrives in parts; the schedule does not restart. " * 60)
     records = _train(tmp_path / "part2", f"train_dataset.path={data}", "runner_config.stop_step=7",
-                     f"load_checkpoint={src / 'checkpoint'}", "resume_training=true")
+                     f"load_checkpoint={four_steps_ckpt}", "resume_training=true", "load_ckpt_format=ckpt")
     assert [r["global_step"] for r in records] == [5, 6, 7]
     # The new data starts at its beginning (epoch 0); the LR follows the same curve as step 5..7 of one run.
     assert [(r["epoch"], r["step_in_epoch"]) for r in records] == [(0, 1), (0, 2), (0, 3)]
