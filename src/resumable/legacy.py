@@ -30,7 +30,6 @@ against the files before anything is written.
 from __future__ import annotations
 
 import logging
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +49,7 @@ from resumable.errors import (
 )
 from resumable.formats import v1, v2
 from resumable.formats.mindformers import parse_legacy_name, select_legacy_files
-from resumable.formats.safetensors_io import dtype_from_name, read_header, write_file, write_file_streaming
+from resumable.formats.safetensors_io import read_header, write_file, write_file_streaming
 from resumable.geometry import Box
 from resumable.layout import LocalChunk, local_chunks, local_tensor, placement_chunks
 from resumable.load import _agree, _place_into, _restore_objects, check_state, execute_reads, plan_reads

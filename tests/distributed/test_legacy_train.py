@@ -17,7 +17,6 @@ import torch.distributed as dist
 from safetensors import safe_open
 
 from resumable.errors import CheckpointNotFoundError, ConfigError
-from resumable.legacy import resolve_legacy
 from resumable.train.checkpointing import checkpoint_callbacks
 from resumable.train.config import load_config
 from resumable.train.loop import Callback, Trainer, run
