@@ -15,9 +15,9 @@ a folder with the tracker / iterations      ``v2`` or ``mindformers``: its resol
                                             iteration, by what that folder holds
 ``iteration_*`` with MindFormers metadata   ``mindformers`` (2.0; no metadata.json:
 or none (single rank)                       every tensor is one full chunk)
-a folder of ``rank_*`` folders              ``legacy`` (Checkpoint 1.0, MindFormers or
-                                            ours: names are mapped when they are
-                                            MindFormers')
+a folder of ``rank_*`` folders              ``legacy`` (Checkpoint 1.0: ours, chunks
+                                            from each file's metadata; or MindFormers',
+                                            names mapped), its newest complete step
 ``model.safetensors`` (+ index)             ``unified`` with ``common.json``, else ``hf``
 ==========================================  =========================================
 
@@ -42,6 +42,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -51,7 +52,8 @@ from safetensors import safe_open
 
 from resumable import commit
 from resumable.errors import CheckpointNotFoundError, CorruptCheckpointError
-from resumable.formats import hf, mindformers as mf, v2
+from resumable.formats import hf, mindformers as mf, v1, v2
+from resumable.formats.safetensors_io import read_header
 from resumable.formats.names import AttentionShape, fc1_rows, map_mf_name, qkv_rows
 from resumable.geometry import Box, runs
 
@@ -329,6 +331,44 @@ def _legacy_ext(root: Path) -> str:
     return "safetensors" if any(root.glob("rank_*/*.safetensors")) else "ckpt"
 
 
+def _written_by_us(path: Path) -> bool:
+    """Our Checkpoint 1.0 files carry ``resumable_legacy`` metadata (.ckpt: a torch zip, not protobuf)."""
+    if path.suffix == ".ckpt":
+        return zipfile.is_zipfile(path)
+    return v1.META_KEY in read_header(path).metadata
+
+
+def _open_our_legacy(root: Path, paths: list[Path]) -> Source:
+    """Our own Checkpoint 1.0 step: chunks indexed from each rank file's metadata (see resumable.legacy)."""
+    from resumable.legacy import _Files  # the legacy loader's file index: one reader of our rank files
+
+    files = _Files(root)
+    names = [f"{p.parent.name}/{p.name}" for p in paths]
+    meta = files.index(names)
+
+    def reader(file: str, key: str, box: Box) -> Reader:
+        if not file.endswith(".ckpt"):
+            return _safetensors_reader(root / file, key, box)
+        return lambda region: files.ckpt[file][key][region.slices_in(box)].clone()
+
+    tensors = {name: SourceTensor(name, getattr(torch, t.dtype), tuple(t.shape), tuple(
+        SourceChunk(c.box, reader(c.stored[0].file, c.stored[0].key, c.box), c.stored[0].file) for c in t.chunks))
+        for name, t in meta.tensors.items()}
+    infos = [files.infos[n] for n in names]
+    state = dict(infos[0].context.get("state") or {})
+    common = {"iteration": state.get("global_step", 0), **{k: state[k] for k in _CONTEXT if k in state},
+              "state": state, "rank_local": [i.context.get("rank_local") for i in infos]}
+    return Source(root, "legacy", common["iteration"], tensors, common, infos[0].layout)
+
+
+def _open_legacy(root: Path, heads: AttentionShape | None) -> Source:
+    ext = _legacy_ext(root)
+    _, paths = mf.select_legacy_files(root, ext)
+    if paths and _written_by_us(paths[0]):
+        return _open_our_legacy(root, paths)
+    return _open_foreign(mf.read_mf_legacy(root, ext), "legacy", heads)
+
+
 def open_source(path: str | os.PathLike[str], *, heads: AttentionShape | None = None) -> Source:
     """Open any checkpoint (see the module table) for reading.
 
@@ -351,7 +391,7 @@ def open_source(path: str | os.PathLike[str], *, heads: AttentionShape | None = 
     if fmt in ("hf", "unified"):
         return _open_hf(folder, fmt)
     if fmt == "legacy":
-        return _open_foreign(mf.read_mf_legacy(folder, _legacy_ext(folder)), fmt, heads)
+        return _open_legacy(folder, heads)
     return _open_foreign(mf.read_mf_checkpoint(folder), fmt, heads)
 
 

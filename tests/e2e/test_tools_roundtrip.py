@@ -4,7 +4,8 @@ A real trainer saves after one step on a layout (gloo processes); ``resumable me
 turns it into full tensors, ``resumable split`` back into Checkpoint 2.0 for the same
 layout: every file must have the same checksum as the trainer's (same chunks, keys,
 headers, bytes). Split for a *different* layout, the checkpoint is loaded by the trainer
-there and its next step's loss equals the original run's.
+there and its next step's loss equals the original run's (starting from our Checkpoint 1.0
+copy of the same state, which ``diff`` finds equal to the 2.0 one).
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ import torch.distributed as dist
 
 from resumable.cli import main
 from resumable.formats import v2
+from resumable.legacy import LegacySaver
 from resumable.load import load
 from resumable.save import save
 from resumable.train.checkpointing import layout_info
 from resumable.train.config import load_config
+from resumable.train.legacy_callbacks import legacy_layout
 from resumable.train.loop import Trainer
 from resumable.train.parallel import build_layout
 from tests.launch import run_distributed
@@ -31,12 +34,16 @@ LAYOUT = ["parallel_config.data_parallel=2", "parallel_config.model_parallel=2",
           "parallel.enable_parallel_optimizer=true"]
 
 
-def _train_and_save(rank: int, world_size: int, overrides: list[str], directory: str) -> float:
-    """One step, save as iteration 1, then a second step whose loss is returned."""
+def _train_and_save(rank: int, world_size: int, overrides: list[str], directory: str, legacy: str = "") -> float:
+    """One step, save as iteration 1 (and as Checkpoint 1.0 in ``legacy``), then a second step whose loss is returned."""
     cfg = load_config(None, [*BASE, *overrides])
     trainer = Trainer(cfg, build_layout(cfg))
     trainer.train_step()
     save(trainer.state_dict(), directory, 1, layout_info=layout_info(trainer))
+    if legacy:
+        LegacySaver(legacy, prefix="CKP", fmt="safetensors", keep_checkpoint_max=None, remove_redundancy=False,
+                    save_optimizer=True, strategy_dir=f"{legacy}/strategy", layout=legacy_layout(trainer)
+                    ).save(trainer.state_dict(), 1, 1)
     loss = trainer.train_step()
     dist.barrier()
     return loss
@@ -68,10 +75,12 @@ def test_merge_then_split_rewrites_the_trainers_files_byte_for_byte(tmp_path):
     assert main(["diff", str(original), str(tmp_path / "split")]) == 0
 
 
-def test_split_for_another_layout_resumes_with_the_same_next_loss(tmp_path):
+def test_legacy_merged_and_split_for_another_layout_resumes_with_the_same_next_loss(tmp_path):
     original = tmp_path / "ckpt"
-    expected = run_distributed(_train_and_save, 2, ["parallel_config.data_parallel=2"], str(original))[0]
-    assert main(["merge", str(original), str(tmp_path / "unified"), "--quiet"]) == 0
+    legacy = tmp_path / "legacy"
+    expected = run_distributed(_train_and_save, 2, ["parallel_config.data_parallel=2"], str(original), str(legacy))[0]
+    assert main(["diff", str(original), str(legacy)]) == 0  # our Checkpoint 1.0 reads as the same tensors
+    assert main(["merge", str(legacy), str(tmp_path / "unified"), "--quiet"]) == 0
     assert main(["split", str(tmp_path / "unified"), str(tmp_path / "split"), "--layout", "pp=2",
                  "--quiet"]) == 0
     losses = run_distributed(_resume_step, 2, ["parallel_config.pipeline_stage=2", "parallel_config.micro_batch_num=2"],
