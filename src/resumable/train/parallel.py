@@ -129,6 +129,7 @@ def build_layout(cfg: TrainConfig) -> Layout:
     device = pick_device()
     mesh = init_device_mesh(device.type, (pc.pipeline_stage, pc.data_parallel, pc.model_parallel),
                             mesh_dim_names=("pp", "dp", "tp"))
+    # Sharding over one data-parallel rank would change nothing but the tensor types.
     return Layout(mesh, device, pc.pipeline_stage, pc.data_parallel, pc.model_parallel,
                   cfg.parallel.enable_parallel_optimizer and pc.data_parallel > 1)
 
