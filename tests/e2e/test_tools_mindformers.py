@@ -83,12 +83,13 @@ def test_mindformers_legacy_converts_its_last_complete_step(tmp_path, fmt, remov
     _assert_loads(tmp_path / "ours", hf_state(seed), 12)
 
 
-def test_convert_to_legacy_is_not_available_yet(tmp_path, capsys):
-    KINDS["2.0-one-rank-no-metadata"](tmp_path / "mf")
-    assert main(["convert", str(tmp_path / "mf"), str(tmp_path / "out"), "--to", "legacy"]) == 2
-    assert capsys.readouterr().err == (
-        "resumable convert: error: not implemented yet: convert --to legacy (the Checkpoint 1.0 writer); convert "
-        "to v2, or to unified and load it with auto_trans_ckpt\n")
+def test_convert_to_our_legacy_and_back_keeps_every_tensor(tmp_path, capsys):
+    KINDS["2.0-dp2-mp2"](tmp_path / "mf")
+    assert main(["convert", str(tmp_path / "mf"), str(tmp_path / "legacy"), "--to", "legacy", "--quiet"]) == 0
+    file = tmp_path / "legacy" / "rank_0" / "CKP_rank_0-2_100.safetensors"  # epoch_num 1 done, step_num 100
+    assert capsys.readouterr().out == f"wrote {file}\n"
+    assert main(["convert", str(tmp_path / "legacy"), str(tmp_path / "ours"), "--to", "v2", "--quiet"]) == 0
+    _assert_loads(tmp_path / "ours", hf_state(SEED), 100)
 
 
 def test_ensure_loadable_converts_once_and_leaves_our_checkpoints_alone(tmp_path):

@@ -227,7 +227,8 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
                        description="Convert any checkpoint (ours, MindFormers 2.0 with or without metadata.json, "
                        "legacy rank_* trees in .safetensors or .ckpt, HuggingFace/unified) to: v2 (Checkpoint "
                        "2.0, one rank unless --layout), unified (full tensors + context), hf (model weights + "
-                       "config.json, loadable by transformers) or legacy (not available yet). MindFormers names "
+                       "config.json, loadable by transformers) or legacy (Checkpoint 1.0, one rank of full "
+                       "tensors). MindFormers names "
                        "are mapped to HuggingFace names (fused qkv/fc1 split, adam_m/adam_v -> exp_avg/exp_avg_sq).")
     p.add_argument("src", help=_PATHS)
     p.add_argument("out", help="output folder (for v2: the checkpoint folder)")

@@ -7,7 +7,10 @@
            layout is given: the trainer reshards it online on load
 ``unified`` full tensors (model and optimizer) + ``common.json`` (as ``merge``)
 ``hf``     a HuggingFace folder: model parameters + ``config.json``
-``legacy`` Checkpoint 1.0 ``rank_*`` tree: not available yet
+``legacy`` Checkpoint 1.0: ``OUT/rank_0/{prefix}_rank_0-{epoch}_{step}.safetensors`` and
+           ``meta.json``, one rank holding full tensors (loads onto any layout
+           with ``auto_trans_ckpt``); written by ``resumable.legacy.LegacySaver``,
+           so the whole state is in memory once
 =========  ======================================================================
 
 The source may be any format :func:`resumable.sources.open_source` reads (our
@@ -33,9 +36,10 @@ from typing import Any, Literal
 
 import torch
 
-from resumable.errors import ConfigError, NotImplementedYet
+from resumable.errors import CheckpointError, ConfigError
 from resumable.formats.names import AttentionShape
-from resumable.sources import open_source
+from resumable.formats import v1
+from resumable.sources import Source, open_source
 from resumable.tools.merge import DEFAULT_SHARD, export_hf, merge
 from resumable.tools.split import TargetLayout, write_v2
 
@@ -70,14 +74,13 @@ def convert(src: str | os.PathLike[str], out: str | os.PathLike[str], to: Target
 
     Raises:
         ConfigError: ``hf`` without any model config; an unknown target.
-        NotImplementedYet: ``legacy``.
+        CheckpointError: ``legacy`` and the step's file already exists.
     """
     if to not in TARGETS:
         raise ConfigError(f"--to {to!r}: choose one of {', '.join(TARGETS)}")
-    if to == "legacy":
-        raise NotImplementedYet("convert --to legacy (the Checkpoint 1.0 writer); convert to v2, or to unified "
-                                "and load it with auto_trans_ckpt")
     source = open_source(src, heads=heads)
+    if to == "legacy":
+        return _write_legacy(source, Path(out), prefix, dtype)
     if to == "v2":
         return write_v2(source, out, layout or TargetLayout(), prefix=prefix, remove_redundancy=remove_redundancy,
                         dtype=dtype, progress=progress)
@@ -93,3 +96,29 @@ def convert(src: str | os.PathLike[str], out: str | os.PathLike[str], to: Target
         raise ConfigError(f"{src} does not record its model config; pass --config C.yaml (its model: section) "
                           "or --hf-config config.json to export it as a HuggingFace folder")
     return export_hf(source, out, config, max_shard_size=max_shard_size, dtype=dtype, progress=progress)
+
+
+def _write_legacy(source: Source, out: Path, prefix: str, dtype: torch.dtype | None) -> Path:
+    """One rank's full tensors as a Checkpoint 1.0 step (file name from the saved epoch and step)."""
+    from resumable.legacy import LegacySaver
+
+    objects = dict(source.common.get("state") or {})
+    objects.pop("model", None)
+    optim = {k: v for k, v in (objects.pop("optimizer", None) or {}).items() if k != "state"}
+    model = {}
+    for name, t in source.tensors.items():
+        data = t.read()
+        data = data.to(dtype) if dtype is not None and data.is_floating_point() else data
+        if t.kind == "opt":
+            optim[name[len("optimizer."):]] = data
+        else:
+            model[name] = data
+    epochs, step = int(objects.get("epoch_num", 0)), int(objects.get("step_num", 0))
+    gstep = int(source.common.get("global_step", 0))
+    epoch, step = v1.name_position(epochs, step, gstep // epochs if epochs else gstep)
+    if (out / "rank_0" / v1.rank_file_name(prefix, 0, 0, epoch, step, "safetensors")).exists():
+        raise CheckpointError(f"{out / 'rank_0'} already holds epoch {epoch} step {step}; write into another folder")
+    saver = LegacySaver(out, prefix=prefix, fmt="safetensors", keep_checkpoint_max=None, remove_redundancy=False,
+                        save_optimizer=bool(optim), strategy_dir=out / v1.STRATEGY_DIR,
+                        layout={"world_size": 1, "mesh": None, "pipeline_stages": 1})
+    return saver.save({"model": model, "optimizer": optim, **objects}, epoch, step)
