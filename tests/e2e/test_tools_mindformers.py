@@ -23,7 +23,8 @@ from resumable.train.checkpointing import Resume
 from resumable.train.config import load_config
 from resumable.train.loop import Trainer
 from resumable.train.parallel import build_layout
-from tests.fixtures.mindformers import FFN, HEADS, HIDDEN, LAYERS, VOCAB, build_legacy, build_v2, hf_state, legacy_state, mf_state
+from tests.fixtures.mindformers import (FFN, HEADS, HIDDEN, LAYERS, VOCAB, build_legacy, build_v2, hf_state,
+                                        legacy_state, mf_state)
 from tests.launch import run_distributed
 
 SEED = 3

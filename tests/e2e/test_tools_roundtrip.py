@@ -35,7 +35,7 @@ LAYOUT = ["parallel_config.data_parallel=2", "parallel_config.model_parallel=2",
 
 
 def _train_and_save(rank: int, world_size: int, overrides: list[str], directory: str, legacy: str = "") -> float:
-    """One step, save as iteration 1 (and as Checkpoint 1.0 in ``legacy``), then a second step whose loss is returned."""
+    """One step, save as iteration 1 (and as Checkpoint 1.0 in ``legacy``), then a second step; its loss."""
     cfg = load_config(None, [*BASE, *overrides])
     trainer = Trainer(cfg, build_layout(cfg))
     trainer.train_step()
@@ -83,8 +83,8 @@ def test_legacy_merged_and_split_for_another_layout_resumes_with_the_same_next_l
     assert main(["merge", str(legacy), str(tmp_path / "unified"), "--quiet"]) == 0
     assert main(["split", str(tmp_path / "unified"), str(tmp_path / "split"), "--layout", "pp=2",
                  "--quiet"]) == 0
-    losses = run_distributed(_resume_step, 2, ["parallel_config.pipeline_stage=2", "parallel_config.micro_batch_num=2"],
-                             str(tmp_path / "split"))
+    pp2 = ["parallel_config.pipeline_stage=2", "parallel_config.micro_batch_num=2"]
+    losses = run_distributed(_resume_step, 2, pp2, str(tmp_path / "split"))
     # Same weights, optimizer state and global batch of 4; the pipeline's two micro batches
     # and DP's two halves sum in other orders: ~1e-7 relative, well inside 1e-5.
     assert losses[0] == pytest.approx(expected, rel=1e-5)

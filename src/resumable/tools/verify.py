@@ -1,7 +1,8 @@
 """Completeness and integrity of checkpoints (``resumable verify``), every problem reported.
 
 For a checkpoint folder every ``iteration_*`` folder is checked (plus the tracker; the
-temporary folders of a save in progress are not checkpoints and are skipped); for one iteration folder, that one. A Checkpoint 2.0
+temporary folders of a save in progress are not checkpoints and are skipped); for one
+iteration folder, that one. A Checkpoint 2.0
 folder must be committed (:func:`resumable.commit.is_committed`) and every file listed
 by ``metadata.json`` must exist with its size and, unless ``checksum=False``, its
 xxh3-64 (:func:`resumable.resolve.verify_files`, one file at a time so that each damaged

@@ -94,7 +94,9 @@ def config_mismatches(model: ModelConfig, config: dict[str, Any]) -> list[str]:
     for key in _SAME:
         ours = getattr(model, key)
         theirs = found.get(key)
-        if theirs is None or (ours != theirs if not isinstance(ours, float) else abs(ours - theirs) > 1e-12 * abs(ours)):
+        differs = abs(ours - theirs) > 1e-12 * abs(ours) if isinstance(ours, float) and theirs is not None \
+            else ours != theirs
+        if theirs is None or differs:
             lines.append(f"model.{key}: {ours!r} in the YAML, {theirs!r} in config.json")
     return lines
 
