@@ -30,12 +30,14 @@ import logging
 import os
 import threading
 import weakref
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
 
-from resumable import dist
+from resumable import commit, dist
+from resumable.errors import ConfigError
 from resumable.geometry import Box
 from resumable.save import SavePlan, _error_text, finish_save, plan_save, prepare_temp, write_files
 
@@ -113,17 +115,22 @@ class AsyncSaver:
     Args:
         process_group: the ranks that save together (default: all). The saver builds a
             gloo group over the same ranks.
+        timeout: seconds one collective of that group may wait for a peer before it fails
+            (a rank that died or hangs mid-save becomes a ``SaveError`` from ``wait()``
+            instead of a hang). Default: ``RESUMABLE_COLLECTIVE_TIMEOUT`` seconds when set,
+            else 30 minutes (a slow shared file system must not fail healthy saves).
 
     Who calls it: every rank of the default group constructs it at the same point (the
     group creation is collective), then every rank calls ``save`` / ``wait`` together.
     Concurrency: one saver per job; not thread safe (call it from the training thread).
     """
 
-    def __init__(self, process_group: Any = None) -> None:
+    def __init__(self, process_group: Any = None, timeout: float | None = None) -> None:
         ranks = None
         if dist.initialized() and process_group is not None:
             ranks = torch.distributed.get_process_group_ranks(process_group)
-        self._group = (torch.distributed.new_group(ranks=ranks, backend="gloo")
+        self._group = (torch.distributed.new_group(ranks=ranks, backend="gloo",
+                                                   timeout=collective_timeout(timeout))
                        if dist.initialized() else None)
         self._stager = Stager()
         self._inflight: AsyncSaveHandle | None = None
@@ -147,6 +154,7 @@ class AsyncSaver:
             self._stager.stage(plan)
         except Exception as exc:  # still enter the background collectives, so peers learn it
             error = _error_text(exc)
+        commit.fault_point("staged")
         handle = AsyncSaveHandle(plan.final)
         handle._thread = threading.Thread(target=_run, args=(plan, error, on_commit, handle),
                                           name="resumable-async-save", daemon=False)
@@ -158,6 +166,31 @@ class AsyncSaver:
         """Wait for the save in flight; return its folder (None if none), re-raising its error once."""
         handle, self._inflight = self._inflight, None
         return handle.wait() if handle is not None else None
+
+
+#: Environment variable: seconds an async save's collective waits for a peer (see AsyncSaver).
+TIMEOUT_ENV = "RESUMABLE_COLLECTIVE_TIMEOUT"
+
+
+def collective_timeout(seconds: float | None = None) -> timedelta:
+    """The bound of the async commit group's collectives: ``seconds``, else ``$RESUMABLE_COLLECTIVE_TIMEOUT``, else 30 min.
+
+    Raises:
+        ConfigError: the variable is not a positive number.
+    """
+    if seconds is None:
+        raw = os.environ.get(TIMEOUT_ENV)
+        if not raw:
+            return timedelta(minutes=30)
+        try:
+            seconds = float(raw)
+        except ValueError:
+            seconds = -1.0
+        if not seconds > 0:
+            raise ConfigError(f"{TIMEOUT_ENV}={raw!r}: expected a positive number of seconds, e.g. 600")
+    if not seconds > 0:
+        raise ConfigError(f"collective timeout must be a positive number of seconds, got {seconds}")
+    return timedelta(seconds=seconds)
 
 
 def _run(plan: SavePlan, error: str | None, on_commit: Callable[[SavePlan], None] | None,

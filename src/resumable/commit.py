@@ -34,6 +34,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import uuid
 from pathlib import Path
 from typing import Iterable
@@ -48,6 +49,42 @@ COMMON = "common.json"
 _ITER_RE = re.compile(r"^iteration_(\d{8,})$")
 _LEFTOVER_RE = re.compile(r"^\.(tmp|old|del)-(iteration_\d{8,})$")
 _ATOMIC_TMP_RE = re.compile(r"^\..+\.tmp-\d+-[0-9a-f]{8}$")
+
+#: Environment variable of the crash-test seam, see :func:`fault_point`.
+FAULT_ENV = "RESUMABLE_FAULT"
+_fault_hits: dict[str, int] = {}
+
+
+def fault_point(name: str) -> None:
+    """Crash-test seam: SIGKILL this process at the named point when ``RESUMABLE_FAULT`` asks for it.
+
+    ``RESUMABLE_FAULT=<point>[:<n>][@<rank>]`` kills the process the ``n``-th time (default
+    1st) it reaches ``<point>``, only on global rank ``<rank>`` (``RANK``; default any).
+    SIGKILL, not an exception: nothing runs after it (no ``finally``, no atexit), exactly
+    as when a node dies. Unset in production, it costs one dictionary lookup.
+
+    Points, in the order a save reaches them: ``files-written`` (every rank, temp files
+    fsynced, before agreeing), ``between-files`` (a writer, after its model file, before its
+    opt file), ``before-rename`` (rank 0, metadata.json and common.json in the temp folder),
+    ``after-rename`` (rank 0, folder committed, tracker not yet updated), ``after-tracker``
+    (rank 0, before retention), ``retention-renamed`` (a folder renamed to ``.del-`` but not
+    yet deleted), ``atomic-write`` (a temp file of :func:`atomic_write` written, not yet
+    renamed: the tracker, a legacy meta.json, a strategy file), ``staged`` (async: staged,
+    background thread not started), ``legacy-file-published`` (legacy: this rank's file
+    renamed into place, before agreeing), ``legacy-before-meta`` (legacy: every rank
+    wrote, meta.json not yet replaced), ``legacy-after-meta`` (legacy: before retention).
+    """
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    spec, _, rank = spec.partition("@")
+    point, _, nth = spec.partition(":")
+    if point != name or (rank and rank != os.environ.get("RANK", "0")):
+        return
+    _fault_hits[name] = _fault_hits.get(name, 0) + 1
+    if _fault_hits[name] == int(nth or 1):
+        log.warning("%s=%s: killing process %d at %s", FAULT_ENV, os.environ[FAULT_ENV], os.getpid(), name)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def iteration_dirname(iteration: int) -> str:
@@ -104,6 +141,7 @@ def atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+        fault_point("atomic-write")
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -340,6 +378,7 @@ def apply_keep_max(directory: str | os.PathLike[str], keep: int | None,
             _remove_tree(doomed)
         os.rename(folder, doomed)
         fsync_dir(directory)
+        fault_point("retention-renamed")
         _remove_tree(doomed)
         deleted.append(n)
         log.info("keep_checkpoint_max=%d: deleted %s", keep, folder)

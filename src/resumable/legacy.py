@@ -225,12 +225,15 @@ class LegacySaver:
         except Exception as exc:  # reported below
             error = _text(exc)
         try:
+            commit.fault_point("legacy-file-published")
             dist.agree(error, what, self.group)
         except SaveError:
             if error is None:  # another rank failed: this step is not complete anywhere
                 final.unlink(missing_ok=True)
             raise
+        commit.fault_point("legacy-before-meta")
         commit.atomic_write(self.folder / v1.META_JSON, v1.meta_bytes(epoch, step, name))
+        commit.fault_point("legacy-after-meta")
         self._retain(final)
         return final
 

@@ -253,8 +253,11 @@ def write_files(plan: SavePlan) -> dict[str, tuple[int, str]]:
         file name → (size, xxh3-64 hex).
     """
     out = {}
-    for fname, (_, items) in plan.files.items():
+    for i, (fname, (_, items)) in enumerate(plan.files.items()):
+        if i:
+            commit.fault_point("between-files")
         out[fname] = write_file(plan.temp / fname, [(it.key, it.tensor) for it in items], plan.file_meta[fname])
+    commit.fault_point("files-written")
     return out
 
 
@@ -314,8 +317,11 @@ def _commit(plan: SavePlan) -> None:
             f.write(data)
         commit.fsync_file(plan.temp / name)
     commit.fsync_dir(plan.temp)
+    commit.fault_point("before-rename")
     commit.publish_folder(plan.temp, plan.final)
+    commit.fault_point("after-rename")
     commit.write_tracker(plan.directory, plan.iteration)
+    commit.fault_point("after-tracker")
     log.info("committed %s", plan.final)
 
 
