@@ -2,8 +2,10 @@
 
 Concurrency contract: multi-process safe (every rank builds the manager and calls
 ``save`` / ``wait`` / ``close`` together, in the same order); not thread safe (call it
-from the training thread only); not multi-job safe (one job per checkpoint directory:
-construction removes leftover temp folders of earlier runs).
+from the training thread only); one job per checkpoint directory: rank 0 holds an
+exclusive lock on ``<directory>/.lock`` (:mod:`resumable.lock`) from construction to
+``close()``, so a second job pointed at the same folder fails with ``LockedError``
+before it removes anything (construction removes leftover temp folders of earlier runs).
 
 Example (single process or under ``torchrun``)::
 
@@ -24,7 +26,8 @@ from typing import Any, Mapping
 
 from resumable import commit, dist
 from resumable.async_save import AsyncSaveHandle, AsyncSaver
-from resumable.errors import ConfigError
+from resumable.errors import CheckpointError, ConfigError, LockedError
+from resumable.lock import DirectoryLock
 from resumable.save import SavePlan, save as sync_save
 
 log = logging.getLogger(__name__)
@@ -47,17 +50,25 @@ class CheckpointManager:
         process_group: the ranks that save together (default: all).
         layout_info: recorded in metadata.json (see :func:`resumable.save`).
 
+        collective_timeout: bound on each collective of an async save's gloo group (a rank
+            that died or hangs becomes a ``SaveError`` after it); default
+            ``RESUMABLE_COLLECTIVE_TIMEOUT`` seconds, else 30 minutes (see
+            :class:`~resumable.async_save.AsyncSaver`).
+
     Raises:
         ConfigError: a value out of range, naming the YAML key.
+        LockedError: on every rank, when another job holds the folder's lock.
 
-    Who calls it: every rank constructs it at the same point (collective: rank 0 cleans
-    leftovers while the others wait; an async manager also creates its gloo group).
+    Who calls it: every rank constructs it at the same point (collective: rank 0 takes
+    the lock and cleans leftovers while the others wait; an async manager also creates
+    its gloo group).
     """
 
     def __init__(self, directory: str | os.PathLike[str], *, prefix: str = "CKP", save_checkpoint_steps: int = 1,
                  keep_checkpoint_max: int | None = 5, async_save: bool = False, save_optimizer: bool = True,
                  remove_redundancy: bool = False, checkpoint_format: str = "safetensors",
-                 process_group: Any = None, layout_info: Any = None) -> None:
+                 process_group: Any = None, layout_info: Any = None,
+                 collective_timeout: float | None = None) -> None:
         if save_checkpoint_steps < 1:
             raise ConfigError(f"save_checkpoint_steps must be at least 1, got {save_checkpoint_steps}")
         if keep_checkpoint_max is not None and keep_checkpoint_max < 1:
@@ -76,11 +87,29 @@ class CheckpointManager:
         self.layout_info = layout_info
         self.protected: set[int] = set()  # iterations retention must keep (e.g. the one loaded)
         self._group = process_group
+        self._lock: DirectoryLock | None = None
+        error: BaseException | None = None
         if dist.rank(process_group) == 0:
-            for path in commit.clean_leftovers(self.directory):
-                log.info("cleaned leftover %s", path)
-        dist.barrier(process_group)  # nobody saves while rank 0 is still cleaning
-        self._async = AsyncSaver(process_group) if async_save else None
+            # Lock before cleaning: the leftovers of a live job are its saves in progress.
+            lock = DirectoryLock(self.directory)
+            try:
+                lock.acquire()
+                self._lock = lock
+                for path in commit.clean_leftovers(self.directory):
+                    log.info("cleaned leftover %s", path)
+            except (LockedError, OSError) as exc:  # every rank must raise, not only rank 0
+                lock.release()
+                self._lock = None
+                error = exc
+        # Nobody saves while rank 0 is still cleaning; everyone learns a refusal.
+        told = dist.broadcast_object(None if error is None else (isinstance(error, LockedError), str(error)),
+                                     0, process_group)
+        if error is not None:
+            raise error
+        if told is not None:
+            locked, message = told
+            raise LockedError(message) if locked else CheckpointError(f"rank 0 failed: {message}")
+        self._async = AsyncSaver(process_group, timeout=collective_timeout) if async_save else None
 
     def should_save(self, step: int, last_step: int | None = None) -> bool:
         """True on every ``save_checkpoint_steps``-th step and on ``last_step``. Not collective."""
@@ -111,8 +140,16 @@ class CheckpointManager:
         return self._async.wait() if self._async is not None else None
 
     def close(self) -> None:
-        """Wait for the last save to be committed. Call before ``destroy_process_group``."""
-        self.wait()
+        """Wait for the last save to be committed, then release the folder's lock.
+
+        Call before ``destroy_process_group``. Raises the last async save's error (the
+        lock is released all the same).
+        """
+        try:
+            self.wait()
+        finally:
+            if self._lock is not None:
+                self._lock.release()
 
     def __enter__(self) -> "CheckpointManager":
         return self

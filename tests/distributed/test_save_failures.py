@@ -94,7 +94,8 @@ def test_a_writer_killed_mid_file_leaves_the_previous_checkpoint_and_its_leftove
     assert torch.equal(reassemble(tmp_path / "iteration_00000001")["w"], torch.arange(4.0))
 
     CheckpointManager(tmp_path, keep_checkpoint_max=1)  # the next start cleans up
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["iteration_00000001", commit.TRACKER]
+    # .lock is the folder's job lock (resumable.lock): it stays, unlocked, by design.
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "iteration_00000001", commit.TRACKER]
 
 
 @pytest.mark.parametrize("keep", [0, -1])
