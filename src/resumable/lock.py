@@ -41,9 +41,10 @@ import socket
 import time
 from pathlib import Path
 
-from resumable.errors import LockedError
+from resumable import dist
+from resumable.errors import CheckpointError, LockedError
 
-__all__ = ["LOCK_FILE", "DirectoryLock"]
+__all__ = ["LOCK_FILE", "DirectoryLock", "lock_for_job"]
 
 #: The lock file's name inside the checkpoint folder (hidden: not a checkpoint, never cleaned).
 LOCK_FILE = ".lock"
@@ -123,3 +124,32 @@ def _read_holder(fd: int) -> str:
         return f"host {doc['host']}, pid {doc['pid']}, since {doc['since']}"
     except (OSError, ValueError, KeyError, TypeError):
         return "holder unknown"
+
+
+def lock_for_job(directory: str | os.PathLike[str], group: dist.Group = None) -> DirectoryLock | None:
+    """Rank 0 of ``group`` takes the folder's lock; every rank learns whether it got it.
+
+    Returns:
+        The held lock on rank 0, None on the other ranks.
+
+    Raises:
+        LockedError: on every rank, when another job holds the folder (holder named).
+        CheckpointError: on every rank but 0 (which raises its own ``OSError``) when the
+            folder cannot be created or the lock file opened.
+
+    Collective: every rank of ``group`` calls it (one broadcast).
+    """
+    lock, error = None, None
+    if dist.rank(group) == 0:
+        lock = DirectoryLock(directory)
+        try:
+            lock.acquire()
+        except (LockedError, OSError) as exc:
+            lock, error = None, exc
+    told = dist.broadcast_object(None if error is None else (isinstance(error, LockedError), str(error)), 0, group)
+    if error is not None:
+        raise error
+    if told is not None:
+        locked, message = told
+        raise LockedError(message) if locked else CheckpointError(f"rank 0 failed to lock {directory}: {message}")
+    return lock

@@ -26,8 +26,8 @@ from typing import Any, Mapping
 
 from resumable import commit, dist
 from resumable.async_save import AsyncSaveHandle, AsyncSaver
-from resumable.errors import CheckpointError, ConfigError, LockedError
-from resumable.lock import DirectoryLock
+from resumable.errors import ConfigError
+from resumable.lock import DirectoryLock, lock_for_job
 from resumable.save import SavePlan, save as sync_save
 
 log = logging.getLogger(__name__)
@@ -87,28 +87,12 @@ class CheckpointManager:
         self.layout_info = layout_info
         self.protected: set[int] = set()  # iterations retention must keep (e.g. the one loaded)
         self._group = process_group
-        self._lock: DirectoryLock | None = None
-        error: BaseException | None = None
-        if dist.rank(process_group) == 0:
-            # Lock before cleaning: the leftovers of a live job are its saves in progress.
-            lock = DirectoryLock(self.directory)
-            try:
-                lock.acquire()
-                self._lock = lock
-                for path in commit.clean_leftovers(self.directory):
-                    log.info("cleaned leftover %s", path)
-            except (LockedError, OSError) as exc:  # every rank must raise, not only rank 0
-                lock.release()
-                self._lock = None
-                error = exc
-        # Nobody saves while rank 0 is still cleaning; everyone learns a refusal.
-        told = dist.broadcast_object(None if error is None else (isinstance(error, LockedError), str(error)),
-                                     0, process_group)
-        if error is not None:
-            raise error
-        if told is not None:
-            locked, message = told
-            raise LockedError(message) if locked else CheckpointError(f"rank 0 failed: {message}")
+        # Lock before cleaning: the leftovers of a live job are its saves in progress.
+        self._lock: DirectoryLock | None = lock_for_job(self.directory, process_group)
+        if self._lock is not None:  # rank 0
+            for path in commit.clean_leftovers(self.directory):
+                log.info("cleaned leftover %s", path)
+        dist.barrier(process_group)  # nobody saves while rank 0 is still cleaning
         self._async = AsyncSaver(process_group, timeout=collective_timeout) if async_save else None
 
     def should_save(self, step: int, last_step: int | None = None) -> bool:
