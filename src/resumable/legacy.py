@@ -192,6 +192,11 @@ class LegacySaver:
         self.protect = {Path(p).resolve() for p in protect}
         self.rank, self.world = dist.rank(process_group), dist.world_size(process_group)
         self.folder = self.directory / f"rank_{self.rank}"
+        # Temp files of a save interrupted by a crash (.<name>.tmp-<pid>-<hex>): each rank its
+        # own folder, rank 0 the shared strategy folder. The caller holds the folder's lock.
+        commit.clean_leftovers(self.folder)
+        if self.rank == 0:
+            commit.clean_leftovers(self.strategy_dir)
         names = [p.name for p in self.folder.iterdir()] if self.folder.is_dir() else []
         self.suffix = max(dist.all_gather_object(v1.next_suffix(names, prefix, self.rank), process_group))
         if self.suffix:
@@ -232,8 +237,14 @@ class LegacySaver:
                 final.unlink(missing_ok=True)
             raise
         commit.fault_point("legacy-before-meta")
-        commit.atomic_write(self.folder / v1.META_JSON, v1.meta_bytes(epoch, step, name))
+        try:
+            commit.atomic_write(self.folder / v1.META_JSON, v1.meta_bytes(epoch, step, name))
+        except OSError as exc:  # reported below: this rank's meta.json still names the previous step
+            error = _text(exc)
         commit.fault_point("legacy-after-meta")
+        # Retention only once every rank's meta.json names this step: a rank that dies before
+        # its update still names the previous step, which must then exist on every rank.
+        dist.agree(error, f"recording {name} in {v1.META_JSON}", self.group)
         self._retain(final)
         return final
 
