@@ -36,6 +36,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable, Mapping
 
 from resumable.commit import (
     TRACKER,
@@ -50,7 +51,7 @@ from resumable.formats import v2
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Resolution", "resolve_checkpoint", "resolve_directory", "verify_files"]
+__all__ = ["Resolution", "fall_back", "resolve_checkpoint", "resolve_directory", "verify_files"]
 
 
 @dataclass(frozen=True)
@@ -155,10 +156,11 @@ def _valid(folder: Path) -> str | None:
     return None
 
 
-def _fallback(directory: Path, skipped: list[str], tried: int | None = None) -> Resolution:
+def _fallback(directory: Path, skipped: list[str], tried: int | Iterable[int] | None = None) -> Resolution:
     """The newest committed and valid iteration of ``directory`` (other than ``tried``), warning about what was skipped."""
+    tried = {tried} if isinstance(tried, int) else set(tried or ())
     for n in reversed(committed_iterations(directory)):
-        if n == tried:
+        if n in tried:
             continue
         folder = directory / iteration_dirname(n)
         problem = _valid(folder)
@@ -169,6 +171,24 @@ def _fallback(directory: Path, skipped: list[str], tried: int | None = None) -> 
     raise CorruptCheckpointError(
         f"{directory}: no committed and valid iteration to resume from; skipped: {'; '.join(skipped)}. "
         "Restore a checkpoint or clear load_checkpoint to start fresh")
+
+
+def fall_back(directory: str | os.PathLike[str], failed: Mapping[int, str]) -> Resolution:
+    """``resume_training: true`` after loading failed: the newest committed and valid iteration not in ``failed``.
+
+    Used when an iteration passed resolution (sizes) but failed while loading (a checksum,
+    a file header, common.json). Logs a warning naming every skipped iteration and why.
+
+    Args:
+        directory: the checkpoint folder.
+        failed: iteration → why it could not be loaded.
+
+    Raises:
+        CorruptCheckpointError: nothing valid is left.
+    """
+    directory = Path(directory)
+    skipped = [f"{iteration_dirname(n)} ({why})" for n, why in failed.items()]
+    return _fallback(directory, skipped, failed.keys())
 
 
 def resolve_directory(directory: str | os.PathLike[str], *, fallback: bool = False) -> Resolution:

@@ -4,7 +4,8 @@ Both run on every rank at the same points of ``Trainer.fit`` (their calls into t
 library are collective). The YAML keys they read are those of ../shared/FORMATS.md:
 
 - ``callbacks: - type: CheckpointMonitor`` (prefix, directory, save_checkpoint_steps,
-  keep_checkpoint_max, async_save, checkpoint_format, remove_redundancy, save_optimizer);
+  keep_checkpoint_max, async_save, checkpoint_format, remove_redundancy, save_optimizer,
+  on_save_error);
 - ``load_checkpoint`` + ``resume_training``: with ``resume_training: true`` the whole
   training state is restored (weights, optimizer, step, data position, RNG); without it
   only the weights are loaded and training starts at step 0 (fine-tuning), as in
@@ -15,14 +16,18 @@ library are collective). The YAML keys they read are those of ../shared/FORMATS.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
 
 from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
 from resumable import dist
-from resumable.load import load
+from resumable.errors import CheckpointNotFoundError, CorruptCheckpointError, SaveError
+from resumable.commit import parse_iteration
+from resumable.load import LoadResult, load
 from resumable.manager import CheckpointManager
-from resumable.resolve import Resolution, resolve_checkpoint
+from resumable.resolve import Resolution, fall_back, resolve_checkpoint
 from resumable.train.config import TrainConfig
 from resumable.train.loop import Callback, Trainer
 
@@ -34,6 +39,23 @@ def layout_info(trainer: Trainer) -> dict[str, Any]:
     lay = trainer.layout
     return {"mesh": {"pp": lay.pp, "dp": lay.dp, "tp": lay.tp}, "pipeline_stages": lay.pp,
             "sharded_optimizer": lay.sharded_optimizer}
+
+
+@contextmanager
+def on_save_error(cfg: TrainConfig, step: int) -> Iterator[None]:
+    """Apply ``callbacks.0.on_save_error`` to a save: re-raise (``raise``) or log and go on (``warn``).
+
+    A ``SaveError`` is raised on every rank alike (the ranks agree on it), so with
+    ``warn`` every rank trains on together; nothing of the failed save was committed.
+    """
+    try:
+        yield
+    except SaveError as exc:
+        mon = cfg.checkpoint
+        if mon is None or mon.on_save_error == "raise":
+            raise
+        logger.warning("checkpoint save at step %d failed, training goes on (on_save_error: warn); the newest "
+                       "committed checkpoint is unchanged: %s", step, exc)
 
 
 class CheckpointMonitor(Callback):
@@ -59,7 +81,8 @@ class CheckpointMonitor(Callback):
     def _save(self, trainer: Trainer) -> None:
         assert self.manager is not None
         step = trainer.ctx.global_step
-        self.manager.save(trainer.state_dict(), step)
+        with on_save_error(self.cfg, step):
+            self.manager.save(trainer.state_dict(), step)
         self.last_saved = step
 
     def on_step_end(self, trainer: Trainer) -> None:
@@ -71,7 +94,8 @@ class CheckpointMonitor(Callback):
         assert self.manager is not None
         if self.last_saved != trainer.ctx.global_step:
             self._save(trainer)  # training always ends on a checkpoint
-        self.manager.close()  # the job does not exit before the last save is committed
+        with on_save_error(self.cfg, trainer.ctx.global_step):
+            self.manager.close()  # the job does not exit before the last save is committed
 
     def protect(self, iteration: int) -> None:
         """Keep ``iteration`` (the one resumed from) out of retention while this job runs."""
@@ -104,6 +128,44 @@ class Resume(Callback):
             raise found
         return found
 
+    def _load(self, state: dict[str, Any], res: Resolution) -> LoadResult:
+        """Load ``res``, checksums included; with ``resume_training: true`` fall back past damaged iterations.
+
+        Policy: every file's xxh3-64 is verified before any tensor is touched (the files
+        split across the ranks: each reads about 1/world of the checkpoint once more). It
+        is the only check that catches a flipped bit in tensor data; on the default config
+        it costs a few milliseconds (docs/internals.md). A failed iteration is skipped,
+        with a warning, for the newest older one that loads, only when training resumes
+        automatically from a checkpoint folder (``resume_training: true``); a named
+        ``iteration_*`` folder or a weights-only load fails with the error instead.
+        """
+        failed: dict[int, str] = {}
+        auto = self.cfg.resume_training is True and not _names_iteration(self.cfg.load_checkpoint)
+        while True:
+            assert res.path is not None and res.iteration is not None
+            try:
+                return load(state, res.path, balanced=self.cfg.balanced_load, verify="checksum")
+            except (CorruptCheckpointError, CheckpointNotFoundError) as exc:  # the same on every rank
+                if not auto:
+                    raise
+                failed[res.iteration] = str(exc)
+            res = self._fall_back(failed)
+            self.resolution = res
+
+    def _fall_back(self, failed: dict[int, str]) -> Resolution:
+        """Rank 0 picks the next iteration to try and tells the others (collective)."""
+        found: Resolution | BaseException | None = None
+        if dist.rank() == 0:
+            try:
+                found = fall_back(self.cfg.load_checkpoint, failed)
+            except Exception as exc:  # every rank must raise it, not just rank 0
+                found = exc
+        found = dist.broadcast_object(found)
+        if isinstance(found, BaseException):
+            raise found
+        assert isinstance(found, Resolution)
+        return found
+
     def on_train_begin(self, trainer: Trainer) -> None:
         self.resolution = res = self._resolve()
         if res.fresh:
@@ -113,7 +175,7 @@ class Resume(Callback):
         state = trainer.state_dict()
         if not full:  # weights only: the optimizer and the context start anew
             state = {"model": state["model"]}
-        result = load(state, res.path, balanced=self.cfg.balanced_load)
+        result = self._load(state, res)
         if full:
             trainer.load_state_dict(state)
             if self.monitor is not None:
@@ -122,11 +184,17 @@ class Resume(Callback):
             if saved_gbs and saved_gbs != trainer.ctx.global_batch_size:
                 logger.info("global batch size changed (%s -> %s): continuing from %d consumed samples",
                             saved_gbs, trainer.ctx.global_batch_size, trainer.ctx.consumed_samples)
-            logger.info("resumed from %s at global step %d (epoch %d, step %d in epoch)", res.path,
+            logger.info("resumed from %s at global step %d (epoch %d, step %d in epoch)", result.path,
                         trainer.ctx.global_step, trainer.ctx.epoch, trainer.ctx.step_in_epoch)
         else:
             set_model_state_dict(trainer.model, state["model"])
-            logger.info("loaded weights from %s; training starts at step 0 (resume_training is false)", res.path)
+            logger.info("loaded weights from %s; training starts at step 0 (resume_training is false)", result.path)
+
+
+def _names_iteration(path: str) -> bool:
+    """True when ``load_checkpoint`` names one ``iteration_*`` (or temp) folder rather than a checkpoint folder."""
+    name = Path(path).name
+    return parse_iteration(name) is not None or name.startswith((".tmp-", ".old-", ".del-"))
 
 
 def checkpoint_callbacks(cfg: TrainConfig) -> list[Callback]:

@@ -108,6 +108,9 @@ class CheckpointMonitorConfig(_Section):
     checkpoint_format: Literal["safetensors", "ckpt"] = "safetensors"
     remove_redundancy: bool = False
     save_optimizer: bool = True
+    on_save_error: Literal["raise", "warn"] = Field(
+        "raise", description="a failed save (disk full, a rank died): 'raise' stops training with the error; "
+                             "'warn' logs it and trains on (nothing was committed; the previous checkpoint stays)")
 
     @field_validator("prefix")
     @classmethod

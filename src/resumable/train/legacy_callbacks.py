@@ -37,7 +37,8 @@ from resumable.legacy import (
     load_legacy,
     resolve_legacy,
 )
-from resumable.train.checkpointing import layout_info
+from resumable.lock import DirectoryLock, lock_for_job
+from resumable.train.checkpointing import layout_info, on_save_error
 from resumable.train.config import TrainConfig
 from resumable.train.loop import Callback, Trainer
 
@@ -61,6 +62,7 @@ class LegacyCheckpointMonitor(Callback):
         self.saver: LegacySaver | None = None
         self.protected: set[Path] = set()
         self.last_saved: int | None = None
+        self._lock: DirectoryLock | None = None
         self._in_epoch = 0  # steps done in the epoch in progress, before the latest step
         self._position = (1, 0)
 
@@ -69,6 +71,8 @@ class LegacyCheckpointMonitor(Callback):
         assert mon is not None  # only built when the config has a CheckpointMonitor
         if mon.async_save:
             logger.warning("async_save is not available with use_legacy_format: true; saving synchronously")
+        # One job per checkpoint folder, taken before the saver cleans leftovers (resumable.lock).
+        self._lock = lock_for_job(self.cfg.checkpoint_dir)
         self.saver = LegacySaver(
             self.cfg.checkpoint_dir, prefix=mon.prefix, fmt=mon.checkpoint_format,
             keep_checkpoint_max=mon.keep_checkpoint_max, remove_redundancy=mon.remove_redundancy,
@@ -81,7 +85,8 @@ class LegacyCheckpointMonitor(Callback):
 
     def _save(self, trainer: Trainer) -> None:
         assert self.saver is not None
-        self.saver.save(trainer.state_dict(), *self._position)
+        with on_save_error(self.cfg, trainer.ctx.global_step):
+            self.saver.save(trainer.state_dict(), *self._position)
         self.last_saved = trainer.ctx.global_step
 
     def on_step_end(self, trainer: Trainer) -> None:
@@ -96,6 +101,8 @@ class LegacyCheckpointMonitor(Callback):
     def on_train_end(self, trainer: Trainer) -> None:
         if self.last_saved != trainer.ctx.global_step:
             self._save(trainer)  # training always ends on a checkpoint
+        if self._lock is not None:
+            self._lock.release()
 
     def protect(self, path: Path) -> None:
         """Keep ``path`` (the file resumed from) out of retention while this job runs."""
