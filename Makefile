@@ -25,8 +25,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# make bench BENCH_ARGS="--size-gib 0.1 --reps 1" for a quick run (bench/run.py lists the options)
 bench: $(STAMP)
-	$(PY) -m bench.run
+	$(PY) -m bench.run $(BENCH_ARGS)
 
 clean:
 	rm -rf output .pytest_cache

@@ -1,0 +1,111 @@
+"""The disk's own limits, measured with plain ``os.write`` / ``os.readv`` in the same run.
+
+* durable sequential write: ``writers`` threads each write ``nbytes / writers`` in 8 MiB
+  blocks to its own new file and fsync it; the time runs until the last fsync returns.
+* cold sequential read: the files are evicted from the page cache first
+  (:func:`drop_caches`), then ``readers`` threads read them into a reused buffer.
+
+``os.write`` / ``os.readv`` / ``os.fsync`` release the GIL, so threads are real I/O
+parallelism, as they are for the checkpoint writers measured against these numbers.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+BLOCK = 8 << 20
+
+
+def drop_caches(files: list[Path]) -> str:
+    """Evict ``files`` (and, where permitted, the whole page cache); returns the method used.
+
+    ``echo 3 > /proc/sys/vm/drop_caches`` after a ``sync`` when the kernel allows it (root,
+    not refused by a container); otherwise ``posix_fadvise(POSIX_FADV_DONTNEED)`` on each
+    file after an fsync, which evicts that file's clean pages.
+    """
+    os.sync()
+    method = "posix_fadvise"
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        method = "drop_caches"
+    except OSError:
+        pass
+    for path in files:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    return method
+
+
+def _write_one(path: Path, nbytes: int, block: memoryview) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        left = nbytes
+        while left:
+            n = os.write(fd, block[:min(left, len(block))])
+            left -= n
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _read_one(path: Path) -> int:
+    buf = bytearray(BLOCK)
+    total = 0
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        while n := os.readv(fd, [buf]):
+            total += n
+    finally:
+        os.close(fd)
+    return total
+
+
+def _threads(target, args_list: list[tuple]) -> float:
+    """Run ``target`` once per argument tuple in parallel threads; seconds until all returned."""
+    errors: list[BaseException] = []
+
+    def body(*args: object) -> None:
+        try:
+            target(*args)
+        except BaseException as exc:  # re-raised below, in the caller's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=body, args=a) for a in args_list]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    seconds = time.perf_counter() - start
+    if errors:
+        raise errors[0]
+    return seconds
+
+
+def durable_write(folder: Path, nbytes: int, writers: int) -> float:
+    """Seconds to write ``nbytes`` in all as ``writers`` fsynced files in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    block = memoryview(os.urandom(BLOCK))  # incompressible, as fp32 weights mostly are
+    share = nbytes // writers
+    os.sync()
+    return _threads(_write_one, [(folder / f"w{i}.bin", share, block) for i in range(writers)])
+
+
+def cold_read(folder: Path, readers: int) -> tuple[float, int, str]:
+    """Seconds to read the ``readers`` files :func:`durable_write` left, from a cold cache.
+
+    Returns:
+        (seconds, bytes read, eviction method).
+    """
+    files = sorted(folder.glob("w*.bin"))[:readers]
+    method = drop_caches(files)
+    sizes = [f.stat().st_size for f in files]
+    return _threads(_read_one, [(f,) for f in files]), sum(sizes), method
