@@ -12,6 +12,7 @@ import argparse
 import sys
 
 from resumable.errors import ConfigError, NotImplementedYet
+from resumable.shared_paths import check_shared_paths
 from resumable.train.checkpointing import checkpoint_callbacks
 from resumable.train.config import check_implemented, load_config
 from resumable.train.loop import run
@@ -26,6 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cfg = load_config(args.config, args.overrides)
         check_implemented(cfg)
+        check_shared_paths(cfg.checkpoint_dir)
         run(cfg, checkpoint_callbacks(cfg))
     except (ConfigError, NotImplementedYet) as err:  # the message says what to change
         print(f"error: {err}", file=sys.stderr)

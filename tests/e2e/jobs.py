@@ -1,0 +1,79 @@
+"""Run real ``resumable train`` jobs from tests: build the command, run or kill it, read its log."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from resumable.commit import read_tracker
+from resumable.proctree import kill_tree
+
+# A small, quick job: 2 layers, short sequences; one step is a few milliseconds.
+SMALL = ["model.num_hidden_layers=2", "train_dataset.seq_length=32", "runner_config.batch_size=4",
+         "lr_schedule.warmup_steps=2", "parallel_config.data_parallel=1", "parallel_config.model_parallel=1"]
+
+
+def train_cmd(out: Path, *overrides: str, nproc: int = 0, base: list[str] = SMALL) -> list[str]:
+    sets = [x for kv in [*base, f"output_dir={out}", *overrides] for x in ("--set", kv)]
+    return [sys.executable, "-m", "resumable.cli", "train", *(["--nproc", str(nproc)] if nproc else []), *sets]
+
+
+def _env() -> dict[str, str]:
+    # A test process may itself run under torchrun variables; the job must not inherit them.
+    return {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+
+
+def run_job(cmd: list[str], *, expect_ok: bool = True, env: dict[str, str] | None = None,
+            timeout: float = 300) -> subprocess.CompletedProcess:
+    job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env={**_env(), **(env or {})}, start_new_session=True)
+    try:
+        out, err = job.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tree(job.pid, signal.SIGKILL)  # torchrun workers too: never leave a hung job behind
+        out, err = job.communicate()
+        raise AssertionError(f"job hung for {timeout} s and was killed:\n{out[-2000:]}\n{err[-4000:]}") from None
+    done = subprocess.CompletedProcess(cmd, job.returncode, out, err)
+    if expect_ok:
+        assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+    return done
+
+
+def log_records(out: Path) -> list[dict]:
+    path = out / "log" / "train.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def losses(out: Path) -> dict[int, float]:
+    """global step → loss; a step logged again after a resume keeps its last value."""
+    return {r["global_step"]: r["loss"] for r in log_records(out)}
+
+
+def run_until_step_then_kill(cmd: list[str], out: Path, step: int, *, committed: int = 0,
+                             timeout: float = 300) -> int:
+    """Start a job, SIGKILL its whole process tree once its log reaches ``step`` and its tracker
+    names at least ``committed`` (an async save commits later than the step it saves);
+    return the last logged step."""
+    job = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env(),
+                           start_new_session=True)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            records = log_records(out)
+            if records and records[-1]["global_step"] >= step and (read_tracker(out / "checkpoint") or 0) >= committed:
+                kill_tree(job.pid, signal.SIGKILL)
+                job.wait()
+                return log_records(out)[-1]["global_step"]
+            if job.poll() is not None:
+                raise AssertionError(f"job ended (exit {job.returncode}) before step {step}:\n{job.stderr.read()[-3000:]}")
+            time.sleep(0.01)
+        raise AssertionError(f"job did not reach step {step} in {timeout} s")
+    finally:
+        if job.poll() is None:
+            kill_tree(job.pid, signal.SIGKILL)
+            job.wait()
