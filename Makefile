@@ -29,5 +29,8 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m bench.run $(BENCH_ARGS)
 
+soak: $(STAMP)
+	$(PY) tools/soak.py
+
 clean:
 	rm -rf output .pytest_cache

@@ -1,0 +1,376 @@
+"""Crash soak: start real training jobs, SIGKILL them at random instants, check and resume, many times.
+
+    python tools/soak.py --kills 50            # about 5-10 minutes on 2 cores
+    python tools/soak.py --kills 10 --seed 3   # a shorter, different run
+    make soak
+
+Each *chain* is one scenario (1 or 2 processes, sync or async saves, Checkpoint 2.0 or
+legacy) in a fresh output folder. The same command is started again and again; each run
+is killed (whole process tree, SIGKILL) at an instant drawn by a seeded RNG, either a
+time after training started (it then dies while staging, writing, fsyncing, renaming,
+updating the tracker or applying retention, since the job saves every step or two), a
+time during start-up (while it resolves, loads or cleans), or, deterministically, at a
+named point of the save through ``RESUMABLE_FAULT`` (:func:`resumable.commit.fault_point`).
+After every kill:
+
+1. the tracker (legacy: every rank's ``meta.json``) names a complete checkpoint, and every
+   committed Checkpoint 2.0 folder verifies with checksums (:func:`resolve.verify_files`);
+2. the next run of the identical command resumes from exactly that checkpoint;
+3. the leftovers of the kill (``.tmp-``/``.old-``/``.del-`` folders, ``.*.tmp-*`` files) are
+   gone once that run has started training;
+4. it lost at most one save interval of logged steps (two with async saves: one save may
+   be in flight while training runs on).
+
+A chain ends when a run reaches ``stop_step`` unharmed; the final state must then be the
+last step, committed, with no leftovers. The last line printed is the result::
+
+    soak: kills=50 resumes=47 chains=9 failures=0 seconds=412
+
+The functions here are also the harness of ``tests/e2e/test_crash_*.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from resumable import commit
+from resumable.formats import v1, v2
+from resumable.proctree import kill_tree
+from resumable.resolve import verify_files
+
+#: Sizes that make a step a few milliseconds: the time goes into saving, which is what we kill.
+TINY = ("model.num_hidden_layers=2", "model.hidden_size=32", "model.intermediate_size=64",
+        "train_dataset.seq_length=32", "runner_config.batch_size=2", "lr_schedule.warmup_steps=1")
+
+#: Named points of a save (resumable.commit.fault_point) and the scenarios that reach them.
+V2_POINTS = ("between-files", "files-written", "before-rename", "after-rename", "atomic-write", "after-tracker",
+             "retention-renamed")
+ASYNC_POINTS = ("staged", *V2_POINTS)
+LEGACY_POINTS = ("legacy-file-published", "legacy-before-meta", "atomic-write", "legacy-after-meta")
+
+_RESUMED_RE = re.compile(r"resumed from (\S+) at global step (\d+)")
+_LEFTOVER_DIR_RE = re.compile(r"^\.(tmp|old|del)-iteration_\d+$")
+_TEMP_FILE_RE = re.compile(r"^\..+\.tmp-\d+-[0-9a-f]{8}$")
+
+
+class Violation(AssertionError):
+    """A crash-safety promise was broken; the message says which and where."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """One scenario: the same command is run again and again in one output folder."""
+
+    name: str
+    nproc: int = 1
+    legacy: bool = False
+    async_save: bool = False
+    interval: int = 1
+    stop_step: int = 10
+    keep: int = 2
+
+    @property
+    def lost_bound(self) -> int:
+        """Logged steps a kill may cost: one interval; two with async (one save may still be in flight)."""
+        return self.interval * (2 if self.async_save else 1)
+
+    @property
+    def points(self) -> tuple[str, ...]:
+        """The fault points this scenario's saves pass."""
+        return LEGACY_POINTS if self.legacy else ASYNC_POINTS if self.async_save else V2_POINTS
+
+    def command(self, out: Path) -> list[str]:
+        sets = [*TINY, f"output_dir={out}", f"load_checkpoint={out / 'checkpoint'}", "resume_training=true",
+                f"runner_config.stop_step={self.stop_step}", f"callbacks.0.save_checkpoint_steps={self.interval}",
+                f"callbacks.0.keep_checkpoint_max={self.keep}", f"callbacks.0.async_save={str(self.async_save).lower()}",
+                f"use_legacy_format={str(self.legacy).lower()}",
+                f"parallel_config.data_parallel={self.nproc}", "parallel_config.model_parallel=1"]
+        args = [x for kv in sets for x in ("--set", kv)]
+        if self.nproc > 1:
+            return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={self.nproc}",
+                    "-m", "resumable.train", *args]
+        return [sys.executable, "-m", "resumable.train", *args]
+
+
+SCENARIOS = (
+    Job("v2-sync-1p"),
+    Job("v2-async-1p", async_save=True),
+    Job("v2-sync-1p-keep1", keep=1, interval=2, stop_step=12),
+    Job("legacy-1p", legacy=True),
+    Job("v2-sync-2p", nproc=2, stop_step=8),
+    Job("v2-async-2p", nproc=2, async_save=True, stop_step=8),
+    Job("legacy-2p-keep1", nproc=2, legacy=True, keep=1, stop_step=8),
+)
+
+
+@dataclass
+class Run:
+    """What one run of a job did."""
+
+    returncode: int
+    killed: bool            # we (or its fault point) killed it
+    log: str                # its stdout and stderr
+    started_training: bool  # it logged at least one step
+
+
+@dataclass
+class Chain:
+    """The state carried from one run of a job to the next."""
+
+    job: Job
+    out: Path
+    expected_start: int = 0                    # the step the next run must resume from (0: fresh)
+    last_logged: int = 0                       # the last step logged before the kill
+    leftovers: set[tuple[str, int]] = field(default_factory=set)  # (path, inode) to be cleaned
+    runs: int = 0
+
+
+def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", commit.FAULT_ENV)}
+    env["OMP_NUM_THREADS"] = "1"
+    return {**env, **(extra or {})}
+
+
+def _records(out: Path) -> list[dict]:
+    path = out / "log" / "train.jsonl"
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            pass  # a line cut by the kill
+    return records
+
+
+def run_job(job: Job, out: Path, *, kill_at: float | None = None, after_start: bool = True,
+            fault: str | None = None, timeout: float = 180.0) -> Run:
+    """Run ``job`` once in ``out``; SIGKILL its whole tree ``kill_at`` seconds after training started
+    (``after_start``) or after launch, or let ``fault`` (``RESUMABLE_FAULT``) kill it."""
+    out.mkdir(parents=True, exist_ok=True)
+    before = len(_records(out))
+    log_path = out / f"run-{time.monotonic_ns()}.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(job.command(out), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                env=_env({commit.FAULT_ENV: fault} if fault else None))
+        launched = time.monotonic()
+        started: float | None = None
+        killed = False
+        try:
+            while proc.poll() is None:
+                now = time.monotonic()
+                if now - launched > timeout:
+                    kill_tree(proc.pid)
+                    proc.wait()
+                    raise Violation(f"{job.name}: run did not finish in {timeout:.0f} s (a hang): "
+                                    f"{log_path.read_text()[-3000:]}")
+                if started is None and len(_records(out)) != before:
+                    started = now
+                base = started if after_start else launched
+                if kill_at is not None and base is not None and now - base >= kill_at:
+                    kill_tree(proc.pid)  # every process of the job at once, as a node failure would
+                    proc.wait()
+                    killed = True
+                    break
+                time.sleep(0.005)
+        finally:
+            if proc.poll() is None:
+                kill_tree(proc.pid)
+                proc.wait()
+    text = log_path.read_text()
+    log_path.unlink()
+    killed = killed or (fault is not None and f"{commit.FAULT_ENV}={fault}: killing" in text)
+    return Run(proc.returncode, killed, text, started is not None or len(_records(out)) != before)
+
+
+def leftovers(out: Path) -> set[tuple[str, int]]:
+    """Temporary names of interrupted saves under the job's folders, with their inodes."""
+    found = set()
+    for root in (out / "checkpoint", out / v1.STRATEGY_DIR):
+        if not root.is_dir():
+            continue
+        for path in [root, *root.rglob("*")]:
+            if _LEFTOVER_DIR_RE.match(path.name) or _TEMP_FILE_RE.match(path.name):
+                try:
+                    found.add((str(path), path.stat().st_ino))
+                except FileNotFoundError:
+                    pass
+    return found
+
+
+def committed_step(job: Job, out: Path) -> int:
+    """Check the checkpoint a resume would load after a kill and return its global step (0: none yet).
+
+    Raises:
+        Violation: the tracker or a meta.json names something incomplete, or a checksum fails.
+    """
+    directory = out / "checkpoint"
+    try:
+        return _legacy_step(directory) if job.legacy else _v2_step(directory)
+    except Violation:
+        raise
+    except Exception as exc:  # any error reading what the crash left is a broken promise
+        raise Violation(f"{job.name}: after a kill, {directory} is not loadable: {type(exc).__name__}: {exc}") from exc
+
+
+def _v2_step(directory: Path) -> int:
+    for n in commit.committed_iterations(directory):  # every committed folder is whole (retention renames first)
+        folder = directory / commit.iteration_dirname(n)
+        verify_files(folder, checksum=True)
+        if v2.read_common(folder)["global_step"] != n:
+            raise Violation(f"{folder}/common.json: global_step is not {n}")
+    target = commit.read_tracker(directory)
+    if target is None:
+        committed = commit.committed_iterations(directory)
+        return committed[-1] if committed else 0
+    if not commit.is_committed(directory / commit.iteration_dirname(target)):
+        raise Violation(f"{directory / commit.TRACKER} names {target}, which is not committed")
+    return target
+
+
+def _legacy_step(directory: Path) -> int:
+    from safetensors import safe_open
+
+    from resumable.formats.safetensors_io import read_header
+    from resumable.legacy import resolve_legacy
+
+    ranks = sorted(directory.glob("rank_*")) if directory.is_dir() else []
+    for folder in ranks:
+        meta = folder / v1.META_JSON
+        if meta.exists():
+            name = json.loads(meta.read_text()).get("last_ckpt_file")
+            if not isinstance(name, str) or not (folder / name).is_file():
+                raise Violation(f"{meta} names {name!r}, which is not a file of {folder}")
+    source = resolve_legacy(str(directory), True, output_dir=str(directory.parent))
+    if source.fresh:
+        return 0
+    assert source.root is not None
+    steps = set()
+    for name in source.files:
+        read_header(source.root / name)  # bounded, validated header: a torn file fails here
+        with safe_open(str(source.root / name), framework="pt") as f:
+            steps.add(int(f.get_tensor("global_step")))
+    if len(steps) != 1:
+        raise Violation(f"{directory}: the chosen files disagree on the global step: {sorted(steps)}")
+    return steps.pop()
+
+
+def start_step(run: Run) -> int | None:
+    """The step a run resumed from (0 for a fresh start), or None when it died before deciding."""
+    m = _RESUMED_RE.search(run.log)
+    if m:
+        return int(m.group(2))
+    return 0 if "fresh start" in run.log else None
+
+
+def after_run(chain: Chain, run: Run) -> None:
+    """Check one run against what the previous kill left; then record what this run left.
+
+    Raises:
+        Violation: a broken promise (named).
+    """
+    job, out = chain.job, chain.out
+    chain.runs += 1
+    if run.started_training:
+        began = start_step(run)
+        if began != chain.expected_start:
+            raise Violation(f"{job.name}: resumed from step {began}, expected {chain.expected_start} "
+                            f"(the checkpoint the kill left)\n{run.log[-3000:]}")
+        if began < chain.last_logged - job.lost_bound:
+            raise Violation(f"{job.name}: resumed from step {began} but step {chain.last_logged} was logged; more "
+                            f"than {job.lost_bound} step(s) lost")
+        stale = chain.leftovers & leftovers(out)
+        if stale:
+            raise Violation(f"{job.name}: leftovers of the previous kill survived the restart: {sorted(stale)}")
+        chain.leftovers = set()
+    if not run.killed:
+        if run.returncode != 0:
+            raise Violation(f"{job.name}: run failed (exit {run.returncode}) without being killed:\n{run.log[-3000:]}")
+        return
+    records = _records(out)
+    chain.last_logged = records[-1]["global_step"] if records else 0
+    chain.expected_start = committed_step(job, out)
+    chain.leftovers |= leftovers(out)
+
+
+def check_finished(chain: Chain) -> None:
+    """A run that was not killed: it trained to stop_step, committed it, and left nothing temporary."""
+    job, out = chain.job, chain.out
+    step = committed_step(job, out)
+    if step != job.stop_step:
+        raise Violation(f"{job.name}: finished but the checkpoint to resume is step {step}, not {job.stop_step}")
+    left = leftovers(out)
+    if left:
+        raise Violation(f"{job.name}: finished with leftovers {sorted(left)}")
+
+
+def soak(kills: int, seed: int, root: Path, budget_s: float) -> tuple[int, int, int, list[str]]:
+    """Kill jobs ``kills`` times; returns (kills, resumes, chains, failures)."""
+    rng = random.Random(seed)
+    done_kills = resumes = chains = 0
+    failures: list[str] = []
+    started = time.monotonic()
+    while done_kills < kills and time.monotonic() - started < budget_s:
+        job = rng.choice(SCENARIOS)
+        chains += 1
+        chain = Chain(job, root / f"chain{chains:03d}-{job.name}")
+        try:
+            for _ in range(12):  # a chain ends when a run finishes; bounded in case kills keep landing early
+                draw = rng.random()
+                if draw < 0.2:
+                    point = rng.choice(job.points)
+                    run = run_job(job, chain.out, fault=f"{point}:{rng.randint(1, 3)}")
+                elif draw < 0.3:
+                    run = run_job(job, chain.out, kill_at=rng.uniform(0.5, 4.0), after_start=False)
+                else:
+                    run = run_job(job, chain.out, kill_at=rng.uniform(0.0, 0.15 * job.stop_step * job.nproc))
+                if run.started_training and start_step(run):
+                    resumes += 1
+                after_run(chain, run)
+                if not run.killed:
+                    check_finished(chain)
+                    break
+                done_kills += 1
+                if done_kills >= kills:
+                    break
+            print(f"  chain {chains} {job.name}: {chain.runs} run(s), ok", flush=True)
+        except Violation as exc:
+            failures.append(f"chain {chains} {job.name}: {exc}")
+            print(f"  chain {chains} {job.name}: FAILURE {str(exc)[:2000]}", flush=True)
+        shutil.rmtree(chain.out, ignore_errors=True)
+    return done_kills, resumes, chains, failures
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--kills", type=int, default=50, help="SIGKILLs to deliver (default 50)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the instants and scenarios")
+    parser.add_argument("--budget", type=float, default=900.0, help="stop starting chains after this many seconds")
+    args = parser.parse_args(argv)
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="resumable-soak-") as tmp:
+        kills, resumes, chains, failures = soak(args.kills, args.seed, Path(tmp), args.budget)
+    for f in failures:
+        print(f"FAILURE: {f}")
+    print(f"soak: kills={kills} resumes={resumes} chains={chains} failures={len(failures)} "
+          f"seconds={time.monotonic() - t0:.0f} seed={args.seed}", flush=True)
+    return 1 if failures or kills < args.kills else 0
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    sys.exit(main())
