@@ -24,7 +24,7 @@ from typing import Any
 
 import xxhash
 
-from resumable.errors import CorruptCheckpointError, UnsafeCheckpointError
+from resumable.errors import CheckpointNotFoundError, CorruptCheckpointError, UnsafeCheckpointError
 from resumable.formats.safetensors_io import DTYPE_NAMES, read_header
 from resumable.geometry import Box, covers_exactly
 
@@ -273,11 +273,20 @@ def read_metadata(folder: str | os.PathLike[str]) -> Metadata:
 
 
 def read_common(folder: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read ``<folder>/common.json`` (must be a JSON object)."""
+    """Read ``<folder>/common.json`` (must be a JSON object).
+
+    Raises:
+        CheckpointNotFoundError: the file is missing.
+        CorruptCheckpointError: not JSON, or not an object.
+    """
     path = Path(folder) / COMMON
     try:
         doc = json.loads(path.read_bytes())
-    except json.JSONDecodeError as exc:
+    except FileNotFoundError:
+        raise CheckpointNotFoundError(
+            f"{path}: missing; it holds the training context (step, data position) of the iteration: "
+            "restore it or load another iteration") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CorruptCheckpointError(f"{path}: not valid JSON ({exc}); restore the file") from exc
     if not isinstance(doc, dict):
         raise CorruptCheckpointError(f"{path}: top level is a JSON {type(doc).__name__}, expected an object")
