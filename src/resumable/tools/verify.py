@@ -69,7 +69,26 @@ def _verify_foreign(path: Path) -> tuple[list[Problem], int]:
     return [], len({c.where for t in source.tensors.values() for c in t.chunks})
 
 
+def _written_by_resumable(folder: Path) -> bool:
+    """True when a Checkpoint 2.0 file of ``folder`` carries resumable's own ``__metadata__``.
+
+    Such a folder is ours even without metadata.json (which ``is_committed`` would accept
+    as a MindFormers single-rank checkpoint): then its metadata.json was lost.
+    """
+    for path in sorted(folder.glob("*.safetensors")):
+        if v2.parse_file_name(path.name) is None:
+            continue
+        try:
+            return v2.META_FILE in read_header(path).metadata
+        except (CheckpointError, OSError):
+            continue
+    return False
+
+
 def _verify_one(folder: Path, checksum: bool) -> tuple[list[Problem], int]:
+    if not (folder / v2.METADATA).exists() and _written_by_resumable(folder):
+        return [Problem(str(folder / v2.METADATA), "missing: the checkpoint is incomplete; rebuild it from the "
+                        "files (resumable.formats.v2.rebuild_metadata) or delete the folder")], 0
     if not commit.is_committed(folder):
         return [Problem(str(folder), "incomplete: not a committed checkpoint (no readable metadata.json); "
                                      "the save that wrote it did not finish: delete it or restore it")], 0
