@@ -120,3 +120,13 @@ def test_incremental_training_keeps_the_global_step_and_the_lr_curve(tmp_path):
     schedule = LRScheduleConfig(warmup_steps=2, total_steps=total)
     for r in first + second:  # one LR curve over both parts: a pure function of the global step
         assert r["lr"] == pytest.approx(lr_at(r["global_step"] - 1, schedule, total), rel=1e-12)
+
+
+def test_load_ckpt_async_reads_in_the_background_and_resumes_bit_for_bit(tmp_path, reference):
+    k = STEPS - EVERY
+    out = tmp_path / "job"
+    done = run_job(train_cmd(out, f"load_checkpoint={reference['single'] / 'checkpoint' / f'iteration_{k:08d}'}",
+                             "resume_training=true", "load_ckpt_async=true", f"runner_config.stop_step={k + 2}"))
+    assert "load_ckpt_async: read" in done.stderr and f"at global step {k}" in done.stderr
+    ref = losses(reference["single"])
+    assert [losses(out)[s] for s in (k + 1, k + 2)] == [ref[k + 1], ref[k + 2]]

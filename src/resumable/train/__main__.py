@@ -9,12 +9,13 @@ Without ``--config`` the embedded default (DP2 x TP2, 4 processes) is used.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
-from resumable.errors import ConfigError, NotImplementedYet
+from resumable.errors import CheckpointError, ConfigError, NotImplementedYet
 from resumable.shared_paths import check_shared_paths
 from resumable.train.checkpointing import checkpoint_callbacks
-from resumable.train.config import check_implemented, load_config
+from resumable.train.config import ignored_keys, load_config
 from resumable.train.loop import run
 
 
@@ -26,10 +27,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        check_implemented(cfg)
+        for warning in ignored_keys(cfg):
+            logging.getLogger("resumable.train").warning(warning)
         check_shared_paths(cfg.checkpoint_dir)
         run(cfg, checkpoint_callbacks(cfg))
-    except (ConfigError, NotImplementedYet) as err:  # the message says what to change
+    except (ConfigError, NotImplementedYet, CheckpointError) as err:  # the message says what to do
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 

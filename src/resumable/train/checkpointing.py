@@ -16,18 +16,23 @@ library are collective). The YAML keys they read are those of ../shared/FORMATS.
 from __future__ import annotations
 
 import logging
+import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+import torch
 from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
 from resumable import dist
 from resumable.errors import CheckpointNotFoundError, CorruptCheckpointError, SaveError
 from resumable.commit import parse_iteration
+from resumable.formats.v2 import read_metadata
 from resumable.load import LoadResult, load
 from resumable.manager import CheckpointManager
+from resumable.prefetch import Prefetch
 from resumable.resolve import Resolution, fall_back, resolve_checkpoint
+from resumable.sources import ensure_loadable
 from resumable.train.config import TrainConfig
 from resumable.train.loop import Callback, Trainer
 
@@ -111,13 +116,17 @@ class Resume(Callback):
         self.cfg = cfg
         self.monitor = monitor
         self.resolution: Resolution | None = None
+        # Built before the trainer builds its model, so the reads overlap with that.
+        self._prefetch = Prefetch(lambda: _prefetch_paths(cfg)) if cfg.load_ckpt_async else None
 
     def _resolve(self) -> Resolution:
         """Rank 0 decides and tells the others, so every rank loads the same iteration."""
         found: Resolution | BaseException
         if dist.rank() == 0:
             try:
-                found = resolve_checkpoint(self.cfg.load_checkpoint, output_dir=self.cfg.output_dir,
+                # A MindFormers or HuggingFace folder is converted once into <output_dir>/converted_checkpoint.
+                path = ensure_loadable(self.cfg.load_checkpoint, self.cfg.output_dir, dtype=torch.float32)
+                found = resolve_checkpoint(path, output_dir=self.cfg.output_dir,
                                            fallback=self.cfg.resume_training is True)
             except Exception as exc:  # every rank must raise it, not just rank 0
                 found = exc
@@ -167,6 +176,8 @@ class Resume(Callback):
         return found
 
     def on_train_begin(self, trainer: Trainer) -> None:
+        if self._prefetch is not None:
+            self._prefetch.join()
         self.resolution = res = self._resolve()
         if res.fresh:
             logger.info("fresh start: %s", res.reason)
@@ -189,6 +200,21 @@ class Resume(Callback):
         else:
             set_model_state_dict(trainer.model, state["model"])
             logger.info("loaded weights from %s; training starts at step 0 (resume_training is false)", result.path)
+
+
+def _prefetch_paths(cfg: TrainConfig) -> list[Path]:
+    """This rank's share of the files of the iteration a resume will pick: the files it wrote when the
+    world size is unchanged, else every local_world-th file (the page cache is shared by a node's ranks)."""
+    res = resolve_checkpoint(cfg.load_checkpoint, output_dir=cfg.output_dir, fallback=cfg.resume_training is True)
+    if res.fresh:
+        return []
+    files = read_metadata(res.path).files
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank, local_world = int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    writers = {info.rank for info in files.values()}
+    if len(writers) == world:
+        return [res.path / name for name, info in sorted(files.items()) if info.rank == rank]
+    return [res.path / name for name in sorted(files)[local_rank::local_world]]
 
 
 def _names_iteration(path: str) -> bool:

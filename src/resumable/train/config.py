@@ -1,9 +1,9 @@
 """The trainer's YAML configuration, typed and checked once at the boundary.
 
 Keys and defaults follow ../shared/FORMATS.md (MindSpore Transformers' names).
-Every key is parsed from the start. Keys whose behaviour is not built yet raise
-``NotImplementedYet`` when set to a non-default value (see ``NOT_IMPLEMENTED``),
-unknown keys and wrong types raise ``ConfigError`` naming the dotted key.
+Every key is parsed and typed. Legacy-only keys set under Checkpoint 2.0 are
+reported by ``ignored_keys`` (logged at start, never silently dropped); unknown
+keys and wrong types raise ``ConfigError`` naming the dotted key.
 
 Example::
 
@@ -20,7 +20,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from resumable.errors import ConfigError, NotImplementedYet
+from resumable.errors import ConfigError
 
 DEFAULT_CONFIG = Path(__file__).with_name("configs") / "default.yaml"
 
@@ -162,29 +162,22 @@ class TrainConfig(_Section):
         return self
 
 
-# Keys whose behaviour later work builds: (dotted key, default). Setting one to
-# anything else stops with "not implemented yet: <key>".
-NOT_IMPLEMENTED: dict[str, Any] = {
-    "load_ckpt_async": False,
+# Checkpoint 1.0 keys: Checkpoint 2.0 reshards online and needs none of them.
+LEGACY_ONLY: dict[str, Any] = {
+    "auto_trans_ckpt": False,
+    "src_strategy_path_or_dir": "",
+    "transform_process_num": None,
+    "load_ckpt_format": "safetensors",
 }
-# Keys of NOT_IMPLEMENTED that Checkpoint 1.0 (use_legacy_format: true) already implements.
-LEGACY_IMPLEMENTED = frozenset({"load_ckpt_async"})
 
 
-def _lookup(cfg: BaseModel, dotted: str) -> Any:
-    value: Any = cfg
-    for part in dotted.split("."):
-        value = getattr(value, part)
-    return value
-
-
-def check_implemented(cfg: TrainConfig) -> None:
-    """Raise NotImplementedYet for the first key set to a behaviour not built yet."""
-    for key, default in NOT_IMPLEMENTED.items():
-        if cfg.use_legacy_format and key in LEGACY_IMPLEMENTED:
-            continue
-        if _lookup(cfg, key) != default:
-            raise NotImplementedYet(key)
+def ignored_keys(cfg: TrainConfig) -> list[str]:
+    """Sentences naming the keys set to a value the chosen format does not use (to be logged)."""
+    if cfg.use_legacy_format:
+        return []
+    return [f"{key}={getattr(cfg, key)!r} only applies to use_legacy_format: true; Checkpoint 2.0 loads "
+            "any layout without conversion, so it is ignored"
+            for key, default in LEGACY_ONLY.items() if getattr(cfg, key) != default]
 
 
 def _format_validation_error(err: ValidationError, source: str) -> str:
@@ -212,11 +205,10 @@ def apply_override(tree: dict, assignment: str) -> None:
     node: Any = tree
     for depth, part in enumerate(parts):
         last = depth == len(parts) - 1
-        where = ".".join(parts[: depth + 1])
         if isinstance(node, list):
             if not part.isdigit() or int(part) >= len(node):
                 raise ConfigError(
-                    f"--set {dotted}: {where!r} is not an index of the {len(node)}-item list "
+                    f"--set {dotted}: {part!r} is not an index of the {len(node)}-item list "
                     f"{'.'.join(parts[:depth])}"
                 )
             idx = int(part)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +37,7 @@ from resumable.legacy import (
     resolve_legacy,
 )
 from resumable.lock import DirectoryLock, lock_for_job
+from resumable.prefetch import Prefetch
 from resumable.train.checkpointing import layout_info, on_save_error
 from resumable.train.config import TrainConfig
 from resumable.train.loop import Callback, Trainer
@@ -111,36 +111,14 @@ class LegacyCheckpointMonitor(Callback):
             self.saver.protect.add(path.resolve())
 
 
-class _Prefetch:
-    """``load_ckpt_async``: read this rank's file into the page cache while the model is built.
+def _prefetch_paths(cfg: TrainConfig, rank: int) -> list[Path]:
+    """This rank's file of the checkpoint a resume will pick (the same rule the load uses)."""
+    from resumable.legacy import _resolve_here
 
-    The thread only reads bytes (no torch.distributed, no parsing); the real load that
-    follows finds them in memory. It guesses the step with the same rule the load uses;
-    a wrong guess costs only the read.
-    """
-
-    def __init__(self, cfg: TrainConfig, rank: int) -> None:
-        self.thread = threading.Thread(target=self._run, args=(cfg, rank), name="resumable-legacy-prefetch",
-                                       daemon=True)
-        self.thread.start()
-
-    @staticmethod
-    def _run(cfg: TrainConfig, rank: int) -> None:
-        from resumable.legacy import _resolve_here
-
-        try:
-            found = _resolve_here(cfg.load_checkpoint, cfg.resume_training, cfg.load_ckpt_format, cfg.output_dir, rank)
-            if found.root is None:
-                return
-            name = found.files[0] if found.single else found.files[min(rank, len(found.files) - 1)]
-            with open(found.root / name, "rb") as f:
-                while f.read(8 << 20):
-                    pass
-        except Exception as exc:  # the real load reports problems; this is only a head start
-            logger.debug("load_ckpt_async prefetch skipped: %s", exc)
-
-    def join(self) -> None:
-        self.thread.join()
+    found = _resolve_here(cfg.load_checkpoint, cfg.resume_training, cfg.load_ckpt_format, cfg.output_dir, rank)
+    if found.root is None:
+        return []
+    return [found.root / (found.files[0] if found.single else found.files[min(rank, len(found.files) - 1)])]
 
 
 class LegacyResume(Callback):
@@ -156,8 +134,8 @@ class LegacyResume(Callback):
         self.monitor = monitor
         self.source: LegacySource | None = None
         # Constructed before the trainer builds its model: the prefetch overlaps with that.
-        self._prefetch = _Prefetch(cfg, dist.rank() if dist.initialized() else _env_rank()) \
-            if cfg.load_ckpt_async else None
+        rank = dist.rank() if dist.initialized() else _env_rank()
+        self._prefetch = Prefetch(lambda: _prefetch_paths(cfg, rank)) if cfg.load_ckpt_async else None
 
     def on_train_begin(self, trainer: Trainer) -> None:
         cfg = self.cfg

@@ -1,0 +1,78 @@
+"""The YAML config: every class of bad input names its key; overrides; the embedded default."""
+
+import pytest
+
+from resumable.errors import ConfigError
+from resumable.train.config import ignored_keys, load_config, parse_config
+
+
+def test_the_embedded_default_is_dp2_tp2_with_a_checkpoint_monitor():
+    cfg = load_config()
+    assert (cfg.parallel_config.data_parallel, cfg.parallel_config.model_parallel) == (2, 2)
+    assert cfg.checkpoint is not None and cfg.checkpoint.prefix == "CKP"
+    assert str(cfg.checkpoint_dir) == "output/checkpoint"
+
+
+def test_set_overrides_nested_keys_and_list_items():
+    cfg = load_config(None, ["runner_config.stop_step=20", "callbacks.0.keep_checkpoint_max=2",
+                             "resume_training=true", "callbacks.0.directory=/tmp/x"])
+    assert cfg.runner_config.stop_step == 20 and cfg.checkpoint.keep_checkpoint_max == 2
+    assert cfg.resume_training is True and str(cfg.checkpoint_dir) == "/tmp/x"
+    assert load_config(None, ["resume_training=CKP_rank_0-1_4.safetensors"]).resume_training == \
+        "CKP_rank_0-1_4.safetensors"
+
+
+def test_an_unknown_key_is_named():
+    with pytest.raises(ConfigError, match=r"model\.hiden_size: unknown key \(check the spelling"):
+        load_config(None, ["model.hiden_size=32"])
+
+
+def test_a_wrong_type_is_named_with_the_value():
+    with pytest.raises(ConfigError, match=r"runner_config\.batch_size: Input should be a valid integer.*\(got 'four'\)"):
+        load_config(None, ["runner_config.batch_size=four"])
+
+
+def test_an_impossible_value_is_named():
+    with pytest.raises(ConfigError, match=r"callbacks\.0\.keep_checkpoint_max: Input should be greater than 0 \(got 0\)"):
+        load_config(None, ["callbacks.0.keep_checkpoint_max=0"])
+
+
+def test_heads_that_do_not_group_are_refused_naming_both_keys():
+    with pytest.raises(ConfigError, match=r"model\.num_attention_heads \(6\) must be a multiple of "
+                                          r"model\.num_key_value_heads \(4\)"):
+        load_config(None, ["model.num_attention_heads=6", "model.num_key_value_heads=4"])
+
+
+def test_an_unknown_callback_type_is_named():
+    with pytest.raises(ConfigError, match=r"callbacks\.0\.type: Input should be 'CheckpointMonitor'"):
+        parse_config({"callbacks": [{"type": "LossMonitor"}]})
+
+
+def test_a_set_past_the_end_of_a_list_is_named():
+    with pytest.raises(ConfigError, match=r"--set callbacks\.3\.prefix: '3' is not an index of the 1-item list callbacks"):
+        load_config(None, ["callbacks.3.prefix=X"])
+
+
+def test_a_set_without_a_value_is_refused():
+    with pytest.raises(ConfigError, match=r"--set 'seed': expected KEY=VALUE"):
+        load_config(None, ["seed"])
+
+
+def test_a_missing_or_broken_config_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=rf"config file {tmp_path / 'nope.yaml'} does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match=rf"config file {bad} is not valid YAML"):
+        load_config(bad)
+
+
+def test_legacy_only_keys_under_checkpoint_2_are_reported_not_dropped():
+    cfg = load_config(None, ["auto_trans_ckpt=true", "transform_process_num=2"])
+    assert ignored_keys(cfg) == [
+        "auto_trans_ckpt=True only applies to use_legacy_format: true; Checkpoint 2.0 loads any layout "
+        "without conversion, so it is ignored",
+        "transform_process_num=2 only applies to use_legacy_format: true; Checkpoint 2.0 loads any layout "
+        "without conversion, so it is ignored",
+    ]
+    assert ignored_keys(load_config(None, ["auto_trans_ckpt=true", "use_legacy_format=true"])) == []
