@@ -223,6 +223,10 @@ def write_file_streaming(path: str | os.PathLike[str], specs: Sequence[tuple[str
             del view  # release this chunk (and any contiguous copy) before the next
         if fsync:
             os.fsync(fd)
+    except OSError as exc:
+        if exc.filename is None:  # os.write/fsync errors name no file: "No space left on device" where?
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
     finally:
         os.close(fd)
     return written, hasher.hexdigest()
