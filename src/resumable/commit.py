@@ -139,6 +139,10 @@ def atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
             while view:
                 view = view[os.write(fd, view):]
             os.fsync(fd)
+        except OSError as exc:
+            if exc.filename is None:  # name the file: "No space left on device" alone says not where
+                raise OSError(exc.errno, exc.strerror, str(path)) from exc
+            raise
         finally:
             os.close(fd)
         fault_point("atomic-write")
