@@ -1,0 +1,105 @@
+"""A save on a full disk fails with ENOSPC named, commits nothing, and keeps the previous checkpoint.
+
+The disk is real: a 2 MiB tmpfs mounted by the test (we run as root in CI; where mounting
+is not allowed the tests skip and say why). A checkpoint of the tiny model takes about
+1.3 MB, so the first save fits and the second cannot.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import torch
+
+from resumable import CheckpointManager, commit
+from resumable.errors import SaveError
+from resumable.resolve import verify_files
+
+TRACKER = commit.TRACKER
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MiB tmpfs, unmounted afterwards."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a size-limited tmpfs here (needs root and mount permission): "
+                    f"{done.stderr.strip() or done.returncode}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _entries(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
+def test_a_save_that_fills_the_disk_raises_enospc_and_keeps_the_previous_checkpoint(small_disk: Path) -> None:
+    directory = small_disk / "checkpoint"
+    mgr = CheckpointManager(directory, keep_checkpoint_max=1)
+    mgr.save({"model": {"w": torch.ones(100_000)}, "global_step": 1}, 1)  # 400 kB: fits
+    with pytest.raises(SaveError) as info:
+        mgr.save({"model": {"w": torch.ones(1_000_000)}, "global_step": 2}, 2)  # 4 MB: cannot
+    temp_file = directory / ".tmp-iteration_00000002" / "CKP-model-0000000-0000001.safetensors"
+    assert str(info.value) == (f"saving {directory / 'iteration_00000002'} failed on 1 rank(s), nothing was "
+                               f"committed: rank 0: OSError: [Errno 28] No space left on device: '{temp_file}'")
+    # Nothing half-written stays; the previous checkpoint is whole and still the tracker's.
+    assert _entries(directory) == [".lock", "iteration_00000001", TRACKER]
+    assert commit.read_tracker(directory) == 1
+    verify_files(directory / "iteration_00000001", checksum=True)
+    # Space is back (the failed temp folder was removed): the next save commits.
+    mgr.save({"model": {"w": torch.ones(100_000)}, "global_step": 3}, 3)
+    mgr.close()
+    assert commit.read_tracker(directory) == 3 and commit.committed_iterations(directory) == [3]
+
+
+def test_an_async_save_that_fills_the_disk_surfaces_enospc_at_the_next_call(small_disk: Path) -> None:
+    directory = small_disk / "checkpoint"
+    mgr = CheckpointManager(directory, keep_checkpoint_max=None, async_save=True)
+    mgr.save({"model": {"w": torch.ones(100_000)}}, 1)
+    mgr.save({"model": {"w": torch.ones(1_000_000)}}, 2)  # returns: the write fails in the background
+    with pytest.raises(SaveError) as info:
+        mgr.close()
+    assert "rank 0: OSError: [Errno 28] No space left on device: " in str(info.value)
+    assert _entries(directory) == [".lock", "iteration_00000001", TRACKER]
+    verify_files(directory / "iteration_00000001", checksum=True)
+
+
+TINY = ["model.num_hidden_layers=2", "train_dataset.seq_length=32", "parallel_config.data_parallel=1",
+        "parallel_config.model_parallel=1", "callbacks.0.save_checkpoint_steps=2", "runner_config.stop_step=4"]
+
+
+def _train(out: Path, directory: Path, *sets: str) -> subprocess.CompletedProcess:
+    # Only the checkpoints go to the small disk: the job's log must still be writable.
+    args = [x for kv in [*TINY, f"output_dir={out}", f"callbacks.0.directory={directory}", *sets]
+            for x in ("--set", kv)]
+    return subprocess.run([sys.executable, "-m", "resumable.train", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.mark.parametrize("policy", ["raise", "warn"])
+def test_training_stops_or_goes_on_as_on_save_error_says(small_disk: Path, tmp_path: Path, policy: str) -> None:
+    directory = small_disk / "checkpoint"
+    done = _train(tmp_path / "out", directory, f"callbacks.0.on_save_error={policy}")
+    step4 = directory / ".tmp-iteration_00000004"
+    enospc = f"No space left on device: '{step4}/"
+    if policy == "raise":  # the job stops with the error, not a hang or a half checkpoint
+        assert done.returncode != 0
+        assert f"saving {directory / 'iteration_00000004'} failed on 1 rank(s), nothing was committed: " \
+               f"rank 0: OSError: [Errno 28] {enospc}" in done.stderr
+    else:  # every step trained; the failed save (and the final one, same step) were logged and skipped
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "checkpoint save at step 4 failed, training goes on (on_save_error: warn); the newest committed " \
+               "checkpoint is unchanged: " in done.stderr and enospc in done.stderr
+        assert "trained 4 steps (global step 4)" in done.stdout
+    assert _entries(directory) == [".lock", "iteration_00000002", TRACKER]
+    assert commit.read_tracker(directory) == 2
+    verify_files(directory / "iteration_00000002", checksum=True)
