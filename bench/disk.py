@@ -16,6 +16,8 @@ import threading
 import time
 from pathlib import Path
 
+from bench.state import noise
+
 BLOCK = 8 << 20
 
 
@@ -47,10 +49,12 @@ def drop_caches(files: list[Path]) -> str:
 def _write_one(path: Path, nbytes: int, block: memoryview) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        left = nbytes
+        left, i = nbytes, 0
         while left:
-            n = os.write(fd, block[:min(left, len(block))])
-            left -= n
+            # Shift by 4 bytes per block, so that no two 4 KiB disk blocks repeat.
+            start = (4 * i) % (len(block) - BLOCK)
+            n = os.write(fd, block[start:start + min(left, BLOCK)])
+            left, i = left - n, i + 1
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -93,7 +97,8 @@ def _threads(target, args_list: list[tuple]) -> float:
 def durable_write(folder: Path, nbytes: int, writers: int) -> float:
     """Seconds to write ``nbytes`` in all as ``writers`` fsynced files in ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
-    block = memoryview(os.urandom(BLOCK))  # incompressible, as fp32 weights mostly are
+    # Incompressible, as the benchmark's state is (bench.state.noise).
+    block = memoryview(noise((BLOCK + 4096) // 4).numpy()).cast("B")
     share = nbytes // writers
     os.sync()
     return _threads(_write_one, [(folder / f"w{i}.bin", share, block) for i in range(writers)])

@@ -9,9 +9,15 @@ an untied LM head) plus AdamW's ``exp_avg`` / ``exp_avg_sq`` per parameter and a
 
 On ``world`` ranks every tensor is a ``DTensor`` sharded ``Shard(0)`` over a 1-D mesh
 (each rank holds its rows, as FSDP would); ``replicated=True`` gives every rank the
-whole state (data parallel). Values are cheap to fill and to check: every element of
-tensor ``k`` in the rows saved by source rank ``s`` equals ``k + 1 + s / 4`` (times -1
-for ``exp_avg``), so a load can be verified by looking at the first and last rows.
+whole state (data parallel).
+
+Contents are incompressible, like real fp32 weights: a virtual disk may compress or
+deduplicate (constant-filled tensors wrote twice as fast here as random ones), so every
+tensor is random noise tiled from one block whose period, 32 MiB + 4 bytes, is not a
+multiple of the 4 KiB block size, so no two disk blocks repeat. For checking, the first
+element of the first and of the last row that source rank ``s`` holds of tensor ``k``
+is ``k + 1 + s / 4`` (times -1 for ``exp_avg``, 1/2 for ``exp_avg_sq``); a load is
+verified by looking at those rows.
 """
 
 from __future__ import annotations
@@ -23,6 +29,27 @@ from typing import Any
 import torch
 
 GIB = 1 << 30
+#: Elements of the noise block (32 MiB + 4 bytes of fp32).
+NOISE_ELEMS = (8 << 20) + 1
+
+
+def noise(elems: int = NOISE_ELEMS, seed: int = 0) -> torch.Tensor:
+    """Uniform [0, 1) fp32 noise (numpy's generator: ~3x faster than torch's here)."""
+    import numpy as np
+
+    out = np.empty(elems, dtype=np.float32)
+    np.random.default_rng(seed).random(out=out, dtype=np.float32)
+    return torch.from_numpy(out)
+
+
+def fill_noise(t: torch.Tensor, block: torch.Tensor, start: int) -> None:
+    """Fill contiguous ``t`` with ``block`` tiled from position ``start`` (one memory pass)."""
+    flat, n, pos = t.view(-1), t.numel(), 0
+    start %= block.numel()
+    while pos < n:
+        take = min(n - pos, block.numel() - start)
+        flat[pos:pos + take].copy_(block[start:start + take])
+        pos, start = pos + take, 0
 
 
 @dataclass(frozen=True)
@@ -98,10 +125,11 @@ def build_state(shapes: Shapes, *, world: int = 1, rank: int = 0, replicated: bo
         shapes: the decoder dimensions.
         world, rank: the job; with ``world`` > 1 a default process group must exist.
         replicated: every rank holds full plain tensors (data parallel) instead of shards.
-        fill: write the check values (source side); False writes zeros (a load target), so
+        fill: noise and check values (source side); False writes zeros (a load target), so
             the pages are touched either way and the baseline RSS contains the state.
     """
     mesh = None
+    block = noise() if fill else None
     if world > 1 and not replicated:
         from torch.distributed.device_mesh import init_device_mesh
 
@@ -110,7 +138,7 @@ def build_state(shapes: Shapes, *, world: int = 1, rank: int = 0, replicated: bo
     model: dict[str, torch.Tensor] = {}
     opt: dict[str, dict[str, torch.Tensor]] = {}
     for k, (name, shape) in enumerate(params.items()):
-        triple = [_tensor(shape, 3 * k + j, sign, mesh, world, rank, fill)
+        triple = [_tensor(shape, 3 * k + j, sign, mesh, world, rank, block)
                   for j, sign in enumerate((1.0, -1.0, 0.5))]
         model[name] = triple[0]
         opt[name] = {"exp_avg": triple[1], "exp_avg_sq": triple[2], "step": torch.tensor(10.0)}
@@ -119,17 +147,23 @@ def build_state(shapes: Shapes, *, world: int = 1, rank: int = 0, replicated: bo
 
 
 def _tensor(shape: tuple[int, ...], index: int, sign: float, mesh: Any, world: int, rank: int,
-            fill: bool) -> torch.Tensor:
-    """One tensor (or this rank's Shard(0) piece wrapped as a DTensor), filled by source rows."""
+            block: torch.Tensor | None) -> torch.Tensor:
+    """One tensor (or this rank's Shard(0) piece wrapped as a DTensor): noise plus check values."""
+    shard, start, stop = 0, 0, shape[0]
+    if mesh is not None:
+        shard = rank
+        start, stop = _rows(shape[0], world, rank)
+    local = torch.empty((stop - start, *shape[1:]), dtype=torch.float32)
+    if block is None:
+        local.zero_()
+    elif local.numel():
+        fill_noise(local, block, 7919 * index + start * math.prod(shape[1:]))
+        local[0].view(-1)[0] = sign * value(index, shard)
+        local[-1].view(-1)[0] = sign * value(index, shard)
     if mesh is None:
-        t = torch.empty(shape, dtype=torch.float32)
-        t.fill_(sign * value(index, 0) if fill else 0.0)
-        return t
+        return local
     from torch.distributed.tensor import DTensor, Shard
 
-    start, stop = _rows(shape[0], world, rank)
-    local = torch.empty((stop - start, *shape[1:]), dtype=torch.float32)
-    local.fill_(sign * value(index, rank) if fill else 0.0)
     return DTensor.from_local(local, mesh, [Shard(0)], run_check=False, shape=torch.Size(shape),
                               stride=torch.empty(shape, device="meta").stride())
 
@@ -144,20 +178,25 @@ def tensors(state: dict[str, Any]) -> list[tuple[str, torch.Tensor]]:
 
 
 def check_loaded(state: dict[str, Any], saved_world: int) -> None:
-    """Raise AssertionError unless the first and last local rows hold the values the saver wrote."""
+    """Raise AssertionError unless every source shard's first and last row that this rank
+    holds carries its check value (so shard boundaries, where reshard bugs live, are checked).
+    """
     from resumable.layout import local_chunks, local_tensor
 
     for index, (name, t) in enumerate(tensors(state)):
         sign = (1.0, -1.0, 0.5)[index % 3]
         local = local_tensor(t)
+        rows = t.shape[0]
         for chunk in local_chunks(t):
-            rows = t.shape[0]
-            for g, loc in ((chunk.box.offsets[0], chunk.local[0].start),
-                           (chunk.box.offsets[0] + chunk.box.shape[0] - 1, chunk.local[0].stop - 1)):
-                want = sign * value(index, source_shard(g, rows, saved_world))
-                got = float(local[loc].reshape(-1)[0])
-                if got != want:
-                    raise AssertionError(f"{name}: row {g} holds {got}, expected {want}")
+            lo, n = chunk.box.offsets[0], chunk.box.shape[0]
+            for shard in range(saved_world):
+                start, stop = _rows(rows, saved_world, shard)
+                for g in {start, stop - 1} if stop > start else ():
+                    if not lo <= g < lo + n:
+                        continue
+                    got = float(local[chunk.local[0].start + g - lo].reshape(-1)[0])
+                    if got != sign * value(index, shard):
+                        raise AssertionError(f"{name}: row {g} holds {got}, expected {sign * value(index, shard)}")
 
 
 def plain_tensors(state: dict[str, Any]) -> dict[str, torch.Tensor]:

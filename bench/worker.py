@@ -65,7 +65,7 @@ def _check_flat(loaded: dict[str, torch.Tensor], params: list[str]) -> None:
         j = {"exp_avg": 1, "exp_avg_sq": 2}.get(suffix, 0)
         fqn = base if j else name
         want = (1.0, -1.0, 0.5)[j] * value(3 * index[fqn] + j, 0)
-        if float(t.reshape(-1)[0]) != want or float(t.reshape(-1)[-1]) != want:
+        if float(t[0].reshape(-1)[0]) != want or float(t[-1].reshape(-1)[0]) != want:
             raise AssertionError(f"{name}: loaded values differ from the saved ones")
 
 

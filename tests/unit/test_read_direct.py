@@ -1,0 +1,52 @@
+"""load.read_direct: preadv straight into the target, identical to the safe_open path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from resumable.formats.safetensors_io import write_file
+from resumable.geometry import Box
+from resumable.load import _place_into, contiguous_run, execute_reads, read_direct
+from resumable.planning import Read
+
+
+@pytest.mark.parametrize("src, shape, expected", [
+    ((slice(2, 4), slice(0, 8)), (10, 8), (16, 16)),          # whole rows
+    ((slice(3, 4), slice(2, 5)), (10, 8), (26, 3)),           # part of one row
+    ((slice(0, 10), slice(0, 4)), (10, 8), None),             # a column block: strided
+    ((slice(1, 2), slice(0, 2), slice(0, 3)), (4, 5, 3), (15, 6)),
+    ((), (), (0, 1)),                                          # 0-d
+])
+def test_contiguous_run_finds_single_byte_runs_only(src, shape, expected) -> None:
+    assert contiguous_run(src, shape) == expected
+
+
+def test_read_direct_fills_rows_columns_and_strided_targets_like_safe_open(tmp_path: Path) -> None:
+    stored = torch.arange(80, dtype=torch.float32).reshape(10, 8)
+    scalar = torch.tensor(7, dtype=torch.int64)
+    write_file(tmp_path / "f.safetensors", [("w", stored), ("s", scalar)])
+    box = Box((0, 0), (10, 8))
+    reads = [
+        Read("rows", "f.safetensors", "w", box, Box((2, 0), (3, 8)), (slice(2, 5), slice(0, 8)),
+             (slice(0, 3), slice(0, 8))),
+        Read("cols", "f.safetensors", "w", box, Box((0, 1), (10, 3)), (slice(0, 10), slice(1, 4)),
+             (slice(0, 10), slice(0, 3))),
+        Read("into_view", "f.safetensors", "w", box, Box((4, 0), (2, 8)), (slice(4, 6), slice(0, 8)),
+             (slice(0, 2), slice(1, 9))),
+        Read("s", "f.safetensors", "s", Box((), ()), Box((), ()), (), ()),
+    ]
+
+    def targets() -> dict[str, torch.Tensor]:
+        return {"rows": torch.zeros(3, 8), "cols": torch.zeros(10, 3), "into_view": torch.zeros(2, 10),
+                "s": torch.zeros((), dtype=torch.int64)}
+
+    direct, reference = targets(), targets()
+    n = read_direct(tmp_path, reads, direct)
+    assert n == execute_reads(tmp_path, reads, _place_into(reference))
+    for name in direct:
+        assert torch.equal(direct[name], reference[name]), name
+    assert torch.equal(direct["rows"], stored[2:5])
+    assert torch.equal(direct["into_view"][:, 1:9], stored[4:6])
