@@ -72,7 +72,15 @@ class CheckpointMonitor(Callback):
         self.last_saved: int | None = None
         self.protected: set[int] = set()
 
-    def on_train_begin(self, trainer: Trainer) -> None:
+    def open(self, trainer: Trainer) -> None:
+        """Take the checkpoint folder: lock it (a second job stops here) and clean leftovers. Idempotent.
+
+        ``Resume`` calls it before reading anything, so a second job pointed at a live
+        job's folder fails with ``LockedError`` at once instead of racing its saves and
+        retention. Collective (every rank calls it at the same point).
+        """
+        if self.manager is not None:
+            return
         mon = self.cfg.checkpoint
         assert mon is not None  # only built when the config has a CheckpointMonitor
         self.manager = CheckpointManager(
@@ -81,6 +89,9 @@ class CheckpointMonitor(Callback):
             save_optimizer=mon.save_optimizer, remove_redundancy=mon.remove_redundancy,
             checkpoint_format=mon.checkpoint_format, layout_info=layout_info(trainer))
         self.manager.protected |= self.protected
+
+    def on_train_begin(self, trainer: Trainer) -> None:
+        self.open(trainer)
         self.last_saved = trainer.ctx.global_step  # the state we start from is already on disk (or random)
 
     def _save(self, trainer: Trainer) -> None:
@@ -176,6 +187,8 @@ class Resume(Callback):
         return found
 
     def on_train_begin(self, trainer: Trainer) -> None:
+        if self.monitor is not None:
+            self.monitor.open(trainer)  # lock the folder before reading it (one job per folder)
         if self._prefetch is not None:
             self._prefetch.join()
         self.resolution = res = self._resolve()

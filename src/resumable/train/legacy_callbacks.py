@@ -63,16 +63,26 @@ class LegacyCheckpointMonitor(Callback):
         self.protected: set[Path] = set()
         self.last_saved: int | None = None
         self._lock: DirectoryLock | None = None
+        self._opened = False
         self._in_epoch = 0  # steps done in the epoch in progress, before the latest step
         self._position = (1, 0)
+
+    def open(self, trainer: Trainer) -> None:
+        """Lock the checkpoint folder (one job per folder, resumable.lock). Idempotent; collective.
+
+        ``LegacyResume`` calls it before reading anything; the saver, built afterwards,
+        cleans the leftovers of crashed saves under the lock.
+        """
+        if not self._opened:  # a flag, not the lock: ranks other than 0 hold no lock object
+            self._lock = lock_for_job(self.cfg.checkpoint_dir)
+            self._opened = True
 
     def on_train_begin(self, trainer: Trainer) -> None:
         mon = self.cfg.checkpoint
         assert mon is not None  # only built when the config has a CheckpointMonitor
         if mon.async_save:
             logger.warning("async_save is not available with use_legacy_format: true; saving synchronously")
-        # One job per checkpoint folder, taken before the saver cleans leftovers (resumable.lock).
-        self._lock = lock_for_job(self.cfg.checkpoint_dir)
+        self.open(trainer)
         self.saver = LegacySaver(
             self.cfg.checkpoint_dir, prefix=mon.prefix, fmt=mon.checkpoint_format,
             keep_checkpoint_max=mon.keep_checkpoint_max, remove_redundancy=mon.remove_redundancy,
@@ -139,6 +149,8 @@ class LegacyResume(Callback):
 
     def on_train_begin(self, trainer: Trainer) -> None:
         cfg = self.cfg
+        if self.monitor is not None:
+            self.monitor.open(trainer)  # lock the folder before reading it (one job per folder)
         if cfg.transform_process_num is not None:
             check_transform_process_num(cfg.transform_process_num, dist.world_size())
         if self._prefetch is not None:
