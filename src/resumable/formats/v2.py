@@ -25,6 +25,7 @@ from typing import Any
 import xxhash
 
 from resumable.errors import CheckpointNotFoundError, CorruptCheckpointError, UnsafeCheckpointError
+from resumable.formats.hf import safe_member
 from resumable.formats.safetensors_io import DTYPE_NAMES, read_header
 from resumable.geometry import Box, covers_exactly
 
@@ -266,10 +267,14 @@ def read_metadata(folder: str | os.PathLike[str]) -> Metadata:
 
     Raises:
         FileNotFoundError: no metadata.json.
-        CorruptCheckpointError / UnsafeCheckpointError: see :meth:`Metadata.from_json`.
+        CorruptCheckpointError / UnsafeCheckpointError: see :meth:`Metadata.from_json`;
+            also UnsafeCheckpointError when a listed file is a symlink resolving outside ``folder``.
     """
     path = Path(folder) / METADATA
-    return Metadata.from_json(path.read_bytes(), path)
+    meta = Metadata.from_json(path.read_bytes(), path)
+    for name in meta.files:  # a symlinked shard must not make us read outside the folder
+        safe_member(Path(folder), name, f"{path}: file")
+    return meta
 
 
 def read_common(folder: str | os.PathLike[str]) -> dict[str, Any]:
