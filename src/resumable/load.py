@@ -5,9 +5,10 @@ mix of plain tensors, TP/FSDP/FSDP-over-TP DTensors, a pipeline stage's subset o
 names) and passes the nested state dict; :func:`load` fills every tensor in place and
 the plain values from ``common.json``. Resharding is the general case: for each target
 chunk the planner (:mod:`resumable.planning`) lists the overlapping stored chunks, and
-each rank reads only those slices (``safe_open(...).get_slice(key)[slices]``), file by
-file, straight into its local tensors. The same layout is the special case where every
-overlap is a whole stored chunk. Peak memory is the target state plus one slice.
+each rank reads only those slices, file by file, straight into its local tensors
+(:func:`read_direct`: ``os.preadv`` into the target's memory; strided slices through
+``safe_open(...).get_slice(key)[slices]``). The same layout is the special case where
+every overlap is a whole stored chunk. Peak memory is the target state plus one slice.
 
 Order of calls (every rank of ``process_group`` calls :func:`load` with its own state)::
 
