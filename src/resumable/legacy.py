@@ -46,6 +46,7 @@ from resumable.errors import (
     ConfigError,
     CorruptCheckpointError,
     SaveError,
+    UnsafeCheckpointError,
 )
 from resumable.formats import v1, v2
 from resumable.formats.mindformers import parse_legacy_name, select_legacy_files
@@ -451,6 +452,9 @@ class _Files:
         path = self.root / name
         if not path.is_file():
             raise CheckpointNotFoundError(f"{path} does not exist; the checkpoint is incomplete")
+        if "/" in name and not _inside(path, self.root):  # a rank_*/ file symlinked out of the tree
+            raise UnsafeCheckpointError(f"{path} resolves outside {self.root}; refusing to read it (a rank file of "
+                                        "a checkpoint must lie inside its checkpoint folder)")
         if path.suffix == ".ckpt":
             tensors, meta = v1.load_ckpt(path)
             self.ckpt[name] = tensors
