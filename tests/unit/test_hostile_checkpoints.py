@@ -181,3 +181,24 @@ def test_the_pickle_payload_of_the_test_above_is_real(tmp_path: Path) -> None:
     torch.save({"x": _Payload(marker)}, evil)
     torch.load(evil, weights_only=False)  # what a careless loader does
     assert marker.exists()
+
+
+def test_a_legacy_rank_file_symlinked_outside_the_tree_is_refused(tmp_path: Path) -> None:
+    from resumable.legacy import LegacyLoadOptions, LegacySaver, load_legacy, resolve_legacy
+
+    tree = tmp_path / "checkpoint"
+    layout = {"world_size": 1, "mesh": None, "pipeline_stages": 1, "sharded_optimizer": False}
+    LegacySaver(tree, prefix="CKP", fmt="safetensors", keep_checkpoint_max=None, remove_redundancy=False,
+                save_optimizer=True, strategy_dir=tmp_path / "strategy", layout=layout
+                ).save({"model": {"w": torch.arange(64.0)}}, 1, 2)
+    rank_file = tree / "rank_0" / "CKP_rank_0-1_2.safetensors"
+    outside = tmp_path / "elsewhere.safetensors"
+    rank_file.rename(outside)
+    rank_file.symlink_to(outside)
+    source = resolve_legacy(str(tree), True)
+    state = _state()
+    with pytest.raises(UnsafeCheckpointError) as info:
+        load_legacy(state, source, LegacyLoadOptions(layout=layout))
+    assert str(info.value) == (f"{rank_file} resolves outside {tree}; refusing to read it (a rank file of a "
+                               "checkpoint must lie inside its checkpoint folder)")
+    assert torch.count_nonzero(state["model"]["w"]) == 0
