@@ -13,6 +13,7 @@ to right, exactly as DTensor does: no collective, no I/O.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass
 from typing import Sequence
@@ -118,7 +119,17 @@ def local_chunks(t: torch.Tensor) -> list[LocalChunk]:
     coordinate = mesh.get_coordinate()
     if coordinate is None:  # this rank is not part of the tensor's mesh
         return []
-    return placement_chunks(global_shape(t), t.placements, tuple(mesh.shape), coordinate)
+    return list(_placement_chunks_cached(global_shape(t), tuple(t.placements), tuple(mesh.shape),
+                                         tuple(coordinate)))
+
+
+@functools.lru_cache(maxsize=4096)
+def _placement_chunks_cached(shape: tuple[int, ...], placements: tuple[Placement, ...], mesh_shape: tuple[int, ...],
+                             coordinate: tuple[int, ...]) -> tuple[LocalChunk, ...]:
+    """:func:`placement_chunks`, remembered: a state repeats few (shape, placements) pairs
+    (every layer, and each parameter's optimizer moments), and finding the runs of a dim
+    walks every index of it in Python (0.2 s per save of a 1.5 GiB sharded state)."""
+    return tuple(placement_chunks(shape, placements, mesh_shape, coordinate))
 
 
 def is_replicated(t: torch.Tensor) -> bool:
