@@ -24,7 +24,8 @@ class Case:
         replicated: every rank holds the whole state (data parallel) instead of Shard(0).
         keep_as: save cases: keep the last repetition's output under this source name.
         dcp: the DCP row this one is compared with (None: no ratio).
-        dcp2: a second DCP row to compare with (DCP with 2 writer threads).
+        dcp2: a second DCP row to compare with (sync: DCP with 2 writer threads; async: DCP's
+            default fresh stager per call, where ``dcp`` is its best, a stager kept across saves).
         same_layout: reshard rows: the same-layout row of the same library to compare with.
     """
 
@@ -54,8 +55,10 @@ def _saves() -> list[Case]:
             Case(f"dcp save 2 threads w{w}", "save", "dcp_save_t2", w),
             Case(f"resumable save w{w}", "save", "resumable_save", w, keep_as=f"resumable-w{w}",
                  dcp=f"dcp save w{w}", dcp2=f"dcp save 2 threads w{w}"),
-            Case(f"dcp async_save w{w}", "async", "dcp_async_save", w),
-            Case(f"resumable async_save w{w}", "async", "resumable_async_save", w, dcp=f"dcp async_save w{w}"),
+            Case(f"dcp async_save default w{w}", "async", "dcp_async_save_default", w),
+            Case(f"dcp async_save cached w{w}", "async", "dcp_async_save", w),
+            Case(f"resumable async_save w{w}", "async", "resumable_async_save", w,
+                 dcp=f"dcp async_save cached w{w}", dcp2=f"dcp async_save default w{w}"),
         ]
     out += [
         Case("safetensors save_file w1", "save", "safetensors_save", 1, keep_as="safetensors-w1",

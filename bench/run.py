@@ -9,8 +9,8 @@ torch.save and the disk itself, in one run on one machine.
 Order: the disk's limits, then the cases repetition by repetition (every case once, then
 every case again, so a slow phase of the machine touches all contenders alike), then the
 training-overhead runs. Each measurement is a fresh process (two for 2-rank cases).
-Results go to ``bench/results/``: ``results.json`` (every repetition), ``table.md`` and
-``bench.png``.
+Results go to ``bench/results/``: ``results.json`` (every repetition), ``table.md``,
+``bench.png`` and ``PERFORMANCE.md`` (the README section for this run).
 """
 
 from __future__ import annotations
@@ -166,7 +166,8 @@ def main(argv: list[str] | None = None) -> None:
     report.write_json(out / "results.json", doc)
     (out / "table.md").write_text(text + "\n" + train_text + "\n" + goal_text + "\n")
     report.chart(rows, limits, out / "bench.png")
-    print(f"\n{text}\n{train_text}\n{goal_text}\n\nwrote {out}/results.json, table.md, bench.png "
+    (out / "PERFORMANCE.md").write_text(report.performance_section(doc, text, goals))
+    print(f"\n{text}\n{train_text}\n{goal_text}\n\nwrote {out}/results.json, table.md, bench.png, PERFORMANCE.md "
           f"in {elapsed / 60:.1f} min", flush=True)
 
 
