@@ -281,6 +281,7 @@ def finish_save(plan: SavePlan, written: dict[str, tuple[int, str]] | None, erro
     Collective: every rank of the plan's group calls it, failed or not.
     """
     what = f"saving {plan.final}"
+    committed = False
     try:
         results = dist.all_gather_object((error, written or {}), plan.group)
         failed = [(dist.global_rank(plan.group, r), e) for r, (e, _) in enumerate(results) if e is not None]
@@ -294,12 +295,19 @@ def finish_save(plan: SavePlan, written: dict[str, tuple[int, str]] | None, erro
                     for fname, (size, digest) in files.items():
                         plan.metadata.files[fname].size, plan.metadata.files[fname].xxh3_64 = size, digest
                 _commit(plan)
+                committed = True
             except Exception as exc:  # told to every rank by agree below
                 error = _error_text(exc)
         dist.agree(error, f"committing {plan.final}", plan.group)
-    except BaseException:
+    except BaseException as exc:
         if plan.rank == 0 and plan.temp.exists():
             shutil.rmtree(plan.temp, ignore_errors=True)
+        if isinstance(exc, RuntimeError) and not isinstance(exc, SaveError):
+            # A collective failed: a peer died (connection closed) or hangs (the group's timeout).
+            outcome = ("the checkpoint was committed by rank 0 before the failure" if committed
+                       else "nothing was committed")
+            raise SaveError(f"{what}: a collective with the other ranks failed, {outcome}; a rank died or does not "
+                            f"answer (see its log): {_error_text(exc)}") from exc
         raise
     if plan.rank == 0 and on_commit is not None:
         try:
