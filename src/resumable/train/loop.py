@@ -28,6 +28,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from resumable.async_save import TIMEOUT_ENV, collective_timeout
 from resumable.train.config import TrainConfig
 from resumable.train.data import Batches, load_dataset
 from resumable.train.model import build_model, causal_lm_loss
@@ -297,8 +298,11 @@ def _init_distributed() -> bool:
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     backend = "nccl" if cuda else "gloo"
+    # RESUMABLE_COLLECTIVE_TIMEOUT bounds every collective (a dead or hung rank becomes an error
+    # on the others after it); unset, torch's default applies.
+    timeout = {"timeout": collective_timeout()} if os.environ.get(TIMEOUT_ENV) else {}
     if "WORLD_SIZE" in os.environ:
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, **timeout)
     else:  # a store in memory: one process needs no rendezvous and no port
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return True
