@@ -105,13 +105,13 @@ class Job:
 
 
 SCENARIOS = (
-    Job("v2-sync-1p"),
-    Job("v2-async-1p", async_save=True),
-    Job("v2-sync-1p-keep1", keep=1, interval=2, stop_step=12),
-    Job("legacy-1p", legacy=True),
-    Job("v2-sync-2p", nproc=2, stop_step=8),
-    Job("v2-async-2p", nproc=2, async_save=True, stop_step=8),
-    Job("legacy-2p-keep1", nproc=2, legacy=True, keep=1, stop_step=8),
+    Job("v2-sync-1p", stop_step=30),
+    Job("v2-async-1p", async_save=True, stop_step=30),
+    Job("v2-sync-1p-keep1", keep=1, interval=2, stop_step=30),
+    Job("legacy-1p", legacy=True, stop_step=30),
+    Job("v2-sync-2p", nproc=2, stop_step=16),
+    Job("v2-async-2p", nproc=2, async_save=True, stop_step=16),
+    Job("legacy-2p-keep1", nproc=2, legacy=True, keep=1, stop_step=16),
 )
 
 
@@ -123,6 +123,7 @@ class Run:
     killed: bool            # we (or its fault point) killed it
     log: str                # its stdout and stderr
     started_training: bool  # it logged at least one step
+    training_s: float | None = None  # first logged step to exit (or kill)
 
 
 @dataclass
@@ -194,7 +195,9 @@ def run_job(job: Job, out: Path, *, kill_at: float | None = None, after_start: b
     text = log_path.read_text()
     log_path.unlink()
     killed = killed or (fault is not None and f"{commit.FAULT_ENV}={fault}: killing" in text)
-    return Run(proc.returncode, killed, text, started is not None or len(_records(out)) != before)
+    ended = time.monotonic()
+    return Run(proc.returncode, killed, text, started is not None or len(_records(out)) != before,
+               ended - started if started is not None else None)
 
 
 def leftovers(out: Path) -> set[tuple[str, int]]:
@@ -321,6 +324,9 @@ def check_finished(chain: Chain) -> None:
 def soak(kills: int, seed: int, root: Path, budget_s: float) -> tuple[int, int, int, list[str]]:
     """Kill jobs ``kills`` times; returns (kills, resumes, chains, failures)."""
     rng = random.Random(seed)
+    # Seconds of training (first logged step to exit) of an unharmed run, per scenario: random
+    # kills are drawn inside it, so that they land while the job trains and saves.
+    training_s = {job.name: 0.1 * job.stop_step * job.nproc for job in SCENARIOS}
     done_kills = resumes = chains = 0
     failures: list[str] = []
     started = time.monotonic()
@@ -337,12 +343,14 @@ def soak(kills: int, seed: int, root: Path, budget_s: float) -> tuple[int, int, 
                 elif draw < 0.3:
                     run = run_job(job, chain.out, kill_at=rng.uniform(0.5, 4.0), after_start=False)
                 else:
-                    run = run_job(job, chain.out, kill_at=rng.uniform(0.0, 0.15 * job.stop_step * job.nproc))
+                    run = run_job(job, chain.out, kill_at=rng.uniform(0.1, 0.5) * training_s[job.name])
                 if run.started_training and start_step(run):
                     resumes += 1
                 after_run(chain, run)
                 if not run.killed:
                     check_finished(chain)
+                    if run.training_s is not None and start_step(run) == 0:
+                        training_s[job.name] = run.training_s
                     break
                 done_kills += 1
                 if done_kills >= kills:
