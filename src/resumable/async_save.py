@@ -39,7 +39,7 @@ import torch
 from resumable import commit, dist
 from resumable.errors import ConfigError
 from resumable.geometry import Box
-from resumable.save import SavePlan, _error_text, finish_save, plan_save, prepare_temp, write_files
+from resumable.save import SavePlan, error_text, finish_save, plan_save, prepare_temp, write_files
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ class AsyncSaver:
         try:
             self._stager.stage(plan)
         except Exception as exc:  # still enter the background collectives, so peers learn it
-            error = _error_text(exc)
+            error = error_text(exc)
         commit.fault_point("staged")
         handle = AsyncSaveHandle(plan.final)
         handle._thread = threading.Thread(target=_run, args=(plan, error, on_commit, handle),
@@ -203,7 +203,7 @@ def _run(plan: SavePlan, error: str | None, on_commit: Callable[[SavePlan], None
             try:
                 written = write_files(plan)
             except Exception as exc:
-                error = _error_text(exc)
+                error = error_text(exc)
         finish_save(plan, written, error, on_commit)
     except BaseException as exc:  # re-raised in the training thread by wait()
         handle._error = exc

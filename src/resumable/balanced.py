@@ -177,7 +177,7 @@ def balanced_reads(folder: Path, meta: v2.Metadata, reads: list[Read], targets: 
     Collective: every rank of ``group`` calls it after :func:`resumable.load.load`'s first
     agreement step (see the module docstring for the order).
     """
-    from resumable.load import _agree, check_headers, read_region  # load imports us lazily
+    from resumable.load import agree_on, check_headers, read_region  # load imports us lazily
 
     me, world = dist.rank(group), dist.world_size(group)
     mine = [(r.name, r.file, r.key, r.stored_box.offsets, r.stored_box.shape, r.region.offsets, r.region.shape)
@@ -195,7 +195,7 @@ def balanced_reads(folder: Path, meta: v2.Metadata, reads: list[Read], targets: 
                                      for u in units if u.reader == me])
     except (CheckpointError, OSError) as exc:
         err = exc
-    _agree(err, group)
+    agree_on(err, group)
 
     my_reads: dict[tuple[str, Box], list[Read]] = defaultdict(list)
     for r in reads:

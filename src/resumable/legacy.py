@@ -16,7 +16,7 @@ Order of calls across ranks (every rank calls each public function together)::
                          no             meta.json (atomic), then keep_checkpoint_max
     resolve_legacy       broadcast /    rank 0 picks the step (or each rank checks its own
                          all_gather     substituted name); every rank learns every failure
-    load_legacy          all_gather     agreement before and after reading (load._agree);
+    load_legacy          all_gather     agreement before and after reading (load.agree_on);
                                         conversions add one agreement each
 
 Layout changes need ``auto_trans_ckpt`` (as in MindFormers): safetensors are merged into
@@ -53,7 +53,7 @@ from resumable.formats.mindformers import parse_legacy_name, select_legacy_files
 from resumable.formats.safetensors_io import read_header, write_file, write_file_streaming
 from resumable.geometry import Box
 from resumable.layout import LocalChunk, local_chunks, local_tensor, placement_chunks
-from resumable.load import _agree, _place_into, _restore_objects, check_state, execute_reads, plan_reads
+from resumable.load import agree_on, place_into, restore_objects, check_state, execute_reads, plan_reads
 from resumable.planning import Read, StoredChunk, assign_writers, plan_tensor_reads
 from resumable.state import flatten_state
 
@@ -354,7 +354,7 @@ def _inside(path: Path, root: str | os.PathLike[str] | None) -> bool:
     return True
 
 
-def _resolve_here(load_checkpoint: str, resume_training: bool | str, fmt: str,
+def resolve_here(load_checkpoint: str, resume_training: bool | str, fmt: str,
                   output_dir: str | os.PathLike[str] | None, rank: int) -> LegacySource:
     """This rank's view of what ``load_checkpoint`` means (reads the shared folder only)."""
     if not load_checkpoint:
@@ -422,11 +422,11 @@ def resolve_legacy(load_checkpoint: str, resume_training: bool | str, *, fmt: st
     """
     me = dist.rank(process_group)
     try:
-        found: LegacySource | None = _resolve_here(load_checkpoint, resume_training, fmt, output_dir, me)
+        found: LegacySource | None = resolve_here(load_checkpoint, resume_training, fmt, output_dir, me)
         error = None
     except (CheckpointError, ValueError, OSError) as exc:
         found, error = None, exc
-    _agree(error, process_group)
+    agree_on(error, process_group)
     chosen = dist.broadcast_object(found, 0, process_group)  # rank 0's choice, so all load the same step
     assert chosen is not None
     log.info("load_checkpoint=%r: %s", load_checkpoint, "fresh start: " + chosen.reason if chosen.fresh
@@ -514,7 +514,7 @@ def _fill(files: _Files, meta: v2.Metadata, name: str, box: Box) -> torch.Tensor
     out = torch.empty(box.shape, dtype=getattr(torch, t.dtype))
     stored = [StoredChunk(c.box, s.file, s.key) for c in t.chunks for s in c.stored]
     reads = plan_tensor_reads(name, [LocalChunk(box, tuple(slice(0, s) for s in box.shape))], stored)
-    files.read(reads, _place_into({name: out}))
+    files.read(reads, place_into({name: out}))
     return out
 
 
@@ -618,7 +618,7 @@ def _unify(source: LegacySource, files: _Files, out_dir: Path, group: dist.Group
             log.info("auto_trans_ckpt: merged %d rank files into %s", len(source.files), out_dir / name)
         except Exception as exc:  # told to every rank
             error = exc
-    _agree(error, group)
+    agree_on(error, group)
     return LegacySource(out_dir, (name,), source.position, True, f"unified from {source.root}")
 
 
@@ -643,7 +643,7 @@ def _transform(source: LegacySource, files: _Files, out_root: Path, targets: lis
                               source.position)
     except Exception as exc:  # told to every rank
         error = exc
-    _agree(error, group)
+    agree_on(error, group)
     return LegacySource(out_root, tuple(f"rank_{t}/{n}" for t, n in enumerate(names)), source.position, False,
                         f"transformed from {source.root}")
 
@@ -794,7 +794,7 @@ def load_legacy(state: dict[str, Any], source: LegacySource, opts: LegacyLoadOpt
         kind = _conversion(source, files, opts, dist.world_size(group))
     except Exception as exc:  # agreed below: every rank raises, none waits
         error = exc
-    _agree(error, group)
+    agree_on(error, group)
     if kind is not None:
         source = _convert(kind, source, files, opts, state, group)
         files = _Files(source.root)  # type: ignore[arg-type]
@@ -815,20 +815,20 @@ def load_legacy(state: dict[str, Any], source: LegacySource, opts: LegacyLoadOpt
         error = None
     except Exception as exc:  # agreed below, so that no rank is left waiting
         error = exc
-    _agree(error, group)
+    agree_on(error, group)
     assert prep is not None
     own, info, flat, reads = prep
     result = None
     try:
-        nbytes = files.read(reads, _place_into({n: leaf.value for n, leaf in flat.tensors.items()}))
+        nbytes = files.read(reads, place_into({n: leaf.value for n, leaf in flat.tensors.items()}))
         same = info.layout == opts.layout and info.rank == me  # RNG state only for the rank that wrote it
         rank_local = info.context.get("rank_local") if same else None
-        _restore_objects(state, {"state": info.context.get("state") or {}}, rank_local)
+        restore_objects(state, {"state": info.context.get("state") or {}}, rank_local)
         result = LegacyLoadResult(source, state, rank_local, nbytes)
         error = None
     except Exception as exc:  # agreed below
         error = exc
-    _agree(error, group)
+    agree_on(error, group)
     assert result is not None
     log.info("rank %d loaded %s (%.1f MB read)", me, source.root / own, result.bytes_read / 1e6)
     return result

@@ -15,11 +15,11 @@ Order of calls (every rank of ``process_group`` calls :func:`load` with its own 
     every rank, no collective    resolve the folder, read metadata.json, verify files
                                  (checksums: a 1/world share each), match the state
                                  against the metadata, plan reads, check file headers
-    collective #1 (_agree)       everyone learns every failure; nothing is touched yet
+    collective #1 (agree_on)       everyone learns every failure; nothing is touched yet
     plain: no collective         read slices into the local tensors
     balanced: collectives        see resumable.balanced
     every rank                   common.json → plain values, rank_local
-    collective #2 (_agree)       everyone learns whether every rank loaded
+    collective #2 (agree_on)       everyone learns whether every rank loaded
 
 Optimizer state must exist before loading (it is filled in place). Build the state with
 :func:`training_state` (which calls ``get_optimizer_state_dict``: it initialises AdamW's
@@ -311,11 +311,11 @@ def read_direct(folder: Path, reads: Iterable[Read], targets: Mapping[str, torch
         for fd in fds:
             os.close(fd)
     if other:
-        total += execute_reads(folder, other, _place_into(targets))
+        total += execute_reads(folder, other, place_into(targets))
     return total
 
 
-def _place_into(targets: Mapping[str, torch.Tensor]) -> Sink:
+def place_into(targets: Mapping[str, torch.Tensor]) -> Sink:
     """A sink copying each read into the rank's local tensor of its target."""
     locals_ = {name: local_tensor(t) for name, t in targets.items()}
 
@@ -344,7 +344,7 @@ def _iteration_folder(path: str | os.PathLike[str]) -> Path:
     return found.path
 
 
-def _agree(error: BaseException | None, group: dist.Group) -> None:
+def agree_on(error: BaseException | None, group: dist.Group) -> None:
     """Every rank learns every rank's failure; all raise if any failed.
 
     The failing rank re-raises its own exception; the others raise the same error type
@@ -401,7 +401,7 @@ def _param_groups(state: Mapping[str, Any]) -> list | None:
     return groups if isinstance(groups, list) and all(isinstance(g, dict) for g in groups) else None
 
 
-def _restore_objects(state: dict, common: Mapping[str, Any], rank_local: Any) -> None:
+def restore_objects(state: dict, common: Mapping[str, Any], rank_local: Any) -> None:
     """Fill plain values from common.json's ``state``; keep each optimizer group's own ``params``.
 
     ``optimizer.param_groups[i]["params"]`` lists the parameter names *this* rank's
@@ -451,7 +451,7 @@ def _prepare(state: Mapping[str, Any], path: str | os.PathLike[str], verify: Ver
 def _finish(prep: _Prepared, state: dict, group: dist.Group, nbytes: int, start: float) -> LoadResult:
     common = v2.read_common(prep.folder)
     rank_local = _rank_local(common, prep.meta, group)
-    _restore_objects(state, common, rank_local)
+    restore_objects(state, common, rank_local)
     result = LoadResult(prep.folder, prep.meta.iteration, common, rank_local, nbytes,
                         len(prep.flat.tensors), time.perf_counter() - start)
     log.info("rank %d loaded %d tensors (%.1f MB read) from %s in %.2fs", dist.rank(group), result.tensors,
@@ -503,7 +503,7 @@ def load(state: dict[str, Any], path: str | os.PathLike[str], *, process_group: 
         err: BaseException | None = None
     except Exception as exc:  # any failure, agreed below so that no rank is left waiting
         err = exc
-    _agree(err, process_group)
+    agree_on(err, process_group)
     assert prep is not None
     targets = {name: leaf.value for name, leaf in prep.flat.tensors.items()}
     if balanced:
@@ -515,7 +515,7 @@ def load(state: dict[str, Any], path: str | os.PathLike[str], *, process_group: 
             err = None
         except Exception as exc:  # agreed below
             err = exc
-        _agree(err, process_group)
+        agree_on(err, process_group)
         assert result is not None
         return result
     result = None
@@ -525,7 +525,7 @@ def load(state: dict[str, Any], path: str | os.PathLike[str], *, process_group: 
         err = None
     except Exception as exc:  # agreed below
         err = exc
-    _agree(err, process_group)
+    agree_on(err, process_group)
     assert result is not None
     return result
 
@@ -604,11 +604,11 @@ class PendingLoad:
                 self._prep.flat = flat
             except Exception as exc:  # agreed below
                 err = exc
-        _agree(err, self._group)
+        agree_on(err, self._group)
         assert self._prep is not None
         result = None
         try:
-            sink = _place_into({n: leaf.value for n, leaf in self._prep.flat.tensors.items()})
+            sink = place_into({n: leaf.value for n, leaf in self._prep.flat.tensors.items()})
             for read, data in self._buffers:
                 sink(read, data)
             self._buffers.clear()
@@ -616,7 +616,7 @@ class PendingLoad:
             err = None
         except Exception as exc:  # agreed below
             err = exc
-        _agree(err, self._group)
+        agree_on(err, self._group)
         assert result is not None
         return result
 

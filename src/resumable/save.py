@@ -81,7 +81,7 @@ class SavePlan:
         return self.directory / commit.iteration_dirname(self.iteration)
 
 
-def _error_text(exc: BaseException) -> str:
+def error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
@@ -140,7 +140,7 @@ def plan_save(state: Mapping[str, Any], directory: str | os.PathLike[str], itera
     try:
         local, rank_local, objects, extra = _describe_local(state, save_optimizer)
     except Exception as exc:  # reported to every rank below, then raised there as SaveError
-        error = _error_text(exc)
+        error = error_text(exc)
     gathered = dist.all_gather_object((error, local, rank_local), group)
     failed = [(dist.global_rank(group, r), g[0]) for r, g in enumerate(gathered) if g[0] is not None]
     if failed:
@@ -148,13 +148,13 @@ def plan_save(state: Mapping[str, Any], directory: str | os.PathLike[str], itera
         raise SaveError(f"saving iteration {iteration} failed on {len(failed)} rank(s), nothing was committed: "
                         f"{detail}")
     mesh, stages = _mesh_info(extra["tensors"], layout_info)
-    return _build_plan([g[1] for g in gathered], [g[2] for g in gathered], objects, extra["views"],
+    return build_plan([g[1] for g in gathered], [g[2] for g in gathered], objects, extra["views"],
                        Path(directory), iteration, prefix=prefix, save_optimizer=save_optimizer,
                        remove_redundancy=remove_redundancy, group=group, me=me, world=world, mesh=mesh,
                        stages=stages)
 
 
-def _build_plan(holdings: list[dict], rank_locals: list[Any], objects: dict, views: dict, directory: Path,
+def build_plan(holdings: list[dict], rank_locals: list[Any], objects: dict, views: dict, directory: Path,
                 iteration: int, *, prefix: str, save_optimizer: bool, remove_redundancy: bool, group: Any,
                 me: int, world: int, mesh: dict[str, int] | None, stages: int) -> SavePlan:
     """Pure part of planning: identical on every rank given the same gathered holdings."""
@@ -242,7 +242,7 @@ def prepare_temp(plan: SavePlan) -> None:
                 shutil.rmtree(plan.temp)
             plan.temp.mkdir()
         except OSError as exc:
-            error = _error_text(exc)
+            error = error_text(exc)
     dist.agree(error, f"preparing {plan.temp}", plan.group)
 
 
@@ -294,10 +294,10 @@ def finish_save(plan: SavePlan, written: dict[str, tuple[int, str]] | None, erro
                 for _, files in results:
                     for fname, (size, digest) in files.items():
                         plan.metadata.files[fname].size, plan.metadata.files[fname].xxh3_64 = size, digest
-                _commit(plan)
+                commit_plan(plan)
                 committed = True
             except Exception as exc:  # told to every rank by agree below
-                error = _error_text(exc)
+                error = error_text(exc)
         dist.agree(error, f"committing {plan.final}", plan.group)
     except BaseException as exc:
         if plan.rank == 0 and plan.temp.exists():
@@ -307,7 +307,7 @@ def finish_save(plan: SavePlan, written: dict[str, tuple[int, str]] | None, erro
             outcome = ("the checkpoint was committed by rank 0 before the failure" if committed
                        else "nothing was committed")
             raise SaveError(f"{what}: a collective with the other ranks failed, {outcome}; a rank died or does not "
-                            f"answer (see its log): {_error_text(exc)}") from exc
+                            f"answer (see its log): {error_text(exc)}") from exc
         raise
     if plan.rank == 0 and on_commit is not None:
         try:
@@ -317,7 +317,7 @@ def finish_save(plan: SavePlan, written: dict[str, tuple[int, str]] | None, erro
     return plan.final
 
 
-def _commit(plan: SavePlan) -> None:
+def commit_plan(plan: SavePlan) -> None:
     """Rank 0: metadata.json and common.json into the temp folder, fsync, rename, tracker."""
     plan.metadata.validate(str(plan.temp / v2.METADATA))  # never commit a plan that does not tile
     for name, data in ((v2.METADATA, plan.metadata.to_json().encode()), (v2.COMMON, v2.common_bytes(plan.common))):
@@ -372,5 +372,5 @@ def save(state: Mapping[str, Any], directory: str | os.PathLike[str], iteration:
     try:
         written = write_files(plan)
     except Exception as exc:  # reported to every rank by finish_save
-        error = _error_text(exc)
+        error = error_text(exc)
     return finish_save(plan, written, error, on_commit)

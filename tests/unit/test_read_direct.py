@@ -9,7 +9,7 @@ import torch
 
 from resumable.formats.safetensors_io import write_file
 from resumable.geometry import Box
-from resumable.load import _place_into, contiguous_run, execute_reads, read_direct
+from resumable.load import place_into, contiguous_run, execute_reads, read_direct
 from resumable.planning import Read
 
 
@@ -45,7 +45,7 @@ def test_read_direct_fills_rows_columns_and_strided_targets_like_safe_open(tmp_p
 
     direct, reference = targets(), targets()
     n = read_direct(tmp_path, reads, direct)
-    assert n == execute_reads(tmp_path, reads, _place_into(reference))
+    assert n == execute_reads(tmp_path, reads, place_into(reference))
     for name in direct:
         assert torch.equal(direct[name], reference[name]), name
     assert torch.equal(direct["rows"], stored[2:5])

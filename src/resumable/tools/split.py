@@ -2,10 +2,10 @@
 
 Every target rank's holdings are computed with the trainer's rules
 (:mod:`resumable.tools.rules`) and handed to the same pure planner the distributed save
-uses (``resumable.save._build_plan``), so file names, keys, ``__metadata__``,
+uses (``resumable.save.build_plan``), so file names, keys, ``__metadata__``,
 ``metadata.json`` and ``common.json`` are exactly what the trainer would write on that
 layout. Files are streamed one chunk at a time (memory: the largest chunk) into the
-temporary folder, then committed by ``resumable.save._commit`` (metadata, fsync, rename,
+temporary folder, then committed by ``resumable.save.commit_plan`` (metadata, fsync, rename,
 tracker). ``resumable convert --to v2`` is this with a one-rank layout by default.
 
 Example::
@@ -28,7 +28,7 @@ from resumable import commit
 from resumable.errors import CheckpointError
 from resumable.formats.safetensors_io import write_file_streaming
 from resumable.geometry import Box
-from resumable.save import SavePlan, _build_plan, _commit
+from resumable.save import SavePlan, build_plan, commit_plan
 from resumable.sources import Source, SourceTensor
 from resumable.tools.rules import TargetLayout, num_layers, parse_layout, rank_boxes
 
@@ -65,7 +65,7 @@ class _Lazy(dict):
 
 def _plan(source: Source, out: Path, iteration: int, layout: TargetLayout, holdings: list[dict], me: int,
           objects: dict, rank_locals: list, prefix: str, remove_redundancy: bool) -> SavePlan:
-    return _build_plan(holdings, rank_locals, objects, _Lazy(), out, iteration, prefix=prefix,
+    return build_plan(holdings, rank_locals, objects, _Lazy(), out, iteration, prefix=prefix,
                        save_optimizer=any(t.kind == "opt" for t in source.tensors.values()),
                        remove_redundancy=remove_redundancy, group=None, me=me, world=layout.world_size,
                        mesh=layout.mesh, stages=layout.pp)
@@ -125,7 +125,7 @@ def write_v2(source: Source, out: str | os.PathLike[str], layout: TargetLayout, 
                 for fname, (_, items) in plan.files.items():
                     head.metadata.files[fname].size, head.metadata.files[fname].xxh3_64 = \
                         _write(head.temp / fname, items, plan.file_meta[fname], source, dtype, bar)
-        _commit(head)
+        commit_plan(head)
     except BaseException:
         shutil.rmtree(head.temp, ignore_errors=True)
         raise

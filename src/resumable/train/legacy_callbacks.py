@@ -123,9 +123,9 @@ class LegacyCheckpointMonitor(Callback):
 
 def _prefetch_paths(cfg: TrainConfig, rank: int) -> list[Path]:
     """This rank's file of the checkpoint a resume will pick (the same rule the load uses)."""
-    from resumable.legacy import _resolve_here
+    from resumable.legacy import resolve_here
 
-    found = _resolve_here(cfg.load_checkpoint, cfg.resume_training, cfg.load_ckpt_format, cfg.output_dir, rank)
+    found = resolve_here(cfg.load_checkpoint, cfg.resume_training, cfg.load_ckpt_format, cfg.output_dir, rank)
     if found.root is None:
         return []
     return [found.root / (found.files[0] if found.single else found.files[min(rank, len(found.files) - 1)])]
