@@ -2,6 +2,8 @@
 
 * durable sequential write: ``writers`` threads each write ``nbytes / writers`` in 8 MiB
   blocks to its own new file and fsync it; the time runs until the last fsync returns.
+  Through the page cache (``dd conv=fsync``), and with ``O_DIRECT`` from an aligned buffer
+  (the device's own speed, without the copy into the page cache).
 * cold sequential read: the files are evicted from the page cache first
   (:func:`drop_caches`), then ``readers`` threads read them into a reused buffer.
 
@@ -11,6 +13,7 @@ parallelism, as they are for the checkpoint writers measured against these numbe
 
 from __future__ import annotations
 
+import mmap
 import os
 import threading
 import time
@@ -46,18 +49,29 @@ def drop_caches(files: list[Path]) -> str:
     return method
 
 
-def _write_one(path: Path, nbytes: int, block: memoryview) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+def _write_one(path: Path, nbytes: int, block: memoryview, direct: bool) -> None:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | (os.O_DIRECT if direct else 0)
+    fd = os.open(path, flags, 0o644)
+    aligned = mmap.mmap(-1, BLOCK) if direct else None
     try:
         left, i = nbytes, 0
         while left:
             # Shift by 4 bytes per block, so that no two 4 KiB disk blocks repeat.
             start = (4 * i) % (len(block) - BLOCK)
-            n = os.write(fd, block[start:start + min(left, BLOCK)])
-            left, i = left - n, i + 1
+            size = min(left, BLOCK)
+            data = block[start:start + size]
+            if aligned is not None:  # O_DIRECT: page-aligned memory, whole 4 KiB pages
+                aligned[:size] = data
+                size = -(-size // 4096) * 4096
+                data = memoryview(aligned)[:size]
+            n = os.write(fd, data)
+            left, i = max(0, left - n), i + 1
+            del data
         os.fsync(fd)
     finally:
         os.close(fd)
+        if aligned is not None:
+            aligned.close()
 
 
 def _read_one(path: Path) -> int:
@@ -94,14 +108,14 @@ def _threads(target, args_list: list[tuple]) -> float:
     return seconds
 
 
-def durable_write(folder: Path, nbytes: int, writers: int) -> float:
-    """Seconds to write ``nbytes`` in all as ``writers`` fsynced files in ``folder``."""
+def durable_write(folder: Path, nbytes: int, writers: int, direct: bool = False) -> float:
+    """Seconds to write ``nbytes`` in all as ``writers`` fsynced files in ``folder`` (``O_DIRECT`` if ``direct``)."""
     folder.mkdir(parents=True, exist_ok=True)
     # Incompressible, as the benchmark's state is (bench.state.noise).
     block = memoryview(noise((BLOCK + 4096) // 4).numpy()).cast("B")
     share = nbytes // writers
     os.sync()
-    return _threads(_write_one, [(folder / f"w{i}.bin", share, block) for i in range(writers)])
+    return _threads(_write_one, [(folder / f"w{i}.bin", share, block, direct) for i in range(writers)])
 
 
 def cold_read(folder: Path, readers: int) -> tuple[float, int, str]:

@@ -56,7 +56,7 @@ def _log(msg: str) -> None:
 
 
 def measure_disk(work: Path, size: int, reps: int) -> dict[str, list[dict[str, Any]]]:
-    """Durable write + cold read with 1 and 2 threads, ``reps`` times each, fresh processes."""
+    """Durable writes (page cache, O_DIRECT) + cold read with 1 and 2 threads, ``reps`` times, fresh processes."""
     out: dict[str, list[dict[str, Any]]] = {"1": [], "2": []}
     for _ in range(reps):
         for n in (1, 2):
@@ -68,6 +68,7 @@ def measure_disk(work: Path, size: int, reps: int) -> dict[str, list[dict[str, A
                 shutil.rmtree(folder, ignore_errors=True)
             r = out[str(n)][-1]
             _log(f"disk x{n}: write {size / GIB / r['write_seconds']:.2f} GiB/s, "
+                 f"O_DIRECT write {size / GIB / r['direct_write_seconds']:.2f} GiB/s, "
                  f"cold read {r['bytes'] / GIB / r['read_seconds']:.2f} GiB/s ({r['cache_method']})")
     return out
 

@@ -70,11 +70,13 @@ def _check_flat(loaded: dict[str, torch.Tensor], params: list[str]) -> None:
 
 
 def run_disk(spec: dict[str, Any]) -> dict[str, Any]:
-    """The disk case: durable write then cold read with ``writers`` threads."""
+    """The disk case: durable writes (direct, then page cache) and a cold read, ``writers`` threads."""
     folder = Path(spec["out"])
+    direct_s = disk.durable_write(folder, spec["size_bytes"], spec["writers"], direct=True)
     write_s = disk.durable_write(folder, spec["size_bytes"], spec["writers"])
     read_s, nbytes, method = disk.cold_read(folder, spec["writers"])
-    return {"write_seconds": write_s, "read_seconds": read_s, "bytes": nbytes, "cache_method": method}
+    return {"write_seconds": write_s, "direct_write_seconds": direct_s, "read_seconds": read_s, "bytes": nbytes,
+            "cache_method": method}
 
 
 def run_case(spec: dict[str, Any], rank: int, world: int) -> dict[str, Any]:
