@@ -107,7 +107,7 @@ def _f(x: float | None, fmt: str = "{:.2f}") -> str:
 
 def table(rows: dict[str, Row], disk: dict[str, float]) -> str:
     """The Markdown table (disk rows first)."""
-    lines = ["| case | s | GiB/s | blocked s | RSS GiB | RSS/state | vs DCP | vs DCP 2thr | vs disk | "
+    lines = ["| case | s | GiB/s | blocked s | RSS GiB | RSS/state | vs DCP | vs DCP alt | vs disk | "
              "vs same layout |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for key in sorted(k for k in disk if not k.endswith("_best")):
         kind, n = key.split("_")
