@@ -15,6 +15,13 @@ kernel to start writing each block back at once (``sync_file_range``), so that t
 xxh3-64 checksum of the file is computed by the calling thread from the same blocks, in
 file order, as they go out, never by reading the file back.
 
+Files of ``DIRECT_MIN_BYTES`` and more go the other way where the file system allows it
+(``_write_direct``): their space is allocated first, then ``DIRECT_THREADS`` threads copy
+8 MiB blocks of the file's bytes into aligned buffers of their own and write them with
+``O_DIRECT``, so the device reads the buffers itself: no page-cache copy, no writeback
+left for the ``fsync``, and no page cache evicted from under the training job. The
+bytes and the checksum are the same either way.
+
 The reader parses only the header, with hard limits, so that a hostile or truncated
 file produces a ``CorruptCheckpointError`` / ``UnsafeCheckpointError`` naming the file
 instead of a huge allocation or an out-of-bounds read.
