@@ -26,13 +26,15 @@ from tests.launch import free_port
 
 pytestmark = pytest.mark.slow
 
-TIMEOUT_S = 4.0  # every collective of these tests gives up after this long
+TIMEOUT_S = 6.0  # every collective of these tests gives up after this long (busy 2-core CI included)
 
 
 def _worker(rank: int, world: int, port: int, pg_timeout: float, fn: Callable, args: tuple, out: Any) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
+    # Import now: a rank still importing when its peer enters a collective would eat the short timeout.
+    import resumable.load, resumable.manager, resumable.save  # noqa: E401,F401
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=pg_timeout))
     start = time.monotonic()
     try:
@@ -90,7 +92,10 @@ def _save_with_a_faulty_rank(rank: int, root: str, fault: str) -> None:
     save({"model": {"w": torch.zeros(4)}, "global_step": 2}, root, 2)
 
 
-@pytest.mark.parametrize("fault", ["exit", "hang"])
+# "hang" is the same code path as exit after the timeout; it stays runnable (-k hang) but make
+# test keeps to "exit": the hung-rank bound is covered by the async and the training-job tests.
+@pytest.mark.parametrize("fault", ["exit", pytest.param("hang", marks=pytest.mark.skipif(
+    os.environ.get("RESUMABLE_SLOW_TESTS") != "1", reason="set RESUMABLE_SLOW_TESTS=1: covered faster below"))])
 def test_a_rank_dying_or_hanging_in_a_sync_save_fails_the_others_in_bounded_time(tmp_path: Path, fault: str) -> None:
     results = run_with_failures(_save_with_a_faulty_rank, 2, str(tmp_path), fault)
     outcome, message, seconds = results[0]
@@ -175,7 +180,7 @@ def test_a_hung_rank_stops_a_training_job_after_resumable_collective_timeout(tmp
     from tools.soak import Job, committed_step
 
     job = Job("hang", nproc=2, stop_step=100_000, interval=1)
-    env = {**{k: v for k, v in os.environ.items() if k != commit.FAULT_ENV}, "RESUMABLE_COLLECTIVE_TIMEOUT": "3"}
+    env = {**{k: v for k, v in os.environ.items() if k != commit.FAULT_ENV}, "RESUMABLE_COLLECTIVE_TIMEOUT": "10"}
     output = tmp_path / "job.log"
     with open(output, "w") as sink:
         proc = subprocess.Popen(job.command(tmp_path), stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
@@ -191,12 +196,12 @@ def test_a_hung_rank_stops_a_training_job_after_resumable_collective_timeout(tmp
         os.kill(pid, signal.SIGSTOP)  # rank 1 hangs: alive, connections open, never answers
         stopped = time.monotonic()
         # Rank 0 must give up on its own; torchrun's teardown of the stopped rank is not ours to time.
-        while "Timed out waiting 3000ms" not in output.read_text():
+        while "Timed out waiting 10000ms" not in output.read_text():
             assert time.monotonic() - stopped < 60, f"rank 0 still waits:\n{output.read_text()[-3000:]}"
             time.sleep(0.1)
         waited = time.monotonic() - stopped
     finally:
         kill_tree(proc.pid)
         proc.wait()
-    assert waited < 30  # about 3 s of timeout, not the 30 minutes of the default
+    assert waited < 40  # about 10 s of timeout, not the 30 minutes of the default
     committed_step(job, tmp_path)  # what was committed before the hang is whole

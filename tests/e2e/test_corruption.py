@@ -185,26 +185,20 @@ def test_train_resume_skips_a_flipped_byte_and_a_missing_common_json_with_a_warn
     it6, it4 = ckpt / "iteration_00000006", ckpt / "iteration_00000004"
     _flip_data_byte(it6 / MODEL)             # only a checksum can see this one
     (it4 / "common.json").unlink()
+    # Named explicitly, a damaged iteration is an error, never a silent fallback.
+    named = _train(tmp_path, "runner_config.stop_step=8", f"load_checkpoint={it6}")
+    assert named.returncode != 0
+    assert f"{it6}/{MODEL}: xxh3-64 checksum " in named.stderr and "skipped" not in named.stderr
+    # Automatic recovery (the checkpoint folder, resume_training: true) skips both, saying why.
     again = _train(tmp_path, "runner_config.stop_step=8")
     assert again.returncode == 0, again.stderr[-3000:]
     log = again.stderr
     assert f"resume_training: skipped iteration_00000006 ({it6}/{MODEL}: xxh3-64 checksum " in log
-    assert (f"skipped iteration_00000006 (" in log and f"iteration_00000004 ({it4}/common.json: missing; it holds the "
-            f"training context (step, data position) of the iteration: restore it or load another iteration); "
-            f"loading {ckpt / 'iteration_00000002'} instead") in log
+    assert (f"iteration_00000004 ({it4}/common.json: missing; it holds the training context (step, data position) "
+            f"of the iteration: restore it or load another iteration); loading {ckpt / 'iteration_00000002'} "
+            "instead") in log
     assert f"resumed from {ckpt / 'iteration_00000002'} at global step 2" in log
     assert resumable.commit.read_tracker(ckpt) == 8
-
-
-def test_train_resume_from_a_named_iteration_never_falls_back(tmp_path: Path) -> None:
-    first = _train(tmp_path, "runner_config.stop_step=4")
-    assert first.returncode == 0, first.stderr[-3000:]
-    it4 = tmp_path / "checkpoint" / "iteration_00000004"
-    _flip_data_byte(it4 / MODEL)
-    again = _train(tmp_path, "runner_config.stop_step=6", f"load_checkpoint={it4}")
-    assert again.returncode != 0
-    assert f"{it4}/{MODEL}: xxh3-64 checksum " in again.stderr
-    assert "skipped" not in again.stderr
 
 
 def test_a_damaged_legacy_tree_is_named_by_train_and_verify(tmp_path: Path) -> None:
