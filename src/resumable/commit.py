@@ -296,6 +296,17 @@ def publish_folder(temp: str | os.PathLike[str], final: str | os.PathLike[str]) 
     _remove_tree(old)
 
 
+def unpublish_folder(final: str | os.PathLike[str], temp: str | os.PathLike[str]) -> None:
+    """Undo :func:`publish_folder` when the tracker could not be updated: ``final`` goes back to ``temp``.
+
+    The caller then reports that nothing was committed, and removes ``temp``; the tracker
+    still names the previous checkpoint. Who calls it: the coordinator (rank 0) only.
+    """
+    final = Path(final)
+    os.rename(final, temp)
+    fsync_dir(final.parent)
+
+
 def _remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=False)
 

@@ -328,7 +328,13 @@ def commit_plan(plan: SavePlan) -> None:
     commit.fault_point("before-rename")
     commit.publish_folder(plan.temp, plan.final)
     commit.fault_point("after-rename")
-    commit.write_tracker(plan.directory, plan.iteration)
+    try:
+        commit.write_tracker(plan.directory, plan.iteration)
+    except OSError:
+        # E.g. the disk filled up between the rename and the tracker: take the folder back out of
+        # view, so that "nothing was committed" (what every rank is told) is true.
+        commit.unpublish_folder(plan.final, plan.temp)
+        raise
     commit.fault_point("after-tracker")
     log.info("committed %s", plan.final)
 
