@@ -7,6 +7,7 @@ is not allowed the tests skip and say why). A checkpoint of the tiny model takes
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -59,6 +60,28 @@ def test_a_save_that_fills_the_disk_raises_enospc_and_keeps_the_previous_checkpo
     mgr.save({"model": {"w": torch.ones(100_000)}, "global_step": 3}, 3)
     mgr.close()
     assert commit.read_tracker(directory) == 3 and commit.committed_iterations(directory) == [3]
+
+
+def test_a_disk_full_exactly_at_the_tracker_update_commits_nothing(small_disk: Path) -> None:
+    # The folder rename succeeded, then the tracker's temp file cannot be created (no inode
+    # left): the new folder must go back out of view, or "nothing was committed" would be false.
+    directory = small_disk / "checkpoint"
+    mgr = CheckpointManager(directory, keep_checkpoint_max=None)
+    mgr.save({"model": {"w": torch.ones(4)}, "optimizer": {"m": torch.ones(4)}}, 1)
+    fs = os.statvfs(small_disk)
+    used = fs.f_files - fs.f_ffree
+    # Save 2 creates 5 inodes before the tracker (temp folder, model and opt files, metadata.json,
+    # common.json): allow exactly those.
+    subprocess.run(["mount", "-o", f"remount,nr_inodes={used + 5}", str(small_disk)], check=True)
+    with pytest.raises(SaveError) as info:
+        mgr.save({"model": {"w": torch.zeros(4)}, "optimizer": {"m": torch.zeros(4)}}, 2)
+    message = str(info.value)
+    assert message.startswith(f"committing {directory / 'iteration_00000002'} failed on 1 rank(s), nothing was "
+                              f"committed: rank 0: OSError: [Errno 28] No space left on device: "
+                              f"'{directory}/.{TRACKER}.tmp-")
+    assert _entries(directory) == [".lock", "iteration_00000001", TRACKER]
+    assert commit.read_tracker(directory) == 1
+    verify_files(directory / "iteration_00000001", checksum=True)
 
 
 def test_an_async_save_that_fills_the_disk_surfaces_enospc_at_the_next_call(small_disk: Path) -> None:
