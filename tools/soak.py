@@ -272,6 +272,12 @@ def _legacy_step(directory: Path) -> int:
     return steps.pop()
 
 
+def _reported_cleaned(log: str, path: str) -> bool:
+    """True when ``log`` says ``path`` was removed or restored (commit.clean_leftovers, save.prepare_temp)."""
+    return any(path in line and ("leftover" in line or "stale" in line or "restored" in line)
+               for line in log.splitlines())
+
+
 def start_step(run: Run) -> int | None:
     """The step a run resumed from (0 for a fresh start), or None when it died before deciding."""
     m = _RESUMED_RE.search(run.log)
@@ -296,9 +302,12 @@ def after_run(chain: Chain, run: Run) -> None:
         if began < chain.last_logged - job.lost_bound:
             raise Violation(f"{job.name}: resumed from step {began} but step {chain.last_logged} was logged; more "
                             f"than {job.lost_bound} step(s) lost")
-        stale = chain.leftovers & leftovers(out)
+        # The same name may exist again (this run's own save of that iteration, and file systems
+        # reuse inode numbers): a leftover counts as cleaned when this run's log reports removing it.
+        stale = {(path, ino) for path, ino in chain.leftovers & leftovers(out) if not _reported_cleaned(run.log, path)}
         if stale:
-            raise Violation(f"{job.name}: leftovers of the previous kill survived the restart: {sorted(stale)}")
+            raise Violation(f"{job.name}: leftovers of the previous kill survived the restart: {sorted(stale)}\n"
+                            f"{run.log[-3000:]}")
         chain.leftovers = set()
     if not run.killed:
         if run.returncode != 0:
