@@ -27,11 +27,11 @@ BLOCK = 8 << 20
 def drop_caches(files: list[Path]) -> str:
     """Evict ``files`` (and, where permitted, the whole page cache); returns the method used.
 
-    ``echo 3 > /proc/sys/vm/drop_caches`` after a ``sync`` when the kernel allows it (root,
-    not refused by a container); otherwise ``posix_fadvise(POSIX_FADV_DONTNEED)`` on each
-    file after an fsync, which evicts that file's clean pages.
+    ``echo 3 > /proc/sys/vm/drop_caches`` when the kernel allows it (root, not refused by a
+    container; clean pages only, so no global ``sync``: other jobs' dirty pages are not
+    ours to wait for); and always ``posix_fadvise(POSIX_FADV_DONTNEED)`` on each file after
+    an fsync, which evicts that file's pages.
     """
-    os.sync()
     method = "posix_fadvise"
     try:
         with open("/proc/sys/vm/drop_caches", "w") as f:

@@ -46,8 +46,9 @@ def machine() -> dict[str, Any]:
         model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    dev = subprocess.run(["df", "-h", str(ROOT)], capture_output=True, text=True).stdout.splitlines()[-1].split()
-    return {"nproc": os.cpu_count(), "cpu": model, "ram_gib": round(mem / GIB, 1), "disk": f"{dev[0]} ({dev[1]})",
+    dev = subprocess.run(["df", "-hT", str(ROOT)], capture_output=True, text=True).stdout.splitlines()[-1].split()
+    return {"nproc": os.cpu_count(), "cpu": model, "ram_gib": round(mem / GIB, 1),
+            "disk": f"{dev[0]} ({dev[1]}, {dev[2]})",
             "torch": torch.__version__, "python": platform.python_version(), "kernel": platform.release()}
 
 
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--only", action="append", default=[], help="run cases whose name contains this (repeatable)")
     p.add_argument("--skip-disk", action="store_true")
     p.add_argument("--skip-training", action="store_true")
-    p.add_argument("--train-steps", type=int, default=40, help="steps per training run (window after step 10)")
+    p.add_argument("--train-steps", type=int, default=30, help="steps per training run (window after step 10)")
     p.add_argument("--train-reps", type=int, default=1)
     p.add_argument("--out", type=Path, default=ROOT / "results")
     args = p.parse_args(argv)
