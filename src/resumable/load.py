@@ -506,21 +506,14 @@ def load(state: dict[str, Any], path: str | os.PathLike[str], *, process_group: 
     agree_on(err, process_group)
     assert prep is not None
     targets = {name: leaf.value for name, leaf in prep.flat.tensors.items()}
-    if balanced:
+    nbytes: int | None = None
+    if balanced:  # collective: every rank takes part, so it stays outside the try below
         from resumable.balanced import balanced_reads
         nbytes = balanced_reads(prep.folder, prep.meta, prep.reads, targets, process_group)
-        result = None
-        try:
-            result = _finish(prep, state, process_group, nbytes, start)
-            err = None
-        except Exception as exc:  # agreed below
-            err = exc
-        agree_on(err, process_group)
-        assert result is not None
-        return result
     result = None
     try:
-        nbytes = read_direct(prep.folder, prep.reads, targets)
+        if nbytes is None:
+            nbytes = read_direct(prep.folder, prep.reads, targets)
         result = _finish(prep, state, process_group, nbytes, start)
         err = None
     except Exception as exc:  # agreed below
