@@ -12,8 +12,9 @@ Exit status: 0 success; 1 the answer is "no" (verify found problems, diff found
 differences); 2 an error (the message names the path and what to do).
 The checkpoint commands live in :mod:`resumable.tools.commands`.
 
-``train`` with ``--nproc`` launches ``torchrun`` itself (single node); without it the
-command trains in this process, or as one rank of the user's own ``torchrun``
+``train`` launches ``torchrun`` itself (single node) with ``--nproc`` processes, or, without
+``--nproc``, with as many as the config's layout needs (data x model x pipeline parallel);
+under the user's own ``torchrun`` (``WORLD_SIZE`` set) it trains as one rank of that job
 (``torchrun --nproc-per-node 4 -m resumable.train --config C.yaml``).
 """
 
@@ -32,9 +33,16 @@ def _train(args: argparse.Namespace) -> int:
     train_argv = (["--config", args.config] if args.config else []) + [
         x for kv in args.set for x in ("--set", kv)
     ]
-    if args.nproc and "WORLD_SIZE" not in os.environ:
+    nproc = args.nproc
+    if not nproc and "WORLD_SIZE" not in os.environ:
+        # Not under a launcher: start as many processes as the config's layout needs.
+        from resumable.train.config import load_config
+
+        nproc = load_config(args.config, args.set).parallel_config.world_size
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        print(f"resumable train: launching torchrun with {nproc} processes", file=sys.stderr)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc-per-node={args.nproc}", "-m", "resumable.train", *train_argv]
+               f"--nproc-per-node={nproc}", "-m", "resumable.train", *train_argv]
         return subprocess.call(cmd)
     from resumable.train.__main__ import main as train_main
 
@@ -50,7 +58,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--config", help="YAML config file (default: the embedded default config)")
     p.add_argument("--nproc", type=int, default=0,
-                   help="launch this many processes on this node with torchrun")
+                   help="launch this many processes on this node with torchrun (default: as many as "
+                        "the layout needs, parallel_config data x model x pipeline)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key by dotted path, e.g. runner_config.stop_step=20 "
                         "or callbacks.0.keep_checkpoint_max=2 (repeatable)")
