@@ -119,14 +119,6 @@ class _Skip:
 _SKIP = _Skip()
 
 
-def set_path(state: Any, path: Path, value: Any) -> None:
-    """Replace the leaf at ``path`` of a nested dict/list."""
-    node = state
-    for p in path[:-1]:
-        node = node[p]
-    node[path[-1]] = value
-
-
 def merge_objects(target: dict, saved: Mapping[str, Any]) -> None:
     """Fill the non-tensor leaves of ``target`` from a saved JSON tree, in place.
 
