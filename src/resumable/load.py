@@ -53,6 +53,7 @@ from resumable import dist, errors
 from resumable.errors import CheckpointError, CorruptCheckpointError
 from resumable.formats import v2
 from resumable.formats.safetensors_io import dtype_name, read_header
+from resumable.gc_pause import gc_paused
 from resumable.layout import local_chunks, local_tensor
 from resumable.planning import Read, StoredChunk, plan_tensor_reads
 from resumable.resolve import check_iteration_folder, resolve_directory, verify_files
@@ -438,13 +439,14 @@ def _prepare(state: Mapping[str, Any], path: str | os.PathLike[str], verify: Ver
              group: dist.Group, check_files: bool) -> _Prepared:
     """Everything before the first byte of tensor data is read; local to this rank."""
     folder = _iteration_folder(path)
-    meta = v2.read_metadata(folder)
-    _verify(folder, meta, verify, group)
-    flat = flatten_state(state)
-    check_state(meta, flat, folder)
-    reads = plan_reads(meta, flat)
-    if check_files:
-        check_headers(folder, meta, reads)
+    with gc_paused():
+        meta = v2.read_metadata(folder)
+        _verify(folder, meta, verify, group)
+        flat = flatten_state(state)
+        check_state(meta, flat, folder)
+        reads = plan_reads(meta, flat)
+        if check_files:
+            check_headers(folder, meta, reads)
     return _Prepared(folder, meta, flat, reads)
 
 
@@ -497,30 +499,31 @@ def load(state: dict[str, Any], path: str | os.PathLike[str], *, process_group: 
         100
     """
     start = time.perf_counter()
-    prep: _Prepared | None = None
-    try:
-        prep = _prepare(state, path, verify, process_group, check_files=not balanced)
-        err: BaseException | None = None
-    except Exception as exc:  # any failure, agreed below so that no rank is left waiting
-        err = exc
-    agree_on(err, process_group)
-    assert prep is not None
-    targets = {name: leaf.value for name, leaf in prep.flat.tensors.items()}
-    nbytes: int | None = None
-    if balanced:  # collective: every rank takes part, so it stays outside the try below
-        from resumable.balanced import balanced_reads
-        nbytes = balanced_reads(prep.folder, prep.meta, prep.reads, targets, process_group)
-    result = None
-    try:
-        if nbytes is None:
-            nbytes = read_direct(prep.folder, prep.reads, targets)
-        result = _finish(prep, state, process_group, nbytes, start)
-        err = None
-    except Exception as exc:  # agreed below
-        err = exc
-    agree_on(err, process_group)
-    assert result is not None
-    return result
+    with gc_paused():  # the whole call blocks the caller; planning and reads allocate in bursts
+        prep: _Prepared | None = None
+        try:
+            prep = _prepare(state, path, verify, process_group, check_files=not balanced)
+            err: BaseException | None = None
+        except Exception as exc:  # any failure, agreed below so that no rank is left waiting
+            err = exc
+        agree_on(err, process_group)
+        assert prep is not None
+        targets = {name: leaf.value for name, leaf in prep.flat.tensors.items()}
+        nbytes: int | None = None
+        if balanced:  # collective: every rank takes part, so it stays outside the try below
+            from resumable.balanced import balanced_reads
+            nbytes = balanced_reads(prep.folder, prep.meta, prep.reads, targets, process_group)
+        result = None
+        try:
+            if nbytes is None:
+                nbytes = read_direct(prep.folder, prep.reads, targets)
+            result = _finish(prep, state, process_group, nbytes, start)
+            err = None
+        except Exception as exc:  # agreed below
+            err = exc
+        agree_on(err, process_group)
+        assert result is not None
+        return result
 
 
 class PendingLoad:

@@ -38,6 +38,7 @@ from resumable.errors import SaveError
 from resumable.formats import v2
 from resumable.formats.safetensors_io import dtype_name, write_file
 from resumable.geometry import Box
+from resumable.gc_pause import gc_paused
 from resumable.layout import LocalChunk, local_chunks, local_tensor
 from resumable.planning import assign_writers
 from resumable.state import flatten_state
@@ -135,6 +136,13 @@ def plan_save(state: Mapping[str, Any], directory: str | os.PathLike[str], itera
     (an unsupported value, a dtype safetensors cannot hold) reports the error in the
     gather, so every rank raises ``SaveError`` naming it.
     """
+    with gc_paused():
+        return _plan_save(state, directory, iteration, prefix=prefix, save_optimizer=save_optimizer,
+                          remove_redundancy=remove_redundancy, group=group, layout_info=layout_info)
+
+
+def _plan_save(state: Mapping[str, Any], directory: str | os.PathLike[str], iteration: int, *, prefix: str,
+               save_optimizer: bool, remove_redundancy: bool, group: Any, layout_info: Any) -> SavePlan:
     me, world = dist.rank(group), dist.world_size(group)
     error, local, rank_local, objects, extra = None, {}, None, {}, {"views": {}, "tensors": {}}
     try:
@@ -319,8 +327,10 @@ def finish_save(plan: SavePlan, written: dict[str, tuple[int, str]] | None, erro
 
 def commit_plan(plan: SavePlan) -> None:
     """Rank 0: metadata.json and common.json into the temp folder, fsync, rename, tracker."""
-    plan.metadata.validate(str(plan.temp / v2.METADATA))  # never commit a plan that does not tile
-    for name, data in ((v2.METADATA, plan.metadata.to_json().encode()), (v2.COMMON, v2.common_bytes(plan.common))):
+    with gc_paused():
+        plan.metadata.validate(str(plan.temp / v2.METADATA))  # never commit a plan that does not tile
+        files = ((v2.METADATA, plan.metadata.to_json().encode()), (v2.COMMON, v2.common_bytes(plan.common)))
+    for name, data in files:
         with open(plan.temp / name, "wb") as f:
             f.write(data)
         commit.fsync_file(plan.temp / name)
