@@ -19,12 +19,17 @@ the group, after its first agreement step)::
                 each rank waits for that tensor's messages before the next tensor, so at
                 most one tensor's units are in flight
 
-Memory: a reader holds one tensor's units at a time on top of its target state.
+Memory: units are read with ``os.preadv`` straight into the reader's own target slice and
+sent from there; receivers take them straight into theirs. A temporary copy is made only
+where a slice is not one contiguous run (on disk or in the target), so peak memory stays
+at the target state plus at most one tensor's such units.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from collections import defaultdict
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -38,8 +43,10 @@ from safetensors import safe_open
 from resumable import dist
 from resumable.errors import CheckpointError
 from resumable.formats import v2
+from resumable.formats.safetensors_io import Header, read_header
 from resumable.geometry import Box
 from resumable.layout import local_tensor
+from resumable.load import agree_on, bytes_of, check_headers, contiguous_run, pread_into, read_region
 from resumable.planning import Read
 
 log = logging.getLogger(__name__)
@@ -177,8 +184,6 @@ def balanced_reads(folder: Path, meta: v2.Metadata, reads: list[Read], targets: 
     Collective: every rank of ``group`` calls it after :func:`resumable.load.load`'s first
     agreement step (see the module docstring for the order).
     """
-    from resumable.load import agree_on, check_headers, read_region  # load imports us lazily
-
     me, world = dist.rank(group), dist.world_size(group)
     mine = [(r.name, r.file, r.key, r.stored_box.offsets, r.stored_box.shape, r.region.offsets, r.region.shape)
             for r in reads]
@@ -205,35 +210,74 @@ def balanced_reads(folder: Path, meta: v2.Metadata, reads: list[Read], targets: 
     for tag, u in enumerate(units):
         if me in u.owners:
             by_name[u.name].append((tag, u))
-    with ExitStack() as stack, torch.no_grad():
-        handles: dict[str, Any] = {}
-
-        def handle(file: str) -> Any:
-            if file not in handles:
-                handles[file] = stack.enter_context(safe_open(str(folder / file), framework="pt", device="cpu"))
-            return handles[file]
-
+    with _UnitReader(folder) as reader, torch.no_grad():
         for name in sorted(by_name):
             works, arrived = [], []
             for tag, u in by_name[name]:
-                dst = _dst(u, my_reads[(u.name, u.stored_box)])
-                # Messages live on the target's device: CPU for gloo, the GPU for NCCL.
-                device = locals_[name].device
+                target = locals_[name][_dst(u, my_reads[(u.name, u.stored_box)])]
                 if u.reader == me:
-                    data = read_region(handle(u.file), u.key, u.src()).to(device).contiguous()
-                    locals_[name][dst].copy_(data)
+                    data = reader.read(u, target)
                     for o in u.owners:
                         if o != me:
                             works.append(tdist.isend(data, group=group, group_dst=o, tag=tag))
+                elif target.is_contiguous():
+                    works.append(tdist.irecv(target, group=group, group_src=u.reader, tag=tag))
                 else:
-                    buf = torch.empty(u.box.shape, dtype=getattr(torch, meta.tensors[name].dtype), device=device)
+                    buf = torch.empty(u.box.shape, dtype=target.dtype, device=target.device)
                     works.append(tdist.irecv(buf, group=group, group_src=u.reader, tag=tag))
-                    arrived.append((buf, dst))
+                    arrived.append((buf, target))
             for w in works:
-                w.wait()  # sends keep ``data`` alive until here; receives fill ``buf``
-            for buf, dst in arrived:
-                locals_[name][dst].copy_(buf)
+                w.wait()  # sends keep their tensors alive until here; receives fill theirs
+            for buf, target in arrived:
+                target.copy_(buf)
     return load[me]
+
+
+class _UnitReader:
+    """Reads units of one checkpoint folder, into the target when it can (a context manager)."""
+
+    def __init__(self, folder: Path) -> None:
+        self._folder = folder
+        self._stack = ExitStack()
+        self._fds: dict[str, tuple[int, Header]] = {}
+        self._handles: dict[str, Any] = {}
+
+    def __enter__(self) -> "_UnitReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for fd, _ in self._fds.values():
+            os.close(fd)
+        self._stack.close()
+
+    def read(self, u: Unit, target: torch.Tensor) -> torch.Tensor:
+        """Put unit ``u`` into ``target`` (its slice of this rank's tensor); return a
+        contiguous tensor holding its values, to send: ``target`` itself when the unit is
+        one byte run of the file and ``target`` a contiguous CPU tensor (``os.preadv``
+        into it, no copy), else a temporary slice (copied into ``target`` too)."""
+        if target.is_contiguous() and target.device.type == "cpu" and sys.byteorder == "little":
+            fd, header = self._open(u.file)
+            run = contiguous_run(u.src(), header.tensors[u.key].shape)
+            if run is not None:
+                itemsize = target.element_size()
+                if run[1]:
+                    pread_into(fd, bytes_of(target), header.tensors[u.key].start + run[0] * itemsize,
+                               self._folder / u.file)
+                return target
+        if u.file not in self._handles:
+            self._handles[u.file] = self._stack.enter_context(
+                safe_open(str(self._folder / u.file), framework="pt", device="cpu"))
+        # Messages live on the target's device: CPU for gloo, the GPU for NCCL.
+        data = read_region(self._handles[u.file], u.key, u.src()).to(target.device).contiguous()
+        target.copy_(data)
+        return data
+
+    def _open(self, file: str) -> tuple[int, Header]:
+        if file not in self._fds:
+            path = self._folder / file
+            header = read_header(path)
+            self._fds[file] = (os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)), header)
+        return self._fds[file]
 
 
 def r_shape_numel(p: tuple) -> int:

@@ -237,7 +237,7 @@ def contiguous_run(src: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[int,
     return first, count
 
 
-def _pread_into(fd: int, view: memoryview, offset: int, path: Path) -> None:
+def pread_into(fd: int, view: memoryview, offset: int, path: Path) -> None:
     """Fill ``view`` from ``fd`` at ``offset`` (short reads continue; EOF is corruption)."""
     while view:
         n = os.preadv(fd, [view], offset)
@@ -247,7 +247,7 @@ def _pread_into(fd: int, view: memoryview, offset: int, path: Path) -> None:
         view, offset = view[n:], offset + n
 
 
-def _bytes_of(t: torch.Tensor) -> memoryview:
+def bytes_of(t: torch.Tensor) -> memoryview:
     """The writable bytes of contiguous CPU tensor ``t`` (its own memory, not a copy)."""
     return memoryview(t.detach().reshape(-1).view(torch.uint8).numpy()).cast("B")
 
@@ -279,7 +279,7 @@ def read_direct(folder: Path, reads: Iterable[Read], targets: Mapping[str, torch
 
     def via_temp(fd: int, offset: int, dst: torch.Tensor, path: Path) -> None:
         tmp = torch.empty(dst.shape, dtype=dst.dtype)
-        _pread_into(fd, _bytes_of(tmp), offset, path)
+        pread_into(fd, bytes_of(tmp), offset, path)
         with torch.no_grad():
             dst.copy_(tmp)
 
@@ -302,9 +302,9 @@ def read_direct(folder: Path, reads: Iterable[Read], targets: Mapping[str, torch
                 if not dst.is_contiguous():
                     jobs.append((via_temp, (fd, offset, dst, path)))
                     continue
-                view = _bytes_of(dst) if nbytes else memoryview(b"")
+                view = bytes_of(dst) if nbytes else memoryview(b"")
                 for start in range(0, nbytes, READ_PIECE):
-                    jobs.append((_pread_into, (fd, view[start:start + READ_PIECE], offset + start, path)))
+                    jobs.append((pread_into, (fd, view[start:start + READ_PIECE], offset + start, path)))
         with ThreadPoolExecutor(READ_THREADS, thread_name_prefix="resumable-read") as pool:
             for future in [pool.submit(fn, *args) for fn, args in jobs]:
                 future.result()
@@ -511,7 +511,7 @@ def load(state: dict[str, Any], path: str | os.PathLike[str], *, process_group: 
         targets = {name: leaf.value for name, leaf in prep.flat.tensors.items()}
         nbytes: int | None = None
         if balanced:  # collective: every rank takes part, so it stays outside the try below
-            from resumable.balanced import balanced_reads
+            from resumable.balanced import balanced_reads  # it imports this module
             nbytes = balanced_reads(prep.folder, prep.meta, prep.reads, targets, process_group)
         result = None
         try:

@@ -230,6 +230,7 @@ PHASES: list[tuple[int, list[tuple]]] = [
          ("load", "dp2_tp2_fsdp", "dp2_tp2_fsdp", {}),      # same layout
          ("load", "dp2_tp2_fsdp", "dp2_tp2", {}),
          ("load", "dp2_tp2_fsdp", "dp2_tp2", {"balanced": True}),
+         ("load", "tp3", "dp2_tp2", {"balanced": True}),    # units cut across a target's columns
          ("load", "dp2_tp2_fsdp", "single", {})]),          # FSDP over TP -> one process
     (2, [("load", "dp2_tp2_fsdp", "pp2", {}),               # FSDP over TP -> pipeline stages
          ("load", "tp3", "tp2", {}),                        # uneven: 3 -> 2
