@@ -6,8 +6,8 @@ torch.save and the disk itself, in one run on one machine.
     python -m bench.run --only "save w1" --skip-training
     make bench BENCH_ARGS="--size-gib 0.5"
 
-Order: the disk's limits, then the cases repetition by repetition (every case once, then
-every case again, so a slow phase of the machine touches all contenders alike), then the
+Order: repetition by repetition, the disk's limits and then every case once (so a slow
+phase of the machine touches the disk and all contenders alike), then the
 training-overhead runs. Each measurement is a fresh process (two for 2-rank cases).
 Results go to ``bench/results/``: ``results.json`` (every repetition), ``table.md``,
 ``bench.png`` and ``PERFORMANCE.md`` (the README section for this run).
@@ -56,22 +56,19 @@ def _log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def measure_disk(work: Path, size: int, reps: int) -> dict[str, list[dict[str, Any]]]:
-    """Durable writes (page cache, O_DIRECT) + cold read with 1 and 2 threads, ``reps`` times, fresh processes."""
-    out: dict[str, list[dict[str, Any]]] = {"1": [], "2": []}
-    for _ in range(reps):
-        for n in (1, 2):
-            folder = work / f"disk{n}"
-            try:
-                out[str(n)].append(run_worker({"disk": True, "out": str(folder), "size_bytes": size,
-                                               "writers": n}, 1)[0])
-            finally:
-                shutil.rmtree(folder, ignore_errors=True)
-            r = out[str(n)][-1]
-            _log(f"disk x{n}: write {size / GIB / r['write_seconds']:.2f} GiB/s, "
-                 f"O_DIRECT write {size / GIB / r['direct_write_seconds']:.2f} GiB/s, "
-                 f"cold read {r['bytes'] / GIB / r['read_seconds']:.2f} GiB/s ({r['cache_method']})")
-    return out
+def measure_disk(work: Path, size: int, out: dict[str, list[dict[str, Any]]]) -> None:
+    """One round of durable writes (page cache, O_DIRECT) + cold read with 1 and 2 threads, fresh
+    processes; appended to ``out`` under "1" / "2"."""
+    for n in (1, 2):
+        folder = work / f"disk{n}"
+        try:
+            r = run_worker({"disk": True, "out": str(folder), "size_bytes": size, "writers": n}, 1)[0]
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        out.setdefault(str(n), []).append(r)
+        _log(f"disk x{n}: write {size / GIB / r['write_seconds']:.2f} GiB/s, "
+             f"O_DIRECT write {size / GIB / r['direct_write_seconds']:.2f} GiB/s, "
+             f"cold read {r['bytes'] / GIB / r['read_seconds']:.2f} GiB/s ({r['cache_method']})")
 
 
 def run_case(case: Case, work: Path, size: int, keep: bool) -> dict[str, Any]:
@@ -144,10 +141,12 @@ def main(argv: list[str] | None = None) -> None:
     _log(f"state {size / GIB:.3f} GiB ({shapes}); machine {info}")
     doc: dict[str, Any] = {"machine": info, "size_bytes": size, "shapes": shapes.__dict__, "reps": args.reps,
                            "command": " ".join(["python -m bench.run", *(argv or sys.argv[1:])])}
-    disk = {} if args.skip_disk else measure_disk(work, size, args.reps)
+    disk: dict[str, list[dict[str, Any]]] = {}
     cases = select(args.only)
     raw: dict[str, list[dict[str, Any]]] = {c.name: [] for c in cases}
     for rep in range(args.reps):
+        if not args.skip_disk:  # each round measures the disk too: the ratios then share the machine's phase
+            measure_disk(work, size, disk)
         for case in cases:
             raw[case.name].append(run_case(case, work, size, keep=rep == 0))
     training = None if args.skip_training else measure_training(work, args.train_steps, args.train_reps)
