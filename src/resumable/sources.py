@@ -340,9 +340,9 @@ def _written_by_us(path: Path) -> bool:
 
 def _open_our_legacy(root: Path, paths: list[Path]) -> Source:
     """Our own Checkpoint 1.0 step: chunks indexed from each rank file's metadata (see resumable.legacy)."""
-    from resumable.legacy import _Files  # the legacy loader's file index: one reader of our rank files
+    from resumable.legacy import RankFiles  # the legacy loader's file index: one reader of our rank files
 
-    files = _Files(root)
+    files = RankFiles(root)
     names = [f"{p.parent.name}/{p.name}" for p in paths]
     meta = files.index(names)
 

@@ -1,0 +1,122 @@
+"""Our Checkpoint 1.0 rank files on disk: the rank folders, and one index of a step's files.
+
+:class:`RankFiles` opens each file once and presents its chunks as Checkpoint 2.0 metadata,
+so that loads and conversions read slices with the 2.0 read planner
+(:mod:`resumable.planning`); :mod:`resumable.sources` reads our rank files through it too.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+from resumable.errors import CheckpointNotFoundError, CorruptCheckpointError, UnsafeCheckpointError
+from resumable.formats import v1, v2
+from resumable.formats.safetensors_io import read_header
+from resumable.geometry import Box
+from resumable.layout import LocalChunk
+from resumable.load import execute_reads, place_into
+from resumable.planning import Read, StoredChunk, plan_tensor_reads
+
+Layout = dict[str, Any]  # as every rank file records it: {"world_size", "mesh", "pipeline_stages", "sharded_optimizer"}
+
+
+def rank_folders(root: Path) -> list[str]:
+    """The ``rank_{r}`` folders under ``root``, by rank."""
+    return sorted((p.name for p in root.iterdir() if p.is_dir() and p.name.startswith("rank_")
+                   and p.name[5:].isdigit()), key=lambda n: int(n[5:]))
+
+
+def inside(path: Path, root: str | os.PathLike[str] | None) -> bool:
+    """Whether ``path`` resolves (links followed) to somewhere under ``root``."""
+    if root is None:
+        return False
+    try:
+        path.resolve().relative_to(Path(root).resolve())
+    except ValueError:
+        return False
+    return True
+
+
+class RankFiles:
+    """Opened rank files of one load: headers (safetensors) or lazily mapped tensors (.ckpt), each once."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.infos: dict[str, v1.FileInfo] = {}
+        self.entries: dict[str, dict[str, tuple[str, tuple[int, ...]]]] = {}  # key → dtype, shape
+        self.ckpt: dict[str, dict[str, torch.Tensor]] = {}
+
+    def open(self, name: str) -> v1.FileInfo:
+        if name in self.infos:
+            return self.infos[name]
+        path = self.root / name
+        if not path.is_file():
+            raise CheckpointNotFoundError(f"{path} does not exist; the checkpoint is incomplete")
+        if "/" in name and not inside(path, self.root):  # a rank_*/ file symlinked out of the tree
+            raise UnsafeCheckpointError(f"{path} resolves outside {self.root}; refusing to read it (a rank file of "
+                                        "a checkpoint must lie inside its checkpoint folder)")
+        if path.suffix == ".ckpt":
+            tensors, meta = v1.load_ckpt(path)
+            self.ckpt[name] = tensors
+            self.entries[name] = {k: (str(t.dtype).removeprefix("torch."), tuple(t.shape)) for k, t in tensors.items()}
+        else:
+            header = read_header(path)
+            meta = header.metadata
+            self.entries[name] = {k: (str(e.torch_dtype).removeprefix("torch."), e.shape)
+                                  for k, e in header.tensors.items()}
+        self.infos[name] = v1.parse_file_metadata(meta, path)
+        return self.infos[name]
+
+    def index(self, names: Iterable[str]) -> v2.Metadata:
+        """The chunks of ``names`` as Checkpoint 2.0 metadata (file names relative to ``root``)."""
+        meta = v2.Metadata(iteration=0, layout=v2.LayoutMeta(world_size=1), save_optimizer=True)
+        for name in names:
+            info = self.open(name)
+            for key, (tname, gshape, offsets) in sorted(info.chunks.items()):
+                entry = self.entries[name].get(key)
+                if entry is None:
+                    raise CorruptCheckpointError(f"{self.root / name}: chunk {key!r} listed in its metadata is not "
+                                                 "in the file")
+                dtype, shape = entry
+                box = Box(offsets, shape)
+                if not box.within(gshape):
+                    raise CorruptCheckpointError(f"{self.root / name}: chunk {key!r} at {list(offsets)} of shape "
+                                                 f"{list(shape)} lies outside {tname!r} {list(gshape)}")
+                t = meta.tensors.setdefault(tname, v2.TensorMeta(dtype, list(gshape),
+                                                                 "opt" if tname.startswith("optimizer.") else "model",
+                                                                 []))
+                if (t.dtype, t.shape) != (dtype, list(gshape)):
+                    raise CorruptCheckpointError(f"{self.root / name}: {tname!r} is {dtype} {list(gshape)} here but "
+                                                 f"{t.dtype} {t.shape} in another file of the same step")
+                chunk = next((c for c in t.chunks if c.box == box), None)
+                if chunk is None:
+                    chunk = v2.ChunkMeta(list(offsets), list(shape), [])
+                    t.chunks.append(chunk)
+                chunk.stored.append(v2.Stored(name, key))
+        return meta
+
+    def read(self, reads: Sequence[Read], sink: Callable[[Read, torch.Tensor], None]) -> int:
+        """Execute reads: safetensors slices through the 2.0 reader, .ckpt from the mapped tensors."""
+        st = [r for r in reads if not r.file.endswith(".ckpt")]
+        total = execute_reads(self.root, st, sink) if st else 0
+        for r in reads:
+            if r.file.endswith(".ckpt"):
+                t = self.ckpt[r.file][r.key]
+                data = t[r.src] if r.src else t
+                total += data.numel() * data.element_size()
+                sink(r, data)
+        return total
+
+
+def fill(files: RankFiles, meta: v2.Metadata, name: str, box: Box) -> torch.Tensor:
+    """One region of tensor ``name`` assembled from the stored chunks (conversions)."""
+    t = meta.tensors[name]
+    out = torch.empty(box.shape, dtype=getattr(torch, t.dtype))
+    stored = [StoredChunk(c.box, s.file, s.key) for c in t.chunks for s in c.stored]
+    reads = plan_tensor_reads(name, [LocalChunk(box, tuple(slice(0, s) for s in box.shape))], stored)
+    files.read(reads, place_into({name: out}))
+    return out
