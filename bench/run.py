@@ -57,9 +57,9 @@ def _log(msg: str) -> None:
 
 
 def measure_disk(work: Path, size: int, out: dict[str, list[dict[str, Any]]]) -> None:
-    """One round of durable writes (page cache, O_DIRECT) + cold read with 1 and 2 threads, fresh
-    processes; appended to ``out`` under "1" / "2"."""
-    for n in (1, 2):
+    """One round of durable writes (page cache, O_DIRECT) + cold read with 1, 2 and 4 threads
+    (resumable reads and writes with 4), fresh processes; appended to ``out`` under "1" / "2" / "4"."""
+    for n in (1, 2, 4):
         folder = work / f"disk{n}"
         try:
             r = run_worker({"disk": True, "out": str(folder), "size_bytes": size, "writers": n}, 1)[0]
@@ -125,8 +125,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--only", action="append", default=[], help="run cases whose name contains this (repeatable)")
     p.add_argument("--skip-disk", action="store_true")
     p.add_argument("--skip-training", action="store_true")
-    p.add_argument("--train-steps", type=int, default=30, help="steps per training run (window after step 10)")
-    p.add_argument("--train-reps", type=int, default=1)
+    p.add_argument("--train-steps", type=int, default=31,
+                   help="steps per training run (timed after step 11: the first save, which allocates, is not timed)")
+    p.add_argument("--train-reps", type=int, default=2)
     p.add_argument("--out", type=Path, default=ROOT / "results")
     args = p.parse_args(argv)
 

@@ -35,6 +35,8 @@ Example (single process or under ``torchrun``)::
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import logging
 import os
 import sys
@@ -44,7 +46,7 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal, Mapping
+from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
 
 import torch
 from safetensors import safe_open
@@ -208,10 +210,33 @@ def execute_reads(folder: Path, reads: Iterable[Read], sink: Sink) -> int:
     return total
 
 
-#: Threads reading one rank's slices (``os.preadv`` releases the GIL, so two overlap
-#: the disk's queue and the page-cache copies); pieces are cut at ``READ_PIECE`` bytes.
-READ_THREADS = 2
-READ_PIECE = 16 << 20
+#: Sequential streams reading one rank's slices, one thread each (``os.preadv`` releases
+#: the GIL). Each stream reads one contiguous stretch of the files in file order, so the
+#: kernel's readahead keeps every stream ahead of its reader and the device sees several
+#: deep sequential streams; cutting the same work round-robin into pieces over the
+#: threads measured 5-10% slower here. Syscalls are cut at ``READ_PIECE`` bytes.
+READ_THREADS = 4
+READ_PIECE = 8 << 20
+
+
+def contiguous_shares(sizes: Sequence[int], parts: int) -> list[range]:
+    """Cut jobs of ``sizes`` bytes, kept in order, into ``parts`` consecutive runs whose byte
+    totals are as close to equal as whole jobs allow (some runs may be empty). Pure.
+
+    Example:
+        >>> contiguous_shares([1, 1, 10], 2)
+        [range(0, 2), range(2, 3)]
+    """
+    cum = list(itertools.accumulate(sizes, initial=0))
+    cuts = [0]
+    for k in range(1, parts):
+        goal = cum[-1] * k / parts
+        j = bisect.bisect_left(cum, goal)  # the first cut at or past the goal ...
+        if j > 0 and (j == len(cum) or goal - cum[j - 1] < cum[j] - goal):
+            j -= 1  # ... or the one before it, whichever is nearer
+        cuts.append(max(j, cuts[-1]))
+    cuts.append(len(sizes))
+    return [range(a, b) for a, b in zip(cuts, cuts[1:])]
 
 
 def contiguous_run(src: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[int, int] | None:
@@ -257,8 +282,9 @@ def read_direct(folder: Path, reads: Iterable[Read], targets: Mapping[str, torch
 
     A read whose stored slice is one byte run of the file and whose destination is a
     contiguous piece of a CPU local tensor is read into that piece directly (no mapping,
-    no intermediate tensor, no copy); pieces of ``READ_PIECE`` bytes go to
-    ``READ_THREADS`` threads. A run whose destination is not contiguous is read into a
+    no intermediate tensor, no copy); in file order, these reads are cut into
+    ``READ_THREADS`` consecutive shares of near-equal bytes, each read by its own thread
+    front to back in ``READ_PIECE`` calls. A run whose destination is not contiguous is read into a
     temporary tensor of that slice and copied; any other read (strided stored slice, a
     target off the CPU, a big-endian host) goes through :func:`execute_reads`. Peak memory
     is the target state plus at most one temporary slice per thread.
@@ -274,7 +300,7 @@ def read_direct(folder: Path, reads: Iterable[Read], targets: Mapping[str, torch
             direct[r.file].append(r)
         else:
             other.append(r)
-    jobs: list[tuple[Callable[..., None], tuple]] = []
+    jobs: list[tuple[int, int, int, Callable[..., None], tuple]] = []  # (file, offset, bytes, fn, args)
     total, fds = 0, []
 
     def via_temp(fd: int, offset: int, dst: torch.Tensor, path: Path) -> None:
@@ -300,13 +326,21 @@ def read_direct(folder: Path, reads: Iterable[Read], targets: Mapping[str, torch
                 offset, nbytes = entry.start + run[0] * itemsize, run[1] * itemsize
                 total += nbytes
                 if not dst.is_contiguous():
-                    jobs.append((via_temp, (fd, offset, dst, path)))
+                    jobs.append((len(fds), offset, nbytes, via_temp, (fd, offset, dst, path)))
                     continue
                 view = bytes_of(dst) if nbytes else memoryview(b"")
                 for start in range(0, nbytes, READ_PIECE):
-                    jobs.append((pread_into, (fd, view[start:start + READ_PIECE], offset + start, path)))
+                    piece = view[start:start + READ_PIECE]
+                    jobs.append((len(fds), offset + start, len(piece), pread_into, (fd, piece, offset + start, path)))
+        jobs.sort(key=lambda j: (j[0], j[1]))
+
+        def read_share(share: range) -> None:
+            for i in share:
+                jobs[i][3](*jobs[i][4])
+
+        shares = contiguous_shares([j[2] for j in jobs], READ_THREADS)
         with ThreadPoolExecutor(READ_THREADS, thread_name_prefix="resumable-read") as pool:
-            for future in [pool.submit(fn, *args) for fn, args in jobs]:
+            for future in [pool.submit(read_share, share) for share in shares if share]:
                 future.result()
     finally:
         for fd in fds:

@@ -6,11 +6,28 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from resumable.formats.safetensors_io import write_file
 from resumable.geometry import Box
-from resumable.load import place_into, contiguous_run, execute_reads, read_direct
+from resumable.load import contiguous_run, contiguous_shares, execute_reads, place_into, read_direct
 from resumable.planning import Read
+
+
+@given(st.lists(st.integers(0, 100), max_size=30), st.integers(1, 6))
+def test_contiguous_shares_cover_the_jobs_in_order_and_balance_bytes(sizes: list[int], parts: int) -> None:
+    shares = contiguous_shares(sizes, parts)
+    assert len(shares) == parts
+    assert [i for share in shares for i in share] == list(range(len(sizes)))  # consecutive, in order, once
+    # Whole jobs: no share exceeds its fair part by more than one job.
+    fair, biggest = sum(sizes) / parts, max(sizes, default=0)
+    assert all(sum(sizes[i] for i in share) <= fair + biggest for share in shares)
+
+
+def test_contiguous_shares_cut_at_the_nearest_job_boundary() -> None:
+    assert contiguous_shares([1, 1, 10], 2) == [range(0, 2), range(2, 3)]
+    assert contiguous_shares([2] * 10, 4) == [range(0, 3), range(3, 5), range(5, 8), range(8, 10)]
 
 
 @pytest.mark.parametrize("src, shape, expected", [
