@@ -328,8 +328,9 @@ def finish_save(plan: SavePlan, written: dict[str, tuple[int, str]] | None, erro
 def commit_plan(plan: SavePlan) -> None:
     """Rank 0: metadata.json and common.json into the temp folder, fsync, rename, tracker."""
     with gc_paused():
-        plan.metadata.validate(str(plan.temp / v2.METADATA))  # never commit a plan that does not tile
-        files = ((v2.METADATA, plan.metadata.to_json().encode()), (v2.COMMON, v2.common_bytes(plan.common)))
+        text = plan.metadata.to_json()
+        v2.Metadata.from_json(text, plan.temp / v2.METADATA)  # never commit a plan that does not tile
+        files = ((v2.METADATA, text.encode()), (v2.COMMON, v2.common_bytes(plan.common)))
     for name, data in files:
         with open(plan.temp / name, "wb") as f:
             f.write(data)

@@ -133,10 +133,15 @@ class Metadata:
 
     def to_json(self) -> str:
         """Serialise compactly (one line: metadata of big models stays small; read it with ``jq``)."""
+        # Tensors spelled out: dataclasses.asdict deep-copies every list, 5x slower on 6k tensors.
+        tensors = {n: {"dtype": t.dtype, "shape": t.shape, "kind": t.kind,
+                       "chunks": [{"offsets": c.offsets, "shape": c.shape,
+                                   "stored": [{"file": s.file, "key": s.key} for s in c.stored]}
+                                  for c in t.chunks]}
+                   for n, t in self.tensors.items()}
         doc = {"format": self.format, "format_version": self.format_version,
                "iteration": self.iteration, "layout": asdict(self.layout),
-               "save_optimizer": self.save_optimizer,
-               "tensors": {n: asdict(t) for n, t in self.tensors.items()},
+               "save_optimizer": self.save_optimizer, "tensors": tensors,
                "files": {n: asdict(f) for n, f in self.files.items()}}
         return json.dumps(doc, separators=(",", ":"))
 
