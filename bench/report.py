@@ -10,8 +10,10 @@ Conventions of the table:
 * ``vs DCP``: DCP's median time / ours (>1: faster than DCP); for asynchronous saves, of
   the blocked time, against DCP's best (a stager kept across saves). ``vs DCP alt``: sync
   saves against DCP with 2 writer threads, async saves against ``dcp.async_save``'s
-  default (a new stager, so fresh buffers, per call). ``vs disk``: our GiB/s / the disk's (saves: best durable write;
-  cold loads: best cold read). ``vs same layout``: reshard time / same-layout time.
+  default (a new stager, so fresh buffers, per call). ``vs disk``: our GiB/s / the disk's
+  best in the same run (saves: the best durable write of page cache or O_DIRECT with 1, 2
+  or 4 writers; cold loads: the best cold read with 1, 2 or 4 readers). ``vs same
+  layout``: reshard time / same-layout time.
 """
 
 from __future__ import annotations
@@ -214,9 +216,11 @@ def performance_section(doc: dict[str, Any], rows_table: str, goals: list[tuple[
         "",
     ]
     if t:
-        lines += [f"Training overhead (reference trainer, {t['steps']} steps, 1 process): "
-                  f"{t['tokens_per_s_no_save']:.0f} tokens/s without saves, {t['tokens_per_s_async']:.0f} with "
-                  f"async saves every 10 steps: {t['overhead']:.1%} slower.", ""]
+        runs = len(t["runs"]["none"])
+        lines += [f"Training overhead (reference trainer, 1 process, steps 12-{t['steps']} timed, so the first "
+                  f"save, which allocates the reused staging buffers, comes before the window; median of "
+                  f"{runs} run(s) each): {t['tokens_per_s_no_save']:.0f} tokens/s without saves, "
+                  f"{t['tokens_per_s_async']:.0f} with async saves every 10 steps: overhead {t['overhead']:.1%}.", ""]
     lines += ["Targets:", ""]
     lines += [f"- {'met' if ok else 'not measured' if ok is None else '**missed**'}: {what} (measured {value})"
               for what, value, ok in goals]
