@@ -55,7 +55,7 @@ TINY = ("model.num_hidden_layers=2", "model.hidden_size=32", "model.intermediate
         "train_dataset.seq_length=32", "runner_config.batch_size=2", "lr_schedule.warmup_steps=1")
 
 #: Named points of a save (resumable.commit.fault_point) and the scenarios that reach them.
-V2_POINTS = ("between-files", "files-written", "before-rename", "after-rename", "atomic-write", "after-tracker",
+V2_POINTS = ("one-file-written", "files-written", "before-rename", "after-rename", "atomic-write", "after-tracker",
              "retention-renamed")
 ASYNC_POINTS = ("staged", *V2_POINTS)
 LEGACY_POINTS = ("legacy-file-published", "legacy-before-meta", "atomic-write", "legacy-after-meta")

@@ -35,6 +35,7 @@ import os
 import re
 import shutil
 import signal
+import threading
 import uuid
 from pathlib import Path
 from typing import Iterable
@@ -53,6 +54,7 @@ _ATOMIC_TMP_RE = re.compile(r"^\..+\.tmp-\d+-[0-9a-f]{8}$")
 #: Environment variable of the crash-test seam, see :func:`fault_point`.
 FAULT_ENV = "RESUMABLE_FAULT"
 _fault_hits: dict[str, int] = {}
+_fault_lock = threading.Lock()
 
 
 def fault_point(name: str) -> None:
@@ -64,8 +66,8 @@ def fault_point(name: str) -> None:
     as when a node dies. Unset in production, it costs one dictionary lookup.
 
     Points, in the order a save reaches them: ``files-written`` (every rank, temp files
-    fsynced, before agreeing), ``between-files`` (a writer, after its model file, before its
-    opt file), ``before-rename`` (rank 0, metadata.json and common.json in the temp folder),
+    fsynced, before agreeing), ``one-file-written`` (a writer, one of its files durable, the
+    other possibly half-written: they are written concurrently), ``before-rename`` (rank 0, metadata.json and common.json in the temp folder),
     ``after-rename`` (rank 0, folder committed, tracker not yet updated), ``after-tracker``
     (rank 0, before retention), ``retention-renamed`` (a folder renamed to ``.del-`` but not
     yet deleted), ``atomic-write`` (a temp file of :func:`atomic_write` written, not yet
@@ -81,8 +83,9 @@ def fault_point(name: str) -> None:
     point, _, nth = spec.partition(":")
     if point != name or (rank and rank != os.environ.get("RANK", "0")):
         return
-    _fault_hits[name] = _fault_hits.get(name, 0) + 1
-    if _fault_hits[name] == int(nth or 1):
+    with _fault_lock:  # a rank's files are written by concurrent threads
+        _fault_hits[name] = hits = _fault_hits.get(name, 0) + 1
+    if hits == int(nth or 1):
         log.warning("%s=%s: killing process %d at %s", FAULT_ENV, os.environ[FAULT_ENV], os.getpid(), name)
         os.kill(os.getpid(), signal.SIGKILL)
 

@@ -42,9 +42,10 @@ def _chain(job: Job, out: Path, faults: list[str], random_kills: int = 0, seed: 
 
 
 def test_sync_saves_survive_a_kill_at_every_step_of_the_commit_and_at_random_instants(tmp_path: Path) -> None:
-    # ":2" lets the first save of the run commit, so each kill has something to lose.
+    # ":2" (":3" for one-file-written, reached once per file) lets the first save of the run
+    # commit, so each kill has something to lose.
     chain = _chain(Job("v2-sync-1p", stop_step=12), tmp_path,
-                   ["between-files:2", "before-rename:2", "after-rename:2", "atomic-write:3", "retention-renamed:1"],
+                   ["one-file-written:3", "before-rename:2", "after-rename:2", "atomic-write:3", "retention-renamed:1"],
                    random_kills=2, seed=8)
     assert chain.runs == 8
 
