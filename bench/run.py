@@ -1,7 +1,7 @@
 """``make bench`` / ``python -m bench.run``: resumable against PyTorch DCP, safetensors,
 torch.save and the disk itself, in one run on one machine.
 
-    python -m bench.run                          # 1.5 GiB state, 3 repetitions, ~12 min on 2 cores
+    python -m bench.run                          # 1.5 GiB state, 3 repetitions, ~13 min on 2 cores
     python -m bench.run --size-gib 0.1 --reps 1  # a quick smoke run
     python -m bench.run --only "save w1" --skip-training
     make bench BENCH_ARGS="--size-gib 0.5"
