@@ -46,7 +46,8 @@ from resumable.formats import v2
 from resumable.formats.safetensors_io import Header, read_header
 from resumable.geometry import Box
 from resumable.layout import local_tensor
-from resumable.load import agree_on, bytes_of, check_headers, contiguous_run, pread_into, read_region
+from resumable.load import agree_on, check_headers
+from resumable.reads import bytes_of, contiguous_run, pread_into, read_region
 from resumable.planning import Read
 
 log = logging.getLogger(__name__)

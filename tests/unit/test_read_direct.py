@@ -1,4 +1,4 @@
-"""load.read_direct: preadv straight into the target, identical to the safe_open path."""
+"""reads.read_direct: preadv straight into the target, identical to the safe_open path."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from resumable.formats.safetensors_io import write_file
 from resumable.geometry import Box
-from resumable.load import contiguous_run, contiguous_shares, execute_reads, place_into, read_direct
+from resumable.reads import contiguous_run, contiguous_shares, execute_reads, place_into, read_direct
 from resumable.planning import Read
 
 

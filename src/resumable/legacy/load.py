@@ -20,7 +20,8 @@ from resumable.legacy.files import Layout, RankFiles
 from resumable.legacy.resolve import LegacySource
 from resumable.legacy.strategy import check_strategy
 from resumable.legacy.transform import one_ckpt_per_rank, transform, unify
-from resumable.load import agree_on, check_state, place_into, plan_reads, restore_objects
+from resumable.load import agree_on, check_state, plan_reads, restore_objects
+from resumable.reads import place_into
 from resumable.state import flatten_state
 
 log = logging.getLogger(__name__)
