@@ -20,8 +20,9 @@ from resumable.cli import main
 from resumable.errors import ConfigError
 from resumable.save import save
 from resumable.train.config import ModelConfig, load_config
-from resumable.train.model import build_model
+from resumable.train.model import build_model, hf_config
 from resumable.train.pretrained import init_from_pretrained, load_pretrained
+from tests.e2e.jobs import run_job, train_cmd
 
 transformers = pytest.importorskip("transformers")
 
@@ -98,3 +99,17 @@ def test_export_of_a_checkpoint_without_model_config_asks_for_one(tmp_path, caps
         f"resumable convert: error: {tmp_path / 'ckpt'} does not record its model config; pass --config C.yaml "
         "(its model: section) or --hf-config config.json to export it as a HuggingFace folder\n")
     assert not (tmp_path / "hf").exists()
+
+
+def test_a_trainer_checkpoint_records_its_architecture_and_exports_without_a_config(tmp_path):
+    run_job(train_cmd(tmp_path / "run", "runner_config.stop_step=2"))
+    ckpt = tmp_path / "run" / "checkpoint"
+    assert main(["convert", str(ckpt), str(tmp_path / "hf"), "--to", "hf", "--quiet"]) == 0
+    cfg = load_config(None, ["model.num_hidden_layers=2"]).model  # the job's model: the defaults, 2 layers
+    assert json.loads((tmp_path / "hf" / "config.json").read_text()) == hf_config(cfg)
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ours = build_model(cfg, seed=0)
+    load_pretrained(ours, tmp_path / "hf", cfg)
+    tokens = torch.randint(0, cfg.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(exported(tokens).logits, ours(tokens), atol=1e-5, rtol=0)

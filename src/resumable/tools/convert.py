@@ -19,8 +19,10 @@ trees in ``.safetensors`` or ``.ckpt``, HuggingFace / unified folders).
 
 The model config of a HuggingFace export comes, in order, from ``hf_config`` (a
 ``config.json`` dict), from ``model`` (our YAML's ``model:`` section), or from the
-source itself (a HuggingFace or unified source with a config); our Checkpoint 2.0 does
-not record it, so exporting one needs ``--config`` or ``--hf-config``.
+source itself: a HuggingFace or unified source's ``config.json``, or the
+``model_config`` the reference trainer records in ``common.json``. A checkpoint saved by
+another training loop records none unless it puts one in its state, so exporting it needs
+``--config`` or ``--hf-config``.
 
 Example::
 
@@ -88,7 +90,7 @@ def convert(src: str | os.PathLike[str], out: str | os.PathLike[str], to: Target
         return merge(source, out, max_shard_size=max_shard_size, dtype=dtype, progress=progress)
     config = hf_config
     if config is None and model is not None:
-        from resumable.train.pretrained import hf_config as from_model
+        from resumable.train.model import hf_config as from_model
 
         config = from_model(model)
     config = config or source.model_config

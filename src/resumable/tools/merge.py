@@ -109,7 +109,7 @@ def export_hf(source: Source, out: str | os.PathLike[str], config: dict[str, Any
     Args:
         source: any checkpoint.
         out: a new (or empty) folder.
-        config: the ``config.json`` content (see ``resumable.train.pretrained.hf_config``).
+        config: the ``config.json`` content (see ``resumable.train.model.hf_config``).
         max_shard_size, dtype, progress: as :func:`merge`.
 
     Raises:

@@ -31,7 +31,7 @@ from torch.distributed.checkpoint.state_dict import (
 from resumable.async_save import TIMEOUT_ENV, collective_timeout
 from resumable.train.config import TrainConfig
 from resumable.train.data import Batches, load_dataset
-from resumable.train.model import build_model, causal_lm_loss
+from resumable.train.model import build_model, causal_lm_loss, hf_config
 from resumable.train.parallel import Layout, build_layout, build_pipeline, check_layout, parallelize, sync_grads
 from resumable.train.schedule import build_optimizer, lr_at, set_lr
 
@@ -199,6 +199,8 @@ class Trainer:
             "data": {"source": self.batches.dataset.source, "num_samples": self.batches.dataset.num_samples,
                      "seed": self.cfg.seed, "epoch": ctx.epoch, "sample_in_epoch": ctx.sample_in_epoch},
             "rank_local": {"rng": _rng_state()},
+            # The architecture, as transformers' config.json: `resumable convert --to hf` needs it.
+            "model_config": hf_config(self.cfg.model),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -32,8 +32,7 @@ from resumable.train.loop import Callback, Trainer
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PretrainedInit", "config_mismatches", "hf_config", "init_from_pretrained", "load_pretrained",
-           "model_config_from_hf"]
+__all__ = ["PretrainedInit", "config_mismatches", "init_from_pretrained", "load_pretrained", "model_config_from_hf"]
 
 _SAME = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
          "num_key_value_heads", "head_dim", "tie_word_embeddings", "rms_norm_eps", "rope_theta")
@@ -63,26 +62,6 @@ def model_config_from_hf(config: dict[str, Any]) -> dict[str, Any]:
     if theta is not None:
         out["rope_theta"] = theta
     return out
-
-
-def hf_config(model: ModelConfig) -> dict[str, Any]:
-    """A ``transformers`` Qwen3 ``config.json`` for our model config (float32 weights).
-
-    Example::
-
-        hf_config(ModelConfig())["model_type"]      # "qwen3"
-    """
-    return {
-        "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_act": "silu",
-        "attention_bias": False, "attention_dropout": 0.0, "use_sliding_window": False,
-        "vocab_size": model.vocab_size, "hidden_size": model.hidden_size,
-        "intermediate_size": model.intermediate_size, "num_hidden_layers": model.num_hidden_layers,
-        "num_attention_heads": model.num_attention_heads, "num_key_value_heads": model.num_key_value_heads,
-        "head_dim": model.head_dim, "rms_norm_eps": model.rms_norm_eps, "rope_theta": model.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": model.rope_theta},
-        "max_position_embeddings": model.max_position_embeddings, "initializer_range": model.initializer_range,
-        "tie_word_embeddings": model.tie_word_embeddings, "dtype": "float32",
-    }
 
 
 def config_mismatches(model: ModelConfig, config: dict[str, Any]) -> list[str]:
