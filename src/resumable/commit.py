@@ -185,12 +185,18 @@ def fsync_file(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
-def _readable_json_object(path: Path) -> bool:
+def _json_object(path: Path) -> dict | None:
+    """The JSON object in ``path``; None when it is missing, unreadable or not an object."""
     try:
         with open(path, "rb") as f:
-            return isinstance(json.load(f), dict)
+            doc = json.load(f)
     except (OSError, ValueError):
-        return False
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+#: Keys only our common.json has (MindFormers' holds epoch/step/loss-scale scalars only).
+_OUR_COMMON_KEYS = ("state", "rank_local")
 
 
 def is_committed(folder: str | os.PathLike[str]) -> bool:
@@ -199,15 +205,19 @@ def is_committed(folder: str | os.PathLike[str]) -> bool:
     A folder is committed when its name is ``iteration_XXXXXXXX`` (never a temp name)
     and it holds a ``metadata.json`` that parses as a JSON object. A MindFormers
     single-rank checkpoint has no metadata.json; it counts when ``common.json`` parses
-    and at least one ``.safetensors`` file is present.
+    and at least one ``.safetensors`` file is present, unless that common.json is ours
+    (we always write metadata.json: ours without it is damaged, and must not count
+    toward ``keep_checkpoint_max`` as a good checkpoint).
     """
     folder = Path(folder)
     if parse_iteration(folder.name) is None or not folder.is_dir():
         return False
     meta = folder / METADATA
     if meta.exists():
-        return _readable_json_object(meta)
-    return _readable_json_object(folder / COMMON) and any(folder.glob("*.safetensors"))
+        return _json_object(meta) is not None
+    common = _json_object(folder / COMMON)
+    return (common is not None and not all(k in common for k in _OUR_COMMON_KEYS)
+            and any(folder.glob("*.safetensors")))
 
 
 def committed_iterations(directory: str | os.PathLike[str]) -> list[int]:

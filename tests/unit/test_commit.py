@@ -64,6 +64,11 @@ def test_is_committed_needs_the_final_name_and_a_readable_metadata_json(tmp_path
     assert not commit.is_committed(ms_single)
     (ms_single / "model-0000000-0000001.safetensors").write_bytes(b"")
     assert commit.is_committed(ms_single)
+    ours_damaged = tmp_path / commit.iteration_dirname(5)  # ours always has metadata.json: this lost it
+    ours_damaged.mkdir()
+    (ours_damaged / "common.json").write_text('{"global_step": 5, "state": {}, "rank_local": [null]}')
+    (ours_damaged / "CKP-model-0000000-0000001.safetensors").write_bytes(b"")
+    assert not commit.is_committed(ours_damaged)
     assert commit.committed_iterations(tmp_path) == [1, 4]
 
 
