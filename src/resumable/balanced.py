@@ -47,8 +47,8 @@ from resumable.formats.safetensors_io import Header, read_header
 from resumable.geometry import Box
 from resumable.layout import local_tensor
 from resumable.load import agree_on, check_headers
-from resumable.reads import bytes_of, contiguous_run, pread_into, read_region
 from resumable.planning import Read
+from resumable.reads import bytes_of, contiguous_run, pread_into, read_region
 
 log = logging.getLogger(__name__)
 

@@ -65,9 +65,10 @@ def fault_point(name: str) -> None:
     SIGKILL, not an exception: nothing runs after it (no ``finally``, no atexit), exactly
     as when a node dies. Unset in production, it costs one dictionary lookup.
 
-    Points, in the order a save reaches them: ``files-written`` (every rank, temp files
-    fsynced, before agreeing), ``one-file-written`` (a writer, one of its files durable, the
-    other possibly half-written: they are written concurrently), ``before-rename`` (rank 0, metadata.json and common.json in the temp folder),
+    Points, in the order a save reaches them: ``one-file-written`` (a writer, once per
+    file: that file durable, its other file possibly half-written, as they are written
+    concurrently), ``files-written`` (every rank, temp files fsynced, before agreeing),
+    ``before-rename`` (rank 0, metadata.json and common.json in the temp folder),
     ``after-rename`` (rank 0, folder committed, tracker not yet updated), ``after-tracker``
     (rank 0, before retention), ``retention-renamed`` (a folder renamed to ``.del-`` but not
     yet deleted), ``atomic-write`` (a temp file of :func:`atomic_write` written, not yet

@@ -7,8 +7,9 @@ the plain values from ``common.json``. Resharding is the general case: for each 
 chunk the planner (:mod:`resumable.planning`) lists the overlapping stored chunks, and
 each rank reads only those slices, file by file, straight into its local tensors
 (:func:`resumable.reads.read_direct`: ``os.preadv`` into the target's memory; strided
-slices through ``safe_open(...).get_slice(key)[slices]``). The same layout is the special case where
-every overlap is a whole stored chunk. Peak memory is the target state plus one slice.
+slices through ``safe_open(...).get_slice(key)[slices]``). The same layout is the special
+case where every overlap is a whole stored chunk. Peak memory is the target state plus
+one slice.
 
 Order of calls (every rank of ``process_group`` calls :func:`load` with its own state)::
 
