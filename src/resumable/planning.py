@@ -86,6 +86,11 @@ def plan_tensor_reads(name: str, targets: Iterable[LocalChunk], stored: Sequence
     for target in targets:
         if target.box.is_empty:
             continue
+        exact = distinct.get(target.box)
+        if exact is not None:  # the same layout: stored chunks tile, so this one alone covers it
+            full = tuple(slice(0, n) for n in target.box.shape)
+            reads.append(Read(name, exact.file, exact.key, target.box, target.box, full, _shift(target.box, target)))
+            continue
         covered = 0
         for box, s in distinct.items():
             region = target.box.intersect(box)

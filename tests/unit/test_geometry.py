@@ -111,6 +111,16 @@ def test_any_layout_reshards_exactly_onto_any_other(data):
         assert torch.equal(got, expected)
 
 
+def test_a_target_chunk_equal_to_a_stored_chunk_is_one_whole_read():
+    """The same-layout fast path gives the read the general intersection would: the whole chunk."""
+    target = placement_chunks((6, 4), [Shard(0)], (2,), (1,))  # rows 3..5, at rows 0..2 of the local tensor
+    stored = [StoredChunk(Box((0, 0), (3, 4)), "f0", "w"), StoredChunk(Box((3, 0), (3, 4)), "f1", "w")]
+    [read] = plan_tensor_reads("w", target, stored)
+    assert (read.file, read.stored_box, read.region) == ("f1", Box((3, 0), (3, 4)), Box((3, 0), (3, 4)))
+    assert read.src == (slice(0, 3), slice(0, 4)) and read.dst == (slice(0, 3), slice(0, 4))
+    assert read.src == read.region.slices_in(read.stored_box)
+
+
 def test_missing_source_chunk_is_reported_with_the_tensor_name():
     target = placement_chunks((4,), [Replicate()], (1,), (0,))
     with pytest.raises(CorruptCheckpointError, match=r"tensor 'w': the checkpoint covers 2 of the 4 elements"):
