@@ -18,8 +18,8 @@ from resumable.formats import v1, v2
 from resumable.formats.safetensors_io import read_header
 from resumable.geometry import Box
 from resumable.layout import LocalChunk
-from resumable.reads import execute_reads, place_into
 from resumable.planning import Read, StoredChunk, plan_tensor_reads
+from resumable.reads import execute_reads, place_into
 
 Layout = dict[str, Any]  # as every rank file records it: {"world_size", "mesh", "pipeline_stages", "sharded_optimizer"}
 
