@@ -4,7 +4,7 @@ Planning a save or a load creates tens of thousands of small objects at once (bo
 chunks, reads, parsed JSON). Each burst triggers collections of the older generations,
 and a full collection walks every object the process holds: some 200k after
 ``import torch`` alone, more in a training job. Those collections find no garbage (the
-objects live until the operation ends) yet cost ~0.1 s per load of a 6k-tensor state on
+objects live until the operation ends) yet cost ~0.1 s per load of a 1.3k-tensor state on
 the benchmark machine. Reference counting still frees everything while the collector is
 paused; only reference cycles wait for the next collection after the block.
 """
