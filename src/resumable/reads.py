@@ -137,10 +137,10 @@ def read_direct(folder: Path, reads: Iterable[Read], targets: Mapping[str, torch
     contiguous piece of a CPU local tensor is read into that piece directly (no mapping,
     no intermediate tensor, no copy); in file order, these reads are cut into
     ``READ_THREADS`` consecutive shares of near-equal bytes, each read by its own thread
-    front to back in ``READ_PIECE`` calls. A run whose destination is not contiguous is read into a
-    temporary tensor of that slice and copied; any other read (strided stored slice, a
-    target off the CPU, a big-endian host) goes through :func:`execute_reads`. Peak memory
-    is the target state plus at most one temporary slice per thread.
+    front to back in ``READ_PIECE`` calls. A run whose destination is not contiguous is
+    read into a temporary tensor of that slice and copied; any other read (strided stored
+    slice, a target off the CPU, a big-endian host) goes through :func:`execute_reads`.
+    Peak memory is the target state plus at most one temporary slice per thread.
 
     Returns:
         The bytes read.
