@@ -89,7 +89,9 @@ class Job:
     @property
     def points(self) -> tuple[str, ...]:
         """The fault points this scenario's saves pass."""
-        return LEGACY_POINTS if self.legacy else ASYNC_POINTS if self.async_save else V2_POINTS
+        if self.legacy:
+            return ("staged", *LEGACY_POINTS) if self.async_save else LEGACY_POINTS
+        return ASYNC_POINTS if self.async_save else V2_POINTS
 
     def command(self, out: Path) -> list[str]:
         sets = [*TINY, f"output_dir={out}", f"load_checkpoint={out / 'checkpoint'}", "resume_training=true",

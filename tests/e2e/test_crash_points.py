@@ -58,6 +58,10 @@ def test_legacy_saves_survive_a_kill_between_file_and_meta_json(tmp_path: Path) 
     _chain(Job("legacy-1p", legacy=True), tmp_path, ["legacy-file-published:2", "atomic-write:2"])
 
 
+def test_asynchronous_legacy_saves_survive_a_kill_while_staging_and_in_the_background(tmp_path: Path) -> None:
+    _chain(Job("legacy-async-1p", legacy=True, async_save=True), tmp_path, ["staged:2", "legacy-before-meta:2"])
+
+
 def test_legacy_keep_one_never_deletes_the_last_step_complete_on_every_rank(tmp_path: Path) -> None:
     # Rank 1 dies before its meta.json names the new step; rank 0 must not have deleted the
     # previous step's file by then (retention waits until every rank recorded the new step).

@@ -69,6 +69,18 @@ def test_interrupted_job_recovers_automatically_from_its_last_complete_checkpoin
         "last_epoch": 1, "last_step": 8, "last_ckpt_file": "CKP_rank_0_1-1_8.safetensors"}
 
 
+def test_async_saves_record_the_same_steps_and_resume_bit_for_bit(tmp_path, reference):
+    out = tmp_path / "job"
+    recovery = [f"load_checkpoint={out / 'checkpoint'}", "resume_training=true", "callbacks.0.async_save=true"]
+    _train(out, *recovery, "runner_config.stop_step=4")
+    rank0 = out / "checkpoint" / "rank_0"
+    assert sorted(p.name for p in rank0.iterdir()) == ["CKP_rank_0-1_2.safetensors", "CKP_rank_0-1_4.safetensors",
+                                                         "meta.json"]
+    assert json.loads((rank0 / "meta.json").read_text())["last_ckpt_file"] == "CKP_rank_0-1_4.safetensors"
+    records = _train(out, *recovery, "runner_config.stop_step=8")
+    assert _losses(records, 5, 8) == _losses(reference, 5, 8)
+
+
 def test_layout_change_one_process_to_two_with_auto_trans_ckpt(tmp_path, reference, four_steps_ckpt):
     records = _train(tmp_path / "two", "parallel_config.data_parallel=2", "runner_config.batch_size=2",
                      "runner_config.stop_step=6", f"load_checkpoint={four_steps_ckpt}", "resume_training=true",

@@ -11,7 +11,8 @@ Modules: :mod:`~resumable.legacy.save` (:class:`LegacySaver`),
 :mod:`~resumable.legacy.resolve` (:func:`resolve_legacy`), :mod:`~resumable.legacy.files`
 (the index of our rank files), :mod:`~resumable.legacy.strategy` (strategy files),
 :mod:`~resumable.legacy.transform` (``auto_trans_ckpt`` conversions),
-:mod:`~resumable.legacy.load` (:func:`load_legacy`).
+:mod:`~resumable.legacy.load` (:func:`load_legacy`), :mod:`~resumable.legacy.background`
+(``async_save``: snapshot, then save in a thread).
 
 Order of calls across ranks (every rank calls each public function together)::
 
@@ -26,12 +27,14 @@ Order of calls across ranks (every rank calls each public function together)::
                                         conversions add one agreement each
 """
 
+from resumable.legacy.background import BackgroundLegacySaves
 from resumable.legacy.files import RankFiles
 from resumable.legacy.load import LegacyLoadOptions, LegacyLoadResult, check_transform_process_num, load_legacy
 from resumable.legacy.resolve import LegacySource, resolve_here, resolve_legacy
 from resumable.legacy.save import LegacySaver
 
 __all__ = [
+    "BackgroundLegacySaves",
     "LegacyLoadOptions",
     "LegacyLoadResult",
     "LegacySaver",

@@ -3,8 +3,8 @@
 They mirror :mod:`resumable.train.checkpointing` (``CheckpointMonitor`` / ``Resume``) and
 run on every rank at the same points of ``Trainer.fit`` (their library calls are
 collective). Keys read (../shared/FORMATS.md): the CheckpointMonitor's ``prefix``,
-``directory``, ``save_checkpoint_steps``, ``keep_checkpoint_max``, ``checkpoint_format``,
-``remove_redundancy``, ``save_optimizer``; ``output_dir`` (``strategy/``,
+``directory``, ``save_checkpoint_steps``, ``keep_checkpoint_max``, ``async_save``,
+``checkpoint_format``, ``remove_redundancy``, ``save_optimizer``; ``output_dir`` (``strategy/``,
 ``unified_checkpoint/``, ``transformed_checkpoint/``); ``load_checkpoint``,
 ``resume_training`` (true, or a file name), ``load_ckpt_format``, ``auto_trans_ckpt``,
 ``src_strategy_path_or_dir``, ``transform_process_num``, ``remove_redundancy``,
@@ -24,11 +24,14 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
 from resumable import dist
+from resumable.async_save import collective_timeout
 from resumable.formats import v1
 from resumable.legacy import (
+    BackgroundLegacySaves,
     LegacyLoadOptions,
     LegacySaver,
     LegacySource,
@@ -60,6 +63,7 @@ class LegacyCheckpointMonitor(Callback):
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
         self.saver: LegacySaver | None = None
+        self.background: BackgroundLegacySaves | None = None  # async_save: true
         self.protected: set[Path] = set()
         self.last_saved: int | None = None
         self._lock: DirectoryLock | None = None
@@ -80,14 +84,18 @@ class LegacyCheckpointMonitor(Callback):
     def on_train_begin(self, trainer: Trainer) -> None:
         mon = self.cfg.checkpoint
         assert mon is not None  # only built when the config has a CheckpointMonitor
-        if mon.async_save:
-            logger.warning("async_save is not available with use_legacy_format: true; saving synchronously")
         self.open(trainer)
+        group = None
+        if mon.async_save and dist.initialized():
+            # Background saves agree over a gloo group of their own: never interleaved with training's.
+            group = torch.distributed.new_group(backend="gloo", timeout=collective_timeout())
         self.saver = LegacySaver(
             self.cfg.checkpoint_dir, prefix=mon.prefix, fmt=mon.checkpoint_format,
             keep_checkpoint_max=mon.keep_checkpoint_max, remove_redundancy=mon.remove_redundancy,
             save_optimizer=mon.save_optimizer, strategy_dir=Path(self.cfg.output_dir) / v1.STRATEGY_DIR,
-            layout=legacy_layout(trainer), protect=self.protected)
+            layout=legacy_layout(trainer), protect=self.protected, process_group=group)
+        if mon.async_save:
+            self.background = BackgroundLegacySaves(self.saver)
         ctx = trainer.ctx
         self.last_saved = ctx.global_step  # the state we start from is already on disk (or random)
         self._in_epoch = ctx.step_in_epoch
@@ -96,7 +104,10 @@ class LegacyCheckpointMonitor(Callback):
     def _save(self, trainer: Trainer) -> None:
         assert self.saver is not None
         with on_save_error(self.cfg, trainer.ctx.global_step):
-            self.saver.save(trainer.state_dict(), *self._position)
+            if self.background is not None:  # waits for the previous save, raising its error
+                self.background.save(trainer.state_dict(), *self._position)
+            else:
+                self.saver.save(trainer.state_dict(), *self._position)
         self.last_saved = trainer.ctx.global_step
 
     def on_step_end(self, trainer: Trainer) -> None:
@@ -111,6 +122,9 @@ class LegacyCheckpointMonitor(Callback):
     def on_train_end(self, trainer: Trainer) -> None:
         if self.last_saved != trainer.ctx.global_step:
             self._save(trainer)  # training always ends on a checkpoint
+        if self.background is not None:
+            with on_save_error(self.cfg, trainer.ctx.global_step):
+                self.background.wait()  # the job ends once its last save is recorded
         if self._lock is not None:
             self._lock.release()
 

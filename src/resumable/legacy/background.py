@@ -1,0 +1,100 @@
+"""Asynchronous Checkpoint 1.0 saves: snapshot the state into reused CPU buffers, save it in a thread.
+
+The training thread copies every tensor of the state (a DTensor's local shard, its
+placements kept) into CPU buffers allocated once per name and reused by later saves,
+then returns; a background thread runs :meth:`LegacySaver.save` on the copy. The saver's
+collectives run on a gloo group of its own (built by the caller, once), so they never
+interleave with the training loop's. One save is in flight at a time: the next one, and
+:meth:`BackgroundLegacySaves.wait`, wait for it and re-raise its error.
+
+Hazard: the state is read while :meth:`BackgroundLegacySaves.save` runs; mutating it
+from another thread meanwhile stores a mix of old and new values. Afterwards it is safe.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch.distributed.tensor import DTensor
+
+from resumable import commit
+from resumable.legacy.save import LegacySaver
+
+__all__ = ["BackgroundLegacySaves"]
+
+
+class BackgroundLegacySaves:
+    """Runs the saves of ``saver`` in a background thread, one at a time.
+
+    Collective: every rank calls :meth:`save` and :meth:`wait` together (the saver's own
+    collectives run in the background thread, on the saver's group).
+    """
+
+    def __init__(self, saver: LegacySaver) -> None:
+        self.saver = saver
+        self._buffers: dict[str, torch.Tensor] = {}
+        self._thread: threading.Thread | None = None
+        self._result: Path | None = None
+        self._error: BaseException | None = None
+
+    def save(self, state: Mapping[str, Any], epoch: int, step: int) -> None:
+        """Wait for the save in flight (re-raising its error), snapshot ``state``, start saving it.
+
+        Raises:
+            SaveError: the previous save failed (nothing of it was recorded in meta.json).
+        """
+        self.wait()
+        used: set[str] = set()
+        snapshot = self._snapshot(state, "", used)
+        for name in [n for n in self._buffers if n not in used]:
+            del self._buffers[name]  # the state changed shape: free what no longer fits
+        commit.fault_point("staged")
+        self._thread = threading.Thread(target=self._run, args=(snapshot, epoch, step),
+                                        name="resumable-legacy-save", daemon=False)
+        self._thread.start()
+
+    def wait(self) -> Path | None:
+        """Block until the save in flight is recorded on every rank; its file (None if none).
+
+        Raises:
+            SaveError: it failed on some rank.
+        """
+        if self._thread is None:
+            return None
+        self._thread.join()
+        self._thread = None
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+        return self._result
+
+    def _run(self, snapshot: Mapping[str, Any], epoch: int, step: int) -> None:
+        try:
+            self._result = self.saver.save(snapshot, epoch, step)
+        except BaseException as exc:  # re-raised in the training thread by wait()
+            self._error = exc
+
+    def _snapshot(self, value: Any, name: str, used: set[str]) -> Any:
+        """``value`` with every tensor replaced by its copy in this saver's reused buffers."""
+        if isinstance(value, torch.Tensor):
+            local = value.to_local() if isinstance(value, DTensor) else value
+            buf = self._buffers.get(name)
+            if buf is None or buf.shape != local.shape or buf.dtype != local.dtype:
+                buf = self._buffers[name] = torch.empty(local.shape, dtype=local.dtype,
+                                                        pin_memory=torch.cuda.is_available())
+            used.add(name)
+            with torch.no_grad():
+                buf.copy_(local.detach())
+            if isinstance(value, DTensor):
+                return DTensor.from_local(buf, value.device_mesh, value.placements, run_check=False,
+                                          shape=value.shape, stride=value.stride())
+            return buf
+        if isinstance(value, Mapping):
+            return {k: self._snapshot(v, f"{name}.{k}", used) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(self._snapshot(v, f"{name}.{i}", used) for i, v in enumerate(value))
+        return copy.deepcopy(value)
