@@ -95,6 +95,8 @@ class BackgroundLegacySaves:
             return buf
         if isinstance(value, Mapping):
             return {k: self._snapshot(v, f"{name}.{k}", used) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return type(value)(self._snapshot(v, f"{name}.{i}", used) for i, v in enumerate(value))
+        if isinstance(value, list):
+            return [self._snapshot(v, f"{name}.{i}", used) for i, v in enumerate(value)]
+        if isinstance(value, tuple):
+            return tuple(self._snapshot(v, f"{name}.{i}", used) for i, v in enumerate(value))
         return copy.deepcopy(value)
