@@ -114,6 +114,7 @@ SCENARIOS = (
     Job("v2-sync-2p", nproc=2, stop_step=16),
     Job("v2-async-2p", nproc=2, async_save=True, stop_step=16),
     Job("legacy-2p-keep1", nproc=2, legacy=True, keep=1, stop_step=16),
+    Job("legacy-async-2p", nproc=2, legacy=True, async_save=True, stop_step=16),
 )
 
 
