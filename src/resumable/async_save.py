@@ -38,7 +38,6 @@ import torch
 
 from resumable import commit, dist
 from resumable.errors import ConfigError
-from resumable.geometry import Box
 from resumable.save import SavePlan, error_text, finish_save, plan_save, prepare_temp, write_files
 
 log = logging.getLogger(__name__)
@@ -71,42 +70,52 @@ class AsyncSaveHandle:
         return self.path
 
 
-class Stager:
-    """CPU copies of the chunks a rank writes, in buffers allocated once and reused.
+class StagingBuffers:
+    """CPU copies of tensors in buffers allocated once per key and reused by later copies.
 
-    Buffers are keyed by (tensor name, box, dtype); a later save with the same layout
-    copies into the same memory (pinned when CUDA is available, so device-to-host
-    copies run at full speed), a changed layout reallocates only what changed.
+    Pinned when CUDA is available, so device-to-host copies run at full speed. A key whose
+    tensor changed shape or dtype gets a new buffer; :meth:`release_unused` frees the
+    buffers no copy asked for since the previous call (the state's layout changed).
     """
 
     def __init__(self) -> None:
-        self._buffers: dict[tuple[str, Box, torch.dtype], torch.Tensor] = {}
+        self._buffers: dict[Any, torch.Tensor] = {}
+        self._used: set[Any] = set()
+        self._pin = torch.cuda.is_available()
+        self._pending_cuda = False
 
-    @property
-    def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+    def copy(self, key: Any, src: torch.Tensor) -> torch.Tensor:
+        """``src`` copied into the buffer of ``key``; call :meth:`release_unused` before using it."""
+        buf = self._buffers.get(key)
+        if buf is None or buf.shape != src.shape or buf.dtype != src.dtype:
+            buf = self._buffers[key] = torch.empty(src.shape, dtype=src.dtype, pin_memory=self._pin)
+        self._used.add(key)
+        self._pending_cuda |= src.is_cuda
+        with torch.no_grad():
+            buf.copy_(src.detach(), non_blocking=self._pin and src.is_cuda)
+        return buf
+
+    def release_unused(self) -> None:
+        """Finish the copies (device-to-host ones are asynchronous) and free unused buffers."""
+        if self._pending_cuda:
+            torch.cuda.synchronize()  # the copies must be complete before training resumes
+        for key in [k for k in self._buffers if k not in self._used]:
+            del self._buffers[key]
+        self._used, self._pending_cuda = set(), False
+
+
+class Stager:
+    """CPU copies of the chunks a rank writes (:class:`StagingBuffers` keyed by tensor name and box)."""
+
+    def __init__(self) -> None:
+        self._buffers = StagingBuffers()
 
     def stage(self, plan: SavePlan) -> None:
         """Copy every chunk this rank writes into its buffer and point the plan at the copies."""
-        pin = torch.cuda.is_available()
-        used = set()
-        on_cuda = False
         for _, items in plan.files.values():
             for item in items:
-                src = item.tensor
-                key = (item.name, item.box, src.dtype)
-                buf = self._buffers.get(key)
-                if buf is None or buf.shape != src.shape:
-                    buf = torch.empty(src.shape, dtype=src.dtype, pin_memory=pin)
-                    self._buffers[key] = buf
-                on_cuda |= src.is_cuda
-                buf.copy_(src, non_blocking=pin and src.is_cuda)
-                item.tensor = buf
-                used.add(key)
-        for key in [k for k in self._buffers if k not in used]:
-            del self._buffers[key]  # the layout changed: free what no longer fits
-        if on_cuda:
-            torch.cuda.synchronize()  # the copies must be complete before training resumes
+                item.tensor = self._buffers.copy((item.name, item.box), item.tensor)
+        self._buffers.release_unused()
 
 
 class AsyncSaver:

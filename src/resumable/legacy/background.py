@@ -22,6 +22,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from resumable import commit
+from resumable.async_save import StagingBuffers
 from resumable.legacy.save import LegacySaver
 
 __all__ = ["BackgroundLegacySaves"]
@@ -36,7 +37,7 @@ class BackgroundLegacySaves:
 
     def __init__(self, saver: LegacySaver) -> None:
         self.saver = saver
-        self._buffers: dict[str, torch.Tensor] = {}
+        self._buffers = StagingBuffers()
         self._thread: threading.Thread | None = None
         self._result: Path | None = None
         self._error: BaseException | None = None
@@ -48,10 +49,8 @@ class BackgroundLegacySaves:
             SaveError: the previous save failed (nothing of it was recorded in meta.json).
         """
         self.wait()
-        used: set[str] = set()
-        snapshot = self._snapshot(state, "", used)
-        for name in [n for n in self._buffers if n not in used]:
-            del self._buffers[name]  # the state changed shape: free what no longer fits
+        snapshot = self._snapshot(state, "")
+        self._buffers.release_unused()
         commit.fault_point("staged")
         self._thread = threading.Thread(target=self._run, args=(snapshot, epoch, step),
                                         name="resumable-legacy-save", daemon=False)
@@ -78,25 +77,18 @@ class BackgroundLegacySaves:
         except BaseException as exc:  # re-raised in the training thread by wait()
             self._error = exc
 
-    def _snapshot(self, value: Any, name: str, used: set[str]) -> Any:
+    def _snapshot(self, value: Any, name: str) -> Any:
         """``value`` with every tensor replaced by its copy in this saver's reused buffers."""
         if isinstance(value, torch.Tensor):
-            local = value.to_local() if isinstance(value, DTensor) else value
-            buf = self._buffers.get(name)
-            if buf is None or buf.shape != local.shape or buf.dtype != local.dtype:
-                buf = self._buffers[name] = torch.empty(local.shape, dtype=local.dtype,
-                                                        pin_memory=torch.cuda.is_available())
-            used.add(name)
-            with torch.no_grad():
-                buf.copy_(local.detach())
+            buf = self._buffers.copy(name, value.to_local() if isinstance(value, DTensor) else value)
             if isinstance(value, DTensor):
                 return DTensor.from_local(buf, value.device_mesh, value.placements, run_check=False,
                                           shape=value.shape, stride=value.stride())
             return buf
         if isinstance(value, Mapping):
-            return {k: self._snapshot(v, f"{name}.{k}", used) for k, v in value.items()}
+            return {k: self._snapshot(v, f"{name}.{k}") for k, v in value.items()}
         if isinstance(value, list):
-            return [self._snapshot(v, f"{name}.{i}", used) for i, v in enumerate(value)]
+            return [self._snapshot(v, f"{name}.{i}") for i, v in enumerate(value)]
         if isinstance(value, tuple):
-            return tuple(self._snapshot(v, f"{name}.{i}", used) for i, v in enumerate(value))
+            return tuple(self._snapshot(v, f"{name}.{i}") for i, v in enumerate(value))
         return copy.deepcopy(value)
