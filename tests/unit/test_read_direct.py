@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,8 @@ from hypothesis import strategies as st
 
 from resumable.formats.safetensors_io import write_file
 from resumable.geometry import Box
+from resumable import reads as reads_mod
+from resumable.errors import CorruptCheckpointError
 from resumable.reads import contiguous_run, contiguous_shares, execute_reads, place_into, read_direct
 from resumable.planning import Read
 
@@ -41,7 +44,12 @@ def test_contiguous_run_finds_single_byte_runs_only(src, shape, expected) -> Non
     assert contiguous_run(src, shape) == expected
 
 
-def test_read_direct_fills_rows_columns_and_strided_targets_like_safe_open(tmp_path: Path) -> None:
+@pytest.mark.parametrize("small_read, piece", [(1 << 20, 8 << 20), (64, 96)], ids=["all-small", "streamed-in-pieces"])
+def test_read_direct_fills_rows_columns_and_strided_targets_like_safe_open(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, small_read: int, piece: int) -> None:
+    # With tiny thresholds the same reads take the streamed path, several pieces per read.
+    monkeypatch.setattr(reads_mod, "SMALL_READ", small_read)
+    monkeypatch.setattr(reads_mod, "READ_PIECE", piece)
     stored = torch.arange(80, dtype=torch.float32).reshape(10, 8)
     scalar = torch.tensor(7, dtype=torch.int64)
     write_file(tmp_path / "f.safetensors", [("w", stored), ("s", scalar)])
@@ -67,3 +75,15 @@ def test_read_direct_fills_rows_columns_and_strided_targets_like_safe_open(tmp_p
         assert torch.equal(direct[name], reference[name]), name
     assert torch.equal(direct["rows"], stored[2:5])
     assert torch.equal(direct["into_view"][:, 1:9], stored[4:6])
+
+
+def test_read_direct_refuses_a_truncated_file_naming_it(tmp_path: Path) -> None:
+    path = tmp_path / "f.safetensors"
+    write_file(path, [("w", torch.ones(10, 8))])
+    os.truncate(path, path.stat().st_size - 40)
+    read = Read("w", "f.safetensors", "w", Box((0, 0), (10, 8)), Box((0, 0), (10, 8)),
+                (slice(0, 10), slice(0, 8)), (slice(0, 10), slice(0, 8)))
+    target = torch.zeros(10, 8)
+    with pytest.raises(CorruptCheckpointError, match=f"{path}: .* the file is truncated"):
+        read_direct(tmp_path, [read], {"w": target})
+    assert not target.any()  # refused before any byte was placed
