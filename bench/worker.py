@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -70,13 +71,20 @@ def _check_flat(loaded: dict[str, torch.Tensor], params: list[str]) -> None:
 
 
 def run_disk(spec: dict[str, Any]) -> dict[str, Any]:
-    """The disk case: durable writes (direct, then page cache) and a cold read, ``writers`` threads."""
-    folder = Path(spec["out"])
-    direct_s = disk.durable_write(folder, spec["size_bytes"], spec["writers"], direct=True)
-    write_s = disk.durable_write(folder, spec["size_bytes"], spec["writers"])
-    read_s, nbytes, method = disk.cold_read(folder, spec["writers"])
-    return {"write_seconds": write_s, "direct_write_seconds": direct_s, "read_seconds": read_s, "bytes": nbytes,
-            "cache_method": method}
+    """The disk case, for each thread count in ``writers``: durable writes (direct, then page
+    cache) and a cold read; each count's files are removed before the next count's."""
+    out = {}
+    for n in spec["writers"]:
+        folder = Path(spec["out"]) / f"x{n}"
+        try:
+            direct_s = disk.durable_write(folder, spec["size_bytes"], n, direct=True)
+            write_s = disk.durable_write(folder, spec["size_bytes"], n)
+            read_s, nbytes, method = disk.cold_read(folder, n)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        out[str(n)] = {"write_seconds": write_s, "direct_write_seconds": direct_s, "read_seconds": read_s,
+                       "bytes": nbytes, "cache_method": method}
+    return out
 
 
 def run_case(spec: dict[str, Any], rank: int, world: int) -> dict[str, Any]:
