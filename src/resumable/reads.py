@@ -194,10 +194,8 @@ def read_direct(folder: Path, reads: Iterable[Read], targets: Mapping[str, torch
     shares = [[streamed[i] for i in share] for share in contiguous_shares([j.nbytes for j in streamed], READ_THREADS)]
     with ThreadPoolExecutor(READ_THREADS, thread_name_prefix="resumable-read") as pool, \
             ThreadPoolExecutor(SMALL_THREADS, thread_name_prefix="resumable-read-small") as small_pool:
-        # Streams first: they carry the bytes. The small reads are dealt round-robin.
-        futures = [pool.submit(_run_jobs, share, paths, os.POSIX_FADV_SEQUENTIAL) for share in shares if share]
-        futures += [small_pool.submit(_run_jobs, small[k::SMALL_THREADS], paths, os.POSIX_FADV_RANDOM)
-                    for k in range(min(SMALL_THREADS, len(small)))]
+        futures = [small_pool.submit(_run_jobs, [j], paths, os.POSIX_FADV_RANDOM) for j in small]
+        futures += [pool.submit(_run_jobs, share, paths, os.POSIX_FADV_SEQUENTIAL) for share in shares if share]
         for future in futures:
             future.result()
     if other:
