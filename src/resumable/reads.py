@@ -194,6 +194,8 @@ def read_direct(folder: Path, reads: Iterable[Read], targets: Mapping[str, torch
     shares = [[streamed[i] for i in share] for share in contiguous_shares([j.nbytes for j in streamed], READ_THREADS)]
     with ThreadPoolExecutor(READ_THREADS, thread_name_prefix="resumable-read") as pool, \
             ThreadPoolExecutor(SMALL_THREADS, thread_name_prefix="resumable-read-small") as small_pool:
+        # Small reads first: queued behind the streams' readahead they finished last (one
+        # process: median 0.85 s against 0.62 s with them first).
         futures = [small_pool.submit(_run_jobs, [j], paths, os.POSIX_FADV_RANDOM) for j in small]
         futures += [pool.submit(_run_jobs, share, paths, os.POSIX_FADV_SEQUENTIAL) for share in shares if share]
         for future in futures:
