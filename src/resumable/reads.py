@@ -76,8 +76,8 @@ READ_PIECE = 8 << 20
 #: Reads smaller than this (0-d ``step`` counters, norm weights: replicated tensors stored
 #: once, in another rank's file) are not streamed: inside a stream each was a synchronous
 #: device round trip to a region no stream reads, and one rank's 64 of them measured
-#: 0.15-0.25 s of a 0.6 s load. They go to ``SMALL_THREADS`` threads of their own, in
-#: parallel, beside the streams.
+#: 0.15-0.25 s of a 0.6 s load. They go first, to ``SMALL_THREADS`` threads of their
+#: own, in parallel, while the streams start.
 SMALL_READ = 1 << 20
 SMALL_THREADS = 16
 
@@ -148,9 +148,10 @@ def read_direct(folder: Path, reads: Iterable[Read], targets: Mapping[str, torch
     no intermediate tensor, no copy); in file order, these reads are cut into
     ``READ_THREADS`` consecutive shares of near-equal bytes, each read by its own thread
     front to back in ``READ_PIECE`` calls; reads under ``SMALL_READ`` bytes are issued
-    side by side instead, by threads of their own. A run whose destination is not
-    contiguous is read into a temporary tensor of that slice and copied; any other read (strided stored
-    slice, a target off the CPU, a big-endian host) goes through :func:`execute_reads`.
+    first, side by side, by threads of their own. A run whose destination is not
+    contiguous is read into a temporary tensor of that slice and copied; any other read
+    (strided stored slice, a target off the CPU, a big-endian host) goes through
+    :func:`execute_reads`.
     Peak memory is the target state plus at most one temporary slice per thread.
 
     Returns:
