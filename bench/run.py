@@ -1,14 +1,14 @@
 """``make bench`` / ``python -m bench.run``: resumable against PyTorch DCP, safetensors,
 torch.save and the disk itself, in one run on one machine.
 
-    python -m bench.run                          # 1.5 GiB state, 3 repetitions, ~13 min on 2 cores
+    python -m bench.run                          # 1.5 GiB state, 3 repetitions (cold loads 5), ~14 min
     python -m bench.run --size-gib 0.1 --reps 1  # a quick smoke run
     python -m bench.run --only "save w1" --skip-training
     make bench BENCH_ARGS="--size-gib 0.5"
 
 Order: repetition by repetition, the disk's limits and then every case once (so a slow
-phase of the machine touches the disk and all contenders alike), then the
-training-overhead runs. Each measurement is a fresh process (two for 2-rank cases).
+phase of the machine touches the disk and all contenders alike; the rounds past
+``--reps`` run only the cold loads), then the training-overhead runs. Each measurement is a fresh process (two for 2-rank cases).
 Results go to ``bench/results/``: ``results.json`` (every repetition), ``table.md``,
 ``bench.png`` and ``PERFORMANCE.md`` (the README section for this run).
 """
@@ -123,6 +123,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
     p.add_argument("--size-gib", type=float, default=1.5, help="training state size (default 1.5)")
     p.add_argument("--reps", type=int, default=3, help="repetitions per case (median reported)")
+    p.add_argument("--cold-reps", type=int, default=5,
+                   help="repetitions of the cold loads, the noisiest cases (at least --reps; default 5)")
     p.add_argument("--only", action="append", default=[], help="run cases whose name contains this (repeatable)")
     p.add_argument("--skip-disk", action="store_true")
     p.add_argument("--skip-training", action="store_true")
@@ -141,15 +143,20 @@ def main(argv: list[str] | None = None) -> None:
     size = shapes.nbytes()
     info = machine()
     _log(f"state {size / GIB:.3f} GiB ({shapes}); machine {info}")
+    cold_reps = max(args.reps, args.cold_reps)
     doc: dict[str, Any] = {"machine": info, "size_bytes": size, "shapes": shapes.__dict__, "reps": args.reps,
+                           "cold_reps": cold_reps,
                            "command": " ".join(["python -m bench.run", *(argv or sys.argv[1:])])}
     disk: dict[str, list[dict[str, Any]]] = {}
     cases = select(args.only)
     raw: dict[str, list[dict[str, Any]]] = {c.name: [] for c in cases}
-    for rep in range(args.reps):
+    for rep in range(cold_reps):
+        # Rounds past --reps repeat only the cold loads: the disk's phase swings their times
+        # most (the same load: 0.5-1.2 s within minutes), so they get 5 medians' worth.
+        round_cases = cases if rep < args.reps else [c for c in cases if c.cache == "cold"]
         if not args.skip_disk:  # each round measures the disk too: the ratios then share the machine's phase
             measure_disk(work, size, disk)
-        for case in cases:
+        for case in round_cases:
             raw[case.name].append(run_case(case, work, size, keep=rep == 0))
     training = None if args.skip_training else measure_training(work, args.train_steps, args.train_reps)
     shutil.rmtree(work, ignore_errors=True)
