@@ -14,41 +14,39 @@ the group, after its first agreement step)::
     collective  all_gather_object of every rank's reads
     local       the same deterministic units and readers on every rank; header checks
                 of the files this rank reads
-    collective  agreement (a bad header fails every rank before any send)
-    p2p         per tensor, in name order: readers read and isend, the others irecv;
-                each rank waits for that tensor's messages before the next tensor, so at
-                most one tensor's units are in flight
+    collective  agreement (a bad header fails every rank before any read)
+    local       every unit this rank reads, at once, by :func:`resumable.reads.read_direct`
+                (the parallel streams of a plain load)
+    collective  agreement (a failed read fails every rank before any send)
+    p2p         per tensor, in name order: readers isend, the others irecv; each rank
+                waits for that tensor's messages before the next tensor, so at most one
+                tensor's units are in flight
 
-Memory: units are read with ``os.preadv`` straight into the reader's own target slice and
-sent from there; receivers take them straight into theirs. A temporary copy is made only
-where a slice is not one contiguous run (on disk or in the target), so peak memory stays
-at the target state plus at most one tensor's such units.
+Memory: units are read straight into the reader's own target slices and sent from there;
+receivers take them straight into theirs. A temporary copy is made only where a slice is
+not one contiguous run (on disk or in the target), so peak memory stays at the target
+state plus at most one tensor's such units (or one per read thread).
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import sys
 from collections import defaultdict
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import torch
 import torch.distributed as tdist
-from safetensors import safe_open
 
 from resumable import dist
 from resumable.errors import CheckpointError
 from resumable.formats import v2
-from resumable.formats.safetensors_io import Header, read_header
 from resumable.geometry import Box
 from resumable.layout import local_tensor
 from resumable.load import agree_on, check_headers
 from resumable.planning import Read
-from resumable.reads import bytes_of, contiguous_run, pread_into, read_region
+from resumable.reads import read_direct
 
 log = logging.getLogger(__name__)
 
@@ -206,21 +204,30 @@ def balanced_reads(folder: Path, meta: v2.Metadata, reads: list[Read], targets: 
     my_reads: dict[tuple[str, Box], list[Read]] = defaultdict(list)
     for r in reads:
         my_reads[(r.name, r.stored_box)].append(r)
+    mine_units = [(tag, u, _dst(u, my_reads[(u.name, u.stored_box)]))
+                  for tag, u in enumerate(units) if me in u.owners]
+    # Every unit this rank reads first, all at once, with the parallel streams of a plain
+    # load (straight into its own target slices); then the exchange. Reading unit by unit
+    # between sends left the disk idle while the ranks waited on each other (replicated
+    # 1 -> 2 of the bench state: 2.2 s against 0.9 s for a plain load).
+    try:
+        read_direct(folder, [Read(u.name, u.file, u.key, u.stored_box, u.box, u.src(), dst)
+                             for _, u, dst in mine_units if u.reader == me], targets)
+    except (CheckpointError, OSError) as exc:  # a truncated file: every rank fails, none waits on a send
+        err = exc
+    agree_on(err, group)
     locals_ = {name: local_tensor(t) for name, t in targets.items()}
-    by_name: dict[str, list[tuple[int, Unit]]] = defaultdict(list)
-    for tag, u in enumerate(units):
-        if me in u.owners:
-            by_name[u.name].append((tag, u))
-    with _UnitReader(folder) as reader, torch.no_grad():
-        for name in sorted(by_name):
+    by_name: dict[str, list[tuple[int, Unit, tuple[slice, ...]]]] = defaultdict(list)
+    for tag, u, dst in mine_units:
+        by_name[u.name].append((tag, u, dst))
+    with torch.no_grad():
+        for name in sorted(by_name):  # one tensor's messages in flight at a time (bounds temporaries)
             works, arrived = [], []
-            for tag, u in by_name[name]:
-                target = locals_[name][_dst(u, my_reads[(u.name, u.stored_box)])]
+            for tag, u, dst in by_name[name]:
+                target = locals_[name][dst]
                 if u.reader == me:
-                    data = reader.read(u, target)
-                    for o in u.owners:
-                        if o != me:
-                            works.append(tdist.isend(data, group=group, group_dst=o, tag=tag))
+                    data = target if target.is_contiguous() else target.contiguous()
+                    works += [tdist.isend(data, group=group, group_dst=o, tag=tag) for o in u.owners if o != me]
                 elif target.is_contiguous():
                     works.append(tdist.irecv(target, group=group, group_src=u.reader, tag=tag))
                 else:
@@ -232,53 +239,6 @@ def balanced_reads(folder: Path, meta: v2.Metadata, reads: list[Read], targets: 
             for buf, target in arrived:
                 target.copy_(buf)
     return load[me]
-
-
-class _UnitReader:
-    """Reads units of one checkpoint folder, into the target when it can (a context manager)."""
-
-    def __init__(self, folder: Path) -> None:
-        self._folder = folder
-        self._stack = ExitStack()
-        self._fds: dict[str, tuple[int, Header]] = {}
-        self._handles: dict[str, Any] = {}
-
-    def __enter__(self) -> "_UnitReader":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for fd, _ in self._fds.values():
-            os.close(fd)
-        self._stack.close()
-
-    def read(self, u: Unit, target: torch.Tensor) -> torch.Tensor:
-        """Put unit ``u`` into ``target`` (its slice of this rank's tensor); return a
-        contiguous tensor holding its values, to send: ``target`` itself when the unit is
-        one byte run of the file and ``target`` a contiguous CPU tensor (``os.preadv``
-        into it, no copy), else a temporary slice (copied into ``target`` too)."""
-        if target.is_contiguous() and target.device.type == "cpu" and sys.byteorder == "little":
-            fd, header = self._open(u.file)
-            run = contiguous_run(u.src(), header.tensors[u.key].shape)
-            if run is not None:
-                itemsize = target.element_size()
-                if run[1]:
-                    pread_into(fd, bytes_of(target), header.tensors[u.key].start + run[0] * itemsize,
-                               self._folder / u.file)
-                return target
-        if u.file not in self._handles:
-            self._handles[u.file] = self._stack.enter_context(
-                safe_open(str(self._folder / u.file), framework="pt", device="cpu"))
-        # Messages live on the target's device: CPU for gloo, the GPU for NCCL.
-        data = read_region(self._handles[u.file], u.key, u.src()).to(target.device).contiguous()
-        target.copy_(data)
-        return data
-
-    def _open(self, file: str) -> tuple[int, Header]:
-        if file not in self._fds:
-            path = self._folder / file
-            header = read_header(path)
-            self._fds[file] = (os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)), header)
-        return self._fds[file]
 
 
 def r_shape_numel(p: tuple) -> int:

@@ -145,3 +145,35 @@ def test_one_rank_failing_fails_every_rank_with_its_message(folder: Path) -> Non
     detail = (f"the state does not match checkpoint {folder}:\n1 tensor(s) missing from the checkpoint: "
               "only.on.rank1\nbuild the model with the architecture (and optimizer) the checkpoint was saved with")
     assert results == [f"StateMismatchError: rank 1 failed: {detail}", f"StateMismatchError: {detail}"]
+
+
+
+def _balanced_load_of_a_file_cut_after_its_header_check(rank: int, world: int, folder: str) -> str:
+    """The model file loses its last bytes after the header checks agreed (another job
+    overwriting it, say): only the read itself can notice."""
+    import resumable.balanced as balanced
+
+    real, calls = balanced.agree_on, []
+
+    def agree_then_cut(err: BaseException | None, group: object) -> None:
+        real(err, group)
+        calls.append(err)
+        if len(calls) == 1:  # after the header agreement, before any read
+            if rank == 0:
+                victim = Path(folder) / "CKP-model-0000000-0000001.safetensors"
+                victim.write_bytes(victim.read_bytes()[:-8])
+            real(None, group)  # every rank waits for the cut (the same extra step on each)
+    balanced.agree_on = agree_then_cut
+    try:
+        load(_zeros_like(_state()), folder, balanced=True, verify="none")
+    except CheckpointError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return "loaded"
+
+
+def test_a_read_failing_in_a_balanced_load_fails_every_rank_before_any_send(folder: Path) -> None:
+    results = run_distributed(_balanced_load_of_a_file_cut_after_its_header_check, 2, str(folder))
+    victim = folder / "CKP-model-0000000-0000001.safetensors"
+    assert len(results) == 2, results
+    for r in results:  # both read from that file; neither is left waiting on a message
+        assert r.startswith("CorruptCheckpointError: ") and str(victim) in r and "past the end of the 756-byte file" in r, r
