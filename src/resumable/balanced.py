@@ -42,6 +42,7 @@ import torch.distributed as tdist
 from resumable import dist
 from resumable.errors import CheckpointError
 from resumable.formats import v2
+from resumable.formats.safetensors_io import Header
 from resumable.geometry import Box
 from resumable.layout import local_tensor
 from resumable.load import agree_on, check_headers
@@ -194,9 +195,10 @@ def balanced_reads(folder: Path, meta: v2.Metadata, reads: list[Read], targets: 
         log.info("balanced_load: %d bytes read in all (%d without balancing); per rank: %s",
                  sum(load), plain, load)
     err: BaseException | None = None
+    headers: dict[str, Header] = {}
     try:
-        check_headers(folder, meta, [Read(u.name, u.file, u.key, u.stored_box, u.box, u.src(), ())
-                                     for u in units if u.reader == me])
+        headers = check_headers(folder, meta, [Read(u.name, u.file, u.key, u.stored_box, u.box, u.src(), ())
+                                               for u in units if u.reader == me])
     except (CheckpointError, OSError) as exc:
         err = exc
     agree_on(err, group)
@@ -212,7 +214,7 @@ def balanced_reads(folder: Path, meta: v2.Metadata, reads: list[Read], targets: 
     # 1 -> 2 of the bench state: 2.2 s against 0.9 s for a plain load).
     try:
         read_direct(folder, [Read(u.name, u.file, u.key, u.stored_box, u.box, u.src(), dst)
-                             for _, u, dst in mine_units if u.reader == me], targets)
+                             for _, u, dst in mine_units if u.reader == me], targets, headers)
     except (CheckpointError, OSError) as exc:  # a truncated file: every rank fails, none waits on a send
         err = exc
     agree_on(err, group)

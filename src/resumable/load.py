@@ -50,7 +50,7 @@ import torch
 from resumable import dist, errors
 from resumable.errors import CheckpointError, CorruptCheckpointError
 from resumable.formats import v2
-from resumable.formats.safetensors_io import dtype_name, read_header
+from resumable.formats.safetensors_io import Header, dtype_name, read_header
 from resumable.gc_pause import gc_paused
 from resumable.layout import local_chunks
 from resumable.planning import Read, StoredChunk, plan_tensor_reads
@@ -146,11 +146,14 @@ def plan_reads(meta: v2.Metadata, flat: FlatState) -> list[Read]:
     return reads
 
 
-def check_headers(folder: Path, meta: v2.Metadata, reads: Iterable[Read]) -> None:
+def check_headers(folder: Path, meta: v2.Metadata, reads: Iterable[Read]) -> dict[str, Header]:
     """Check, from the file headers alone, that each stored key has the recorded dtype and shape.
 
     A safetensors slice outside the stored shape is silently clamped by the library, and
     a dtype differing from metadata.json would reinterpret bytes: both are refused here.
+
+    Returns:
+        File name → its parsed header (for :func:`resumable.reads.read_direct`).
 
     Raises:
         CorruptCheckpointError: naming the file and key.
@@ -158,9 +161,10 @@ def check_headers(folder: Path, meta: v2.Metadata, reads: Iterable[Read]) -> Non
     wanted: dict[str, dict[str, tuple[str, tuple[int, ...]]]] = defaultdict(dict)
     for r in reads:
         wanted[r.file][r.key] = (meta.tensors[r.name].dtype, r.stored_box.shape)
+    headers: dict[str, Header] = {}
     for file, keys in sorted(wanted.items()):
         path = folder / v2.check_bare_name(file, str(folder / v2.METADATA))
-        header = read_header(path)
+        header = headers[file] = read_header(path)
         for key, (dtype, shape) in sorted(keys.items()):
             entry = header.tensors.get(key)
             if entry is None:
@@ -173,6 +177,7 @@ def check_headers(folder: Path, meta: v2.Metadata, reads: Iterable[Read]) -> Non
                     f"{path}: key {key!r} is {entry.dtype} of shape {list(entry.shape)} in the file but "
                     f"metadata.json records {expected} of shape {list(shape)}; the file and the "
                     "metadata disagree: restore the file or rebuild metadata.json")
+    return headers
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -282,6 +287,7 @@ class _Prepared:
     meta: v2.Metadata
     flat: FlatState
     reads: list[Read] = field(default_factory=list)
+    headers: dict[str, Header] = field(default_factory=dict)  # of the files ``reads`` name, once checked
 
 
 def _prepare(state: Mapping[str, Any], path: str | os.PathLike[str], verify: Verify,
@@ -294,9 +300,8 @@ def _prepare(state: Mapping[str, Any], path: str | os.PathLike[str], verify: Ver
         flat = flatten_state(state)
         check_state(meta, flat, folder)
         reads = plan_reads(meta, flat)
-        if check_files:
-            check_headers(folder, meta, reads)
-    return _Prepared(folder, meta, flat, reads)
+        headers = check_headers(folder, meta, reads) if check_files else {}
+    return _Prepared(folder, meta, flat, reads, headers)
 
 
 def _finish(prep: _Prepared, state: dict, group: dist.Group, nbytes: int, start: float) -> LoadResult:
@@ -365,7 +370,7 @@ def load(state: dict[str, Any], path: str | os.PathLike[str], *, process_group: 
         result = None
         try:
             if nbytes is None:
-                nbytes = read_direct(prep.folder, prep.reads, targets)
+                nbytes = read_direct(prep.folder, prep.reads, targets, prep.headers)
             result = _finish(prep, state, process_group, nbytes, start)
             err = None
         except Exception as exc:  # agreed below

@@ -26,7 +26,7 @@ import torch
 from safetensors import safe_open
 
 from resumable.errors import CorruptCheckpointError
-from resumable.formats.safetensors_io import read_header
+from resumable.formats.safetensors_io import Header, read_header
 from resumable.layout import local_tensor
 from resumable.planning import Read
 
@@ -140,7 +140,8 @@ def bytes_of(t: torch.Tensor) -> memoryview:
     return memoryview(t.detach().reshape(-1).view(torch.uint8).numpy()).cast("B")
 
 
-def read_direct(folder: Path, reads: Iterable[Read], targets: Mapping[str, torch.Tensor]) -> int:
+def read_direct(folder: Path, reads: Iterable[Read], targets: Mapping[str, torch.Tensor],
+                headers: Mapping[str, Header] | None = None) -> int:
     """Fill the targets for ``reads`` with ``os.preadv`` straight into their memory; not collective.
 
     A read whose stored slice is one byte run of the file and whose destination is a
@@ -153,6 +154,8 @@ def read_direct(folder: Path, reads: Iterable[Read], targets: Mapping[str, torch
     (strided stored slice, a target off the CPU, a big-endian host) goes through
     :func:`execute_reads`.
     Peak memory is the target state plus at most one temporary slice per thread.
+    ``headers`` (file name → parsed header, as :func:`resumable.load.check_headers`
+    returns them) spares reading them again; a file missing there has its header read.
 
     Returns:
         The bytes read.
@@ -171,7 +174,7 @@ def read_direct(folder: Path, reads: Iterable[Read], targets: Mapping[str, torch
     total = 0
     for file in sorted(direct):
         path = folder / file
-        header = read_header(path)
+        header = headers[file] if headers and file in headers else read_header(path)
         paths.append(path)
         for r in direct[file]:
             entry = header.tensors[r.key]

@@ -175,5 +175,5 @@ def test_a_read_failing_in_a_balanced_load_fails_every_rank_before_any_send(fold
     results = run_distributed(_balanced_load_of_a_file_cut_after_its_header_check, 2, str(folder))
     victim = folder / "CKP-model-0000000-0000001.safetensors"
     assert len(results) == 2, results
-    for r in results:  # both read from that file; neither is left waiting on a message
-        assert r.startswith("CorruptCheckpointError: ") and str(victim) in r and "past the end of the 756-byte file" in r, r
+    for r in results:  # its own error or its peer's ("rank N failed: ..."); neither waits on a message
+        assert r.startswith("CorruptCheckpointError: ") and f"{victim}: file ends at byte" in r, r

@@ -25,7 +25,7 @@ import torch
 
 import resumable
 from resumable.cli import main as cli
-from resumable.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
+from resumable.errors import CheckpointNotFoundError, CorruptCheckpointError
 from resumable.resolve import resolve_checkpoint
 
 MODEL = "CKP-model-0000000-0000001.safetensors"

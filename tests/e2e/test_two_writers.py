@@ -12,7 +12,6 @@ import multiprocessing as mp
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
