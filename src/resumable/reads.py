@@ -30,8 +30,9 @@ from resumable.formats.safetensors_io import Header, read_header
 from resumable.layout import local_tensor
 from resumable.planning import Read
 
-__all__ = ["READ_PIECE", "READ_THREADS", "SMALL_READ", "SMALL_THREADS", "Sink", "bytes_of", "contiguous_run",
-           "contiguous_shares", "execute_reads", "place_into", "pread_into", "read_direct", "read_region"]
+__all__ = ["READ_PIECE", "READ_THREADS", "SMALL_GAP", "SMALL_READ", "SMALL_THREADS", "ReadJob", "Sink", "bytes_of",
+           "contiguous_run", "contiguous_shares", "execute_reads", "place_into", "plan_small_reads", "pread_into",
+           "read_direct", "read_region"]
 
 Sink = Callable[[Read, torch.Tensor], None]
 
@@ -73,12 +74,16 @@ def execute_reads(folder: Path, reads: Iterable[Read], sink: Sink) -> int:
 #: (two processes' loads of the bench state: median 1.05 s shared, 0.77 s own, 7 runs each).
 READ_THREADS = 4
 READ_PIECE = 8 << 20
-#: Reads smaller than this (0-d ``step`` counters, norm weights: replicated tensors stored
-#: once, in another rank's file) are not streamed: inside a stream each was a synchronous
-#: device round trip to a region no stream reads, and one rank's 64 of them measured
-#: 0.15-0.25 s of a 0.6 s load. They go first, to ``SMALL_THREADS`` threads of their
-#: own, in parallel, while the streams start.
+#: Reads smaller than this (0-d ``step`` counters, norm weights and their moments) stay
+#: in a stream only where they touch its bytes (within ``SMALL_GAP``: the stream's
+#: readahead has them). Elsewhere (replicated tensors stored once, in another rank's file)
+#: each was a synchronous device round trip inside a stream, and one rank's 64 of them
+#: measured 0.15-0.25 s of a 0.6 s load; those go first, to ``SMALL_THREADS`` threads of
+#: their own, in parallel, neighbours within ``SMALL_GAP`` merged into one read of at
+#: most ``SMALL_READ`` bytes (a norm's ``exp_avg``, ``exp_avg_sq`` and ``step`` are
+#: stored side by side).
 SMALL_READ = 1 << 20
+SMALL_GAP = 64 << 10
 SMALL_THREADS = 16
 
 
@@ -100,6 +105,60 @@ def contiguous_shares(sizes: Sequence[int], parts: int) -> list[range]:
         cuts.append(max(j, cuts[-1]))
     cuts.append(len(sizes))
     return [range(a, b) for a, b in zip(cuts, cuts[1:])]
+
+
+class ReadJob(NamedTuple):
+    """``nbytes`` at ``offset`` of file number ``file``, to place into ``dst`` (the target's
+    memory, or a non-contiguous target slice, read via a temporary): one ``os.preadv`` of a
+    stream, or part of a small group's read."""
+
+    file: int
+    offset: int
+    nbytes: int
+    dst: memoryview | torch.Tensor
+
+
+def plan_small_reads(jobs: Sequence[ReadJob], small: int = SMALL_READ,
+                     gap: int = SMALL_GAP) -> tuple[list[ReadJob], list[list[ReadJob]]]:
+    """Split one rank's jobs into the streamed ones and groups of small ones read together. Pure.
+
+    Consecutive small jobs (under ``small`` bytes, in file order, each within ``gap``
+    bytes of the previous one) form a run. A run within ``gap`` of a big job of the same
+    file is streamed with it (its bytes are in that stream's readahead); any other run is
+    cut into groups spanning at most ``small`` bytes, each group one read.
+
+    Returns:
+        (streamed jobs in file order, small groups).
+    """
+    order = sorted(jobs, key=lambda j: (j.file, j.offset))
+    streamed: list[ReadJob] = []
+    groups: list[list[ReadJob]] = []
+
+    def near(a: ReadJob, b: ReadJob) -> bool:  # b starts within ``gap`` after a ends, in the same file
+        return a.file == b.file and 0 <= b.offset - (a.offset + a.nbytes) <= gap
+
+    i = 0
+    while i < len(order):
+        if order[i].nbytes >= small:
+            streamed.append(order[i])
+            i += 1
+            continue
+        j = i + 1
+        while j < len(order) and order[j].nbytes < small and near(order[j - 1], order[j]):
+            j += 1
+        run = order[i:j]
+        if (i > 0 and near(order[i - 1], run[0])) or (j < len(order) and near(run[-1], order[j])):
+            streamed.extend(run)  # only big jobs neighbour a run, so this one touches a stream
+        else:
+            group: list[ReadJob] = []
+            for job in run:
+                if group and job.offset + job.nbytes - group[0].offset > small:
+                    groups.append(group)
+                    group = []
+                group.append(job)
+            groups.append(group)
+        i = j
+    return streamed, groups
 
 
 def contiguous_run(src: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[int, int] | None:
@@ -148,12 +207,14 @@ def read_direct(folder: Path, reads: Iterable[Read], targets: Mapping[str, torch
     contiguous piece of a CPU local tensor is read into that piece directly (no mapping,
     no intermediate tensor, no copy); in file order, these reads are cut into
     ``READ_THREADS`` consecutive shares of near-equal bytes, each read by its own thread
-    front to back in ``READ_PIECE`` calls; reads under ``SMALL_READ`` bytes are issued
-    first, side by side, by threads of their own. A run whose destination is not
+    front to back in ``READ_PIECE`` calls; reads under ``SMALL_READ`` bytes that touch no
+    streamed bytes are issued first, side by side, by threads of their own, neighbours
+    merged (:func:`plan_small_reads`). A run whose destination is not
     contiguous is read into a temporary tensor of that slice and copied; any other read
     (strided stored slice, a target off the CPU, a big-endian host) goes through
     :func:`execute_reads`.
-    Peak memory is the target state plus at most one temporary slice per thread.
+    Peak memory is the target state plus at most one temporary slice (or small group's
+    span) per thread.
     ``headers`` (file name → parsed header, as :func:`resumable.load.check_headers`
     returns them) spares reading them again; a file missing there has its header read.
 
@@ -169,8 +230,7 @@ def read_direct(folder: Path, reads: Iterable[Read], targets: Mapping[str, torch
         else:
             other.append(r)
     paths: list[Path] = []
-    streamed: list[_Job] = []
-    small: list[_Job] = []
+    jobs: list[ReadJob] = []
     total = 0
     for file in sorted(direct):
         path = folder / file
@@ -186,21 +246,20 @@ def read_direct(folder: Path, reads: Iterable[Read], targets: Mapping[str, torch
             itemsize = dst.element_size()
             offset, nbytes = entry.start + run[0] * itemsize, run[1] * itemsize
             total += nbytes
-            jobs = small if nbytes < SMALL_READ else streamed
             if not dst.is_contiguous():
-                jobs.append(_Job(len(paths) - 1, offset, nbytes, dst))
+                jobs.append(ReadJob(len(paths) - 1, offset, nbytes, dst))
                 continue
             view = bytes_of(dst) if nbytes else memoryview(b"")
             for start in range(0, nbytes, READ_PIECE):
                 piece = view[start:start + READ_PIECE]
-                jobs.append(_Job(len(paths) - 1, offset + start, len(piece), piece))
-    streamed.sort(key=lambda j: (j.file, j.offset))
+                jobs.append(ReadJob(len(paths) - 1, offset + start, len(piece), piece))
+    streamed, groups = plan_small_reads(jobs, SMALL_READ, SMALL_GAP)
     shares = [[streamed[i] for i in share] for share in contiguous_shares([j.nbytes for j in streamed], READ_THREADS)]
     with ThreadPoolExecutor(READ_THREADS, thread_name_prefix="resumable-read") as pool, \
             ThreadPoolExecutor(SMALL_THREADS, thread_name_prefix="resumable-read-small") as small_pool:
         # Small reads first: queued behind the streams' readahead they finished last (one
         # process: median 0.85 s against 0.62 s with them first).
-        futures = [small_pool.submit(_run_jobs, [j], paths, os.POSIX_FADV_RANDOM) for j in small]
+        futures = [small_pool.submit(_run_group, group, paths) for group in groups]
         futures += [pool.submit(_run_jobs, share, paths, os.POSIX_FADV_SEQUENTIAL) for share in shares if share]
         for future in futures:
             future.result()
@@ -209,17 +268,7 @@ def read_direct(folder: Path, reads: Iterable[Read], targets: Mapping[str, torch
     return total
 
 
-class _Job(NamedTuple):
-    """One ``os.preadv`` of a stream: ``nbytes`` at ``offset`` of file number ``file`` into
-    ``dst`` (the target's memory, or a non-contiguous target slice, read via a temporary)."""
-
-    file: int
-    offset: int
-    nbytes: int
-    dst: memoryview | torch.Tensor
-
-
-def _run_jobs(jobs: Sequence[_Job], paths: Sequence[Path], advice: int) -> None:
+def _run_jobs(jobs: Sequence[ReadJob], paths: Sequence[Path], advice: int) -> None:
     """Run ``jobs`` in order on descriptors of this thread's own, advised ``advice``.
 
     Own descriptors: the kernel keeps readahead state per open file, and streams (or
@@ -242,6 +291,26 @@ def _run_jobs(jobs: Sequence[_Job], paths: Sequence[Path], advice: int) -> None:
     finally:
         for fd in fds.values():
             os.close(fd)
+
+
+def _run_group(group: Sequence[ReadJob], paths: Sequence[Path]) -> None:
+    """Read the span of ``group`` (small jobs of one file, in order) at once and place each job's bytes."""
+    first, path = group[0], paths[group[0].file]
+    buf = bytearray(group[-1].offset + group[-1].nbytes - first.offset)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # no readahead around a lone region
+        pread_into(fd, memoryview(buf), first.offset, path)
+    finally:
+        os.close(fd)
+    for job in group:
+        start = job.offset - first.offset
+        if isinstance(job.dst, memoryview):
+            job.dst[:] = buf[start:start + job.nbytes]
+            continue
+        data = torch.frombuffer(buf, dtype=torch.uint8, count=job.nbytes, offset=start)
+        with torch.no_grad():
+            job.dst.copy_(data.view(job.dst.dtype).reshape(job.dst.shape))
 
 
 def place_into(targets: Mapping[str, torch.Tensor]) -> Sink:

@@ -14,7 +14,8 @@ from resumable.formats.safetensors_io import write_file
 from resumable.geometry import Box
 from resumable import reads as reads_mod
 from resumable.errors import CorruptCheckpointError
-from resumable.reads import contiguous_run, contiguous_shares, execute_reads, place_into, read_direct
+from resumable.reads import (ReadJob, contiguous_run, contiguous_shares, execute_reads, place_into, plan_small_reads,
+                             read_direct)
 from resumable.planning import Read
 
 
@@ -87,3 +88,52 @@ def test_read_direct_refuses_a_truncated_file_naming_it(tmp_path: Path) -> None:
     with pytest.raises(CorruptCheckpointError, match=f"{path}: .* the file is truncated"):
         read_direct(tmp_path, [read], {"w": target})
     assert not target.any()  # refused before any byte was placed
+
+
+def _job(file: int, offset: int, nbytes: int) -> ReadJob:
+    return ReadJob(file, offset, nbytes, memoryview(bytearray(nbytes)))
+
+
+def _spans(jobs: list[ReadJob]) -> list[tuple[int, int, int]]:
+    return [(j.file, j.offset, j.nbytes) for j in jobs]
+
+
+def test_small_reads_touching_a_stream_stay_in_it_and_lone_neighbours_are_read_together() -> None:
+    big = _job(0, 0, 1000)
+    after_big = _job(0, 1000, 4)                       # the step counter after a moment tensor
+    norm = [_job(1, 500, 40), _job(1, 540, 40), _job(1, 580, 4)]  # exp_avg, exp_avg_sq, step
+    lone = _job(1, 90_000, 8)                          # far from anything
+    streamed, groups = plan_small_reads([lone, *norm, after_big, big], small=100, gap=16)
+    assert _spans(streamed) == _spans([big, after_big])
+    assert [_spans(g) for g in groups] == [_spans(norm), _spans([lone])]
+
+
+@given(st.lists(st.tuples(st.integers(0, 2), st.integers(0, 50), st.integers(1, 30)), max_size=25),
+       st.integers(1, 40), st.integers(0, 10))
+def test_plan_small_reads_places_every_job_once_in_file_order(raw, small: int, gap: int) -> None:
+    jobs, ends = [], {}
+    for file, skip, nbytes in raw:  # non-overlapping jobs per file, as a rank's reads are
+        start = ends.get(file, 0) + skip
+        jobs.append(_job(file, start, nbytes))
+        ends[file] = start + nbytes
+    streamed, groups = plan_small_reads(jobs, small=small, gap=gap)
+    placed = _spans(streamed) + [s for g in groups for s in _spans(g)]
+    assert sorted(placed) == sorted(_spans(jobs))
+    assert _spans(streamed) == sorted(_spans(streamed))
+    for g in groups:
+        assert len({j.file for j in g}) == 1 and all(j.nbytes < small for j in g)
+        assert _spans(g) == sorted(_spans(g)) and g[-1].offset + g[-1].nbytes - g[0].offset <= small
+
+
+def test_read_direct_places_grouped_small_reads_like_safe_open(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Six 40-byte tensors side by side, 100-byte groups: three reads of two tensors each.
+    monkeypatch.setattr(reads_mod, "SMALL_READ", 100)
+    tensors = [(f"t{i}", torch.arange(10, dtype=torch.float32) + 10 * i) for i in range(6)]
+    write_file(tmp_path / "g.safetensors", tensors)
+    box = Box((0,), (10,))
+    reads = [Read(name, "g.safetensors", name, box, box, (slice(0, 10),), (slice(0, 10),)) for name, _ in tensors]
+    # t5 lands in a strided view: the group's bytes are copied through a tensor, not a memoryview.
+    direct = {name: torch.zeros(10) for name, _ in tensors[:5]} | {"t5": torch.zeros(10, 2)[:, 1]}
+    assert read_direct(tmp_path, reads, direct) == 240
+    for name, t in tensors:
+        assert torch.equal(direct[name], t), name
