@@ -25,7 +25,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
-# make bench BENCH_ARGS="--size-gib 0.1 --reps 1" for a quick run (bench/run.py lists the options)
+# make bench BENCH_ARGS="--size-gib 0.1 --reps 1 --cold-reps 1" for a quick run (bench/run.py lists the options)
 bench: $(STAMP)
 	$(PY) -m bench.run $(BENCH_ARGS)
 

@@ -2,7 +2,7 @@
 torch.save and the disk itself, in one run on one machine.
 
     python -m bench.run                          # 1.5 GiB state, 3 repetitions (5 of some), ~14 min
-    python -m bench.run --size-gib 0.1 --reps 1  # a quick smoke run
+    python -m bench.run --size-gib 0.1 --reps 1 --cold-reps 1  # a quick smoke run
     python -m bench.run --only "save w1" --skip-training
     make bench BENCH_ARGS="--size-gib 0.5"
 
