@@ -210,7 +210,7 @@ def performance_section(doc: dict[str, Any], rows_table: str, goals: list[tuple[
         f"Python {m['python']}, Linux {m['kernel']}. State: {doc['size_bytes'] / GIB:.2f} GiB "
         "(fp32 decoder weights + AdamW exp_avg/exp_avg_sq, random contents), on 1 process and on 2 "
         "(DTensor Shard(0) over gloo). Every number is the median of "
-        f"{doc['reps']} runs ({doc.get('cold_reps', doc['reps'])} for resumable's cold loads and the disk), each in "
+        f"{doc['reps']} runs ({doc.get('cold_reps', doc['reps'])} for resumable's cold Shard(0) loads and the disk), each in "
         "fresh processes; every save is durable (fsync).",
         "",
         rows_table,
