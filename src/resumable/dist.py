@@ -11,7 +11,9 @@ function                   who calls it
 ``barrier``                every rank of ``group`` (collective)
 ``all_gather_object``      every rank of ``group`` (collective)
 ``gather_object``          every rank of ``group`` (collective); only ``dst`` gets a list
+``scatter_object``         every rank of ``group`` (collective); each gets its own item
 ``broadcast_object``       every rank of ``group`` (collective)
+``all_reduce_max``         every rank of ``group`` (collective)
 ``agree``                  every rank of ``group`` (collective), including failed ones
 ``new_gloo_group``         every rank of the default group, once (collective)
 =========================  ==========================================================
@@ -19,6 +21,11 @@ function                   who calls it
 Collectives on one group must be called in the same order on every rank; the async
 saver therefore uses its own gloo group, so its collectives never interleave with the
 training loop's.
+
+Traffic: ``gather_object`` and ``scatter_object`` are point-to-point (a length, then the
+pickled bytes), so a rank other than the root sends or receives only its own item; torch's
+object gather all-gathers every rank's size first, which costs every rank O(world size).
+``agree`` all-reduces one failure count and gathers error texts only when something failed.
 """
 
 from __future__ import annotations
@@ -26,6 +33,9 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
+import pickle
+
+import torch
 import torch.distributed as dist
 
 from resumable.errors import SaveError
@@ -71,18 +81,63 @@ def all_gather_object(obj: Any, group: Group = None) -> list[Any]:
     return out
 
 
+def _send(obj: Any, dst: int, group: Group) -> None:
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    dist.send(torch.tensor([len(data)], dtype=torch.int64), dst=global_rank(group, dst), group=group)
+    if data:
+        dist.send(torch.frombuffer(bytearray(data), dtype=torch.uint8), dst=global_rank(group, dst), group=group)
+
+
+def _recv(src: int, group: Group) -> Any:
+    size = torch.zeros(1, dtype=torch.int64)
+    dist.recv(size, src=global_rank(group, src), group=group)
+    data = torch.empty(int(size.item()), dtype=torch.uint8)
+    dist.recv(data, src=global_rank(group, src), group=group)
+    return pickle.loads(data.numpy().tobytes())
+
+
 def gather_object(obj: Any, dst: int = 0, group: Group = None) -> list[Any] | None:
     """Every rank's ``obj`` on group rank ``dst`` (None elsewhere). Collective.
 
-    ``dst`` is a rank within ``group``.
+    Point to point: a rank other than ``dst`` sends its own item and receives nothing.
     """
     n = world_size(group)
     if n == 1:
         return [obj]
     me = rank(group)
-    out: list[Any] | None = [None] * n if me == dst else None
-    dist.gather_object(obj, out, dst=global_rank(group, dst), group=group)
-    return out
+    if me != dst:
+        _send(obj, dst, group)
+        return None
+    return [obj if r == dst else _recv(r, group) for r in range(n)]
+
+
+def scatter_object(items: list[Any] | None, src: int = 0, group: Group = None) -> Any:
+    """Item ``r`` of ``src``'s ``items`` on group rank ``r``. Collective.
+
+    Point to point: each rank other than ``src`` receives only its own item. ``items``
+    matters on ``src`` only (one per group rank).
+    """
+    n = world_size(group)
+    if n == 1:
+        assert items is not None
+        return items[0]
+    me = rank(group)
+    if me != src:
+        return _recv(src, group)
+    assert items is not None and len(items) == n, "scatter_object: one item per rank on the source"
+    for r in range(n):
+        if r != src:
+            _send(items[r], r, group)
+    return items[src]
+
+
+def all_reduce_max(values: list[int], group: Group = None) -> list[int]:
+    """Element-wise maximum of every rank's ``values`` (int64). Collective: every rank of ``group``."""
+    if world_size(group) == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return t.tolist()
 
 
 def broadcast_object(obj: Any, src: int = 0, group: Group = None) -> Any:
@@ -111,7 +166,9 @@ def agree(error: str | None, what: str, group: Group = None) -> None:
 
     Collective: every rank of ``group`` calls it, failed or not.
     """
-    errors = all_gather_object(error, group)
+    if all_reduce_max([error is not None], group)[0] == 0:
+        return
+    errors = all_gather_object(error, group)  # only when a rank failed
     failed = [(global_rank(group, r), e) for r, e in enumerate(errors) if e is not None]
     if failed:
         detail = "; ".join(f"rank {r}: {e}" for r, e in failed)

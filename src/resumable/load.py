@@ -52,7 +52,7 @@ from resumable.errors import CheckpointError, CorruptCheckpointError
 from resumable.formats import v2
 from resumable.formats.safetensors_io import Header, dtype_name, read_header
 from resumable.gc_pause import gc_paused
-from resumable.layout import local_chunks
+from resumable.layout import LocalChunk, local_chunks
 from resumable.planning import Read, StoredChunk, plan_tensor_reads
 from resumable.reads import execute_reads, place_into, read_direct
 from resumable.resolve import check_iteration_folder, resolve_directory, verify_files
@@ -141,8 +141,24 @@ def plan_reads(meta: v2.Metadata, flat: FlatState) -> list[Read]:
     """Every read this rank needs to fill its local chunks of the target tensors (pure)."""
     reads: list[Read] = []
     for name, leaf in sorted(flat.tensors.items()):
-        stored = [StoredChunk(c.box, s.file, s.key) for c in meta.tensors[name].chunks for s in c.stored]
-        reads.extend(plan_tensor_reads(name, local_chunks(leaf.value), stored))
+        reads.extend(plan_chunk_reads(meta, name, local_chunks(leaf.value)))
+    return reads
+
+
+def plan_chunk_reads(meta: v2.Metadata, name: str, targets: Iterable[LocalChunk]) -> list[Read]:
+    """The reads that fill ``targets`` (chunks of tensor ``name`` held by this rank) from the checkpoint.
+
+    Each target asks the metadata only for the stored chunks overlapping it
+    (:meth:`resumable.formats.v2.Metadata.stored`), so a rank's planning grows with its
+    own targets, not with the number of ranks that saved.
+    """
+    reads: list[Read] = []
+    for target in targets:
+        if target.box.is_empty:
+            continue
+        stored = [StoredChunk(box, s.file, s.key) for box, copies in meta.stored(name, target.box, first_only=True)
+                  for s in copies]
+        reads.extend(plan_tensor_reads(name, [target], stored))
     return reads
 
 
@@ -163,7 +179,7 @@ def check_headers(folder: Path, meta: v2.Metadata, reads: Iterable[Read]) -> dic
         wanted[r.file][r.key] = (meta.tensors[r.name].dtype, r.stored_box.shape)
     headers: dict[str, Header] = {}
     for file, keys in sorted(wanted.items()):
-        path = folder / v2.check_bare_name(file, str(folder / v2.METADATA))
+        path = v2.member(folder, file)
         header = headers[file] = read_header(path)
         for key, (dtype, shape) in sorted(keys.items()):
             entry = header.tensors.get(key)
@@ -207,6 +223,8 @@ def agree_on(error: BaseException | None, group: dist.Group) -> None:
 
     Collective: every rank of ``group`` calls it, failed or not, at the same step.
     """
+    if dist.all_reduce_max([error is not None], group)[0] == 0:
+        return  # the common case costs one 8-byte all-reduce, whatever the world size
     payload = None if error is None else (type(error).__name__, str(error))
     gathered = dist.all_gather_object(payload, group)
     if error is not None:
@@ -220,16 +238,20 @@ def agree_on(error: BaseException | None, group: dist.Group) -> None:
             raise cls(f"rank {dist.global_rank(group, r)} failed: {message}")
 
 
-def _verify(folder: Path, meta: v2.Metadata, verify: Verify, group: dist.Group) -> None:
-    """Sizes on every rank (a stat each); checksums split across ranks (file i on rank i % n)."""
+def _verify(folder: Path, meta: v2.Metadata, reads: Iterable[Read], verify: Verify, rank: int, world: int) -> None:
+    """Sizes of the files this rank reads (a stat each); checksums of every file, split across ranks.
+
+    No rank stats every file of the job: at thousands of ranks that alone is millions of
+    metadata operations on the shared file system. With ``"checksum"`` file *i* is checked
+    by rank *i mod n*, so every file is checked once in all.
+    """
     if verify == "none":
         return
     if verify not in ("size", "checksum"):
         raise ValueError(f"verify must be 'size', 'checksum' or 'none', got {verify!r}")
-    verify_files(folder, meta)
+    verify_files(folder, meta, only={r.file for r in reads})
     if verify == "checksum":
-        n, me = dist.world_size(group), dist.rank(group)
-        mine = {name for i, name in enumerate(sorted(meta.files)) if i % n == me}
+        mine = {name for i, name in enumerate(sorted(meta.files)) if i % world == rank}
         verify_files(folder, meta, checksum=True, only=mine)
 
 
@@ -295,11 +317,11 @@ def _prepare(state: Mapping[str, Any], path: str | os.PathLike[str], verify: Ver
     """Everything before the first byte of tensor data is read; local to this rank."""
     folder = _iteration_folder(path)
     with gc_paused():
-        meta = v2.read_metadata(folder)
-        _verify(folder, meta, verify, group)
+        meta = v2.read_metadata(folder, check_members=False)
         flat = flatten_state(state)
         check_state(meta, flat, folder)
         reads = plan_reads(meta, flat)
+        _verify(folder, meta, reads, verify, dist.rank(group), dist.world_size(group))
         headers = check_headers(folder, meta, reads) if check_files else {}
     return _Prepared(folder, meta, flat, reads, headers)
 
@@ -406,15 +428,11 @@ class PendingLoad:
     def _run(self, template: Mapping[str, Any], path: str | os.PathLike[str], verify: Verify) -> None:
         try:
             folder = _iteration_folder(path)
-            meta = v2.read_metadata(folder)
-            if verify != "none":
-                verify_files(folder, meta)
-                if verify == "checksum":
-                    mine = {n for i, n in enumerate(sorted(meta.files)) if i % self._world == self._rank}
-                    verify_files(folder, meta, checksum=True, only=mine)
+            meta = v2.read_metadata(folder, check_members=False)
             flat = flatten_state(template)
             check_state(meta, flat, folder)
             reads = plan_reads(meta, flat)
+            _verify(folder, meta, reads, verify, self._rank, self._world)
             check_headers(folder, meta, reads)
             self._prep = _Prepared(folder, meta, flat, reads)
             self._bytes = execute_reads(folder, reads, lambda r, data: self._buffers.append((r, data)))

@@ -94,26 +94,29 @@ def verify_files(folder: str | os.PathLike[str], meta: v2.Metadata | None = None
     """
     folder = Path(folder)
     meta = meta if meta is not None else v2.read_metadata(folder)
-    for name, info in meta.files.items():
-        if only is not None and name not in only:
-            continue
+    table = v2.FILES if meta.format_version >= 2 else v2.METADATA  # where the sizes and checksums are
+    for name in sorted(meta.files if only is None else only):
+        info = meta.files.get(name)
+        if info is None:
+            raise CorruptCheckpointError(f"{folder / name}: read by this rank but not listed in {v2.FILES}; "
+                                         "the metadata is damaged: rebuild it from the files")
         path = folder / name
         try:
             size = path.stat().st_size
         except FileNotFoundError:
             raise CheckpointNotFoundError(
-                f"{path}: missing; metadata.json lists it with {info.size} bytes. The checkpoint is "
+                f"{path}: missing; {table} lists it with {info.size} bytes. The checkpoint is "
                 "incomplete: restore the file or load another iteration") from None
         if size != info.size:
             raise CorruptCheckpointError(
-                f"{path}: {size} bytes on disk, metadata.json records {info.size}; the file is "
+                f"{path}: {size} bytes on disk, {table} records {info.size}; the file is "
                 "truncated or was replaced: restore it or load another iteration")
         if checksum:
             digest = v2._xxh3_of(path)  # TODO(v2): a public checksum helper; this is v2's own
             if digest != info.xxh3_64:
                 raise CorruptCheckpointError(
                     f"{path}: xxh3-64 checksum {digest} differs from {info.xxh3_64} recorded in "
-                    "metadata.json; the file is damaged: restore it or load another iteration")
+                    f"{table}; the file is damaged: restore it or load another iteration")
 
 
 def check_iteration_folder(folder: Path) -> int:

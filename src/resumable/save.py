@@ -24,8 +24,10 @@ Run it::
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import random
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -34,13 +36,12 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from resumable import commit, dist
+from resumable import commit, dist, saveplan
 from resumable.errors import SaveError
 from resumable.formats import v2
-from resumable.formats.safetensors_io import dtype_name, write_file
+from resumable.formats.safetensors_io import write_file
 from resumable.geometry import Box
 from resumable.gc_pause import gc_paused
-from resumable.layout import LocalChunk, local_chunks, local_tensor
 from resumable.planning import assign_writers
 from resumable.state import flatten_state
 
@@ -71,8 +72,9 @@ class SavePlan:
     rank: int
     files: dict[str, tuple[str, list[WriteItem]]]  # file name -> (kind, items), this rank's files only
     file_meta: dict[str, dict[str, str]]            # file name -> __metadata__
-    metadata: v2.Metadata                           # complete but for file sizes/checksums
-    common: dict[str, Any]
+    metadata: v2.Metadata | None                    # rank 0: complete but for file sizes/checksums
+    common: dict[str, Any] | None                   # rank 0: complete but for rank_local (gathered at finish)
+    rank_local: Any = None                          # this rank's per-rank value (RNG), sent at finish
 
     @property
     def temp(self) -> Path:
@@ -110,63 +112,152 @@ def _mesh_info(state_tensors: Mapping[str, Any], layout_info: Any) -> tuple[dict
     return dict(zip(names, (int(s) for s in mesh.shape))), stages
 
 
-def _describe_local(state: Mapping[str, Any], save_optimizer: bool) -> tuple[dict, Any, dict, dict]:
-    """This rank's holdings: name → (kind, dtype, global shape, [boxes]) plus views for writing."""
-    flat = flatten_state(state)
-    holdings: dict[str, tuple[str, str, list[int], list[tuple]]] = {}
-    views: dict[tuple[str, Box], torch.Tensor] = {}
-    for name, leaf in flat.tensors.items():
-        if leaf.kind == "opt" and not save_optimizer:
-            continue
-        dtype_name(leaf.value.dtype)  # fail now, on this rank, for a dtype safetensors cannot hold
-        chunks: list[LocalChunk] = local_chunks(leaf.value)
-        local = local_tensor(leaf.value)
-        boxes = []
-        for c in chunks:
-            views[(name, c.box)] = local[c.local]
-            boxes.append((c.box.offsets, c.box.shape))
-        holdings[name] = (leaf.kind, str(leaf.value.dtype).removeprefix("torch."), list(leaf.value.shape), boxes)
-    return holdings, flat.rank_local, flat.objects, {"views": views, "tensors": flat.tensors}
+@dataclass
+class PlanStructure:
+    """The structure of the last plan of one (group, options): reused while the digests agree."""
+
+    digest: str
+    plan_id: int
+    files: dict[str, tuple[str, list[tuple[str, str, Box]]]]
+    shapes: dict[str, list[int]]
+    metadata: v2.Metadata | None  # rank 0 only
+
+
+#: (group, prefix, save_optimizer, remove_redundancy, layout) → the last plan's structure.
+_CACHE: dict[tuple, PlanStructure] = {}
+
+
+def _to_group(group: Any) -> Callable[[int], int]:
+    if group is None or not dist.initialized():
+        return lambda r: r
+    return lambda r: torch.distributed.get_group_rank(group, r)
 
 
 def plan_save(state: Mapping[str, Any], directory: str | os.PathLike[str], iteration: int, *, prefix: str,
               save_optimizer: bool, remove_redundancy: bool, group: Any, layout_info: Any) -> SavePlan:
-    """Step 1: gather every rank's holdings and compute the same plan everywhere.
+    """Step 1: describe this rank's holdings and agree on the plan (cached across saves).
 
-    Collective: every rank of ``group`` calls it. A rank whose state cannot be flattened
-    (an unsupported value, a dtype safetensors cannot hold) reports the error in the
-    gather, so every rank raises ``SaveError`` naming it.
+    Every rank digests its spec (:class:`resumable.saveplan.RankSpec`); one 32-byte
+    all-reduce tells whether every rank still has the structure of the last save and the
+    same plan: then the plan is reused and nothing else is exchanged. Otherwise (first
+    save, or anything changed) the coordinator gathers the digests, asks one rank per
+    distinct digest for its spec, merges them (:func:`resumable.saveplan.merge`) and sends
+    each rank its reply (point to point: a rank receives only its own).
+
+    Collective: every rank of ``group`` calls it. A rank whose state cannot be described
+    (an unsupported value, a dtype safetensors cannot hold) reports the error, so every
+    rank raises ``SaveError`` naming it.
     """
     with gc_paused():
-        return _plan_save(state, directory, iteration, prefix=prefix, save_optimizer=save_optimizer,
+        return _plan_save(state, Path(directory), iteration, prefix=prefix, save_optimizer=save_optimizer,
                           remove_redundancy=remove_redundancy, group=group, layout_info=layout_info)
 
 
-def _plan_save(state: Mapping[str, Any], directory: str | os.PathLike[str], iteration: int, *, prefix: str,
+def _plan_save(state: Mapping[str, Any], directory: Path, iteration: int, *, prefix: str,
                save_optimizer: bool, remove_redundancy: bool, group: Any, layout_info: Any) -> SavePlan:
     me, world = dist.rank(group), dist.world_size(group)
-    error, local, rank_local, objects, extra = None, {}, None, {}, {"views": {}, "tensors": {}}
+    error, spec, views, flat = None, None, {}, None
     try:
-        local, rank_local, objects, extra = _describe_local(state, save_optimizer)
+        flat = flatten_state(state)
+        tensors = {n: leaf for n, leaf in flat.tensors.items() if save_optimizer or leaf.kind != "opt"}
+        spec, views = saveplan.describe(tensors, _to_group(group))
+        mesh, stages = _mesh_info(tensors, layout_info)
     except Exception as exc:  # reported to every rank below, then raised there as SaveError
         error = error_text(exc)
-    gathered = dist.all_gather_object((error, local, rank_local), group)
-    failed = [(dist.global_rank(group, r), g[0]) for r, g in enumerate(gathered) if g[0] is not None]
+        mesh, stages = None, 1
+    layout = v2.LayoutMeta(world_size=world, mesh=mesh, pipeline_stages=stages, writers=world)
+    key = (group if group is not None else "default", prefix, save_optimizer, remove_redundancy,
+           json.dumps(mesh, sort_keys=True), stages, world, me)
+    cached = _CACHE.get(key)
+    same = spec is not None and cached is not None and cached.digest == spec.digest
+    plan_id = cached.plan_id if same and cached is not None else -1
+    stale, failed, high, neg_low = dist.all_reduce_max([not same, error is not None, plan_id, -plan_id], group)
     if failed:
-        detail = "; ".join(f"rank {r}: {e}" for r, e in failed)
-        raise SaveError(f"saving iteration {iteration} failed on {len(failed)} rank(s), nothing was committed: "
-                        f"{detail}")
-    mesh, stages = _mesh_info(extra["tensors"], layout_info)
-    return build_plan([g[1] for g in gathered], [g[2] for g in gathered], objects, extra["views"],
-                       Path(directory), iteration, prefix=prefix, save_optimizer=save_optimizer,
-                       remove_redundancy=remove_redundancy, group=group, me=me, world=world, mesh=mesh,
-                       stages=stages)
+        dist.agree(error, f"saving iteration {iteration}", group)
+    if not stale and high == -neg_low:
+        assert cached is not None
+        structure = cached
+    else:
+        assert spec is not None
+        structure = _agree_on_plan(spec, me, world, group, iteration=iteration, prefix=prefix,
+                                   save_optimizer=save_optimizer, remove_redundancy=remove_redundancy,
+                                   layout=layout)
+        if len(_CACHE) >= 16:
+            _CACHE.clear()  # a job alternating many structures: keep memory bounded
+        _CACHE[key] = structure
+    assert flat is not None
+    return bind_plan(structure, views, flat.objects, flat.rank_local, directory, iteration, group, me, layout,
+                     save_optimizer)
+
+
+def _agree_on_plan(spec: saveplan.RankSpec, me: int, world: int, group: Any, *, iteration: int, prefix: str,
+                   save_optimizer: bool, remove_redundancy: bool, layout: v2.LayoutMeta) -> PlanStructure:
+    """A first save's planning: digests to rank 0, one spec per distinct digest, a reply to each rank."""
+    digests = dist.gather_object(spec.digest, 0, group)
+    wanted = None
+    if me == 0:
+        assert digests is not None
+        first: dict[str, int] = {}
+        for r, d in enumerate(digests):
+            first.setdefault(d, r)
+        wanted = [first[d] == r for r, d in enumerate(digests)]
+    send = dist.scatter_object(wanted, 0, group)
+    specs = dist.gather_object(spec if send else None, 0, group)
+    replies = None
+    if me == 0:
+        assert specs is not None and digests is not None
+        ranks: dict[str, list[int]] = {}
+        for r, d in enumerate(digests):
+            ranks.setdefault(d, []).append(r)
+        groups = [(specs[rs[0]], rs) for rs in ranks.values()]
+        plan_id = random.getrandbits(62)
+        try:
+            meta, per_rank = saveplan.merge(groups, world=world, iteration=iteration, prefix=prefix,
+                                            save_optimizer=save_optimizer, remove_redundancy=remove_redundancy,
+                                            layout=layout)
+            replies = [(None, plan_id, per_rank.get(r)) for r in range(world)]
+        except SaveError as exc:
+            meta, replies = None, [(str(exc), -1, None)] * world
+    problem, plan_id, reply = dist.scatter_object(replies, 0, group)
+    if problem is not None:
+        raise SaveError(problem)
+    files = saveplan.rank_files(spec, me, world, reply, prefix=prefix, save_optimizer=save_optimizer,
+                                remove_redundancy=remove_redundancy)
+    shapes = {t.name: list(t.shape) for t in spec.tensors}
+    return PlanStructure(spec.digest, plan_id, files, shapes, meta if me == 0 else None)
+
+
+def bind_plan(structure: PlanStructure, views: Mapping, objects: dict, rank_local: Any, directory: Path,
+              iteration: int, group: Any, me: int, layout: v2.LayoutMeta, save_optimizer: bool) -> SavePlan:
+    """This save's plan from a structure: the live tensors, this iteration's file metadata and folder.
+
+    Pure, O(own chunks) on every rank (rank 0 also copies the file table: O(world size)).
+    ``views`` maps (name, box) to the tensor holding that chunk now.
+    """
+    files: dict[str, tuple[str, list[WriteItem]]] = {}
+    file_meta: dict[str, dict[str, str]] = {}
+    for fname, (kind, items) in structure.files.items():
+        files[fname] = (kind, [WriteItem(name, k, box, views[(name, box)]) for name, k, box in items])
+        described = {k: (name, structure.shapes[name], list(box.offsets)) for name, k, box in items}
+        file_meta[fname] = v2.file_metadata(described, kind=kind, rank=me, iteration=iteration, layout=layout,
+                                            save_optimizer=save_optimizer)
+    meta = common = None
+    if structure.metadata is not None:
+        t = structure.metadata
+        meta = v2.Metadata(iteration=iteration, layout=layout, save_optimizer=save_optimizer, tensors=t.tensors,
+                           files={n: v2.FileMeta(0, "0" * 16, f.kind, f.rank) for n, f in t.files.items()})
+        common = _common(objects, iteration, [])
+    return SavePlan(iteration, directory, group, me, files, file_meta, meta, common, rank_local)
 
 
 def build_plan(holdings: list[dict], rank_locals: list[Any], objects: dict, views: dict, directory: Path,
                 iteration: int, *, prefix: str, save_optimizer: bool, remove_redundancy: bool, group: Any,
                 me: int, world: int, mesh: dict[str, int] | None, stages: int) -> SavePlan:
-    """Pure part of planning: identical on every rank given the same gathered holdings."""
+    """A plan from explicit boxes per rank, every chunk listed in metadata.json (offline tools: ``split``).
+
+    Live saves plan from placements instead (:func:`plan_save`); this path serves writers
+    that know each rank's boxes but hold no DTensors. Pure.
+    """
     entries: dict[str, tuple[str, str, list[int]]] = {}
     held: dict[int, list[tuple[str, Box]]] = {}
     for r, h in enumerate(holdings):
@@ -306,22 +397,29 @@ def finish_save(plan: SavePlan, written: dict[str, tuple[int, str]] | None, erro
     what = f"saving {plan.final}"
     committed = False
     try:
-        results = dist.all_gather_object((error, written or {}), plan.group)
-        failed = [(dist.global_rank(plan.group, r), e) for r, (e, _) in enumerate(results) if e is not None]
-        if failed:
-            detail = "; ".join(f"rank {r}: {e}" for r, e in failed)
-            raise SaveError(f"{what} failed on {len(failed)} rank(s), nothing was committed: {detail}")
-        error = None
+        # Point to point to rank 0: a rank sends its own files' sizes and receives nothing.
+        results = dist.gather_object((error, written or {}, plan.rank_local), 0, plan.group)
+        outcome = None
         if plan.rank == 0:
-            try:
-                for _, files in results:
-                    for fname, (size, digest) in files.items():
-                        plan.metadata.files[fname].size, plan.metadata.files[fname].xxh3_64 = size, digest
-                commit_plan(plan)
-                committed = True
-            except Exception as exc:  # told to every rank by agree below
-                error = error_text(exc)
-        dist.agree(error, f"committing {plan.final}", plan.group)
+            assert results is not None and plan.metadata is not None and plan.common is not None
+            failed = [(dist.global_rank(plan.group, r), e) for r, (e, _, _) in enumerate(results) if e is not None]
+            if failed:
+                detail = "; ".join(f"rank {r}: {e}" for r, e in failed)
+                outcome = f"{what} failed on {len(failed)} rank(s), nothing was committed: {detail}"
+            else:
+                try:
+                    for _, files, _ in results:
+                        for fname, (size, digest) in files.items():
+                            plan.metadata.files[fname].size, plan.metadata.files[fname].xxh3_64 = size, digest
+                    plan.common["rank_local"] = [rl for _, _, rl in results]
+                    commit_plan(plan)
+                    committed = True
+                except Exception as exc:  # told to every rank below
+                    outcome = (f"committing {plan.final} failed on 1 rank(s), nothing was committed: "
+                               f"rank {dist.global_rank(plan.group, 0)}: {error_text(exc)}")
+        outcome = dist.broadcast_object(outcome, 0, plan.group)
+        if outcome is not None:
+            raise SaveError(outcome)
     except BaseException as exc:
         if plan.rank == 0 and plan.temp.exists():
             shutil.rmtree(plan.temp, ignore_errors=True)
@@ -341,11 +439,12 @@ def finish_save(plan: SavePlan, written: dict[str, tuple[int, str]] | None, erro
 
 
 def commit_plan(plan: SavePlan) -> None:
-    """Rank 0: metadata.json and common.json into the temp folder, fsync, rename, tracker."""
+    """Rank 0: files.json, common.json and metadata.json into the temp folder, fsync, rename, tracker."""
+    assert plan.metadata is not None and plan.common is not None, "only rank 0 commits"
     with gc_paused():
-        text = plan.metadata.to_json()
-        v2.Metadata.from_json(text, plan.temp / v2.METADATA)  # never commit a plan that does not tile
-        files = ((v2.METADATA, text.encode()), (v2.COMMON, v2.common_bytes(plan.common)))
+        table, text = plan.metadata.files_json().encode(), plan.metadata.to_json()
+        v2.Metadata.from_json(text, plan.temp / v2.METADATA, table)  # never commit a plan that does not tile
+        files = ((v2.FILES, table), (v2.COMMON, v2.common_bytes(plan.common)), (v2.METADATA, text.encode()))
     for name, data in files:
         with open(plan.temp / name, "wb") as f:
             f.write(data)

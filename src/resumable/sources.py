@@ -209,9 +209,9 @@ def _open_v2(folder: Path) -> Source:
     meta = v2.read_metadata(folder)
     tensors = {}
     for name, t in meta.tensors.items():
-        chunks = tuple(SourceChunk(c.box, _safetensors_reader(folder / v2.check_bare_name(c.stored[0].file, name),
-                                                               c.stored[0].key, c.box), c.stored[0].file)
-                       for c in t.chunks)
+        chunks = tuple(SourceChunk(box, _safetensors_reader(folder / v2.check_bare_name(copies[0].file, name),
+                                                             copies[0].key, box), copies[0].file)
+                       for box, copies in meta.stored(name))
         tensors[name] = SourceTensor(name, getattr(torch, t.dtype), tuple(t.shape), chunks)
     common = v2.read_common(folder)
     config = (common.get("state") or {}).get("model_config")

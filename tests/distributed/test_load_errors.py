@@ -14,7 +14,9 @@ import torch
 
 import resumable
 from resumable.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, UnsafeCheckpointError
+from resumable.formats import v2
 from resumable.load import StateMismatchError, load
+from tests.format1 import downgrade
 from tests.launch import run_distributed
 
 
@@ -72,7 +74,7 @@ def test_a_truncated_file_fails_the_size_check_before_any_tensor_is_touched(fold
     with pytest.raises(CorruptCheckpointError) as info:
         load(target, folder)
     assert str(info.value) == (
-        f"{victim}: {size - 8} bytes on disk, metadata.json records {size}; the file is truncated or was "
+        f"{victim}: {size - 8} bytes on disk, files.json records {size}; the file is truncated or was "
         "replaced: restore it or load another iteration")
     assert not target["model"]["norm.weight"].any()
 
@@ -83,20 +85,20 @@ def test_a_flipped_byte_is_caught_only_with_verify_checksum(folder: Path) -> Non
     data[-1] ^= 0x01  # the last byte of the last tensor's data
     victim.write_bytes(bytes(data))
     load(_zeros_like(_state()), folder, verify="size")  # same size: not seen
-    recorded = json.loads((folder / "metadata.json").read_text())["files"][victim.name]["xxh3_64"]
+    recorded = v2.read_metadata(folder).files[victim.name].xxh3_64
     with pytest.raises(CorruptCheckpointError) as info:
         load(_zeros_like(_state()), folder, verify="checksum")
     import xxhash
     actual = xxhash.xxh3_64(bytes(data)).hexdigest()
     assert str(info.value) == (
-        f"{victim}: xxh3-64 checksum {actual} differs from {recorded} recorded in metadata.json; the file is "
+        f"{victim}: xxh3-64 checksum {actual} differs from {recorded} recorded in files.json; the file is "
         "damaged: restore it or load another iteration")
 
 
 def test_a_missing_file_is_named(folder: Path) -> None:
     victim = folder / "CKP-opt-0000000-0000001.safetensors"
     victim.unlink()
-    with pytest.raises(CheckpointNotFoundError, match=rf"^{victim}: missing; metadata.json lists it with \d+ bytes"):
+    with pytest.raises(CheckpointNotFoundError, match=rf"^{victim}: missing; files.json lists it with \d+ bytes"):
         load(_zeros_like(_state()), folder)
 
 
@@ -122,6 +124,8 @@ def test_a_dtype_in_the_file_differing_from_metadata_is_refused(folder: Path) ->
 
 
 def test_a_file_name_leaving_the_folder_is_refused(folder: Path) -> None:
+    downgrade(folder)  # format version 1 lists file names inline, where a forger edits them
+
     def escape(doc: dict) -> None:
         doc["files"]["../../etc/passwd"] = doc["files"].pop("CKP-model-0000000-0000001.safetensors")
     _edit_metadata(folder, escape)

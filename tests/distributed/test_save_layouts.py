@@ -14,28 +14,30 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from resumable.formats import v2
+from resumable.geometry import Box
 from resumable.save import save
 from tests.launch import run_distributed
 
 
 def reassemble(folder: Path) -> dict[str, torch.Tensor]:
-    """Rebuild every full tensor from metadata.json and the files, reading with ``safetensors`` only.
+    """Rebuild every full tensor from the metadata and the files, reading the bytes with ``safetensors``.
 
     Every stored copy of a chunk is read and must equal the others.
     """
-    meta = json.loads((folder / "metadata.json").read_text())
+    meta = v2.read_metadata(folder)
     out = {}
-    for name, t in meta["tensors"].items():
-        full = torch.empty(t["shape"], dtype=getattr(torch, t["dtype"]))
-        for chunk in t["chunks"]:
-            where = tuple(slice(o, o + s) for o, s in zip(chunk["offsets"], chunk["shape"]))
-            copies = []
-            for stored in chunk["stored"]:
-                with safe_open(str(folder / stored["file"]), "pt") as f:
-                    copies.append(f.get_tensor(stored["key"]))
-            for c in copies[1:]:
-                assert torch.equal(c, copies[0]), f"copies of {name} at {chunk['offsets']} differ"
-            full[where] = copies[0]
+    for name, t in meta.tensors.items():
+        full = torch.empty(t.shape, dtype=getattr(torch, t.dtype))
+        for box, copies in meta.stored(name):
+            where = tuple(slice(o, o + s) for o, s in zip(box.offsets, box.shape))
+            values = []
+            for stored in copies:
+                with safe_open(str(folder / stored.file), "pt") as f:
+                    values.append(f.get_tensor(stored.key))
+            for c in values[1:]:
+                assert torch.equal(c, values[0]), f"copies of {name} at {box.offsets} differ"
+            full[where] = values[0]
         out[name] = full
     return out
 
@@ -53,21 +55,20 @@ def file_names(folder: Path) -> list[str]:
 
 def assert_no_redundancy_and_balanced(folder: Path) -> None:
     """Each chunk stored once; bytes per writer differ by at most the largest chunk; names count writers."""
-    meta = json.loads((folder / "metadata.json").read_text())
-    per_rank: dict[int, int] = {}
+    meta = v2.read_metadata(folder)
+    per_rank = {f.rank: 0 for f in meta.files.values()}
     largest = 0
-    for t in meta["tensors"].values():
-        itemsize = torch.empty(0, dtype=getattr(torch, t["dtype"])).element_size()
-        for chunk in t["chunks"]:
-            assert len(chunk["stored"]) == 1, chunk
-            nbytes = itemsize * torch.Size(chunk["shape"]).numel()
+    for name, t in meta.tensors.items():
+        itemsize = torch.empty(0, dtype=getattr(torch, t.dtype)).element_size()
+        for box, copies in meta.stored(name):
+            assert len(copies) == 1, (name, box)
+            nbytes = itemsize * box.numel
             largest = max(largest, nbytes)
-            rank = meta["files"][chunk["stored"][0]["file"]]["rank"]
-            per_rank[rank] = per_rank.get(rank, 0) + nbytes
+            per_rank[meta.files[copies[0].file].rank] += nbytes
     assert max(per_rank.values()) - min(per_rank.values()) <= largest, per_rank
-    writers = meta["layout"]["writers"]
-    assert len(per_rank) == writers
-    for name in meta["files"]:
+    writers = meta.layout.writers
+    assert len(per_rank) == writers  # every rank writes its files, some possibly empty
+    for name in meta.files:
         count = int(re.search(r"-(\d{7})\.safetensors$", name).group(1))
         assert count == writers, name
 
@@ -173,14 +174,13 @@ def test_two_processes_dp_tp_strided_and_pp_reassemble_exactly(tmp_path: Path):
 
     tp = tmp_path / "tp" / "iteration_00000003"
     assert_same(reassemble(tp), refs["tp"])
-    meta = json.loads((tp / "metadata.json").read_text())
-    assert meta["layout"] == {"world_size": 2, "mesh": {"tp": 2}, "pipeline_stages": 1, "writers": 2}
-    strided = meta["tensors"]["strided"]["chunks"]
-    assert [ch["offsets"] for ch in strided] == [[0, 0], [2, 0], [4, 0], [6, 0]]
-    assert strided[0]["stored"] == [{"file": "CKP-model-0000000-0000002.safetensors", "key": "strided@0,0"}]
-    assert meta["tensors"]["rows"]["chunks"][1] == {
-        "offsets": [3, 0], "shape": [2, 3],
-        "stored": [{"file": "CKP-model-0000001-0000002.safetensors", "key": "rows"}]}
+    meta = v2.read_metadata(tp)
+    assert json.loads((tp / "metadata.json").read_text())["layout"] == {
+        "world_size": 2, "mesh": {"tp": 2}, "pipeline_stages": 1, "writers": 2}
+    strided = meta.stored("strided")
+    assert [box.offsets for box, _ in strided] == [(0, 0), (2, 0), (4, 0), (6, 0)]
+    assert strided[0][1] == [v2.Stored("CKP-model-0000000-0000002.safetensors", "strided@0,0")]
+    assert meta.stored("rows")[1] == (Box((3, 0), (2, 3)), [v2.Stored("CKP-model-0000001-0000002.safetensors", "rows")])
 
     pp = tmp_path / "pp" / "iteration_00000005"
     assert_same(reassemble(pp), refs["pp"])
@@ -228,7 +228,7 @@ def test_four_processes_fsdp_over_tp_strided_shards_reassemble_exactly(tmp_path:
     assert json.loads((full / "metadata.json").read_text())["layout"]["mesh"] == {"dp": 2, "tp": 2}
     rr = tmp_path / "rr" / "iteration_00000001"
     assert_same(reassemble(rr), refs)
-    meta = json.loads((rr / "metadata.json").read_text())
-    assert all(len(ch["stored"]) == 1 for t in meta["tensors"].values() for ch in t["chunks"])
+    meta = v2.read_metadata(rr)
+    assert all(len(copies) == 1 for name in meta.tensors for _, copies in meta.stored(name))
     assert_no_redundancy_and_balanced(tmp_path / "rep" / "iteration_00000001")
     assert all(re.fullmatch(r"(model|opt)-\d{7}-\d{7}\.safetensors", n) for n in file_names(rr))

@@ -61,15 +61,15 @@ def _truncate(f: Path) -> None:
 CASES: dict[str, tuple[Callable[[Path], None], type, str]] = {
     "flipped byte in tensor data": (
         lambda it4: _flip_data_byte(it4 / MODEL), CorruptCheckpointError,
-        "{it4}/" + MODEL + ": xxh3-64 checksum {digest} differs from {recorded} recorded in metadata.json; "
+        "{it4}/" + MODEL + ": xxh3-64 checksum {digest} differs from {recorded} recorded in files.json; "
         "the file is damaged: restore it or load another iteration"),
     "truncated file": (
         lambda it4: _truncate(it4 / MODEL), CorruptCheckpointError,
-        "{it4}/" + MODEL + ": 590 bytes on disk, metadata.json records 600; the file is truncated or was "
+        "{it4}/" + MODEL + ": 590 bytes on disk, files.json records 600; the file is truncated or was "
         "replaced: restore it or load another iteration"),
     "missing shard": (
         lambda it4: (it4 / MODEL).unlink(), CheckpointNotFoundError,
-        "{it4}/" + MODEL + ": missing; metadata.json lists it with 600 bytes. The checkpoint is incomplete: "
+        "{it4}/" + MODEL + ": missing; files.json lists it with 600 bytes. The checkpoint is incomplete: "
         "restore the file or load another iteration"),
     "missing metadata.json": (
         lambda it4: (it4 / "metadata.json").unlink(), CorruptCheckpointError,
@@ -159,8 +159,8 @@ def test_nothing_valid_left_is_an_error_listing_every_skipped_iteration(ckpt: Pa
     it2, it4 = ckpt / "iteration_00000002", ckpt / "iteration_00000004"
     assert str(info.value) == (
         f"{ckpt}: no committed and valid iteration to resume from; skipped: iteration_00000004 named by {TRACKER} "
-        f"({it4}/{MODEL}: 590 bytes on disk, metadata.json records 600; the file is truncated or was replaced: "
-        f"restore it or load another iteration); iteration_00000002 ({it2}/{MODEL}: missing; metadata.json lists "
+        f"({it4}/{MODEL}: 590 bytes on disk, files.json records 600; the file is truncated or was replaced: "
+        f"restore it or load another iteration); iteration_00000002 ({it2}/{MODEL}: missing; files.json lists "
         "it with 600 bytes. The checkpoint is incomplete: restore the file or load another iteration). Restore a "
         "checkpoint or clear load_checkpoint to start fresh")
 

@@ -70,9 +70,9 @@ def test_a_disk_full_exactly_at_the_tracker_update_commits_nothing(small_disk: P
     mgr.save({"model": {"w": torch.ones(4)}, "optimizer": {"m": torch.ones(4)}}, 1)
     fs = os.statvfs(small_disk)
     used = fs.f_files - fs.f_ffree
-    # Save 2 creates 5 inodes before the tracker (temp folder, model and opt files, metadata.json,
-    # common.json): allow exactly those.
-    subprocess.run(["mount", "-o", f"remount,nr_inodes={used + 5}", str(small_disk)], check=True)
+    # Save 2 creates 6 inodes before the tracker (temp folder, model and opt files, files.json,
+    # common.json, metadata.json): allow exactly those.
+    subprocess.run(["mount", "-o", f"remount,nr_inodes={used + 6}", str(small_disk)], check=True)
     with pytest.raises(SaveError) as info:
         mgr.save({"model": {"w": torch.zeros(4)}, "optimizer": {"m": torch.zeros(4)}}, 2)
     message = str(info.value)

@@ -68,7 +68,11 @@ def test_merge_then_split_rewrites_the_trainers_files_byte_for_byte(tmp_path):
                  "--quiet"]) == 0
     a = v2.read_metadata(original / "iteration_00000001")
     b = v2.read_metadata(tmp_path / "split" / "iteration_00000001")
-    assert a.tensors == b.tensors
+    # The trainer describes its tensors by placements, split lists their chunks: the same chunks and copies.
+    assert sorted(a.tensors) == sorted(b.tensors)
+    for name, t in a.tensors.items():
+        assert (t.dtype, t.shape, t.kind) == (b.tensors[name].dtype, b.tensors[name].shape, b.tensors[name].kind)
+        assert a.stored(name) == b.stored(name), name
     assert a.layout == b.layout
     assert {n: (f.size, f.xxh3_64) for n, f in a.files.items()} == {n: (f.size, f.xxh3_64) for n, f in b.files.items()}
     assert v2.read_common(original / "iteration_00000001") == v2.read_common(tmp_path / "split" / "iteration_00000001")

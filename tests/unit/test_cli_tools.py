@@ -70,7 +70,7 @@ def test_inspect_tables_mark_the_latest_and_incomplete(ckpt, capsys):
     out = capsys.readouterr().out
     assert "2          iteration_00000002  yes              <- latest" in out
     assert "3          iteration_00000003  NO (incomplete)" in out
-    assert "4 tensors, 220 B; 4 files, " in out  # 24 + 96 + 96 + 4 bytes
+    assert "4 tensors, 220 B; 5 files, " in out  # 24 + 96 + 96 + 4 bytes; 2 safetensors, 3 JSON
 
 
 def test_verify_passes_an_intact_folder(ckpt, capsys):
@@ -92,7 +92,7 @@ def test_verify_catches_a_flipped_byte_and_names_the_file(ckpt, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2
     assert lines[0].startswith(f"PROBLEM {path}: xxh3-64 checksum ")
-    assert lines[0].endswith("recorded in metadata.json; the file is damaged: restore it or load another iteration")
+    assert lines[0].endswith("recorded in files.json; the file is damaged: restore it or load another iteration")
     assert lines[1] == f"{ckpt}: 1 problem(s) found (4 files checked: sizes and checksums)"
     assert main(["verify", str(ckpt), "--no-checksum"]) == 0  # same size: only the checksum sees it
 
@@ -103,7 +103,7 @@ def test_verify_catches_a_truncated_file_even_without_checksums(ckpt, capsys):
     os.truncate(path, size - 5)
     assert main(["verify", str(ckpt / "iteration_00000001"), "--no-checksum"]) == 1
     assert capsys.readouterr().out.splitlines() == [
-        f"PROBLEM {path}: {size - 5} bytes on disk, metadata.json records {size}; the file is truncated or was "
+        f"PROBLEM {path}: {size - 5} bytes on disk, files.json records {size}; the file is truncated or was "
         "replaced: restore it or load another iteration",
         f"{ckpt / 'iteration_00000001'}: 1 problem(s) found (2 files checked: sizes)"]
 

@@ -21,6 +21,7 @@ import resumable
 from resumable.errors import CorruptCheckpointError, UnsafeCheckpointError
 from resumable.formats import v1, v2
 from resumable.load import StateMismatchError
+from tests.format1 import downgrade
 
 MODEL = "CKP-model-0000000-0000001.safetensors"
 
@@ -32,7 +33,9 @@ def _state(n: int = 64, dtype: torch.dtype = torch.float32) -> dict:
 @pytest.fixture
 def it1(tmp_path: Path) -> Path:
     resumable.save({"model": {"w": torch.arange(64.0)}}, tmp_path / "ckpt", 1)
-    return tmp_path / "ckpt" / "iteration_00000001"
+    folder = tmp_path / "ckpt" / "iteration_00000001"
+    downgrade(folder)  # format version 1 lists what is forged here: chunks and file entries
+    return folder
 
 
 def _edit_metadata(folder: Path, edit) -> None:

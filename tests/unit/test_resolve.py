@@ -133,7 +133,7 @@ def test_fallback_skips_a_damaged_target_and_loads_the_newest_valid_iteration(ck
     assert r.path == ckpt / "iteration_00000100"
     size = victim.stat().st_size
     skipped = (f"iteration_00000300 named by latest_checkpointed_iteration.txt ({victim}: {size} bytes on disk, "
-               f"metadata.json records {size + 4}; the file is truncated or was replaced: restore it or load "
+               f"files.json records {size + 4}; the file is truncated or was replaced: restore it or load "
                "another iteration)")
     assert caplog.records[-1].getMessage() == (
         f"resume_training: skipped {skipped}; loading {ckpt / 'iteration_00000100'} instead")
@@ -177,4 +177,4 @@ def test_verify_names_a_missing_file_and_a_file_with_the_wrong_checksum(ckpt: Pa
     victim.unlink()
     with pytest.raises(CheckpointNotFoundError) as info:
         verify_files(folder)
-    assert str(info.value).startswith(f"{victim}: missing; metadata.json lists it with ")
+    assert str(info.value).startswith(f"{victim}: missing; files.json lists it with ")

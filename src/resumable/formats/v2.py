@@ -19,7 +19,7 @@ import json
 import os
 import re
 from dataclasses import asdict, dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import xxhash
@@ -28,10 +28,14 @@ from resumable.errors import CheckpointNotFoundError, CorruptCheckpointError, Un
 from resumable.formats.hf import safe_member
 from resumable.formats.safetensors_io import DTYPE_NAMES, read_header
 from resumable.geometry import Box, covers_exactly
+from resumable.grid import Grid, Mesh, check_placements
 
 FORMAT = "resumable-checkpoint"
-FORMAT_VERSION = 1
+#: 2: tensors saved by placements over a mesh are described by them (``grid``), the file
+#: table moves to files.json; version 1 (every chunk listed, files inline) is still read.
+FORMAT_VERSION = 2
 METADATA = "metadata.json"
+FILES = "files.json"
 COMMON = "common.json"
 KINDS = ("model", "opt")
 #: ``__metadata__`` keys written into every file.
@@ -91,12 +95,18 @@ class ChunkMeta:
 
 @dataclass
 class TensorMeta:
-    """One tensor: dtype (torch name), global shape, kind (model/opt) and its chunks."""
+    """One tensor: dtype (torch name), global shape, kind (model/opt) and its chunks.
+
+    Its chunks are either listed (``chunks``) or described by placements over a mesh
+    (``grid``, with ``chunks`` empty): ask :meth:`Metadata.stored` rather than reading
+    ``chunks`` directly.
+    """
 
     dtype: str
     shape: list[int]
     kind: str
     chunks: list[ChunkMeta]
+    grid: Grid | None = None
 
 
 @dataclass
@@ -121,7 +131,7 @@ class LayoutMeta:
 
 @dataclass
 class Metadata:
-    """The content of ``metadata.json``."""
+    """The content of ``metadata.json`` (and, from format version 2, of ``files.json``)."""
 
     iteration: int
     layout: LayoutMeta
@@ -131,37 +141,115 @@ class Metadata:
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
+    def file_of(self, kind: str, rank: int) -> str:
+        """The file of ``kind`` that group rank ``rank`` wrote (grid tensors name ranks, not files).
+
+        Raises:
+            CorruptCheckpointError: no such file is listed.
+        """
+        index = self.__dict__.get("_by_rank")
+        if index is None:
+            index = self.__dict__["_by_rank"] = {(f.kind, f.rank): n for n, f in self.files.items()}
+        name = index.get((kind, rank))
+        if name is None:
+            raise CorruptCheckpointError(
+                f"{METADATA}: a {kind} chunk is stored by rank {rank}, but {FILES} lists no {kind} file of "
+                "that rank; the metadata is damaged: rebuild it from the files (resumable.formats.v2.rebuild_metadata)")
+        return name
+
+    def stored(self, name: str, box: Box | None = None, first_only: bool = False) -> list[tuple[Box, list[Stored]]]:
+        """The stored chunks of tensor ``name`` (those overlapping ``box`` when given), with their copies.
+
+        ``first_only``: only the copy a reader uses (what the loader needs; a tensor
+        replicated on W ranks has W copies).
+
+        A listed tensor is filtered chunk by chunk; a grid tensor finds the overlapping
+        chunks by bisection (O(log chunks + overlaps)), so a rank's planning costs what its
+        own targets need, whatever the world size that saved.
+        """
+        t = self.tensors[name]
+        if t.grid is None:
+            return [(c.box, c.stored[:1] if first_only else c.stored) for c in t.chunks
+                    if box is None or c.box.is_empty or c.box.intersect(box) is not None]
+        g = t.grid
+        found = g.all_chunks() if box is None else g.overlapping(box)
+        out = []
+        for chunk, fixed in found:
+            several = g.chunks_per_rank(fixed) > 1
+            key = chunk_key(name, chunk.offsets, several)
+            out.append((chunk, [Stored(self.file_of(t.kind, r), key) for r in g.copies(fixed, first_only)]))
+        return out
+
+    def chunk_count(self, name: str) -> int:
+        """Number of distinct stored chunks of ``name`` (without enumerating a grid)."""
+        t = self.tensors[name]
+        if t.grid is None:
+            return len(t.chunks)
+        n = 1
+        for d in range(len(t.shape)):
+            n *= len(t.grid._tables()[d][1])
+        return n
+
+    def files_json(self) -> str:
+        """``files.json``: one entry per file (size, checksum, kind, writer rank)."""
+        return json.dumps({"format": FILES_FORMAT, "files": {n: asdict(f) for n, f in self.files.items()}},
+                          separators=(",", ":"))
+
     def to_json(self) -> str:
-        """Serialise compactly (one line: metadata of big models stays small; read it with ``jq``)."""
-        # Tensors spelled out: dataclasses.asdict deep-copies every list (most of a commit's time).
-        tensors = {n: {"dtype": t.dtype, "shape": t.shape, "kind": t.kind,
-                       "chunks": [{"offsets": c.offsets, "shape": c.shape,
-                                   "stored": [{"file": s.file, "key": s.key} for s in c.stored]}
-                                  for c in t.chunks]}
-                   for n, t in self.tensors.items()}
-        doc = {"format": self.format, "format_version": self.format_version,
+        """Serialise ``metadata.json`` compactly (one line; read it with ``jq``).
+
+        Format version 2: grid tensors record their mesh (an index into ``meshes``) and
+        placements instead of their chunks; the file table is ``files.json``, whose size
+        and checksum are recorded here under ``files``.
+        """
+        meshes: dict[Mesh, int] = {}
+        tensors = {}
+        for n, t in self.tensors.items():
+            if t.grid is None:
+                # Listed out: dataclasses.asdict deep-copies every list (most of a commit's time).
+                tensors[n] = {"dtype": t.dtype, "shape": t.shape, "kind": t.kind,
+                              "chunks": [{"offsets": c.offsets, "shape": c.shape,
+                                          "stored": [{"file": s.file, "key": s.key} for s in c.stored]}
+                                         for c in t.chunks]}
+                continue
+            entry = {"dtype": t.dtype, "shape": t.shape, "kind": t.kind,
+                     "mesh": meshes.setdefault(t.grid.mesh, len(meshes)),
+                     "placements": [list(p) for p in t.grid.placements]}
+            if t.grid.owner is not None:
+                entry["owner"] = t.grid.owner
+            tensors[n] = entry
+        table = self.files_json().encode()
+        doc = {"format": self.format, "format_version": FORMAT_VERSION,
                "iteration": self.iteration, "layout": asdict(self.layout),
-               "save_optimizer": self.save_optimizer, "tensors": tensors,
-               "files": {n: asdict(f) for n, f in self.files.items()}}
+               "save_optimizer": self.save_optimizer,
+               "meshes": [m.to_json() for m in meshes],
+               "files": {"table": FILES, "count": len(self.files), "size": len(table),
+                         "xxh3_64": xxhash.xxh3_64_hexdigest(table)},
+               "tensors": tensors}
         return json.dumps(doc, separators=(",", ":"))
 
     @classmethod
-    def from_json(cls, text: str | bytes, source: str | os.PathLike[str] = METADATA) -> "Metadata":
+    def from_json(cls, text: str | bytes, source: str | os.PathLike[str] = METADATA,
+                  files: bytes | None = None) -> "Metadata":
         """Parse and validate ``metadata.json``.
 
         Args:
             text: the file's content.
             source: its path, used in error messages.
+            files: the content of ``files.json`` (format version 2 keeps the file table there).
 
         Raises:
             UnsafeCheckpointError: a file name that is not a bare name inside the folder.
             CorruptCheckpointError: anything else malformed, naming ``source`` and the tensor.
         """
-        return _parse(text, str(source))
+        return _parse(text, str(source), files)
 
     def validate(self, source: str = METADATA) -> None:
         """Run the read-time checks on an in-memory instance (save runs them before committing)."""
-        _parse(self.to_json(), source)
+        _parse(self.to_json(), source, self.files_json().encode())
+
+
+FILES_FORMAT = "resumable-files"
 
 
 def _is_int(x: object) -> bool:
@@ -174,24 +262,30 @@ def _int_list(x: object) -> bool:
 
 def check_bare_name(name: object, source: str) -> str:
     """Refuse any file name that could leave the checkpoint folder."""
+    # No separator at all, so no absolute path either: a bare name cannot leave the folder.
     if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name
-            or "\0" in name or PurePosixPath(name).is_absolute()):
+            or "\0" in name):
         raise UnsafeCheckpointError(
             f"{source}: file name {name!r} is not a bare file name inside the checkpoint folder; "
             "refusing to read outside it (the metadata was edited or forged)")
     return name
 
 
-def _parse(text: str | bytes, source: str) -> Metadata:
-    def bad(problem: str) -> CorruptCheckpointError:
-        return CorruptCheckpointError(f"{source}: {problem}; the checkpoint metadata is damaged: "
-                                      "restore it or rebuild it from the files (resumable.formats.v2.rebuild_metadata)")
+def _json_object(text: str | bytes, what: str, bad: Any) -> dict:
     try:
         doc = json.loads(text)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise bad(f"not valid JSON ({exc})") from exc
+        raise bad(f"{what}not valid JSON ({exc})") from exc
     if not isinstance(doc, dict):
-        raise bad(f"top level is a JSON {type(doc).__name__}, expected an object")
+        raise bad(f"{what}top level is a JSON {type(doc).__name__}, expected an object")
+    return doc
+
+
+def _parse(text: str | bytes, source: str, files_text: bytes | None = None) -> Metadata:
+    def bad(problem: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(f"{source}: {problem}; the checkpoint metadata is damaged: "
+                                      "restore it or rebuild it from the files (resumable.formats.v2.rebuild_metadata)")
+    doc = _json_object(text, "", bad)
     if doc.get("format") != FORMAT:
         raise bad(f"format is {doc.get('format')!r}, expected {FORMAT!r}")
     version = doc.get("format_version")
@@ -206,26 +300,109 @@ def _parse(text: str | bytes, source: str) -> Metadata:
         raise bad(f"layout {lay!r} lacks a positive world_size")
     layout = LayoutMeta(world_size=lay["world_size"], mesh=lay.get("mesh"),
                         pipeline_stages=int(lay.get("pipeline_stages", 1)), writers=int(lay.get("writers", 1)))
-    files: dict[str, FileMeta] = {}
-    raw_files = doc.get("files")
-    if not isinstance(raw_files, dict):
-        raise bad("'files' is missing or not an object")
-    for name, f in raw_files.items():
-        check_bare_name(name, source)
-        if (not isinstance(f, dict) or not _is_int(f.get("size")) or f["size"] < 0
-                or not isinstance(f.get("xxh3_64"), str) or not re.fullmatch(r"[0-9a-f]{16}", f["xxh3_64"])
-                or f.get("kind") not in KINDS or not _is_int(f.get("rank"))):
-            raise bad(f"file {name!r} entry {f!r} needs size (int), xxh3_64 (16 hex digits), "
-                      f"kind (model/opt) and rank (int)")
-        files[name] = FileMeta(f["size"], f["xxh3_64"], f["kind"], f["rank"])
+    raw_files = doc.get("files") if version == 1 else _file_table(doc.get("files"), files_text, bad)
+    files = _parse_files(raw_files, source, bad)
+    meshes = _parse_meshes(doc.get("meshes", []), bad) if version >= 2 else []
     tensors: dict[str, TensorMeta] = {}
     raw_tensors = doc.get("tensors")
     if not isinstance(raw_tensors, dict):
         raise bad("'tensors' is missing or not an object")
     for name, t in raw_tensors.items():
-        tensors[name] = _parse_tensor(name, t, files, source, bad)
+        if isinstance(t, dict) and "mesh" in t:
+            tensors[name] = _parse_grid_tensor(name, t, meshes, bad)
+        else:
+            tensors[name] = _parse_tensor(name, t, files, source, bad)
     return Metadata(iteration=it, layout=layout, save_optimizer=bool(doc.get("save_optimizer", True)),
                     tensors=tensors, files=files, format=FORMAT, format_version=version)
+
+
+def _file_table(entry: object, files_text: bytes | None, bad: Any) -> object:
+    """The ``files`` object of ``files.json``, checked against the size and checksum metadata.json records."""
+    if not isinstance(entry, dict) or entry.get("table") != FILES or not _is_int(entry.get("size")) \
+            or not isinstance(entry.get("xxh3_64"), str):
+        raise bad(f"'files' {entry!r} must name {FILES!r} with its size and xxh3_64")
+    if files_text is None:
+        raise bad(f"{FILES} is missing (format version 2 keeps the file table there)")
+    if len(files_text) != entry["size"] or xxhash.xxh3_64_hexdigest(files_text) != entry["xxh3_64"]:
+        raise bad(f"{FILES} does not match the size and checksum recorded in metadata.json")
+    doc = _json_object(files_text, f"{FILES}: ", bad)
+    if doc.get("format") != FILES_FORMAT:
+        raise bad(f"{FILES}: format is {doc.get('format')!r}, expected {FILES_FORMAT!r}")
+    return doc.get("files")
+
+
+def _parse_files(raw_files: object, source: str, bad: Any) -> dict[str, FileMeta]:
+    if not isinstance(raw_files, dict):
+        raise bad("'files' is missing or not an object")
+    hex16 = re.compile(r"[0-9a-f]{16}")
+    files: dict[str, FileMeta] = {}
+    for name, f in raw_files.items():
+        check_bare_name(name, source)
+        if (not isinstance(f, dict) or not _is_int(f.get("size")) or f["size"] < 0
+                or not isinstance(f.get("xxh3_64"), str) or not hex16.fullmatch(f["xxh3_64"])
+                or f.get("kind") not in KINDS or not _is_int(f.get("rank"))):
+            raise bad(f"file {name!r} entry {f!r} needs size (int), xxh3_64 (16 hex digits), "
+                      f"kind (model/opt) and rank (int)")
+        files[name] = FileMeta(f["size"], f["xxh3_64"], f["kind"], f["rank"])
+    return files
+
+
+def _parse_meshes(raw: object, bad: Any) -> list[Mesh]:
+    if not isinstance(raw, list):
+        raise bad("'meshes' is not a list")
+    meshes = []
+    for i, m in enumerate(raw):
+        shape = m.get("shape") if isinstance(m, dict) else None
+        if not _int_list(shape) or not shape or 0 in shape:
+            raise bad(f"mesh {i} {m!r} needs a shape of positive integers")
+        if "ranks_range" in m:
+            rr = m["ranks_range"]
+            if not (_int_list(rr) and len(rr) == 3 and rr[2] > 0 and rr[1] >= rr[0]):
+                raise bad(f"mesh {i}: ranks_range {rr!r} must be [start, stop, step] with step > 0")
+            count = -(-(rr[1] - rr[0]) // rr[2])
+            size = 1
+            for s in shape:
+                size *= s
+            if count != size:
+                raise bad(f"mesh {i}: ranks_range gives {count} ranks for a mesh of {size} positions")
+            ranks = tuple(range(rr[0], rr[1], rr[2]))
+        else:
+            ranks = m.get("ranks")
+            if not _int_list(ranks):
+                raise bad(f"mesh {i} {m!r} needs ranks (non-negative integers) or ranks_range")
+            ranks = tuple(ranks)
+        size = 1
+        for s in shape:
+            size *= s
+        if size != len(ranks) or len(set(ranks)) != len(ranks):
+            raise bad(f"mesh {i}: {len(ranks)} ranks (distinct: {len(set(ranks))}) for a mesh of {size} positions")
+        meshes.append(Mesh(tuple(shape), ranks))
+    return meshes
+
+
+def _parse_grid_tensor(name: str, t: dict, meshes: list[Mesh], bad: Any) -> TensorMeta:
+    dtype, shape, kind, mesh, placements = (t.get("dtype"), t.get("shape"), t.get("kind"), t.get("mesh"),
+                                            t.get("placements"))
+    if dtype not in DTYPES:
+        raise bad(f"tensor {name!r} has unknown dtype {dtype!r}")
+    if not _int_list(shape):
+        raise bad(f"tensor {name!r} has invalid shape {shape!r}")
+    if kind not in KINDS:
+        raise bad(f"tensor {name!r} has kind {kind!r}, expected model or opt")
+    if not _is_int(mesh) or not 0 <= mesh < len(meshes):
+        raise bad(f"tensor {name!r} names mesh {mesh!r}; 'meshes' has {len(meshes)}")
+    problem = check_placements(placements, len(shape), len(meshes[mesh].shape))
+    if problem is not None:
+        raise bad(f"tensor {name!r}: {problem}")
+    owner = t.get("owner")
+    if owner is not None and (not _is_int(owner) or owner < 0):
+        raise bad(f"tensor {name!r} has owner {owner!r}, expected a non-negative integer")
+    grid = Grid(tuple(shape), meshes[mesh], tuple(tuple(p) for p in placements), owner)
+    try:
+        grid._tables()  # the runs along every dim must partition it (computed once per distinct key)
+    except ValueError as exc:
+        raise bad(f"tensor {name!r} of shape {shape}: {exc}") from None
+    return TensorMeta(dtype, list(shape), kind, [], grid)
 
 
 def _parse_tensor(name: str, t: object, files: dict[str, FileMeta], source: str, bad: Any) -> TensorMeta:
@@ -267,8 +444,14 @@ def _parse_tensor(name: str, t: object, files: dict[str, FileMeta], source: str,
     return TensorMeta(dtype, list(shape), kind, parsed)
 
 
-def read_metadata(folder: str | os.PathLike[str]) -> Metadata:
-    """Read and validate ``<folder>/metadata.json``.
+def read_metadata(folder: str | os.PathLike[str], *, check_members: bool = True) -> Metadata:
+    """Read and validate ``<folder>/metadata.json`` (and ``files.json``, format version 2).
+
+    Args:
+        folder: an ``iteration_*`` folder.
+        check_members: resolve every listed file to refuse symlinks leading outside ``folder``;
+            a loading rank passes False and checks only the files it reads
+            (:func:`member`), so that no rank touches every file of a large job.
 
     Raises:
         FileNotFoundError: no metadata.json.
@@ -276,10 +459,22 @@ def read_metadata(folder: str | os.PathLike[str]) -> Metadata:
             also UnsafeCheckpointError when a listed file is a symlink resolving outside ``folder``.
     """
     path = Path(folder) / METADATA
-    meta = Metadata.from_json(path.read_bytes(), path)
-    for name in meta.files:  # a symlinked shard must not make us read outside the folder
-        safe_member(Path(folder), name, f"{path}: file")
+    text = path.read_bytes()
+    try:
+        files = (Path(folder) / FILES).read_bytes()
+    except FileNotFoundError:
+        files = None  # format version 1 keeps the table inline; version 2 reports it missing
+    meta = Metadata.from_json(text, path, files)
+    if check_members:
+        for name in meta.files:
+            member(folder, name)
     return meta
+
+
+def member(folder: str | os.PathLike[str], name: str) -> Path:
+    """The path of listed file ``name``, refusing one that resolves outside ``folder`` (a symlinked shard)."""
+    return safe_member(Path(folder), check_bare_name(name, str(Path(folder) / METADATA)),
+                       f"{Path(folder) / METADATA}: file")
 
 
 def read_common(folder: str | os.PathLike[str]) -> dict[str, Any]:

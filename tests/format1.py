@@ -1,0 +1,31 @@
+"""Rewrite a Checkpoint 2.0 folder's metadata in format version 1 (every chunk listed, files inline).
+
+Checkpoints written before format version 2 must keep loading, and the hostile-input
+tests forge chunk lists and file entries, which only version 1 spells out.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from resumable.formats import v2
+
+
+def downgrade(folder: Path) -> dict:
+    """Write ``folder/metadata.json`` as format version 1 from what it describes now; remove files.json."""
+    meta = v2.read_metadata(folder)
+    doc = {"format": v2.FORMAT, "format_version": 1, "iteration": meta.iteration,
+           "layout": {"world_size": meta.layout.world_size, "mesh": meta.layout.mesh,
+                      "pipeline_stages": meta.layout.pipeline_stages, "writers": meta.layout.writers},
+           "save_optimizer": meta.save_optimizer,
+           "tensors": {name: {"dtype": t.dtype, "shape": t.shape, "kind": t.kind,
+                              "chunks": [{"offsets": list(box.offsets), "shape": list(box.shape),
+                                          "stored": [{"file": s.file, "key": s.key} for s in copies]}
+                                         for box, copies in meta.stored(name)]}
+                       for name, t in meta.tensors.items()},
+           "files": {n: {"size": f.size, "xxh3_64": f.xxh3_64, "kind": f.kind, "rank": f.rank}
+                     for n, f in meta.files.items()}}
+    (folder / v2.METADATA).write_text(json.dumps(doc))
+    (folder / v2.FILES).unlink()
+    return doc
