@@ -53,7 +53,19 @@ def test_metadata_round_trips_through_json():
                                                                                  meta.layout, 2)
     doc = json.loads(meta.to_json())
     assert doc["files"]["table"] == "files.json" and doc["files"]["count"] == 2
-    assert doc["tensors"] == _doc()["tensors"]  # an irregular split stays listed
+    # An irregular split stays listed; a key equal to the tensor name is left out.
+    assert doc["tensors"]["w"]["chunks"][1] == {"offsets": [3, 0], "shape": [2, 2], "stored": [{"file": FILE2}]}
+
+
+def test_a_listed_copy_spells_out_only_a_key_it_cannot_derive():
+    doc = _doc()
+    chunks = doc["tensors"]["w"]["chunks"]
+    chunks[0]["stored"][0]["key"], chunks[1]["stored"][0]["key"] = "w@0,0", "other"
+    meta = v2.Metadata.from_json(json.dumps(doc))
+    written = json.loads(meta.to_json())["tensors"]["w"]["chunks"]
+    assert [c["stored"] for c in written] == [[{"file": FILE, "key": "@"}], [{"file": FILE2, "key": "other"}]]
+    again = v2.Metadata.from_json(meta.to_json(), files=meta.files_json().encode())
+    assert [c.stored[0].key for c in again.tensors["w"].chunks] == ["w@0,0", "other"]
 
 
 @pytest.mark.parametrize("bad_name", ["../evil.safetensors", "/etc/passwd", "a/b.safetensors", "..", ""])
