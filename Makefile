@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test bench soak clean
+.PHONY: setup demo test bench bench-scale soak clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,12 @@ test: $(STAMP)
 # make bench BENCH_ARGS="--size-gib 0.1 --reps 1 --cold-reps 1" for a quick run (bench/run.py lists the options)
 bench: $(STAMP)
 	$(PY) -m bench.run $(BENCH_ARGS)
+
+# Planning at 8 to 8192 simulated ranks, resumable beside DCP (bench/scale.py; the README's table): ~23 min;
+# make bench-scale SCALE_ARGS="--model 8b --layout fsdp --world 8 64 1024 8192" takes ~2 min
+bench-scale: $(STAMP)
+	$(PY) -m bench.scale --model 8b 70b --layout fsdp hsdp tp8_fsdp pp_fsdp --out bench/SCALE.json \
+		--plot bench/SCALE.png --dcp-max-seconds 20 --table $(SCALE_ARGS)
 
 soak: $(STAMP)
 	$(PY) tools/soak.py

@@ -192,6 +192,17 @@ class Grid:
         return [dim_table(self.shape[d], d, len(self.shape), self.placements, self.mesh.shape)
                 for d in range(len(self.shape))]
 
+    def check(self) -> None:
+        """Raise ValueError unless the runs along every dim partition it (once per distinct dim key)."""
+        self._tables()
+
+    def chunk_count(self) -> int:
+        """Number of distinct chunks, without enumerating them."""
+        n = 1
+        for _, entries, _ in self._tables():
+            n *= len(entries)
+        return n
+
     @property
     def replicate_dims(self) -> tuple[int, ...]:
         return tuple(m for m, e in enumerate(self.placements) if e[0] == "R")

@@ -185,10 +185,7 @@ class Metadata:
         t = self.tensors[name]
         if t.grid is None:
             return len(t.chunks)
-        n = 1
-        for d in range(len(t.shape)):
-            n *= len(t.grid._tables()[d][1])
-        return n
+        return t.grid.chunk_count()
 
     def files_json(self) -> str:
         """``files.json``: one entry per file (size, checksum, kind, writer rank)."""
@@ -390,15 +387,23 @@ def _parse_meshes(raw: object, bad: Any) -> list[Mesh]:
     return meshes
 
 
-def _parse_grid_tensor(name: str, t: dict, meshes: list[Mesh], bad: Any) -> TensorMeta:
-    dtype, shape, kind, mesh, placements = (t.get("dtype"), t.get("shape"), t.get("kind"), t.get("mesh"),
-                                            t.get("placements"))
+def _tensor_head(name: str, t: object, bad: Any) -> tuple[str, list[int], str]:
+    """dtype, shape and kind of a tensor entry, checked."""
+    if not isinstance(t, dict):
+        raise bad(f"tensor {name!r} is not an object")
+    dtype, shape, kind = t.get("dtype"), t.get("shape"), t.get("kind")
     if dtype not in DTYPES:
         raise bad(f"tensor {name!r} has unknown dtype {dtype!r}")
     if not _int_list(shape):
         raise bad(f"tensor {name!r} has invalid shape {shape!r}")
     if kind not in KINDS:
         raise bad(f"tensor {name!r} has kind {kind!r}, expected model or opt")
+    return dtype, shape, kind
+
+
+def _parse_grid_tensor(name: str, t: dict, meshes: list[Mesh], bad: Any) -> TensorMeta:
+    dtype, shape, kind = _tensor_head(name, t, bad)
+    mesh, placements = t.get("mesh"), t.get("placements")
     if not _is_int(mesh) or not 0 <= mesh < len(meshes):
         raise bad(f"tensor {name!r} names mesh {mesh!r}; 'meshes' has {len(meshes)}")
     problem = check_placements(placements, len(shape), len(meshes[mesh].shape))
@@ -409,22 +414,15 @@ def _parse_grid_tensor(name: str, t: dict, meshes: list[Mesh], bad: Any) -> Tens
         raise bad(f"tensor {name!r} has owner {owner!r}, expected a non-negative integer")
     grid = Grid(tuple(shape), meshes[mesh], tuple(tuple(p) for p in placements), owner)
     try:
-        grid._tables()  # the runs along every dim must partition it (computed once per distinct key)
+        grid.check()
     except ValueError as exc:
         raise bad(f"tensor {name!r} of shape {shape}: {exc}") from None
     return TensorMeta(dtype, list(shape), kind, [], grid)
 
 
 def _parse_tensor(name: str, t: object, files: dict[str, FileMeta], source: str, bad: Any) -> TensorMeta:
-    if not isinstance(t, dict):
-        raise bad(f"tensor {name!r} is not an object")
-    dtype, shape, kind, chunks = t.get("dtype"), t.get("shape"), t.get("kind"), t.get("chunks")
-    if dtype not in DTYPES:
-        raise bad(f"tensor {name!r} has unknown dtype {dtype!r}")
-    if not _int_list(shape):
-        raise bad(f"tensor {name!r} has invalid shape {shape!r}")
-    if kind not in KINDS:
-        raise bad(f"tensor {name!r} has kind {kind!r}, expected model or opt")
+    dtype, shape, kind = _tensor_head(name, t, bad)
+    chunks = t.get("chunks")  # type: ignore[union-attr]
     if not isinstance(chunks, list):
         raise bad(f"tensor {name!r} has no chunk list")
     parsed = []
