@@ -127,7 +127,7 @@ class PlanStructure:
 _CACHE: dict[tuple, PlanStructure] = {}
 
 
-def _to_group(group: Any) -> Callable[[int], int]:
+def to_group(group: Any) -> Callable[[int], int]:
     if group is None or not dist.initialized():
         return lambda r: r
     return lambda r: torch.distributed.get_group_rank(group, r)
@@ -160,7 +160,7 @@ def _plan_save(state: Mapping[str, Any], directory: Path, iteration: int, *, pre
     try:
         flat = flatten_state(state)
         tensors = {n: leaf for n, leaf in flat.tensors.items() if save_optimizer or leaf.kind != "opt"}
-        spec, views = saveplan.describe(tensors, _to_group(group))
+        spec, views = saveplan.describe(tensors, to_group(group))
         mesh, stages = _mesh_info(tensors, layout_info)
     except Exception as exc:  # reported to every rank below, then raised there as SaveError
         error = error_text(exc)
@@ -179,7 +179,7 @@ def _plan_save(state: Mapping[str, Any], directory: Path, iteration: int, *, pre
         structure = cached
     else:
         assert spec is not None
-        structure = _agree_on_plan(spec, me, world, group, iteration=iteration, prefix=prefix,
+        structure = agree_on_plan(spec, me, world, group, iteration=iteration, prefix=prefix,
                                    save_optimizer=save_optimizer, remove_redundancy=remove_redundancy,
                                    layout=layout)
         if len(_CACHE) >= 16:
@@ -190,9 +190,13 @@ def _plan_save(state: Mapping[str, Any], directory: Path, iteration: int, *, pre
                      save_optimizer)
 
 
-def _agree_on_plan(spec: saveplan.RankSpec, me: int, world: int, group: Any, *, iteration: int, prefix: str,
+def agree_on_plan(spec: saveplan.RankSpec, me: int, world: int, group: Any, *, iteration: int, prefix: str,
                    save_optimizer: bool, remove_redundancy: bool, layout: v2.LayoutMeta) -> PlanStructure:
-    """A first save's planning: digests to rank 0, one spec per distinct digest, a reply to each rank."""
+    """A first save's planning: digests to rank 0, one spec per distinct digest, a reply to each rank.
+
+    Collective: every rank of ``group`` calls it (also the legacy saver, for ``remove_redundancy``).
+    Raises ``SaveError`` on every rank when the specs disagree (a name with two shapes).
+    """
     digests = dist.gather_object(spec.digest, 0, group)
     wanted = None
     if me == 0:

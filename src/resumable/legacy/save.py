@@ -15,7 +15,7 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch.distributed.tensor import DTensor
 
-from resumable import commit, dist
+from resumable import commit, dist, saveplan
 from resumable.errors import ConfigError, SaveError
 from resumable.formats import v1, v2
 from resumable.formats.mindformers import parse_legacy_name
@@ -24,7 +24,7 @@ from resumable.geometry import Box
 from resumable.layout import local_chunks, local_tensor
 from resumable.legacy.files import Layout
 from resumable.legacy.strategy import placement_json
-from resumable.planning import assign_writers
+from resumable.save import agree_on_plan, to_group
 from resumable.state import flatten_state
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,7 @@ class _Local:
     strategy: dict[str, dict[str, Any]] = field(default_factory=dict)
     objects: dict[str, Any] = field(default_factory=dict)
     rank_local: Any = None
+    tensors: dict[str, Any] = field(default_factory=dict)  # the flattened leaves saved (for planning)
 
 
 def _describe(state: Mapping[str, Any], save_optimizer: bool) -> _Local:
@@ -53,6 +54,7 @@ def _describe(state: Mapping[str, Any], save_optimizer: bool) -> _Local:
             continue
         if name in v1.SCALARS:
             raise ValueError(f"state tensor {name!r} collides with a context scalar of the legacy format; rename it")
+        out.tensors[name] = leaf
         t = leaf.value
         chunks = local_chunks(t)
         local = local_tensor(t)
@@ -78,27 +80,19 @@ def _describe(state: Mapping[str, Any], save_optimizer: bool) -> _Local:
 def _mine_to_store(local: _Local, remove_redundancy: bool, group: dist.Group) -> list[tuple[str, Box]]:
     """This rank's chunks to write; with ``remove_redundancy`` each distinct chunk goes to one holder.
 
-    Collective (all_gather) when ``remove_redundancy``; every rank computes the same plan.
+    Collective when ``remove_redundancy``: the planning of a Checkpoint 2.0 first save
+    (digests to rank 0, one spec per distinct digest, a reply per rank), so no rank
+    gathers every rank's holdings.
     """
     mine = [(n, b) for n, (_, _, boxes) in local.holdings.items() for b in dict.fromkeys(boxes)]
     if not remove_redundancy:
         return mine
-    gathered = dist.all_gather_object({n: (d, [(b.offsets, b.shape) for b in boxes])
-                                       for n, (d, _, boxes) in local.holdings.items()}, group)
-    held: dict[int, list[tuple[str, Box]]] = {}
-    nbytes: dict[tuple[str, Box], int] = {}
-    for r, h in enumerate(gathered):
-        keys = []
-        for name, (dtype, boxes) in sorted(h.items()):
-            size = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
-            for o, s in boxes:
-                key = (name, Box(tuple(o), tuple(s)))
-                keys.append(key)
-                nbytes[key] = key[1].numel * size
-        held[r] = list(dict.fromkeys(keys))
-    owner = assign_writers(held, nbytes)
-    me = dist.rank(group)
-    return [k for k in mine if owner[k] == me]
+    world = dist.world_size(group)
+    spec, _ = saveplan.describe(local.tensors, to_group(group))
+    structure = agree_on_plan(spec, dist.rank(group), world, group, iteration=0, prefix="legacy",
+                              save_optimizer=True, remove_redundancy=True,
+                              layout=v2.LayoutMeta(world_size=world, writers=world))
+    return [(name, box) for _, items in structure.files.values() for name, _, box in items]
 
 
 class LegacySaver:
