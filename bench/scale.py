@@ -47,7 +47,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from bench.scale_state import LAYOUTS, MODELS, Holding, rank_holdings, reshard_target
+from bench.scale_state import LAYOUTS, MODELS, Holding, group_of, rank_holdings, reshard_target
 
 PROBE = 1  # the non-coordinator rank measured
 
@@ -106,11 +106,9 @@ def _groups(model: str, layout: str, world: int) -> tuple[list[str], list[tuple[
     spec per group is built, and the first, second and last rank of each are checked to
     give the same digest (building W specs would cost the simulation W ranks' work).
     """
-    from bench import scale_state
-
     by_group: dict[int, list[int]] = {}
     for r in range(world):
-        by_group.setdefault(scale_state._group_of(layout, world, r), []).append(r)
+        by_group.setdefault(group_of(layout, world, r), []).append(r)
     digests = [""] * world
     groups = []
     for ranks in by_group.values():

@@ -273,7 +273,8 @@ def _group_mesh(layout: str, world: int, group: int) -> _Mesh:
     return _Mesh((world // tp, tp), ("dp", "tp"), tuple(range(world)))
 
 
-def _group_of(layout: str, world: int, rank: int) -> int:
+def group_of(layout: str, world: int, rank: int) -> int:
+    """The group of ``rank``: ranks of one group hold the same tensors on the same mesh (0 but for PP)."""
     return rank // (world // pp_stages(world)) if layout == "pp_fsdp" else 0
 
 
@@ -309,7 +310,7 @@ def rank_holdings(model: str, layout: str, world: int, rank: int) -> list[Holdin
     """What simulated rank ``rank`` of ``world`` holds, in state-dict order."""
     if not 0 <= rank < world:
         raise ValueError(f"rank {rank} not in a world of {world}")
-    group = _group(model, layout, world, _group_of(layout, world, rank))
+    group = _group(model, layout, world, group_of(layout, world, rank))
     mesh, coord = group.mesh, _coordinate(group.mesh, rank)
     return [
         Holding(name, kind, dtype, shape, mesh.shape, mesh.dim_names, mesh.ranks, coord, placements)
