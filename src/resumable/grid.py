@@ -90,6 +90,13 @@ class Mesh:
     shape: tuple[int, ...]
     ranks: tuple[int, ...]
 
+    def __hash__(self) -> int:
+        # Remembered: planning hashes a mesh of W ranks once per tensor (O(W) each time otherwise).
+        h = self.__dict__.get("_hash")
+        if h is None:
+            h = self.__dict__["_hash"] = hash((self.shape, self.ranks))
+        return h
+
     @functools.cached_property
     def _position(self) -> dict[int, int]:
         return {r: i for i, r in enumerate(self.ranks)}

@@ -182,6 +182,7 @@ def merge(groups: Sequence[tuple[RankSpec, Sequence[int]]], *, world: int, itera
     group_replies = [Reply() for _ in groups]
     index = [{t.name: i for i, t in enumerate(spec.tensors)} for spec, _ in groups]
     balance = _Balance()
+    holder_meshes: dict[tuple[int, ...], Mesh] = {}
     irregular: list[tuple[str, list[tuple[int, TensorSpec]]]] = []
     for name in sorted(seen):
         entries = seen[name]
@@ -197,8 +198,12 @@ def merge(groups: Sequence[tuple[RankSpec, Sequence[int]]], *, world: int, itera
         if len(meshes) == 1 and len(placements) == 1 and None not in meshes:
             grid = Grid(first.shape, meshes.pop(), first.placements)
         elif meshes == {None}:
-            holders = sorted(r for g, _ in entries for r in groups[g][1])
-            grid = Grid(first.shape, Mesh((len(holders),), tuple(holders)), (("R",),))
+            key = tuple(g for g, _ in entries)  # plain tensors held by the same groups share one mesh
+            mesh = holder_meshes.get(key)
+            if mesh is None:
+                holders = sorted(r for g in key for r in groups[g][1])
+                mesh = holder_meshes[key] = Mesh((len(holders),), tuple(holders))
+            grid = Grid(first.shape, mesh, (("R",),))
             for g, _ in entries:
                 group_replies[g].holders[index[g][name]] = grid.mesh
         else:
