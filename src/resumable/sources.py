@@ -45,6 +45,7 @@ import shutil
 import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from collections.abc import Iterator, Sequence
 from typing import Any, Callable, Literal
 
 import torch
@@ -205,14 +206,36 @@ def _safetensors_reader(file: Path, key: str, box: Box) -> Reader:
     return read
 
 
+class _StoredChunks(Sequence[SourceChunk]):
+    """A v2 tensor's chunks, listed only when iterated: counting them (``inspect``) costs O(1) for a grid."""
+
+    def __init__(self, folder: Path, meta: v2.Metadata, name: str) -> None:
+        self._folder, self._meta, self._name = folder, meta, name
+        self._chunks: tuple[SourceChunk, ...] | None = None
+
+    def _all(self) -> tuple[SourceChunk, ...]:
+        if self._chunks is None:
+            self._chunks = tuple(
+                SourceChunk(box, _safetensors_reader(self._folder / v2.check_bare_name(copies[0].file, self._name),
+                                                     copies[0].key, box), copies[0].file)
+                for box, copies in self._meta.stored(self._name, first_only=True))
+        return self._chunks
+
+    def __len__(self) -> int:
+        return self._meta.chunk_count(self._name)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        return self._all()[i]
+
+    def __iter__(self) -> Iterator[SourceChunk]:
+        return iter(self._all())
+
+
 def _open_v2(folder: Path) -> Source:
     meta = v2.read_metadata(folder)
-    tensors = {}
-    for name, t in meta.tensors.items():
-        chunks = tuple(SourceChunk(box, _safetensors_reader(folder / v2.check_bare_name(copies[0].file, name),
-                                                             copies[0].key, box), copies[0].file)
-                       for box, copies in meta.stored(name))
-        tensors[name] = SourceTensor(name, getattr(torch, t.dtype), tuple(t.shape), chunks)
+    tensors = {name: SourceTensor(name, getattr(torch, t.dtype), tuple(t.shape),
+                                  _StoredChunks(folder, meta, name))  # type: ignore[arg-type]
+               for name, t in meta.tensors.items()}
     common = v2.read_common(folder)
     config = (common.get("state") or {}).get("model_config")
     return Source(folder, "v2", meta.iteration, tensors, common, asdict(meta.layout),
