@@ -1,8 +1,8 @@
 """``balanced_load``: each needed region is read from disk by one rank and sent to the others.
 
 With a plain load every rank reads all it needs, so a tensor replicated over 8 data
-parallel ranks is read 8 times. Here the ranks pool their read plans, split every stored
-chunk into disjoint *units* (pieces needed by the same set of ranks), give each unit to
+parallel ranks is read 8 times. Here rank 0 pools the ranks' read plans, splits every stored
+chunk into disjoint *units* (pieces needed by the same set of ranks), gives each unit to
 one of the ranks that need it (largest first, to the least-loaded one, so bytes read are
 balanced), and the reader sends the unit to the other ranks that need it with
 point-to-point ``isend``/``irecv`` (gloo and NCCL both have them). The placed values are
@@ -11,9 +11,9 @@ bit-identical to a plain load: the same bytes, copied by the same slicing.
 Order of calls (from :func:`resumable.load.load` with ``balanced=True``, on every rank of
 the group, after its first agreement step)::
 
-    collective  all_gather_object of every rank's reads
-    local       the same deterministic units and readers on every rank; header checks
-                of the files this rank reads
+    collective  gather_object of every rank's reads to rank 0, which cuts the units and picks
+                their readers; scatter_object of each rank's own units (point to point)
+    local       header checks of the files this rank reads
     collective  agreement (a bad header fails every rank before any read)
     local       every unit this rank reads, at once, by :func:`resumable.reads.read_direct`
                 (the parallel streams of a plain load)
@@ -187,18 +187,27 @@ def balanced_reads(folder: Path, meta: v2.Metadata, reads: list[Read], targets: 
     me, world = dist.rank(group), dist.world_size(group)
     mine = [(r.name, r.file, r.key, r.stored_box.offsets, r.stored_box.shape, r.region.offsets, r.region.shape)
             for r in reads]
-    plans = dist.all_gather_object(mine, group)
-    itemsize = {name: torch.empty(0, dtype=getattr(torch, t.dtype)).element_size() for name, t in meta.tensors.items()}
-    units, load = assign_readers(units_of(plans), itemsize, world)
+    # Rank 0 plans the units of the whole job (linear in it); every rank sends its own reads and
+    # gets back only the units it reads or receives, each tagged with its index in the job's list.
+    plans = dist.gather_object(mine, 0, group)
+    parts = None
     if me == 0:
+        assert plans is not None
+        itemsize = {n: torch.empty(0, dtype=getattr(torch, t.dtype)).element_size() for n, t in meta.tensors.items()}
+        units, load = assign_readers(units_of(plans), itemsize, world)
         plain = sum(r_shape_numel(p) * itemsize[p[0]] for plan in plans for p in plan)
         log.info("balanced_load: %d bytes read in all (%d without balancing); per rank: %s",
                  sum(load), plain, load)
+        parts = [([], load[r]) for r in range(world)]
+        for tag, u in enumerate(units):
+            for o in u.owners:
+                parts[o][0].append((tag, u))
+    tagged, my_load = dist.scatter_object(parts, 0, group)
     err: BaseException | None = None
     headers: dict[str, Header] = {}
     try:
         headers = check_headers(folder, meta, [Read(u.name, u.file, u.key, u.stored_box, u.box, u.src(), ())
-                                               for u in units if u.reader == me])
+                                               for _, u in tagged if u.reader == me])
     except (CheckpointError, OSError) as exc:
         err = exc
     agree_on(err, group)
@@ -206,8 +215,7 @@ def balanced_reads(folder: Path, meta: v2.Metadata, reads: list[Read], targets: 
     my_reads: dict[tuple[str, Box], list[Read]] = defaultdict(list)
     for r in reads:
         my_reads[(r.name, r.stored_box)].append(r)
-    mine_units = [(tag, u, _dst(u, my_reads[(u.name, u.stored_box)]))
-                  for tag, u in enumerate(units) if me in u.owners]
+    mine_units = [(tag, u, _dst(u, my_reads[(u.name, u.stored_box)])) for tag, u in tagged]
     # Every unit this rank reads first, all at once, with the parallel streams of a plain
     # load (straight into its own target slices); then the exchange. Reading unit by unit
     # between sends left the disk idle while the ranks waited on each other (replicated
@@ -240,7 +248,7 @@ def balanced_reads(folder: Path, meta: v2.Metadata, reads: list[Read], targets: 
                 w.wait()  # sends keep their tensors alive until here; receives fill theirs
             for buf, target in arrived:
                 target.copy_(buf)
-    return load[me]
+    return my_load
 
 
 def r_shape_numel(p: tuple) -> int:
