@@ -3,18 +3,23 @@
 Order of calls across ranks (every step is entered by every rank of the group)::
 
     step                         collective?   who does the work
-    1 plan_save                  all_gather    every rank: flatten, list chunks; all: same plan
+    1 plan_save                  all_reduce    every rank digests its spec; 32 bytes tell whether
+                                               every rank still has the last save's plan (reused)
+                                 p2p (first)   else: digests to rank 0, one spec per distinct
+                                               digest, each rank its own reply
     2 prepare temp folder        broadcast     rank 0 creates .tmp-iteration_X; others wait
-    3 write_files                no            each writing rank streams its model/opt files
-    4 finish_save: agree         all_gather    every rank reports (error | file sizes+checksums)
-    5 finish_save: commit        broadcast     rank 0 writes metadata.json, common.json,
-                                               renames the folder, fsyncs, writes the tracker
+    3 write_files                no            each rank streams its model/opt files
+    4 finish_save: report        p2p gather    each rank sends rank 0 (error | file sizes+checksums)
+    5 finish_save: commit        broadcast     rank 0 writes files.json, common.json, metadata.json,
+                                               renames the folder, fsyncs, writes the tracker,
+                                               tells every rank the outcome
                                                (then runs on_commit, e.g. retention)
 
-A failure on any rank at steps 1, 2, 4 or 5 becomes a ``SaveError`` on every rank (the
-error texts are all-gathered, never left for a later collective to trip over), the
-temp folder is removed and nothing is committed. ``async_save`` reuses steps 1, 3-5 with
-staged copies and a background thread.
+A failure on any rank at steps 1, 2, 4 or 5 becomes a ``SaveError`` on every rank (a
+failure count is all-reduced, or rank 0 broadcasts the outcome: never left for a later
+collective to trip over), the temp folder is removed and nothing is committed.
+``async_save`` reuses steps 1, 3-5 with staged copies and a background thread. No rank
+but rank 0 sends or receives more than its own share (docs/internals.md, "Commit protocol").
 
 Run it::
 
