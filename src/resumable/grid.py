@@ -118,20 +118,24 @@ class Mesh:
             i = i * size + c
         return self.ranks[i]
 
+    def as_range(self) -> tuple[int, int, int] | None:
+        """``(start, stop, step)`` when the ranks step evenly upwards (then stored and sent as that)."""
+        r = self.ranks
+        step = r[1] - r[0] if len(r) > 1 else 1
+        if r and step > 0 and all(b - a == step for a, b in zip(r, r[1:])):
+            return r[0], r[0] + step * len(r), step
+        return None
+
     def __reduce__(self) -> tuple:
         # Sent to every rank of a first save with remove_redundancy: a range pickles in O(1).
-        r = self.ranks
-        step = r[1] - r[0] if len(r) > 1 else 1
-        if step > 0 and all(b - a == step for a, b in zip(r, r[1:])):
-            return _ranged, (self.shape, r[0] if r else 0, (r[0] if r else 0) + step * len(r), step)
-        return Mesh, (self.shape, self.ranks)
+        span = self.as_range()
+        return (_ranged, (self.shape, *span)) if span else (Mesh, (self.shape, self.ranks))
 
     def to_json(self) -> dict:
-        r = self.ranks
-        step = r[1] - r[0] if len(r) > 1 else 1
-        if step > 0 and all(b - a == step for a, b in zip(r, r[1:])):
-            return {"shape": list(self.shape), "ranks_range": [r[0], r[0] + step * len(r), step]}
-        return {"shape": list(self.shape), "ranks": list(r)}
+        span = self.as_range()
+        if span:
+            return {"shape": list(self.shape), "ranks_range": list(span)}
+        return {"shape": list(self.shape), "ranks": list(self.ranks)}
 
 
 def _ranged(shape: tuple[int, ...], start: int, stop: int, step: int) -> Mesh:

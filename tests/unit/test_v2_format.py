@@ -205,6 +205,10 @@ GRID_CASES = {
                     "mesh 0: ranks_range gives 3 ranks for a mesh of 4 positions"),
     "duplicate ranks": (lambda d, t: d["meshes"].__setitem__(0, {"shape": [4], "ranks": [0, 1, 1, 2]}),
                         "mesh 0: 4 ranks (distinct: 3) for a mesh of 4 positions"),
+    "absurd mesh": (lambda d, t: d["meshes"].__setitem__(0, {"shape": [10**12], "ranks_range": [0, 10**12, 1]}),
+                    "mesh 0 has 1000000000000 positions, more than the 4 ranks that saved"),
+    "rank out of the job": (lambda d, t: d["meshes"].__setitem__(0, {"shape": [4], "ranks": [0, 1, 2, 9]}),
+                            "mesh 0: rank 9 is not one of the 4 ranks that saved"),
 }
 
 

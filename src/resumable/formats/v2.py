@@ -309,7 +309,7 @@ def _parse(text: str | bytes, source: str, files_text: bytes | None = None) -> M
                         pipeline_stages=int(lay.get("pipeline_stages", 1)), writers=int(lay.get("writers", 1)))
     raw_files = doc.get("files") if version == 1 else _file_table(doc.get("files"), files_text, bad)
     files = _parse_files(raw_files, source, bad)
-    meshes = _parse_meshes(doc.get("meshes", []), bad) if version >= 2 else []
+    meshes = _parse_meshes(doc.get("meshes", []), layout.world_size, bad) if version >= 2 else []
     tensors: dict[str, TensorMeta] = {}
     raw_tensors = doc.get("tensors")
     if not isinstance(raw_tensors, dict):
@@ -354,7 +354,7 @@ def _parse_files(raw_files: object, source: str, bad: Any) -> dict[str, FileMeta
     return files
 
 
-def _parse_meshes(raw: object, bad: Any) -> list[Mesh]:
+def _parse_meshes(raw: object, world: int, bad: Any) -> list[Mesh]:
     if not isinstance(raw, list):
         raise bad("'meshes' is not a list")
     meshes = []
@@ -362,14 +362,16 @@ def _parse_meshes(raw: object, bad: Any) -> list[Mesh]:
         shape = m.get("shape") if isinstance(m, dict) else None
         if not _int_list(shape) or not shape or 0 in shape:
             raise bad(f"mesh {i} {m!r} needs a shape of positive integers")
+        size = 1
+        for s in shape:
+            size *= s
+        if size > world:  # before any list is built: a forged mesh allocates nothing
+            raise bad(f"mesh {i} has {size} positions, more than the {world} ranks that saved")
         if "ranks_range" in m:
             rr = m["ranks_range"]
             if not (_int_list(rr) and len(rr) == 3 and rr[2] > 0 and rr[1] >= rr[0]):
                 raise bad(f"mesh {i}: ranks_range {rr!r} must be [start, stop, step] with step > 0")
             count = -(-(rr[1] - rr[0]) // rr[2])
-            size = 1
-            for s in shape:
-                size *= s
             if count != size:
                 raise bad(f"mesh {i}: ranks_range gives {count} ranks for a mesh of {size} positions")
             ranks = tuple(range(rr[0], rr[1], rr[2]))
@@ -378,9 +380,8 @@ def _parse_meshes(raw: object, bad: Any) -> list[Mesh]:
             if not _int_list(ranks):
                 raise bad(f"mesh {i} {m!r} needs ranks (non-negative integers) or ranks_range")
             ranks = tuple(ranks)
-        size = 1
-        for s in shape:
-            size *= s
+        if any(r >= world for r in ranks):
+            raise bad(f"mesh {i}: rank {max(ranks)} is not one of the {world} ranks that saved")
         if size != len(ranks) or len(set(ranks)) != len(ranks):
             raise bad(f"mesh {i}: {len(ranks)} ranks (distinct: {len(set(ranks))}) for a mesh of {size} positions")
         meshes.append(Mesh(tuple(shape), ranks))
