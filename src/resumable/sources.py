@@ -52,7 +52,7 @@ import torch
 from safetensors import safe_open
 
 from resumable import commit
-from resumable.errors import CheckpointNotFoundError, CorruptCheckpointError
+from resumable.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 from resumable.formats import hf, mindformers as mf, v1, v2
 from resumable.formats.safetensors_io import read_header
 from resumable.formats.names import AttentionShape, fc1_rows, map_mf_name, qkv_rows
@@ -428,8 +428,8 @@ def _is_v2_or_empty(path: Path) -> bool:
         return True
     try:
         fmt, _ = detect(path)
-    except CheckpointNotFoundError:
-        return True  # let resolve_checkpoint give its own message
+    except CheckpointError:
+        return True  # missing or damaged (a garbage tracker, its target gone): resolve_checkpoint decides, falling back
     return fmt == "v2"
 
 

@@ -25,10 +25,10 @@ import torch
 from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
 from resumable import dist
-from resumable.errors import CheckpointNotFoundError, CorruptCheckpointError, SaveError
+from resumable.errors import CheckpointError, SaveError
 from resumable.commit import parse_iteration
 from resumable.formats.v2 import read_metadata
-from resumable.load import LoadResult, load
+from resumable.load import LoadResult, StateMismatchError, load
 from resumable.manager import CheckpointManager
 from resumable.prefetch import Prefetch
 from resumable.resolve import Resolution, fall_back, resolve_checkpoint
@@ -158,6 +158,8 @@ class Resume(Callback):
         with a warning, for the newest older one that loads, only when training resumes
         automatically from a checkpoint folder (``resume_training: true``); a named
         ``iteration_*`` folder or a weights-only load fails with the error instead.
+        Collective: ``load`` raises on every rank alike, and rank 0 alone decides whether
+        to fall back, so every rank tries the same iteration next (or raises).
         """
         failed: dict[int, str] = {}
         auto = self.cfg.resume_training is True and not _names_iteration(self.cfg.load_checkpoint)
@@ -165,25 +167,31 @@ class Resume(Callback):
             assert res.path is not None and res.iteration is not None
             try:
                 return load(state, res.path, balanced=self.cfg.balanced_load, verify="checksum")
-            except (CorruptCheckpointError, CheckpointNotFoundError) as exc:  # the same on every rank
+            except Exception as exc:  # load() agrees on failures: every rank is here together
                 if not auto:
                     raise
                 failed[res.iteration] = str(exc)
-            res = self._fall_back(failed)
-            self.resolution = res
+                following = self._fall_back(failed, exc)
+                if following is None:
+                    raise
+            res = self.resolution = following
 
-    def _fall_back(self, failed: dict[int, str]) -> Resolution:
-        """Rank 0 picks the next iteration to try and tells the others (collective)."""
+    def _fall_back(self, failed: dict[int, str], error: Exception) -> Resolution | None:
+        """Rank 0 picks the next iteration to try (None: raise ``error``) and tells the others (collective).
+
+        Damage (any ``CheckpointError`` or ``OSError`` but a ``StateMismatchError``) falls
+        back; a state that does not match is the job's own configuration, the same for
+        every iteration, and is raised as it is.
+        """
         found: Resolution | BaseException | None = None
-        if dist.rank() == 0:
+        if dist.rank() == 0 and _is_damage(error):
             try:
                 found = fall_back(self.cfg.load_checkpoint, failed)
             except Exception as exc:  # every rank must raise it, not just rank 0
                 found = exc
         found = dist.broadcast_object(found)
         if isinstance(found, BaseException):
-            raise found
-        assert isinstance(found, Resolution)
+            raise found from error
         return found
 
     def on_train_begin(self, trainer: Trainer) -> None:
@@ -228,6 +236,11 @@ def _prefetch_paths(cfg: TrainConfig) -> list[Path]:
     if len(writers) == world:
         return [res.path / name for name, info in sorted(files.items()) if info.rank == rank]
     return [res.path / name for name in sorted(files)[local_rank::local_world]]
+
+
+def _is_damage(error: BaseException) -> bool:
+    """True for a failure a damaged checkpoint causes (a resume falls back past it)."""
+    return isinstance(error, (CheckpointError, OSError)) and not isinstance(error, StateMismatchError)
 
 
 def _names_iteration(path: str) -> bool:
