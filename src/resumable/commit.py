@@ -186,6 +186,75 @@ def fsync_file(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
+def make_dirs(path: str | os.PathLike[str]) -> Path:
+    """Create ``path`` and its missing parents so that their creation survives a power loss.
+
+    Each folder created here is followed by an fsync of its parent: without it, a crash
+    can lose the new folder's entry (and everything committed inside it) even though the
+    files in it were fsynced. Folders that already exist are left as they are.
+
+    Returns:
+        ``path``.
+
+    Raises:
+        NotADirectoryError: ``path`` (or a parent) exists and is not a folder.
+        OSError: the folder cannot be created (permissions, full disk).
+    """
+    path = Path(path)
+    missing = []
+    at = path
+    while not at.is_dir():
+        if at.exists() or at.is_symlink():  # a file, or a link to nowhere: mkdir would fail obscurely
+            raise NotADirectoryError(errno.ENOTDIR, "exists and is not a folder; choose another path", str(at))
+        missing.append(at)
+        at = at.parent
+    for folder in reversed(missing):
+        try:
+            folder.mkdir()
+        except FileExistsError:  # another rank or process made it meanwhile: its entry still needs the fsync
+            if not folder.is_dir():
+                raise
+        fsync_dir(folder.parent)
+    return path
+
+
+def new_output_dir(final: str | os.PathLike[str]) -> Path:
+    """A new, empty hidden folder beside ``final`` (``.{name}.tmp-{pid}-{hex}``) to write an output into.
+
+    Its name is this process's own, so no other writer's temp folder is ever removed;
+    :func:`publish_output_dir` renames it to ``final`` once complete.
+    """
+    final = Path(final)
+    make_dirs(final.parent)
+    temp = temp_path(final)
+    temp.mkdir()
+    return temp
+
+
+def publish_output_dir(temp: str | os.PathLike[str], final: str | os.PathLike[str]) -> None:
+    """Commit a tool's output folder: every file and folder in ``temp`` fsynced, then renamed to ``final``.
+
+    The commit protocol for outputs that are not iterations (``merge``, ``convert --to
+    hf|unified``): fsync every file under ``temp`` and then every folder (deepest first),
+    rename ``temp`` to ``final`` (which must be missing or an empty folder: the rename
+    replaces it atomically) and fsync the parent. After a power loss ``final`` is either
+    absent (or still empty) or complete; never a complete-looking folder of empty files.
+
+    Raises:
+        OSError: ``final`` is not empty (``ENOTEMPTY``), or a write-back error of a file.
+    """
+    temp, final = Path(temp), Path(final)
+    folders = []
+    for where, _, names in os.walk(temp):
+        folders.append(where)
+        for name in names:
+            fsync_file(os.path.join(where, name))
+    for where in reversed(folders):
+        fsync_dir(where)
+    os.rename(temp, final)
+    fsync_dir(final.parent)
+
+
 def _json_object(path: Path) -> dict | None:
     """The JSON object in ``path``; None when it is missing, unreadable or not an object."""
     try:

@@ -41,7 +41,7 @@ import socket
 import time
 from pathlib import Path
 
-from resumable import dist
+from resumable import commit, dist
 from resumable.errors import CheckpointError, LockedError
 
 __all__ = ["LOCK_FILE", "DirectoryLock", "lock_for_job"]
@@ -78,7 +78,7 @@ class DirectoryLock:
         """
         if self._fd is not None:
             return
-        self.directory.mkdir(parents=True, exist_ok=True)
+        commit.make_dirs(self.directory)  # often the first save's folder: its creation must be durable
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

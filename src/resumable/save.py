@@ -345,7 +345,7 @@ def prepare_temp(plan: SavePlan) -> None:
     error = None
     if plan.rank == 0:
         try:
-            plan.directory.mkdir(parents=True, exist_ok=True)
+            commit.make_dirs(plan.directory)  # a first save: <output_dir> fsynced after checkpoint/ appears
             if plan.temp.exists():
                 log.warning("removing stale %s left by an earlier attempt at this iteration", plan.temp)
                 shutil.rmtree(plan.temp)

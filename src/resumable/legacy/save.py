@@ -196,7 +196,7 @@ class LegacySaver:
         items += sorted(v1.context_scalars(local.objects).items())
         meta = v1.file_metadata(chunks, rank=self.rank, layout=self.layout, remove_redundancy=self.remove_redundancy,
                                 context={"state": local.objects, "rank_local": local.rank_local})
-        self.folder.mkdir(parents=True, exist_ok=True)
+        commit.make_dirs(self.folder)  # a first save: the checkpoint folder fsynced after rank_N/ appears
         tmp = commit.temp_path(final)
         try:
             if self.fmt == "safetensors":
@@ -213,7 +213,7 @@ class LegacySaver:
             chunks = [dict(c, stored=(n, Box(tuple(c["offsets"]), tuple(c["shape"]))) in stored)
                       for c in entry["chunks"]]
             tensors[n] = dict(entry, chunks=chunks)
-        self.strategy_dir.mkdir(parents=True, exist_ok=True)
+        commit.make_dirs(self.strategy_dir)
         commit.atomic_write(self.strategy_dir / v1.strategy_file_name(self.rank),
                             v1.strategy_doc(rank=self.rank, world_size=self.world, layout=self.layout,
                                             remove_redundancy=self.remove_redundancy, tensors=tensors))

@@ -41,6 +41,7 @@ import torch
 from resumable.errors import CheckpointError, ConfigError
 from resumable.formats.names import AttentionShape
 from resumable.formats import v1
+from resumable.lock import DirectoryLock
 from resumable.sources import Source, open_source
 from resumable.tools.merge import DEFAULT_SHARD, export_hf, merge
 from resumable.tools.split import TargetLayout, write_v2
@@ -77,6 +78,7 @@ def convert(src: str | os.PathLike[str], out: str | os.PathLike[str], to: Target
     Raises:
         ConfigError: ``hf`` without any model config; an unknown target.
         CheckpointError: ``legacy`` and the step's file already exists.
+        LockedError: ``v2`` or ``legacy`` into a folder whose lock a live job holds.
     """
     if to not in TARGETS:
         raise ConfigError(f"--to {to!r}: choose one of {', '.join(TARGETS)}")
@@ -118,9 +120,11 @@ def _write_legacy(source: Source, out: Path, prefix: str, dtype: torch.dtype | N
     epochs, step = int(objects.get("epoch_num", 0)), int(objects.get("step_num", 0))
     gstep = int(source.common.get("global_step", 0))
     epoch, step = v1.name_position(epochs, step, gstep // epochs if epochs else gstep)
-    if (out / "rank_0" / v1.rank_file_name(prefix, 0, 0, epoch, step, "safetensors")).exists():
-        raise CheckpointError(f"{out / 'rank_0'} already holds epoch {epoch} step {step}; write into another folder")
-    saver = LegacySaver(out, prefix=prefix, fmt="safetensors", keep_checkpoint_max=None, remove_redundancy=False,
-                        save_optimizer=bool(optim), strategy_dir=out / v1.STRATEGY_DIR,
-                        layout={"world_size": 1, "mesh": None, "pipeline_stages": 1})
-    return saver.save({"model": model, "optimizer": optim, **objects}, epoch, step)
+    with DirectoryLock(out):  # LegacySaver cleans and replaces meta.json: never in a live job's folder
+        if (out / "rank_0" / v1.rank_file_name(prefix, 0, 0, epoch, step, "safetensors")).exists():
+            raise CheckpointError(f"{out / 'rank_0'} already holds epoch {epoch} step {step}; "
+                                  "write into another folder")
+        saver = LegacySaver(out, prefix=prefix, fmt="safetensors", keep_checkpoint_max=None, remove_redundancy=False,
+                            save_optimizer=bool(optim), strategy_dir=out / v1.STRATEGY_DIR,
+                            layout={"world_size": 1, "mesh": None, "pipeline_stages": 1})
+        return saver.save({"model": model, "optimizer": optim, **objects}, epoch, step)

@@ -3,8 +3,10 @@
 Both write HuggingFace-style safetensors (``model.safetensors`` or shards plus
 ``model.safetensors.index.json``) through :func:`resumable.formats.hf.write_hf_folder`,
 assembling one tensor at a time from its chunks, so memory is bounded by the largest
-tensor. They write into a hidden temporary folder beside ``out`` and rename it into
-place at the end: an interrupted run never leaves a folder that looks complete.
+tensor. They write into a hidden temporary folder beside ``out`` of their own
+(``commit.new_output_dir``) and commit it with ``commit.publish_output_dir`` (every file
+and the folder fsynced, renamed, the parent fsynced): neither an interrupted run nor a
+power loss leaves a folder that looks complete.
 
 - *unified* keeps every tensor (model and optimizer state) and the training context
   (``common.json``), so ``resumable split`` can turn it back into the same checkpoint;
@@ -46,10 +48,7 @@ def _write(out: Path, config: dict[str, Any], tensors: list[SourceTensor], commo
         return dtype if dtype is not None and t.dtype.is_floating_point else t.dtype
 
     by_name = {t.name: t for t in tensors}
-    temp = out.parent / f".tmp-{out.name}"
-    if temp.exists():
-        shutil.rmtree(temp)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    temp = commit.new_output_dir(out)
     with tqdm(total=sum(t.nbytes for t in tensors), unit="B", unit_scale=True, desc=f"writing {out.name}",
               disable=not progress) as bar:
         def get(name: str) -> torch.Tensor:
@@ -61,13 +60,10 @@ def _write(out: Path, config: dict[str, Any], tensors: list[SourceTensor], commo
             hf.write_hf_folder(temp, config, [(t.name, cast(t), t.shape) for t in tensors], get, max_shard_size)
             if common is not None:
                 (temp / v2.COMMON).write_bytes(v2.common_bytes(common))
+            commit.publish_output_dir(temp, out)
         except BaseException:
             shutil.rmtree(temp, ignore_errors=True)
             raise
-    if out.exists():
-        out.rmdir()
-    os.rename(temp, out)
-    commit.fsync_dir(out.parent)
     return out
 
 

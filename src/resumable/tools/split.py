@@ -6,7 +6,8 @@ uses (``resumable.save.build_plan``), so file names, keys, ``__metadata__``,
 ``metadata.json`` and ``common.json`` are exactly what the trainer would write on that
 layout. Files are streamed one chunk at a time (memory: the largest chunk) into the
 temporary folder, then committed by ``resumable.save.commit_plan`` (metadata, fsync, rename,
-tracker). ``resumable convert --to v2`` is this with a one-rank layout by default.
+tracker), all under the folder's lock (``resumable.lock``: a live job's folder is refused).
+``resumable convert --to v2`` is this with a one-rank layout by default.
 
 Example::
 
@@ -28,6 +29,7 @@ from resumable import commit
 from resumable.errors import CheckpointError
 from resumable.formats.safetensors_io import write_file_streaming
 from resumable.geometry import Box
+from resumable.lock import DirectoryLock
 from resumable.save import SavePlan, build_plan, commit_plan
 from resumable.sources import Source, SourceTensor
 from resumable.tools.rules import TargetLayout, num_layers, parse_layout, rank_boxes
@@ -92,12 +94,21 @@ def write_v2(source: Source, out: str | os.PathLike[str], layout: TargetLayout, 
 
     Raises:
         CheckpointError: the target iteration already exists in ``out``.
+        LockedError: a live job (or another tool) holds ``out``'s lock (the holder is named).
 
     Example::
 
         write_v2(open_source("merged/"), "ckpt", parse_layout("dp=2,tp=2"), progress=True)
     """
     out = Path(out)
+    with DirectoryLock(out):  # a writer like any other: never into the folder of a live job
+        return _write_v2(source, out, layout, prefix=prefix, remove_redundancy=remove_redundancy, dtype=dtype,
+                         iteration=iteration, extra_common=extra_common, progress=progress)
+
+
+def _write_v2(source: Source, out: Path, layout: TargetLayout, *, prefix: str, remove_redundancy: bool,
+              dtype: torch.dtype | None, iteration: int | None, extra_common: dict[str, Any] | None,
+              progress: bool) -> Path:
     common = source.common
     if iteration is None:
         iteration = source.iteration if source.iteration is not None else int(common.get("global_step", 0))
@@ -113,7 +124,6 @@ def write_v2(source: Source, out: str | os.PathLike[str], layout: TargetLayout, 
              for me in range(layout.world_size)]
     head = plans[0]
     head.common.update(extra_common or {})
-    out.mkdir(parents=True, exist_ok=True)
     if head.temp.exists():
         shutil.rmtree(head.temp)
     head.temp.mkdir()
