@@ -55,7 +55,7 @@ def unify(source: LegacySource, files: RankFiles, out_dir: Path, group: dist.Gro
                     return scalars[key]
                 return fill(files, meta, key, Box.full(meta.tensors[key].shape))
 
-            out_dir.mkdir(parents=True, exist_ok=True)
+            commit.make_dirs(out_dir)  # unified_checkpoint/ created durably before the file in it
             tmp = commit.temp_path(out_dir / name)
             try:
                 write_file_streaming(tmp, specs, fetch, file_meta)
@@ -110,7 +110,7 @@ def _write_target(files: RankFiles, meta: v2.Metadata, holdings: Mapping[str, li
     tensors.update(v1.context_scalars(state))
     file_meta = v1.file_metadata(chunks, rank=rank, layout=layout, remove_redundancy=False,
                                  context={"state": state, "rank_local": None})
-    folder.mkdir(parents=True, exist_ok=True)
+    commit.make_dirs(folder)
     tmp = commit.temp_path(folder / name)
     try:
         v1.save_ckpt(tmp, tensors, file_meta)
