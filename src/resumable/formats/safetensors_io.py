@@ -26,6 +26,16 @@ The reader parses only the header, with hard limits, so that a hostile or trunca
 file produces a ``CorruptCheckpointError`` / ``UnsafeCheckpointError`` naming the file
 instead of a huge allocation or an out-of-bounds read.
 
+Every file also records, in ``__metadata__["resumable_blocks"]``, the xxh3-64 of each
+``CHECK_BLOCK`` (1 MiB) block of each entry, blocks aligned to the entry's start
+(:class:`BlockDigests`): a reader checks exactly the blocks it reads, from the memory the
+bytes landed in, so that verification costs no extra I/O (only the bytes completing a
+block cut at the edge of a read). :func:`write_file` hashes the tensors block by block
+before the header goes out (``HASH_THREADS`` threads; xxhash releases the GIL);
+:func:`write_file_streaming`, whose tensors exist one at a time, writes fixed-width
+placeholders, hashes each tensor as it is fetched, rewrites the header in place at the
+end and computes the whole-file checksum by reading the file back.
+
 This module is bytes only: no ``torch.distributed``, no renames. It fsyncs the file it
 wrote (the data must be durable before the commit); directory fsyncs and renames live
 in ``resumable.commit``.
@@ -38,6 +48,7 @@ import errno
 import json
 import mmap
 import os
+import re
 import struct
 import threading
 from collections import deque
@@ -52,10 +63,14 @@ import xxhash
 from resumable.errors import CorruptCheckpointError, UnsafeCheckpointError
 
 __all__ = [
+    "BLOCKS_KEY",
+    "CHECK_BLOCK",
     "DTYPE_NAMES",
     "MAX_HEADER_BYTES",
+    "BlockDigests",
     "Header",
     "TensorEntry",
+    "block_digests",
     "dtype_from_name",
     "dtype_name",
     "read_header",
@@ -96,6 +111,14 @@ DIRECT_THREADS = 4
 #: Files smaller than this are written through the page cache only.
 DIRECT_MIN_BYTES = 4 << 20
 _ALIGN = 4096  # offsets, lengths and buffers of O_DIRECT writes are multiples of this
+#: Bytes covered by one block checksum: a read cut mid-block costs at most this much extra
+#: reading at each of its two edges; the digests cost 16 header bytes per MiB of data.
+CHECK_BLOCK = 1 << 20
+#: ``__metadata__`` key of the block checksums: JSON ``{"block": CHECK_BLOCK, "xxh3_64":
+#: {key: 16 hex digits per block, concatenated}}``.
+BLOCKS_KEY = "resumable_blocks"
+#: Threads hashing the blocks of :func:`write_file`'s tensors before the header is written.
+HASH_THREADS = 2
 
 #: Test seam: called after each block is written with (path, bytes written so far).
 #: The crash tests set it in a child process to stop a real writer mid-file; it is
@@ -221,7 +244,26 @@ def write_file(path: str | os.PathLike[str], tensors: Sequence[tuple[str, torch.
     """
     by_key = dict(tensors)
     specs = [(key, t.dtype, tuple(t.shape)) for key, t in tensors]
-    return write_file_streaming(path, specs, by_key.__getitem__, metadata, fsync=fsync)
+    with ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="resumable-hash") as pool:
+        digests = {key: "".join(pool.map(xxhash.xxh3_64_hexdigest, _check_blocks(_byte_view(t))))
+                   for key, t in tensors}
+    return _write(Path(path), specs, by_key.__getitem__, _with_blocks(metadata, digests), None, fsync)
+
+
+def _check_blocks(view: memoryview) -> list[memoryview]:
+    """``view`` cut into ``CHECK_BLOCK`` pieces (the last one shorter)."""
+    return [view[i:i + CHECK_BLOCK] for i in range(0, len(view), CHECK_BLOCK)]
+
+
+def _digest_hex(view: memoryview) -> str:
+    """The block digests of one entry's bytes, concatenated (16 hex digits per block)."""
+    return "".join(xxhash.xxh3_64_hexdigest(b) for b in _check_blocks(view))
+
+
+def _with_blocks(metadata: Mapping[str, str] | None, digests: Mapping[str, str]) -> dict[str, str]:
+    """``metadata`` plus the block checksums entry."""
+    return {**(metadata or {}), BLOCKS_KEY: json.dumps({"block": CHECK_BLOCK, "xxh3_64": digests},
+                                                       separators=(",", ":"))}
 
 
 def write_file_streaming(path: str | os.PathLike[str], specs: Sequence[tuple[str, torch.dtype, Sequence[int]]],
@@ -237,7 +279,9 @@ def write_file_streaming(path: str | os.PathLike[str], specs: Sequence[tuple[str
         fsync: fsync the file before returning.
 
     Returns:
-        ``(size_in_bytes, xxh3_64_hex)`` of the whole file.
+        ``(size_in_bytes, xxh3_64_hex)`` of the whole file. The block digests are known only
+        once every tensor went out, so the header is rewritten in place at the end and the
+        checksum is computed by reading the file back (one read pass; the tools' writer).
 
     Raises:
         ValueError: ``get`` returned a tensor whose dtype or shape differs from its spec.
@@ -247,6 +291,39 @@ def write_file_streaming(path: str | os.PathLike[str], specs: Sequence[tuple[str
         >>> write_file_streaming("/tmp/a.safetensors", [("w", torch.float32, (2, 3))], lambda k: torch.ones(2, 3))
     """
     path = Path(path)
+    # Placeholders of the digests' exact width: the final header has the same length.
+    digests = {key: "0" * 16 * -(-_nbytes(dtype, shape) // CHECK_BLOCK) for key, dtype, shape in specs}
+
+    def hashed(key: str) -> torch.Tensor:
+        t = get(key)
+        digests[key] = _digest_hex(_byte_view(t))
+        return t
+
+    meta = _with_blocks(metadata, digests)
+    size, _ = _write(path, specs, hashed, meta, digests, fsync)
+    return size, _xxh3_file(path)
+
+
+def _nbytes(dtype: torch.dtype, shape: Sequence[int]) -> int:
+    n = torch.empty(0, dtype=dtype).element_size()
+    for s in shape:
+        n *= s
+    return n
+
+
+def _xxh3_file(path: Path) -> str:
+    """xxh3-64 of a file's bytes, read in ``BLOCK_BYTES`` pieces."""
+    h = xxhash.xxh3_64()
+    with open(path, "rb") as f:
+        while block := f.read(BLOCK_BYTES):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write(path: Path, specs: Sequence[tuple[str, torch.dtype, Sequence[int]]], get: Callable[[str], torch.Tensor],
+           metadata: dict[str, str], late: dict[str, str] | None, fsync: bool) -> tuple[int, str]:
+    """Write the file; ``late``: block digests filled in by ``get`` while writing, the header is then
+    rewritten in place before the fsync (the returned checksum is then that of the placeholder header)."""
     header, data_size = _header_bytes([(key, torch.empty(tuple(shape), dtype=dtype, device="meta"))
                                        for key, dtype, shape in specs], metadata)
     hasher = xxhash.xxh3_64()
@@ -262,6 +339,7 @@ def write_file_streaming(path: str | os.PathLike[str], specs: Sequence[tuple[str
             direct = _open_direct(path, fd, total)
         if direct is not None:
             written = _write_direct(fd, direct, path, prefix, specs, get, hasher)
+            _rewrite_header(fd, header, specs, metadata, late)
             if fsync:
                 os.fsync(fd)
             return written, hasher.hexdigest()
@@ -289,6 +367,7 @@ def write_file_streaming(path: str | os.PathLike[str], specs: Sequence[tuple[str
             for f in pending:
                 f.result()  # this tensor is out (or its error raised) before the next is fetched
             del view, pending  # release this chunk (and any contiguous copy) before the next
+        _rewrite_header(fd, header, specs, metadata, late)
         if fsync:
             os.fsync(fd)
     except OSError as exc:
@@ -302,6 +381,18 @@ def write_file_streaming(path: str | os.PathLike[str], specs: Sequence[tuple[str
             os.close(direct)
         os.close(fd)
     return written, hasher.hexdigest()
+
+
+def _rewrite_header(fd: int, placeholder: bytes, specs: Sequence[tuple[str, torch.dtype, Sequence[int]]],
+                    metadata: dict[str, str], late: dict[str, str] | None) -> None:
+    """Write the header again with the block digests ``late`` now holds (same length, fixed-width hex)."""
+    if late is None:
+        return
+    header, _ = _header_bytes([(key, torch.empty(tuple(shape), dtype=dtype, device="meta"))
+                               for key, dtype, shape in specs], _with_blocks(metadata, late))
+    if len(header) != len(placeholder):  # the digests are fixed width: a bug, never a user's input
+        raise AssertionError("block digests changed the header length")
+    _pwrite_block(fd, memoryview(header), 8)
 
 
 def _open_direct(path: Path, fd: int, total: int) -> int | None:
@@ -446,6 +537,85 @@ class Header:
     data_start: int
     tensors: dict[str, TensorEntry]
     metadata: dict[str, str]
+
+
+@dataclass(frozen=True)
+class BlockDigests:
+    """The recorded xxh3-64 of each ``block``-byte block of one entry (blocks aligned to its start)."""
+
+    path: Path
+    key: str
+    start: int
+    end: int
+    block: int
+    digests: str  # 16 hex digits per block, concatenated
+
+    def check(self, lo: int, hi: int, data: memoryview | None, read: Callable[[int, int], bytes]) -> None:
+        """Verify every block overlapping ``[lo, hi)`` (absolute file offsets inside the entry).
+
+        ``data`` holds the bytes of ``[lo, hi)`` as read (None: read them all); the parts of
+        edge blocks outside it are fetched with ``read(offset, nbytes)``.
+
+        Raises:
+            CorruptCheckpointError: naming the file, the key, the block's byte range and what to do.
+        """
+        if hi <= lo:
+            return
+        for k in range((lo - self.start) // self.block, (hi - 1 - self.start) // self.block + 1):
+            b0 = self.start + k * self.block
+            b1 = min(b0 + self.block, self.end)
+            if data is not None and lo <= b0 and b1 <= hi:
+                found = xxhash.xxh3_64_hexdigest(data[b0 - lo:b1 - lo])
+            else:
+                h = xxhash.xxh3_64()
+                if data is None:
+                    h.update(read(b0, b1 - b0))
+                else:
+                    if b0 < lo:
+                        h.update(read(b0, lo - b0))
+                    h.update(data[max(b0, lo) - lo:min(b1, hi) - lo])
+                    if b1 > hi:
+                        h.update(read(hi, b1 - hi))
+                found = h.hexdigest()
+            if found != self.digests[16 * k:16 * k + 16]:
+                raise CorruptCheckpointError(
+                    f"{self.path}: tensor {self.key!r}, bytes {b0}-{b1}: xxh3-64 {found} differs from the block "
+                    f"checksum {self.digests[16 * k:16 * k + 16]} recorded in the file's header; the file is "
+                    "damaged: restore it or load another iteration (resume_training: true falls back to the "
+                    "newest valid one)")
+
+
+def block_digests(header: "Header") -> dict[str, BlockDigests] | None:
+    """The block checksums a file records (key → :class:`BlockDigests`), or None when it has none
+    (files written before them, or by other tools).
+
+    Raises:
+        CorruptCheckpointError: the record is malformed or does not match the entries' sizes.
+    """
+    raw = header.metadata.get(BLOCKS_KEY)
+    if raw is None:
+        return None
+    try:
+        doc = json.loads(raw)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise _corrupt(header.path, f"__metadata__ {BLOCKS_KEY!r} is not valid JSON ({exc})") from None
+    block = doc.get("block") if isinstance(doc, dict) else None
+    table = doc.get("xxh3_64") if isinstance(doc, dict) else None
+    if not _is_int(block) or block < _ALIGN or not isinstance(table, dict):
+        raise _corrupt(header.path, f"__metadata__ {BLOCKS_KEY!r} needs a block size of at least {_ALIGN} "
+                                    "and an xxh3_64 object")
+    out = {}
+    for key, entry in header.tensors.items():
+        hexes = table.get(key)
+        blocks = -(-(entry.end - entry.start) // block)
+        if not isinstance(hexes, str) or len(hexes) != 16 * blocks or not _HEX.fullmatch(hexes):
+            raise _corrupt(header.path, f"__metadata__ {BLOCKS_KEY!r}: tensor {key!r} needs {blocks} block "
+                                        "checksums of 16 hex digits")
+        out[key] = BlockDigests(header.path, key, entry.start, entry.end, block, hexes)
+    return out
+
+
+_HEX = re.compile(r"[0-9a-f]*")
 
 
 def _corrupt(path: Path, problem: str) -> CorruptCheckpointError:
