@@ -21,15 +21,24 @@ the GIL (``os.write`` and xxhash work on buffers without holding it).
 Hazard: the state is copied during ``save`` (step 3); mutating its tensors from another
 thread *before* ``save`` returns corrupts the checkpoint. Mutating them afterwards is safe.
 Call ``wait()`` (or ``CheckpointManager.close()``) before ``destroy_process_group``.
+
+Exit: a save still in flight when the interpreter exits (``main`` returned, ``sys.exit``,
+an uncaught exception) is finished first, by a hook that runs before ``concurrent.futures``
+stops accepting work (the writer's thread pools need it); if it fails, its error is logged
+and the process exits with status 1 instead of 0. :func:`finish_pending` does the same on
+demand (the trainer calls it on its way out, before destroying the process group).
 """
 
 from __future__ import annotations
 
 import atexit
+# Imported before our exit hook is registered: threading runs its exit hooks last-registered
+# first, so ours (below) finishes pending saves before this module's hook stops the thread pools.
+import concurrent.futures.thread  # noqa: F401
 import logging
 import os
+import sys
 import threading
-import weakref
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -65,6 +74,7 @@ class AsyncSaveHandle:
         if self._thread is not None:
             self._thread.join()
         self._done.wait()
+        untrack(self)
         if self._error is not None:
             raise self._error
         return self.path
@@ -143,7 +153,6 @@ class AsyncSaver:
                        if dist.initialized() else None)
         self._stager = Stager()
         self._inflight: AsyncSaveHandle | None = None
-        _LIVE.add(self)
 
     def save(self, state: Mapping[str, Any], directory: str | os.PathLike[str], iteration: int, *,
              prefix: str = "CKP", save_optimizer: bool = True, remove_redundancy: bool = False,
@@ -168,6 +177,7 @@ class AsyncSaver:
         handle._thread = threading.Thread(target=_run, args=(plan, error, on_commit, handle),
                                           name="resumable-async-save", daemon=False)
         self._inflight = handle
+        track(handle)
         handle._thread.start()
         return handle
 
@@ -220,18 +230,59 @@ def _run(plan: SavePlan, error: str | None, on_commit: Callable[[SavePlan], None
         handle._done.set()
 
 
-_LIVE: "weakref.WeakSet[AsyncSaver]" = weakref.WeakSet()
+#: Background saves not yet waited for (AsyncSaveHandle, legacy BackgroundLegacySaves).
+_PENDING: set[Any] = set()
+_FAILED_AT_EXIT: list[str] = []
 _DEFAULT: dict[Any, AsyncSaver] = {}
 
 
-@atexit.register
-def _wait_at_exit() -> None:
-    """Do not let the interpreter finish while a save is uncommitted; report its failure."""
-    for saver in list(_LIVE):
+def track(pending: Any) -> None:
+    """Finish ``pending`` (a background save: anything with ``wait()``) before the process exits."""
+    _PENDING.add(pending)
+
+
+def untrack(pending: Any) -> None:
+    """``pending`` was waited for: the exit no longer needs to."""
+    _PENDING.discard(pending)
+
+
+def finish_pending() -> list[str]:
+    """Wait for every background save of this process not yet waited for; the errors of those that failed.
+
+    Not collective by itself, but each save's commit is: every rank must finish its saves
+    (call this, or exit). Bounded by each saver's collective timeout.
+    """
+    failures = []
+    while _PENDING:
         try:
-            saver.wait()
-        except Exception:
-            log.exception("the last asynchronous checkpoint save failed")
+            _PENDING.pop().wait()
+        except Exception as exc:  # one failed save must not leave the others unfinished
+            failures.append(str(exc))
+    return failures
+
+
+def _finish_at_exit() -> None:
+    """Threading's exit hook: runs before non-daemon threads are joined and before
+    ``concurrent.futures`` refuses new work, which a plain ``atexit`` hook runs after."""
+    for text in finish_pending():
+        log.error("an asynchronous checkpoint save still running at exit failed (the process exits "
+                  "with status 1): %s", text)
+        _FAILED_AT_EXIT.append(text)
+
+
+# Private but stable since Python 3.9: the only hook that runs early enough (see above).
+threading._register_atexit(_finish_at_exit)  # type: ignore[attr-defined]
+
+
+@atexit.register
+def _fail_exit_status() -> None:
+    """Make a save that failed at exit fail the process: the interpreter's status is fixed
+    before exit hooks run, so leave with status 1 (logs and stdio flushed first)."""
+    if _FAILED_AT_EXIT:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
 
 
 def async_save(state: Mapping[str, Any], directory: str | os.PathLike[str], iteration: int, *,

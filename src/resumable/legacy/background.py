@@ -22,7 +22,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from resumable import commit
-from resumable.async_save import StagingBuffers
+from resumable.async_save import StagingBuffers, track, untrack
 from resumable.legacy.save import LegacySaver
 
 __all__ = ["BackgroundLegacySaves"]
@@ -54,6 +54,7 @@ class BackgroundLegacySaves:
         commit.fault_point("staged")
         self._thread = threading.Thread(target=self._run, args=(snapshot, epoch, step),
                                         name="resumable-legacy-save", daemon=False)
+        track(self)  # finished before the interpreter exits (resumable.async_save's exit hook)
         self._thread.start()
 
     def wait(self) -> Path | None:
@@ -66,6 +67,7 @@ class BackgroundLegacySaves:
             return None
         self._thread.join()
         self._thread = None
+        untrack(self)
         error, self._error = self._error, None
         if error is not None:
             raise error
