@@ -63,7 +63,7 @@ log = logging.getLogger(__name__)
 __all__ = ["LoadResult", "PendingLoad", "StateMismatchError", "apply_training_state", "load",
            "load_async", "read_common", "training_state"]
 
-Verify = Literal["size", "checksum", "none"]
+Verify = Literal["blocks", "checksum", "size", "none"]
 read_common = v2.read_common
 
 
@@ -238,6 +238,11 @@ def agree_on(error: BaseException | None, group: dist.Group) -> None:
             raise cls(f"rank {dist.global_rank(group, r)} failed: {message}")
 
 
+def _blocks(verify: Verify) -> bool:
+    """Whether the bytes read are checked against their block checksums while they are read."""
+    return verify in ("blocks", "checksum")
+
+
 def _verify(folder: Path, meta: v2.Metadata, reads: Iterable[Read], verify: Verify, rank: int, world: int) -> None:
     """Sizes of the files this rank reads (a stat each); checksums of every file, split across ranks.
 
@@ -247,8 +252,8 @@ def _verify(folder: Path, meta: v2.Metadata, reads: Iterable[Read], verify: Veri
     """
     if verify == "none":
         return
-    if verify not in ("size", "checksum"):
-        raise ValueError(f"verify must be 'size', 'checksum' or 'none', got {verify!r}")
+    if verify not in ("blocks", "size", "checksum"):
+        raise ValueError(f"verify must be 'blocks', 'checksum', 'size' or 'none', got {verify!r}")
     verify_files(folder, meta, only={r.file for r in reads})
     if verify == "checksum":
         mine = {name for i, name in enumerate(sorted(meta.files)) if i % world == rank}
@@ -341,7 +346,7 @@ def _finish(prep: _Prepared, state: dict, group: dist.Group, nbytes: int, start:
 
 
 def load(state: dict[str, Any], path: str | os.PathLike[str], *, process_group: dist.Group = None,
-         balanced: bool = False, verify: Verify = "size") -> LoadResult:
+         balanced: bool = False, verify: Verify = "blocks") -> LoadResult:
     """Fill ``state`` in place from a Checkpoint 2.0 iteration, resharding as needed.
 
     Args:
@@ -353,16 +358,21 @@ def load(state: dict[str, Any], path: str | os.PathLike[str], *, process_group: 
             without ``torch.distributed`` as a world of one).
         balanced: read each needed region once across the ranks and send it to the
             others that need it (``balanced_load``), instead of every rank reading its own.
-        verify: ``"size"`` (every file listed exists with its size), ``"checksum"`` (also
-            its xxh3-64, the files split across ranks) or ``"none"``; done before any
-            tensor is touched.
+        verify: ``"blocks"`` (default: the files this rank reads exist with their sizes,
+            and every byte read is checked against its file's per-block checksums while
+            it is read, at no extra I/O), ``"checksum"`` (also the xxh3-64 of every whole
+            file, the files split across ranks, before any tensor is touched), ``"size"``
+            (sizes only: the bytes read are not checked) or ``"none"``. Files without
+            block checksums (older checkpoints) get their sizes and headers checked, logged once.
 
     Returns:
         A :class:`LoadResult` (``common`` holds the training context).
 
     Raises:
         CheckpointNotFoundError: the folder or a file is missing.
-        CorruptCheckpointError: sizes, checksums, headers or metadata are wrong (file and key named).
+        CorruptCheckpointError: sizes, checksums (whole-file or block: file, key and byte range
+            named), headers or metadata are wrong. A block failing while reading is raised
+            on every rank after some tensors were filled: the state is then unusable.
         StateMismatchError: names missing from the checkpoint, shape or dtype mismatches, all listed.
         CheckpointError: another rank failed (its message included).
 
@@ -388,11 +398,12 @@ def load(state: dict[str, Any], path: str | os.PathLike[str], *, process_group: 
         nbytes: int | None = None
         if balanced:  # collective: every rank takes part, so it stays outside the try below
             from resumable.balanced import balanced_reads  # it imports this module
-            nbytes = balanced_reads(prep.folder, prep.meta, prep.reads, targets, process_group)
+            nbytes = balanced_reads(prep.folder, prep.meta, prep.reads, targets, process_group,
+                                    verify=_blocks(verify))
         result = None
         try:
             if nbytes is None:
-                nbytes = read_direct(prep.folder, prep.reads, targets, prep.headers)
+                nbytes = read_direct(prep.folder, prep.reads, targets, prep.headers, verify=_blocks(verify))
             result = _finish(prep, state, process_group, nbytes, start)
             err = None
         except Exception as exc:  # agreed below
@@ -435,7 +446,8 @@ class PendingLoad:
             _verify(folder, meta, reads, verify, self._rank, self._world)
             check_headers(folder, meta, reads)
             self._prep = _Prepared(folder, meta, flat, reads)
-            self._bytes = execute_reads(folder, reads, lambda r, data: self._buffers.append((r, data)))
+            self._bytes = execute_reads(folder, reads, lambda r, data: self._buffers.append((r, data)),
+                                        verify=_blocks(verify))
         except BaseException as exc:  # handed to the caller's thread in result()
             self._error = exc
 
@@ -490,7 +502,7 @@ class PendingLoad:
 
 
 def load_async(template: Mapping[str, Any], path: str | os.PathLike[str], *, process_group: dist.Group = None,
-               verify: Verify = "size") -> PendingLoad:
+               verify: Verify = "blocks") -> PendingLoad:
     """Start reading a checkpoint in a background thread while the caller builds its model.
 
     ``template`` describes what will be loaded: the same nested state the real load will

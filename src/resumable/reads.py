@@ -8,6 +8,12 @@ through :func:`execute_reads` (``safe_open(...).get_slice(key)[slices]``) and a
 :data:`Sink`. The helpers (:func:`contiguous_run`, :func:`pread_into`,
 :func:`bytes_of`) are shared with :mod:`resumable.balanced`.
 
+Every byte read is checked against the block checksums its file records
+(:class:`resumable.formats.safetensors_io.BlockDigests`), from the memory it landed in,
+in the thread that read it; a block cut by the edge of a read is completed with the few
+bytes missing. Files without block checksums (written before format version 3, or by
+another tool) are read with their sizes and headers checked only, logged once per call.
+
 Not collective; reads files only. What to read comes from :mod:`resumable.planning`.
 """
 
@@ -15,6 +21,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import logging
 import os
 import sys
 from collections import defaultdict
@@ -26,13 +33,16 @@ import torch
 from safetensors import safe_open
 
 from resumable.errors import CorruptCheckpointError
-from resumable.formats.safetensors_io import Header, read_header
+from resumable.formats.safetensors_io import BlockDigests, Header, block_digests, read_header
 from resumable.layout import local_tensor
 from resumable.planning import Read
 
-__all__ = ["READ_PIECE", "READ_THREADS", "SMALL_GAP", "SMALL_READ", "SMALL_THREADS", "ReadJob", "Sink", "bytes_of",
-           "contiguous_run", "contiguous_shares", "execute_reads", "place_into", "plan_small_reads", "pread_into",
-           "read_direct", "read_region"]
+log = logging.getLogger(__name__)
+
+__all__ = ["READ_PIECE", "READ_THREADS", "SMALL_GAP", "SMALL_READ", "SMALL_THREADS", "FileReader", "ReadJob", "Sink",
+           "bytes_of",
+           "byte_extent", "contiguous_run", "contiguous_shares", "execute_reads", "piece_bounds", "place_into",
+           "plan_small_reads", "pread_into", "read_direct", "read_region"]
 
 Sink = Callable[[Read, torch.Tensor], None]
 
@@ -44,24 +54,139 @@ def read_region(handle: Any, key: str, src: tuple[slice, ...]) -> torch.Tensor:
     return handle.get_slice(key)[src]
 
 
-def execute_reads(folder: Path, reads: Iterable[Read], sink: Sink) -> int:
+def execute_reads(folder: Path, reads: Iterable[Read], sink: Sink, *, verify: bool = True,
+                  unchecked: set[str] | None = None) -> int:
     """Read every planned slice, file by file (each file opened once), handing each to ``sink``.
+
+    With ``verify`` every block the slice's bytes span is checked before the slice is handed
+    on; a strided slice (a column split) spans most of its stored chunk, and those blocks are
+    read again, from the page cache the slice read just filled.
+
+    Args:
+        unchecked: collects the files that carry no block checksums (else logged here).
 
     Returns:
         The bytes read.
+
+    Raises:
+        CorruptCheckpointError: a block fails its checksum (file, key and byte range named).
     """
     by_file: dict[str, list[Read]] = defaultdict(list)
     for r in reads:
         by_file[r.file].append(r)
     total = 0
+    missing: set[str] = set() if unchecked is None else unchecked
     for file in sorted(by_file):
-        with safe_open(str(folder / file), framework="pt", device="cpu") as handle:
+        path = folder / file
+        digests = _digests(read_header(path), missing) if verify else None
+        with safe_open(str(path), framework="pt", device="cpu") as handle, FileReader(path) as fd:
             for r in by_file[file]:
                 data = read_region(handle, r.key, r.src)
+                if digests is not None:
+                    check = digests[r.key]
+                    lo, hi = byte_extent(r.src, r.stored_box.shape, data.element_size())
+                    check.check(check.start + lo, check.start + hi, None, fd.read)
                 total += data.numel() * data.element_size()
                 sink(r, data)
                 del data  # one slice in memory at a time
+    if unchecked is None:
+        _log_unchecked(missing)
     return total
+
+
+def byte_extent(src: tuple[slice, ...], shape: tuple[int, ...], itemsize: int) -> tuple[int, int]:
+    """Bytes ``[lo, hi)`` of a C-ordered stored chunk of ``shape`` that ``stored[src]`` spans
+    (from its first element to its last); ``(0, 0)`` when the slice is empty. Pure.
+
+    Example:
+        >>> byte_extent((slice(1, 2), slice(2, 4)), (3, 5), 4)
+        (28, 36)
+    """
+    if any(sl.stop <= sl.start for sl in src):
+        return 0, 0
+    first = last = 0
+    stride = 1
+    for sl, n in zip(reversed(src), reversed(shape)):
+        first += sl.start * stride
+        last += (sl.stop - 1) * stride
+        stride *= n
+    return first * itemsize, (last + 1) * itemsize
+
+
+def piece_bounds(offset: int, nbytes: int, base: int, piece: int) -> list[tuple[int, int]]:
+    """``[offset, offset + nbytes)`` cut into ``(start, length)`` pieces at the multiples of
+    ``piece`` counted from ``base`` (an entry's start): interior cuts then fall on block
+    boundaries, so that each checksum block but the two at the edges lies in one piece. Pure.
+
+    Example:
+        >>> piece_bounds(110, 30, 100, 16)
+        [(110, 6), (116, 16), (132, 8)]
+    """
+    out = []
+    at, end = offset, offset + nbytes
+    while at < end:
+        stop = min(end, base + ((at - base) // piece + 1) * piece)
+        out.append((at, stop - at))
+        at = stop
+    return out
+
+
+class FileReader:
+    """A read-only descriptor of one file, as a context manager with a ``read(offset, n)`` for checks."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+
+    def __enter__(self) -> "FileReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.fd)
+
+    def read(self, offset: int, nbytes: int) -> bytes:
+        buf = bytearray(nbytes)
+        pread_into(self.fd, memoryview(buf), offset, self.path)
+        return bytes(buf)
+
+
+def check_slice(path: Path, key: str, src: tuple[slice, ...], shape: tuple[int, ...], itemsize: int) -> bool:
+    """Verify the blocks of ``key`` that ``stored[src]`` spans (read from the file: for readers that
+    went through ``safe_open``). False when the file records no block checksums (logged once per folder).
+
+    Raises:
+        CorruptCheckpointError: a block fails its checksum (file, key and byte range named).
+    """
+    digests = block_digests(read_header(path))
+    if digests is None:
+        if path.parent not in _LOGGED:
+            _LOGGED.add(path.parent)
+            _log_unchecked({str(path)})
+        return False
+    check = digests[key]
+    lo, hi = byte_extent(src, shape, itemsize)
+    with FileReader(path) as f:
+        check.check(check.start + lo, check.start + hi, None, f.read)
+    return True
+
+
+_LOGGED: set[Path] = set()  # folders whose files without block checksums were logged (check_slice)
+
+
+def _digests(header: Header, unchecked: set[str]) -> dict[str, BlockDigests] | None:
+    """The file's block checksums; a file without them is added to ``unchecked``."""
+    digests = block_digests(header)
+    if digests is None:
+        unchecked.add(str(header.path))
+    return digests
+
+
+def _log_unchecked(unchecked: set[str]) -> None:
+    if unchecked:
+        names = sorted(unchecked)
+        log.info("%d file(s) carry no block checksums (written before format version 3 or by another tool): "
+                 "only their sizes and headers were checked (%s%s)", len(names), ", ".join(names[:3]),
+                 ", ..." if len(names) > 3 else "")
 
 
 #: Sequential streams reading one rank's slices, one thread each (``os.preadv`` releases
@@ -110,12 +235,14 @@ def contiguous_shares(sizes: Sequence[int], parts: int) -> list[range]:
 class ReadJob(NamedTuple):
     """``nbytes`` at ``offset`` of file number ``file``, to place into ``dst`` (the target's
     memory, or a non-contiguous target slice, read via a temporary): one ``os.preadv`` of a
-    stream, or part of a small group's read."""
+    stream, or part of a small group's read. ``check``: the block checksums of its entry,
+    verified on the bytes once they landed (None: not verified)."""
 
     file: int
     offset: int
     nbytes: int
     dst: memoryview | torch.Tensor
+    check: BlockDigests | None = None
 
 
 def plan_small_reads(jobs: Sequence[ReadJob], small: int = SMALL_READ,
@@ -200,7 +327,7 @@ def bytes_of(t: torch.Tensor) -> memoryview:
 
 
 def read_direct(folder: Path, reads: Iterable[Read], targets: Mapping[str, torch.Tensor],
-                headers: Mapping[str, Header] | None = None) -> int:
+                headers: Mapping[str, Header] | None = None, *, verify: bool = True) -> int:
     """Fill the targets for ``reads`` with ``os.preadv`` straight into their memory; not collective.
 
     A read whose stored slice is one byte run of the file and whose destination is a
@@ -217,9 +344,15 @@ def read_direct(folder: Path, reads: Iterable[Read], targets: Mapping[str, torch
     span) per thread.
     ``headers`` (file name → parsed header, as :func:`resumable.load.check_headers`
     returns them) spares reading them again; a file missing there has its header read.
+    ``verify``: check every byte read against its file's block checksums, in the thread
+    that read it (pieces are cut on block boundaries; a block cut by the edge of a read is
+    completed with the bytes missing).
 
     Returns:
         The bytes read.
+
+    Raises:
+        CorruptCheckpointError: a block fails its checksum, or a file ends early (named).
     """
     locals_ = {name: local_tensor(t) for name, t in targets.items()}
     direct: dict[str, list[Read]] = defaultdict(list)
@@ -232,9 +365,11 @@ def read_direct(folder: Path, reads: Iterable[Read], targets: Mapping[str, torch
     paths: list[Path] = []
     jobs: list[ReadJob] = []
     total = 0
+    unchecked: set[str] = set()
     for file in sorted(direct):
         path = folder / file
         header = headers[file] if headers and file in headers else read_header(path)
+        digests = _digests(header, unchecked) if verify else None
         paths.append(path)
         for r in direct[file]:
             entry = header.tensors[r.key]
@@ -245,14 +380,15 @@ def read_direct(folder: Path, reads: Iterable[Read], targets: Mapping[str, torch
             dst = locals_[r.name][r.dst]
             itemsize = dst.element_size()
             offset, nbytes = entry.start + run[0] * itemsize, run[1] * itemsize
+            check = digests[r.key] if digests is not None else None
             total += nbytes
             if not dst.is_contiguous():
-                jobs.append(ReadJob(len(paths) - 1, offset, nbytes, dst))
+                jobs.append(ReadJob(len(paths) - 1, offset, nbytes, dst, check))
                 continue
             view = bytes_of(dst) if nbytes else memoryview(b"")
-            for start in range(0, nbytes, READ_PIECE):
-                piece = view[start:start + READ_PIECE]
-                jobs.append(ReadJob(len(paths) - 1, offset + start, len(piece), piece))
+            for start, length in piece_bounds(offset, nbytes, entry.start, READ_PIECE):
+                jobs.append(ReadJob(len(paths) - 1, start, length, view[start - offset:start - offset + length],
+                                    check))
     streamed, groups = plan_small_reads(jobs, SMALL_READ, SMALL_GAP)
     shares = [[streamed[i] for i in share] for share in contiguous_shares([j.nbytes for j in streamed], READ_THREADS)]
     with ThreadPoolExecutor(READ_THREADS, thread_name_prefix="resumable-read") as pool, \
@@ -264,7 +400,8 @@ def read_direct(folder: Path, reads: Iterable[Read], targets: Mapping[str, torch
         for future in futures:
             future.result()
     if other:
-        total += execute_reads(folder, other, place_into(targets))
+        total += execute_reads(folder, other, place_into(targets), verify=verify, unchecked=unchecked)
+    _log_unchecked(unchecked)
     return total
 
 
@@ -281,9 +418,11 @@ def _run_stream(jobs: Sequence[ReadJob], paths: Sequence[Path]) -> None:
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
             if isinstance(job.dst, memoryview):
                 pread_into(fd, job.dst, job.offset, paths[job.file])
+                _check(job, job.dst, fd, paths[job.file])
                 continue
             tmp = torch.empty(job.dst.shape, dtype=job.dst.dtype)
             pread_into(fd, bytes_of(tmp), job.offset, paths[job.file])
+            _check(job, bytes_of(tmp), fd, paths[job.file])
             with torch.no_grad():
                 job.dst.copy_(tmp)
     finally:
@@ -291,17 +430,30 @@ def _run_stream(jobs: Sequence[ReadJob], paths: Sequence[Path]) -> None:
             os.close(fd)
 
 
+def _check(job: ReadJob, data: memoryview, fd: int, path: Path) -> None:
+    """Verify the blocks ``job`` read (``data``: its bytes); edge bytes come from ``fd``."""
+    if job.check is not None:
+        def read(offset: int, nbytes: int) -> bytes:
+            buf = bytearray(nbytes)
+            pread_into(fd, memoryview(buf), offset, path)
+            return bytes(buf)
+        job.check.check(job.offset, job.offset + job.nbytes, data, read)
+
+
 def _run_group(group: Sequence[ReadJob], paths: Sequence[Path]) -> None:
-    """Read the span of ``group`` (small jobs of one file, in order) at once and place each job's bytes."""
+    """Read the span of ``group`` (small jobs of one file, in order) at once, verify and place each job's bytes."""
     first, path = group[0], paths[group[0].file]
     buf = bytearray(group[-1].offset + group[-1].nbytes - first.offset)
+    view = memoryview(buf)
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     try:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # no readahead around a lone region
-        pread_into(fd, memoryview(buf), first.offset, path)
+        pread_into(fd, view, first.offset, path)
+        for job in group:  # before any byte is placed; usually the whole entry is in the span
+            start = job.offset - first.offset
+            _check(job, view[start:start + job.nbytes], fd, path)
     finally:
         os.close(fd)
-    view = memoryview(buf)
     for job in group:
         start = job.offset - first.offset
         if isinstance(job.dst, memoryview):

@@ -57,6 +57,7 @@ from resumable.formats import hf, mindformers as mf, v1, v2
 from resumable.formats.safetensors_io import read_header
 from resumable.formats.names import AttentionShape, fc1_rows, map_mf_name, qkv_rows
 from resumable.geometry import Box, runs
+from resumable.reads import check_slice
 
 log = logging.getLogger(__name__)
 
@@ -198,11 +199,14 @@ def detect(path: str | os.PathLike[str]) -> tuple[Format, Path]:
 
 
 def _safetensors_reader(file: Path, key: str, box: Box) -> Reader:
+    """Reads regions of one stored chunk, each checked against the file's block checksums
+    (so a damaged source never converts, merges or splits cleanly)."""
     def read(region: Box) -> torch.Tensor:
         with safe_open(str(file), framework="pt", device="cpu") as handle:
-            if not box.shape:
-                return handle.get_tensor(key)
-            return handle.get_slice(key)[region.slices_in(box)].contiguous()
+            src = region.slices_in(box) if box.shape else ()
+            data = handle.get_tensor(key) if not box.shape else handle.get_slice(key)[src].contiguous()
+        check_slice(file, key, src, box.shape, data.element_size())
+        return data
     return read
 
 
