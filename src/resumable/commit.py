@@ -40,7 +40,7 @@ import uuid
 from pathlib import Path
 from typing import Iterable
 
-from resumable.errors import ConfigError, CorruptCheckpointError
+from resumable.errors import CheckpointError, ConfigError, CorruptCheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -277,10 +277,12 @@ def is_committed(folder: str | os.PathLike[str]) -> bool:
     single-rank checkpoint has no metadata.json; it counts when ``common.json`` parses
     and at least one ``.safetensors`` file is present, unless that common.json is ours
     (we always write metadata.json: ours without it is damaged, and must not count
-    toward ``keep_checkpoint_max`` as a good checkpoint).
+    toward ``keep_checkpoint_max`` as a good checkpoint). A symlink is never committed,
+    whatever it points at: its files live outside the folder, and retention would delete
+    through it.
     """
     folder = Path(folder)
-    if parse_iteration(folder.name) is None or not folder.is_dir():
+    if parse_iteration(folder.name) is None or folder.is_symlink() or not folder.is_dir():
         return False
     meta = folder / METADATA
     if meta.exists():
@@ -348,59 +350,101 @@ def _renameat2_exchange(a: Path, b: Path) -> bool:
     raise OSError(err, f"renameat2(RENAME_EXCHANGE) {a} <-> {b} failed: {os.strerror(err)}")
 
 
-def publish_folder(temp: str | os.PathLike[str], final: str | os.PathLike[str]) -> None:
+def publish_folder(temp: str | os.PathLike[str], final: str | os.PathLike[str]) -> Path | None:
     """Rename a complete temp folder to its final name: the commit point of a save.
 
-    When ``final`` already exists (the same iteration saved again) the old copy is never
-    removed before the new one is in place: the two are swapped atomically with
-    ``renameat2(RENAME_EXCHANGE)``, and the old copy (now under the temp name) is then
-    deleted. Without exchange support: ``final`` → ``.old-…``, ``temp`` → ``final``, then
-    the old copy is deleted; a crash between the two renames leaves ``.old-…`` which
-    :func:`clean_leftovers` renames back. The parent folder is fsynced after the rename.
+    When ``final`` already exists (the same iteration saved again) the old copy is kept
+    until the tracker names the new one: the two are swapped atomically with
+    ``renameat2(RENAME_EXCHANGE)`` and the old copy is set aside as ``.old-…`` (without
+    exchange support: ``final`` → ``.old-…``, ``temp`` → ``final``). The caller removes
+    it with :func:`discard_previous` once the tracker is written, or puts it back with
+    :func:`unpublish_folder`; a crash in between leaves ``.old-…``, which
+    :func:`clean_leftovers` removes (``final`` committed) or renames back. The parent
+    folder is fsynced after the rename.
+
+    Returns:
+        The old copy's hidden path, or None when ``final`` did not exist.
+
+    Raises:
+        CheckpointError: ``final`` is a file or a symlink (not a folder a save wrote).
 
     Who calls it: the coordinator (rank 0) only, after every rank agreed the files are written.
     """
     temp, final = Path(temp), Path(final)
     parent = final.parent
+    if final.is_symlink() or (final.exists() and not final.is_dir()):
+        kind = "a symlink" if final.is_symlink() else "a file"
+        raise CheckpointError(
+            f"{final} is {kind}, not a checkpoint folder, and is in the way of this save: move it out of "
+            f"{parent} (a checkpoint folder holds only the iteration_* folders its saves write)")
     if not final.exists():
         os.rename(temp, final)
         fsync_dir(parent)
-        return
-    if _renameat2_exchange(temp, final):
-        fsync_dir(parent)
-        _remove_tree(temp)  # the previous copy, now under the temp name
-        return
+        return None
     old = parent / (".old-" + final.name)
-    if old.exists():
-        _remove_tree(old)
-    os.rename(final, old)
-    os.rename(temp, final)
+    if old.exists() or old.is_symlink():
+        _remove_entry(old)
+    if _renameat2_exchange(temp, final):
+        os.rename(temp, old)  # the previous copy, now under the temp name
+    else:
+        os.rename(final, old)
+        os.rename(temp, final)
     fsync_dir(parent)
-    _remove_tree(old)
+    return old
 
 
-def unpublish_folder(final: str | os.PathLike[str], temp: str | os.PathLike[str]) -> None:
-    """Undo :func:`publish_folder` when the tracker could not be updated: ``final`` goes back to ``temp``.
+def unpublish_folder(final: str | os.PathLike[str], temp: str | os.PathLike[str],
+                     previous: Path | None = None) -> None:
+    """Undo :func:`publish_folder` when the tracker could not be updated.
 
-    The caller then reports that nothing was committed, and removes ``temp``; the tracker
-    still names the previous checkpoint. Who calls it: the coordinator (rank 0) only.
+    The new copy goes back to ``temp`` (the caller removes it) and ``previous`` (the old
+    copy :func:`publish_folder` returned) back to ``final``, so the tracker's target is
+    whole again and "nothing was committed" is true. A crash between the two renames
+    leaves ``.old-…`` without ``final``: :func:`clean_leftovers` renames it back.
+    Who calls it: the coordinator (rank 0) only.
     """
     final = Path(final)
     os.rename(final, temp)
+    if previous is not None:
+        os.rename(previous, final)
     fsync_dir(final.parent)
+
+
+def discard_previous(previous: Path | None) -> None:
+    """Remove the old copy :func:`publish_folder` set aside, once the tracker names the new one.
+
+    A failure is logged, not raised: the new checkpoint is committed, and
+    :func:`clean_leftovers` removes the ``.old-…`` copy at the next start.
+    """
+    if previous is None:
+        return
+    try:
+        _remove_entry(previous)
+    except OSError as exc:
+        log.warning("could not remove the replaced copy %s (removed at the next start): %s", previous, exc)
 
 
 def _remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=False)
 
 
+def _remove_entry(path: Path) -> None:
+    """Remove a folder tree, or a file or symlink itself (a symlink is never followed)."""
+    if path.is_symlink() or not path.is_dir():
+        path.unlink(missing_ok=True)
+    else:
+        _remove_tree(path)
+
+
 def clean_leftovers(directory: str | os.PathLike[str]) -> list[Path]:
     """Remove what interrupted saves and deletions left behind; returns what was removed.
 
     Removes ``.tmp-iteration_*`` and ``.del-iteration_*`` folders and stale
-    ``atomic_write`` temp files. An ``.old-iteration_X`` folder (two-step replacement
+    ``atomic_write`` temp files. An ``.old-iteration_X`` folder (a replacement
     interrupted) is renamed back to ``iteration_X`` when no committed ``iteration_X``
-    exists, else removed. Every action is logged.
+    exists, else removed. Such names that are files or symlinks (never ours: put there
+    by hand, or a save that met a stray file) are unlinked, never followed. Every
+    action is logged.
 
     Who calls it: one process (rank 0) at start-up, before any save of this job begins;
     never while a save into ``directory`` is running.
@@ -411,11 +455,15 @@ def clean_leftovers(directory: str | os.PathLike[str]) -> list[Path]:
         return removed
     for child in sorted(directory.iterdir()):
         m = _LEFTOVER_RE.match(child.name)
-        if m and child.is_dir():
+        if m and (child.is_symlink() or not child.is_dir()):
+            child.unlink()
+            removed.append(child)
+            log.warning("removed leftover %s (not a folder: a file or symlink is never followed)", child)
+        elif m:
             final = directory / m.group(2)
             if m.group(1) == "old" and not is_committed(final):
-                if final.exists():
-                    _remove_tree(final)  # an uncommitted half: the old copy is the good one
+                if final.exists() or final.is_symlink():
+                    _remove_entry(final)  # an uncommitted half: the old copy is the good one
                 os.rename(child, final)
                 fsync_dir(directory)
                 log.warning("restored %s from interrupted replacement %s", final, child.name)
@@ -423,19 +471,95 @@ def clean_leftovers(directory: str | os.PathLike[str]) -> list[Path]:
             _remove_tree(child)
             removed.append(child)
             log.warning("removed leftover %s of an interrupted save or deletion", child)
-        elif _ATOMIC_TMP_RE.match(child.name) and child.is_file():
+        elif _ATOMIC_TMP_RE.match(child.name) and (child.is_symlink() or child.is_file()):
             child.unlink()
             removed.append(child)
             log.warning("removed leftover temp file %s", child)
     return removed
 
 
+def _delete(folder: Path) -> None:
+    """Delete an iteration entry: renamed to ``.del-…`` first (it stops looking committed at once), then removed."""
+    doomed = folder.parent / (".del-" + folder.name)
+    if doomed.exists() or doomed.is_symlink():
+        _remove_entry(doomed)
+    os.rename(folder, doomed)
+    fsync_dir(folder.parent)
+    fault_point("retention-renamed")
+    _remove_entry(doomed)
+
+
+def iterations_after(directory: str | os.PathLike[str], start: int) -> list[int]:
+    """Iterations above ``start`` named by entries of ``directory``, oldest first.
+
+    Every entry named like an iteration folder counts, committed or not (a damaged
+    folder may be repaired), files and symlinks too: a save of that iteration would
+    replace it or trip over it, and the tracker would move back below it.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(n for child in directory.iterdir() if (n := parse_iteration(child.name)) is not None and n > start)
+
+
+def interrupted_commit(directory: str | os.PathLike[str]) -> int | None:
+    """The iteration whose save stopped between its folder rename and its tracker update, if any.
+
+    It is the newest iteration, the only one above the tracker's target, committed, with
+    a metadata.json written after the tracker. A tracker written after that folder (by
+    hand: the user chose the older iteration) does not qualify. A resume from the
+    tracker's target redoes that save, which replaces the folder; nothing else is lost.
+    """
+    directory = Path(directory)
+    try:
+        target = read_tracker(directory)
+    except CorruptCheckpointError:
+        return None
+    newer = iterations_after(directory, target) if target is not None else []
+    if len(newer) != 1 or not is_committed(folder := directory / iteration_dirname(newer[0])):
+        return None
+    try:
+        written_after = (folder / METADATA).stat().st_mtime_ns > (directory / TRACKER).stat().st_mtime_ns
+    except OSError:
+        return None
+    return newer[0] if written_after else None
+
+
+def discard_after(directory: str | os.PathLike[str], start: int) -> list[int]:
+    """Delete every iteration entry above ``start`` (asked for explicitly), the tracker first.
+
+    The tracker is pointed at ``start`` when that iteration is committed here, else
+    removed, before anything is deleted: it never names a deleted folder.
+
+    Returns:
+        The deleted iterations, oldest first (each logged).
+
+    Who calls it: rank 0, at start-up, when the user asked to discard newer checkpoints.
+    """
+    directory = Path(directory)
+    doomed = iterations_after(directory, start)
+    if not doomed:
+        return []
+    if is_committed(directory / iteration_dirname(start)):
+        write_tracker(directory, start)
+    elif (directory / TRACKER).exists():
+        (directory / TRACKER).unlink()
+        fsync_dir(directory)
+    for n in doomed:
+        _delete(directory / iteration_dirname(n))
+        log.warning("discard_newer_checkpoints: deleted %s (newer than step %d this job starts from)",
+                    directory / iteration_dirname(n), start)
+    return doomed
+
+
 def apply_keep_max(directory: str | os.PathLike[str], keep: int | None,
                    protect: Iterable[int] = ()) -> list[int]:
     """Delete the oldest committed checkpoints so that ``keep`` newest remain.
 
-    Never deletes the tracker's target nor an iteration in ``protect`` (the one being
-    loaded or written); those may make more than ``keep`` folders remain. A folder is
+    Never deletes the tracker's target, an iteration newer than it (a job that resumed
+    from an older one must not delete what came after), nor an iteration in ``protect``
+    (the one being loaded or written); those may make more than ``keep`` folders remain.
+    Symlinks are never committed, so never counted nor deleted through. A folder is
     first renamed to ``.del-…`` (atomic: it stops being committed at once), then deleted.
 
     Args:
@@ -465,19 +589,13 @@ def apply_keep_max(directory: str | os.PathLike[str], keep: int | None,
         log.warning("tracker in %s is unreadable; retention skipped", directory)
         return []
     if target is not None:
-        keep_set.add(target)
+        keep_set.update(n for n in committed if n >= target)
     deleted = []
     for n in committed:
         if n in keep_set:
             continue
         folder = directory / iteration_dirname(n)
-        doomed = directory / (".del-" + folder.name)
-        if doomed.exists():
-            _remove_tree(doomed)
-        os.rename(folder, doomed)
-        fsync_dir(directory)
-        fault_point("retention-renamed")
-        _remove_tree(doomed)
+        _delete(folder)
         deleted.append(n)
         log.info("keep_checkpoint_max=%d: deleted %s", keep, folder)
     return deleted

@@ -28,6 +28,10 @@ class SaveError(CheckpointError):
     """A save failed on some rank; nothing was committed."""
 
 
+class NewerCheckpointsError(CheckpointError, FileExistsError):
+    """A job would write over (or let retention delete) iterations newer than the one it starts from."""
+
+
 class LockedError(CheckpointError):
     """Another live job holds the checkpoint folder."""
 

@@ -460,16 +460,18 @@ def commit_plan(plan: SavePlan) -> None:
         commit.fsync_file(plan.temp / name)
     commit.fsync_dir(plan.temp)
     commit.fault_point("before-rename")
-    commit.publish_folder(plan.temp, plan.final)
+    previous = commit.publish_folder(plan.temp, plan.final)  # an earlier save of this iteration, set aside
     commit.fault_point("after-rename")
     try:
         commit.write_tracker(plan.directory, plan.iteration)
     except OSError:
         # E.g. the disk filled up between the rename and the tracker: take the folder back out of
-        # view, so that "nothing was committed" (what every rank is told) is true.
-        commit.unpublish_folder(plan.final, plan.temp)
+        # view and put the earlier copy back, so that "nothing was committed" (what every rank is
+        # told) is true and the tracker's target is whole.
+        commit.unpublish_folder(plan.final, plan.temp, previous)
         raise
     commit.fault_point("after-tracker")
+    commit.discard_previous(previous)
     log.info("committed %s", plan.final)
 
 

@@ -16,6 +16,7 @@ from typing import Iterator
 import pytest
 import torch
 
+import resumable
 from resumable import CheckpointManager, commit
 from resumable.errors import SaveError
 from resumable.resolve import verify_files
@@ -82,6 +83,28 @@ def test_a_disk_full_exactly_at_the_tracker_update_commits_nothing(small_disk: P
     assert _entries(directory) == [".lock", "iteration_00000001", TRACKER]
     assert commit.read_tracker(directory) == 1
     verify_files(directory / "iteration_00000001", checksum=True)
+
+
+def test_a_disk_full_at_the_tracker_while_resaving_an_iteration_keeps_the_earlier_copy(small_disk: Path) -> None:
+    # Saving an iteration that exists (a resume redoing it) sets the old copy aside; when the
+    # tracker cannot be written the old copy, the tracker's target, must be back in place.
+    directory = small_disk / "checkpoint"
+    mgr = CheckpointManager(directory, keep_checkpoint_max=None)
+    mgr.save({"model": {"w": torch.ones(4)}, "optimizer": {"m": torch.ones(4)}}, 2)
+    before = (directory / "iteration_00000002" / "metadata.json").read_bytes()
+    fs = os.statvfs(small_disk)
+    subprocess.run(["mount", "-o", f"remount,nr_inodes={fs.f_files - fs.f_ffree + 6}", str(small_disk)], check=True)
+    with pytest.raises(SaveError) as info:
+        mgr.save({"model": {"w": torch.zeros(4)}, "optimizer": {"m": torch.zeros(4)}}, 2)
+    assert str(info.value).startswith(f"committing {directory / 'iteration_00000002'} failed on 1 rank(s), nothing "
+                                      "was committed: rank 0: OSError: [Errno 28] No space left on device: ")
+    assert _entries(directory) == [".lock", "iteration_00000002", TRACKER]
+    assert commit.read_tracker(directory) == 2
+    assert (directory / "iteration_00000002" / "metadata.json").read_bytes() == before
+    verify_files(directory / "iteration_00000002", checksum=True)
+    state = {"model": {"w": torch.full((4,), 7.0)}}
+    resumable.load(state, directory)
+    assert torch.equal(state["model"]["w"], torch.ones(4))  # the earlier save's values, not the failed one's
 
 
 def test_an_async_save_that_fills_the_disk_surfaces_enospc_at_the_next_call(small_disk: Path) -> None:

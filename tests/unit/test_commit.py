@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from resumable import commit, latest
-from resumable.errors import ConfigError, CorruptCheckpointError
+from resumable.errors import CheckpointError, ConfigError, CorruptCheckpointError
 from resumable.save import save
 
 
@@ -73,13 +73,13 @@ def test_is_committed_needs_the_final_name_and_a_readable_metadata_json(tmp_path
 
 
 @pytest.mark.parametrize("keep", [1, 3])
-def test_retention_keeps_the_newest_and_never_the_tracker_target(tmp_path: Path, keep: int):
+def test_retention_keeps_the_newest_and_never_the_tracker_target_nor_what_is_newer(tmp_path: Path, keep: int):
     for n in range(1, 7):
         _fake_committed(tmp_path, n * 10)
     (tmp_path / commit.temp_dirname(70)).mkdir()  # a save in progress is not counted or touched
-    commit.write_tracker(tmp_path, 20)             # a user chose an older iteration
-    deleted = commit.apply_keep_max(tmp_path, keep, protect={30})
-    expected_kept = sorted({20, 30} | set([10, 20, 30, 40, 50, 60][-keep:]))
+    commit.write_tracker(tmp_path, 30)             # a user chose an older iteration: 40-60 stay too
+    deleted = commit.apply_keep_max(tmp_path, keep, protect={20})
+    expected_kept = sorted({20, 30, 40, 50, 60} | set([10, 20, 30, 40, 50, 60][-keep:]))
     assert commit.committed_iterations(tmp_path) == expected_kept
     assert deleted == [n for n in [10, 20, 30, 40, 50, 60] if n not in expected_kept]
     assert (tmp_path / commit.temp_dirname(70)).is_dir()
@@ -98,11 +98,27 @@ def test_publishing_over_an_existing_iteration_swaps_it_in_one_step(tmp_path: Pa
     temp.mkdir()
     (temp / "metadata.json").write_text('{"marker": "new"}')
     inode_before = temp.stat().st_ino
-    commit.publish_folder(temp, tmp_path / commit.iteration_dirname(5))
+    previous = commit.publish_folder(temp, tmp_path / commit.iteration_dirname(5))
     final = tmp_path / commit.iteration_dirname(5)
     assert (final / "metadata.json").read_text() == '{"marker": "new"}'
     assert final.stat().st_ino == inode_before  # the new folder itself, renamed: nothing was copied
+    # The old copy is kept aside until the tracker names the new one.
+    assert previous == tmp_path / (".old-" + commit.iteration_dirname(5))
+    assert (previous / "metadata.json").read_text() == '{"marker": "old"}'
+    commit.discard_previous(previous)
     assert sorted(p.name for p in tmp_path.iterdir()) == [commit.iteration_dirname(5)]
+
+
+def test_unpublishing_puts_the_old_copy_back_and_the_new_one_out_of_view(tmp_path: Path):
+    _fake_committed(tmp_path, 5, "old")
+    temp, final = tmp_path / commit.temp_dirname(5), tmp_path / commit.iteration_dirname(5)
+    temp.mkdir()
+    (temp / "metadata.json").write_text('{"marker": "new"}')
+    previous = commit.publish_folder(temp, final)
+    commit.unpublish_folder(final, temp, previous)  # the tracker could not be written
+    assert (final / "metadata.json").read_text() == '{"marker": "old"}'
+    assert (temp / "metadata.json").read_text() == '{"marker": "new"}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == [temp.name, final.name]
 
 
 def test_exchange_is_atomic_both_folders_exist_at_every_instant(tmp_path: Path):
@@ -152,3 +168,78 @@ def test_saving_an_existing_iteration_again_replaces_it_completely(tmp_path: Pat
 
     assert sorted(v2.read_metadata(folder).tensors) == ["new_only"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["iteration_00000003", commit.TRACKER]
+
+
+def test_a_symlinked_iteration_folder_is_never_committed_counted_or_deleted_through(tmp_path: Path):
+    outside = _fake_committed(tmp_path / "elsewhere", 7)
+    directory = tmp_path / "checkpoint"
+    _fake_committed(directory, 1)
+    _fake_committed(directory, 2)
+    (directory / commit.iteration_dirname(7)).symlink_to(outside)
+    assert not commit.is_committed(directory / commit.iteration_dirname(7))
+    assert commit.committed_iterations(directory) == [1, 2]
+    commit.write_tracker(directory, 2)
+    assert commit.apply_keep_max(directory, 1) == [1]
+    assert (outside / "metadata.json").is_file() and (directory / commit.iteration_dirname(7)).is_symlink()
+
+
+def test_clean_leftovers_unlinks_symlinks_and_files_with_leftover_names_never_following_them(tmp_path: Path):
+    outside = _fake_committed(tmp_path / "elsewhere", 3)
+    directory = tmp_path / "checkpoint"
+    _fake_committed(directory, 1)
+    for prefix in (".del-", ".tmp-", ".old-"):
+        (directory / (prefix + commit.iteration_dirname(3))).symlink_to(outside)
+    (directory / (".tmp-" + commit.iteration_dirname(4))).write_bytes(b"stray")
+    (directory / f".{commit.TRACKER}.tmp-1-abcdef01").symlink_to(outside / "metadata.json")
+    removed = commit.clean_leftovers(directory)
+    assert len(removed) == 5
+    assert sorted(p.name for p in directory.iterdir()) == [commit.iteration_dirname(1)]
+    assert (outside / "metadata.json").read_text() == '{"marker": ""}'  # the targets are untouched
+
+
+@pytest.mark.parametrize("kind", ["file", "symlink"])
+def test_publishing_over_a_stray_file_or_symlink_named_like_the_folder_is_refused_naming_it(tmp_path: Path,
+                                                                                              kind: str):
+    final = tmp_path / commit.iteration_dirname(4)
+    if kind == "file":
+        final.write_bytes(b"not a checkpoint")
+    else:
+        final.symlink_to(_fake_committed(tmp_path / "elsewhere", 4))
+    temp = tmp_path / commit.temp_dirname(4)
+    temp.mkdir()
+    with pytest.raises(CheckpointError) as info:
+        commit.publish_folder(temp, final)
+    assert str(info.value) == (f"{final} is a {kind}, not a checkpoint folder, and is in the way of this save: "
+                               f"move it out of {tmp_path} (a checkpoint folder holds only the iteration_* "
+                               "folders its saves write)")
+    assert temp.is_dir() and (final.is_symlink() if kind == "symlink" else final.is_file())
+
+
+def test_iterations_after_counts_every_entry_named_like_an_iteration(tmp_path: Path):
+    _fake_committed(tmp_path, 2)
+    _fake_committed(tmp_path, 4)
+    (tmp_path / commit.iteration_dirname(6)).mkdir()            # damaged: no metadata.json
+    (tmp_path / commit.iteration_dirname(8)).write_bytes(b"")   # a stray file
+    (tmp_path / commit.temp_dirname(10)).mkdir()                # a temp folder is not an iteration
+    assert commit.iterations_after(tmp_path, 2) == [4, 6, 8]
+    assert commit.iterations_after(tmp_path / "missing", 0) == []
+
+
+def test_an_untracked_newest_folder_written_after_the_tracker_is_an_interrupted_commit(tmp_path: Path):
+    _fake_committed(tmp_path, 2)
+    commit.write_tracker(tmp_path, 2)
+    _fake_committed(tmp_path, 4)  # renamed into place, then the job died before the tracker
+    assert commit.interrupted_commit(tmp_path) == 4
+    commit.write_tracker(tmp_path, 2)  # a tracker written afterwards: someone chose 2 on purpose
+    assert commit.interrupted_commit(tmp_path) is None
+
+
+def test_discarding_newer_iterations_moves_the_tracker_back_first_then_deletes_them(tmp_path: Path):
+    for n in (2, 4, 6):
+        _fake_committed(tmp_path, n)
+    (tmp_path / commit.iteration_dirname(8)).write_bytes(b"")
+    commit.write_tracker(tmp_path, 6)
+    assert commit.discard_after(tmp_path, 2) == [4, 6, 8]
+    assert commit.read_tracker(tmp_path) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == [commit.iteration_dirname(2), commit.TRACKER]
+    assert commit.discard_after(tmp_path, 0) == [2] and commit.read_tracker(tmp_path) is None

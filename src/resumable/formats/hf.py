@@ -36,6 +36,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from resumable.errors import CheckpointNotFoundError, CorruptCheckpointError, UnsafeCheckpointError
+from resumable.formats.safetensors_io import open_safetensors, stored_slice
 from resumable.geometry import Box
 
 __all__ = [
@@ -196,10 +197,11 @@ def read_hf_box(entry: HFTensor, box: Box) -> torch.Tensor:
     """
     if not box.within(entry.shape):
         raise ValueError(f"{box} lies outside {entry.name!r} of shape {list(entry.shape)}")
-    with safe_open(entry.file, framework="pt") as f:
+    with open_safetensors(entry.file) as f:
+        piece = stored_slice(f, entry.file, entry.name, entry.dtype, entry.shape)
         if not entry.shape:
             return f.get_tensor(entry.name)
-        return f.get_slice(entry.name)[box.slices_in(Box.full(entry.shape))].contiguous()
+        return piece[box.slices_in(Box.full(entry.shape))].contiguous()
 
 
 def _plan_shards(specs: Sequence[tuple[str, torch.dtype, tuple[int, ...]]], max_shard_size: int) -> list[list[int]]:

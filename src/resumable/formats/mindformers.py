@@ -42,11 +42,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from resumable.errors import CheckpointNotFoundError, CorruptCheckpointError, NotImplementedYet, UnsafeCheckpointError
 from resumable.formats.hf import load_json_object, safe_member, safetensors_header
 from resumable.formats.ms_ckpt import MS_DTYPES, MsTensorEntry, index_ms_ckpt, read_ms_tensor
+from resumable.formats.safetensors_io import open_safetensors
 from resumable.geometry import Box, covers_exactly
 
 __all__ = [
@@ -150,7 +150,7 @@ def read_chunk(chunk: ForeignChunk, region: Box | None = None) -> torch.Tensor:
     if chunk.file.suffix == ".ckpt":
         tensor = read_ms_tensor(chunk.file, _ms_entry(chunk.file, chunk.key))
         return tensor[inner].clone() if inner else tensor
-    with safe_open(chunk.file, framework="pt") as f:
+    with open_safetensors(chunk.file) as f:
         if not inner:
             return f.get_tensor(chunk.key)
         return f.get_slice(chunk.key)[inner].contiguous()
@@ -554,7 +554,7 @@ def _legacy_header(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]
 def _remove_redundancy_flag(path: Path) -> str | None:
     if path.suffix == ".ckpt":
         return None
-    with safe_open(path, framework="pt") as f:
+    with open_safetensors(path) as f:
         return (f.metadata() or {}).get("remove_redundancy")
 
 

@@ -52,13 +52,15 @@ import re
 import struct
 import threading
 from collections import deque
+from contextlib import contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 import xxhash
+from safetensors import SafetensorError, safe_open
 
 from resumable.errors import CorruptCheckpointError, UnsafeCheckpointError
 
@@ -73,7 +75,9 @@ __all__ = [
     "block_digests",
     "dtype_from_name",
     "dtype_name",
+    "open_safetensors",
     "read_header",
+    "stored_slice",
     "write_file",
     "write_file_streaming",
 ]
@@ -622,6 +626,44 @@ def _corrupt(path: Path, problem: str) -> CorruptCheckpointError:
     return CorruptCheckpointError(
         f"{path}: not a valid safetensors file: {problem}; "
         "the file is truncated or damaged: restore it from a copy or re-save the checkpoint")
+
+
+@contextmanager
+def open_safetensors(path: str | os.PathLike[str]) -> Iterator[Any]:
+    """``safetensors.safe_open`` (torch, CPU) whose errors name the file.
+
+    A truncated file, a garbage header or a key the file lacks raise ``SafetensorError``
+    (a traceback naming no file) in ``safe_open`` or in the handle's calls inside the
+    ``with`` block; here they become :class:`CorruptCheckpointError` naming ``path``.
+
+    Example:
+        >>> with open_safetensors("CKP-model-0000000-0000001.safetensors") as f:
+        ...     w = f.get_slice("model.norm.weight")[:]
+    """
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            yield handle
+    except SafetensorError as exc:
+        raise _corrupt(path, str(exc)) from exc
+
+
+def stored_slice(handle: Any, path: Path, key: str, dtype: torch.dtype, shape: Sequence[int]) -> Any:
+    """``handle.get_slice(key)`` once the file's header stores ``key`` as ``dtype`` of ``shape``.
+
+    The metadata that names ``key`` says what it holds; a header that disagrees (damaged,
+    or a file from another checkpoint) would otherwise give a wrong region or a torch
+    error naming no file.
+
+    Raises:
+        CorruptCheckpointError: naming the file, the key, what it stores and what was expected.
+    """
+    piece = handle.get_slice(key)
+    found, want = (piece.get_dtype(), list(piece.get_shape())), (DTYPE_NAMES.get(dtype), list(shape))
+    if found != want:
+        raise _corrupt(path, f"tensor {key!r} is stored as {found[0]} {found[1]}, but the checkpoint's metadata "
+                             f"says {want[0]} {want[1]}")
+    return piece
 
 
 def read_header(path: str | os.PathLike[str], *, max_header_bytes: int = MAX_HEADER_BYTES) -> Header:
