@@ -40,7 +40,8 @@ import uuid
 from pathlib import Path
 from typing import Iterable
 
-from resumable.errors import CheckpointError, ConfigError, CorruptCheckpointError
+from resumable.errors import CheckpointError, CheckpointNotFoundError, ConfigError, CorruptCheckpointError
+from resumable.formats.jsonfile import read_tracker_file
 
 log = logging.getLogger(__name__)
 
@@ -312,20 +313,13 @@ def read_tracker(directory: str | os.PathLike[str]) -> int | None:
     writes none).
 
     Raises:
-        CorruptCheckpointError: the file holds anything but one non-negative integer.
+        CorruptCheckpointError: the file holds anything but one non-negative integer of at
+            most 18 digits (UnsafeCheckpointError: not a regular file, or over 4 kB).
     """
-    path = Path(directory) / TRACKER
     try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
+        return read_tracker_file(Path(directory) / TRACKER)
+    except CheckpointNotFoundError:
         return None
-    text = raw.decode("utf-8", errors="replace").strip()
-    if not text.isdigit() or not text.isascii():
-        shown = text if len(text) <= 40 else text[:40] + "..."
-        raise CorruptCheckpointError(
-            f"{path}: expected one iteration number, found {shown!r}; "
-            f"write the iteration to load (e.g. 100) or delete the file to use the newest committed folder")
-    return int(text)
 
 
 def write_tracker(directory: str | os.PathLike[str], iteration: int) -> None:

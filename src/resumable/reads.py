@@ -30,10 +30,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 
 import torch
-from safetensors import safe_open
 
 from resumable.errors import CorruptCheckpointError
-from resumable.formats.safetensors_io import BlockDigests, Header, block_digests, read_header
+from resumable.formats.safetensors_io import BlockDigests, Header, block_digests, open_safetensors, read_header
 from resumable.layout import local_tensor
 from resumable.planning import Read
 
@@ -79,7 +78,7 @@ def execute_reads(folder: Path, reads: Iterable[Read], sink: Sink, *, verify: bo
     for file in sorted(by_file):
         path = folder / file
         digests = _digests(read_header(path), missing) if verify else None
-        with safe_open(str(path), framework="pt", device="cpu") as handle, FileReader(path) as fd:
+        with open_safetensors(path) as handle, FileReader(path) as fd:
             for r in by_file[file]:
                 data = read_region(handle, r.key, r.src)
                 if digests is not None:

@@ -49,12 +49,11 @@ from collections.abc import Iterator, Sequence
 from typing import Any, Callable, Literal
 
 import torch
-from safetensors import safe_open
 
 from resumable import commit
 from resumable.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 from resumable.formats import hf, mindformers as mf, v1, v2
-from resumable.formats.safetensors_io import read_header
+from resumable.formats.safetensors_io import open_safetensors, read_header, stored_slice
 from resumable.formats.names import AttentionShape, fc1_rows, map_mf_name, qkv_rows
 from resumable.geometry import Box, runs
 from resumable.reads import check_slice
@@ -198,14 +197,15 @@ def detect(path: str | os.PathLike[str]) -> tuple[Format, Path]:
 # ------------------------------------------------------------------------------ readers
 
 
-def _safetensors_reader(file: Path, key: str, box: Box) -> Reader:
+def _safetensors_reader(file: Path, key: str, box: Box, dtype: torch.dtype) -> Reader:
     """Reads regions of one stored chunk, each checked against the file's block checksums
     (so a damaged source never converts, merges or splits cleanly)."""
     def read(region: Box) -> torch.Tensor:
-        with safe_open(str(file), framework="pt", device="cpu") as handle:
+        with open_safetensors(file) as handle:
+            piece = stored_slice(handle, file, key, dtype, box.shape)
             src = region.slices_in(box) if box.shape else ()
-            data = handle.get_tensor(key) if not box.shape else handle.get_slice(key)[src].contiguous()
-        check_slice(file, key, src, box.shape, data.element_size())
+            data = handle.get_tensor(key) if not box.shape else piece[src].contiguous()
+        check_slice(file, key, src, box.shape, dtype.itemsize)
         return data
     return read
 
@@ -219,9 +219,10 @@ class _StoredChunks(Sequence[SourceChunk]):
 
     def _all(self) -> tuple[SourceChunk, ...]:
         if self._chunks is None:
+            dtype = getattr(torch, self._meta.tensors[self._name].dtype)
             self._chunks = tuple(
                 SourceChunk(box, _safetensors_reader(self._folder / v2.check_bare_name(copies[0].file, self._name),
-                                                     copies[0].key, box), copies[0].file)
+                                                     copies[0].key, box, dtype), copies[0].file)
                 for box, copies in self._meta.stored(self._name, first_only=True))
         return self._chunks
 
@@ -373,13 +374,14 @@ def _open_our_legacy(root: Path, paths: list[Path]) -> Source:
     names = [f"{p.parent.name}/{p.name}" for p in paths]
     meta = files.index(names)
 
-    def reader(file: str, key: str, box: Box) -> Reader:
+    def reader(file: str, key: str, box: Box, dtype: torch.dtype) -> Reader:
         if not file.endswith(".ckpt"):
-            return _safetensors_reader(root / file, key, box)
+            return _safetensors_reader(root / file, key, box, dtype)
         return lambda region: files.ckpt[file][key][region.slices_in(box)].clone()
 
     tensors = {name: SourceTensor(name, getattr(torch, t.dtype), tuple(t.shape), tuple(
-        SourceChunk(c.box, reader(c.stored[0].file, c.stored[0].key, c.box), c.stored[0].file) for c in t.chunks))
+        SourceChunk(c.box, reader(c.stored[0].file, c.stored[0].key, c.box, getattr(torch, t.dtype)),
+                    c.stored[0].file) for c in t.chunks))
         for name, t in meta.tensors.items()}
     infos = [files.infos[n] for n in names]
     state = dict(infos[0].context.get("state") or {})

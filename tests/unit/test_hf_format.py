@@ -161,7 +161,7 @@ def test_index_errors_name_the_file_and_tensor(tmp_path):
         index_hf_folder(tmp_path)
     (tmp_path / INDEX).write_text("[1]")
     with pytest.raises(CorruptCheckpointError, match=re.escape(
-            f"HuggingFace index {tmp_path / INDEX} must hold a JSON object, got list")):
+            f"HuggingFace index {tmp_path / INDEX}: top level is a JSON list, expected an object")):
         index_hf_folder(tmp_path)
 
 
@@ -184,5 +184,5 @@ def test_json_files_are_bounded_and_must_parse(tmp_path):
         load_json_object(path, "HuggingFace config", limit=4)
     path.write_text("{bad")
     with pytest.raises(CorruptCheckpointError, match=re.escape(
-            f"HuggingFace config {path} is not valid JSON: Expecting property name enclosed in double quotes")):
+            f"HuggingFace config {path}: not valid JSON or not parsable (Expecting property name enclosed in double quotes")):
         read_hf_config(tmp_path)

@@ -150,7 +150,8 @@ def test_common_json_round_trips_and_rejects_non_objects(tmp_path: Path):
     (tmp_path / "common.json").write_text("[]")
     with pytest.raises(CorruptCheckpointError) as e:
         v2.read_common(tmp_path)
-    assert str(e.value) == f"{tmp_path / 'common.json'}: top level is a JSON list, expected an object"
+    assert str(e.value) == (f"{tmp_path / 'common.json'}: top level is a JSON list, expected an object; the file is "
+                            "damaged: restore it from a copy or use another checkpoint")
 
 
 def _grid_doc(world: int = 4) -> tuple[dict, dict]:

@@ -36,6 +36,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from resumable.errors import CheckpointNotFoundError, CorruptCheckpointError, UnsafeCheckpointError
+from resumable.formats.jsonfile import check_regular, load_json_object
+from resumable.formats.schema import need_int, need_number, need_type
 from resumable.formats.safetensors_io import open_safetensors, stored_slice
 from resumable.geometry import Box
 
@@ -56,8 +58,6 @@ __all__ = [
 CONFIG = "config.json"
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
-MAX_JSON_BYTES = 64 << 20
-"""Largest JSON file parsed by default; real config.json / index.json files are a few hundred kB."""
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
@@ -86,7 +86,8 @@ def safe_member(folder: Path, name: object, what: str) -> Path:
 
     Raises:
         UnsafeCheckpointError: ``name`` is not a non-empty string, is ``.``/``..``, holds a
-            path separator or NUL, or resolves (through symlinks) outside ``folder``.
+            path separator or NUL, resolves (through symlinks) outside ``folder``, or is
+            not a regular file (a FIFO or a device would block or never end).
 
     Example::
 
@@ -100,42 +101,51 @@ def safe_member(folder: Path, name: object, what: str) -> Path:
     path = folder / name
     if path.resolve().parent != folder.resolve():
         raise UnsafeCheckpointError(f"{what} {name!r} in {folder} resolves outside the folder; refusing to open it")
+    if path.exists():  # a missing file is the caller's to report, with what names it
+        check_regular(path, what)
     return path
 
 
-def load_json_object(path: Path, what: str, limit: int = MAX_JSON_BYTES) -> dict[str, Any]:
-    """Parse a JSON file of at most ``limit`` bytes that must hold an object (shared with formats/mindformers.py).
-
-    Example::
-
-        load_json_object(Path("ckpt/config.json"), "HuggingFace config")
-    """
-    if not path.is_file():
-        raise CheckpointNotFoundError(f"{what} {path} does not exist")
-    size = path.stat().st_size
-    if size > limit:
-        raise UnsafeCheckpointError(f"{what} {path} is {size} bytes, more than the {limit} we parse")
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CorruptCheckpointError(f"{what} {path} is not valid JSON: {e}") from e
-    if not isinstance(value, dict):
-        raise CorruptCheckpointError(f"{what} {path} must hold a JSON object, got {type(value).__name__}")
-    return value
-
-
 def read_hf_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
-    """The ``config.json`` of a HuggingFace folder, as a plain dict.
+    """The ``config.json`` of a HuggingFace folder, as a plain dict (its sizes and numbers checked).
+
+    Raises:
+        CheckpointNotFoundError: no config.json.
+        CorruptCheckpointError / UnsafeCheckpointError: not a bounded JSON object, or a size
+            (``hidden_size`` ...) that is not a positive integer, a non-finite ``rope_theta`` ...
 
     Example::
 
         read_hf_config("Qwen3-0.6B")["num_key_value_heads"]    # 8
     """
-    return load_json_object(Path(folder) / CONFIG, "HuggingFace config")
+    path = Path(folder) / CONFIG
+    config = load_json_object(path, "HuggingFace config")
+    for key in _CONFIG_SIZES:
+        if config.get(key) is not None:
+            need_int(config, key, str(path), minimum=1, maximum=_MAX_SIZE)
+    for key in _CONFIG_NUMBERS:
+        if config.get(key) is not None:
+            need_number(config, key, str(path))
+    for key in ("rope_parameters", "rope_scaling"):
+        need_type(config, key, str(path), (dict, type(None)), default=None)
+    return config
+
+
+#: config.json sizes the trainer builds a model from (each must be a positive int when present).
+_CONFIG_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "head_dim", "max_position_embeddings")
+_CONFIG_NUMBERS = ("rms_norm_eps", "rope_theta")
+_MAX_SIZE = 1 << 31  # far above any real model: a size above it is damage, and would be allocated
 
 
 def safetensors_header(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
-    """Name → (dtype, shape) of every tensor of a safetensors file, from its header only."""
+    """Name → (dtype, shape) of every tensor of a safetensors file, from its header only.
+
+    Raises:
+        UnsafeCheckpointError: not a regular file (the library would block on a FIFO).
+        CorruptCheckpointError: not a readable safetensors file, or an unsupported dtype.
+    """
+    check_regular(path, "safetensors file")
     try:
         with safe_open(path, framework="pt") as f:
             out = {}

@@ -26,6 +26,8 @@ import xxhash
 
 from resumable.errors import CheckpointNotFoundError, CorruptCheckpointError, UnsafeCheckpointError
 from resumable.formats.hf import safe_member
+from resumable.formats.jsonfile import open_regular, parse_json, parse_json_object, read_bounded
+from resumable.formats.schema import RESTORE, is_int, need_int, need_int_list, need_number, need_type, shown
 from resumable.formats.safetensors_io import DTYPE_NAMES, read_header
 from resumable.geometry import Box, covers_exactly
 from resumable.grid import Grid, Mesh, check_placements
@@ -41,6 +43,15 @@ KINDS = ("model", "opt")
 #: ``__metadata__`` keys written into every file.
 META_CHUNKS = "resumable"          # {key: {"name", "global_shape", "offsets"}}
 META_FILE = "resumable_file"       # {"kind", "rank", "iteration", "layout", "save_optimizer"}
+
+MAX_METADATA_BYTES = 1 << 30
+"""Largest metadata.json, files.json and common.json read (they grow with tensors, files and ranks)."""
+MAX_RANKS = 1 << 20
+"""Most ranks (world size, writers, mesh positions) a layout may name: more is damage, and would be allocated."""
+MAX_NDIM = 64
+"""Most dims of a tensor (a shape is multiplied out: a forged million-dim shape would cost quadratic time)."""
+MAX_DIM = (1 << 63) - 1
+"""Largest size of one dim (torch's int64)."""
 
 #: torch dtype names as stored in metadata.json ("float32"), the ones safetensors can hold.
 DTYPES = frozenset(str(d).removeprefix("torch.") for d in DTYPE_NAMES)
@@ -259,12 +270,11 @@ def _location(name: str, chunk: ChunkMeta, s: Stored) -> dict[str, str]:
     return {"file": s.file, "key": s.key}
 
 
-def _is_int(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+_is_int = is_int
 
 
 def _int_list(x: object) -> bool:
-    return isinstance(x, list) and all(_is_int(v) and v >= 0 for v in x)
+    return isinstance(x, list) and len(x) <= MAX_NDIM and all(_is_int(v) and 0 <= v <= MAX_DIM for v in x)
 
 
 def check_bare_name(name: object, source: str) -> str:
@@ -278,38 +288,30 @@ def check_bare_name(name: object, source: str) -> str:
     return name
 
 
-def _json_object(text: str | bytes, what: str, bad: Any) -> dict:
-    try:
-        doc = json.loads(text)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise bad(f"{what}not valid JSON ({exc})") from exc
-    if not isinstance(doc, dict):
-        raise bad(f"{what}top level is a JSON {type(doc).__name__}, expected an object")
-    return doc
+def _json_object(text: str | bytes, where: str) -> dict:
+    """The JSON object in ``text`` (bounded depth, finite numbers), or an error naming ``where``."""
+    return parse_json_object(text, where, fix=_REBUILD)
 
 
 def _parse(text: str | bytes, source: str, files_text: bytes | None = None) -> Metadata:
     def bad(problem: str) -> CorruptCheckpointError:
         return CorruptCheckpointError(f"{source}: {problem}; the checkpoint metadata is damaged: "
                                       "restore it or rebuild it from the files (resumable.formats.v2.rebuild_metadata)")
-    doc = _json_object(text, "", bad)
+    doc = _json_object(text, source)
     if doc.get("format") != FORMAT:
-        raise bad(f"format is {doc.get('format')!r}, expected {FORMAT!r}")
+        raise bad(f"format is {shown(doc.get('format'))}, expected {FORMAT!r}")
     version = doc.get("format_version")
     if not _is_int(version) or version > FORMAT_VERSION or version < 1:
         raise CorruptCheckpointError(
-            f"{source}: format_version {version!r} is not supported (this resumable reads up to "
+            f"{source}: format_version {shown(version)} is not supported (this resumable reads up to "
             f"{FORMAT_VERSION}); upgrade resumable to load this checkpoint")
     it, lay = doc.get("iteration"), doc.get("layout")
     if not _is_int(it) or it < 0:
-        raise bad(f"iteration {it!r} is not a non-negative integer")
-    if not isinstance(lay, dict) or not _is_int(lay.get("world_size")) or lay["world_size"] < 1:
-        raise bad(f"layout {lay!r} lacks a positive world_size")
-    layout = LayoutMeta(world_size=lay["world_size"], mesh=lay.get("mesh"),
-                        pipeline_stages=int(lay.get("pipeline_stages", 1)), writers=int(lay.get("writers", 1)))
+        raise bad(f"iteration {shown(it)} is not a non-negative integer")
+    layout = _parse_layout(lay, source)
     raw_files = doc.get("files") if version == 1 else _file_table(doc.get("files"), files_text, bad)
     files = _parse_files(raw_files, source, bad)
-    meshes = _parse_meshes(doc.get("meshes", []), layout.world_size, bad) if version >= 2 else []
+    meshes = _parse_meshes(doc.get("meshes", []), layout.world_size, files, bad) if version >= 2 else []
     tensors: dict[str, TensorMeta] = {}
     raw_tensors = doc.get("tensors")
     if not isinstance(raw_tensors, dict):
@@ -319,22 +321,42 @@ def _parse(text: str | bytes, source: str, files_text: bytes | None = None) -> M
             tensors[name] = _parse_grid_tensor(name, t, meshes, bad)
         else:
             tensors[name] = _parse_tensor(name, t, files, source, bad)
-    return Metadata(iteration=it, layout=layout, save_optimizer=bool(doc.get("save_optimizer", True)),
+    return Metadata(iteration=it, layout=layout,
+                    save_optimizer=need_type(doc, "save_optimizer", source, bool, default=True, fix=_REBUILD),
                     tensors=tensors, files=files, format=FORMAT, format_version=version)
+
+
+_REBUILD = "the checkpoint metadata is damaged: restore it or rebuild it from the files " \
+           "(resumable.formats.v2.rebuild_metadata)"
+
+
+def _parse_layout(lay: object, where: str, fix: str = _REBUILD) -> LayoutMeta:
+    """``layout`` of metadata.json (or of a file's ``__metadata__``): counts of ranks, bounded by :data:`MAX_RANKS`."""
+    lay = need_type({"layout": lay}, "layout", where, dict, fix=fix)
+    mesh = need_type(lay, "mesh", where, (dict, type(None)), default=None, label="layout.mesh", fix=fix)
+    for dim in mesh or {}:
+        need_int(mesh, dim, where, minimum=1, maximum=MAX_RANKS, label=f"layout.mesh.{dim}", fix=fix)
+    return LayoutMeta(
+        world_size=need_int(lay, "world_size", where, minimum=1, maximum=MAX_RANKS, label="layout.world_size", fix=fix),
+        mesh=mesh,
+        pipeline_stages=need_int(lay, "pipeline_stages", where, minimum=1, maximum=MAX_RANKS, default=1,
+                                 label="layout.pipeline_stages", fix=fix),
+        writers=need_int(lay, "writers", where, minimum=1, maximum=MAX_RANKS, default=1, label="layout.writers",
+                         fix=fix))
 
 
 def _file_table(entry: object, files_text: bytes | None, bad: Any) -> object:
     """The ``files`` object of ``files.json``, checked against the size and checksum metadata.json records."""
     if not isinstance(entry, dict) or entry.get("table") != FILES or not _is_int(entry.get("size")) \
             or not isinstance(entry.get("xxh3_64"), str):
-        raise bad(f"'files' {entry!r} must name {FILES!r} with its size and xxh3_64")
+        raise bad(f"'files' {shown(entry)} must name {FILES!r} with its size and xxh3_64")
     if files_text is None:
         raise bad(f"{FILES} is missing (format version 2 keeps the file table there)")
     if len(files_text) != entry["size"] or xxhash.xxh3_64_hexdigest(files_text) != entry["xxh3_64"]:
         raise bad(f"{FILES} does not match the size and checksum recorded in metadata.json")
-    doc = _json_object(files_text, f"{FILES}: ", bad)
+    doc = _json_object(files_text, f"{FILES} (beside {METADATA})")
     if doc.get("format") != FILES_FORMAT:
-        raise bad(f"{FILES}: format is {doc.get('format')!r}, expected {FILES_FORMAT!r}")
+        raise bad(f"{FILES}: format is {shown(doc.get('format'))}, expected {FILES_FORMAT!r}")
     return doc.get("files")
 
 
@@ -347,38 +369,48 @@ def _parse_files(raw_files: object, source: str, bad: Any) -> dict[str, FileMeta
         check_bare_name(name, source)
         if (not isinstance(f, dict) or not _is_int(f.get("size")) or f["size"] < 0
                 or not isinstance(f.get("xxh3_64"), str) or not hex16.fullmatch(f["xxh3_64"])
-                or f.get("kind") not in KINDS or not _is_int(f.get("rank"))):
-            raise bad(f"file {name!r} entry {f!r} needs size (int), xxh3_64 (16 hex digits), "
-                      f"kind (model/opt) and rank (int)")
+                or f.get("kind") not in KINDS or not _is_int(f.get("rank")) or not 0 <= f["rank"] < MAX_RANKS):
+            raise bad(f"file {name!r} entry {shown(f)} needs size (int), xxh3_64 (16 hex digits), "
+                      f"kind (model/opt) and rank (a non-negative int)")
         files[name] = FileMeta(f["size"], f["xxh3_64"], f["kind"], f["rank"])
     return files
 
 
-def _parse_meshes(raw: object, world: int, bad: Any) -> list[Mesh]:
+#: Mesh positions over all meshes per listed file: a save has a few meshes (the world's, its
+#: pipeline stages', holder groups) and every rank writes a file, so a forged list of meshes
+#: cannot allocate more than a few positions per file entry it actually lists.
+MESH_POSITIONS_PER_FILE = 16
+
+
+def _parse_meshes(raw: object, world: int, files: dict[str, FileMeta], bad: Any) -> list[Mesh]:
     if not isinstance(raw, list):
         raise bad("'meshes' is not a list")
-    meshes = []
+    meshes, positions = [], 0
     for i, m in enumerate(raw):
         shape = m.get("shape") if isinstance(m, dict) else None
         if not _int_list(shape) or not shape or 0 in shape:
-            raise bad(f"mesh {i} {m!r} needs a shape of positive integers")
+            raise bad(f"mesh {i} {shown(m)} needs a shape of positive integers")
         size = 1
         for s in shape:
             size *= s
         if size > world:  # before any list is built: a forged mesh allocates nothing
             raise bad(f"mesh {i} has {size} positions, more than the {world} ranks that saved")
+        positions += size
+        if positions > MESH_POSITIONS_PER_FILE * len(files):
+            raise bad(f"the meshes hold over {positions} positions for {len(files)} files listed; a checkpoint "
+                      "has a few meshes over the ranks that wrote its files")
         if "ranks_range" in m:
             rr = m["ranks_range"]
             if not (_int_list(rr) and len(rr) == 3 and rr[2] > 0 and rr[1] >= rr[0]):
-                raise bad(f"mesh {i}: ranks_range {rr!r} must be [start, stop, step] with step > 0")
+                raise bad(f"mesh {i}: ranks_range {shown(rr)} must be [start, stop, step] with step > 0")
             count = -(-(rr[1] - rr[0]) // rr[2])
             if count != size:
                 raise bad(f"mesh {i}: ranks_range gives {count} ranks for a mesh of {size} positions")
             ranks = tuple(range(rr[0], rr[1], rr[2]))
         else:
             ranks = m.get("ranks")
-            if not _int_list(ranks):
-                raise bad(f"mesh {i} {m!r} needs ranks (non-negative integers) or ranks_range")
+            if not (isinstance(ranks, list) and all(_is_int(r) and r >= 0 for r in ranks)):
+                raise bad(f"mesh {i} {shown(m)} needs ranks (non-negative integers) or ranks_range")
             ranks = tuple(ranks)
         if any(r >= world for r in ranks):
             raise bad(f"mesh {i}: rank {max(ranks)} is not one of the {world} ranks that saved")
@@ -394,11 +426,11 @@ def _tensor_head(name: str, t: object, bad: Any) -> tuple[str, list[int], str]:
         raise bad(f"tensor {name!r} is not an object")
     dtype, shape, kind = t.get("dtype"), t.get("shape"), t.get("kind")
     if dtype not in DTYPES:
-        raise bad(f"tensor {name!r} has unknown dtype {dtype!r}")
+        raise bad(f"tensor {name!r} has unknown dtype {shown(dtype)}")
     if not _int_list(shape):
-        raise bad(f"tensor {name!r} has invalid shape {shape!r}")
+        raise bad(f"tensor {name!r} has invalid shape {shown(shape)}")
     if kind not in KINDS:
-        raise bad(f"tensor {name!r} has kind {kind!r}, expected model or opt")
+        raise bad(f"tensor {name!r} has kind {shown(kind)}, expected model or opt")
     return dtype, shape, kind
 
 
@@ -406,13 +438,13 @@ def _parse_grid_tensor(name: str, t: dict, meshes: list[Mesh], bad: Any) -> Tens
     dtype, shape, kind = _tensor_head(name, t, bad)
     mesh, placements = t.get("mesh"), t.get("placements")
     if not _is_int(mesh) or not 0 <= mesh < len(meshes):
-        raise bad(f"tensor {name!r} names mesh {mesh!r}; 'meshes' has {len(meshes)}")
+        raise bad(f"tensor {name!r} names mesh {shown(mesh)}; 'meshes' has {len(meshes)}")
     problem = check_placements(placements, len(shape), len(meshes[mesh].shape))
     if problem is not None:
         raise bad(f"tensor {name!r}: {problem}")
     owner = t.get("owner")
     if owner is not None and (not _is_int(owner) or owner < 0):
-        raise bad(f"tensor {name!r} has owner {owner!r}, expected a non-negative integer")
+        raise bad(f"tensor {name!r} has owner {shown(owner)}, expected a non-negative integer")
     grid = Grid(tuple(shape), meshes[mesh], tuple(tuple(p) for p in placements), owner)
     try:
         grid.check()
@@ -430,7 +462,7 @@ def _parse_tensor(name: str, t: object, files: dict[str, FileMeta], source: str,
     for c in chunks:
         if not isinstance(c, dict) or not _int_list(c.get("offsets")) or not _int_list(c.get("shape")) \
                 or len(c["offsets"]) != len(shape) or len(c["shape"]) != len(shape):
-            raise bad(f"tensor {name!r} has a malformed chunk {c!r} (offsets and shape must be "
+            raise bad(f"tensor {name!r} has a malformed chunk {shown(c)} (offsets and shape must be "
                       f"{len(shape)} non-negative integers)")
         stored = c.get("stored")
         if not isinstance(stored, list) or not stored:
@@ -439,7 +471,7 @@ def _parse_tensor(name: str, t: object, files: dict[str, FileMeta], source: str,
         for s in stored:
             key = s.get("key", name) if isinstance(s, dict) else None
             if not isinstance(key, str):
-                raise bad(f"tensor {name!r} chunk at {c['offsets']} has a malformed location {s!r}")
+                raise bad(f"tensor {name!r} chunk at {c['offsets']} has a malformed location {shown(s)}")
             check_bare_name(s.get("file"), source)
             if s["file"] not in files:
                 raise bad(f"tensor {name!r} chunk at {c['offsets']} is stored in {s['file']!r}, "
@@ -464,15 +496,17 @@ def read_metadata(folder: str | os.PathLike[str], *, check_members: bool = True)
             (:func:`member`), so that no rank touches every file of a large job.
 
     Raises:
-        FileNotFoundError: no metadata.json.
+        CheckpointNotFoundError (a FileNotFoundError): no metadata.json.
         CorruptCheckpointError / UnsafeCheckpointError: see :meth:`Metadata.from_json`;
-            also UnsafeCheckpointError when a listed file is a symlink resolving outside ``folder``.
+            also UnsafeCheckpointError when metadata.json or files.json is not a regular file
+            or larger than :data:`MAX_METADATA_BYTES`, or a listed file is a symlink resolving
+            outside ``folder`` or not a regular file.
     """
     path = Path(folder) / METADATA
-    text = path.read_bytes()
+    text = read_bounded(path, METADATA, MAX_METADATA_BYTES)
     try:
-        files = (Path(folder) / FILES).read_bytes()
-    except FileNotFoundError:
+        files = read_bounded(Path(folder) / FILES, FILES, MAX_METADATA_BYTES)
+    except CheckpointNotFoundError:
         files = None  # format version 1 keeps the table inline; version 2 reports it missing
     meta = Metadata.from_json(text, path, files)
     if check_members:
@@ -487,25 +521,47 @@ def member(folder: str | os.PathLike[str], name: str) -> Path:
                        f"{Path(folder) / METADATA}: file")
 
 
+#: common.json's training context: key → the JSON types it may hold (null: absent).
+_COUNTERS = ("iteration", "global_step", "epoch_num", "step_num", "consumed_samples", "global_batch_size")
+_CONTAINERS: dict[str, tuple[type, ...]] = {"lr_schedule": (dict, type(None)), "data": (dict, type(None)),
+                                            "state": (dict,), "rank_local": (list, type(None))}
+
+
+def check_common(doc: dict[str, Any], where: str) -> dict[str, Any]:
+    """Check common.json's context values: counters are non-negative ints, ``loss_scale`` is finite,
+    the containers have their type. Other keys (ours or the trainer's) are left as they are.
+
+    Raises:
+        CorruptCheckpointError: naming ``where``, the key and the value.
+    """
+    for key in _COUNTERS:
+        if doc.get(key) is not None:
+            need_int(doc, key, where)
+    need_number(doc, "loss_scale", where, default=None)
+    for key, types in _CONTAINERS.items():
+        need_type(doc, key, where, types, default=None)
+    return doc
+
+
 def read_common(folder: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read ``<folder>/common.json`` (must be a JSON object).
+    """Read ``<folder>/common.json`` (a JSON object, bounded, its context checked by :func:`check_common`).
+
+    ``NaN`` is accepted inside (``state`` may hold a NaN the user saved; :func:`common_bytes`
+    writes it), not in the checked context values.
 
     Raises:
         CheckpointNotFoundError: the file is missing.
-        CorruptCheckpointError: not JSON, or not an object.
+        UnsafeCheckpointError: not a regular file, too large or nested too deep.
+        CorruptCheckpointError: not JSON, not an object, or a context value of the wrong type or range.
     """
     path = Path(folder) / COMMON
     try:
-        doc = json.loads(path.read_bytes())
-    except FileNotFoundError:
+        raw = read_bounded(path, COMMON, MAX_METADATA_BYTES)
+    except CheckpointNotFoundError:
         raise CheckpointNotFoundError(
             f"{path}: missing; it holds the training context (step, data position) of the iteration: "
             "restore it or load another iteration") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CorruptCheckpointError(f"{path}: not valid JSON ({exc}); restore the file") from exc
-    if not isinstance(doc, dict):
-        raise CorruptCheckpointError(f"{path}: top level is a JSON {type(doc).__name__}, expected an object")
-    return doc
+    return check_common(parse_json_object(raw, str(path), allow_nan=True), str(path))
 
 
 def common_bytes(common: dict[str, Any]) -> bytes:
@@ -531,10 +587,18 @@ def file_metadata(chunks: dict[str, tuple[str, list[int], list[int]]], *, kind: 
 
 def _xxh3_of(path: Path) -> str:
     h = xxhash.xxh3_64()
-    with open(path, "rb") as f:
+    with os.fdopen(open_regular(path, "checkpoint file"), "rb") as f:  # a FIFO or /dev/zero would never end
         while block := f.read(8 << 20):
             h.update(block)
     return h.hexdigest()
+
+
+def _file_meta_json(metadata: dict[str, str], key: str, path: Path) -> dict[str, Any]:
+    """One JSON object of a file's ``__metadata__`` (resumable's chunk map or file context)."""
+    if key not in metadata:
+        raise CorruptCheckpointError(f"{path}: __metadata__ lacks resumable's {key!r} entry; this file was not "
+                                     "written by resumable")
+    return parse_json_object(metadata[key], f"{path}: __metadata__ {key!r}")
 
 
 def rebuild_metadata(folder: str | os.PathLike[str]) -> Metadata:
@@ -550,8 +614,9 @@ def rebuild_metadata(folder: str | os.PathLike[str]) -> Metadata:
         The rebuilt, validated :class:`Metadata` (not written: call ``to_json`` and save it).
 
     Raises:
-        CorruptCheckpointError: a file lacks resumable's ``__metadata__``, or the chunks
-            found do not tile their tensors (a file is missing).
+        CorruptCheckpointError: a file lacks resumable's ``__metadata__`` or holds a malformed
+            one (the file and key named), or the chunks found do not tile their tensors (a
+            file is missing).
 
     Example:
         >>> meta = rebuild_metadata("ckpt/iteration_00000100")
@@ -563,33 +628,35 @@ def rebuild_metadata(folder: str | os.PathLike[str]) -> Metadata:
         raise CorruptCheckpointError(f"{folder}: no Checkpoint 2.0 safetensors files to rebuild metadata from")
     tensors: dict[str, TensorMeta] = {}
     files: dict[str, FileMeta] = {}
-    context: dict[str, Any] = {}
+    found: dict[tuple[str, tuple[int, ...], tuple[int, ...]], ChunkMeta] = {}  # a dict: one look-up per key
     for name in names:
-        header = read_header(folder / name)
-        try:
-            info = json.loads(header.metadata[META_FILE])
-            chunks = json.loads(header.metadata[META_CHUNKS])
-        except (KeyError, json.JSONDecodeError) as exc:
-            raise CorruptCheckpointError(
-                f"{folder / name}: __metadata__ lacks resumable's chunk description ({exc}); "
-                "this file was not written by resumable") from exc
-        context = info
-        files[name] = FileMeta(header.file_size, _xxh3_of(folder / name), info["kind"], info["rank"])
+        path = folder / name
+        header = read_header(path)
+        info, chunks = (_file_meta_json(header.metadata, k, path) for k in (META_FILE, META_CHUNKS))
+        where = f"{path}: __metadata__ {META_FILE!r}"
+        kind = info.get("kind")
+        if kind not in KINDS:
+            raise CorruptCheckpointError(f"{where}: 'kind' must be 'model' or 'opt', got {shown(kind)}; {RESTORE}")
+        files[name] = FileMeta(header.file_size, _xxh3_of(path), kind, need_int(info, "rank", where))
         for key, c in chunks.items():
-            entry = header.tensors[key]
-            dtype = str(entry.torch_dtype).removeprefix("torch.")
-            t = tensors.setdefault(c["name"], TensorMeta(dtype, list(c["global_shape"]), info["kind"], []))
-            for chunk in t.chunks:
-                if chunk.offsets == list(c["offsets"]) and chunk.shape == list(entry.shape):
-                    chunk.stored.append(Stored(name, key))
-                    break
-            else:
-                t.chunks.append(ChunkMeta(list(c["offsets"]), list(entry.shape), [Stored(name, key)]))
-    lay = context["layout"]
-    meta = Metadata(iteration=int(context["iteration"]),
-                    layout=LayoutMeta(lay["world_size"], lay.get("mesh"), lay.get("pipeline_stages", 1),
-                                      lay.get("writers", 1)),
-                    save_optimizer=bool(context["save_optimizer"]), tensors=dict(sorted(tensors.items())),
-                    files=files)
+            at = f"{path}: __metadata__ {META_CHUNKS!r}, chunk {key!r}"
+            entry = header.tensors.get(key)
+            if entry is None:
+                raise CorruptCheckpointError(f"{at}: not in the file; {RESTORE}")
+            tname = need_type(c, "name", at, str)
+            gshape = need_int_list(c, "global_shape", at, maximum=MAX_DIM)
+            offsets = need_int_list(c, "offsets", at, maximum=MAX_DIM, length=len(gshape))
+            t = tensors.setdefault(tname, TensorMeta(str(entry.torch_dtype).removeprefix("torch."), list(gshape),
+                                                     kind, []))
+            chunk = found.get((tname, tuple(offsets), entry.shape))
+            if chunk is None:
+                chunk = found[tname, tuple(offsets), entry.shape] = ChunkMeta(list(offsets), list(entry.shape), [])
+                t.chunks.append(chunk)
+            chunk.stored.append(Stored(name, key))
+        context = info, where
+    info, where = context
+    meta = Metadata(iteration=need_int(info, "iteration", where), layout=_parse_layout(info.get("layout"), where),
+                    save_optimizer=need_type(info, "save_optimizer", where, bool),
+                    tensors=dict(sorted(tensors.items())), files=files)
     meta.validate(str(folder / METADATA))
     return meta

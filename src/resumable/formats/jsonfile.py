@@ -1,0 +1,262 @@
+"""Bounded reading of the files a checkpoint holds: regular files only, sizes and JSON depth capped.
+
+Everything a checkpoint folder holds is input we did not write ourselves (a damaged
+disk, a broken tool, a forger). Every parser reads through this module so that hostile
+input is refused in linear time and bounded memory and never blocks:
+
+- :func:`open_regular` refuses anything that is not a regular file (a FIFO, a character
+  device such as ``/dev/zero``, a socket, a folder) *before* opening it for reading, and
+  checks the opened descriptor again (``fstat``), so that a path swapped in between
+  cannot make a reader block forever or read an endless stream;
+- :func:`read_bounded` reads at most a size cap;
+- :func:`parse_json` refuses nesting deeper than :data:`MAX_DEPTH` in linear time
+  before ``json`` sees the text (its recursive parser would raise ``RecursionError``),
+  integers of more digits than Python converts, and ``NaN``/``Infinity`` unless the
+  file may hold them;
+- every error is a ``CorruptCheckpointError`` / ``UnsafeCheckpointError`` naming the file.
+
+The values inside are then checked against a schema (:mod:`resumable.formats.schema`).
+
+This module is bytes and JSON only: no ``torch.distributed``, no renames.
+
+Example::
+
+    doc = load_json_object(Path("ckpt/iteration_00000100/common.json"), "common.json", allow_nan=True)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from resumable.errors import CheckpointNotFoundError, CorruptCheckpointError, UnsafeCheckpointError
+
+__all__ = [
+    "MAX_DEPTH",
+    "MAX_JSON_BYTES",
+    "check_regular",
+    "load_json",
+    "load_json_object",
+    "open_regular",
+    "parse_json",
+    "parse_json_object",
+    "read_bounded",
+    "read_tracker_file",
+]
+
+MAX_JSON_BYTES = 64 << 20
+"""Default cap of a JSON file: config.json, an HF index, common.json, meta.json are far smaller."""
+
+MAX_DEPTH = 64
+"""Deepest JSON nesting parsed; ours is under 10 deep, and ``json`` recurses once per level."""
+
+# A string, or an unterminated one up to the end: every byte is scanned once (a failed match
+# retried from each later quote would be quadratic); json refuses the unterminated one anyway.
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"?', re.S)
+_NOT_BRACKET = re.compile(rb"[^\[\]{}]+")
+_STEPS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")  # +1 / -1 as int8
+_BLOCK = 1 << 20
+
+_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def _kind(mode: int) -> str:
+    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
+
+
+def _not_regular(path: Path, what: str, mode: int) -> UnsafeCheckpointError:
+    return UnsafeCheckpointError(
+        f"{what} {path} is {_kind(mode)}, not a regular file; refusing to read it (reading it could block "
+        "forever or never end): replace it with the real file or remove it")
+
+
+def check_regular(path: str | os.PathLike[str], what: str = "file") -> os.stat_result:
+    """The ``stat`` of ``path`` (links followed), refusing anything that is not a regular file.
+
+    For files handed to a library that opens them by path (``safetensors.safe_open``,
+    ``torch.load``); our own readers use :func:`open_regular`, which also checks the
+    opened descriptor.
+
+    Raises:
+        CheckpointNotFoundError: ``path`` does not exist.
+        UnsafeCheckpointError: a FIFO, device, socket or folder.
+    """
+    path = Path(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise CheckpointNotFoundError(f"{what} {path} does not exist") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise _not_regular(path, what, st.st_mode)
+    return st
+
+
+def open_regular(path: str | os.PathLike[str], what: str = "file") -> int:
+    """A read-only descriptor of ``path``, which must be a regular file (checked before and after opening).
+
+    ``O_NONBLOCK`` makes the open itself return at once should a FIFO be swapped in after
+    the ``stat``; the ``fstat`` of the descriptor then refuses it. The caller closes the
+    descriptor.
+
+    Raises:
+        CheckpointNotFoundError: ``path`` does not exist.
+        UnsafeCheckpointError: a FIFO, device, socket or folder.
+    """
+    path = Path(path)
+    check_regular(path, what)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise CheckpointNotFoundError(f"{what} {path} does not exist") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise _not_regular(path, what, mode)
+    return fd
+
+
+def read_bounded(path: str | os.PathLike[str], what: str, limit: int) -> bytes:
+    """The bytes of a regular file of at most ``limit`` bytes.
+
+    Raises:
+        CheckpointNotFoundError: missing.
+        UnsafeCheckpointError: not a regular file, or larger than ``limit``.
+    """
+    path = Path(path)
+    fd = open_regular(path, what)
+    try:
+        size = os.fstat(fd).st_size
+        if size > limit:
+            raise UnsafeCheckpointError(f"{what} {path} is {size} bytes, more than the {limit} we parse; "
+                                        "it is damaged or not the file it is named after")
+        chunks, total = [], 0
+        while total <= limit:  # the file may grow while we read: never past the cap
+            block = os.read(fd, min(8 << 20, limit + 1 - total))
+            if not block:
+                break
+            chunks.append(block)
+            total += len(block)
+    finally:
+        os.close(fd)
+    if total > limit:
+        raise UnsafeCheckpointError(f"{what} {path} grew past {limit} bytes while being read; refusing it")
+    return b"".join(chunks)
+
+
+def nesting_depth(data: bytes) -> int:
+    """How deep the JSON text ``data`` nests arrays and objects, in linear time and without parsing it.
+
+    Strings are cut out first (brackets inside them do not nest); the depth is then the
+    largest running count of opening minus closing brackets, summed by numpy a block at a
+    time (a truncated text's unclosed brackets count too).
+    """
+    steps = np.frombuffer(_NOT_BRACKET.sub(b"", _STRING.sub(b"", data)).translate(_STEPS), dtype=np.int8)
+    depth = deepest = 0
+    for start in range(0, len(steps), _BLOCK):
+        running = np.cumsum(steps[start:start + _BLOCK], dtype=np.int64) + depth
+        deepest, depth = max(deepest, int(running.max())), int(running[-1])
+    return deepest
+
+
+MAX_TRACKER_BYTES = 4096
+"""A tracker holds one number; anything longer is not one."""
+_MAX_ITERATION_DIGITS = 18  # iteration_XXXXXXXX names and int64 counters: a longer number is damage
+
+
+def read_tracker_file(path: str | os.PathLike[str]) -> int:
+    """The iteration number in a tracker file (``latest_checkpointed_iteration.txt``): one non-negative
+    integer, surrounding whitespace allowed (MindFormers writes no newline).
+
+    Raises:
+        CheckpointNotFoundError: missing.
+        UnsafeCheckpointError: not a regular file, or longer than :data:`MAX_TRACKER_BYTES`.
+        CorruptCheckpointError: anything but one number of at most 18 digits (longer ones are
+            damage, and Python's ``int`` refuses over 4300 digits without naming a file).
+    """
+    path = Path(path)
+    text = read_bounded(path, "tracker", MAX_TRACKER_BYTES).decode("utf-8", errors="replace").strip()
+    if not (text.isascii() and text.isdigit() and len(text) <= _MAX_ITERATION_DIGITS):
+        shown = text if len(text) <= 40 else f"{text[:40]}... ({len(text)} characters)"
+        raise CorruptCheckpointError(
+            f"{path}: expected one iteration number, found {shown!r}; "
+            "write the iteration to load (e.g. 100) or delete the file to use the newest committed folder")
+    return int(text)
+
+
+class _Constant(ValueError):
+    """``NaN`` / ``Infinity`` in a file whose numbers must be finite."""
+
+
+def _refuse_constant(name: str) -> float:
+    raise _Constant(f"{name} where numbers must be finite")
+
+
+RESTORE = "the file is damaged: restore it from a copy or use another checkpoint"
+
+
+def parse_json(data: bytes | str, where: str, *, allow_nan: bool = False, fix: str = RESTORE) -> Any:
+    """Parse JSON read from a checkpoint, refusing deep nesting, huge integers and (unless allowed) NaN.
+
+    Args:
+        data: the text (UTF-8 bytes or str).
+        where: the file (and the key holding the text, for JSON inside a header), for messages.
+        allow_nan: accept ``NaN`` / ``Infinity`` (common.json may hold a NaN the user saved).
+        fix: what the user should do, ending the message.
+
+    Raises:
+        CorruptCheckpointError: not JSON, not UTF-8, too deep, an integer of more than
+            4300 digits, or a refused constant; ``where`` is named.
+    """
+    raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
+    depth = nesting_depth(raw)
+    if depth > MAX_DEPTH:
+        raise UnsafeCheckpointError(f"{where}: JSON nested {depth} levels deep, more than the {MAX_DEPTH} we parse; "
+                                    f"{fix}")
+    try:
+        # ValueError covers JSONDecodeError, UnicodeDecodeError and int()'s digit limit.
+        return json.loads(raw, parse_constant=None if allow_nan else _refuse_constant)
+    except ValueError as exc:
+        raise CorruptCheckpointError(f"{where}: not valid JSON or not parsable ({exc}); {fix}") from exc
+
+
+def parse_json_object(data: bytes | str, where: str, *, allow_nan: bool = False,
+                      fix: str = RESTORE) -> dict[str, Any]:
+    """:func:`parse_json` of text that must hold a JSON object."""
+    doc = parse_json(data, where, allow_nan=allow_nan, fix=fix)
+    if not isinstance(doc, dict):
+        raise CorruptCheckpointError(f"{where}: top level is a JSON {type(doc).__name__}, expected an object; {fix}")
+    return doc
+
+
+def load_json(path: str | os.PathLike[str], what: str, *, limit: int = MAX_JSON_BYTES,
+              allow_nan: bool = False) -> Any:
+    """Read (:func:`read_bounded`) and parse (:func:`parse_json`) one JSON file.
+
+    Example::
+
+        load_json(Path("ckpt/config.json"), "HuggingFace config")
+    """
+    return parse_json(read_bounded(path, what, limit), f"{what} {path}", allow_nan=allow_nan)
+
+
+def load_json_object(path: str | os.PathLike[str], what: str, limit: int = MAX_JSON_BYTES, *,
+                     allow_nan: bool = False) -> dict[str, Any]:
+    """:func:`load_json` of a file that must hold a JSON object.
+
+    Raises:
+        CheckpointNotFoundError: missing.
+        UnsafeCheckpointError: not a regular file, larger than ``limit``, or nested too deep.
+        CorruptCheckpointError: not JSON, or not an object; the file is named.
+
+    Example::
+
+        load_json_object(Path("ckpt/config.json"), "HuggingFace config")
+    """
+    return parse_json_object(read_bounded(path, what, limit), f"{what} {path}", allow_nan=allow_nan)
