@@ -65,8 +65,11 @@ def test_interrupted_job_recovers_automatically_from_its_last_complete_checkpoin
     names = sorted(p.name for p in (out / "checkpoint" / "rank_0").iterdir())
     assert names == ["CKP_rank_0-1_4.safetensors", "CKP_rank_0_1-1_6.safetensors", "CKP_rank_0_1-1_8.safetensors",
                      "meta.json"]
-    assert json.loads((out / "checkpoint" / "rank_0" / "meta.json").read_text()) == {
+    meta = json.loads((out / "checkpoint" / "rank_0" / "meta.json").read_text())
+    assert {k: meta[k] for k in ("last_epoch", "last_step", "last_ckpt_file")} == {
         "last_epoch": 1, "last_step": 8, "last_ckpt_file": "CKP_rank_0_1-1_8.safetensors"}
+    # Every file the folder keeps is recorded with its size and checksum (the deleted ones no longer).
+    assert sorted(meta["files"]) == names[:-1]
 
 
 def test_async_saves_record_the_same_steps_and_resume_bit_for_bit(tmp_path, reference):

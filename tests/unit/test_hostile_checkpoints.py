@@ -187,7 +187,7 @@ def test_the_pickle_payload_of_the_test_above_is_real(tmp_path: Path) -> None:
 
 
 def test_a_legacy_rank_file_symlinked_outside_the_tree_is_refused(tmp_path: Path) -> None:
-    from resumable.legacy import LegacyLoadOptions, LegacySaver, load_legacy, resolve_legacy
+    from resumable.legacy import LegacyLoadOptions, LegacySaver, load_legacy, resolve_here, resolve_legacy
 
     tree = tmp_path / "checkpoint"
     layout = {"world_size": 1, "mesh": None, "pipeline_stages": 1, "sharded_optimizer": False}
@@ -198,7 +198,11 @@ def test_a_legacy_rank_file_symlinked_outside_the_tree_is_refused(tmp_path: Path
     outside = tmp_path / "elsewhere.safetensors"
     rank_file.rename(outside)
     rank_file.symlink_to(outside)
-    source = resolve_legacy(str(tree), True)
+    with pytest.raises(UnsafeCheckpointError) as info:  # refused while resolving, before anything is read
+        resolve_legacy(str(tree), True)
+    assert str(info.value) == (f"{tree}: epoch 1 step 2 cannot be loaded: {rank_file} resolves outside {tree}; "
+                               "refusing to read it (a rank file of a checkpoint must lie inside its checkpoint folder)")
+    source = resolve_here(str(tree), True, "safetensors", None, 0)  # the load refuses it too
     state = _state()
     with pytest.raises(UnsafeCheckpointError) as info:
         load_legacy(state, source, LegacyLoadOptions(layout=layout))

@@ -10,7 +10,7 @@ import torch
 
 from resumable.errors import CheckpointNotFoundError, CorruptCheckpointError, UnsafeCheckpointError
 from resumable.formats import v1
-from resumable.legacy import resolve_legacy
+from resumable.legacy import resolve_here, resolve_legacy
 
 
 class Payload:
@@ -130,7 +130,7 @@ def _tree(root: Path, files: dict[int, list[str]], metas: dict[int, str]) -> Non
             (folder / name).write_bytes(b"x")
         if rank in metas:
             e, s = metas[rank].split("-")[1].split(".")[0].split("_")
-            (folder / "meta.json").write_bytes(v1.meta_bytes(int(e), int(s), metas[rank]))
+            (folder / "meta.json").write_bytes(v1.meta_bytes(int(e), int(s), metas[rank], {}))
 
 
 def test_resume_skips_a_step_missing_on_one_rank_and_one_beyond_a_meta_json(tmp_path):
@@ -138,7 +138,7 @@ def test_resume_skips_a_step_missing_on_one_rank_and_one_beyond_a_meta_json(tmp_
     _tree(tmp_path, {0: ["C_rank_0-1_4.ckpt", "C_rank_0-1_6.ckpt", "C_rank_0-1_8.ckpt"],
                      1: ["C_rank_1-1_4.ckpt", "C_rank_1-1_8.ckpt"]},
           {0: "C_rank_0-1_6.ckpt", 1: "C_rank_1-1_8.ckpt"})
-    found = resolve_legacy(str(tmp_path), True, fmt="ckpt")
+    found = resolve_here(str(tmp_path), True, "ckpt", None, 0)  # the choice; resolve_legacy then checks the files
     assert found.position == (1, 4)
     assert found.files == ("rank_0/C_rank_0-1_4.ckpt", "rank_1/C_rank_1-1_4.ckpt")
 
@@ -147,7 +147,7 @@ def test_without_meta_json_the_newest_step_on_every_rank_wins_by_name_not_mtime(
     _tree(tmp_path, {0: ["C_rank_0-2_1.safetensors", "C_rank_0-1_10.safetensors"],
                      1: ["C_rank_1-1_10.safetensors", "C_rank_1-2_1.safetensors", "C_rank_1-1_9.safetensors"]}, {})
     (tmp_path / "rank_0" / "C_rank_0-1_10.safetensors").touch()  # the newest mtime, an older step
-    found = resolve_legacy(str(tmp_path), True)
+    found = resolve_here(str(tmp_path), True, "safetensors", None, 0)
     assert found.position == (2, 1)
 
 

@@ -39,7 +39,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -494,12 +494,27 @@ def select_legacy_files(root: str | os.PathLike[str], fmt: str) -> tuple[tuple[i
 
         (epoch, step), paths = select_legacy_files("output/checkpoint", "safetensors")
     """
+    return complete_legacy_steps(root, fmt)[0]
+
+
+def complete_legacy_steps(root: str | os.PathLike[str], fmt: str,
+                          meta_position: Callable[[Path], tuple[int, int] | None] = _meta_position,
+                          ) -> list[tuple[tuple[int, int], list[Path]]]:
+    """Every ``(epoch, step)`` complete on every rank of a legacy tree, newest first, with its file per rank.
+
+    Args:
+        meta_position: a rank folder's ``meta.json`` bound (None: it does not bound the
+            choice); resumable's resume passes one that skips a damaged ``meta.json``.
+
+    Raises:
+        As :func:`select_legacy_files`.
+    """
     if fmt not in ("safetensors", "ckpt"):
         raise ValueError(f"fmt must be 'safetensors' or 'ckpt', got {fmt!r}")
     root = Path(root)
     dirs = _rank_dirs(root)
     per_rank = [_rank_files(d, r, fmt) for r, d in enumerate(dirs)]
-    bounds = [b for b in (_meta_position(d) for d in dirs) if b is not None]
+    bounds = [b for b in (meta_position(d) for d in dirs) if b is not None]
     common = set.intersection(*(set(files) for files in per_rank))
     if bounds:
         common = {pos for pos in common if pos <= min(bounds)}
@@ -507,9 +522,8 @@ def select_legacy_files(root: str | os.PathLike[str], fmt: str) -> tuple[tuple[i
         raise CheckpointNotFoundError(
             f"{root}: no (epoch, step) with a .{fmt} file on every rank"
             + (f" at or before {min(bounds)} (the oldest meta.json)" if bounds else ""))
-    chosen = max(common)
-    paths = [d / legacy_file_name(files[chosen]) for d, files in zip(dirs, per_rank)]
-    return chosen, paths
+    return [(pos, [d / legacy_file_name(files[pos]) for d, files in zip(dirs, per_rank)])
+            for pos in sorted(common, reverse=True)]
 
 
 def read_mf_legacy(checkpoint_dir: str | os.PathLike[str], fmt: str = "safetensors") -> ForeignCheckpoint:

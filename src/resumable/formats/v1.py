@@ -4,7 +4,7 @@ The layout is in ``shared/FORMATS.md`` ("Checkpoint 1.0"); names follow MindForm
 (``shared/MINDFORMERS.md``) and are parsed with :mod:`resumable.formats.mindformers`::
 
     <output_dir>/checkpoint/rank_{r}/{prefix}_rank_{r}[_{k}]-{epoch}_{step}.{safetensors|ckpt}
-    <output_dir>/checkpoint/rank_{r}/meta.json      {"last_epoch", "last_step", "last_ckpt_file"}
+    <output_dir>/checkpoint/rank_{r}/meta.json      {"last_epoch", "last_step", "last_ckpt_file", "files", "seal"}
     <output_dir>/strategy/ckpt_strategy_rank_{r}.ckpt
 
 ``{epoch}_{step}`` is MindSpore's: the 1-based epoch the step belongs to and the 1-based
@@ -20,6 +20,12 @@ What a rank's file holds (both formats hold the same keys):
 - ``__metadata__`` (str → str): ``format`` ``"pt"``, ``remove_redundancy`` ``"True"|"False"``
   and ``resumable_legacy``: JSON of the chunk map (key → name, global shape, offsets),
   the writing rank, the layout and the context (the non-tensor state and ``rank_local``).
+
+``meta.json`` keeps MindFormers' three keys and, when resumable wrote it, ``files``: the
+size and whole-file xxh3-64 of every rank file of the folder written by resumable (a file
+cannot vouch for itself, so its checksum lives here, written after it), and ``seal``: the
+xxh3-64 of the other keys as canonical JSON, so that a damaged ``meta.json`` is detected
+rather than trusted (:func:`read_meta`). Strategy files carry a ``seal`` of their own.
 
 A ``.ckpt`` is ``torch.save`` of ``{key: tensor, ..., "__metadata__": {str: str}}`` and is
 only ever read with ``torch.load(weights_only=True)``: a file carrying any pickled object
@@ -40,6 +46,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+import xxhash
 
 from resumable.errors import CheckpointNotFoundError, CorruptCheckpointError, UnsafeCheckpointError
 from resumable.formats.hf import load_json_object
@@ -48,6 +55,8 @@ from resumable.formats.mindformers import LegacyFile, legacy_file_name, parse_le
 __all__ = [
     "META_JSON",
     "FileInfo",
+    "FileRecord",
+    "LegacyMeta",
     "file_metadata",
     "load_ckpt",
     "meta_bytes",
@@ -55,8 +64,10 @@ __all__ = [
     "next_suffix",
     "parse_file_metadata",
     "rank_file_name",
+    "read_meta",
     "read_strategy",
     "save_ckpt",
+    "seal",
     "strategy_doc",
     "strategy_file_name",
     "substitute_rank",
@@ -148,9 +159,82 @@ def name_position(epochs_done: int, step_in_epoch: int, steps_of_last_epoch: int
 # ---------------------------------------------------------------------------- meta.json
 
 
-def meta_bytes(epoch: int, step: int, file_name: str) -> bytes:
-    """The content of a rank's ``meta.json`` naming its last complete save."""
-    return (json.dumps({"last_epoch": epoch, "last_step": step, "last_ckpt_file": file_name}) + "\n").encode()
+#: (size in bytes, xxh3-64 hex) of one file, as ``meta.json`` records it.
+FileRecord = tuple[int, str]
+_META_KEYS = {"last_epoch", "last_step", "last_ckpt_file"}
+
+
+def seal(doc: Mapping[str, Any]) -> str:
+    """xxh3-64 of ``doc`` as canonical JSON (sorted keys, no spaces): what a ``seal`` key holds."""
+    return xxhash.xxh3_64_hexdigest(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode())
+
+
+def meta_bytes(epoch: int, step: int, file_name: str, files: Mapping[str, FileRecord]) -> bytes:
+    """The content of a rank's ``meta.json`` naming its last complete save, sealed.
+
+    Args:
+        files: size and checksum of every rank file of the folder to record (the new one included).
+    """
+    doc: dict[str, Any] = {"last_epoch": epoch, "last_step": step, "last_ckpt_file": file_name,
+                           "files": {n: {"size": size, "xxh3_64": digest} for n, (size, digest) in sorted(files.items())}}
+    doc["seal"] = seal(doc)
+    return (json.dumps(doc) + "\n").encode()
+
+
+@dataclass(frozen=True)
+class LegacyMeta:
+    """A parsed ``meta.json``.
+
+    Attributes:
+        position: ``(last_epoch, last_step)``.
+        file: ``last_ckpt_file``.
+        files: name → (size, xxh3-64) of the files resumable recorded; empty for MindFormers'.
+        sealed: written by resumable (its seal matched).
+    """
+
+    position: tuple[int, int]
+    file: str
+    files: dict[str, FileRecord]
+    sealed: bool
+
+
+def _record(value: Any) -> bool:
+    return (isinstance(value, dict) and set(value) == {"size", "xxh3_64"} and _ints([value["size"]])
+            and isinstance(value["xxh3_64"], str) and re.fullmatch(r"[0-9a-f]{16}", value["xxh3_64"]) is not None)
+
+
+def read_meta(folder: str | os.PathLike[str]) -> LegacyMeta | None:
+    """Read and check a rank folder's ``meta.json``; None when there is none.
+
+    MindFormers' (the three keys only) is accepted unsealed; resumable's must carry a
+    matching ``seal``, so a flipped byte anywhere in it is an error, not a wrong step.
+
+    Raises:
+        CorruptCheckpointError: not JSON, an unknown or missing key, a wrong type, or a seal
+            that does not match; the file and the key are named.
+    """
+    path = Path(folder) / META_JSON
+    if not path.exists():
+        return None
+    doc = load_json_object(path, "legacy meta.json")
+    given = doc.pop("seal", None)
+    unknown = sorted(set(doc) - _META_KEYS - {"files"})
+    if unknown or not _META_KEYS <= set(doc):
+        raise CorruptCheckpointError(f"{path}: keys must be {sorted(_META_KEYS)} (and files, seal when resumable "
+                                     f"wrote it), got {sorted(doc)}; the file is damaged: delete it (the newest "
+                                     "step complete on the other ranks is then loaded)")
+    if "files" in doc or given is not None:
+        if given != seal(doc):
+            raise CorruptCheckpointError(f"{path}: its seal {given!r} does not match its content; the file is "
+                                         "damaged: delete it (the newest step complete on the other ranks is then "
+                                         "loaded)")
+        if not (isinstance(doc.get("files"), dict) and all(_record(v) for v in doc["files"].values())):
+            raise CorruptCheckpointError(f"{path}: \"files\" must map file names to {{size, xxh3_64}}")
+    if not (_ints([doc["last_epoch"], doc["last_step"]]) and isinstance(doc["last_ckpt_file"], str)):
+        raise CorruptCheckpointError(f"{path}: \"last_epoch\" and \"last_step\" must be non-negative integers and "
+                                     "\"last_ckpt_file\" a file name")
+    files = {n: (r["size"], r["xxh3_64"]) for n, r in doc.get("files", {}).items()}
+    return LegacyMeta((doc["last_epoch"], doc["last_step"]), doc["last_ckpt_file"], files, given is not None)
 
 
 # ------------------------------------------------------------------------ file metadata
@@ -245,11 +329,27 @@ def context_scalars(objects: Mapping[str, Any]) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------------------- .ckpt I/O
 
 
-def save_ckpt(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> int:
+class _Hashing:
+    """A write-only file wrapper that checksums what passes through (``torch.save`` writes in order)."""
+
+    def __init__(self, f: Any) -> None:
+        self.f, self.hasher, self.size = f, xxhash.xxh3_64(), 0
+
+    def write(self, data: bytes) -> int:
+        self.hasher.update(data)
+        self.size += len(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def save_ckpt(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor],
+              metadata: Mapping[str, str]) -> FileRecord:
     """Write a ``.ckpt`` (``torch.save`` of tensors and ``__metadata__``) to a new file, fsynced.
 
     Returns:
-        The file size in bytes.
+        ``(size_in_bytes, xxh3_64_hex)`` of the file, computed while writing.
 
     Raises:
         ValueError: a key is ``__metadata__``.
@@ -260,10 +360,13 @@ def save_ckpt(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor],
     payload: dict[str, Any] = {k: t.detach().cpu().contiguous() for k, t in tensors.items()}
     payload["__metadata__"] = dict(metadata)
     with open(path, "xb") as f:
-        torch.save(payload, f)
+        out = _Hashing(f)
+        torch.save(payload, out)
         f.flush()
         os.fsync(f.fileno())
-        return f.tell()
+        if f.tell() != out.size:  # torch seeked back: the running checksum is not the file's
+            raise OSError(f"{path}: torch.save did not write sequentially ({f.tell()} bytes, {out.size} hashed)")
+        return out.size, out.hasher.hexdigest()
 
 
 def load_ckpt(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -323,6 +426,7 @@ def strategy_doc(*, rank: int, world_size: int, layout: Mapping[str, Any], remov
     """
     doc = {"format": STRATEGY_FORMAT, "format_version": 1, "rank": rank, "world_size": world_size,
            "layout": dict(layout), "remove_redundancy": remove_redundancy, "tensors": dict(tensors)}
+    doc["seal"] = seal(doc)
     return json.dumps(doc, separators=(",", ":")).encode()
 
 
@@ -341,6 +445,10 @@ def read_strategy(path: str | os.PathLike[str]) -> dict[str, Any]:
     except CorruptCheckpointError as exc:
         raise CorruptCheckpointError(f"{exc}; strategy files written by resumable are JSON "
                                      "(src_strategy_path_or_dir must name them)") from exc
+    given = doc.pop("seal", None)  # strategy files written before seals have none
+    if given is not None and given != seal(doc):
+        raise CorruptCheckpointError(f"{path}: its seal {given!r} does not match its content; the strategy file "
+                                     "is damaged: restore it, or re-save on that layout to rewrite it")
     if doc.get("format") != STRATEGY_FORMAT or not isinstance(doc.get("tensors"), dict):
         raise CorruptCheckpointError(f"{path}: not a resumable strategy file (format {doc.get('format')!r})")
     for key in ("rank", "world_size"):

@@ -30,6 +30,64 @@ def rank_folders(root: Path) -> list[str]:
                    and p.name[5:].isdigit()), key=lambda n: int(n[5:]))
 
 
+def folder_records(folder: Path) -> tuple[dict[str, v1.FileRecord], str | None]:
+    """The sizes and checksums a rank folder's ``meta.json`` records, and why there are none.
+
+    A damaged ``meta.json`` vouches for nothing: its records are dropped and the reason is
+    returned (its files can then be checked by size and header only).
+    """
+    try:
+        meta = v1.read_meta(folder)
+    except (CorruptCheckpointError, OSError) as exc:
+        return {}, str(exc)
+    if meta is None:
+        return {}, f"{folder / v1.META_JSON} is missing"
+    return meta.files, None
+
+
+def member(root: Path, name: str) -> Path:
+    """``root / name``, refused unless it is a file that lies inside ``root`` (links followed)."""
+    path = root / name
+    if not path.is_file():
+        raise CheckpointNotFoundError(f"{path} does not exist; the checkpoint is incomplete")
+    if "/" in name and not inside(path, root):  # a rank_*/ file symlinked out of the tree
+        raise UnsafeCheckpointError(f"{path} resolves outside {root}; refusing to read it (a rank file of "
+                                    "a checkpoint must lie inside its checkpoint folder)")
+    return path
+
+
+def check_rank_file(root: Path, name: str, record: v1.FileRecord | None) -> bool:
+    """Check one rank file: its size and xxh3-64 against ``record``, else its structure only.
+
+    Without a record (MindFormers' files, or a damaged ``meta.json``) the safetensors
+    header must fit the file, or the ``.ckpt`` must open as a torch zip: a truncated file
+    fails, a flipped byte in tensor data does not.
+
+    Returns:
+        True when the checksum was compared, False when only the structure was checked.
+
+    Raises:
+        CheckpointNotFoundError / CorruptCheckpointError / UnsafeCheckpointError: naming the file.
+    """
+    path = member(root, name)
+    if record is None:
+        if path.suffix == ".ckpt":
+            v1.load_ckpt(path)
+        else:
+            read_header(path)
+        return False
+    size, digest = record
+    actual = path.stat().st_size
+    if actual != size:
+        raise CorruptCheckpointError(f"{path}: {actual} bytes on disk, {v1.META_JSON} records {size}; the file is "
+                                     "truncated or was replaced: restore it or load another step")
+    found = v2._xxh3_of(path)  # TODO(v2): a public checksum helper; this is v2's own
+    if found != digest:
+        raise CorruptCheckpointError(f"{path}: xxh3-64 {found}, {v1.META_JSON} records {digest}; the file is "
+                                     "damaged: restore it or load another step")
+    return True
+
+
 def inside(path: Path, root: str | os.PathLike[str] | None) -> bool:
     """Whether ``path`` resolves (links followed) to somewhere under ``root``."""
     if root is None:
@@ -53,12 +111,7 @@ class RankFiles:
     def open(self, name: str) -> v1.FileInfo:
         if name in self.infos:
             return self.infos[name]
-        path = self.root / name
-        if not path.is_file():
-            raise CheckpointNotFoundError(f"{path} does not exist; the checkpoint is incomplete")
-        if "/" in name and not inside(path, self.root):  # a rank_*/ file symlinked out of the tree
-            raise UnsafeCheckpointError(f"{path} resolves outside {self.root}; refusing to read it (a rank file of "
-                                        "a checkpoint must lie inside its checkpoint folder)")
+        path = member(self.root, name)
         if path.suffix == ".ckpt":
             tensors, meta = v1.load_ckpt(path)
             self.ckpt[name] = tensors

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Sequence
 
-from resumable import dist
-from resumable.errors import CheckpointError, CheckpointNotFoundError
+from resumable import dist, errors
+from resumable.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 from resumable.formats import v1
-from resumable.formats.mindformers import parse_legacy_name, select_legacy_files
-from resumable.legacy.files import inside, rank_folders
+from resumable.formats.mindformers import complete_legacy_steps, parse_legacy_name
+from resumable.legacy.files import check_rank_file, folder_records, inside, rank_folders
 from resumable.load import agree_on
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,11 @@ class LegacySource:
         position: ``(epoch, step)`` of the tree's step, None for a single file.
         single: a full (unified) checkpoint in one file.
         reason: why this was chosen, for the log.
+        older: with ``resume_training: true``, the older steps complete on every rank,
+            newest first, as ``(position, files)``: where :func:`resolve_legacy` falls back
+            when a file of the chosen step fails its check.
+        newer: rank 0's files of committed steps newer than the one chosen (a named
+            step, or weights only): a job saving into this tree must not bury them.
     """
 
     root: Path | None
@@ -38,6 +44,8 @@ class LegacySource:
     position: tuple[int, int] | None
     single: bool
     reason: str
+    older: tuple[tuple[tuple[int, int], tuple[str, ...]], ...] = ()
+    newer: tuple[str, ...] = ()
 
     @property
     def fresh(self) -> bool:
@@ -78,6 +86,9 @@ def resolve_here(load_checkpoint: str, resume_training: bool | str, fmt: str,
                 f"load_checkpoint {path} holds no rank_* folders ({', '.join(visible[:5])}); for Checkpoint 2.0 "
                 "iterations set use_legacy_format: false")
         return _fresh(f"{path} is empty")
+    if not any(parse_legacy_name(p.name) for r in ranks for p in (path / r).iterdir()) and not any(
+            (path / r / v1.META_JSON).exists() for r in ranks):
+        return _fresh(f"{path} holds rank folders but no checkpoint yet")
     if isinstance(resume_training, str):
         names = tuple(f"{r}/{v1.substitute_rank(resume_training, int(r[5:]))}" for r in ranks)
         # A rank beyond the source's rank folders (a larger job converting) has no file of its own.
@@ -86,13 +97,90 @@ def resolve_here(load_checkpoint: str, resume_training: bool | str, fmt: str,
                                           f"{path / names[rank]}")
         parsed = parse_legacy_name(resume_training)
         assert parsed is not None
-        return LegacySource(path, names, (parsed.epoch, parsed.step), False, f"resume_training names {resume_training}")
-    if not any(parse_legacy_name(p.name) for r in ranks for p in (path / r).iterdir()) and not any(
-            (path / r / v1.META_JSON).exists() for r in ranks):
-        return _fresh(f"{path} holds rank folders but no checkpoint yet")
-    position, paths = select_legacy_files(path, fmt)
-    return LegacySource(path, tuple(f"{p.parent.name}/{p.name}" for p in paths), position, False,
-                        f"epoch {position[0]} step {position[1]} is the newest step complete on every rank")
+        named = (parsed.epoch, parsed.step)
+        try:
+            steps = _complete_steps(path, fmt)
+        except CheckpointNotFoundError:  # the named step is all there is (or another format)
+            steps = []
+        return LegacySource(path, names, named, False, f"resume_training names {resume_training}",
+                            newer=tuple(files[0] for pos, files in steps if pos > named))
+    (position, files), *older = steps = _complete_steps(path, fmt)
+    reason = f"epoch {position[0]} step {position[1]} is the newest step complete on every rank"
+    if resume_training is True:
+        return LegacySource(path, files, position, False, reason, older=tuple(older))
+    return LegacySource(path, files, position, False, reason, newer=tuple(f[0] for _, f in steps))
+
+
+def _complete_steps(root: Path, fmt: str) -> list[tuple[tuple[int, int], tuple[str, ...]]]:
+    """The steps complete on every rank, newest first, files relative to ``root``."""
+    return [(pos, tuple(f"{p.parent.name}/{p.name}" for p in paths))
+            for pos, paths in complete_legacy_steps(root, fmt, _tolerant_bound)]
+
+
+def _tolerant_bound(folder: Path) -> tuple[int, int] | None:
+    """A rank folder's ``meta.json`` bound; a damaged one bounds nothing (warned): the others' bounds decide."""
+    try:
+        meta = v1.read_meta(folder)
+    except (CorruptCheckpointError, OSError) as exc:
+        log.warning("ignoring %s: %s", folder / v1.META_JSON, exc)
+        return None
+    return None if meta is None else meta.position
+
+
+def _check_share(root: Path, files: Sequence[str], me: int, world: int) -> list[tuple[str, str]]:
+    """Check the files ``i`` with ``i % world == me`` (:func:`~resumable.legacy.files.check_rank_file`).
+
+    Returns:
+        The problems, as (error type name, message).
+    """
+    problems = []
+    records: dict[Path, dict[str, v1.FileRecord]] = {}
+    for i, name in enumerate(files):
+        if i % world != me:
+            continue
+        path = root / name
+        if path.parent not in records:
+            records[path.parent], why = folder_records(path.parent)
+            if why is not None:
+                log.warning("%s: %s files are checked by size and header only", why, path.parent)
+        try:
+            check_rank_file(root, name, records[path.parent].get(path.name))
+        except (CheckpointError, OSError) as exc:
+            problems.append((type(exc).__name__, str(exc)))
+    return problems
+
+
+def _verified(source: LegacySource, group: dist.Group) -> LegacySource:
+    """The newest of ``source``'s step and its fallbacks whose files all pass their check, on every rank.
+
+    Raises:
+        CorruptCheckpointError: on every rank, naming each failed file, when no step passes
+            (with no fallbacks: when the chosen one fails).
+
+    Collective: one 8-byte all-reduce per step tried (texts gathered only on failure).
+    """
+    assert source.root is not None
+    me, world = dist.rank(group), dist.world_size(group)
+    candidates = [(source.position, source.files), *source.older]
+    for n, (position, files) in enumerate(candidates):
+        problems = _check_share(source.root, files, me, world)
+        if dist.all_reduce_max([len(problems) > 0], group)[0] == 0:
+            if n == 0:
+                return source
+            return replace(source, files=files, position=position, older=tuple(candidates[n + 1:]),
+                           reason=f"epoch {position[0]} step {position[1]} is the newest step complete and intact "
+                                  "on every rank")
+        gathered = [p for rank_problems in dist.all_gather_object(problems, group) for p in rank_problems]
+        found = "; ".join(text for _, text in gathered)
+        if n + 1 == len(candidates):
+            kind = getattr(errors, gathered[0][0], None)  # the first failure's type (an unsafe link stays unsafe)
+            cls = kind if isinstance(kind, type) and issubclass(kind, CheckpointError) else CorruptCheckpointError
+            raise cls(f"{source.root}: epoch {position[0]} step {position[1]} cannot be loaded: "
+                                         f"{found}" + ("; no older step complete on every rank is intact either"
+                                                       if n else ""))
+        log.warning("skipping epoch %d step %d of %s: %s; falling back to epoch %d step %d", *position, source.root,
+                    found, *candidates[n + 1][0])
+    raise AssertionError("unreachable: the last candidate raises")
 
 
 def resolve_legacy(load_checkpoint: str, resume_training: bool | str, *, fmt: str = "safetensors",
@@ -109,14 +197,22 @@ def resolve_legacy(load_checkpoint: str, resume_training: bool | str, *, fmt: st
         fmt: ``load_ckpt_format``.
         output_dir: the job's output folder.
 
+    Every file of a tree's chosen step is checked before anything loads it (file ``i`` by
+    rank ``i mod world``): size and xxh3-64 against its folder's ``meta.json``, or its
+    header when no intact ``meta.json`` records it. With ``resume_training: true`` a step
+    that fails (a torn or damaged file, a rank whose ``meta.json`` is damaged and whose file
+    is torn, ...) is skipped with a warning for the newest older step complete on every
+    rank that passes; a damaged ``meta.json`` bounds nothing (the other ranks' do).
+
     Returns:
         The same :class:`LegacySource` on every rank.
 
     Raises:
         CheckpointNotFoundError / CorruptCheckpointError / ValueError: on every rank, naming
-            each failing rank and path.
+            each failing rank and path (a named step, or ``resume_training: false``, never
+            falls back).
 
-    Collective: every rank calls it (one all_gather).
+    Collective: every rank calls it (one all_gather, one all-reduce per step checked).
     """
     me = dist.rank(process_group)
     try:
@@ -127,6 +223,8 @@ def resolve_legacy(load_checkpoint: str, resume_training: bool | str, *, fmt: st
     agree_on(error, process_group)
     chosen = dist.broadcast_object(found, 0, process_group)  # rank 0's choice, so all load the same step
     assert chosen is not None
+    if not chosen.fresh and not chosen.single:
+        chosen = _verified(chosen, process_group)
     log.info("load_checkpoint=%r: %s", load_checkpoint, "fresh start: " + chosen.reason if chosen.fresh
              else f"loading {chosen.root} ({chosen.reason})")
     return chosen

@@ -22,7 +22,7 @@ from resumable.formats.mindformers import parse_legacy_name
 from resumable.formats.safetensors_io import write_file
 from resumable.geometry import Box
 from resumable.layout import local_chunks, local_tensor
-from resumable.legacy.files import Layout
+from resumable.legacy.files import Layout, folder_records
 from resumable.legacy.strategy import placement_json
 from resumable.save import agree_on_plan, to_group
 from resumable.state import flatten_state
@@ -133,6 +133,10 @@ class LegacySaver:
         if self.rank == 0:
             commit.clean_leftovers(self.strategy_dir)
         names = [p.name for p in self.folder.iterdir()] if self.folder.is_dir() else []
+        # Sizes and checksums of this folder's files, carried into every meta.json this job writes.
+        self.records, why = folder_records(self.folder)
+        if why is not None and names:
+            log.warning("%s: the files already in %s keep no checksum", why, self.folder)
         self.suffix = max(dist.all_gather_object(v1.next_suffix(names, prefix, self.rank), process_group))
         if self.suffix:
             log.info("files with prefix %s already exist: this job writes %s_rank_%d_%d-*", prefix, prefix,
@@ -157,9 +161,10 @@ class LegacySaver:
         what = f"saving {final.parent.parent}/rank_*/{name}"
         dist.agree(error, what, self.group)  # a failed description would desynchronise the gather below
         assert local is not None
+        record = None
         try:
             store = _mine_to_store(local, self.remove_redundancy, self.group)
-            self._write(final, local, store)
+            record = self._write(final, local, store)
             if self.world > 1:
                 self._write_strategy(local, set(store))
         except Exception as exc:  # reported below
@@ -172,8 +177,12 @@ class LegacySaver:
                 final.unlink(missing_ok=True)
             raise
         commit.fault_point("legacy-before-meta")
+        assert record is not None
+        records = {n: r for n, r in self.records.items() if (self.folder / n).is_file()}
+        records[name] = record
         try:
-            commit.atomic_write(self.folder / v1.META_JSON, v1.meta_bytes(epoch, step, name))
+            commit.atomic_write(self.folder / v1.META_JSON, v1.meta_bytes(epoch, step, name, records))
+            self.records = records
         except OSError as exc:  # reported below: this rank's meta.json still names the previous step
             error = _text(exc)
         commit.fault_point("legacy-after-meta")
@@ -183,7 +192,7 @@ class LegacySaver:
         self._retain(final)
         return final
 
-    def _write(self, final: Path, local: _Local, store: list[tuple[str, Box]]) -> None:
+    def _write(self, final: Path, local: _Local, store: list[tuple[str, Box]]) -> v1.FileRecord:
         per_name: dict[str, int] = {}
         for n, _ in store:
             per_name[n] = per_name.get(n, 0) + 1
@@ -200,12 +209,13 @@ class LegacySaver:
         tmp = commit.temp_path(final)
         try:
             if self.fmt == "safetensors":
-                write_file(tmp, items, meta)
+                record = write_file(tmp, items, meta)
             else:
-                v1.save_ckpt(tmp, dict(items), meta)
+                record = v1.save_ckpt(tmp, dict(items), meta)
             commit.publish_file(tmp, final)
         finally:
             tmp.unlink(missing_ok=True)
+        return record
 
     def _write_strategy(self, local: _Local, stored: set[tuple[str, Box]]) -> None:
         tensors = {}
@@ -219,21 +229,43 @@ class LegacySaver:
                                             remove_redundancy=self.remove_redundancy, tensors=tensors))
 
     def _retain(self, newest: Path) -> None:
-        """Delete this rank folder's oldest files of this prefix (older jobs first) beyond ``keep``."""
+        """Delete this rank folder's oldest files of this prefix (older jobs first) beyond ``keep``.
+
+        Never deleted: ``newest`` (the step ``meta.json`` now names), the protected files
+        (the step resumed from), anything through a symlink (a linked rank folder is not
+        pruned at all; a linked file is neither counted nor removed). Each file goes with one
+        ``unlink``, oldest first, so a crash part way leaves older steps, never a newer gap.
+        """
         if self.keep is None:
             return
-        files = []
-        for p in self.folder.iterdir():
-            parsed = parse_legacy_name(p.name)
-            if parsed is not None and parsed.prefix == self.prefix and parsed.rank == self.rank:
-                files.append(((parsed.suffix, parsed.epoch, parsed.step, parsed.ext), p))
-        files.sort()
-        excess = len(files) - self.keep
-        for _, p in files:
-            if excess <= 0:
-                break
-            if p == newest or p.resolve() in self.protect:
-                continue
+        if self.folder.is_symlink():
+            log.warning("keep_checkpoint_max=%d: %s is a symlink; its files are not deleted", self.keep, self.folder)
+            return
+        # Resolved (no entry is a link; the folder's ancestors may be) to compare with ``protect``.
+        files = [(key, p.resolve()) for key, p in (_retention_key(p, self.prefix, self.rank)
+                                                   for p in self.folder.iterdir()) if key is not None]
+        for p in _excess(sorted(files), self.keep, {newest.resolve(), *self.protect}):
+            commit.fault_point("legacy-retention")
             p.unlink(missing_ok=True)
-            excess -= 1
+            self.records.pop(p.name, None)
             log.info("keep_checkpoint_max=%d: deleted %s", self.keep, p)
+
+
+def _retention_key(path: Path, prefix: str, rank: int) -> tuple[tuple[int, int, int, str] | None, Path]:
+    """Retention order of one entry of a rank folder (older jobs, then older steps first); None: not counted."""
+    parsed = parse_legacy_name(path.name)
+    if parsed is None or parsed.prefix != prefix or parsed.rank != rank or path.is_symlink() or not path.is_file():
+        return None, path
+    return (parsed.suffix, parsed.epoch, parsed.step, parsed.ext), path
+
+
+def _excess(files: list[tuple[Any, Path]], keep: int, kept: set[Path]) -> list[Path]:
+    """The oldest of ``files`` (sorted oldest first) beyond ``keep``, never one of ``kept``. Pure."""
+    excess = len(files) - keep
+    out = []
+    for _, p in files:
+        if len(out) >= excess:
+            break
+        if p not in kept:
+            out.append(p)
+    return out

@@ -113,11 +113,11 @@ def _write_target(files: RankFiles, meta: v2.Metadata, holdings: Mapping[str, li
     commit.make_dirs(folder)
     tmp = commit.temp_path(folder / name)
     try:
-        v1.save_ckpt(tmp, tensors, file_meta)
+        record = v1.save_ckpt(tmp, tensors, file_meta)
         commit.publish_file(tmp, folder / name)
     finally:
         tmp.unlink(missing_ok=True)
-    commit.atomic_write(folder / v1.META_JSON, v1.meta_bytes(position[0], position[1], name))
+    commit.atomic_write(folder / v1.META_JSON, v1.meta_bytes(position[0], position[1], name, {name: record}))
 
 
 def one_ckpt_per_rank(root: Path) -> None:
