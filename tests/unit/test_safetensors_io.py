@@ -154,4 +154,4 @@ def test_header_reader_rejects_unknown_dtype_wrong_size_and_non_object(tmp_path:
     p3 = _raw_file(tmp_path / "l.safetensors", [1, 2])
     with pytest.raises(CorruptCheckpointError) as e:
         sio.read_header(p3)
-    assert str(e.value) == _msg(p3, "header is a JSON list, expected an object")
+    assert str(e.value) == _msg(p3, "header: top level is a JSON list, expected an object")

@@ -63,6 +63,8 @@ import xxhash
 from safetensors import SafetensorError, safe_open
 
 from resumable.errors import CorruptCheckpointError, UnsafeCheckpointError
+from resumable.formats.jsonfile import open_regular, parse_json_object
+from resumable.formats.schema import MAX_DIM, MAX_NDIM, shown
 
 __all__ = [
     "BLOCKS_KEY",
@@ -599,12 +601,8 @@ def block_digests(header: "Header") -> dict[str, BlockDigests] | None:
     raw = header.metadata.get(BLOCKS_KEY)
     if raw is None:
         return None
-    try:
-        doc = json.loads(raw)
-    except (json.JSONDecodeError, RecursionError) as exc:
-        raise _corrupt(header.path, f"__metadata__ {BLOCKS_KEY!r} is not valid JSON ({exc})") from None
-    block = doc.get("block") if isinstance(doc, dict) else None
-    table = doc.get("xxh3_64") if isinstance(doc, dict) else None
+    doc = parse_json_object(raw, f"{header.path}: __metadata__ {BLOCKS_KEY!r}", fix=_DAMAGED)
+    block, table = doc.get("block"), doc.get("xxh3_64")
     if not _is_int(block) or block < _ALIGN or not isinstance(table, dict):
         raise _corrupt(header.path, f"__metadata__ {BLOCKS_KEY!r} needs a block size of at least {_ALIGN} "
                                     "and an xxh3_64 object")
@@ -622,10 +620,11 @@ def block_digests(header: "Header") -> dict[str, BlockDigests] | None:
 _HEX = re.compile(r"[0-9a-f]*")
 
 
+_DAMAGED = "the file is truncated or damaged: restore it from a copy or re-save the checkpoint"
+
+
 def _corrupt(path: Path, problem: str) -> CorruptCheckpointError:
-    return CorruptCheckpointError(
-        f"{path}: not a valid safetensors file: {problem}; "
-        "the file is truncated or damaged: restore it from a copy or re-save the checkpoint")
+    return CorruptCheckpointError(f"{path}: not a valid safetensors file: {problem}; {_DAMAGED}")
 
 
 @contextmanager
@@ -691,7 +690,7 @@ def read_header(path: str | os.PathLike[str], *, max_header_bytes: int = MAX_HEA
         >>> h.tensors["model.norm.weight"].shape
     """
     path = Path(path)
-    with open(path, "rb") as f:
+    with os.fdopen(open_regular(path, "safetensors file"), "rb") as f:  # a FIFO or /dev/zero: refused, never read
         size = os.fstat(f.fileno()).st_size
         if size < 8:
             raise _corrupt(path, f"file has {size} bytes, fewer than the 8-byte header length")
@@ -703,12 +702,7 @@ def read_header(path: str | os.PathLike[str], *, max_header_bytes: int = MAX_HEA
         if 8 + n > size:
             raise _corrupt(path, f"header length {n} runs past the end of the {size}-byte file")
         raw = f.read(n)
-    try:
-        doc = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _corrupt(path, f"header is not valid JSON ({exc})") from exc
-    if not isinstance(doc, dict):
-        raise _corrupt(path, f"header is a JSON {type(doc).__name__}, expected an object")
+    doc = parse_json_object(raw, f"{path}: not a valid safetensors file: header", fix=_DAMAGED)
     data_start = 8 + n
     meta = doc.pop("__metadata__", None) or {}
     if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
@@ -734,8 +728,8 @@ def _parse_entry(path: Path, key: str, info: object, data_start: int, size: int)
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
     if dtype not in _ITEMSIZE:
         raise _corrupt(path, f"tensor {key!r} has unknown dtype {dtype!r}")
-    if not isinstance(shape, list) or not all(_is_int(s) and s >= 0 for s in shape):
-        raise _corrupt(path, f"tensor {key!r} has invalid shape {shape!r}")
+    if not isinstance(shape, list) or len(shape) > MAX_NDIM or not all(_is_int(s) and 0 <= s <= MAX_DIM for s in shape):
+        raise _corrupt(path, f"tensor {key!r} has invalid shape {shown(shape)}")  # bounded: multiplied out below
     if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets)
             or not 0 <= offsets[0] <= offsets[1]):
         raise _corrupt(path, f"tensor {key!r} has invalid data_offsets {offsets!r}")
