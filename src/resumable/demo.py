@@ -100,8 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=40, help="global steps of the first job")
     args = parser.parse_args(argv)
     root = Path(args.output)
-    shutil.rmtree(root, ignore_errors=True)
     ref, job = root / "uninterrupted", root / "recovery"
+    for previous in (ref, job):  # only the demo's own runs: --output may hold anything else of the user's
+        shutil.rmtree(previous, ignore_errors=True)
     started = time.perf_counter()
 
     more = args.steps + SAVE_EVERY
