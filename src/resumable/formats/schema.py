@@ -20,7 +20,13 @@ from typing import Any, Mapping
 from resumable.errors import CorruptCheckpointError
 from resumable.formats.jsonfile import RESTORE
 
-__all__ = ["REQUIRED", "RESTORE", "is_int", "need_int", "need_int_list", "need_number", "need_type", "shown"]
+__all__ = ["MAX_DIM", "MAX_NDIM", "REQUIRED", "RESTORE", "is_int", "need_int", "need_int_list", "need_number", "need_type", "shown"]
+
+MAX_NDIM = 64
+"""Most dims of a tensor shape read from a file (a shape is multiplied out: a forged million-dim
+shape of large numbers would cost quadratic time)."""
+MAX_DIM = (1 << 63) - 1
+"""Largest size of one dim (torch's int64)."""
 
 REQUIRED: Any = object()
 """``default`` of a key that must be present."""

@@ -27,7 +27,7 @@ import xxhash
 from resumable.errors import CheckpointNotFoundError, CorruptCheckpointError, UnsafeCheckpointError
 from resumable.formats.hf import safe_member
 from resumable.formats.jsonfile import open_regular, parse_json, parse_json_object, read_bounded
-from resumable.formats.schema import RESTORE, is_int, need_int, need_int_list, need_number, need_type, shown
+from resumable.formats.schema import MAX_DIM, MAX_NDIM, RESTORE, is_int, need_int, need_int_list, need_number, need_type, shown
 from resumable.formats.safetensors_io import DTYPE_NAMES, read_header
 from resumable.geometry import Box, covers_exactly
 from resumable.grid import Grid, Mesh, check_placements
@@ -35,7 +35,10 @@ from resumable.grid import Grid, Mesh, check_placements
 FORMAT = "resumable-checkpoint"
 #: 2: tensors saved by placements over a mesh are described by them (``grid``), the file
 #: table moves to files.json; version 1 (every chunk listed, files inline) is still read.
-FORMAT_VERSION = 2
+#: 3: metadata.json records common.json's size and xxh3-64 (``common``) and ends with a seal
+#: of its own bytes (:data:`SEAL`); the data files record per-block checksums
+#: (``safetensors_io.BLOCKS_KEY``). Versions 1 and 2 are still read.
+FORMAT_VERSION = 3
 METADATA = "metadata.json"
 FILES = "files.json"
 COMMON = "common.json"
@@ -43,15 +46,16 @@ KINDS = ("model", "opt")
 #: ``__metadata__`` keys written into every file.
 META_CHUNKS = "resumable"          # {key: {"name", "global_shape", "offsets"}}
 META_FILE = "resumable_file"       # {"kind", "rank", "iteration", "layout", "save_optimizer"}
+#: metadata.json ends with ``,"seal":"xxh3_64:<16 hex>"}``: the xxh3-64 of every byte before
+#: the comma, checked before any value is trusted (a flipped bit in a tensor name is damage,
+#: not an architecture mismatch).
+SEAL = ',"seal":"xxh3_64:'
+_SEAL_RE = re.compile(rb',"seal":"xxh3_64:([0-9a-f]{16})"\}\s*$')
 
 MAX_METADATA_BYTES = 1 << 30
 """Largest metadata.json, files.json and common.json read (they grow with tensors, files and ranks)."""
 MAX_RANKS = 1 << 20
 """Most ranks (world size, writers, mesh positions) a layout may name: more is damage, and would be allocated."""
-MAX_NDIM = 64
-"""Most dims of a tensor (a shape is multiplied out: a forged million-dim shape would cost quadratic time)."""
-MAX_DIM = (1 << 63) - 1
-"""Largest size of one dim (torch's int64)."""
 
 #: torch dtype names as stored in metadata.json ("float32"), the ones safetensors can hold.
 DTYPES = frozenset(str(d).removeprefix("torch.") for d in DTYPE_NAMES)
@@ -151,6 +155,7 @@ class Metadata:
     files: dict[str, FileMeta] = field(default_factory=dict)
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
+    common: "Seal | None" = None  # common.json's size and checksum (format 3; None: not recorded)
 
     def file_of(self, kind: str, rank: int) -> str:
         """The file of ``kind`` that group rank ``rank`` wrote (grid tensors name ranks, not files).
@@ -234,7 +239,9 @@ class Metadata:
                "files": {"table": FILES, "count": len(self.files), "size": len(table),
                          "xxh3_64": xxhash.xxh3_64_hexdigest(table)},
                "tensors": tensors}
-        return json.dumps(doc, separators=(",", ":"))
+        if self.common is not None:
+            doc["common"] = {"file": COMMON, "size": self.common.size, "xxh3_64": self.common.xxh3_64}
+        return seal(json.dumps(doc, separators=(",", ":")))
 
     @classmethod
     def from_json(cls, text: str | bytes, source: str | os.PathLike[str] = METADATA,
@@ -288,6 +295,43 @@ def check_bare_name(name: object, source: str) -> str:
     return name
 
 
+@dataclass(frozen=True)
+class Seal:
+    """The size and xxh3-64 (hex) of a JSON file's bytes, recorded where that file cannot vouch for itself."""
+
+    size: int
+    xxh3_64: str
+
+    @classmethod
+    def of(cls, data: bytes) -> "Seal":
+        return cls(len(data), xxhash.xxh3_64_hexdigest(data))
+
+
+def seal(text: str) -> str:
+    """``text`` (one JSON object, compact) with :data:`SEAL` and the xxh3-64 of the bytes before it appended."""
+    body = text[:-1]  # without the closing brace
+    return f"{body}{SEAL}{xxhash.xxh3_64_hexdigest(body.encode())}\"}}"
+
+
+def check_seal(text: str | bytes, source: str) -> bool:
+    """Verify the seal ``text`` ends with; False when it has none (format versions 1 and 2).
+
+    Raises:
+        CorruptCheckpointError: the seal does not match the bytes before it (the file is named).
+    """
+    raw = text.encode() if isinstance(text, str) else text
+    m = _SEAL_RE.search(raw)
+    if m is None:
+        return False
+    found = xxhash.xxh3_64_hexdigest(raw[:m.start()])
+    if found != m.group(1).decode():
+        raise CorruptCheckpointError(
+            f"{source}: its seal records xxh3-64 {m.group(1).decode()} but its bytes hash to {found}; "
+            "the file is damaged: restore it, rebuild it from the files (resumable.formats.v2.rebuild_metadata) "
+            "or load another iteration (resume_training: true falls back to the newest valid one)")
+    return True
+
+
 def _json_object(text: str | bytes, where: str) -> dict:
     """The JSON object in ``text`` (bounded depth, finite numbers), or an error naming ``where``."""
     return parse_json_object(text, where, fix=_REBUILD)
@@ -297,6 +341,7 @@ def _parse(text: str | bytes, source: str, files_text: bytes | None = None) -> M
     def bad(problem: str) -> CorruptCheckpointError:
         return CorruptCheckpointError(f"{source}: {problem}; the checkpoint metadata is damaged: "
                                       "restore it or rebuild it from the files (resumable.formats.v2.rebuild_metadata)")
+    sealed = check_seal(text, source)  # before any value is trusted
     doc = _json_object(text, source)
     if doc.get("format") != FORMAT:
         raise bad(f"format is {shown(doc.get('format'))}, expected {FORMAT!r}")
@@ -305,6 +350,9 @@ def _parse(text: str | bytes, source: str, files_text: bytes | None = None) -> M
         raise CorruptCheckpointError(
             f"{source}: format_version {shown(version)} is not supported (this resumable reads up to "
             f"{FORMAT_VERSION}); upgrade resumable to load this checkpoint")
+    if version >= 3 and not sealed:
+        raise bad(f"format_version {version} ends with a seal ({SEAL}...), this file does not")
+    common = _parse_seal(doc.get("common"), COMMON, bad) if version >= 3 and "common" in doc else None
     it, lay = doc.get("iteration"), doc.get("layout")
     if not _is_int(it) or it < 0:
         raise bad(f"iteration {shown(it)} is not a non-negative integer")
@@ -323,7 +371,16 @@ def _parse(text: str | bytes, source: str, files_text: bytes | None = None) -> M
             tensors[name] = _parse_tensor(name, t, files, source, bad)
     return Metadata(iteration=it, layout=layout,
                     save_optimizer=need_type(doc, "save_optimizer", source, bool, default=True, fix=_REBUILD),
-                    tensors=tensors, files=files, format=FORMAT, format_version=version)
+                    tensors=tensors, files=files, format=FORMAT, format_version=version, common=common)
+
+
+def _parse_seal(entry: object, name: str, bad: Any) -> Seal:
+    """A recorded ``{"file", "size", "xxh3_64"}`` of ``name``, checked."""
+    if (not isinstance(entry, dict) or entry.get("file") != name or not _is_int(entry.get("size"))
+            or entry["size"] < 0 or not isinstance(entry.get("xxh3_64"), str)
+            or not re.fullmatch(r"[0-9a-f]{16}", entry["xxh3_64"])):
+        raise bad(f"'common' {shown(entry)} must name {name!r} with its size and xxh3_64 (16 hex digits)")
+    return Seal(entry["size"], entry["xxh3_64"])
 
 
 _REBUILD = "the checkpoint metadata is damaged: restore it or rebuild it from the files " \
@@ -543,7 +600,7 @@ def check_common(doc: dict[str, Any], where: str) -> dict[str, Any]:
     return doc
 
 
-def read_common(folder: str | os.PathLike[str]) -> dict[str, Any]:
+def read_common(folder: str | os.PathLike[str], meta: Metadata | None = None) -> dict[str, Any]:
     """Read ``<folder>/common.json`` (a JSON object, bounded, its context checked by :func:`check_common`).
 
     ``NaN`` is accepted inside (``state`` may hold a NaN the user saved; :func:`common_bytes`
@@ -552,7 +609,14 @@ def read_common(folder: str | os.PathLike[str]) -> dict[str, Any]:
     Raises:
         CheckpointNotFoundError: the file is missing.
         UnsafeCheckpointError: not a regular file, too large or nested too deep.
-        CorruptCheckpointError: not JSON, not an object, or a context value of the wrong type or range.
+        CorruptCheckpointError: not JSON, not an object, or a context value of the wrong type or range;
+            or its size or xxh3-64 differs from what metadata.json records (format version 3).
+
+    Args:
+        folder: the iteration folder (or a unified / HF folder holding a common.json).
+        meta: its parsed metadata, whose recorded size and checksum of common.json are checked;
+            None: read them from ``folder``'s metadata.json when it is resumable's (only its
+            seal is checked, the rest is not validated).
     """
     path = Path(folder) / COMMON
     try:
@@ -561,7 +625,32 @@ def read_common(folder: str | os.PathLike[str]) -> dict[str, Any]:
         raise CheckpointNotFoundError(
             f"{path}: missing; it holds the training context (step, data position) of the iteration: "
             "restore it or load another iteration") from None
+    recorded = meta.common if meta is not None else _recorded_common(Path(folder))
+    if recorded is not None and Seal.of(raw) != recorded:
+        found = Seal.of(raw)
+        raise CorruptCheckpointError(
+            f"{path}: {found.size} bytes with xxh3-64 {found.xxh3_64}, but {METADATA} records {recorded.size} "
+            f"bytes with {recorded.xxh3_64}; the file is damaged or comes from another iteration: restore it "
+            "or load another iteration (resume_training: true falls back to the newest valid one)")
     return check_common(parse_json_object(raw, str(path), allow_nan=True), str(path))
+
+
+def _recorded_common(folder: Path) -> Seal | None:
+    """common.json's seal from ``folder``'s metadata.json (sealed, resumable's, format 3), else None."""
+    path = folder / METADATA
+    try:
+        text = read_bounded(path, METADATA, MAX_METADATA_BYTES)
+    except CheckpointNotFoundError:
+        return None  # a unified / HF / MindFormers single-rank folder: nothing records it
+    if not check_seal(text, str(path)):
+        return None
+    doc = _json_object(text, str(path))
+    if doc.get("format") != FORMAT or "common" not in doc:
+        return None
+
+    def bad(problem: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(f"{path}: {problem}; the checkpoint metadata is damaged: restore it")
+    return _parse_seal(doc["common"], COMMON, bad)
 
 
 def common_bytes(common: dict[str, Any]) -> bytes:
@@ -657,6 +746,14 @@ def rebuild_metadata(folder: str | os.PathLike[str]) -> Metadata:
     info, where = context
     meta = Metadata(iteration=need_int(info, "iteration", where), layout=_parse_layout(info.get("layout"), where),
                     save_optimizer=need_type(info, "save_optimizer", where, bool),
-                    tensors=dict(sorted(tensors.items())), files=files)
+                    tensors=dict(sorted(tensors.items())), files=files, common=_seal_of_file(folder / COMMON))
     meta.validate(str(folder / METADATA))
     return meta
+
+
+def _seal_of_file(path: Path) -> Seal | None:
+    """The seal of ``path`` as it is now (rebuild: common.json is taken as found), None when missing."""
+    try:
+        return Seal.of(read_bounded(path, path.name, MAX_METADATA_BYTES))
+    except CheckpointNotFoundError:
+        return None
