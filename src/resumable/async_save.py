@@ -198,17 +198,27 @@ def collective_timeout(seconds: float | None = None) -> timedelta:
         ConfigError: the variable is not a positive number.
     """
     if seconds is None:
-        raw = os.environ.get(TIMEOUT_ENV)
-        if not raw:
-            return timedelta(minutes=30)
-        try:
-            seconds = float(raw)
-        except ValueError:
-            seconds = -1.0
-        if not seconds > 0:
-            raise ConfigError(f"{TIMEOUT_ENV}={raw!r}: expected a positive number of seconds, e.g. 600")
+        return env_seconds(TIMEOUT_ENV, timedelta(minutes=30))
     if not seconds > 0:
         raise ConfigError(f"collective timeout must be a positive number of seconds, got {seconds}")
+    return timedelta(seconds=seconds)
+
+
+def env_seconds(name: str, default: timedelta) -> timedelta:
+    """The duration environment variable ``name`` gives in seconds, ``default`` when unset or empty.
+
+    Raises:
+        ConfigError: the variable is not a positive number.
+    """
+    raw = os.environ.get(name)
+    if not raw:
+        return default
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise ConfigError(f"{name}={raw!r}: expected a positive number of seconds, e.g. 600")
     return timedelta(seconds=seconds)
 
 
@@ -246,25 +256,31 @@ def untrack(pending: Any) -> None:
     _PENDING.discard(pending)
 
 
-def finish_pending() -> list[str]:
-    """Wait for every background save of this process not yet waited for; the errors of those that failed.
+def finish_pending() -> tuple[list[Path], list[str]]:
+    """Wait for every background save of this process not yet waited for.
+
+    Returns:
+        The folders (legacy: files) committed, and the errors of the saves that failed.
 
     Not collective by itself, but each save's commit is: every rank must finish its saves
     (call this, or exit). Bounded by each saver's collective timeout.
     """
-    failures = []
+    committed, failures = [], []
     while _PENDING:
         try:
-            _PENDING.pop().wait()
+            path = _PENDING.pop().wait()
         except Exception as exc:  # one failed save must not leave the others unfinished
             failures.append(str(exc))
-    return failures
+        else:
+            if path is not None:
+                committed.append(path)
+    return committed, failures
 
 
 def _finish_at_exit() -> None:
     """Threading's exit hook: runs before non-daemon threads are joined and before
     ``concurrent.futures`` refuses new work, which a plain ``atexit`` hook runs after."""
-    for text in finish_pending():
+    for text in finish_pending()[1]:
         log.error("an asynchronous checkpoint save still running at exit failed (the process exits "
                   "with status 1): %s", text)
         _FAILED_AT_EXIT.append(text)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 from typing import Callable, Sequence
 
@@ -41,12 +40,27 @@ def _train(args: argparse.Namespace) -> int:
         nproc = load_config(args.config, args.set).parallel_config.world_size
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         print(f"resumable train: launching torchrun with {nproc} processes", file=sys.stderr)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc-per-node={nproc}", "-m", "resumable.train", *train_argv]
-        return subprocess.call(cmd)
+        return _launch(nproc, train_argv, args.stop_timeout)
     from resumable.train.__main__ import main as train_main
 
     return train_main(train_argv)
+
+
+def _launch(nproc: int, train_argv: list[str], stop_timeout: float) -> int:
+    """Run the job under torchrun (``resumable.train.launch``), forwarding stop signals to it."""
+    from resumable.proctree import STOP_SIGNALS, run_forwarding_signals
+
+    signals = ",".join(sig.name for sig in STOP_SIGNALS)
+    env = {**os.environ,
+           # torchrun forwards these to every worker (its default leaves out SIGUSR1/2; older
+           # torchruns, without --signals-to-handle, read the second name) and SIGKILLs the
+           # workers still alive after the timeout.
+           "PET_SIGNALS_TO_HANDLE": signals, "TORCHELASTIC_SIGNALS_TO_HANDLE": signals,
+           "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(max(1, int(stop_timeout)))}
+    cmd = [sys.executable, "-m", "resumable.train.launch", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "resumable.train", *train_argv]
+    # A few seconds beyond torchrun's own timeout, so that torchrun reports before we kill it.
+    return run_forwarding_signals(cmd, env, stop_timeout + 5)
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -63,7 +77,22 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key by dotted path, e.g. runner_config.stop_step=20 "
                         "or callbacks.0.keep_checkpoint_max=2 (repeatable)")
+    p.add_argument("--stop-timeout", type=_positive_seconds, default=60.0, metavar="SECONDS",
+                   help="on SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1 or SIGUSR2 every process of the job "
+                        "stops (finishing the save in flight); those still running this long after the "
+                        "signal are killed (default 60). A second signal kills at once. Exit status: "
+                        "128 + the signal's number (130 for Ctrl-C, 143 for SIGTERM)")
     p.set_defaults(func=_train)
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
 
 
 def _commands() -> list[Callable[[argparse._SubParsersAction], None]]:

@@ -13,11 +13,15 @@ import base64
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -28,7 +32,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from resumable.async_save import TIMEOUT_ENV, collective_timeout
+from resumable.async_save import collective_timeout, env_seconds, finish_pending
+from resumable.errors import ConfigError
+from resumable.proctree import STOP_SIGNALS
 from resumable.train.config import TrainConfig
 from resumable.train.data import Batches, load_dataset
 from resumable.train.model import build_model, causal_lm_loss, hf_config
@@ -53,6 +59,74 @@ class TrainContext:
     consumed_samples: int = 0
     global_batch_size: int = 0
     sample_in_epoch: int = 0
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stop signal (Ctrl-C, SIGTERM, SIGHUP, ...) reached the training thread.
+
+    A ``KeyboardInterrupt`` (``except Exception`` does not swallow it); the process should
+    exit with :attr:`exit_status`, 128 + the signal's number.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+    @property
+    def exit_status(self) -> int:
+        return 128 + self.signum
+
+
+class _StopSignals:
+    """While entered (main thread only): each stop signal raises ``Interrupted`` in the training thread.
+
+    Inside :meth:`deferred` (the step-end and train-end hooks, where checkpoints are saved)
+    the signal is held until the block ends, so a signal never cuts a save in the middle on
+    one rank while the others go on with it. A second signal exits at once, status 128 +
+    its number (what was committed stays valid; the save in flight is left uncommitted).
+    """
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._raised = False
+        self._depth = 0
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopSignals":
+        self.received, self._raised, self._depth = None, False, 0
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        if self.received is not None:
+            print(f"[rank {os.environ.get('RANK', '0')}] second signal ({signal.Signals(signum).name}): "
+                  "exiting now, without waiting for the save in flight", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        self.received = signum
+        if not self._depth:
+            self._raised = True
+            raise Interrupted(signum)
+
+    @contextmanager
+    def deferred(self) -> Iterator[None]:
+        """Hold a stop signal until the block ends (then raise it), unless the block raised."""
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+        if self.received is not None and not self._raised and not self._depth:
+            self._raised = True
+            raise Interrupted(self.received)
+
+
+_STOP = _StopSignals()
 
 
 class Callback:
@@ -173,10 +247,12 @@ class Trainer:
             self.train_step()
             if report is not None:
                 report.step()
+            with _STOP.deferred():  # a stop signal waits for the hooks' save to be handed over
+                for cb in self.callbacks:
+                    cb.on_step_end(self)
+        with _STOP.deferred():
             for cb in self.callbacks:
-                cb.on_step_end(self)
-        for cb in self.callbacks:
-            cb.on_train_end(self)
+                cb.on_train_end(self)
         if report is not None:
             report.close()
 
@@ -300,14 +376,52 @@ def _init_distributed() -> bool:
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     backend = "nccl" if cuda else "gloo"
-    # RESUMABLE_COLLECTIVE_TIMEOUT bounds every collective (a dead or hung rank becomes an error
-    # on the others after it); unset, torch's default applies.
-    timeout = {"timeout": collective_timeout()} if os.environ.get(TIMEOUT_ENV) else {}
     if "WORLD_SIZE" in os.environ:
-        dist.init_process_group(backend, **timeout)
+        _join_job(backend)
     else:  # a store in memory: one process needs no rendezvous and no port
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return True
+
+
+#: Environment variable: seconds a rank waits for the job's store and for its peers to join.
+RENDEZVOUS_ENV = "RESUMABLE_RENDEZVOUS_TIMEOUT"
+
+
+def _join_job(backend: str) -> None:
+    """Join the torchrun job (env://), every wait bounded.
+
+    Connecting to the store and waiting for the peers (the backend's address exchange
+    goes through the store, which keeps this bound) take at most
+    ``$RESUMABLE_RENDEZVOUS_TIMEOUT`` seconds (default 10 min, torchrun's own join
+    timeout); each collective afterwards at most ``$RESUMABLE_COLLECTIVE_TIMEOUT`` (30 min,
+    a slow file system must not fail a healthy save), after which a dead or hung peer is
+    an error on the others.
+
+    Raises:
+        ConfigError: the job did not come together in time, naming the address and the bound.
+    """
+    rendezvous = env_seconds(RENDEZVOUS_ENV, timedelta(minutes=10))
+    try:
+        store, rank, world = next(dist.rendezvous("env://", timeout=rendezvous))
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=collective_timeout())
+    except dist.DistError as exc:  # a store or connect timeout, a peer that closed
+        where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+        raise ConfigError(
+            f"rank {os.environ.get('RANK')}: the job's {os.environ['WORLD_SIZE']} processes did not all join at "
+            f"{where} within {rendezvous.total_seconds():g} s ({RENDEZVOUS_ENV}): a process did not start or "
+            f"died, or MASTER_ADDR/MASTER_PORT differ between them ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
+
+
+def _finish_saves() -> None:
+    """On the way out after an error or a stop signal: let the save in flight commit before the
+    process group goes (on a normal end the monitor already waited for it)."""
+    committed, failures = finish_pending()
+    for path in committed:
+        logger.info("the checkpoint save in flight was committed before exiting: %s", path)
+    for text in failures:
+        logger.error("the checkpoint save in flight when training stopped failed (the newest committed "
+                     "checkpoint is unchanged): %s", text)
 
 
 def _fix_threads() -> None:
@@ -326,18 +440,26 @@ def run(cfg: TrainConfig, callbacks: Iterable[Callback] = ()) -> Trainer:
 
     Under ``torchrun`` it joins the job from the environment; without ``WORLD_SIZE`` it runs
     as a single process. A process group it creates, it also destroys.
+
+    Ends: a stop signal (``proctree.STOP_SIGNALS``) raises :class:`Interrupted`, an error
+    propagates; either way the save in flight is finished (committed, or failed and
+    discarded: never half-committed) before the process group is destroyed.
     """
     setup_logging()
     check_layout(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # before any work
     _fix_threads()
-    created = _init_distributed()
-    try:
-        trainer = Trainer(cfg, build_layout(cfg), callbacks)
-        trainer.fit()
-        # Leave together: gloo torn down while a peer still finishes FSDP's last
-        # collectives sometimes aborts that peer ("terminate called without an active exception").
-        dist.barrier()
-        return trainer
-    finally:
-        if created:
-            dist.destroy_process_group()
+    with _STOP:
+        created = _init_distributed()
+        try:
+            trainer = Trainer(cfg, build_layout(cfg), callbacks)
+            trainer.fit()
+            # Leave together: gloo torn down while a peer still finishes FSDP's last
+            # collectives sometimes aborts that peer ("terminate called without an active exception").
+            dist.barrier()
+            return trainer
+        finally:
+            try:
+                _finish_saves()  # its commit needs the process group: before destroying it
+            finally:
+                if created:
+                    dist.destroy_process_group()
