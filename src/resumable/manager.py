@@ -22,11 +22,11 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from resumable import commit, dist
 from resumable.async_save import AsyncSaveHandle, AsyncSaver
-from resumable.errors import ConfigError
+from resumable.errors import CheckpointError, ConfigError, NewerCheckpointsError
 from resumable.lock import DirectoryLock, lock_for_job
 from resumable.save import SavePlan, save as sync_save
 
@@ -95,6 +95,41 @@ class CheckpointManager:
         dist.barrier(process_group)  # nobody saves while rank 0 is still cleaning
         self._async = AsyncSaver(process_group, timeout=collective_timeout) if async_save else None
 
+    def start_from(self, iteration: int, *, discard_newer: bool = False, skipped: Iterable[str] = ()) -> list[int]:
+        """Declare the iteration this job starts from (0: fresh); refuse when newer ones would be overwritten.
+
+        Training on from ``iteration`` would save over every iteration above it and move the
+        tracker back below them (and retention could delete them): call this after loading,
+        before the first save. Iterations above ``iteration`` in the folder (committed or
+        damaged) are refused, unless ``discard_newer`` deletes them (tracker first). A
+        single untracked newest folder left by a save that died between its rename and its
+        tracker update (:func:`resumable.commit.interrupted_commit`) is not refused when
+        ``iteration`` is the tracker's target: the resume redoes that save.
+
+        Args:
+            iteration: the step the job starts from (the loaded checkpoint's, 0 when fresh).
+            discard_newer: delete the newer iterations instead of refusing (logged).
+            skipped: what the resume skipped and why (named in the message: damaged iterations).
+
+        Returns:
+            The iterations deleted (``discard_newer``), oldest first.
+
+        Raises:
+            NewerCheckpointsError: on every rank, naming the newer iterations and what to do.
+
+        Collective: every rank calls it at the same point (rank 0 decides, all learn the outcome).
+        """
+        outcome: list[int] | str = []
+        if dist.rank(self._group) == 0:
+            try:
+                outcome = _start_from(self.directory, iteration, discard_newer, list(skipped))
+            except (OSError, CheckpointError) as exc:
+                outcome = str(exc)
+        outcome = dist.broadcast_object(outcome, 0, self._group)
+        if isinstance(outcome, str):
+            raise NewerCheckpointsError(outcome)
+        return outcome
+
     def should_save(self, step: int, last_step: int | None = None) -> bool:
         """True on every ``save_checkpoint_steps``-th step and on ``last_step``. Not collective."""
         return step % self.save_checkpoint_steps == 0 or (last_step is not None and step == last_step)
@@ -144,3 +179,24 @@ class CheckpointManager:
     def _retain(self, plan: SavePlan) -> None:
         """Rank 0, after a commit: delete the oldest committed checkpoints beyond the limit."""
         commit.apply_keep_max(self.directory, self.keep_checkpoint_max, {plan.iteration, *self.protected})
+
+
+def _start_from(directory: Path, iteration: int, discard: bool, skipped: list[str]) -> list[int]:
+    """Rank 0 of :meth:`CheckpointManager.start_from`: the deleted iterations, or a refusal raised."""
+    if discard:
+        return commit.discard_after(directory, iteration)
+    newer = commit.iterations_after(directory, iteration)
+    try:
+        redone = commit.interrupted_commit(directory) if commit.read_tracker(directory) == iteration else None
+    except CheckpointError:
+        redone = None
+    newer = [n for n in newer if n != redone]
+    if not newer:
+        return []
+    names = ", ".join(commit.iteration_dirname(n) for n in newer)
+    damage = f" This resume skipped: {'; '.join(skipped)}." if skipped else ""
+    raise NewerCheckpointsError(
+        f"{directory} holds {len(newer)} iteration(s) newer than step {iteration} this job starts from: {names}. "
+        f"Training on would write over them (and retention could delete them).{damage} To keep them, resume from "
+        f"them (repair or restore what is damaged) or save elsewhere; to discard them, set "
+        f"callbacks.0.discard_newer_checkpoints: true (library: start_from(..., discard_newer=True))")

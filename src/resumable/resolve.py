@@ -62,11 +62,13 @@ class Resolution:
         path: the ``iteration_*`` folder to load, or None for a fresh start.
         iteration: its iteration number, or None for a fresh start.
         reason: one sentence saying why this folder (or nothing) was chosen.
+        skipped: with a fallback, each newer candidate skipped and why (``"iteration_X (why)"``).
     """
 
     path: Path | None
     iteration: int | None
     reason: str
+    skipped: tuple[str, ...] = ()
 
     @property
     def fresh(self) -> bool:
@@ -150,10 +152,13 @@ def _loadable(directory: Path) -> list[int]:
 
 
 def _valid(folder: Path) -> str | None:
-    """None when ``folder`` is committed, its metadata parses and every file has its size; else why not."""
+    """None when ``folder`` is committed, its metadata.json passes its seal and parses, common.json matches
+    the size and checksum metadata.json records and every data file has its size; else why not."""
     try:
         check_iteration_folder(folder)
-        verify_files(folder)
+        meta = v2.read_metadata(folder)
+        verify_files(folder, meta)
+        v2.read_common(folder, meta)
     except (CheckpointError, OSError) as exc:
         return str(exc)
     return None
@@ -169,7 +174,8 @@ def _fallback(directory: Path, skipped: list[str], tried: int | Iterable[int] | 
         problem = _valid(folder)
         if problem is None:
             log.warning("resume_training: skipped %s; loading %s instead", "; ".join(skipped), folder)
-            return Resolution(folder, n, f"newest valid iteration after skipping: {'; '.join(skipped)}")
+            return Resolution(folder, n, f"newest valid iteration after skipping: {'; '.join(skipped)}",
+                              tuple(skipped))
         skipped.append(f"{folder.name} ({problem})")
     raise CorruptCheckpointError(
         f"{directory}: no committed and valid iteration to resume from; skipped: {'; '.join(skipped)}. "

@@ -71,6 +71,7 @@ class CheckpointMonitor(Callback):
         self.manager: CheckpointManager | None = None
         self.last_saved: int | None = None
         self.protected: set[int] = set()
+        self.skipped: tuple[str, ...] = ()  # what the resume skipped (damaged iterations), for start_from's message
 
     def open(self, trainer: Trainer) -> None:
         """Take the checkpoint folder: lock it (a second job stops here) and clean leftovers. Idempotent.
@@ -92,6 +93,11 @@ class CheckpointMonitor(Callback):
 
     def on_train_begin(self, trainer: Trainer) -> None:
         self.open(trainer)
+        assert self.manager is not None and self.cfg.checkpoint is not None
+        # Before any step: refuse (or, when asked, discard) iterations newer than the start,
+        # which the saves to come would write over.
+        self.manager.start_from(trainer.ctx.global_step, discard_newer=self.cfg.checkpoint.discard_newer_checkpoints,
+                                skipped=self.skipped)
         self.last_saved = trainer.ctx.global_step  # the state we start from is already on disk (or random)
 
     def _save(self, trainer: Trainer) -> None:
@@ -208,6 +214,8 @@ class Resume(Callback):
         if not full:  # weights only: the optimizer and the context start anew
             state = {"model": state["model"]}
         result = self._load(state, res)
+        if self.monitor is not None and self.resolution is not None:
+            self.monitor.skipped = self.resolution.skipped
         if full:
             trainer.load_state_dict(state)
             if self.monitor is not None:

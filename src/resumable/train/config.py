@@ -111,6 +111,10 @@ class CheckpointMonitorConfig(_Section):
     on_save_error: Literal["raise", "warn"] = Field(
         "raise", description="a failed save (disk full, a rank died): 'raise' stops training with the error; "
                              "'warn' logs it and trains on (nothing was committed; the previous checkpoint stays)")
+    discard_newer_checkpoints: bool = Field(
+        False, description="a job starting from step k (a resume, a fallback past damage, a fresh start) refuses "
+                           "to start while <directory> holds iterations above k, naming them; true deletes them "
+                           "first (the tracker is moved back to k)")
 
     @field_validator("prefix")
     @classmethod
