@@ -51,7 +51,7 @@ from typing import Any, Callable, Literal
 import torch
 
 from resumable import commit
-from resumable.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
+from resumable.errors import CheckpointError, CheckpointNotFoundError, ConfigError, CorruptCheckpointError
 from resumable.formats import hf, mindformers as mf, v1, v2
 from resumable.formats.safetensors_io import open_safetensors, read_header, stored_slice
 from resumable.formats.names import AttentionShape, fc1_rows, map_mf_name, qkv_rows
@@ -241,7 +241,7 @@ def _open_v2(folder: Path) -> Source:
     tensors = {name: SourceTensor(name, getattr(torch, t.dtype), tuple(t.shape),
                                   _StoredChunks(folder, meta, name))  # type: ignore[arg-type]
                for name, t in meta.tensors.items()}
-    common = v2.read_common(folder)
+    common = v2.read_common(folder, meta)
     config = (common.get("state") or {}).get("model_config")
     return Source(folder, "v2", meta.iteration, tensors, common, asdict(meta.layout),
                   config if isinstance(config, dict) else None)
@@ -439,6 +439,40 @@ def _is_v2_or_empty(path: Path) -> bool:
     return fmt == "v2"
 
 
+def _refuse_overlap(path: Path, target: Path) -> None:
+    """Refuse a ``load_checkpoint`` that the conversion into ``target`` would replace or write into."""
+    src, dst = path.resolve(), target.resolve()
+    how = ("is that folder" if src == dst else "is inside that folder" if src.is_relative_to(dst)
+           else "contains that folder" if dst.is_relative_to(src) else None)
+    if how is not None:
+        raise ConfigError(
+            f"load_checkpoint {path} is not a Checkpoint 2.0 folder, so it is converted into {target}, which the "
+            f"conversion replaces; but load_checkpoint {how}: move the checkpoint out of it, or set output_dir "
+            "to a folder outside the checkpoint")
+
+
+def _conversion_origin(target: Path) -> dict[str, Any] | None:
+    """``converted_from`` of the newest committed iteration in ``target``: None when it records none."""
+    try:
+        done = commit.latest_committed(target) if target.is_dir() and not target.is_symlink() else None
+        found = None if done is None else v2.read_common(done).get("converted_from")
+    except (CheckpointError, OSError):
+        return None  # damaged or unreadable: not known to be a conversion, so never deleted (below)
+    return found if isinstance(found, dict) else None
+
+
+def _refuse_foreign(target: Path, origin: dict[str, Any] | None) -> None:
+    """Refuse to delete ``target`` unless it is a conversion (``origin``) or holds only hidden leftovers of one."""
+    if origin is not None:
+        return
+    if target.is_dir() and not target.is_symlink() and all(p.name.startswith(".") for p in target.iterdir()):
+        return  # an interrupted conversion: its lock and temp folder only
+    raise ConfigError(
+        f"{target} is where load_checkpoint is converted to, but it holds something that is not an earlier "
+        "conversion (no readable common.json recording converted_from); it is never deleted: move it away or "
+        "set output_dir to another folder")
+
+
 def ensure_loadable(path: str | os.PathLike[str], output_dir: str | os.PathLike[str], *,
                     dtype: torch.dtype | None = None) -> Path:
     """A Checkpoint 2.0 path the loader can read for ``load_checkpoint = path``.
@@ -458,6 +492,11 @@ def ensure_loadable(path: str | os.PathLike[str], output_dir: str | os.PathLike[
     Returns:
         The path to give ``resolve_checkpoint`` / ``load``.
 
+    Raises:
+        ConfigError: ``path`` is, is inside or contains ``<output_dir>/converted_checkpoint``
+            (the conversion replaces that folder), or that folder holds something other
+            than an earlier conversion (it is never deleted then).
+
     Who calls it: rank 0 only, before resolving; broadcast the result to the other ranks
     (they must not convert concurrently). Not collective.
 
@@ -470,15 +509,17 @@ def ensure_loadable(path: str | os.PathLike[str], output_dir: str | os.PathLike[
         return path
     from resumable.tools.split import TargetLayout, write_v2
 
-    source = open_source(path)
     target = Path(output_dir) / CONVERTED
+    _refuse_overlap(path, target)
+    source = open_source(path)
     origin = {"path": str(source.path.resolve()), "format": source.format, "iteration": source.iteration}
-    done = commit.latest_committed(target) if target.is_dir() else None
-    if done is not None and v2.read_common(done).get("converted_from") == origin:
-        log.info("load_checkpoint %s: reusing its conversion %s", path, done)
+    found = _conversion_origin(target)
+    if found == origin:
+        log.info("load_checkpoint %s: reusing its conversion in %s", path, target)
         return target
-    if target.exists():
-        shutil.rmtree(target)
+    if target.exists() or target.is_symlink():
+        _refuse_foreign(target, found)
+        shutil.rmtree(target)  # an earlier conversion of another source, or an interrupted one
     write_v2(source, target, TargetLayout(), dtype=dtype, extra_common={"converted_from": origin})
     log.info("load_checkpoint %s is a %s checkpoint: converted to Checkpoint 2.0 in %s", path, source.format, target)
     return target
