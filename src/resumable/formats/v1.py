@@ -445,8 +445,8 @@ def read_strategy(path: str | os.PathLike[str]) -> dict[str, Any]:
     except CorruptCheckpointError as exc:
         raise CorruptCheckpointError(f"{exc}; strategy files written by resumable are JSON "
                                      "(src_strategy_path_or_dir must name them)") from exc
-    given = doc.pop("seal", None)  # strategy files written before seals have none
-    if given is not None and given != seal(doc):
+    given = doc.get("seal")  # strategy files written before seals have none
+    if given is not None and given != seal({k: v for k, v in doc.items() if k != "seal"}):
         raise CorruptCheckpointError(f"{path}: its seal {given!r} does not match its content; the strategy file "
                                      "is damaged: restore it, or re-save on that layout to rewrite it")
     if doc.get("format") != STRATEGY_FORMAT or not isinstance(doc.get("tensors"), dict):

@@ -8,14 +8,18 @@ so that loads and conversions read slices with the 2.0 read planner
 from __future__ import annotations
 
 import os
+import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-from resumable.errors import CheckpointNotFoundError, CorruptCheckpointError, UnsafeCheckpointError
+from resumable.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, UnsafeCheckpointError
 from resumable.formats import v1, v2
-from resumable.formats.safetensors_io import read_header
+from resumable.formats.mindformers import parse_legacy_name
+from resumable.formats.ms_ckpt import index_ms_ckpt
+from resumable.formats.safetensors_io import block_digests, read_header
 from resumable.geometry import Box
 from resumable.layout import LocalChunk
 from resumable.planning import Read, StoredChunk, plan_tensor_reads
@@ -56,36 +60,113 @@ def member(root: Path, name: str) -> Path:
     return path
 
 
-def check_rank_file(root: Path, name: str, record: v1.FileRecord | None) -> bool:
+def check_rank_file(root: Path, name: str, record: v1.FileRecord | None, *, checksum: bool = True) -> bool:
     """Check one rank file: its size and xxh3-64 against ``record``, else its structure only.
 
-    Without a record (MindFormers' files, or a damaged ``meta.json``) the safetensors
-    header must fit the file, or the ``.ckpt`` must open as a torch zip: a truncated file
-    fails, a flipped byte in tensor data does not.
+    Without a record (MindFormers' files, or a damaged ``meta.json``) a safetensors file
+    written by resumable is checked against its own block checksums; otherwise the header
+    must fit the file, or the ``.ckpt`` must open (torch zip or MindSpore protobuf): a
+    truncated file fails, a flipped byte in tensor data does not.
 
     Returns:
-        True when the checksum was compared, False when only the structure was checked.
+        True when checksums were compared, False when only sizes and structure were checked.
 
     Raises:
         CheckpointNotFoundError / CorruptCheckpointError / UnsafeCheckpointError: naming the file.
     """
     path = member(root, name)
     if record is None:
-        if path.suffix == ".ckpt":
-            v1.load_ckpt(path)
-        else:
-            read_header(path)
-        return False
+        return _check_structure(path, checksum)
     size, digest = record
     actual = path.stat().st_size
     if actual != size:
         raise CorruptCheckpointError(f"{path}: {actual} bytes on disk, {v1.META_JSON} records {size}; the file is "
                                      "truncated or was replaced: restore it or load another step")
+    if not checksum:
+        return False
     found = v2._xxh3_of(path)  # TODO(v2): a public checksum helper; this is v2's own
     if found != digest:
         raise CorruptCheckpointError(f"{path}: xxh3-64 {found}, {v1.META_JSON} records {digest}; the file is "
                                      "damaged: restore it or load another step")
     return True
+
+
+def _check_structure(path: Path, checksum: bool) -> bool:
+    """A file no ``meta.json`` vouches for: its block checksums when it has them, else its structure."""
+    if path.suffix == ".ckpt":
+        if zipfile.is_zipfile(path):
+            v1.load_ckpt(path)
+        else:  # MindSpore's protobuf .ckpt (MindFormers wrote it)
+            index_ms_ckpt(path)
+        return False
+    header = read_header(path)
+    digests = block_digests(header)
+    if not digests or not checksum:
+        return False
+    with open(path, "rb") as f:
+        def read(offset: int, n: int) -> bytes:
+            return os.pread(f.fileno(), n, offset)
+
+        for d in digests.values():
+            d.check(d.start, d.end, None, read)
+    return True
+
+
+@dataclass
+class TreeCheck:
+    """What :func:`verify_tree` found: problems as ``(where, message)``, and how each file was checked."""
+
+    problems: list[tuple[str, str]] = field(default_factory=list)
+    checksummed: int = 0  # files compared with a checksum (meta.json's record, block checksums, a seal)
+    sizes_only: int = 0  # files checked by size and structure only (MindFormers' carry no checksums)
+
+    def count(self, checksummed: bool) -> None:
+        if checksummed:
+            self.checksummed += 1
+        else:
+            self.sizes_only += 1
+
+
+def verify_tree(root: Path, *, checksum: bool = True) -> TreeCheck:
+    """Check every file of a legacy tree: each rank folder's ``meta.json`` and every step file, and ``strategy/``.
+
+    Every step kept is checked, not only the one a resume would pick; the strategy
+    files are those of ``<root>/../strategy`` (the job's ``output_dir``), resumable's JSON
+    ones only. Not collective; reads every byte of every file (``checksum=False``: sizes
+    and structure only).
+    """
+    out = TreeCheck()
+    for r in rank_folders(root):
+        folder = root / r
+        try:
+            meta = v1.read_meta(folder)
+        except (CheckpointError, OSError) as exc:
+            out.problems.append((str(folder / v1.META_JSON), str(exc)))
+            meta = None
+        else:
+            if meta is not None:
+                out.count(meta.sealed)
+                if not (folder / meta.file).is_file():
+                    out.problems.append((str(folder / v1.META_JSON), f"names {meta.file}, which {folder} does not "
+                                         "hold: restore the file, or delete meta.json to resume from an older step"))
+        records = meta.files if meta is not None else {}
+        for entry in sorted(folder.iterdir()):
+            if parse_legacy_name(entry.name) is None:
+                continue
+            try:
+                out.count(check_rank_file(root, f"{r}/{entry.name}", records.get(entry.name), checksum=checksum))
+            except (CheckpointError, OSError) as exc:
+                out.problems.append((str(entry), str(exc)))
+    strategy = root.parent / v1.STRATEGY_DIR
+    for path in sorted(strategy.glob("ckpt_strategy_rank_*.ckpt")) if strategy.is_dir() else []:
+        try:
+            with open(path, "rb") as f:
+                if f.read(1) != b"{":
+                    continue  # a MindSpore protobuf strategy: nothing of ours to check
+            out.count("seal" in v1.read_strategy(path))
+        except (CheckpointError, OSError) as exc:
+            out.problems.append((str(path), str(exc)))
+    return out
 
 
 def inside(path: Path, root: str | os.PathLike[str] | None) -> bool:

@@ -35,8 +35,9 @@ class LegacySource:
         older: with ``resume_training: true``, the older steps complete on every rank,
             newest first, as ``(position, files)``: where :func:`resolve_legacy` falls back
             when a file of the chosen step fails its check.
-        newer: rank 0's files of committed steps newer than the one chosen (a named
-            step, or weights only): a job saving into this tree must not bury them.
+        newer: the committed steps newer than the one a job starts from (a named step,
+            or weights only: every step), as ``(position, files)``: a job saving into this
+            tree must not bury them unless told to discard them.
     """
 
     root: Path | None
@@ -45,7 +46,7 @@ class LegacySource:
     single: bool
     reason: str
     older: tuple[tuple[tuple[int, int], tuple[str, ...]], ...] = ()
-    newer: tuple[str, ...] = ()
+    newer: tuple[tuple[tuple[int, int], tuple[str, ...]], ...] = ()
 
     @property
     def fresh(self) -> bool:
@@ -103,12 +104,12 @@ def resolve_here(load_checkpoint: str, resume_training: bool | str, fmt: str,
         except CheckpointNotFoundError:  # the named step is all there is (or another format)
             steps = []
         return LegacySource(path, names, named, False, f"resume_training names {resume_training}",
-                            newer=tuple(files[0] for pos, files in steps if pos > named))
+                            newer=tuple(step for step in steps if step[0] > named))
     (position, files), *older = steps = _complete_steps(path, fmt)
     reason = f"epoch {position[0]} step {position[1]} is the newest step complete on every rank"
     if resume_training is True:
         return LegacySource(path, files, position, False, reason, older=tuple(older))
-    return LegacySource(path, files, position, False, reason, newer=tuple(f[0] for _, f in steps))
+    return LegacySource(path, files, position, False, reason, newer=tuple(steps))
 
 
 def _complete_steps(root: Path, fmt: str) -> list[tuple[tuple[int, int], tuple[str, ...]]]:

@@ -10,7 +10,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -269,3 +269,16 @@ def _excess(files: list[tuple[Any, Path]], keep: int, kept: set[Path]) -> list[P
         if p not in kept:
             out.append(p)
     return out
+
+
+def discard_steps(root: Path, steps: Iterable[tuple[tuple[int, int], Sequence[str]]], group: dist.Group = None) -> None:
+    """Delete the files of ``steps`` (``discard_newer_checkpoints``): file ``i`` by rank ``i mod world``.
+
+    Links are removed, never followed. Collective only in that every rank calls it with the same steps.
+    """
+    me, world = dist.rank(group), dist.world_size(group)
+    for (epoch, step), files in steps:
+        for name in files[me::world]:
+            (root / name).unlink(missing_ok=True)
+            log.warning("discard_newer_checkpoints: deleted %s (epoch %d step %d, newer than the step this job "
+                        "starts from)", root / name, epoch, step)

@@ -85,8 +85,7 @@ def _inspect(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     from resumable.tools.verify import verify_path
 
-    problems, checked = verify_path(args.path, checksum=not args.no_checksum)
-    what = "sizes" if args.no_checksum else "sizes and checksums"
+    problems, checked, what = verify_path(args.path, checksum=not args.no_checksum)
     for problem in problems:
         print(f"PROBLEM {problem}")
     if problems:

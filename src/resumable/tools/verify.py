@@ -6,8 +6,12 @@ iteration folder, that one. A Checkpoint 2.0
 folder must be committed (:func:`resumable.commit.is_committed`) and every file listed
 by ``metadata.json`` must exist with its size and, unless ``checksum=False``, its
 xxh3-64 (:func:`resumable.resolve.verify_files`, one file at a time so that each damaged
-file is named). Foreign formats (MindFormers, legacy, HuggingFace) carry no checksums:
-their metadata and every file header are parsed and checked against each other.
+file is named). A legacy ``rank_*`` tree: every file of every rank folder, every step kept
+(:func:`resumable.legacy.files.verify_tree`): resumable's against the checksums its
+``meta.json`` records (or the file's block checksums), MindFormers' by size and structure
+only, and the answer says how many of each. Other foreign formats (MindFormers,
+HuggingFace) carry no checksums: their metadata and every file header are parsed and
+checked against each other.
 
 Example::
 
@@ -25,6 +29,7 @@ from resumable import commit
 from resumable.errors import CheckpointError
 from resumable.formats import v2
 from resumable.formats.safetensors_io import read_header
+from resumable.legacy.files import rank_folders, verify_tree
 from resumable.resolve import verify_files
 from resumable.sources import detect, open_source
 
@@ -96,17 +101,35 @@ def _verify_one(folder: Path, checksum: bool) -> tuple[list[Problem], int]:
     return _verify_v2(folder, checksum) if fmt == "v2" else _verify_foreign(folder)
 
 
-def verify_path(path: str | os.PathLike[str], *, checksum: bool = True) -> tuple[list[Problem], int]:
+def _verify_legacy(root: Path, checksum: bool) -> tuple[list[Problem], int, str]:
+    found = verify_tree(root, checksum=checksum)
+    problems = [Problem(w, m) for w, m in found.problems]
+    if not problems:  # the files are intact: do the step a resume picks and its metadata agree?
+        problems = _verify_foreign(root)[0]
+    what = f"{found.checksummed} with checksums, {found.sizes_only} sizes only"
+    return problems, found.checksummed + found.sizes_only, what
+
+
+def verify_path(path: str | os.PathLike[str], *, checksum: bool = True) -> tuple[list[Problem], int, str]:
     """Check one checkpoint or every checkpoint of a folder.
 
     Returns:
-        ``(problems, files_checked)``; no problems means everything is complete and intact.
+        ``(problems, files_checked, what)``: no problems means everything is complete and
+        intact; ``what`` says how the files were checked ("sizes and checksums", or for a
+        legacy tree how many had checksums and how many sizes only).
 
     Example::
 
-        problems, n = verify_path("output/checkpoint/iteration_00000100", checksum=False)
+        problems, n, what = verify_path("output/checkpoint/iteration_00000100", checksum=False)
     """
     path = Path(path)
+    if path.is_dir() and rank_folders(path):
+        return _verify_legacy(path, checksum)
+    problems, checked = _verify_other(path, checksum)
+    return problems, checked, "sizes and checksums" if checksum else "sizes"
+
+
+def _verify_other(path: Path, checksum: bool) -> tuple[list[Problem], int]:
     if not path.exists():
         return [Problem(str(path), f"{path} does not exist")], 0
     if commit.parse_iteration(path.name) is not None or path.name.startswith((".tmp-", ".old-", ".del-")):
