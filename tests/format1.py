@@ -1,4 +1,4 @@
-"""Rewrite a Checkpoint 2.0 folder's metadata in format version 1 (every chunk listed, files inline).
+"""Rewrite a Checkpoint 2.0 folder's metadata in format version 1 (every chunk listed, files inline) or 2 (unsealed).
 
 Checkpoints written before format version 2 must keep loading, and the hostile-input
 tests forge chunk lists and file entries, which only version 1 spells out.
@@ -28,4 +28,13 @@ def downgrade(folder: Path) -> dict:
                      for n, f in meta.files.items()}}
     (folder / v2.METADATA).write_text(json.dumps(doc))
     (folder / v2.FILES).unlink()
+    return doc
+
+
+def downgrade_to_2(folder: Path) -> dict:
+    """Write ``folder/metadata.json`` as format version 2: no seal, common.json not recorded (files.json kept)."""
+    doc = json.loads((folder / v2.METADATA).read_bytes())
+    doc.pop("seal"), doc.pop("common")
+    doc["format_version"] = 2
+    (folder / v2.METADATA).write_text(json.dumps(doc, separators=(",", ":")))
     return doc

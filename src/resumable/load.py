@@ -332,7 +332,7 @@ def _prepare(state: Mapping[str, Any], path: str | os.PathLike[str], verify: Ver
 
 
 def _finish(prep: _Prepared, state: dict, group: dist.Group, nbytes: int, start: float) -> LoadResult:
-    common = v2.read_common(prep.folder)
+    common = v2.read_common(prep.folder, prep.meta)
     rank_local = _rank_local(common, prep.meta, group)
     restore_objects(state, common, rank_local)
     result = LoadResult(prep.folder, prep.meta.iteration, common, rank_local, nbytes,

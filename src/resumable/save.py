@@ -448,12 +448,15 @@ def finish_save(plan: SavePlan, written: dict[str, tuple[int, str]] | None, erro
 
 
 def commit_plan(plan: SavePlan) -> None:
-    """Rank 0: files.json, common.json and metadata.json into the temp folder, fsync, rename, tracker."""
+    """Rank 0: files.json, common.json and metadata.json (sealed; it records the other two's sizes and
+    checksums) into the temp folder, fsync, rename, tracker."""
     assert plan.metadata is not None and plan.common is not None, "only rank 0 commits"
     with gc_paused():
+        common = v2.common_bytes(plan.common)
+        plan.metadata.common = v2.Seal.of(common)  # metadata.json, written last, vouches for common.json
         table, text = plan.metadata.files_json().encode(), plan.metadata.to_json()
         v2.Metadata.from_json(text, plan.temp / v2.METADATA, table)  # never commit a plan that does not tile
-        files = ((v2.FILES, table), (v2.COMMON, v2.common_bytes(plan.common)), (v2.METADATA, text.encode()))
+        files = ((v2.FILES, table), (v2.COMMON, common), (v2.METADATA, text.encode()))
     for name, data in files:
         with open(plan.temp / name, "wb") as f:
             f.write(data)

@@ -47,10 +47,12 @@ def test_metadata_round_trips_through_json():
     meta = v2.Metadata.from_json(json.dumps(_doc()))
     assert meta.tensors["w"].chunks[1].stored == [v2.Stored(FILE2, "w")]
     assert meta.layout == v2.LayoutMeta(2, {"tp": 2}, 1, 2)
-    # Written back it is format version 2: the file table moves to files.json, sealed by size and checksum.
+    # Written back it is format version 3: the file table moves to files.json, sealed by size and checksum,
+    # and metadata.json ends with a seal of its own bytes.
     again = v2.Metadata.from_json(meta.to_json(), files=meta.files_json().encode())
     assert (again.tensors, again.files, again.layout, again.format_version) == (meta.tensors, meta.files,
-                                                                                 meta.layout, 2)
+                                                                                 meta.layout, 3)
+    assert v2.check_seal(meta.to_json(), "m.json")
     doc = json.loads(meta.to_json())
     assert doc["files"]["table"] == "files.json" and doc["files"]["count"] == 2
     # An irregular split stays listed; a key equal to the tensor name is left out.
@@ -111,10 +113,10 @@ def test_metadata_rejects_unknown_dtype_unlisted_file_and_newer_version():
     assert str(e.value) == (f"m.json: tensor 'w' chunk at [3, 0] is stored in {FILE2!r}, which is not listed "
                             "under 'files'" + FIX)
     doc = _doc()
-    doc["format_version"] = 3
+    doc["format_version"] = 4
     with pytest.raises(CorruptCheckpointError) as e:
         v2.Metadata.from_json(json.dumps(doc), "m.json")
-    assert str(e.value) == ("m.json: format_version 3 is not supported (this resumable reads up to 2); "
+    assert str(e.value) == ("m.json: format_version 4 is not supported (this resumable reads up to 3); "
                             "upgrade resumable to load this checkpoint")
     with pytest.raises(CorruptCheckpointError) as e:
         v2.Metadata.from_json(b"[1]", "m.json")
