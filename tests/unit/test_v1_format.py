@@ -112,7 +112,8 @@ def test_strategy_files_are_json_and_checked(tmp_path):
                                "tensors": {"w": {"global_shape": [4, 2], "chunks": [{"offsets": [0], "shape": [2]}]}}}))
     with pytest.raises(CorruptCheckpointError) as err:
         v1.read_strategy(bad)
-    assert str(err.value) == f"{bad}: tensor 'w' needs a global_shape and chunks with offsets and shape of its rank"
+    assert str(err.value) == (f"{bad}: tensor 'w', chunk 0: 'offsets' must be a list of 2 integers in [0, {2**63 - 1}], "
+                              "got [0]; the file is damaged: restore it from a copy or use another checkpoint")
     with pytest.raises(CheckpointNotFoundError) as err:
         v1.strategy_files(tmp_path / "nope")
     assert str(err.value) == (f"src_strategy_path_or_dir {tmp_path / 'nope'} does not exist; point it at the source "

@@ -49,7 +49,10 @@ import torch
 import xxhash
 
 from resumable.errors import CheckpointNotFoundError, CorruptCheckpointError, UnsafeCheckpointError
-from resumable.formats.hf import load_json_object
+from resumable.formats import v2
+from resumable.formats.jsonfile import check_regular, load_json_object, parse_json_object
+from resumable.formats.schema import MAX_DIM, MAX_NDIM, RESTORE, need_int, need_int_list, need_type, shown
+from resumable.grid import check_placements
 from resumable.formats.mindformers import LegacyFile, legacy_file_name, parse_legacy_name
 
 __all__ = [
@@ -287,29 +290,27 @@ def parse_file_metadata(meta: Mapping[str, str] | None, source: str | os.PathLik
 
     Raises:
         CorruptCheckpointError: no ``resumable_legacy`` entry (a file not written by
-            resumable), bad JSON, or a malformed chunk map; ``source`` is named.
+            resumable), bad JSON, a malformed chunk map, rank, layout or context; ``source``
+            and the key are named.
     """
     if not meta or META_KEY not in meta:
         raise CorruptCheckpointError(
             f"{source}: no {META_KEY!r} entry in the file's metadata, so it was not written by resumable's "
             "Checkpoint 1.0; MindFormers legacy checkpoints are read with resumable.formats.mindformers")
-    try:
-        doc = json.loads(meta[META_KEY])
-    except json.JSONDecodeError as exc:
-        raise CorruptCheckpointError(f"{source}: {META_KEY!r} metadata is not valid JSON: {exc}") from exc
-    if not isinstance(doc, dict) or not isinstance(doc.get("chunks"), dict):
-        raise CorruptCheckpointError(f"{source}: {META_KEY!r} metadata has no \"chunks\" object")
+    where = f"{source}: __metadata__ {META_KEY!r}"
+    doc = parse_json_object(meta[META_KEY], where, allow_nan=True)  # the context may hold a NaN the user saved
     chunks = {}
-    for key, c in doc["chunks"].items():
-        if not (isinstance(c, dict) and isinstance(c.get("name"), str) and _ints(c.get("global_shape"))
-                and _ints(c.get("offsets")) and len(c["offsets"]) == len(c["global_shape"])):
-            raise CorruptCheckpointError(f"{source}: chunk {key!r} must have a name, a global_shape and offsets of "
-                                         f"equal length, got {c!r}")
-        chunks[key] = (c["name"], tuple(c["global_shape"]), tuple(c["offsets"]))
-    rank, layout, context = doc.get("rank"), doc.get("layout"), doc.get("context")
-    if not isinstance(rank, int) or not isinstance(layout, dict) or not isinstance(context, dict):
-        raise CorruptCheckpointError(f"{source}: {META_KEY!r} metadata needs \"rank\", \"layout\" and \"context\"")
-    return FileInfo(chunks, rank, layout, meta.get("remove_redundancy") == "True", context)
+    for key, c in need_type(doc, "chunks", where, dict).items():
+        at = f"{where}, chunk {key!r}"
+        gshape = need_int_list(c, "global_shape", at, maximum=MAX_DIM)
+        if len(gshape) > MAX_NDIM:
+            raise CorruptCheckpointError(f"{at}: 'global_shape' has {len(gshape)} dims, more than {MAX_NDIM}")
+        offsets = need_int_list(c, "offsets", at, maximum=MAX_DIM, length=len(gshape))
+        chunks[key] = (need_type(c, "name", at, str), tuple(gshape), tuple(offsets))
+    layout = need_type(doc, "layout", where, dict)
+    v2.parse_layout(layout, where, fix=RESTORE)
+    return FileInfo(chunks, need_int(doc, "rank", where, minimum=-1), layout, meta.get("remove_redundancy") == "True",
+                    need_type(doc, "context", where, dict))
 
 
 def context_scalars(objects: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -383,8 +384,7 @@ def load_ckpt(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], di
         FileNotFoundError: no such file.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
+    check_regular(path, "legacy .ckpt file")  # torch.load would block on a FIFO
     try:
         doc = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as exc:
@@ -451,19 +451,38 @@ def read_strategy(path: str | os.PathLike[str]) -> dict[str, Any]:
                                      "is damaged: restore it, or re-save on that layout to rewrite it")
     if doc.get("format") != STRATEGY_FORMAT or not isinstance(doc.get("tensors"), dict):
         raise CorruptCheckpointError(f"{path}: not a resumable strategy file (format {doc.get('format')!r})")
-    for key in ("rank", "world_size"):
-        if not isinstance(doc.get(key), int) or doc[key] < 0:
-            raise CorruptCheckpointError(f"{path}: {key!r} must be a non-negative integer")
-    if not isinstance(doc.get("layout"), dict):
-        raise CorruptCheckpointError(f"{path}: \"layout\" must be an object")
+    where = str(path)
+    world = need_int(doc, "world_size", where, minimum=1, maximum=v2.MAX_RANKS)
+    need_int(doc, "rank", where, maximum=world - 1)
+    layout = need_type(doc, "layout", where, dict)
+    v2.parse_layout({"world_size": world, **layout}, where, fix=RESTORE)  # the world size is recorded beside it
     for name, t in doc["tensors"].items():
-        ok = (isinstance(t, dict) and _ints(t.get("global_shape")) and isinstance(t.get("chunks"), list)
-              and all(isinstance(c, dict) and _ints(c.get("offsets")) and _ints(c.get("shape"))
-                      and len(c["offsets"]) == len(c["shape"]) == len(t["global_shape"]) for c in t["chunks"]))
-        if not ok:
-            raise CorruptCheckpointError(f"{path}: tensor {name!r} needs a global_shape and chunks with offsets "
-                                         "and shape of its rank")
+        _check_strategy_tensor(t, f"{where}: tensor {name!r}")
     return doc
+
+
+def _check_strategy_tensor(t: object, where: str) -> None:
+    """One tensor entry of a strategy file: shapes, its mesh and placements (what ``check_strategy`` uses)."""
+    shape = need_int_list(t, "global_shape", where, maximum=MAX_DIM)
+    if len(shape) > MAX_NDIM:
+        raise CorruptCheckpointError(f"{where}: 'global_shape' has {len(shape)} dims, more than {MAX_NDIM}")
+    for i, c in enumerate(need_type(t, "chunks", where, list)):
+        need_int_list(c, "offsets", f"{where}, chunk {i}", maximum=MAX_DIM, length=len(shape))
+        need_int_list(c, "shape", f"{where}, chunk {i}", maximum=MAX_DIM, length=len(shape))
+    placements = need_type(t, "placements", where, (list, type(None)), default=None)
+    mesh = need_type(t, "mesh", where, (dict, type(None)), default=None)
+    if not placements:
+        return
+    if mesh is None:
+        raise CorruptCheckpointError(f"{where}: has placements but no 'mesh'; the strategy file is damaged")
+    sizes = need_int_list(mesh, "shape", f"{where}: mesh", minimum=1, maximum=v2.MAX_RANKS, length=len(placements))
+    names = need_type(mesh, "dim_names", f"{where}: mesh", list)
+    if len(names) != len(sizes) or not all(isinstance(n, str) for n in names):
+        raise CorruptCheckpointError(f"{where}: mesh 'dim_names' {shown(names)} must name each of its {len(sizes)} "
+                                     "dims; the strategy file is damaged")
+    problem = check_placements(placements, len(shape), len(sizes))
+    if problem is not None:
+        raise CorruptCheckpointError(f"{where}: {problem}; the strategy file is damaged")
 
 
 def strategy_files(path_or_dir: str | os.PathLike[str]) -> dict[int, Path]:

@@ -356,7 +356,7 @@ def _parse(text: str | bytes, source: str, files_text: bytes | None = None) -> M
     it, lay = doc.get("iteration"), doc.get("layout")
     if not _is_int(it) or it < 0:
         raise bad(f"iteration {shown(it)} is not a non-negative integer")
-    layout = _parse_layout(lay, source)
+    layout = parse_layout(lay, source)
     raw_files = doc.get("files") if version == 1 else _file_table(doc.get("files"), files_text, bad)
     files = _parse_files(raw_files, source, bad)
     meshes = _parse_meshes(doc.get("meshes", []), layout.world_size, files, bad) if version >= 2 else []
@@ -387,8 +387,13 @@ _REBUILD = "the checkpoint metadata is damaged: restore it or rebuild it from th
            "(resumable.formats.v2.rebuild_metadata)"
 
 
-def _parse_layout(lay: object, where: str, fix: str = _REBUILD) -> LayoutMeta:
-    """``layout`` of metadata.json (or of a file's ``__metadata__``): counts of ranks, bounded by :data:`MAX_RANKS`."""
+def parse_layout(lay: object, where: str, fix: str = _REBUILD) -> LayoutMeta:
+    """``layout`` of metadata.json (or of a file's ``__metadata__``, legacy files included), checked: counts
+    of ranks are positive ints bounded by :data:`MAX_RANKS`, ``mesh`` maps names to sizes. Other keys are ignored.
+
+    Raises:
+        CorruptCheckpointError: naming ``where`` and the key.
+    """
     lay = need_type({"layout": lay}, "layout", where, dict, fix=fix)
     mesh = need_type(lay, "mesh", where, (dict, type(None)), default=None, label="layout.mesh", fix=fix)
     for dim in mesh or {}:
@@ -694,7 +699,8 @@ def rebuild_metadata(folder: str | os.PathLike[str]) -> Metadata:
     """Rebuild ``metadata.json`` from the safetensors files of a Checkpoint 2.0 folder.
 
     Reads every ``*-model-*`` / ``*-opt-*`` file's header (bounded) and ``__metadata__``,
-    and checksums each file (this reads the files once; it is a recovery tool).
+    and checksums each file (this reads the files once; it is a recovery tool). common.json,
+    when present, is recorded as found: check it by hand first (it cannot be rebuilt).
 
     Args:
         folder: an ``iteration_*`` folder (or its temp copy) written by resumable.
@@ -744,7 +750,7 @@ def rebuild_metadata(folder: str | os.PathLike[str]) -> Metadata:
             chunk.stored.append(Stored(name, key))
         context = info, where
     info, where = context
-    meta = Metadata(iteration=need_int(info, "iteration", where), layout=_parse_layout(info.get("layout"), where),
+    meta = Metadata(iteration=need_int(info, "iteration", where), layout=parse_layout(info.get("layout"), where),
                     save_optimizer=need_type(info, "save_optimizer", where, bool),
                     tensors=dict(sorted(tensors.items())), files=files, common=_seal_of_file(folder / COMMON))
     meta.validate(str(folder / METADATA))
