@@ -168,3 +168,17 @@ def _reseal_files(folder: Path) -> None:
         entry.size, entry.xxh3_64 = (folder / name).stat().st_size, sio._xxh3_file(folder / name)
     (folder / v2.FILES).write_text(meta.files_json())
     (folder / v2.METADATA).write_text(meta.to_json())
+
+
+@pytest.mark.parametrize("command", [
+    ["merge"], ["split", "--layout", "dp=1,tp=1"], ["convert", "--to", "v2"],
+    ["convert", "--to", "unified"], ["convert", "--to", "legacy"], ["diff"]], ids=lambda c: " ".join(c))
+def test_a_tool_reading_a_source_with_one_flipped_byte_exits_non_zero_naming_the_file(
+        folder: Path, tmp_path: Path, command: list[str], capsys: pytest.CaptureFixture) -> None:
+    from resumable.cli import main
+    _flip(folder / MODEL, _entry(folder).start + sio.CHECK_BLOCK + 99)
+    other = [str(resumable.save(_state(), tmp_path / "other", 1))] if command == ["diff"] else [str(tmp_path / "out")]
+    code = main([command[0], str(folder), *other, *command[1:]])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert f"error: {_block_message(folder, 'big', 1)}" in err
