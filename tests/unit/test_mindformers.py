@@ -148,7 +148,7 @@ def test_tracker_errors_name_the_file(tmp_path):
         resolve_mf_iteration(tmp_path)
     (tmp_path / TRACKER).write_text("../../etc")
     with pytest.raises(CorruptCheckpointError, match=re.escape(
-            f"{tmp_path / TRACKER} must hold an iteration number, got b'../../etc'")):
+            f"{tmp_path / TRACKER}: expected one iteration number, found '../../etc'")):
         resolve_mf_iteration(tmp_path)
     (tmp_path / TRACKER).write_text("12")
     with pytest.raises(CheckpointNotFoundError, match=re.escape(
@@ -287,7 +287,7 @@ def test_missing_storage_file_is_reported(v2):
 def test_common_json_needs_an_integer_global_step(tmp_path):
     folder = build_v2(tmp_path, 1, {"w": torch.zeros(2)}, common={"global_step": "1"})
     with pytest.raises(CorruptCheckpointError, match=re.escape(
-            f"{folder / 'common.json'}: \"global_step\" must be an integer, got '1'")):
+            f"{folder / 'common.json'}: 'global_step' must be an integer >= 0, got '1'")):
         read_mf_checkpoint(folder)
 
 
@@ -347,7 +347,8 @@ def test_legacy_errors_are_actionable(tmp_path):
         read_mf_legacy(tmp_path)
     build_legacy(tmp_path / "gap", [[(1, 1, 0)]] * 3, [None] * 3)
     os.rename(tmp_path / "gap" / "rank_1", tmp_path / "gap" / "old_rank_1")
-    with pytest.raises(CorruptCheckpointError, match=re.escape(f"{tmp_path / 'gap'} lacks rank folders ['rank_1']")):
+    with pytest.raises(CorruptCheckpointError, match=re.escape(
+            f"{tmp_path / 'gap'} has 2 rank folders but the highest is rank_2: rank_1 is missing")):
         read_mf_legacy(tmp_path / "gap")
     build_legacy(tmp_path / "moved", [[(1, 1, 0)]] * 2, [None] * 2)
     os.rename(tmp_path / "moved" / "rank_1" / "tiny_rank_1-1_1.safetensors",

@@ -45,6 +45,8 @@ import torch
 
 from resumable.errors import CheckpointNotFoundError, CorruptCheckpointError, NotImplementedYet, UnsafeCheckpointError
 from resumable.formats.hf import load_json_object, safe_member, safetensors_header
+from resumable.formats.jsonfile import read_tracker_file
+from resumable.formats.schema import MAX_DIM, MAX_NDIM, need_int, need_number, shown
 from resumable.formats.ms_ckpt import MS_DTYPES, MsTensorEntry, index_ms_ckpt, read_ms_tensor
 from resumable.formats.safetensors_io import open_safetensors
 from resumable.geometry import Box, covers_exactly
@@ -187,15 +189,12 @@ def resolve_mf_iteration(checkpoint_dir: str | os.PathLike[str]) -> Path:
     """
     root = Path(checkpoint_dir)
     tracker = root / TRACKER
-    if not tracker.is_file():
+    if not tracker.exists():
         raise CheckpointNotFoundError(f"{tracker} does not exist; is {root} a MindFormers checkpoint folder?")
-    with open(tracker, "rb") as f:
-        text = f.read(64).strip()
-    if not text.isdigit():
-        raise CorruptCheckpointError(f"{tracker} must hold an iteration number, got {text[:32]!r}")
-    folder = root / f"iteration_{int(text):08d}"
+    iteration = read_tracker_file(tracker)
+    folder = root / f"iteration_{iteration:08d}"
     if not folder.is_dir():
-        raise CheckpointNotFoundError(f"{tracker} names iteration {int(text)} but {folder} does not exist")
+        raise CheckpointNotFoundError(f"{tracker} names iteration {iteration} but {folder} does not exist")
     return folder
 
 
@@ -229,20 +228,13 @@ def _int(value: Any) -> bool:
 
 
 def _v2_context(common: dict[str, Any], path: Path) -> TrainingContext:
-    if not _int(common.get("global_step")):
-        raise CorruptCheckpointError(f"{path}: \"global_step\" must be an integer, got {common.get('global_step')!r}")
+    where = str(path)
     fields = {"epoch": "epoch_num", "step": "step_num", "consumed_samples": "consumed_samples",
               "global_batch_size": "global_batch_size"}
-    values: dict[str, Any] = {}
-    for field, key in fields.items():
-        value = common.get(key)
-        if value is not None and not _int(value):
-            raise CorruptCheckpointError(f"{path}: {key!r} must be an integer or null, got {value!r}")
-        values[field] = value
-    loss_scale = common.get("loss_scale")
-    if loss_scale is not None and (isinstance(loss_scale, bool) or not isinstance(loss_scale, (int, float))):
-        raise CorruptCheckpointError(f"{path}: \"loss_scale\" must be a number or null, got {loss_scale!r}")
-    return TrainingContext(common["global_step"], loss_scale=None if loss_scale is None else float(loss_scale), **values)
+    values = {field: None if common.get(key) is None else need_int(common, key, where) for field, key in fields.items()}
+    loss_scale = need_number(common, "loss_scale", where, default=None)
+    return TrainingContext(need_int(common, "global_step", where),
+                           loss_scale=None if loss_scale is None else float(loss_scale), **values)
 
 
 def _storage_key(key: str, path: Path) -> tuple[str, int]:
@@ -274,8 +266,10 @@ def _storage_files(meta: dict[str, Any], path: Path) -> dict[tuple[str, int], li
 
 
 def _ints(value: Any, what: str, minimum: int) -> list[int]:
-    if not isinstance(value, list) or not all(_int(v) and v >= minimum for v in value):
-        raise ValueError(f"{what} must be a list of integers >= {minimum}, got {value!r}")
+    """A list of at most MAX_NDIM ints >= ``minimum`` (shapes and fragments are multiplied out)."""
+    if (not isinstance(value, list) or len(value) > MAX_NDIM
+            or not all(_int(v) and minimum <= v <= MAX_DIM for v in value)):
+        raise ValueError(f"{what} must be a list of at most {MAX_NDIM} integers >= {minimum}, got {shown(value)}")
     return value
 
 
@@ -438,24 +432,26 @@ def parse_legacy_name(name: str) -> LegacyFile | None:
 def _rank_dirs(root: Path) -> list[Path]:
     ranks = {}
     for path in root.iterdir():
-        m = re.fullmatch(r"rank_(\d+)", path.name)
+        m = re.fullmatch(r"rank_([0-9]+)", path.name)
         if m and path.is_dir():
             ranks[int(m.group(1))] = path
     if not ranks:
         raise CheckpointNotFoundError(f"{root} has no rank_N folders; is it a MindFormers legacy checkpoint folder?")
-    missing = sorted(set(range(max(ranks) + 1)) - set(ranks))
-    if missing:
-        raise CorruptCheckpointError(f"{root} lacks rank folders {['rank_%d' % r for r in missing]}")
-    return [ranks[r] for r in range(len(ranks))]
+    # Compared with the folders that exist, never ranged over: a stray rank_999999999 allocates nothing.
+    order = sorted(ranks)
+    if order[-1] != len(order) - 1:
+        gap = next(i for i, r in enumerate(order) if r != i)  # sorted, distinct: the first hole
+        raise CorruptCheckpointError(
+            f"{root} has {len(order)} rank folders but the highest is rank_{order[-1]}: rank_{gap} is missing "
+            "(a tree holds rank_0 ... rank_N-1); restore the missing folders or remove the stray ones")
+    return [ranks[r] for r in order]
 
 
 def _meta_position(path: Path) -> tuple[int, int] | None:
     if not (path / "meta.json").is_file():
         return None
     meta = load_json_object(path / "meta.json", "MindFormers meta.json")
-    if not (_int(meta.get("last_epoch")) and _int(meta.get("last_step"))):
-        raise CorruptCheckpointError(f"{path / 'meta.json'}: \"last_epoch\" and \"last_step\" must be integers")
-    return meta["last_epoch"], meta["last_step"]
+    return need_int(meta, "last_epoch", str(path / "meta.json")), need_int(meta, "last_step", str(path / "meta.json"))
 
 
 def _rank_files(path: Path, rank: int, ext: str) -> dict[tuple[int, int], LegacyFile]:
