@@ -75,7 +75,7 @@ def test_inspect_tables_mark_the_latest_and_incomplete(ckpt, capsys):
 
 def test_verify_passes_an_intact_folder(ckpt, capsys):
     assert main(["verify", str(ckpt)]) == 0
-    assert capsys.readouterr().out == f"{ckpt}: OK (4 files checked: sizes and checksums)\n"
+    assert capsys.readouterr().out == f"{ckpt}: OK (4 files checked: sizes, whole-file xxh3-64 and per-block checksums; metadata.json and common.json seals)\n"
 
 
 def _model_file(ckpt, iteration: int = 2):
@@ -93,7 +93,7 @@ def test_verify_catches_a_flipped_byte_and_names_the_file(ckpt, capsys):
     assert len(lines) == 2
     assert lines[0].startswith(f"PROBLEM {path}: xxh3-64 checksum ")
     assert lines[0].endswith("recorded in files.json; the file is damaged: restore it or load another iteration")
-    assert lines[1] == f"{ckpt}: 1 problem(s) found (4 files checked: sizes and checksums)"
+    assert lines[1] == f"{ckpt}: 1 problem(s) found (4 files checked: sizes, whole-file xxh3-64 and per-block checksums; metadata.json and common.json seals)"
     assert main(["verify", str(ckpt), "--no-checksum"]) == 0  # same size: only the checksum sees it
 
 
@@ -105,7 +105,8 @@ def test_verify_catches_a_truncated_file_even_without_checksums(ckpt, capsys):
     assert capsys.readouterr().out.splitlines() == [
         f"PROBLEM {path}: {size - 5} bytes on disk, files.json records {size}; the file is truncated or was "
         "replaced: restore it or load another iteration",
-        f"{ckpt / 'iteration_00000001'}: 1 problem(s) found (2 files checked: sizes)"]
+        f"{ckpt / 'iteration_00000001'}: 1 problem(s) found (2 files checked: sizes and headers (no checksums: "
+        "--no-checksum); metadata.json and common.json seals)"]
 
 
 def test_verify_reports_an_incomplete_iteration_and_a_missing_path(ckpt, tmp_path, capsys):
@@ -162,3 +163,20 @@ def test_errors_name_the_path_and_exit_2(tmp_path, capsys):
     assert capsys.readouterr().err == (
         "resumable split: error: --layout 'dp=two': 'dp=two' is not one of pp=N, dp=N, tp=N with N >= 1 "
         "(e.g. --layout dp=2,tp=2)\n")
+
+
+def test_verify_says_that_hf_and_mindformers_folders_carry_no_checksums(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from tests.fixtures.mindformers import build_v2, mf_state
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    save_file({"model.norm.weight": torch.ones(4)}, str(hf / "model.safetensors"))
+    assert main(["verify", str(hf)]) == 0
+    assert capsys.readouterr().out == (f"{hf}: OK (1 files checked: sizes and headers only: a HuggingFace folder "
+                                       "carries no checksums)\n")
+    mf = build_v2(tmp_path / "mf", 12, mf_state(0))
+    assert main(["verify", str(mf)]) == 0
+    out = capsys.readouterr().out
+    assert out.endswith("files checked: sizes and headers only: a MindFormers checkpoint carries no checksums)\n"), out
+    assert "checksums)" in out and "xxh3" not in out

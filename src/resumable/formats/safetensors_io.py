@@ -80,6 +80,7 @@ __all__ = [
     "open_safetensors",
     "read_header",
     "stored_slice",
+    "verify_file",
     "write_file",
     "write_file_streaming",
 ]
@@ -663,6 +664,53 @@ def stored_slice(handle: Any, path: Path, key: str, dtype: torch.dtype, shape: S
         raise _corrupt(path, f"tensor {key!r} is stored as {found[0]} {found[1]}, but the checkpoint's metadata "
                              f"says {want[0]} {want[1]}")
     return piece
+
+
+def verify_file(path: str | os.PathLike[str]) -> tuple[str, bool, CorruptCheckpointError | None]:
+    """Read a file once, front to back: its whole-file xxh3-64, and every block checksum it records checked.
+
+    Returns:
+        ``(xxh3_64_hex, blocks, failed)``: ``blocks`` is False when the file records no block
+        checksums; ``failed`` is an invalid header or the first block that failed its checksum
+        (file, key and byte range named), or None. The caller compares the whole-file
+        checksum first (a damaged header is then reported as a checksum mismatch).
+
+    Raises:
+        CorruptCheckpointError: the file shrank while being read.
+    """
+    path = Path(path)
+    failed: CorruptCheckpointError | None = None
+    try:
+        header = read_header(path)
+        digests, spans, size = block_digests(header), header.tensors.items(), header.file_size
+    except CorruptCheckpointError as exc:  # still hashed whole, below
+        failed, digests, spans, size = exc, None, {}.items(), os.stat(path).st_size
+    whole = xxhash.xxh3_64()
+    with open(path, "rb") as f:
+        def take(nbytes: int) -> bytes:
+            data = f.read(nbytes)
+            if len(data) != nbytes:
+                raise _corrupt(path, f"the file ended while being read (expected {size} bytes)")
+            whole.update(data)
+            return data
+
+        def skip_to(end: int) -> None:  # the header, gaps and the tail: hashed, not block-checked
+            while f.tell() < end:
+                take(min(BLOCK_BYTES, end - f.tell()))
+
+        for start, end, key in sorted((e.start, e.end, k) for k, e in spans if e.end > e.start):
+            skip_to(start)
+            check = digests[key] if digests is not None else None
+            step = check.block if check is not None else BLOCK_BYTES
+            for at in range(start, end, step):
+                data = take(min(step, end - at))
+                if check is not None and failed is None:
+                    try:  # the data is the whole block: nothing else is read
+                        check.check(at, at + len(data), memoryview(data), lambda o, n: os.pread(f.fileno(), n, o))
+                    except CorruptCheckpointError as exc:
+                        failed = exc
+        skip_to(size)
+    return whole.hexdigest(), digests is not None, failed
 
 
 def read_header(path: str | os.PathLike[str], *, max_header_bytes: int = MAX_HEADER_BYTES) -> Header:

@@ -5,8 +5,10 @@ temporary folders of a save in progress are not checkpoints and are skipped); fo
 iteration folder, that one. A Checkpoint 2.0
 folder must be committed (:func:`resumable.commit.is_committed`) and every file listed
 by ``metadata.json`` must exist with its size and, unless ``checksum=False``, its
-xxh3-64 (:func:`resumable.resolve.verify_files`, one file at a time so that each damaged
-file is named). A legacy ``rank_*`` tree: every file of every rank folder, every step kept
+xxh3-64 and the per-block checksums its header records (:func:`resumable.resolve.verify_files`,
+one read per file, one file at a time so that each damaged file is named); metadata.json
+must pass its seal and common.json match the size and checksum metadata.json records
+(format version 3). The answer says exactly what was checked (:class:`Checked`). A legacy ``rank_*`` tree: every file of every rank folder, every step kept
 (:func:`resumable.legacy.files.verify_tree`): resumable's against the checksums its
 ``meta.json`` records (or the file's block checksums), MindFormers' by size and structure
 only, and the answer says how many of each. Other foreign formats (MindFormers,
@@ -47,20 +49,58 @@ class Problem:
         return f"{self.where}: {self.message}" if not self.message.startswith(self.where) else self.message
 
 
-def _verify_v2(folder: Path, checksum: bool) -> tuple[list[Problem], int]:
+#: How ``verify`` names the formats that carry no checksums.
+NO_CHECKSUMS = {"hf": "a HuggingFace folder", "unified": "a unified folder",
+                "mindformers": "a MindFormers checkpoint"}
+
+
+@dataclass
+class Checked:
+    """What was checked, counted, so that ``verify`` says exactly that (a folder may mix format versions)."""
+
+    checksum: bool = True
+    whole: int = 0      # files whose whole-file xxh3-64 was compared
+    blocks: int = 0     # ... and whose per-block checksums were too
+    sealed: int = 0     # iterations whose metadata.json seal and common.json record were checked
+    unsealed: int = 0   # iterations of format version 1 or 2 (no seals)
+    foreign: str | None = None  # the format checked, when it carries no checksums
+
+    def describe(self) -> str:
+        """E.g. ``sizes, whole-file xxh3-64 and per-block checksums; metadata.json and common.json seals``."""
+        if self.foreign is not None:
+            return f"sizes and headers only: {NO_CHECKSUMS.get(self.foreign, self.foreign)} carries no checksums"
+        if not self.checksum:
+            parts = ["sizes and headers (no checksums: --no-checksum)"]
+        else:
+            parts = ["sizes, whole-file xxh3-64" + (" and per-block checksums" if self.blocks else "")]
+            if 0 < self.blocks < self.whole:
+                parts[0] += f" ({self.whole - self.blocks} file(s) written before block checksums)"
+        if self.sealed:
+            parts.append("metadata.json and common.json seals")
+        if self.unsealed:
+            parts.append(f"{self.unsealed} iteration(s) of format version 1 or 2 (no seals)")
+        return "; ".join(parts)
+
+
+def _verify_v2(folder: Path, checksum: bool, seen: Checked) -> tuple[list[Problem], int]:
     try:
         meta = v2.read_metadata(folder)
     except (CheckpointError, OSError) as exc:
         return [Problem(str(folder / v2.METADATA), str(exc))], 0
+    if meta.format_version >= 3:
+        seen.sealed += 1
+    else:
+        seen.unsealed += 1
     problems = []
     for name in sorted(meta.files):
         try:
-            verify_files(folder, meta, checksum=checksum, only={name})
+            seen.blocks += verify_files(folder, meta, checksum=checksum, only={name})
+            seen.whole += checksum
             read_header(folder / name)
         except (CheckpointError, OSError) as exc:
             problems.append(Problem(str(folder / name), str(exc)))
     try:
-        v2.read_common(folder)
+        v2.read_common(folder, meta)
     except (CheckpointError, OSError) as exc:
         problems.append(Problem(str(folder / v2.COMMON), str(exc)))
     return problems, len(meta.files)
@@ -90,7 +130,7 @@ def _written_by_resumable(folder: Path) -> bool:
     return False
 
 
-def _verify_one(folder: Path, checksum: bool) -> tuple[list[Problem], int]:
+def _verify_one(folder: Path, checksum: bool, seen: Checked) -> tuple[list[Problem], int]:
     if not (folder / v2.METADATA).exists() and _written_by_resumable(folder):
         return [Problem(str(folder / v2.METADATA), "missing: the checkpoint is incomplete; rebuild it from the "
                         "files (resumable.formats.v2.rebuild_metadata) or delete the folder")], 0
@@ -98,7 +138,10 @@ def _verify_one(folder: Path, checksum: bool) -> tuple[list[Problem], int]:
         return [Problem(str(folder), "incomplete: not a committed checkpoint (no readable metadata.json); "
                                      "the save that wrote it did not finish: delete it or restore it")], 0
     fmt, _ = detect(folder)
-    return _verify_v2(folder, checksum) if fmt == "v2" else _verify_foreign(folder)
+    if fmt == "v2":
+        return _verify_v2(folder, checksum, seen)
+    seen.foreign = fmt
+    return _verify_foreign(folder)
 
 
 def _verify_legacy(root: Path, checksum: bool) -> tuple[list[Problem], int, str]:
@@ -115,8 +158,10 @@ def verify_path(path: str | os.PathLike[str], *, checksum: bool = True) -> tuple
 
     Returns:
         ``(problems, files_checked, what)``: no problems means everything is complete and
-        intact; ``what`` says how the files were checked ("sizes and checksums", or for a
-        legacy tree how many had checksums and how many sizes only).
+        intact; ``what`` says exactly what was checked (:meth:`Checked.describe`: for ours
+        "sizes, whole-file xxh3-64 and per-block checksums; metadata.json and common.json
+        seals", for HuggingFace or MindFormers folders "sizes and headers only: ... carries no
+        checksums"; for a legacy tree how many had checksums and how many sizes only).
 
     Example::
 
@@ -125,17 +170,22 @@ def verify_path(path: str | os.PathLike[str], *, checksum: bool = True) -> tuple
     path = Path(path)
     if path.is_dir() and rank_folders(path):
         return _verify_legacy(path, checksum)
-    problems, checked = _verify_other(path, checksum)
-    return problems, checked, "sizes and checksums" if checksum else "sizes"
+    seen = Checked(checksum)
+    problems, checked = _verify_other(path, checksum, seen)
+    return problems, checked, seen.describe()
 
 
-def _verify_other(path: Path, checksum: bool) -> tuple[list[Problem], int]:
+def _verify_other(path: Path, checksum: bool, seen: Checked) -> tuple[list[Problem], int]:
     if not path.exists():
         return [Problem(str(path), f"{path} does not exist")], 0
     if commit.parse_iteration(path.name) is not None or path.name.startswith((".tmp-", ".old-", ".del-")):
-        return _verify_one(path, checksum)
+        return _verify_one(path, checksum, seen)
     iterations = sorted(p for p in path.iterdir() if p.is_dir() and commit.parse_iteration(p.name) is not None)
     if not iterations:
+        try:
+            seen.foreign = detect(path)[0]
+        except (CheckpointError, OSError):
+            pass  # _verify_foreign names the problem
         return _verify_foreign(path)
     problems: list[Problem] = []
     checked = 0
@@ -147,7 +197,7 @@ def _verify_other(path: Path, checksum: bool) -> tuple[list[Problem], int]:
     except CheckpointError as exc:
         problems.append(Problem(str(path / commit.TRACKER), str(exc)))
     for folder in iterations:
-        found, n = _verify_one(folder, checksum)
+        found, n = _verify_one(folder, checksum, seen)
         problems += found
         checked += n
     return problems, checked
