@@ -189,16 +189,30 @@ def test_train_resume_skips_a_flipped_byte_and_a_missing_common_json_with_a_warn
     named = _train(tmp_path, "runner_config.stop_step=8", f"load_checkpoint={it6}")
     assert named.returncode != 0
     assert f"{it6}/{MODEL}: xxh3-64 checksum " in named.stderr and "skipped" not in named.stderr
-    # Automatic recovery (the checkpoint folder, resume_training: true) skips both, saying why.
-    again = _train(tmp_path, "runner_config.stop_step=8")
-    assert again.returncode == 0, again.stderr[-3000:]
-    log = again.stderr
+    # Automatic recovery (the checkpoint folder, resume_training: true) skips both, saying why,
+    # then refuses to train on from 2 over the damaged 4 and 6 (the user may repair them).
+    refused = _train(tmp_path, "runner_config.stop_step=8")
+    assert refused.returncode != 0
+    log = refused.stderr
     assert f"resume_training: skipped iteration_00000006 ({it6}/{MODEL}: xxh3-64 checksum " in log
     assert (f"iteration_00000004 ({it4}/common.json: missing; it holds the training context (step, data position) "
             f"of the iteration: restore it or load another iteration); loading {ckpt / 'iteration_00000002'} "
             "instead") in log
-    assert f"resumed from {ckpt / 'iteration_00000002'} at global step 2" in log
-    assert resumable.commit.read_tracker(ckpt) == 8
+    assert (f"error: {ckpt} holds 2 iteration(s) newer than step 2 this job starts from: iteration_00000004, "
+            "iteration_00000006. Training on would write over them (and retention could delete them). This resume "
+            f"skipped: iteration_00000006 ({it6}/{MODEL}: xxh3-64 checksum ") in log
+    assert "to discard them, set callbacks.0.discard_newer_checkpoints: true" in log
+    assert _tracked_and_present(ckpt) == (6, [2, 4, 6])  # nothing was written or deleted
+    # Told to discard them, the same resume trains on from 2.
+    again = _train(tmp_path, "runner_config.stop_step=8", "callbacks.0.discard_newer_checkpoints=true")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"discard_newer_checkpoints: deleted {it6} (newer than step 2 this job starts from)" in again.stderr
+    assert f"resumed from {ckpt / 'iteration_00000002'} at global step 2" in again.stderr
+    assert _tracked_and_present(ckpt) == (8, [2, 4, 6, 8])
+
+
+def _tracked_and_present(ckpt: Path) -> tuple[int | None, list[int]]:
+    return resumable.commit.read_tracker(ckpt), resumable.commit.iterations_after(ckpt, -1)
 
 
 def test_a_damaged_legacy_tree_is_named_by_train_and_verify(tmp_path: Path) -> None:

@@ -74,7 +74,13 @@ def test_automatic_recovery_starts_fresh_then_a_hand_edited_tracker_is_obeyed(tm
     ckpt = out / "checkpoint"
     assert read_tracker(ckpt) == STEPS
     write_tracker(ckpt, STEPS - EVERY)  # the user picks an older iteration by hand
-    again = run_job(_recovery(out, f"runner_config.stop_step={STEPS + 2}"))
+    # Training on from it would write over the newer iteration: refused until the user says to discard it.
+    refused = run_job(_recovery(out, f"runner_config.stop_step={STEPS + 2}"), expect_ok=False)
+    assert refused.returncode != 0
+    assert (f"error: {ckpt} holds 1 iteration(s) newer than step {STEPS - EVERY} this job starts from: "
+            f"iteration_{STEPS:08d}. Training on would write over them") in refused.stderr
+    assert read_tracker(ckpt) == STEPS - EVERY and (ckpt / f"iteration_{STEPS:08d}").is_dir()
+    again = run_job(_recovery(out, f"runner_config.stop_step={STEPS + 2}", "callbacks.0.discard_newer_checkpoints=true"))
     assert f"resumed from {ckpt / f'iteration_{STEPS - EVERY:08d}'} at global step {STEPS - EVERY}" in again.stderr
     records = [r for r in log_records(out) if r["global_step"] > STEPS - EVERY]
     # The rerun of steps 13..16 repeats the first run exactly; 17 and 18 are new.
