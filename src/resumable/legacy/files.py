@@ -8,6 +8,7 @@ so that loads and conversions read slices with the 2.0 read planner
 from __future__ import annotations
 
 import os
+import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ import torch
 
 from resumable.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, UnsafeCheckpointError
 from resumable.formats import v1, v2
+from resumable.formats.jsonfile import check_regular, open_regular
 from resumable.formats.mindformers import parse_legacy_name
 from resumable.formats.ms_ckpt import index_ms_ckpt
 from resumable.formats.safetensors_io import block_digests, read_header
@@ -30,8 +32,9 @@ Layout = dict[str, Any]  # as every rank file records it: {"world_size", "mesh",
 
 def rank_folders(root: Path) -> list[str]:
     """The ``rank_{r}`` folders under ``root``, by rank."""
-    return sorted((p.name for p in root.iterdir() if p.is_dir() and p.name.startswith("rank_")
-                   and p.name[5:].isdigit()), key=lambda n: int(n[5:]))
+    # ASCII digits only: str.isdigit() accepts "²", which int() refuses.
+    return sorted((p.name for p in root.iterdir() if p.is_dir() and re.fullmatch(r"rank_[0-9]+", p.name)),
+                  key=lambda n: int(n[5:]))
 
 
 def folder_records(folder: Path) -> tuple[dict[str, v1.FileRecord], str | None]:
@@ -50,10 +53,11 @@ def folder_records(folder: Path) -> tuple[dict[str, v1.FileRecord], str | None]:
 
 
 def member(root: Path, name: str) -> Path:
-    """``root / name``, refused unless it is a file that lies inside ``root`` (links followed)."""
+    """``root / name``, refused unless it is a regular file that lies inside ``root`` (links followed)."""
     path = root / name
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointNotFoundError(f"{path} does not exist; the checkpoint is incomplete")
+    check_regular(path, "rank file")  # a FIFO or a device would block or never end
     if "/" in name and not inside(path, root):  # a rank_*/ file symlinked out of the tree
         raise UnsafeCheckpointError(f"{path} resolves outside {root}; refusing to read it (a rank file of "
                                     "a checkpoint must lie inside its checkpoint folder)")
@@ -160,7 +164,7 @@ def verify_tree(root: Path, *, checksum: bool = True) -> TreeCheck:
     strategy = root.parent / v1.STRATEGY_DIR
     for path in sorted(strategy.glob("ckpt_strategy_rank_*.ckpt")) if strategy.is_dir() else []:
         try:
-            with open(path, "rb") as f:
+            with os.fdopen(open_regular(path, "strategy file"), "rb") as f:
                 if f.read(1) != b"{":
                     continue  # a MindSpore protobuf strategy: nothing of ours to check
             out.count("seal" in v1.read_strategy(path))
@@ -208,6 +212,7 @@ class RankFiles:
     def index(self, names: Iterable[str]) -> v2.Metadata:
         """The chunks of ``names`` as Checkpoint 2.0 metadata (file names relative to ``root``)."""
         meta = v2.Metadata(iteration=0, layout=v2.LayoutMeta(world_size=1), save_optimizer=True)
+        boxes: dict[tuple[str, Box], v2.ChunkMeta] = {}  # one look-up per chunk, not a scan of the tensor's chunks
         for name in names:
             info = self.open(name)
             for key, (tname, gshape, offsets) in sorted(info.chunks.items()):
@@ -226,9 +231,9 @@ class RankFiles:
                 if (t.dtype, t.shape) != (dtype, list(gshape)):
                     raise CorruptCheckpointError(f"{self.root / name}: {tname!r} is {dtype} {list(gshape)} here but "
                                                  f"{t.dtype} {t.shape} in another file of the same step")
-                chunk = next((c for c in t.chunks if c.box == box), None)
+                chunk = boxes.get((tname, box))
                 if chunk is None:
-                    chunk = v2.ChunkMeta(list(offsets), list(shape), [])
+                    chunk = boxes[tname, box] = v2.ChunkMeta(list(offsets), list(shape), [])
                     t.chunks.append(chunk)
                 chunk.stored.append(v2.Stored(name, key))
         return meta
