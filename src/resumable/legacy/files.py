@@ -123,6 +123,7 @@ class TreeCheck:
     problems: list[tuple[str, str]] = field(default_factory=list)
     checksummed: int = 0  # files compared with a checksum (meta.json's record, block checksums, a seal)
     sizes_only: int = 0  # files checked by size and structure only (MindFormers' carry no checksums)
+    # A damaged file counts where its record (if any) put it.
 
     def count(self, checksummed: bool) -> None:
         if checksummed:
@@ -146,6 +147,7 @@ def verify_tree(root: Path, *, checksum: bool = True) -> TreeCheck:
             meta = v1.read_meta(folder)
         except (CheckpointError, OSError) as exc:
             out.problems.append((str(folder / v1.META_JSON), str(exc)))
+            out.count(False)
             meta = None
         else:
             if meta is not None:
@@ -161,6 +163,7 @@ def verify_tree(root: Path, *, checksum: bool = True) -> TreeCheck:
                 out.count(check_rank_file(root, f"{r}/{entry.name}", records.get(entry.name), checksum=checksum))
             except (CheckpointError, OSError) as exc:
                 out.problems.append((str(entry), str(exc)))
+                out.count(entry.name in records)
     strategy = root.parent / v1.STRATEGY_DIR
     for path in sorted(strategy.glob("ckpt_strategy_rank_*.ckpt")) if strategy.is_dir() else []:
         try:
@@ -170,6 +173,7 @@ def verify_tree(root: Path, *, checksum: bool = True) -> TreeCheck:
             out.count("seal" in v1.read_strategy(path))
         except (CheckpointError, OSError) as exc:
             out.problems.append((str(path), str(exc)))
+            out.count(True)  # a resumable strategy file (it starts as JSON): sealed since seals exist
     return out
 
 

@@ -178,7 +178,10 @@ class LegacySaver:
             raise
         commit.fault_point("legacy-before-meta")
         assert record is not None
-        records = {n: r for n, r in self.records.items() if (self.folder / n).is_file()}
+        doomed = self._beyond_keep(final)
+        # meta.json records what the folder keeps: retention's victims are left out already.
+        gone = {p.name for p in doomed}
+        records = {n: r for n, r in self.records.items() if n not in gone and (self.folder / n).is_file()}
         records[name] = record
         try:
             commit.atomic_write(self.folder / v1.META_JSON, v1.meta_bytes(epoch, step, name, records))
@@ -189,7 +192,10 @@ class LegacySaver:
         # Retention only once every rank's meta.json names this step: a rank that dies before
         # its update still names the previous step, which must then exist on every rank.
         dist.agree(error, f"recording {name} in {v1.META_JSON}", self.group)
-        self._retain(final)
+        for path in doomed:  # one unlink each, oldest first: a crash part way leaves older steps, never a gap
+            commit.fault_point("legacy-retention")
+            path.unlink(missing_ok=True)
+            log.info("keep_checkpoint_max=%d: deleted %s", self.keep, path)
         return final
 
     def _write(self, final: Path, local: _Local, store: list[tuple[str, Box]]) -> v1.FileRecord:
@@ -228,27 +234,22 @@ class LegacySaver:
                             v1.strategy_doc(rank=self.rank, world_size=self.world, layout=self.layout,
                                             remove_redundancy=self.remove_redundancy, tensors=tensors))
 
-    def _retain(self, newest: Path) -> None:
-        """Delete this rank folder's oldest files of this prefix (older jobs first) beyond ``keep``.
+    def _beyond_keep(self, newest: Path) -> list[Path]:
+        """This rank folder's oldest files of this prefix (older jobs first) beyond ``keep``, to delete.
 
-        Never deleted: ``newest`` (the step ``meta.json`` now names), the protected files
-        (the step resumed from), anything through a symlink (a linked rank folder is not
-        pruned at all; a linked file is neither counted nor removed). Each file goes with one
-        ``unlink``, oldest first, so a crash part way leaves older steps, never a newer gap.
+        Never among them: ``newest`` (the step ``meta.json`` is about to name), the protected
+        files (the step resumed from), anything through a symlink (a linked rank folder is not
+        pruned at all; a linked file is neither counted nor removed).
         """
         if self.keep is None:
-            return
+            return []
         if self.folder.is_symlink():
             log.warning("keep_checkpoint_max=%d: %s is a symlink; its files are not deleted", self.keep, self.folder)
-            return
+            return []
         # Resolved (no entry is a link; the folder's ancestors may be) to compare with ``protect``.
         files = [(key, p.resolve()) for key, p in (_retention_key(p, self.prefix, self.rank)
                                                    for p in self.folder.iterdir()) if key is not None]
-        for p in _excess(sorted(files), self.keep, {newest.resolve(), *self.protect}):
-            commit.fault_point("legacy-retention")
-            p.unlink(missing_ok=True)
-            self.records.pop(p.name, None)
-            log.info("keep_checkpoint_max=%d: deleted %s", self.keep, p)
+        return _excess(sorted(files), self.keep, {newest.resolve(), *self.protect})
 
 
 def _retention_key(path: Path, prefix: str, rank: int) -> tuple[tuple[int, int, int, str] | None, Path]:
