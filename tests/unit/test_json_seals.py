@@ -132,3 +132,14 @@ def test_rebuilt_metadata_is_sealed_and_records_common_json(ckpt: Path) -> None:
     assert json.loads(before)["common"] == json.loads((it4 / v2.METADATA).read_text())["common"]
     target = {"model": {"layers.0.weight": torch.zeros(4, 4)}, "global_step": 0}
     assert resumable.load(target, it4).common["global_step"] == 4
+
+
+def test_an_async_save_writes_sealed_metadata_and_block_checksums(tmp_path: Path) -> None:
+    from resumable.formats import safetensors_io as sio
+    folder = resumable.async_save(_state(3.0), tmp_path / "checkpoint", 3).wait()
+    meta = v2.read_metadata(folder)
+    assert meta.format_version == 3 and meta.common == v2.Seal.of((folder / v2.COMMON).read_bytes())
+    assert v2.check_seal((folder / v2.METADATA).read_bytes(), "metadata.json")
+    for name in meta.files:
+        digests = sio.block_digests(sio.read_header(folder / name))
+        assert digests is not None and set(digests) == set(sio.read_header(folder / name).tensors)
