@@ -16,7 +16,7 @@ import pytest
 import torch.distributed as dist
 from safetensors import safe_open
 
-from resumable.errors import CheckpointNotFoundError, ConfigError
+from resumable.errors import CheckpointNotFoundError, ConfigError, NewerCheckpointsError
 from resumable.train.checkpointing import checkpoint_callbacks
 from resumable.train.config import load_config
 from resumable.train.loop import Callback, Trainer, run
@@ -96,14 +96,19 @@ def _tp2_ckpt(rank: int, world: int, tmp: str) -> dict:
     out = tmp_path / "ckpt"
     opts = [*TP2, "callbacks.0.checkpoint_format=ckpt", "callbacks.0.save_checkpoint_steps=2"]
     ref = _train(out, *opts, "runner_config.stop_step=4")
-    named = _train(out, *opts, "runner_config.stop_step=4", f"load_checkpoint={out / 'checkpoint'}",
-                   "resume_training=CKP_rank_0-1_2.ckpt", "load_ckpt_format=ckpt", "load_ckpt_async=true")
-    if rank == 1:  # rank 1 lost its file of step 1_4 written by the first job
-        (out / "checkpoint" / "rank_1" / "CKP_rank_1-1_4.ckpt").unlink()
-    dist.barrier()
+    named_opts = [f"load_checkpoint={out / 'checkpoint'}", "resume_training=CKP_rank_0-1_2.ckpt",
+                  "load_ckpt_format=ckpt", "load_ckpt_async=true"]
     errors = {}
+    try:  # resuming from 1_2 in the folder holding 1_4 would bury 1_4
+        _train(out, *opts, "runner_config.stop_step=4", *named_opts)
+    except NewerCheckpointsError as exc:
+        errors["newer"] = str(exc)
+    named = _train(out, *opts, "runner_config.stop_step=4", *named_opts, "callbacks.0.discard_newer_checkpoints=true")
+    if rank == 1:  # rank 1 lost its file of step 1_4 written by the second job
+        (out / "checkpoint" / "rank_1" / "CKP_rank_1_1-1_4.ckpt").unlink()
+    dist.barrier()
     for key, extra in {
-        "missing": [*TP2, "resume_training=CKP_rank_0-1_4.ckpt"],
+        "missing": [*TP2, "resume_training=CKP_rank_0_1-1_4.ckpt"],
         "layout": [*DP2, "resume_training=true"],
         "workers": [*DP2, "resume_training=true", "auto_trans_ckpt=true", "transform_process_num=3",
                     f"src_strategy_path_or_dir={out / 'strategy'}"],
@@ -134,24 +139,30 @@ def test_tp2_ckpt_named_step_resume_errors_and_transform_to_dp2(tmp_path):
     r0, r1 = run_distributed(_tp2_ckpt, 2, str(tmp_path))
     # resume_training "CKP_rank_0-1_2.ckpt": rank 1 loads CKP_rank_1-1_2.ckpt; steps 3, 4 are bitwise equal.
     assert r0["named"] == r0["ref"][2:] and r1["named"] == r1["ref"][2:]
-    assert r0["files"] == ["CKP_rank_0-1_2.ckpt", "CKP_rank_0-1_4.ckpt", "CKP_rank_0_1-1_4.ckpt", "meta.json"]
-    assert r1["files"] == ["CKP_rank_1-1_2.ckpt", "CKP_rank_1_1-1_4.ckpt", "meta.json"]
     ckpt = tmp_path / "ckpt" / "checkpoint"
-    missing = f"resume_training 'CKP_rank_0-1_4.ckpt': rank 1 has no {ckpt}/rank_1/CKP_rank_1-1_4.ckpt"
+    assert r0["errors"]["newer"] == r1["errors"]["newer"] == (
+        f"{ckpt} holds 1 step(s) newer than epoch 1 step 2 this job starts from: epoch 1 step 4 "
+        "(rank_0/CKP_rank_0-1_4.ckpt, ...). Training on would bury them (every rank's meta.json would name this "
+        "job's saves, and keep_checkpoint_max deletes older jobs' files first). To keep them, resume from them "
+        "(repair or restore what is damaged) or save elsewhere; to discard them, set "
+        "callbacks.0.discard_newer_checkpoints: true")
+    # With discard_newer_checkpoints the first job's 1_4 went; the resumed job saved its own 1_4 (suffix _1).
+    assert r0["files"] == ["CKP_rank_0-1_2.ckpt", "CKP_rank_0_1-1_4.ckpt", "meta.json"]
+    assert r1["files"] == ["CKP_rank_1-1_2.ckpt", "meta.json"]
+    missing = f"resume_training 'CKP_rank_0_1-1_4.ckpt': rank 1 has no {ckpt}/rank_1/CKP_rank_1_1-1_4.ckpt"
     assert r0["errors"]["missing"] == ("CheckpointNotFoundError", f"rank 1 failed: {missing}")
     assert r1["errors"]["missing"] == ("CheckpointNotFoundError", missing)
     for r in (r0, r1):
         kind, message = r["errors"]["layout"]
         assert kind == "ConfigError"
-        assert message.startswith(f"{ckpt}/rank_0/CKP_rank_0_1-1_4.ckpt was saved with layout ")
+        assert message.startswith(f"{ckpt}/rank_0/CKP_rank_0-1_2.ckpt was saved with layout ")
         assert message.endswith("the legacy format converts between layouts only with auto_trans_ckpt: true and "
                                 "src_strategy_path_or_dir: <the source job's output_dir>/strategy")
         assert r["errors"]["workers"] == ("ConfigError", "transform_process_num (3) must divide the world size (2): "
                                           "each converting process takes the same number of target ranks")
         assert r["errors"]["several"] == ("ConfigError", (
-            f"auto_trans_ckpt: {ckpt}/rank_0 holds 3 .ckpt files (CKP_rank_0-1_2.ckpt, CKP_rank_0-1_4.ckpt, "
-            "CKP_rank_0_1-1_4.ckpt); converting .ckpt checkpoints takes one file per rank folder: keep only the step "
-            "to convert"))
+            f"auto_trans_ckpt: {ckpt}/rank_0 holds 2 .ckpt files (CKP_rank_0-1_2.ckpt, CKP_rank_0_1-1_4.ckpt); "
+            "converting .ckpt checkpoints takes one file per rank folder: keep only the step to convert"))
     assert r0["transformed"] == ["CKP_rank_0-1_2.ckpt", "meta.json"]
     assert r1["transformed"] == ["CKP_rank_1-1_2.ckpt", "meta.json"]
     # DP2 continues TP2's training: the same global batches; fp32 sums in another order

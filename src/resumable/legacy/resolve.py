@@ -35,9 +35,10 @@ class LegacySource:
         older: with ``resume_training: true``, the older steps complete on every rank,
             newest first, as ``(position, files)``: where :func:`resolve_legacy` falls back
             when a file of the chosen step fails its check.
-        newer: the committed steps newer than the one a job starts from (a named step,
-            or weights only: every step), as ``(position, files)``: a job saving into this
-            tree must not bury them unless told to discard them.
+        newer: the steps newer than the one a job starts from (a named step; weights
+            only: every step; a fallback: the damaged steps it skipped), as ``(position,
+            files)``: a job saving into this tree must not bury them unless told to discard them.
+        skipped: why a fallback skipped each newer step (for the refusal's message).
     """
 
     root: Path | None
@@ -47,6 +48,7 @@ class LegacySource:
     reason: str
     older: tuple[tuple[tuple[int, int], tuple[str, ...]], ...] = ()
     newer: tuple[tuple[tuple[int, int], tuple[str, ...]], ...] = ()
+    skipped: tuple[str, ...] = ()
 
     @property
     def fresh(self) -> bool:
@@ -163,12 +165,14 @@ def _verified(source: LegacySource, group: dist.Group) -> LegacySource:
     assert source.root is not None
     me, world = dist.rank(group), dist.world_size(group)
     candidates = [(source.position, source.files), *source.older]
+    skipped: list[str] = []
     for n, (position, files) in enumerate(candidates):
         problems = _check_share(source.root, files, me, world)
         if dist.all_reduce_max([len(problems) > 0], group)[0] == 0:
             if n == 0:
                 return source
             return replace(source, files=files, position=position, older=tuple(candidates[n + 1:]),
+                           newer=tuple(candidates[:n]), skipped=tuple(skipped),
                            reason=f"epoch {position[0]} step {position[1]} is the newest step complete and intact "
                                   "on every rank")
         gathered = [p for rank_problems in dist.all_gather_object(problems, group) for p in rank_problems]
@@ -181,6 +185,7 @@ def _verified(source: LegacySource, group: dist.Group) -> LegacySource:
                                                        if n else ""))
         log.warning("skipping epoch %d step %d of %s: %s; falling back to epoch %d step %d", *position, source.root,
                     found, *candidates[n + 1][0])
+        skipped.append(f"epoch {position[0]} step {position[1]}: {found}")
     raise AssertionError("unreachable: the last candidate raises")
 
 

@@ -29,6 +29,7 @@ from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
 from resumable import dist
 from resumable.async_save import collective_timeout
+from resumable.errors import NewerCheckpointsError
 from resumable.formats import v1
 from resumable.legacy import (
     BackgroundLegacySaves,
@@ -39,6 +40,7 @@ from resumable.legacy import (
     load_legacy,
     resolve_legacy,
 )
+from resumable.legacy.save import discard_steps
 from resumable.lock import DirectoryLock, lock_for_job
 from resumable.prefetch import Prefetch
 from resumable.train.checkpointing import layout_info, on_save_error
@@ -174,6 +176,7 @@ class LegacyResume(Callback):
         if source.fresh:
             logger.info("fresh start: %s", source.reason)
             return
+        buried = self._newer_steps_in_the_way(source)
         full = cfg.resume_training is not False
         state = trainer.state_dict()
         if not full:  # weights only: the optimizer and the context start anew
@@ -183,6 +186,9 @@ class LegacyResume(Callback):
                                  transform_process_num=cfg.transform_process_num,
                                  remove_redundancy=cfg.remove_redundancy, output_dir=cfg.output_dir)
         result = load_legacy(state, source, opts)
+        if buried:  # told to discard them; only once the load succeeded
+            assert source.root is not None
+            discard_steps(source.root, buried)
         if not full:
             set_model_state_dict(trainer.model, state["model"])
             logger.info("loaded weights from %s; training starts at step 0 (resume_training is false)", source.root)
@@ -194,6 +200,43 @@ class LegacyResume(Callback):
                 self.monitor.protect(result.source.root / name)
         logger.info("resumed from %s at global step %d (epoch %d, step %d in epoch)", result.source.root,
                     trainer.ctx.global_step, trainer.ctx.epoch, trainer.ctx.step_in_epoch)
+
+
+    def _newer_steps_in_the_way(self, source: LegacySource) -> tuple[tuple[tuple[int, int], tuple[str, ...]], ...]:
+        """The steps newer than this job's start that its saves would bury, to discard; refuses them otherwise.
+
+        A job saving into the tree it loads from replaces every rank's ``meta.json`` (the
+        newer steps are no longer resumed from) and ``keep_checkpoint_max`` deletes older
+        jobs' files first. The same decision on every rank (``source`` is rank 0's).
+
+        Raises:
+            NewerCheckpointsError: naming them (and why a fallback skipped them), unless
+                ``callbacks.0.discard_newer_checkpoints`` is true.
+        """
+        mon = self.cfg.checkpoint
+        assert source.root is not None and source.position is not None
+        if not source.newer or mon is None or not same_folder(self.cfg.checkpoint_dir, source.root):
+            return ()
+        if mon.discard_newer_checkpoints:
+            return source.newer
+        start = ("step 0 (resume_training: false loads the weights only)" if self.cfg.resume_training is False
+                 else f"epoch {source.position[0]} step {source.position[1]}")
+        listed = ", ".join(f"epoch {pos[0]} step {pos[1]} ({files[0]}, ...)" for pos, files in source.newer)
+        damage = f" This resume skipped: {'; '.join(source.skipped)}." if source.skipped else ""
+        raise NewerCheckpointsError(
+            f"{source.root} holds {len(source.newer)} step(s) newer than {start} this job starts from: {listed}. "
+            "Training on would bury them (every rank's meta.json would name this job's saves, and "
+            f"keep_checkpoint_max deletes older jobs' files first).{damage} To keep them, resume from them (repair "
+            "or restore what is damaged) or save elsewhere; to discard them, set "
+            "callbacks.0.discard_newer_checkpoints: true")
+
+
+def same_folder(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    """Whether two paths name the same existing folder (links followed)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def _env_rank() -> int:
