@@ -42,7 +42,7 @@ def _placement(j: Sequence[Any]) -> Placement:
     raise CorruptCheckpointError(f"unknown placement {j!r} in a strategy file")
 
 
-def _derived_boxes(doc: Mapping[str, Any], rank: int) -> dict[str, list[Box]]:
+def _derived_boxes(doc: Mapping[str, Any], rank: int) -> dict[str, set[Box]]:
     """Boxes every tensor of a single-file strategy has on ``rank`` (no pipeline split)."""
     root = doc["layout"].get("mesh") or {}
     names, sizes = list(root), list(root.values())
@@ -53,7 +53,7 @@ def _derived_boxes(doc: Mapping[str, Any], rank: int) -> dict[str, list[Box]]:
     for tname, t in doc["tensors"].items():
         shape = t["global_shape"]
         if not t.get("placements"):
-            out[tname] = [Box.full(shape)]
+            out[tname] = {Box.full(shape)}
             continue
         mesh = t["mesh"]
         if not mesh or not mesh["dim_names"] or any(n not in coord for n in mesh["dim_names"]):
@@ -61,7 +61,7 @@ def _derived_boxes(doc: Mapping[str, Any], rank: int) -> dict[str, list[Box]]:
                 f"tensor {tname!r} sits on an unnamed mesh; pass the strategy folder as src_strategy_path_or_dir")
         sub = [coord[n] for n in mesh["dim_names"]]
         chunks = placement_chunks(shape, [_placement(p) for p in t["placements"]], mesh["shape"], sub)
-        out[tname] = [c.box for c in chunks]
+        out[tname] = {c.box for c in chunks}  # a set: each stored box is looked up once
     return out
 
 
@@ -90,13 +90,13 @@ def check_strategy(src: str | os.PathLike[str], files: RankFiles, names: Sequenc
         if single:
             expected = _derived_boxes(first, rank)
         elif rank in docs:
-            expected = {t: [Box(tuple(c["offsets"]), tuple(c["shape"])) for c in e["chunks"]]
+            expected = {t: {Box(tuple(c["offsets"]), tuple(c["shape"])) for c in e["chunks"]}
                         for t, e in docs[rank]["tensors"].items()}
         else:
             raise CheckpointNotFoundError(f"src_strategy_path_or_dir {src} has no {v1.strategy_file_name(rank)}")
         for key, (tname, _, offsets) in files.open(name).chunks.items():
             shape = files.entries[name][key][1]
-            if Box(offsets, shape) not in expected.get(tname, []):
+            if Box(offsets, shape) not in expected.get(tname, ()):
                 raise CorruptCheckpointError(
                     f"{files.root / name} holds {tname!r} at {list(offsets)} of shape {list(shape)}, which the "
                     f"strategy {src} does not give rank {rank}; src_strategy_path_or_dir must describe the layout "
