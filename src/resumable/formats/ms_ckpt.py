@@ -34,6 +34,8 @@ from typing import Iterable, Mapping
 import torch
 
 from resumable.errors import CorruptCheckpointError, NotImplementedYet
+from resumable.formats.jsonfile import open_regular
+from resumable.formats.schema import MAX_DIM, MAX_NDIM, shown
 
 __all__ = [
     "MS_DTYPES",
@@ -215,7 +217,9 @@ def _parse_value(wire: _Wire, number: int, path: str) -> tuple[str, list[int], s
     if dtype_name not in MS_DTYPES:
         raise _Corrupt(f"{where} has unsupported tensor_type {dtype_name!r}; supported: {sorted(MS_DTYPES)}")
     if any(d < 0 for d in dims):
-        raise _Corrupt(f"{where} has negative dims {dims}")
+        raise _Corrupt(f"{where} has negative dims {shown(dims)}")
+    if len(dims) > MAX_NDIM or any(d > MAX_DIM for d in dims):  # dims are multiplied out below
+        raise _Corrupt(f"{where} has dims {shown(dims)}: at most {MAX_NDIM}, each at most {MAX_DIM}")
     return tag, dims, dtype_name, content
 
 
@@ -248,7 +252,7 @@ def index_ms_ckpt(path: str | os.PathLike[str]) -> dict[str, MsTensorEntry]:
         index_ms_ckpt("net.ckpt")["fc.weight"].shape    # (8, 4)
     """
     path = os.fspath(path)
-    with open(path, "rb") as f:
+    with os.fdopen(open_regular(path, "MindSpore checkpoint"), "rb") as f:  # mmap of a FIFO or device: refused
         if os.fstat(f.fileno()).st_size == 0:
             raise CorruptCheckpointError(f"corrupt MindSpore checkpoint {path}: the file is empty")
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
@@ -303,7 +307,7 @@ def read_ms_tensor(path: str | os.PathLike[str], entry: MsTensorEntry) -> torch.
     out = torch.empty(entry.shape, dtype=entry.dtype)
     raw = out.reshape(-1).view(torch.uint8).numpy()  # shares memory with ``out``
     filled = 0
-    with open(path, "rb") as f:
+    with os.fdopen(open_regular(path, "MindSpore checkpoint"), "rb") as f:
         for offset, length in entry.segments:
             f.seek(offset)
             got = f.readinto(memoryview(raw[filled:filled + length]))
