@@ -12,6 +12,7 @@ import multiprocessing as mp
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from resumable import CheckpointManager, commit
 from resumable.errors import LockedError
 from resumable.lock import LOCK_FILE
 from resumable.proctree import kill_tree
+from resumable.save import save as resumable_save
 from tools.soak import Job, committed_step
 
 
@@ -75,6 +77,32 @@ def test_a_killed_holder_never_leaves_the_folder_locked(tmp_path: Path) -> None:
         child.join(timeout=60)
     assert child.exitcode == -signal.SIGKILL
     CheckpointManager(tmp_path).close()  # no stale lock: the kernel released it with the process
+
+
+@pytest.mark.parametrize("argv", [["split", "--layout", "dp=2"], ["convert", "--to", "v2"], ["convert", "--to", "legacy"]],
+                         ids=" ".join)
+def test_a_tool_writing_into_a_live_jobs_folder_refuses_naming_the_holder(tmp_path: Path, argv: list[str]) -> None:
+    held = tmp_path / "ckpt"
+    CheckpointManager(held).save({"model": {"w": torch.ones(3)}}, 1)
+    resumable_save({"model": {"w": torch.zeros(3)}, "global_step": 5}, tmp_path / "src", 5)
+    before = sorted(p.name for p in held.iterdir())
+    ctx = mp.get_context("spawn")
+    ready = ctx.Event()
+    child = ctx.Process(target=_hold_then_wait, args=(str(held), ready))  # a live job, in another process
+    child.start()
+    try:
+        assert ready.wait(timeout=120), "the holder never took the lock"
+        cmd, *options = argv
+        done = subprocess.run([sys.executable, "-m", "resumable.cli", cmd, str(tmp_path / "src"), str(held), *options,
+                               "--quiet"], capture_output=True, text=True, timeout=300)
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.join(timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == f"resumable {cmd}: error: {_locked_message(held)}\n"
+    assert f"pid {child.pid}" in done.stderr
+    assert sorted(p.name for p in held.iterdir()) == before  # no iteration, no rank_0/, tracker untouched
+    assert commit.read_tracker(held) == 1
 
 
 @pytest.mark.slow
