@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 import torch
 
 from resumable.errors import CorruptCheckpointError
+from resumable.formats.jsonfile import open_regular
 from resumable.formats.safetensors_io import BlockDigests, Header, block_digests, open_safetensors, read_header
 from resumable.layout import local_tensor
 from resumable.planning import Read
@@ -135,7 +136,7 @@ class FileReader:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        self.fd = open_regular(path, "checkpoint file")  # a FIFO swapped in after the header check: refused
 
     def __enter__(self) -> "FileReader":
         return self
@@ -413,7 +414,7 @@ def _run_stream(jobs: Sequence[ReadJob], paths: Sequence[Path]) -> None:
         for job in jobs:
             fd = fds.get(job.file)
             if fd is None:
-                fd = fds[job.file] = os.open(paths[job.file], os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                fd = fds[job.file] = open_regular(paths[job.file], "checkpoint file")
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
             if isinstance(job.dst, memoryview):
                 pread_into(fd, job.dst, job.offset, paths[job.file])
@@ -444,7 +445,7 @@ def _run_group(group: Sequence[ReadJob], paths: Sequence[Path]) -> None:
     first, path = group[0], paths[group[0].file]
     buf = bytearray(group[-1].offset + group[-1].nbytes - first.offset)
     view = memoryview(buf)
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    fd = open_regular(path, "checkpoint file")
     try:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # no readahead around a lone region
         pread_into(fd, view, first.offset, path)
