@@ -52,3 +52,20 @@ def test_the_readme_loop_resumes_where_it_stopped(tmp_path):
     for rank in range(2):
         assert first[rank] + rest[rank] == whole[rank]  # bitwise: the resumed run repeats the whole one
     assert resumable.latest(tmp_path / "b" / "checkpoint").name == "iteration_00000006"
+
+
+def test_the_readme_loop_refuses_a_checkpoint_with_one_flipped_byte(tmp_path):
+    import pytest
+
+    from resumable.formats.safetensors_io import read_header
+
+    run_distributed(_loop, 2, str(tmp_path / "b"), 3)
+    victim = tmp_path / "b" / "checkpoint" / "iteration_00000003" / "CKP-model-0000000-0000002.safetensors"
+    key, entry = max(read_header(victim).tensors.items(), key=lambda kv: kv[1].end - kv[1].start)
+    data = bytearray(victim.read_bytes())
+    data[entry.start + 5] ^= 0x40  # an exponent bit: the loss would go to inf (the report)
+    victim.write_bytes(bytes(data))
+    with pytest.raises(AssertionError) as failed:  # the run stops on every rank; it never trains on
+        run_distributed(_loop, 2, str(tmp_path / "b"), 6)
+    assert f"CorruptCheckpointError: {victim}: tensor {key!r}, bytes {entry.start}-{entry.end}: xxh3-64 " \
+        in str(failed.value)
