@@ -63,7 +63,7 @@ import xxhash
 from safetensors import SafetensorError, safe_open
 
 from resumable.errors import CorruptCheckpointError, UnsafeCheckpointError
-from resumable.formats.jsonfile import open_regular, parse_json_object
+from resumable.formats.jsonfile import check_regular, open_regular, parse_json_object
 from resumable.formats.schema import MAX_DIM, MAX_NDIM, shown
 
 __all__ = [
@@ -641,6 +641,7 @@ def open_safetensors(path: str | os.PathLike[str]) -> Iterator[Any]:
         ...     w = f.get_slice("model.norm.weight")[:]
     """
     path = Path(path)
+    check_regular(path, "safetensors file")  # the library would block on a FIFO
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             yield handle
@@ -686,7 +687,7 @@ def verify_file(path: str | os.PathLike[str]) -> tuple[str, bool, CorruptCheckpo
     except CorruptCheckpointError as exc:  # still hashed whole, below
         failed, digests, spans, size = exc, None, {}.items(), os.stat(path).st_size
     whole = xxhash.xxh3_64()
-    with open(path, "rb") as f:
+    with os.fdopen(open_regular(path, "safetensors file"), "rb") as f:
         def take(nbytes: int) -> bytes:
             data = f.read(nbytes)
             if len(data) != nbytes:
