@@ -226,3 +226,26 @@ def test_a_damaged_legacy_tree_is_named_by_train_and_verify(tmp_path: Path) -> N
     code, out = _verify_output(tmp_path / "checkpoint")
     assert code == 1 and out.splitlines()[0].startswith(f"PROBLEM {newest}: not a valid safetensors file: "), out
     shutil.rmtree(tmp_path / "checkpoint")
+
+
+def _flip_first(path: Path, text: str) -> None:
+    """Flip the lowest bit of the first byte of ``text`` in ``path`` (still valid JSON: 'm' -> 'l', 'g' -> 'f')."""
+    data = bytearray(path.read_bytes())
+    data[data.index(text.encode())] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_train_resume_falls_back_past_a_flipped_bit_in_metadata_json_and_in_common_json(tmp_path: Path) -> None:
+    first = _train(tmp_path, "runner_config.stop_step=6")
+    assert first.returncode == 0, first.stderr[-3000:]
+    ckpt = tmp_path / "checkpoint"
+    it6, it4 = ckpt / "iteration_00000006", ckpt / "iteration_00000004"
+    _flip_first(it6 / "metadata.json", "model.")        # a tensor name: 'lodel.': damage, not a mismatch
+    _flip_first(it4 / "common.json", '"global_step"'[1:])  # 'flobal_step': the step would read as missing
+    again = _train(tmp_path, "runner_config.stop_step=8", "callbacks.0.discard_newer_checkpoints=true")
+    assert again.returncode == 0, again.stderr[-3000:]
+    log = again.stderr
+    assert f"resume_training: skipped iteration_00000006 named by {TRACKER} ({it6}/metadata.json: its seal " in log
+    assert f"iteration_00000004 ({it4}/common.json: " in log and "bytes with xxh3-64 " in log
+    assert f"resumed from {ckpt / 'iteration_00000002'} at global step 2" in log
+    assert "architecture" not in log and "does not match checkpoint" not in log
