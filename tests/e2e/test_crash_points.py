@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tools.soak import Chain, Job, after_run, check_finished, run_job
+from tools.soak import Chain, Job, after_run, check_finished, damage, run_job
 
 pytestmark = pytest.mark.slow
 
@@ -66,3 +66,22 @@ def test_legacy_keep_one_never_deletes_the_last_step_complete_on_every_rank(tmp_
     # Rank 1 dies before its meta.json names the new step; rank 0 must not have deleted the
     # previous step's file by then (retention waits until every rank recorded the new step).
     _chain(Job("legacy-2p-keep1", nproc=2, legacy=True, keep=1, stop_step=6), tmp_path, ["legacy-before-meta:2@1"])
+
+
+@pytest.mark.parametrize("kind", ["flip-shard", "garbage-tracker"])  # make soak draws all of DAMAGES
+def test_a_damaged_newest_checkpoint_is_refused_untouched_then_discarded_on_request(tmp_path: Path, kind: str) -> None:
+    # after_run checks the refusal (exit != 0, the damaged iteration and discard_newer_checkpoints
+    # named, no byte changed), then the resume from the newest intact iteration, and that no
+    # intact committed iteration was lost.
+    job = Job("v2-sync-1p", stop_step=6)
+    chain = Chain(job, tmp_path)
+    run = run_job(job, tmp_path, fault="after-tracker:4")
+    assert run.killed
+    after_run(chain, run)
+    assert damage(chain, random.Random(0), kind) == kind
+    refusing = chain.refusal_due
+    after_run(chain, run_job(job, tmp_path, discard=chain.discard))
+    assert chain.discard == refusing and not chain.refusal_due
+    final = run_job(job, tmp_path, discard=chain.discard)
+    after_run(chain, final)
+    check_finished(chain)
