@@ -4,6 +4,9 @@
    command, pointing ``load_checkpoint`` at the job's own folder, starts fresh and then resumes;
 2. layout change: one process → two (torchrun) with ``auto_trans_ckpt``;
 3. incremental: new data, the global step and the LR curve (``lr_schedule.total_steps``) continue.
+
+And damage: two ranks fall back together past a torn rank file, a damaged meta.json and a
+garbage strategy file, refusing to bury the skipped step until told to discard it.
 """
 
 from __future__ import annotations
@@ -21,12 +24,17 @@ BASE = ["train_dataset.seq_length=32", "lr_schedule.warmup_steps=2", "lr_schedul
         "use_legacy_format=true", "callbacks.0.save_checkpoint_steps=2"]
 
 
-def _train(out: Path, *overrides: str, nproc: int = 0) -> list[dict]:
-    """Run ``resumable train`` to completion; the records of ``<out>/log/train.jsonl``."""
+def _run(out: Path, *overrides: str, nproc: int = 0) -> subprocess.CompletedProcess:
+    """Run ``resumable train`` and return it, whatever its exit."""
     sets = [x for kv in [*BASE, f"output_dir={out}", *overrides] for x in ("--set", kv)]
     cmd = [sys.executable, "-m", "resumable.cli", "train", *(["--nproc", str(nproc)] if nproc else []), *sets]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+
+
+def _train(out: Path, *overrides: str, nproc: int = 0) -> list[dict]:
+    """Run ``resumable train`` to completion; the records of ``<out>/log/train.jsonl``."""
+    done = _run(out, *overrides, nproc=nproc)
     assert done.returncode == 0, done.stderr[-3000:]
     return [json.loads(line) for line in (out / "log" / "train.jsonl").read_text().splitlines()]
 
@@ -102,3 +110,41 @@ def test_incremental_training_continues_the_global_step_and_lr_curve_on_new_data
     # The new data starts at its beginning (epoch 0); the LR follows the same curve as step 5..7 of one run.
     assert [(r["epoch"], r["step_in_epoch"]) for r in records] == [(0, 1), (0, 2), (0, 3)]
     assert [r["lr"] for r in records] == [r["lr"] for r in reference if 5 <= r["global_step"] <= 7]
+
+
+
+def test_two_ranks_fall_back_together_past_a_torn_rank_file_a_damaged_meta_json_and_a_garbage_strategy(tmp_path):
+    out = tmp_path / "job"
+    dp2 = ["parallel_config.data_parallel=2", "runner_config.batch_size=2", "callbacks.0.keep_checkpoint_max=5"]
+    first = _train(out, *dp2, "runner_config.stop_step=6", nproc=2)
+    tree = out / "checkpoint"
+    verify = [sys.executable, "-m", "resumable.cli", "verify", str(tree)]
+    done = subprocess.run(verify, capture_output=True, text=True)
+    # 3 steps x 2 ranks, 2 meta.json, 2 strategy files: all of them resumable's, all checksummed.
+    assert done.returncode == 0 and done.stdout.strip() == f"{tree}: OK (10 files checked: 10 with checksums, 0 sizes only)"
+    # Damage: rank 1's newest file torn, rank 0's meta.json garbage, rank 1's strategy file garbage.
+    torn = tree / "rank_1" / "CKP_rank_1-1_6.safetensors"
+    with open(torn, "r+b") as f:
+        f.truncate(torn.stat().st_size - 1000)
+    (tree / "rank_0" / "meta.json").write_text('{"last_epoch": 1, "last_step": 6, "last_ckpt_fi')
+    strategy = out / "strategy" / "ckpt_strategy_rank_1.ckpt"
+    strategy.write_bytes(b"\x00" * 64)
+    done = subprocess.run(verify, capture_output=True, text=True)
+    assert done.returncode == 1
+    assert [line.split(":")[0] for line in done.stdout.splitlines() if line.startswith("PROBLEM")] == [
+        f"PROBLEM {tree / 'rank_0' / 'meta.json'}", f"PROBLEM {torn}", f"PROBLEM {strategy}"]
+    resume = [f"load_checkpoint={tree}", "resume_training=true", "runner_config.stop_step=8"]
+    # Training on from 1_4 would bury 1_6: refused, naming it and why it was skipped.
+    refused = _run(out, *dp2, *resume, nproc=2)
+    assert refused.returncode != 0
+    assert "holds 1 step(s) newer than epoch 1 step 4 this job starts from: epoch 1 step 6" in refused.stderr
+    assert f"This resume skipped: epoch 1 step 6: {torn}: " in refused.stderr
+    records = _train(out, *dp2, *resume, "callbacks.0.discard_newer_checkpoints=true", nproc=2)
+    # Both ranks resumed from 1_4 (the newest step intact on every rank): steps 5, 6 are those of the first run.
+    assert [r["global_step"] for r in records] == [1, 2, 3, 4, 5, 6, 5, 6, 7, 8]  # the log appends per run
+    assert _losses(records[6:], 5, 6) == _losses(first, 5, 6)
+    assert sorted(p.name for p in (tree / "rank_1").iterdir()) == [
+        "CKP_rank_1-1_2.safetensors", "CKP_rank_1-1_4.safetensors", "CKP_rank_1_1-1_6.safetensors",
+        "CKP_rank_1_1-1_8.safetensors", "meta.json"]
+    # The strategy files are rewritten by the new saves, and the whole tree verifies again.
+    assert subprocess.run(verify, capture_output=True, text=True).returncode == 0

@@ -18,7 +18,7 @@ import torch
 
 from resumable.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, UnsafeCheckpointError
 from resumable.formats import v1, v2
-from resumable.formats.jsonfile import check_regular, open_regular
+from resumable.formats.jsonfile import check_regular
 from resumable.formats.mindformers import parse_legacy_name
 from resumable.formats.ms_ckpt import index_ms_ckpt
 from resumable.formats.safetensors_io import block_digests, read_header
@@ -136,9 +136,9 @@ def verify_tree(root: Path, *, checksum: bool = True) -> TreeCheck:
     """Check every file of a legacy tree: each rank folder's ``meta.json`` and every step file, and ``strategy/``.
 
     Every step kept is checked, not only the one a resume would pick; the strategy
-    files are those of ``<root>/../strategy`` (the job's ``output_dir``), resumable's JSON
-    ones only. Not collective; reads every byte of every file (``checksum=False``: sizes
-    and structure only).
+    files are those of ``<root>/../strategy`` (the job's ``output_dir``), checked only when
+    the rank files are resumable's (MindSpore's are protobuf, not ours to parse). Not
+    collective; reads every byte of every file (``checksum=False``: sizes and structure only).
     """
     out = TreeCheck()
     for r in rank_folders(root):
@@ -165,15 +165,15 @@ def verify_tree(root: Path, *, checksum: bool = True) -> TreeCheck:
                 out.problems.append((str(entry), str(exc)))
                 out.count(entry.name in records)
     strategy = root.parent / v1.STRATEGY_DIR
-    for path in sorted(strategy.glob("ckpt_strategy_rank_*.ckpt")) if strategy.is_dir() else []:
+    # Strategy files are resumable's (JSON) when its rank files are (they carry checksums); MindSpore's
+    # protobuf ones are not ours to parse.
+    ours = out.checksummed > 0
+    for path in sorted(strategy.glob("ckpt_strategy_rank_*.ckpt")) if strategy.is_dir() and ours else []:
         try:
-            with os.fdopen(open_regular(path, "strategy file"), "rb") as f:
-                if f.read(1) != b"{":
-                    continue  # a MindSpore protobuf strategy: nothing of ours to check
-            out.count("seal" in v1.read_strategy(path))
+            out.count("seal" in v1.read_strategy(path))  # read_strategy opens regular files only
         except (CheckpointError, OSError) as exc:
             out.problems.append((str(path), str(exc)))
-            out.count(True)  # a resumable strategy file (it starts as JSON): sealed since seals exist
+            out.count(True)  # a resumable strategy file: sealed since seals exist
     return out
 
 
