@@ -5,6 +5,7 @@ sent as a terminal (to the process group), ``kill`` (to the wrapper's pid) or a 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -90,16 +91,38 @@ def _assert_committed_and_clean(checkpoint: Path, at_least: int) -> int:
     return newest
 
 
-@pytest.mark.parametrize("nproc", [1, 2])
-def test_ctrl_c_during_an_async_save_commits_it_and_exits_130(tmp_path: Path, nproc: int) -> None:
+def _legacy_in_flight(checkpoint: Path) -> int | None:
+    """The step of a legacy save in progress (a rank's ``.<file>.tmp-*``; first epoch), else None."""
+    temps = list(checkpoint.glob("rank_*/.*.tmp-*"))
+    return int(temps[0].name.split(".safetensors")[0].rsplit("_", 1)[1]) if temps else None
+
+
+def _assert_legacy_committed_and_clean(checkpoint: Path, at_least: int, nproc: int) -> None:
+    for rank in range(nproc):
+        meta = json.loads((checkpoint / f"rank_{rank}" / "meta.json").read_text())
+        assert meta["last_epoch"] == 1 and meta["last_step"] >= at_least, (rank, meta, at_least)
+    assert not list(checkpoint.glob("rank_*/.*.tmp-*")), "a save was left half-written"
+    verified = subprocess.run([sys.executable, "-m", "resumable.cli", "verify", str(checkpoint)],
+                              capture_output=True, text=True, timeout=120)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+@pytest.mark.parametrize("nproc, layout", [(1, "v2"), (2, "v2"), (2, "legacy")])
+def test_ctrl_c_during_an_async_save_commits_it_and_exits_130(tmp_path: Path, nproc: int, layout: str) -> None:
     out = tmp_path / "job"
+    checkpoint = out / "checkpoint"
+    legacy = layout == "legacy"
     cmd = train_cmd(out, *BIG, "runner_config.epochs=100000", f"parallel_config.data_parallel={nproc}",
-                    nproc=nproc if nproc > 1 else 0)
+                    *(["use_legacy_format=true"] if legacy else []), nproc=nproc if nproc > 1 else 0)
+    in_flight = _legacy_in_flight if legacy else _in_flight
     with _job(cmd, out) as (job, _):
-        step = _wait_for(lambda: _in_flight(out / "checkpoint"), 180, "an async save in flight")
+        step = _wait_for(lambda: in_flight(checkpoint), 180, "an async save in flight")
         os.killpg(job.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
         assert job.wait(timeout=120) == 130, _stderr(out)[-3000:]
-    _assert_committed_and_clean(out / "checkpoint", step)
+    if legacy:
+        _assert_legacy_committed_and_clean(checkpoint, step, nproc)
+    else:
+        _assert_committed_and_clean(checkpoint, step)
     assert "training stopped by SIGINT" in _stderr(out)
     assert "Traceback" not in _stderr(out), _stderr(out)[-3000:]
 
