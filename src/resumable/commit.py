@@ -18,7 +18,9 @@ Folder names this module owns (all hidden, all removed by :func:`clean_leftovers
 ``.del-iteration_XXXXXXXX``           retention: renamed away first, then deleted, so a
                                       crash mid-delete never leaves a half folder that
                                       looks committed
-``.{name}.tmp-{pid}-{hex}``           :func:`atomic_write` in progress
+``.{name}.tmp-{pid}-{hex}``           :func:`atomic_write` in progress; as a folder
+                                      (:func:`new_output_dir`), a tool's output being
+                                      written, beside it (a crashed run's is left)
 ====================================  ===============================================
 
 Nothing here is collective: callers decide which rank calls what (rank 0 commits).
