@@ -78,7 +78,8 @@ def fault_point(name: str) -> None:
     renamed: the tracker, a legacy meta.json, a strategy file), ``staged`` (async: staged,
     background thread not started), ``legacy-file-published`` (legacy: this rank's file
     renamed into place, before agreeing), ``legacy-before-meta`` (legacy: every rank
-    wrote, meta.json not yet replaced), ``legacy-after-meta`` (legacy: before retention).
+    wrote, meta.json not yet replaced), ``legacy-after-meta`` (legacy: before retention),
+    ``legacy-retention`` (legacy: before each file retention deletes).
     """
     spec = os.environ.get(FAULT_ENV)
     if not spec:
