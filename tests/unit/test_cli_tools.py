@@ -180,3 +180,17 @@ def test_verify_says_that_hf_and_mindformers_folders_carry_no_checksums(tmp_path
     out = capsys.readouterr().out
     assert out.endswith("files checked: sizes and headers only: a MindFormers checkpoint carries no checksums)\n"), out
     assert "checksums)" in out and "xxh3" not in out
+
+
+def test_split_into_a_folder_with_newer_iterations_refuses_and_keeps_the_tracker(tmp_path, capsys):
+    save(_state(), tmp_path / "src", 3)
+    save(_state(1), tmp_path / "ckpt", 5)
+    capsys.readouterr()
+    assert main(["split", str(tmp_path / "src"), str(tmp_path / "ckpt"), "--layout", "dp=1", "--quiet"]) == 2
+    assert capsys.readouterr().err == (
+        f"resumable split: error: {tmp_path / 'ckpt'} already holds iterations [5], newer than 3; writing "
+        "iteration_00000003 would point the tracker back at it: write into another folder, or pass a larger "
+        "--iteration\n")
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir() if not p.name.startswith(".")) == [
+        "iteration_00000005", "latest_checkpointed_iteration.txt"]
+    assert (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text() == "5\n"

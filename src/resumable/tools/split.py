@@ -93,7 +93,7 @@ def write_v2(source: Source, out: str | os.PathLike[str], layout: TargetLayout, 
         The committed iteration folder.
 
     Raises:
-        CheckpointError: the target iteration already exists in ``out``.
+        CheckpointError: the target iteration, or a newer one, already exists in ``out``.
         LockedError: a live job (or another tool) holds ``out``'s lock (the holder is named).
 
     Example::
@@ -115,6 +115,11 @@ def _write_v2(source: Source, out: Path, layout: TargetLayout, *, prefix: str, r
     final = out / commit.iteration_dirname(iteration)
     if final.exists():
         raise CheckpointError(f"{final} already exists; write into another folder or delete it first")
+    newer = commit.iterations_after(out, iteration)
+    if newer:  # the tracker would move back below them: a resume would start from the older one
+        raise CheckpointError(f"{out} already holds iterations {newer}, newer than {iteration}; writing "
+                              f"{final.name} would point the tracker back at it: write into another folder, "
+                              "or pass a larger --iteration")
     objects = dict(common.get("state") or {})
     saved_locals = common.get("rank_local")
     rank_locals = saved_locals if isinstance(saved_locals, list) and len(saved_locals) == layout.world_size \
