@@ -194,3 +194,17 @@ def test_split_into_a_folder_with_newer_iterations_refuses_and_keeps_the_tracker
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir() if not p.name.startswith(".")) == [
         "iteration_00000005", "latest_checkpointed_iteration.txt"]
     assert (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text() == "5\n"
+
+
+def test_convert_to_legacy_refuses_a_step_older_than_one_already_there(tmp_path, capsys):
+    save(dict(_state(), global_step=5, step_num=5), tmp_path / "five", 5)  # named epoch 1 step 5
+    save(dict(_state(1), global_step=3, step_num=3), tmp_path / "three", 3)
+    legacy = tmp_path / "legacy"
+    assert main(["convert", str(tmp_path / "five"), str(legacy), "--to", "legacy", "--quiet"]) == 0
+    meta = (legacy / "rank_0" / "meta.json").read_bytes()
+    capsys.readouterr()
+    assert main(["convert", str(tmp_path / "three"), str(legacy), "--to", "legacy", "--quiet"]) == 2
+    assert capsys.readouterr().err == (
+        f"resumable convert: error: {legacy / 'rank_0'} already holds later steps (CKP_rank_0-1_5.safetensors) "
+        "than epoch 1 step 3; writing it would point meta.json back at it: write into another folder\n")
+    assert (legacy / "rank_0" / "meta.json").read_bytes() == meta

@@ -41,6 +41,7 @@ import torch
 from resumable.errors import CheckpointError, ConfigError
 from resumable.formats.names import AttentionShape
 from resumable.formats import v1
+from resumable.formats.mindformers import parse_legacy_name
 from resumable.lock import DirectoryLock
 from resumable.sources import Source, open_source
 from resumable.tools.merge import DEFAULT_SHARD, export_hf, merge
@@ -108,23 +109,32 @@ def _write_legacy(source: Source, out: Path, prefix: str, dtype: torch.dtype | N
 
     objects = dict(source.common.get("state") or {})
     objects.pop("model", None)
-    optim = {k: v for k, v in (objects.pop("optimizer", None) or {}).items() if k != "state"}
-    model = {}
-    for name, t in source.tensors.items():
-        data = t.read()
-        data = data.to(dtype) if dtype is not None and data.is_floating_point() else data
-        if t.kind == "opt":
-            optim[name[len("optimizer."):]] = data
-        else:
-            model[name] = data
     epochs, step = int(objects.get("epoch_num", 0)), int(objects.get("step_num", 0))
     gstep = int(source.common.get("global_step", 0))
     epoch, step = v1.name_position(epochs, step, gstep // epochs if epochs else gstep)
     with DirectoryLock(out):  # LegacySaver cleans and replaces meta.json: never in a live job's folder
-        if (out / "rank_0" / v1.rank_file_name(prefix, 0, 0, epoch, step, "safetensors")).exists():
-            raise CheckpointError(f"{out / 'rank_0'} already holds epoch {epoch} step {step}; "
-                                  "write into another folder")
+        _refuse_legacy_clash(out / "rank_0", prefix, epoch, step)
+        optim = {k: v for k, v in (objects.pop("optimizer", None) or {}).items() if k != "state"}
+        model = {}
+        for name, t in source.tensors.items():
+            data = t.read()
+            data = data.to(dtype) if dtype is not None and data.is_floating_point() else data
+            if t.kind == "opt":
+                optim[name[len("optimizer."):]] = data
+            else:
+                model[name] = data
         saver = LegacySaver(out, prefix=prefix, fmt="safetensors", keep_checkpoint_max=None, remove_redundancy=False,
                             save_optimizer=bool(optim), strategy_dir=out / v1.STRATEGY_DIR,
                             layout={"world_size": 1, "mesh": None, "pipeline_stages": 1})
         return saver.save({"model": model, "optimizer": optim, **objects}, epoch, step)
+
+
+def _refuse_legacy_clash(folder: Path, prefix: str, epoch: int, step: int) -> None:
+    """Refuse a step that exists in ``folder`` or is older than one there (meta.json would move back to it)."""
+    if (folder / v1.rank_file_name(prefix, 0, 0, epoch, step, "safetensors")).exists():
+        raise CheckpointError(f"{folder} already holds epoch {epoch} step {step}; write into another folder")
+    found = [p.name for p in sorted(folder.iterdir()) if (f := parse_legacy_name(p.name)) is not None
+             and (f.epoch, f.step) > (epoch, step)] if folder.is_dir() else []
+    if found:
+        raise CheckpointError(f"{folder} already holds later steps ({', '.join(found)}) than epoch {epoch} step "
+                              f"{step}; writing it would point meta.json back at it: write into another folder")
