@@ -137,6 +137,39 @@ def check_state(meta: v2.Metadata, flat: FlatState, folder: Path) -> None:
     raise StateMismatchError("\n".join(lines))
 
 
+def unused_names(meta: v2.Metadata, flat: FlatState, exclude: Iterable[str] = ()) -> list[str]:
+    """Saved tensors this rank's state has no place for, sorted (pure).
+
+    Only the kinds the state loads count (a model-only state leaves the optimizer's
+    tensors aside on purpose); a name equal to an ``exclude`` entry, or under it
+    (``entry.`` prefix), is left out on purpose too. Whether another rank uses a name
+    (a pipeline stage holds a subset) is :func:`_check_unused`'s question.
+    """
+    kinds = {leaf.kind for leaf in flat.tensors.values()}
+    skip = set(exclude)
+    prefixes = tuple(f"{e}." for e in skip)
+    return sorted(n for n, t in meta.tensors.items()
+                  if t.kind in kinds and n not in flat.tensors and n not in skip and not n.startswith(prefixes))
+
+
+def _check_unused(prep: "_Prepared", group: dist.Group) -> None:
+    """Raise on every rank when saved tensors are used by no rank's state (collective).
+
+    Called only when every rank has names of its own unused (pipeline stages, or a real
+    mismatch): one all-reduce of a flag per saved tensor says which any rank uses.
+    """
+    names = sorted(prep.meta.tensors)
+    used = dist.all_reduce_max([int(n in prep.flat.tensors) for n in names], group)
+    mine = set(prep.unused)
+    unused = [n for n, u in zip(names, used) if not u and n in mine]
+    if unused:
+        shown = ", ".join(unused[:5]) + (", ..." if len(unused) > 5 else "")
+        raise StateMismatchError(
+            f"checkpoint {prep.folder} holds {len(unused)} tensor(s) the state has no place for on any rank: "
+            f"{shown}; they would be dropped silently. Build the model with the architecture it was saved with "
+            "(e.g. the same tie_word_embeddings), or leave them out on purpose with exclude_from_loading")
+
+
 def plan_reads(meta: v2.Metadata, flat: FlatState) -> list[Read]:
     """Every read this rank needs to fill its local chunks of the target tensors (pure)."""
     reads: list[Read] = []
@@ -215,16 +248,21 @@ def _iteration_folder(path: str | os.PathLike[str]) -> Path:
     return found.path
 
 
-def agree_on(error: BaseException | None, group: dist.Group) -> None:
+def agree_on(error: BaseException | None, group: dist.Group, *, all_used: bool = True) -> bool:
     """Every rank learns every rank's failure; all raise if any failed.
 
     The failing rank re-raises its own exception; the others raise the same error type
     with the failing rank's message, so no rank is left waiting in a later collective.
 
+    Returns:
+        True when some rank passed ``all_used`` (its state uses every saved tensor, so
+        none is left unused); the same on every rank. The flag rides in the same 8 bytes.
+
     Collective: every rank of ``group`` calls it, failed or not, at the same step.
     """
-    if dist.all_reduce_max([error is not None], group)[0] == 0:
-        return  # the common case costs one 8-byte all-reduce, whatever the world size
+    top = dist.all_reduce_max([2 if error is not None else int(all_used)], group)[0]
+    if top < 2:
+        return bool(top)  # the common case costs one 8-byte all-reduce, whatever the world size
     payload = None if error is None else (type(error).__name__, str(error))
     gathered = dist.all_gather_object(payload, group)
     if error is not None:
@@ -315,10 +353,20 @@ class _Prepared:
     flat: FlatState
     reads: list[Read] = field(default_factory=list)
     headers: dict[str, Header] = field(default_factory=dict)  # of the files ``reads`` name, once checked
+    unused: list[str] = field(default_factory=list)  # saved tensors this rank's state leaves aside
+
+
+def _agree_prepared(err: BaseException | None, prep: _Prepared | None, group: dist.Group) -> _Prepared:
+    """The agreement before any tensor is touched: failures, then saved tensors no rank uses (collective)."""
+    if not agree_on(err, group, all_used=prep is not None and not prep.unused):
+        assert prep is not None
+        _check_unused(prep, group)
+    assert prep is not None
+    return prep
 
 
 def _prepare(state: Mapping[str, Any], path: str | os.PathLike[str], verify: Verify,
-             group: dist.Group, check_files: bool) -> _Prepared:
+             group: dist.Group, check_files: bool, exclude: Iterable[str] = ()) -> _Prepared:
     """Everything before the first byte of tensor data is read; local to this rank."""
     folder = _iteration_folder(path)
     with gc_paused():
@@ -328,7 +376,7 @@ def _prepare(state: Mapping[str, Any], path: str | os.PathLike[str], verify: Ver
         reads = plan_reads(meta, flat)
         _verify(folder, meta, reads, verify, dist.rank(group), dist.world_size(group))
         headers = check_headers(folder, meta, reads) if check_files else {}
-    return _Prepared(folder, meta, flat, reads, headers)
+    return _Prepared(folder, meta, flat, reads, headers, unused_names(meta, flat, exclude))
 
 
 def _finish(prep: _Prepared, state: dict, group: dist.Group, nbytes: int, start: float) -> LoadResult:
@@ -346,7 +394,7 @@ def _finish(prep: _Prepared, state: dict, group: dist.Group, nbytes: int, start:
 
 
 def load(state: dict[str, Any], path: str | os.PathLike[str], *, process_group: dist.Group = None,
-         balanced: bool = False, verify: Verify = "blocks") -> LoadResult:
+         balanced: bool = False, verify: Verify = "blocks", exclude_from_loading: Iterable[str] = ()) -> LoadResult:
     """Fill ``state`` in place from a Checkpoint 2.0 iteration, resharding as needed.
 
     Args:
@@ -364,6 +412,10 @@ def load(state: dict[str, Any], path: str | os.PathLike[str], *, process_group: 
             file, the files split across ranks, before any tensor is touched), ``"size"``
             (sizes only: the bytes read are not checked) or ``"none"``. Files without
             block checksums (older checkpoints) get their sizes and headers checked, logged once.
+        exclude_from_loading: saved tensor names (or dotted prefixes: ``"lm_head"``) left
+            unloaded on purpose. Any other saved tensor of a kind the state loads (model;
+            optimizer when the state has one) that no rank's state has a place for is an
+            error: dropping it silently changes the model.
 
     Returns:
         A :class:`LoadResult` (``common`` holds the training context).
@@ -373,7 +425,8 @@ def load(state: dict[str, Any], path: str | os.PathLike[str], *, process_group: 
         CorruptCheckpointError: sizes, checksums (whole-file or block: file, key and byte range
             named), headers or metadata are wrong. A block failing while reading is raised
             on every rank after some tensors were filled: the state is then unusable.
-        StateMismatchError: names missing from the checkpoint, shape or dtype mismatches, all listed.
+        StateMismatchError: names missing from the checkpoint, shape or dtype mismatches, all listed;
+            saved tensors no rank has a place for (their count and the first five).
         CheckpointError: another rank failed (its message included).
 
     Collective: every rank of ``process_group`` calls it, with its own ``state`` and the same
@@ -388,12 +441,12 @@ def load(state: dict[str, Any], path: str | os.PathLike[str], *, process_group: 
     with gc_paused():  # the whole call blocks the caller; planning and reads allocate in bursts
         prep: _Prepared | None = None
         try:
-            prep = _prepare(state, path, verify, process_group, check_files=not balanced)
+            prep = _prepare(state, path, verify, process_group, check_files=not balanced,
+                            exclude=exclude_from_loading)
             err: BaseException | None = None
         except Exception as exc:  # any failure, agreed below so that no rank is left waiting
             err = exc
-        agree_on(err, process_group)
-        assert prep is not None
+        prep = _agree_prepared(err, prep, process_group)
         targets = {name: leaf.value for name, leaf in prep.flat.tensors.items()}
         nbytes: int | None = None
         if balanced:  # collective: every rank takes part, so it stays outside the try below
@@ -422,7 +475,7 @@ class PendingLoad:
     """
 
     def __init__(self, template: Mapping[str, Any], path: str | os.PathLike[str], verify: Verify,
-                 process_group: dist.Group) -> None:
+                 process_group: dist.Group, exclude_from_loading: Iterable[str] = ()) -> None:
         self._group = process_group
         self._start = time.perf_counter()
         self._buffers: list[tuple[Read, torch.Tensor]] = []
@@ -432,6 +485,7 @@ class PendingLoad:
         # Rank and world size are read here, on the caller's thread, so the worker
         # thread never touches torch.distributed.
         self._rank, self._world = dist.rank(process_group), dist.world_size(process_group)
+        self._exclude = tuple(exclude_from_loading)
         self._thread = threading.Thread(target=self._run, args=(template, path, verify),
                                         name="resumable-load", daemon=True)
         self._thread.start()
@@ -445,7 +499,7 @@ class PendingLoad:
             reads = plan_reads(meta, flat)
             _verify(folder, meta, reads, verify, self._rank, self._world)
             check_headers(folder, meta, reads)
-            self._prep = _Prepared(folder, meta, flat, reads)
+            self._prep = _Prepared(folder, meta, flat, reads, unused=unused_names(meta, flat, self._exclude))
             self._bytes = execute_reads(folder, reads, lambda r, data: self._buffers.append((r, data)),
                                         verify=_blocks(verify))
         except BaseException as exc:  # handed to the caller's thread in result()
@@ -484,8 +538,7 @@ class PendingLoad:
                 self._prep.flat = flat
             except Exception as exc:  # agreed below
                 err = exc
-        agree_on(err, self._group)
-        assert self._prep is not None
+        self._prep = _agree_prepared(err, self._prep, self._group)
         result = None
         try:
             sink = place_into({n: leaf.value for n, leaf in self._prep.flat.tensors.items()})
@@ -502,7 +555,7 @@ class PendingLoad:
 
 
 def load_async(template: Mapping[str, Any], path: str | os.PathLike[str], *, process_group: dist.Group = None,
-               verify: Verify = "blocks") -> PendingLoad:
+               verify: Verify = "blocks", exclude_from_loading: Iterable[str] = ()) -> PendingLoad:
     """Start reading a checkpoint in a background thread while the caller builds its model.
 
     ``template`` describes what will be loaded: the same nested state the real load will
@@ -517,6 +570,7 @@ def load_async(template: Mapping[str, Any], path: str | os.PathLike[str], *, pro
         path: an ``iteration_*`` folder or a checkpoint folder.
         process_group: the ranks loading together.
         verify: as for :func:`load` (runs in the thread).
+        exclude_from_loading: as for :func:`load`.
 
     Returns:
         A :class:`PendingLoad`; call ``result(state)`` once the real state exists.
@@ -532,7 +586,7 @@ def load_async(template: Mapping[str, Any], path: str | os.PathLike[str], *, pro
     Hazard: the template's tensors are not read, but the template must not change
     (names, placements) until ``result()`` returns.
     """
-    return PendingLoad(template, path, verify, process_group)
+    return PendingLoad(template, path, verify, process_group, exclude_from_loading)
 
 
 def training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:

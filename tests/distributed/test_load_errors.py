@@ -16,7 +16,7 @@ import resumable
 from resumable.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, UnsafeCheckpointError
 from resumable.formats import v2
 from resumable.load import StateMismatchError, load
-from tests.format1 import downgrade
+from tests.format1 import downgrade, sealed
 from tests.launch import run_distributed
 
 
@@ -106,7 +106,7 @@ def _edit_metadata(folder: Path, edit) -> None:
     path = folder / "metadata.json"
     doc = json.loads(path.read_text())
     edit(doc)
-    path.write_text(json.dumps(doc))
+    path.write_text(sealed(doc))  # resealed: the checks past the seal are what is tested
 
 
 def test_a_dtype_in_the_file_differing_from_metadata_is_refused(folder: Path) -> None:
@@ -181,3 +181,46 @@ def test_a_read_failing_in_a_balanced_load_fails_every_rank_before_any_send(fold
     assert len(results) == 2, results
     for r in results:  # its own error or its peer's ("rank N failed: ..."); neither waits on a message
         assert r.startswith("CorruptCheckpointError: ") and f"{victim}: file ends at byte" in r, r
+
+
+def test_a_saved_tensor_the_state_has_no_place_for_is_an_error_unless_excluded(folder: Path) -> None:
+    # E.g. resuming with tie_word_embeddings flipped: the saved head would be dropped silently.
+    target = _zeros_like(_state())
+    del target["model"]["head.weight"]
+    with pytest.raises(StateMismatchError) as info:
+        load(target, folder)
+    assert str(info.value) == (
+        f"checkpoint {folder} holds 1 tensor(s) the state has no place for on any rank: head.weight; they would be "
+        "dropped silently. Build the model with the architecture it was saved with (e.g. the same "
+        "tie_word_embeddings), or leave them out on purpose with exclude_from_loading")
+    assert torch.equal(target["model"]["norm.weight"], torch.zeros(3))  # refused before any tensor is touched
+    load(target, folder, exclude_from_loading=["head"])  # a dotted prefix
+    assert torch.equal(target["model"]["norm.weight"], torch.ones(3))
+    # A weights-only state leaves the optimizer's tensors aside on purpose.
+    load({"model": _zeros_like(_state())["model"]}, folder)
+
+
+def _stages(rank: int, world: int, folder: str, drop_head: bool) -> str:
+    """Each rank holds the tensors of its own pipeline stage (norm on both)."""
+    model = _zeros_like(_state())["model"]
+    if rank == 0 or drop_head:
+        del model["head.weight"]
+    if rank == 1:
+        del model["embed.weight"]
+    try:
+        load({"model": model}, folder)
+    except CheckpointError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return "loaded"
+
+
+@pytest.mark.parametrize("drop_head", [False, True])
+def test_tensors_split_across_pipeline_stages_count_as_used_by_any_rank(folder: Path, drop_head: bool) -> None:
+    results = run_distributed(_stages, 2, str(folder), drop_head)
+    if not drop_head:
+        assert results == ["loaded", "loaded"]
+    else:
+        assert results == [f"StateMismatchError: checkpoint {folder} holds 1 tensor(s) the state has no place for "
+                           "on any rank: head.weight; they would be dropped silently. Build the model with the "
+                           "architecture it was saved with (e.g. the same tie_word_embeddings), or leave them out "
+                           "on purpose with exclude_from_loading"] * 2
