@@ -38,3 +38,9 @@ def downgrade_to_2(folder: Path) -> dict:
     doc["format_version"] = 2
     (folder / v2.METADATA).write_text(json.dumps(doc, separators=(",", ":")))
     return doc
+
+
+def sealed(doc: dict) -> str:
+    """``doc`` (a parsed version-3 metadata.json, maybe edited) as metadata.json text with a fresh seal,
+    as a forger who knows the format writes it."""
+    return v2.seal(json.dumps({k: v for k, v in doc.items() if k != "seal"}, separators=(",", ":")))
