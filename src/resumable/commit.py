@@ -115,9 +115,16 @@ def temp_dirname(iteration: int) -> str:
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
     """fsync a directory so that renames and creations inside it survive a power loss."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    _fsync_path(path, os.O_RDONLY | os.O_DIRECTORY)
+
+
+def _fsync_path(path: str | os.PathLike[str], flags: int) -> None:
+    """Open ``path`` with ``flags`` and fsync it; an fsync error names the path (the kernel's does not)."""
+    fd = os.open(path, flags)
     try:
         os.fsync(fd)
+    except OSError as exc:  # e.g. EIO or ENOSPC from write-back: "[Errno 28] No space left on device" says not where
+        raise OSError(exc.errno, exc.strerror, os.fspath(path)) from exc
     finally:
         os.close(fd)
 
@@ -183,11 +190,7 @@ def publish_file(temp: str | os.PathLike[str], final: str | os.PathLike[str]) ->
 
 def fsync_file(path: str | os.PathLike[str]) -> None:
     """fsync one file's data (metadata.json and friends before the folder rename)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _fsync_path(path, os.O_RDONLY)
 
 
 def make_dirs(path: str | os.PathLike[str]) -> Path:
