@@ -141,6 +141,11 @@ def check_iteration_folder(folder: Path) -> int:
     iteration = parse_iteration(name)
     if iteration is None:
         raise CheckpointNotFoundError(f"{folder} is not an iteration_XXXXXXXX folder")
+    if folder.is_symlink():
+        raise CorruptCheckpointError(
+            f"{folder} is a symlink (to {os.readlink(folder)}), not a committed checkpoint: an iteration folder is "
+            "never a link (its files would be read from outside the checkpoint folder, and retention would count "
+            "and delete through it). Point load_checkpoint at the folder it links to, or copy that folder in")
     if not folder.is_dir():
         raise CheckpointNotFoundError(
             f"{folder} does not exist; committed iterations in {folder.parent}: "

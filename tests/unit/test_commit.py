@@ -243,3 +243,19 @@ def test_discarding_newer_iterations_moves_the_tracker_back_first_then_deletes_t
     assert commit.read_tracker(tmp_path) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == [commit.iteration_dirname(2), commit.TRACKER]
     assert commit.discard_after(tmp_path, 0) == [2] and commit.read_tracker(tmp_path) is None
+
+
+def test_a_save_over_a_stray_file_named_like_its_folder_names_the_file_and_leaves_no_temp(tmp_path: Path):
+    from resumable.errors import SaveError
+
+    save({"model": {"w": torch.ones(2)}}, tmp_path, 2)
+    stray = tmp_path / commit.iteration_dirname(4)
+    stray.write_bytes(b"notes")
+    with pytest.raises(SaveError) as info:
+        save({"model": {"w": torch.ones(2)}}, tmp_path, 4)
+    assert str(info.value) == (
+        f"committing {stray} failed on 1 rank(s), nothing was committed: rank 0: CheckpointError: {stray} is a "
+        f"file, not a checkpoint folder, and is in the way of this save: move it out of {tmp_path} (a checkpoint "
+        "folder holds only the iteration_* folders its saves write)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [commit.iteration_dirname(2), stray.name, commit.TRACKER]
+    assert stray.read_bytes() == b"notes" and commit.read_tracker(tmp_path) == 2

@@ -178,3 +178,18 @@ def test_verify_names_a_missing_file_and_a_file_with_the_wrong_checksum(ckpt: Pa
     with pytest.raises(CheckpointNotFoundError) as info:
         verify_files(folder)
     assert str(info.value).startswith(f"{victim}: missing; files.json lists it with ")
+
+
+def test_a_symlinked_iteration_folder_is_refused_when_named_and_skipped_when_not(ckpt: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "elsewhere" / "iteration_00000400"
+    shutil.copytree(ckpt / "iteration_00000300", outside)
+    link = ckpt / "iteration_00000400"
+    link.symlink_to(outside)
+    with pytest.raises(CorruptCheckpointError) as info:
+        resolve_checkpoint(link)
+    assert str(info.value) == (
+        f"{link} is a symlink (to {outside}), not a committed checkpoint: an iteration folder is never a link (its "
+        "files would be read from outside the checkpoint folder, and retention would count and delete through it). "
+        "Point load_checkpoint at the folder it links to, or copy that folder in")
+    (ckpt / "latest_checkpointed_iteration.txt").unlink()
+    assert resolve_checkpoint(ckpt).iteration == 300  # never the newest committed
