@@ -245,3 +245,28 @@ def test_a_launched_process_is_bound_to_its_launcher_and_dies_if_the_launcher_is
     assert (bound.returncode, bound.stdout) == (0, f"{int(signal.SIGKILL)} True\n"), bound.stderr
     orphan = run(1)  # a launcher pid that is not its parent: as if it had died before the call
     assert orphan.returncode == -signal.SIGKILL and orphan.stdout == "", orphan.stderr
+
+
+@pytest.mark.parametrize("second_signal", [False, True])
+def test_a_job_that_does_not_stop_is_killed_after_the_stop_timeout_or_at_a_second_signal(
+        tmp_path: Path, second_signal: bool) -> None:
+    out = tmp_path / "job"
+    timeout = 60 if second_signal else 2
+    cmd = train_cmd(out, "runner_config.epochs=100000", "parallel_config.data_parallel=2", nproc=2)
+    cmd[4:4] = ["--stop-timeout", str(timeout)]
+    with _job(cmd, out) as (job, marker):
+        _wait_for(lambda: len(log_records(out)) >= 2, 180, "training")
+        for pid in set(_job_pids(marker)) - {job.pid}:
+            os.kill(pid, signal.SIGSTOP)  # a hung torchrun and hung workers: no stop request reaches them
+        start = time.monotonic()
+        os.kill(job.pid, signal.SIGTERM)
+        if second_signal:
+            time.sleep(1)  # the first one is being handled
+            os.kill(job.pid, signal.SIGTERM)
+        assert job.wait(timeout=timeout + 30) == 143, _stderr(out)[-3000:]
+        _wait_for(lambda: not _job_pids(marker), 10, "every process of the job gone")
+        took = time.monotonic() - start
+        assert (took < 10) if second_signal else (timeout + 5 <= took < timeout + 15), took
+    expected = ("second signal (SIGTERM): killing the job" if second_signal
+                else f"the job did not stop within {timeout + 5} s: killing it")
+    assert expected in _stderr(out), _stderr(out)[-3000:]
