@@ -1,6 +1,6 @@
 """The ``resumable`` command line.
 
-    resumable train [--config C.yaml] [--nproc N] [--set KEY=VALUE ...]
+    resumable train [--config C.yaml] [--nproc N] [--set KEY=VALUE ...] [--stop-timeout S]
     resumable inspect PATH [--json]
     resumable verify PATH [--no-checksum]
     resumable diff A B [--model-only]
@@ -9,13 +9,16 @@
     resumable convert SRC OUT --to {v2,unified,hf,legacy}
 
 Exit status: 0 success; 1 the answer is "no" (verify found problems, diff found
-differences); 2 an error (the message names the path and what to do).
+differences); 2 an error (the message names the path and what to do); 128 + n: ``train``
+stopped by signal n (130 Ctrl-C, 143 SIGTERM) after finishing its save in flight.
 The checkpoint commands live in :mod:`resumable.tools.commands`.
 
 ``train`` launches ``torchrun`` itself (single node) with ``--nproc`` processes, or, without
 ``--nproc``, with as many as the config's layout needs (data x model x pipeline parallel);
 under the user's own ``torchrun`` (``WORLD_SIZE`` set) it trains as one rank of that job
-(``torchrun --nproc-per-node 4 -m resumable.train --config C.yaml``).
+(``torchrun --nproc-per-node 4 -m resumable.train --config C.yaml``). The torchrun it launches
+gets every stop signal the command gets, and the job's processes die with the command
+(:mod:`resumable.proctree`).
 """
 
 from __future__ import annotations
