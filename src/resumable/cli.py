@@ -82,9 +82,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                         "or callbacks.0.keep_checkpoint_max=2 (repeatable)")
     p.add_argument("--stop-timeout", type=_positive_seconds, default=60.0, metavar="SECONDS",
                    help="on SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1 or SIGUSR2 every process of the job "
-                        "stops (finishing the save in flight); those still running this long after the "
-                        "signal are killed (default 60). A second signal kills at once. Exit status: "
-                        "128 + the signal's number (130 for Ctrl-C, 143 for SIGTERM)")
+                        "stops (finishing the save in flight); when torchrun runs the job, processes still "
+                        "running this long after the signal are killed (default 60). A second signal "
+                        "stops at once. Exit status: 128 + the signal's number (130 for Ctrl-C, 143 for "
+                        "SIGTERM)")
     p.set_defaults(func=_train)
 
 
