@@ -43,6 +43,7 @@ from pathlib import Path
 
 from resumable import commit, dist
 from resumable.errors import CheckpointError, LockedError
+from resumable.formats.jsonfile import parse_json
 
 __all__ = ["LOCK_FILE", "DirectoryLock", "lock_for_job"]
 
@@ -120,9 +121,10 @@ class DirectoryLock:
 def _read_holder(fd: int) -> str:
     """The holder recorded in the lock file, as words (best effort: it is only for the message)."""
     try:
-        doc = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        # Bounded depth: 4096 bytes of "[" would make json.loads raise RecursionError; this is a ValueError.
+        doc = parse_json(os.pread(fd, 4096, 0) or b"{}", "lock file")
         return f"host {doc['host']}, pid {doc['pid']}, since {doc['since']}"
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError):  # CorruptCheckpointError is a ValueError
         return "holder unknown"
 
 

@@ -252,3 +252,13 @@ def test_a_2mb_hostile_metadata_json_is_refused_in_seconds_not_minutes(it1: Path
     with pytest.raises(CorruptCheckpointError, match="tensor 'w' of shape"):
         v2.Metadata.from_json(text, it1 / "metadata.json")
     assert time.monotonic() - start < 5  # generous: a loaded 2-core machine; quadratic code takes minutes
+
+
+def test_a_lock_file_of_deep_json_still_gives_a_locked_error(tmp_path: Path):
+    from resumable.errors import LockedError
+    from resumable.lock import LOCK_FILE, DirectoryLock
+
+    with DirectoryLock(tmp_path):
+        (tmp_path / LOCK_FILE).write_bytes(b"[" * 4096)  # json.loads of this raised RecursionError
+        with pytest.raises(LockedError, match=r"is in use by another job \(holder unknown\)"):
+            DirectoryLock(tmp_path).acquire()
