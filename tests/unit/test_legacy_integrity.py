@@ -24,10 +24,12 @@ from resumable.legacy import LegacySaver, resolve_legacy
 from resumable.tools.verify import verify_path
 from tests.fixtures.mindformers import build_legacy
 
+WITH = "with checksums (whole-file xxh3-64 in meta.json or per-block; seals)"  # verify's words
 LAYOUT = {"world_size": 1, "mesh": None, "pipeline_stages": 1, "sharded_optimizer": False}
 
 
-def _saver(tree: Path, fmt: str = "safetensors", keep: int | None = None, protect: tuple[Path, ...] = ()) -> LegacySaver:
+def _saver(tree: Path, fmt: str = "safetensors", keep: int | None = None,
+           protect: tuple[Path, ...] = ()) -> LegacySaver:
     return LegacySaver(tree, prefix="CKP", fmt=fmt, keep_checkpoint_max=keep, remove_redundancy=False,
                        save_optimizer=True, strategy_dir=tree.parent / "strategy", layout=LAYOUT, protect=protect)
 
@@ -109,7 +111,7 @@ def test_verify_checks_every_step_of_every_rank_folder_and_names_each_damaged_fi
     strategy.write_bytes(v1.strategy_doc(rank=0, world_size=2, layout={**LAYOUT, "world_size": 2},
                                          remove_redundancy=False, tensors={}))
     problems, checked, what = verify_path(tree)
-    assert (problems, checked, what) == ([], 5, "5 with checksums, 0 sizes only")  # 3 steps, meta.json, strategy
+    assert (problems, checked, what) == ([], 5, f"5 {WITH}, 0 sizes only")  # 3 steps, meta.json, strategy
     # Damage the OLDEST step (a resume would not even look at it) and the strategy file.
     rank0 = tree / "rank_0"
     _flip(rank0 / _name(2))
@@ -123,13 +125,13 @@ def test_verify_checks_every_step_of_every_rank_folder_and_names_each_damaged_fi
     done = subprocess.run([sys.executable, "-m", "resumable.cli", "verify", str(tree)], capture_output=True, text=True)
     assert done.returncode == 1
     assert f"PROBLEM {rank0 / _name(2)}: xxh3-64 " in done.stdout
-    assert done.stdout.splitlines()[-1] == f"{tree}: 3 problem(s) found (5 files checked: 5 with checksums, 0 sizes only)"
+    assert done.stdout.splitlines()[-1] == f"{tree}: 3 problem(s) found (5 files checked: 5 {WITH}, 0 sizes only)"
 
 
 def test_verify_says_sizes_only_for_a_mindformers_tree_and_still_finds_a_torn_file(tmp_path):
     build_legacy(tmp_path, [[(1, 2, 0), (1, 4, 0)]], [(1, 4)])
     problems, checked, what = verify_path(tmp_path)
-    assert (problems, what) == ([], "0 with checksums, 3 sizes only")
+    assert (problems, what) == ([], f"0 {WITH}, 3 sizes only (files that carry no checksums, e.g. MindFormers')")
     torn = tmp_path / "rank_0" / "tiny_rank_0-1_2.safetensors"
     os.chmod(torn, 0o600)
     _truncate(torn)

@@ -179,7 +179,8 @@ def meta_bytes(epoch: int, step: int, file_name: str, files: Mapping[str, FileRe
         files: size and checksum of every rank file of the folder to record (the new one included).
     """
     doc: dict[str, Any] = {"last_epoch": epoch, "last_step": step, "last_ckpt_file": file_name,
-                           "files": {n: {"size": size, "xxh3_64": digest} for n, (size, digest) in sorted(files.items())}}
+                           "files": {n: {"size": size, "xxh3_64": digest}
+                                     for n, (size, digest) in sorted(files.items())}}
     doc["seal"] = seal(doc)
     return (json.dumps(doc) + "\n").encode()
 

@@ -149,7 +149,9 @@ def _verify_legacy(root: Path, checksum: bool) -> tuple[list[Problem], int, str]
     problems = [Problem(w, m) for w, m in found.problems]
     if not problems:  # the files are intact: do the step a resume picks and its metadata agree?
         problems = _verify_foreign(root)[0]
-    what = f"{found.checksummed} with checksums, {found.sizes_only} sizes only"
+    what = (f"{found.checksummed} with checksums (whole-file xxh3-64 in meta.json or per-block; seals), "
+            f"{found.sizes_only} sizes only" + (" (files that carry no checksums, e.g. MindFormers')"
+                                                if found.sizes_only else ""))
     return problems, found.checksummed + found.sizes_only, what
 
 
