@@ -149,3 +149,23 @@ def test_training_stops_or_goes_on_as_on_save_error_says(small_disk: Path, tmp_p
     assert _entries(directory) == [".lock", "iteration_00000002", TRACKER]
     assert commit.read_tracker(directory) == 2
     verify_files(directory / "iteration_00000002", checksum=True)
+
+
+@pytest.mark.parametrize("argv", [["merge"], ["convert", "--to", "hf", "--hf-config", "CONFIG"],
+                                  ["split", "--layout", "dp=2"]], ids=lambda a: " ".join(a[:3]))
+def test_a_tool_output_that_fills_the_disk_names_the_file_and_leaves_nothing(small_disk: Path, tmp_path: Path,
+                                                                            argv: list[str]) -> None:
+    from resumable.cli import main
+
+    resumable.save({"model": {"model.embed_tokens.weight": torch.randn(1024, 768)}, "global_step": 1},
+                   tmp_path / "src", 1)  # 3 MiB: more than the disk holds
+    (tmp_path / "config.json").write_text('{"model_type": "qwen3"}')
+    cmd, *options = [str(tmp_path / "config.json") if a == "CONFIG" else a for a in argv]
+    done = subprocess.run([sys.executable, "-m", "resumable.cli", cmd, str(tmp_path / "src"), str(small_disk / "out"),
+                           *options, "--quiet"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(f"resumable {cmd}: error: [Errno 28] No space left on device: '{small_disk}/")
+    assert done.stderr.count("\n") == 1, done.stderr
+    # Nothing that looks like an output, no temp folder: the disk is as empty as before (split: its lock only).
+    left = sorted(str(p.relative_to(small_disk)) for p in small_disk.rglob("*"))
+    assert left == (["out", "out/.lock"] if cmd == "split" else []), left

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -38,7 +37,7 @@ from safetensors import SafetensorError, safe_open
 from resumable.errors import CheckpointNotFoundError, CorruptCheckpointError, UnsafeCheckpointError
 from resumable.formats.jsonfile import check_regular, load_json_object
 from resumable.formats.schema import need_int, need_number, need_type
-from resumable.formats.safetensors_io import open_safetensors, stored_slice
+from resumable.formats.safetensors_io import open_safetensors, stored_slice, write_file_streaming
 from resumable.geometry import Box
 
 __all__ = [
@@ -234,24 +233,9 @@ def _write_safetensors(
     specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
     get: Callable[[str], torch.Tensor],
 ) -> None:
-    """Write one safetensors file: the header from ``specs``, then each tensor as it is fetched."""
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name, dtype, shape in specs:
-        size = Box.full(shape).numel * dtype.itemsize
-        header[name] = {"dtype": _DTYPE_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(encoded)) + encoded)
-        for name, dtype, shape in specs:
-            tensor = get(name)
-            if tensor.dtype != dtype or tuple(tensor.shape) != shape:
-                raise ValueError(
-                    f"tensor {name!r} was announced as {dtype} {list(shape)} but is {tensor.dtype} {list(tensor.shape)}"
-                )
-            f.write(memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+    """Write one safetensors file, each tensor as it is fetched: the checkpoint writer's, so the file
+    is fsynced, carries block checksums, and a write error (a full disk) names it."""
+    write_file_streaming(path, specs, get, {"format": "pt"})
 
 
 def write_hf_folder(
