@@ -107,8 +107,10 @@ def _assert_legacy_committed_and_clean(checkpoint: Path, at_least: int, nproc: i
     assert verified.returncode == 0, verified.stdout + verified.stderr
 
 
-@pytest.mark.parametrize("nproc, layout", [(1, "v2"), (2, "v2"), (2, "legacy")])
-def test_ctrl_c_during_an_async_save_commits_it_and_exits_130(tmp_path: Path, nproc: int, layout: str) -> None:
+@pytest.mark.parametrize("nproc, layout, sig", [(1, "v2", signal.SIGINT), (1, "v2", signal.SIGTERM),
+                                                (2, "v2", signal.SIGINT), (2, "legacy", signal.SIGINT)])
+def test_ctrl_c_or_sigterm_during_an_async_save_commits_it_and_exits_128_plus_the_signal(
+        tmp_path: Path, nproc: int, layout: str, sig: signal.Signals) -> None:
     out = tmp_path / "job"
     checkpoint = out / "checkpoint"
     legacy = layout == "legacy"
@@ -117,13 +119,16 @@ def test_ctrl_c_during_an_async_save_commits_it_and_exits_130(tmp_path: Path, np
     in_flight = _legacy_in_flight if legacy else _in_flight
     with _job(cmd, out) as (job, _):
         step = _wait_for(lambda: in_flight(checkpoint), 180, "an async save in flight")
-        os.killpg(job.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
-        assert job.wait(timeout=120) == 130, _stderr(out)[-3000:]
+        if sig == signal.SIGINT:
+            os.killpg(job.pid, sig)  # what Ctrl-C in the terminal does
+        else:
+            os.kill(job.pid, sig)  # `kill PID`
+        assert job.wait(timeout=120) == 128 + sig, _stderr(out)[-3000:]
     if legacy:
         _assert_legacy_committed_and_clean(checkpoint, step, nproc)
     else:
         _assert_committed_and_clean(checkpoint, step)
-    assert "training stopped by SIGINT" in _stderr(out)
+    assert f"training stopped by {sig.name}" in _stderr(out)
     assert "Traceback" not in _stderr(out), _stderr(out)[-3000:]
 
 
@@ -205,6 +210,17 @@ def test_a_sigkilled_wrapper_takes_torchrun_and_every_worker_with_it(tmp_path: P
         os.killpg(job.pid, signal.SIGKILL)  # the wrapper's whole process group, as a crash or `kill -9 -PGID`
         job.wait()
         _wait_for(lambda: not _job_pids(marker), 15, f"every process of the job gone (killed while {phase})")
+
+
+def test_the_workers_of_a_users_own_torchrun_die_with_it(tmp_path: Path) -> None:
+    out = tmp_path / "job"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+           "resumable.train", *train_cmd(out, "runner_config.epochs=100000", "parallel_config.data_parallel=2")[4:]]
+    with _job(cmd, out) as (job, marker):
+        _wait_for(lambda: len(log_records(out)) >= 2, 180, "training")
+        os.kill(job.pid, signal.SIGKILL)  # torchrun alone: its workers run in sessions of their own
+        job.wait()
+        _wait_for(lambda: not _job_pids(marker), 15, "every worker gone")
 
 
 def _lone_rank(tmp_path: Path, rank: int) -> tuple[subprocess.CompletedProcess, int]:
