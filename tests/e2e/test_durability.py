@@ -54,6 +54,7 @@ def test_a_first_save_fsyncs_every_file_the_folder_the_parent_and_output_dir(tmp
     assert creation_problems(calls, ckpt) + creation_problems(calls, ckpt.parent) == []
 
 
+@pytest.mark.slow
 def test_a_two_process_training_job_saves_durably(tmp_path):
     out = tmp_path / "out"
     calls = _run(train_cmd(out, "parallel_config.data_parallel=2", "runner_config.stop_step=2",
@@ -65,6 +66,7 @@ def test_a_two_process_training_job_saves_durably(tmp_path):
     assert creation_problems(calls, ckpt) == []
 
 
+@pytest.mark.slow
 def test_a_legacy_save_publishes_each_rank_file_and_meta_json_durably(tmp_path):
     out = tmp_path / "out"
     calls = _run(train_cmd(out, "use_legacy_format=true", "runner_config.stop_step=2",
