@@ -459,7 +459,8 @@ def run(cfg: TrainConfig, callbacks: Iterable[Callback] = ()) -> Trainer:
             return trainer
         finally:
             try:
-                _finish_saves()  # its commit needs the process group: before destroying it
+                with _STOP.deferred():  # a first stop signal now must not cut this wait
+                    _finish_saves()  # its commit needs the process group: before destroying it
             finally:
                 if created:
                     dist.destroy_process_group()
