@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import json
 import logging
 import os
 import re
@@ -43,7 +42,7 @@ from pathlib import Path
 from typing import Iterable
 
 from resumable.errors import CheckpointError, CheckpointNotFoundError, ConfigError, CorruptCheckpointError
-from resumable.formats.jsonfile import read_tracker_file
+from resumable.formats.jsonfile import load_json_object, read_tracker_file
 
 log = logging.getLogger(__name__)
 
@@ -263,14 +262,15 @@ def publish_output_dir(temp: str | os.PathLike[str], final: str | os.PathLike[st
 
 
 def _json_object(path: Path) -> dict | None:
-    """The JSON object in ``path``; None when it is missing, unreadable or not an object."""
+    """The JSON object in ``path``; None when it is missing, unreadable, not an object, or hostile (a FIFO
+    would block every command that looks for checkpoints; deep nesting would raise RecursionError)."""
     try:
-        with open(path, "rb") as f:
-            doc = json.load(f)
-    except (OSError, ValueError):
+        return load_json_object(path, "checkpoint file", _MAX_JSON, allow_nan=True)
+    except (CheckpointError, OSError):
         return None
-    return doc if isinstance(doc, dict) else None
 
+
+_MAX_JSON = 1 << 30  # formats.v2.MAX_METADATA_BYTES (not imported: v2 brings torch into this light module)
 
 #: Keys only our common.json has (MindFormers' holds epoch/step/loss-scale scalars only).
 _OUR_COMMON_KEYS = ("state", "rank_local")

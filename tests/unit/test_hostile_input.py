@@ -262,3 +262,14 @@ def test_a_lock_file_of_deep_json_still_gives_a_locked_error(tmp_path: Path):
         (tmp_path / LOCK_FILE).write_bytes(b"[" * 4096)  # json.loads of this raised RecursionError
         with pytest.raises(LockedError, match=r"is in use by another job \(holder unknown\)"):
             DirectoryLock(tmp_path).acquire()
+
+
+@pytest.mark.parametrize("make", ["fifo", "deep"])
+def test_discovery_skips_an_iteration_whose_metadata_is_a_fifo_or_nested_deep(it1: Path, make: str):
+    (it1 / "metadata.json").unlink()
+    if make == "fifo":
+        os.mkfifo(it1 / "metadata.json")  # open() for reading would wait for a writer forever
+    else:
+        (it1 / "metadata.json").write_bytes(DEEP)
+    assert not commit.is_committed(it1)
+    assert commit.committed_iterations(it1.parent) == []
