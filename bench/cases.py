@@ -79,6 +79,9 @@ def _loads() -> list[Case]:
                 Case(f"resumable load {cache} w{w}", "load", "resumable_load", w, f"resumable-w{w}", cache,
                      dcp=f"dcp load {cache} w{w}"),
             ]
+        # The same load with sizes checked only: the cost of the default per-block checksums.
+        out.append(Case(f"resumable load cold w{w} sizes only", "load", "resumable_load_sizes", w,
+                        f"resumable-w{w}", "cold", same_layout=f"resumable load cold w{w}"))
     for src, dst in ((2, 1), (1, 2)):
         out += [
             Case(f"dcp load reshard {src}->{dst}", "load", "dcp_load", dst, f"dcp-w{src}", "cold",

@@ -159,10 +159,15 @@ def torch_save(ctx: Ctx) -> dict[str, float]:
 # ------------------------------------------------------------------------------ loads
 
 
-def resumable_load(ctx: Ctx, balanced: bool = False) -> dict[str, float]:
+def resumable_load(ctx: Ctx, balanced: bool = False, verify: str = "blocks") -> dict[str, float]:
     import resumable
 
-    return {"seconds": ctx.timed(lambda: resumable.load(ctx.state, ctx.source, balanced=balanced))}
+    return {"seconds": ctx.timed(lambda: resumable.load(ctx.state, ctx.source, balanced=balanced, verify=verify))}
+
+
+def resumable_load_sizes(ctx: Ctx) -> dict[str, float]:
+    """A load checking sizes only (no per-block checksums): what the default verification costs."""
+    return resumable_load(ctx, verify="size")
 
 
 def resumable_balanced_load(ctx: Ctx) -> dict[str, float]:
@@ -198,6 +203,6 @@ def torch_load(ctx: Ctx) -> dict[str, Any]:
 OPS: dict[str, Callable[[Ctx], dict[str, Any]]] = {f.__name__: f for f in (
     resumable_save, resumable_async_save, dcp_save, dcp_save_t2, dcp_async_save, dcp_async_save_default,
     safetensors_save, torch_save,
-    resumable_load, resumable_balanced_load, dcp_load, safetensors_load, torch_load)}
+    resumable_load, resumable_load_sizes, resumable_balanced_load, dcp_load, safetensors_load, torch_load)}
 #: Operations that build their own tensors (no target state is prepared for them).
 ALLOCATING = {"safetensors_load", "torch_load"}

@@ -153,6 +153,10 @@ def targets(rows: dict[str, Row], training: dict[str, Any] | None) -> list[tuple
         add(f"sync save w{w} adds <= 10% of the state to RSS", s and s.rss_ratio,
             bool(s and s.rss_ratio <= 0.10), "{:.1%}")
         add(f"load w{w} peak RSS <= 1.15x target state", c and c.rss_ratio, bool(c and c.rss_ratio <= 1.15))
+        z = rows.get(f"resumable load cold w{w} sizes only")
+        cost = 1 / z.vs_same if z and z.vs_same else None
+        add(f"cold load w{w} with per-block checksums <= 1.05x sizes only", cost,
+            bool(cost is not None and cost <= 1.05), "{:.3f}x")
     for name in ("resumable load reshard 2->1", "resumable load reshard 1->2"):
         r = rows.get(name)
         add(f"{name.removeprefix('resumable load ')} <= 1.15x same layout", r and r.vs_same,

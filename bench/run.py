@@ -95,7 +95,7 @@ def against_disk(case: Case) -> bool:
     whose targets compare them with the disk's cold read and with each other. The disk's
     phase swings them most (the same load: 0.5-1.2 s within minutes); the other cases'
     targets have margins far wider than that, and 15 minutes allow no more rounds."""
-    return case.op == "resumable_load" and case.cache == "cold" and not case.replicated
+    return case.op in ("resumable_load", "resumable_load_sizes") and case.cache == "cold" and not case.replicated
 
 
 def select(only: list[str]) -> list[Case]:

@@ -31,7 +31,7 @@ Every file also records, in ``__metadata__["resumable_blocks"]``, the xxh3-64 of
 (:class:`BlockDigests`): a reader checks exactly the blocks it reads, from the memory the
 bytes landed in, so that verification costs no extra I/O (only the bytes completing a
 block cut at the edge of a read). :func:`write_file` hashes the tensors block by block
-before the header goes out (``HASH_THREADS`` threads; xxhash releases the GIL);
+before the header goes out (one pass over memory, ~0.09 s per GiB);
 :func:`write_file_streaming`, whose tensors exist one at a time, writes fixed-width
 placeholders, hashes each tensor as it is fetched, rewrites the header in place at the
 end and computes the whole-file checksum by reading the file back.
@@ -124,8 +124,6 @@ CHECK_BLOCK = 1 << 20
 #: ``__metadata__`` key of the block checksums: JSON ``{"block": CHECK_BLOCK, "xxh3_64":
 #: {key: 16 hex digits per block, concatenated}}``.
 BLOCKS_KEY = "resumable_blocks"
-#: Threads hashing the blocks of :func:`write_file`'s tensors before the header is written.
-HASH_THREADS = 2
 
 #: Test seam: called after each block is written with (path, bytes written so far).
 #: The crash tests set it in a child process to stop a real writer mid-file; it is
@@ -251,9 +249,8 @@ def write_file(path: str | os.PathLike[str], tensors: Sequence[tuple[str, torch.
     """
     by_key = dict(tensors)
     specs = [(key, t.dtype, tuple(t.shape)) for key, t in tensors]
-    with ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="resumable-hash") as pool:
-        digests = {key: "".join(pool.map(xxhash.xxh3_64_hexdigest, _check_blocks(_byte_view(t))))
-                   for key, t in tensors}
+    # ~0.09 s per GiB: python-xxhash holds the GIL, so threads would not make it shorter.
+    digests = {key: _digest_hex(_byte_view(t)) for key, t in tensors}
     return _write(Path(path), specs, by_key.__getitem__, _with_blocks(metadata, digests), None, fsync)
 
 
