@@ -115,9 +115,11 @@ class SourceTensor:
             out[part.slices_in(region)] = chunk.read(part)
             covered += part.numel
         if covered != region.numel:
+            files = ", ".join(sorted({c.where for c in self.chunks})) or "no file"
             raise CorruptCheckpointError(
-                f"tensor {self.name!r}: the chunks cover {covered} of {region.numel} elements of "
-                f"the region at {list(region.offsets)} shape {list(region.shape)}")
+                f"tensor {self.name!r} (stored in {files}): the chunks cover {covered} of {region.numel} elements "
+                f"of the region at {list(region.offsets)} shape {list(region.shape)}; the checkpoint's metadata "
+                "and its files disagree: restore the damaged file or re-save the checkpoint")
         return out
 
 
