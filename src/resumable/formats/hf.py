@@ -36,7 +36,7 @@ from safetensors import SafetensorError, safe_open
 
 from resumable.errors import CheckpointNotFoundError, CorruptCheckpointError, UnsafeCheckpointError
 from resumable.formats.jsonfile import check_regular, load_json_object
-from resumable.formats.schema import need_int, need_number, need_type
+from resumable.formats.schema import need_int, need_number, need_type, shown
 from resumable.formats.safetensors_io import open_safetensors, stored_slice, write_file_streaming
 from resumable.geometry import Box
 
@@ -95,12 +95,19 @@ def safe_member(folder: Path, name: object, what: str) -> Path:
     if (not isinstance(name, str) or name in ("", ".", "..")
             or any(c in name for c in ("/", "\\", "\0")) or os.path.isabs(name)):
         raise UnsafeCheckpointError(
-            f"{what} {name!r} in {folder} is not a bare file name inside the checkpoint folder; refusing to open it"
-        )
+            f"{what} {shown(name)} in {folder} is not a bare file name inside the checkpoint folder; refusing to "
+            "open it")
     path = folder / name
-    if path.resolve().parent != folder.resolve():
-        raise UnsafeCheckpointError(f"{what} {name!r} in {folder} resolves outside the folder; refusing to open it")
-    if path.exists():  # a missing file is the caller's to report, with what names it
+    try:
+        inside = path.resolve().parent == folder.resolve()
+        present = path.exists()
+    except OSError as exc:  # a name too long for the file system, a symlink loop ...
+        raise UnsafeCheckpointError(f"{what} {shown(name)} in {folder} cannot be resolved ({exc.strerror}); "
+                                    "refusing to open it (the metadata is damaged or forged)") from None
+    if not inside:
+        raise UnsafeCheckpointError(f"{what} {shown(name)} in {folder} resolves outside the folder; refusing to "
+                                    "open it")
+    if present:  # a missing file is the caller's to report, with what names it
         check_regular(path, what)
     return path
 

@@ -281,7 +281,8 @@ _is_int = is_int
 
 
 def _int_list(x: object) -> bool:
-    return isinstance(x, list) and len(x) <= MAX_NDIM and all(_is_int(v) and 0 <= v <= MAX_DIM for v in x)
+    # type() is int: no bool, no subclass; inline (this runs for every offset and shape of a listed chunk).
+    return type(x) is list and len(x) <= MAX_NDIM and all(type(v) is int and 0 <= v <= MAX_DIM for v in x)
 
 
 def check_bare_name(name: object, source: str) -> str:

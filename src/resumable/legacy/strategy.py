@@ -42,7 +42,7 @@ def _placement(j: Sequence[Any]) -> Placement:
     raise CorruptCheckpointError(f"unknown placement {j!r} in a strategy file")
 
 
-def _derived_boxes(doc: Mapping[str, Any], rank: int) -> dict[str, set[Box]]:
+def _derived_boxes(doc: Mapping[str, Any], rank: int, where: str) -> dict[str, set[Box]]:
     """Boxes every tensor of a single-file strategy has on ``rank`` (no pipeline split)."""
     root = doc["layout"].get("mesh") or {}
     names, sizes = list(root), list(root.values())
@@ -58,7 +58,8 @@ def _derived_boxes(doc: Mapping[str, Any], rank: int) -> dict[str, set[Box]]:
         mesh = t["mesh"]
         if not mesh or not mesh["dim_names"] or any(n not in coord for n in mesh["dim_names"]):
             raise CorruptCheckpointError(
-                f"tensor {tname!r} sits on an unnamed mesh; pass the strategy folder as src_strategy_path_or_dir")
+                f"{where}: tensor {tname!r} sits on a mesh whose dims are not named in the layout's mesh; pass the "
+                "strategy folder as src_strategy_path_or_dir")
         sub = [coord[n] for n in mesh["dim_names"]]
         chunks = placement_chunks(shape, [_placement(p) for p in t["placements"]], mesh["shape"], sub)
         out[tname] = {c.box for c in chunks}  # a set: each stored box is looked up once
@@ -88,7 +89,7 @@ def check_strategy(src: str | os.PathLike[str], files: RankFiles, names: Sequenc
             "pipeline stages; pass the whole strategy folder")
     for rank, name in enumerate(names):
         if single:
-            expected = _derived_boxes(first, rank)
+            expected = _derived_boxes(first, rank, str(found[next(iter(docs))]))
         elif rank in docs:
             expected = {t: {Box(tuple(c["offsets"]), tuple(c["shape"])) for c in e["chunks"]}
                         for t, e in docs[rank]["tensors"].items()}
