@@ -3,7 +3,8 @@
 Each parser gets real valid input written by the project's own writers (a saved
 Checkpoint 2.0 iteration in format versions 1, 2 and 3, its common.json, a tracker, a
 legacy meta.json, a strategy file, a legacy rank file's safetensors bytes, a HuggingFace
-config and index, a MindSpore ``.ckpt`` protobuf, a MindFormers metadata.json), mutated by
+config and index, a MindSpore ``.ckpt`` protobuf, a torch-zip ``.ckpt``, a MindFormers
+metadata.json), mutated by
 hypothesis: bit flips, truncation, splices of random bytes or of the input itself, deep
 nesting, huge or wrongly typed numbers. A sealed JSON file is sealed again after the
 mutation (as a forger would), so the damage reaches the parser instead of stopping at the seal.
@@ -145,6 +146,8 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
     out["hf index"] = (hf_dir / hf.INDEX).read_bytes()
     out["hf shards"] = b"".join(p.name.encode() + b"\n" for p in sorted(hf_dir.glob("*.safetensors")))
     out["_hf_dir"] = str(hf_dir).encode()
+    v1.save_ckpt(root / "rank.ckpt", {"w": torch.ones(2, 3)}, {"format": "pt"})
+    out["torch ckpt"] = (root / "rank.ckpt").read_bytes()
     ms_ckpt.write_ms_ckpt(root / "net.ckpt", {"fc.weight": torch.ones(2, 3), "step": torch.tensor([3])})
     out["ms ckpt"] = (root / "net.ckpt").read_bytes()
     mf = build_v2(root / "mf", 5, {"decoder.final_layernorm.weight": torch.ones(4)}, dp=2)
@@ -195,6 +198,14 @@ def _strategy(folder: Path, raw: bytes) -> None:
     doc = v1.read_strategy(path)
     for rank in range(min(doc["world_size"], 8)):
         legacy_strategy._derived_boxes(doc, rank, str(path))  # what check_strategy computes from the numbers read
+
+
+def _torch_ckpt(folder: Path, raw: bytes) -> None:
+    path = folder / "q_rank_0-1_1.ckpt"
+    path.write_bytes(raw)
+    tensors, _ = v1.load_ckpt(path)
+    for t in tensors.values():
+        t.sum()  # the mapped bytes are read
 
 
 def _ms(folder: Path, raw: bytes) -> None:
@@ -272,7 +283,7 @@ FUZZ = settings(max_examples=EXAMPLES, derandomize=True, deadline=None, database
 
 CASES = ["metadata v1", "metadata v2", "metadata v3", "common.json", "tracker", "legacy meta.json",
          "mindformers meta.json", "strategy", "safetensors", "legacy safetensors", "rebuild", "hf config",
-         "hf index", "ms ckpt", "mindformers metadata"]
+         "hf index", "ms ckpt", "torch ckpt", "mindformers metadata"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -300,6 +311,7 @@ def test_every_parser_succeeds_or_names_the_file(case: str, data: st.DataObject,
         "hf config": lambda: _hf(folder, raw, hf.CONFIG, inputs),
         "hf index": lambda: _hf(folder, raw, hf.INDEX, inputs),
         "ms ckpt": lambda: _ms(folder, raw),
+        "torch ckpt": lambda: _torch_ckpt(folder, raw),
         "mindformers metadata": lambda: _mindformers(folder, raw, inputs),
     }
     _check(runs[case], folder)
