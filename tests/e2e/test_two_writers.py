@@ -79,8 +79,8 @@ def test_a_killed_holder_never_leaves_the_folder_locked(tmp_path: Path) -> None:
     CheckpointManager(tmp_path).close()  # no stale lock: the kernel released it with the process
 
 
-@pytest.mark.parametrize("argv", [["split", "--layout", "dp=2"], ["convert", "--to", "v2"], ["convert", "--to", "legacy"]],
-                         ids=" ".join)
+@pytest.mark.parametrize("argv", [["split", "--layout", "dp=2"], ["convert", "--to", "v2"],
+                                  ["convert", "--to", "legacy"]], ids=" ".join)
 def test_a_tool_writing_into_a_live_jobs_folder_refuses_naming_the_holder(tmp_path: Path, argv: list[str]) -> None:
     held = tmp_path / "ckpt"
     CheckpointManager(held).save({"model": {"w": torch.ones(3)}}, 1)

@@ -1,4 +1,7 @@
-"""commit.make_dirs, new_output_dir and publish_output_dir on real folders (their fsyncs: tests/e2e/test_durability.py)."""
+"""commit.make_dirs, new_output_dir and publish_output_dir on real folders.
+
+Their fsyncs are observed in the system calls by tests/e2e/test_durability.py.
+"""
 
 from __future__ import annotations
 
