@@ -273,3 +273,17 @@ def test_discovery_skips_an_iteration_whose_metadata_is_a_fifo_or_nested_deep(it
         (it1 / "metadata.json").write_bytes(DEEP)
     assert not commit.is_committed(it1)
     assert commit.committed_iterations(it1.parent) == []
+
+
+def test_a_legacy_global_shape_forged_to_ten_billion_is_refused_before_allocating(tmp_path: Path):
+    from resumable.geometry import Box
+    from resumable.legacy.files import RankFiles, fill
+
+    (tmp_path / "rank_0").mkdir()
+    write_file(tmp_path / "rank_0" / "q_rank_0-1_1.safetensors", [("w", torch.ones(2))], v1.file_metadata(
+        {"w": ("w", [10**10], [0])}, rank=0, layout={"world_size": 1}, remove_redundancy=False,
+        context={"state": {}, "rank_local": None}))
+    files = RankFiles(tmp_path)
+    meta = files.index(["rank_0/q_rank_0-1_1.safetensors"])
+    with pytest.raises(CorruptCheckpointError, match="covers 2 of the 10000000000 elements"):
+        fill(files, meta, "w", Box.full((10**10,)))  # 40 GB: never allocated

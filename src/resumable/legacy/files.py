@@ -258,8 +258,10 @@ class RankFiles:
 def fill(files: RankFiles, meta: v2.Metadata, name: str, box: Box) -> torch.Tensor:
     """One region of tensor ``name`` assembled from the stored chunks (conversions)."""
     t = meta.tensors[name]
-    out = torch.empty(box.shape, dtype=getattr(torch, t.dtype))
     stored = [StoredChunk(c.box, s.file, s.key) for c in t.chunks for s in c.stored]
     reads = plan_tensor_reads(name, [LocalChunk(box, tuple(slice(0, s) for s in box.shape))], stored)
+    # Allocated once the stored chunks (their shapes checked against the files) are known to cover the
+    # region: a global shape forged in a file's metadata allocates nothing.
+    out = torch.empty(box.shape, dtype=getattr(torch, t.dtype))
     files.read(reads, place_into({name: out}))
     return out
