@@ -65,11 +65,11 @@ CASES: dict[str, tuple[Callable[[Path], None], type, str]] = {
         "the file is damaged: restore it or load another iteration"),
     "truncated file": (
         lambda it4: _truncate(it4 / MODEL), CorruptCheckpointError,
-        "{it4}/" + MODEL + ": 590 bytes on disk, files.json records 600; the file is truncated or was "
+        "{it4}/" + MODEL + ": 678 bytes on disk, files.json records 688; the file is truncated or was "
         "replaced: restore it or load another iteration"),
     "missing shard": (
         lambda it4: (it4 / MODEL).unlink(), CheckpointNotFoundError,
-        "{it4}/" + MODEL + ": missing; files.json lists it with 600 bytes. The checkpoint is incomplete: "
+        "{it4}/" + MODEL + ": missing; files.json lists it with 688 bytes. The checkpoint is incomplete: "
         "restore the file or load another iteration"),
     "missing metadata.json": (
         lambda it4: (it4 / "metadata.json").unlink(), CorruptCheckpointError,
@@ -86,8 +86,9 @@ CASES: dict[str, tuple[Callable[[Path], None], type, str]] = {
         "restore it or load another iteration"),
     "garbled common.json": (
         lambda it4: (it4 / "common.json").write_text('{"iteration": 4,'), CorruptCheckpointError,
-        "{it4}/common.json: not valid JSON (Expecting property name enclosed in double quotes: line 1 column 17 "
-        "(char 16)); restore the file"),
+        "{it4}/common.json: 16 bytes with xxh3-64 96985270b5ceeeb5, but metadata.json records {common.size} bytes "
+        "with {common.xxh3_64}; the file is damaged or comes from another iteration: restore it or load another "
+        "iteration (resume_training: true falls back to the newest valid one)"),
     "garbage tracker": (
         lambda it4: (it4.parent / TRACKER).write_text("\x00\x17garbage"), CorruptCheckpointError,
         "{ckpt}/" + TRACKER + ": expected one iteration number, found '\\x00\\x17garbage'; write the iteration "
@@ -111,13 +112,14 @@ def _verify_output(path: Path) -> tuple[int, str]:
 def test_each_damage_is_refused_by_load_with_the_file_named(ckpt: Path, case: str) -> None:
     damage, kind, message = CASES[case]
     it4 = ckpt / "iteration_00000004"
-    recorded = resumable.formats.v2.read_metadata(it4).files[MODEL].xxh3_64
+    meta = resumable.formats.v2.read_metadata(it4)
+    recorded, common = meta.files[MODEL].xxh3_64, meta.common
     damage(it4)
     digest = resumable.formats.v2._xxh3_of(it4 / MODEL) if (it4 / MODEL).exists() else ""
     state = _state()
     with pytest.raises(kind) as info:
         resumable.load(state, ckpt, verify="checksum")
-    assert str(info.value) == message.format(it4=it4, ckpt=ckpt, digest=digest, recorded=recorded)
+    assert str(info.value) == message.format(it4=it4, ckpt=ckpt, digest=digest, recorded=recorded, common=common)
     if case not in ("missing common.json", "garbled common.json"):  # found before any tensor is touched
         assert torch.equal(state["model"]["w"], torch.zeros(64))
 
@@ -159,9 +161,9 @@ def test_nothing_valid_left_is_an_error_listing_every_skipped_iteration(ckpt: Pa
     it2, it4 = ckpt / "iteration_00000002", ckpt / "iteration_00000004"
     assert str(info.value) == (
         f"{ckpt}: no committed and valid iteration to resume from; skipped: iteration_00000004 named by {TRACKER} "
-        f"({it4}/{MODEL}: 590 bytes on disk, files.json records 600; the file is truncated or was replaced: "
+        f"({it4}/{MODEL}: 678 bytes on disk, files.json records 688; the file is truncated or was replaced: "
         f"restore it or load another iteration); iteration_00000002 ({it2}/{MODEL}: missing; files.json lists "
-        "it with 600 bytes. The checkpoint is incomplete: restore the file or load another iteration). Restore a "
+        "it with 688 bytes. The checkpoint is incomplete: restore the file or load another iteration). Restore a "
         "checkpoint or clear load_checkpoint to start fresh")
 
 
