@@ -222,11 +222,14 @@ def test_a_damaged_legacy_tree_is_named_by_train_and_verify(tmp_path: Path) -> N
     assert first.returncode == 0, first.stderr[-3000:]
     newest = tmp_path / "checkpoint" / "rank_0" / "CKP_rank_0-1_4.safetensors"
     _truncate(newest)
+    # The resume falls back past the torn step (meta.json records its size), then refuses to bury it.
     again = _train(tmp_path, "runner_config.stop_step=6", "use_legacy_format=true")
     assert again.returncode != 0
-    assert f"{newest}: not a valid safetensors file: " in again.stderr
+    assert f"skipping epoch 1 step 4 of {tmp_path / 'checkpoint'}: {newest}: " in again.stderr
+    assert "holds 1 step(s) newer than epoch 1 step 2 this job starts from: epoch 1 step 4" in again.stderr
     code, out = _verify_output(tmp_path / "checkpoint")
-    assert code == 1 and out.splitlines()[0].startswith(f"PROBLEM {newest}: not a valid safetensors file: "), out
+    assert code == 1 and out.splitlines()[0].startswith(f"PROBLEM {newest}: "), out
+    assert "bytes on disk, meta.json records" in out.splitlines()[0]
     shutil.rmtree(tmp_path / "checkpoint")
 
 
