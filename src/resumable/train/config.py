@@ -44,6 +44,8 @@ class ModelConfig(_Section):
     max_position_embeddings: int = Field(512, gt=0)
     tie_word_embeddings: bool = False
     initializer_range: float = Field(0.02, gt=0)
+    attention_dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the attention weights while "
+                                     "training (HF's attention_dropout); > 0 draws from the RNG every step")
 
     @model_validator(mode="after")
     def _heads_group(self) -> "ModelConfig":

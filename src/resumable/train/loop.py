@@ -171,6 +171,9 @@ class Trainer:
                                rc.batch_size, pc.micro_batch_num, layout.dp, layout.coord("dp"))
         self.total_steps = cfg.lr_schedule.total_steps or rc.epochs * self.batches.steps_per_epoch
         self.model = parallelize(build_model(cfg.model, cfg.seed), layout)
+        # What draws from the global RNG while training (attention dropout) depends on the seed
+        # alone; torch seeds it randomly per process. A resume restores its state (rank_local).
+        torch.manual_seed(cfg.seed)
         self.optimizer = build_optimizer(self.model, cfg.optimizer, lr_at(0, cfg.lr_schedule, self.total_steps))
         self.pipeline = build_pipeline(self.model, layout, pc.micro_batch_num, causal_lm_loss) if layout.pp > 1 else None
         self.ctx = TrainContext(global_batch_size=self.batches.global_batch_size)

@@ -66,6 +66,7 @@ class Attention(nn.Module):
         super().__init__()
         hd = cfg.head_dim
         self.head_dim = hd
+        self.dropout = cfg.attention_dropout
         self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_attention_heads * hd, bias=False)
         self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_key_value_heads * hd, bias=False)
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_key_value_heads * hd, bias=False)
@@ -84,7 +85,9 @@ class Attention(nn.Module):
         group = q.shape[1] // k.shape[1]
         k = k.repeat_interleave(group, dim=1)
         v = v.repeat_interleave(group, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (b, heads, s, hd)
+        # Dropout draws from the global RNG, which a resume restores (rank_local) for bit-for-bit steps.
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                             dropout_p=self.dropout if self.training else 0.0)  # (b, heads, s, hd)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
 
 
@@ -176,7 +179,7 @@ def hf_config(model: ModelConfig) -> dict[str, Any]:
     """
     return {
         "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_act": "silu",
-        "attention_bias": False, "attention_dropout": 0.0, "use_sliding_window": False,
+        "attention_bias": False, "attention_dropout": model.attention_dropout, "use_sliding_window": False,
         "vocab_size": model.vocab_size, "hidden_size": model.hidden_size,
         "intermediate_size": model.intermediate_size, "num_hidden_layers": model.num_hidden_layers,
         "num_attention_heads": model.num_attention_heads, "num_key_value_heads": model.num_key_value_heads,
