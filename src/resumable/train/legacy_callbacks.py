@@ -214,9 +214,10 @@ class LegacyResume(Callback):
                 ``callbacks.0.discard_newer_checkpoints`` is true.
         """
         mon = self.cfg.checkpoint
-        assert source.root is not None and source.position is not None
+        assert source.root is not None
         if not source.newer or mon is None or not same_folder(self.cfg.checkpoint_dir, source.root):
             return ()
+        assert source.position is not None  # only a tree's step has newer ones
         if mon.discard_newer_checkpoints:
             return source.newer
         start = ("step 0 (resume_training: false loads the weights only)" if self.cfg.resume_training is False
