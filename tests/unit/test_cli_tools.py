@@ -208,3 +208,19 @@ def test_convert_to_legacy_refuses_a_step_older_than_one_already_there(tmp_path,
         f"resumable convert: error: {legacy / 'rank_0'} already holds later steps (CKP_rank_0-1_5.safetensors) "
         "than epoch 1 step 3; writing it would point meta.json back at it: write into another folder\n")
     assert (legacy / "rank_0" / "meta.json").read_bytes() == meta
+
+
+def test_verify_checks_the_block_checksums_of_a_unified_export_and_says_so(ckpt, tmp_path, capsys):
+    out = tmp_path / "unified"
+    assert main(["convert", str(ckpt), str(out), "--to", "unified"]) == 0
+    capsys.readouterr()
+    assert main(["verify", str(out)]) == 0
+    files = sorted(out.glob("*.safetensors"))
+    assert capsys.readouterr().out.endswith(
+        f"sizes, headers and per-block checksums ({len(files)} of {len(files)} safetensors files carry them); a "
+        "unified folder carries no whole-file checksums)\n")
+    data = bytearray(files[0].read_bytes())
+    data[-2] ^= 0x01  # the last tensor's data
+    files[0].write_bytes(bytes(data))
+    assert main(["verify", str(out)]) == 1
+    assert capsys.readouterr().out.startswith(f"PROBLEM {files[0]}: tensor ")

@@ -30,7 +30,7 @@ from pathlib import Path
 from resumable import commit
 from resumable.errors import CheckpointError
 from resumable.formats import v2
-from resumable.formats.safetensors_io import read_header
+from resumable.formats.safetensors_io import read_header, verify_file
 from resumable.legacy.files import rank_folders, verify_tree
 from resumable.resolve import verify_files
 from resumable.sources import detect, open_source
@@ -64,11 +64,16 @@ class Checked:
     sealed: int = 0     # iterations whose metadata.json seal and common.json record were checked
     unsealed: int = 0   # iterations of format version 1 or 2 (no seals)
     foreign: str | None = None  # the format checked, when it carries no checksums
+    foreign_files: int = 0      # its safetensors files, of which ``blocks`` carry block checksums (our exports)
 
     def describe(self) -> str:
         """E.g. ``sizes, whole-file xxh3-64 and per-block checksums; metadata.json and common.json seals``."""
         if self.foreign is not None:
-            return f"sizes and headers only: {NO_CHECKSUMS.get(self.foreign, self.foreign)} carries no checksums"
+            name = NO_CHECKSUMS.get(self.foreign, self.foreign)
+            if self.blocks:  # written by resumable (convert --to hf|unified): their blocks were checked
+                return (f"sizes, headers and per-block checksums ({self.blocks} of {self.foreign_files} safetensors "
+                        f"files carry them); {name} carries no whole-file checksums")
+            return f"sizes and headers only: {name} carries no checksums"
         if not self.checksum:
             parts = ["sizes and headers (no checksums: --no-checksum)"]
         else:
@@ -106,12 +111,26 @@ def _verify_v2(folder: Path, checksum: bool, seen: Checked) -> tuple[list[Proble
     return problems, len(meta.files)
 
 
-def _verify_foreign(path: Path) -> tuple[list[Problem], int]:
+def _verify_foreign(path: Path, checksum: bool = False, seen: Checked | None = None) -> tuple[list[Problem], int]:
+    """Open a foreign checkpoint (metadata and headers checked); with ``checksum``, also check
+    the block checksums of its safetensors files that carry them (resumable's exports)."""
     try:
         source = open_source(path)
     except (CheckpointError, OSError, ValueError) as exc:
         return [Problem(str(path), str(exc))], 0
-    return [], len({c.where for t in source.tensors.values() for c in t.chunks})
+    problems = []
+    if checksum and seen is not None and path.is_dir():
+        for file in sorted(path.glob("*.safetensors")):
+            seen.foreign_files += 1
+            try:
+                _, blocks, failed = verify_file(file)
+            except (CheckpointError, OSError) as exc:
+                problems.append(Problem(str(file), str(exc)))
+                continue
+            seen.blocks += blocks
+            if failed is not None:
+                problems.append(Problem(str(file), str(failed)))
+    return problems, len({c.where for t in source.tensors.values() for c in t.chunks})
 
 
 def _written_by_resumable(folder: Path) -> bool:
@@ -141,7 +160,7 @@ def _verify_one(folder: Path, checksum: bool, seen: Checked) -> tuple[list[Probl
     if fmt == "v2":
         return _verify_v2(folder, checksum, seen)
     seen.foreign = fmt
-    return _verify_foreign(folder)
+    return _verify_foreign(folder, checksum, seen)
 
 
 def _verify_legacy(root: Path, checksum: bool) -> tuple[list[Problem], int, str]:
@@ -188,7 +207,7 @@ def _verify_other(path: Path, checksum: bool, seen: Checked) -> tuple[list[Probl
             seen.foreign = detect(path)[0]
         except (CheckpointError, OSError):
             pass  # _verify_foreign names the problem
-        return _verify_foreign(path)
+        return _verify_foreign(path, checksum, seen)
     problems: list[Problem] = []
     checked = 0
     try:
