@@ -25,8 +25,8 @@ def _doc() -> dict:
         "tensors": {"w": {"dtype": "float32", "shape": [5, 2], "kind": "model", "chunks": [
             {"offsets": [0, 0], "shape": [3, 2], "stored": [{"file": FILE, "key": "w"}]},
             {"offsets": [3, 0], "shape": [2, 2], "stored": [{"file": FILE2, "key": "w"}]}]}},
-        "files": {FILE: {"size": 10, "xxh3_64": "0123456789abcdef", "kind": "model", "rank": 0},
-                  FILE2: {"size": 11, "xxh3_64": "fedcba9876543210", "kind": "model", "rank": 1}},
+        "files": {FILE: {"size": 100, "xxh3_64": "0123456789abcdef", "kind": "model", "rank": 0},
+                  FILE2: {"size": 110, "xxh3_64": "fedcba9876543210", "kind": "model", "rank": 1}},
     }
 
 
@@ -157,7 +157,7 @@ def test_common_json_round_trips_and_rejects_non_objects(tmp_path: Path):
 
 
 def _grid_doc(world: int = 4) -> tuple[dict, dict]:
-    files = {v2.file_name("CKP", "model", r, world): {"size": 1, "xxh3_64": "0" * 16, "kind": "model", "rank": r}
+    files = {v2.file_name("CKP", "model", r, world): {"size": 100, "xxh3_64": "0" * 16, "kind": "model", "rank": r}
              for r in range(world)}
     table = {"format": "resumable-files", "files": files}
     doc = {"format": "resumable-checkpoint", "format_version": 2, "iteration": 1,
@@ -230,7 +230,7 @@ def test_a_files_table_that_does_not_match_its_seal_or_is_missing_is_refused():
     good = json.dumps(table).encode()
     _parse(doc, table)
     with pytest.raises(CorruptCheckpointError) as e:
-        v2.Metadata.from_json(json.dumps(doc), "/ck/metadata.json", good.replace(b'"size": 1', b'"size": 2', 1))
+        v2.Metadata.from_json(json.dumps(doc), "/ck/metadata.json", good.replace(b'"size": 100', b'"size": 200', 1))
     assert str(e.value) == ("/ck/metadata.json: files.json does not match the size and checksum recorded in "
                             "metadata.json" + FIX)
     with pytest.raises(CorruptCheckpointError) as e:

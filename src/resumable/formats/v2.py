@@ -59,6 +59,7 @@ MAX_RANKS = 1 << 20
 
 #: torch dtype names as stored in metadata.json ("float32"), the ones safetensors can hold.
 DTYPES = frozenset(str(d).removeprefix("torch.") for d in DTYPE_NAMES)
+_ITEMSIZE = {str(d).removeprefix("torch."): d.itemsize for d in DTYPE_NAMES}
 _FILE_RE = re.compile(r"^(?:(?P<prefix>.+)-)?(?P<kind>model|opt)-(?P<index>\d{7})-(?P<count>\d{7})\.safetensors$")
 
 
@@ -370,6 +371,7 @@ def _parse(text: str | bytes, source: str, files_text: bytes | None = None) -> M
             tensors[name] = _parse_grid_tensor(name, t, meshes, bad)
         else:
             tensors[name] = _parse_tensor(name, t, files, source, bad)
+    _check_stored_bytes(tensors, files, bad)
     return Metadata(iteration=it, layout=layout,
                     save_optimizer=need_type(doc, "save_optimizer", source, bool, default=True, fix=_REBUILD),
                     tensors=tensors, files=files, format=FORMAT, format_version=version, common=common)
@@ -406,6 +408,20 @@ def parse_layout(lay: object, where: str, fix: str = _REBUILD) -> LayoutMeta:
                                  label="layout.pipeline_stages", fix=fix),
         writers=need_int(lay, "writers", where, minimum=1, maximum=MAX_RANKS, default=1, label="layout.writers",
                          fix=fix))
+
+
+def _check_stored_bytes(tensors: dict[str, TensorMeta], files: dict[str, FileMeta], bad: Any) -> None:
+    """Every element is stored at least once, so the tensors hold no more bytes than the files listed
+    (whose sizes every load and verify compare with the disk): a shape forged to terabytes is refused
+    here, before a tool (``merge``, ``convert``) allocates it."""
+    stored = sum(f.size for f in files.values())
+    for name, t in tensors.items():
+        numel = 1
+        for s in t.shape:
+            numel *= s
+        if numel * _ITEMSIZE[t.dtype] > stored:
+            raise bad(f"tensor {name!r} of {t.dtype} {t.shape} needs {numel * _ITEMSIZE[t.dtype]} bytes, more than "
+                      f"the {stored} bytes of all the files listed")
 
 
 def _file_table(entry: object, files_text: bytes | None, bad: Any) -> object:
