@@ -416,7 +416,9 @@ def _run_stream(jobs: Sequence[ReadJob], paths: Sequence[Path], hashers: ThreadP
     ``POSIX_FADV_SEQUENTIAL`` (the kernel keeps readahead state per open file, and streams
     sharing one descriptor look random to it). A piece read into the target is checked by
     ``hashers`` while this thread reads the next one, so the device never waits on a hash;
-    the stream returns once all its checks passed."""
+    the bytes completing a block cut by the piece's edges are read by this stream, in file
+    order around the piece (a reshard's edges: a separate read of them was a random read
+    per edge, 1.18x the sizes-only 1 -> 2 load). The stream returns once all its checks passed."""
     fds: dict[int, int] = {}
     checks: list[Future] = []
     try:
@@ -425,14 +427,18 @@ def _run_stream(jobs: Sequence[ReadJob], paths: Sequence[Path], hashers: ThreadP
             if fd is None:
                 fd = fds[job.file] = open_regular(paths[job.file], "checkpoint file")
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-            if isinstance(job.dst, memoryview):
-                pread_into(fd, job.dst, job.offset, paths[job.file])
+            path = paths[job.file]
+            edges = job.check.edges(job.offset, job.offset + job.nbytes) if job.check is not None else []
+            extra = {at: _pread_bytes(fd, at, n, path) for at, n in edges if at < job.offset}
+            data = job.dst if isinstance(job.dst, memoryview) else None
+            tmp = None if data is not None else torch.empty(job.dst.shape, dtype=job.dst.dtype)
+            pread_into(fd, data if data is not None else bytes_of(tmp), job.offset, path)
+            extra.update({at: _pread_bytes(fd, at, n, path) for at, n in edges if at >= job.offset})
+            if data is not None:
                 if job.check is not None:
-                    checks.append(hashers.submit(_check, job, job.dst, paths[job.file]))
+                    checks.append(hashers.submit(_check, job, data, path, extra))
                 continue
-            tmp = torch.empty(job.dst.shape, dtype=job.dst.dtype)
-            pread_into(fd, bytes_of(tmp), job.offset, paths[job.file])
-            _check(job, bytes_of(tmp), paths[job.file])  # before the copy: tmp is this thread's
+            _check(job, bytes_of(tmp), path, extra)  # before the copy: tmp is this thread's
             with torch.no_grad():
                 job.dst.copy_(tmp)
     finally:
@@ -442,11 +448,20 @@ def _run_stream(jobs: Sequence[ReadJob], paths: Sequence[Path], hashers: ThreadP
             check.result()  # the first failed check raises, once every one has finished
 
 
-def _check(job: ReadJob, data: memoryview, path: Path) -> None:
-    """Verify the blocks ``job`` read (``data``: its bytes); edge bytes are read from ``path``."""
+def _pread_bytes(fd: int, offset: int, nbytes: int, path: Path) -> bytes:
+    buf = bytearray(nbytes)
+    pread_into(fd, memoryview(buf), offset, path)
+    return bytes(buf)
+
+
+def _check(job: ReadJob, data: memoryview, path: Path, extra: Mapping[int, bytes] | None = None) -> None:
+    """Verify the blocks ``job`` read (``data``: its bytes); the edge bytes come from ``extra``
+    (offset → bytes, read by the stream) or else are read from ``path``."""
     if job.check is not None:
         def read(offset: int, nbytes: int) -> bytes:
-            with FileReader(path) as f:  # only a read cut mid-block gets here, at most twice per read
+            if extra and offset in extra:
+                return extra[offset]
+            with FileReader(path) as f:  # a small group's job cut mid-block: at most twice per read
                 return f.read(offset, nbytes)
         job.check.check(job.offset, job.offset + job.nbytes, data, read)
 

@@ -554,6 +554,15 @@ class BlockDigests:
     block: int
     digests: str  # 16 hex digits per block, concatenated
 
+    def edges(self, lo: int, hi: int) -> list[tuple[int, int]]:
+        """``(offset, nbytes)`` outside ``[lo, hi)`` that the blocks overlapping it also cover (what
+        :meth:`check` will ask ``read`` for): none when the range starts and ends on block edges."""
+        if hi <= lo:
+            return []
+        first = self.start + (lo - self.start) // self.block * self.block
+        last = min(self.start + ((hi - 1 - self.start) // self.block + 1) * self.block, self.end)
+        return [(first, lo - first)] * (first < lo) + [(hi, last - hi)] * (last > hi)
+
     def check(self, lo: int, hi: int, data: memoryview | None, read: Callable[[int, int], bytes]) -> None:
         """Verify every block overlapping ``[lo, hi)`` (absolute file offsets inside the entry).
 
