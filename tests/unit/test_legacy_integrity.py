@@ -245,3 +245,15 @@ def test_a_crash_in_the_middle_of_a_legacy_deletion_leaves_a_tree_that_resumes_f
                                                                     "CKP_rank_0_1-1_8.safetensors", "meta.json"]
     assert resolve_legacy(str(tree), True).position == (1, 8)
     assert verify_path(tree)[0] == []
+
+
+def test_tools_reading_a_legacy_ckpt_tree_refuse_a_flipped_byte_naming_the_file(tmp_path):
+    from resumable.sources import open_source
+
+    tree = tmp_path / "checkpoint"
+    _save(tree, [2], fmt="ckpt")
+    path = tree / "rank_0" / _name(2, "ckpt")
+    _flip(path, path.stat().st_size // 2)  # inside the tensor data: torch.load would not notice
+    with pytest.raises(CorruptCheckpointError) as err:
+        open_source(tree)
+    assert str(err.value).startswith(f"{path}: xxh3-64 ")

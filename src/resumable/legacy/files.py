@@ -189,10 +189,16 @@ def inside(path: Path, root: str | os.PathLike[str] | None) -> bool:
 
 
 class RankFiles:
-    """Opened rank files of one load: headers (safetensors) or lazily mapped tensors (.ckpt), each once."""
+    """Opened rank files of one load: headers (safetensors) or lazily mapped tensors (.ckpt), each once.
 
-    def __init__(self, root: Path) -> None:
+    A ``.ckpt`` carries no block checksums, so it is checked whole (:func:`check_rank_file`)
+    when opened, unless named in ``checked`` (the load's resolution checked it already);
+    safetensors reads check the blocks they read (:func:`resumable.reads.execute_reads`).
+    """
+
+    def __init__(self, root: Path, checked: Iterable[str] = ()) -> None:
         self.root = root
+        self.checked = set(checked)
         self.infos: dict[str, v1.FileInfo] = {}
         self.entries: dict[str, dict[str, tuple[str, tuple[int, ...]]]] = {}  # key → dtype, shape
         self.ckpt: dict[str, dict[str, torch.Tensor]] = {}
@@ -202,6 +208,8 @@ class RankFiles:
             return self.infos[name]
         path = member(self.root, name)
         if path.suffix == ".ckpt":
+            if name not in self.checked:
+                check_rank_file(self.root, name, folder_records(path.parent)[0].get(path.name))
             tensors, meta = v1.load_ckpt(path)
             self.ckpt[name] = tensors
             self.entries[name] = {k: (str(t.dtype).removeprefix("torch."), tuple(t.shape)) for k, t in tensors.items()}

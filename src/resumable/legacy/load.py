@@ -130,7 +130,7 @@ def load_legacy(state: dict[str, Any], source: LegacySource, opts: LegacyLoadOpt
     if source.fresh or source.root is None:
         raise ValueError("load_legacy needs a resolved checkpoint, not a fresh start")
     group, me = process_group, dist.rank(process_group)
-    files = RankFiles(source.root)
+    files = RankFiles(source.root, checked=source.files)  # resolve_legacy checked them
     kind, error = None, None
     try:
         kind = _conversion(source, files, opts, dist.world_size(group))
@@ -139,7 +139,7 @@ def load_legacy(state: dict[str, Any], source: LegacySource, opts: LegacyLoadOpt
     agree_on(error, group)
     if kind is not None:
         source = _convert(kind, source, files, opts, state, group)
-        files = RankFiles(source.root)  # type: ignore[arg-type]
+        files = RankFiles(source.root, checked=source.files)  # type: ignore[arg-type]  # just written
     prep = None
     try:
         own = source.files[me] if len(source.files) > 1 else source.files[0]
