@@ -382,21 +382,18 @@ def _single_rank_tensors(folder: Path) -> dict[str, ForeignTensor]:
 
 def _full_chunks(headers: dict[Path, dict[str, tuple[torch.dtype, tuple[int, ...]]]]) -> dict[str, ForeignTensor]:
     """Every tensor of every file as a full chunk; the same name in several files is a replica."""
-    tensors: dict[str, ForeignTensor] = {}
+    first: dict[str, tuple[torch.dtype, tuple[int, ...], Path]] = {}
+    chunks: dict[str, list[ForeignChunk]] = {}  # appended to: a tuple grown per file was quadratic in the files
     for path, header in headers.items():
         for name, (dtype, shape) in header.items():
-            chunk = ForeignChunk(Box.full(shape), path, name)
-            seen = tensors.get(name)
-            if seen is None:
-                tensors[name] = ForeignTensor(name, dtype, shape, (chunk,))
-            elif (seen.dtype, seen.shape) == (dtype, shape):
-                tensors[name] = ForeignTensor(name, dtype, shape, seen.chunks + (chunk,))
-            else:
+            seen = first.setdefault(name, (dtype, shape, path))
+            if seen[:2] != (dtype, shape):
                 raise NotImplementedYet(
-                    f"tensor {name!r} is {seen.dtype} {list(seen.shape)} in {seen.chunks[0].file} but "
+                    f"tensor {name!r} is {seen[0]} {list(seen[1])} in {seen[2]} but "
                     f"{dtype} {list(shape)} in {path}: sharded legacy checkpoints need the strategy files "
                     "(src_strategy_path_or_dir), which this reader does not parse")
-    return tensors
+            chunks.setdefault(name, []).append(ForeignChunk(Box.full(shape), path, name))
+    return {name: ForeignTensor(name, dtype, shape, tuple(chunks[name])) for name, (dtype, shape, _) in first.items()}
 
 
 # ---------------------------------------------------------------- legacy (Checkpoint 1.0)
