@@ -257,3 +257,20 @@ def test_tools_reading_a_legacy_ckpt_tree_refuse_a_flipped_byte_naming_the_file(
     with pytest.raises(CorruptCheckpointError) as err:
         open_source(tree)
     assert str(err.value).startswith(f"{path}: xxh3-64 ")
+
+
+def test_a_folder_named_like_the_newest_step_is_skipped_by_the_resume_and_never_counted_by_retention(tmp_path):
+    tree = tmp_path / "checkpoint"
+    _save(tree, [2, 4])
+    stray = tree / "rank_0" / _name(6)
+    stray.mkdir()
+    # Beyond meta.json's step it is no candidate, nothing a resume would have to refuse to bury.
+    found = resolve_legacy(str(tree), True)
+    assert (found.position, found.newer) == ((1, 4), ())
+    (tree / "rank_0" / "meta.json").unlink()  # no bound left: the newest name is tried, and skipped
+    found = resolve_legacy(str(tree), True)
+    assert found.position == (1, 4) and found.newer == (((1, 6), (f"rank_0/{_name(6)}",)),)
+    assert found.skipped[0].startswith(f"epoch 1 step 6: rank file {stray} ")
+    _save(tree, [8], keep=1)  # a new job (suffix _1) keeping one file: the stray folder stays, uncounted
+    assert sorted(p.name for p in (tree / "rank_0").iterdir()) == [_name(6), "CKP_rank_0_1-1_8.safetensors",
+                                                                    "meta.json"]
