@@ -41,7 +41,7 @@ def folder_records(folder: Path) -> tuple[dict[str, v1.FileRecord], str | None]:
     """The sizes and checksums a rank folder's ``meta.json`` records, and why there are none.
 
     A damaged ``meta.json`` vouches for nothing: its records are dropped and the reason is
-    returned (its files can then be checked by size and header only).
+    returned (its files are then checked by their own block checksums, or by size and header only).
     """
     try:
         meta = v1.read_meta(folder)

@@ -145,7 +145,8 @@ def _check_share(root: Path, files: Sequence[str], me: int, world: int) -> list[
         if path.parent not in records:
             records[path.parent], why = folder_records(path.parent)
             if why is not None:
-                log.warning("%s: %s files are checked by size and header only", why, path.parent)
+                log.warning("%s: %s files are checked by their own block checksums, or (.ckpt) by size and "
+                            "structure only", why, path.parent)
         try:
             check_rank_file(root, name, records[path.parent].get(path.name))
         except (CheckpointError, OSError) as exc:

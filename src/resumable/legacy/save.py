@@ -136,7 +136,7 @@ class LegacySaver:
         # Sizes and checksums of this folder's files, carried into every meta.json this job writes.
         self.records, why = folder_records(self.folder)
         if why is not None and names:
-            log.warning("%s: the files already in %s keep no checksum", why, self.folder)
+            log.warning("%s: this job's meta.json records no checksum for the files already in %s", why, self.folder)
         self.suffix = max(dist.all_gather_object(v1.next_suffix(names, prefix, self.rank), process_group))
         if self.suffix:
             log.info("files with prefix %s already exist: this job writes %s_rank_%d_%d-*", prefix, prefix,
