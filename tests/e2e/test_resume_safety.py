@@ -145,3 +145,14 @@ def test_a_run_drawing_random_numbers_every_step_resumes_bit_for_bit(tmp_path: P
     want, have = _weights(reference / "checkpoint" / "iteration_00000008"), _weights(resumed / "checkpoint" /
                                                                                        "iteration_00000008")
     assert want.keys() == have.keys() and all(torch.equal(want[n], have[n]) for n in want)
+
+
+def test_a_file_where_the_checkpoint_folder_should_be_is_a_clean_error_naming_it(tmp_path: Path) -> None:
+    out = tmp_path / "job"
+    out.mkdir()
+    (out / "checkpoint").write_text("notes")
+    done = run_job(_resume(out, "runner_config.stop_step=2"), expect_ok=False)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert (f"error: {out / 'checkpoint'}, the folder checkpoints are saved to (callbacks.0.directory, default "
+            "<output_dir>/checkpoint), is a file: move it away or set callbacks.0.directory") in done.stderr
+    assert (out / "checkpoint").read_text() == "notes"

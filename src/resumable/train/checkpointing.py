@@ -25,7 +25,7 @@ import torch
 from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
 from resumable import dist
-from resumable.errors import CheckpointError, SaveError
+from resumable.errors import CheckpointError, ConfigError, SaveError
 from resumable.commit import parse_iteration
 from resumable.formats.v2 import read_metadata
 from resumable.load import LoadResult, StateMismatchError, load
@@ -84,6 +84,10 @@ class CheckpointMonitor(Callback):
             return
         mon = self.cfg.checkpoint
         assert mon is not None  # only built when the config has a CheckpointMonitor
+        directory = self.cfg.checkpoint_dir
+        if directory.exists() and not directory.is_dir():  # every rank sees the same shared path
+            raise ConfigError(f"{directory}, the folder checkpoints are saved to (callbacks.0.directory, default "
+                              "<output_dir>/checkpoint), is a file: move it away or set callbacks.0.directory")
         self.manager = CheckpointManager(
             self.cfg.checkpoint_dir, prefix=mon.prefix, save_checkpoint_steps=mon.save_checkpoint_steps,
             keep_checkpoint_max=mon.keep_checkpoint_max, async_save=mon.async_save,
