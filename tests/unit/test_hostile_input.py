@@ -287,3 +287,16 @@ def test_a_legacy_global_shape_forged_to_ten_billion_is_refused_before_allocatin
     meta = files.index(["rank_0/q_rank_0-1_1.safetensors"])
     with pytest.raises(CorruptCheckpointError, match="covers 2 of the 10000000000 elements"):
         fill(files, meta, "w", Box.full((10**10,)))  # 40 GB: never allocated
+
+
+def test_a_forged_split_factor_is_refused_before_its_runs_are_enumerated(it1: Path):
+    def edit(d: dict) -> None:  # 32 ranks, dim 0 cut 32 * 2**20 ways: minutes and GBs to enumerate
+        d["layout"]["world_size"] = 32
+        d["meshes"] = [{"shape": [32], "ranks_range": [0, 32, 1]}]
+        d["tensors"]["w"].update(shape=[2**40], mesh=0, placements=[["SS", 0, 1 << 20]])
+    _edit(it1 / "metadata.json", edit)
+    start = time.monotonic()
+    with pytest.raises(CorruptCheckpointError, match="tensor 'w': its placements cut dim 0 into up to 33554432 runs, "
+                                                     "more than 1024 per position of its mesh of 32"):
+        v2.read_metadata(it1)
+    assert time.monotonic() - start < 5
