@@ -486,6 +486,12 @@ def _check_strategy_tensor(t: object, where: str) -> None:
     problem = check_placements(placements, len(shape), len(sizes))
     if problem is not None:
         raise CorruptCheckpointError(f"{where}: {problem}; the strategy file is damaged")
+    runs = 1
+    for p in placements:
+        runs *= p[2] if p[0] == "SS" else 1
+    if runs > v2.MAX_RUNS_PER_POSITION:  # a rank holds this many boxes of the tensor: each is built
+        raise CorruptCheckpointError(f"{where}: split factors giving each rank {runs} boxes, more than "
+                                     f"{v2.MAX_RUNS_PER_POSITION}; the strategy file is damaged")
 
 
 def strategy_files(path_or_dir: str | os.PathLike[str]) -> dict[int, Path]:
