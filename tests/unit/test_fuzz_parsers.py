@@ -47,6 +47,7 @@ EXAMPLES = 200
 SECONDS_PER_EXAMPLE = 10  # generous: six test runs share two cores; a hang or a quadratic path takes minutes
 HEADROOM = 2 << 30
 MODEL = "CKP-model-0000000-0000001.safetensors"
+_VALUE_START = re.compile(rb"[:,\[]")
 _SEAL = re.compile(rb',"seal":"xxh3_64:[0-9a-f]{16}"\}\s*$')
 
 
@@ -77,8 +78,10 @@ def mutated(draw: st.DrawFn, data: bytes) -> bytes:
         elif kind == "self":  # a piece of the input elsewhere: duplicated keys, shifted structure
             length = draw(st.integers(1, 64))
             out[at:at] = out[draw(st.integers(0, max(len(out) - 1, 0))):][:length]
-        elif kind == "nest":
+        elif kind == "nest":  # where a value starts (after ``:``, ``,`` or ``[``), so the parser descends into it
             depth = draw(st.sampled_from([70, 1000, 200_000]))
+            m = _VALUE_START.search(bytes(out), at)
+            at = m.end() if m else at
             out[at:at] = b"[" * depth + b"]" * draw(st.sampled_from([0, depth]))
         elif kind == "number":  # replace the run of digits at or after ``at`` by a hostile value
             m = re.compile(rb"-?[0-9]+").search(bytes(out), at)
