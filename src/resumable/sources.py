@@ -106,20 +106,19 @@ class SourceTensor:
         region = Box.full(self.shape) if region is None else region
         if not self.shape:
             return self.chunks[0].read(region)
-        out = torch.empty(region.shape, dtype=self.dtype)
-        covered = 0
-        for chunk in self.chunks:
-            part = region.intersect(chunk.box)
-            if part is None:
-                continue
-            out[part.slices_in(region)] = chunk.read(part)
-            covered += part.numel
+        parts = [(chunk, part) for chunk in self.chunks if (part := region.intersect(chunk.box)) is not None]
+        covered = sum(part.numel for _, part in parts)
         if covered != region.numel:
             files = ", ".join(sorted({c.where for c in self.chunks})) or "no file"
             raise CorruptCheckpointError(
                 f"tensor {self.name!r} (stored in {files}): the chunks cover {covered} of {region.numel} elements "
                 f"of the region at {list(region.offsets)} shape {list(region.shape)}; the checkpoint's metadata "
                 "and its files disagree: restore the damaged file or re-save the checkpoint")
+        # Allocated only once the chunks (their shapes from the files' headers) cover it: a global shape
+        # forged in a rank file's metadata allocates nothing.
+        out = torch.empty(region.shape, dtype=self.dtype)
+        for chunk, part in parts:
+            out[part.slices_in(region)] = chunk.read(part)
         return out
 
 

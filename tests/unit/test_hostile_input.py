@@ -300,3 +300,16 @@ def test_a_forged_split_factor_is_refused_before_its_runs_are_enumerated(it1: Pa
                                                      "more than 1024 per position of its mesh of 32"):
         v2.read_metadata(it1)
     assert time.monotonic() - start < 5
+
+
+def test_a_tool_reading_a_forged_legacy_global_shape_allocates_nothing(tmp_path: Path):
+    from resumable.sources import open_source
+
+    root = tmp_path / "checkpoint"
+    (root / "rank_0").mkdir(parents=True)
+    write_file(root / "rank_0" / "q_rank_0-1_1.safetensors", [("w", torch.ones(2))], v1.file_metadata(
+        {"w": ("w", [10**10], [0])}, rank=0, layout={"world_size": 1}, remove_redundancy=False,
+        context={"state": {}, "rank_local": None}))
+    source = open_source(root)
+    with pytest.raises(CorruptCheckpointError, match="the chunks cover 2 of 10000000000 elements"):
+        source.tensors["w"].read()  # merge and convert read whole tensors: 40 GB, never allocated
