@@ -9,10 +9,13 @@ and finds its bytes in memory. Which files to read is decided inside the thread 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from pathlib import Path
 from typing import Callable, Iterable
+
+from resumable.formats.jsonfile import open_regular
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +35,8 @@ class Prefetch:
         start = time.perf_counter()
         try:
             for path in choose():
-                with open(path, "rb", buffering=0) as f:
+                # A FIFO would block here, and join() with it; /dev/zero would never end.
+                with os.fdopen(open_regular(path, "checkpoint file"), "rb", buffering=0) as f:
                     while chunk := f.read(BLOCK):
                         self.bytes += len(chunk)
         except Exception as exc:  # the real load reports problems; this is only a head start

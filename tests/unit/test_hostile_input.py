@@ -313,3 +313,14 @@ def test_a_tool_reading_a_forged_legacy_global_shape_allocates_nothing(tmp_path:
     source = open_source(root)
     with pytest.raises(CorruptCheckpointError, match="the chunks cover 2 of 10000000000 elements"):
         source.tensors["w"].read()  # merge and convert read whole tensors: 40 GB, never allocated
+
+
+@pytest.mark.parametrize("make", ["fifo", "dev_zero"])
+def test_the_legacy_prefetch_neither_blocks_on_a_fifo_nor_reads_dev_zero_forever(tmp_path: Path, make: str):
+    from resumable.prefetch import Prefetch
+
+    path = tmp_path / "q_rank_0-1_1.safetensors"
+    os.mkfifo(path) if make == "fifo" else path.symlink_to("/dev/zero")
+    prefetch = Prefetch(lambda: [path])
+    prefetch._thread.join(timeout=30)
+    assert not prefetch._thread.is_alive() and prefetch.bytes == 0
