@@ -53,6 +53,7 @@ import torch
 from resumable import commit
 from resumable.errors import CheckpointError, CheckpointNotFoundError, ConfigError, CorruptCheckpointError
 from resumable.formats import hf, mindformers as mf, v1, v2
+from resumable.formats.jsonfile import check_regular
 from resumable.formats.safetensors_io import open_safetensors, read_header, stored_slice
 from resumable.formats.names import AttentionShape, fc1_rows, map_mf_name, qkv_rows
 from resumable.geometry import Box, runs
@@ -363,6 +364,7 @@ def _legacy_ext(root: Path) -> str:
 def _written_by_us(path: Path) -> bool:
     """Our Checkpoint 1.0 files carry ``resumable_legacy`` metadata (.ckpt: a torch zip, not protobuf)."""
     if path.suffix == ".ckpt":
+        check_regular(path, "legacy rank file")  # is_zipfile would block on a FIFO
         return zipfile.is_zipfile(path)
     return v1.META_KEY in read_header(path).metadata
 

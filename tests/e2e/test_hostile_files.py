@@ -73,3 +73,13 @@ def test_a_fifo_named_like_a_legacy_rank_file_fails_verify_fast(tmp_path: Path):
     code, said = _run([sys.executable, "-m", "resumable.cli", "verify", str(root)])
     assert code != 0
     assert "q_rank_0-1_1.safetensors is a FIFO (named pipe), not a regular file" in said, said
+
+
+def test_a_fifo_legacy_ckpt_rank_file_fails_convert_fast(tmp_path: Path):
+    root = tmp_path / "checkpoint"
+    (root / "rank_0").mkdir(parents=True)
+    os.mkfifo(root / "rank_0" / "q_rank_0-1_1.ckpt")
+    code, said = _run([sys.executable, "-m", "resumable.cli", "convert", "--to", "unified", "--quiet", str(root),
+                       str(tmp_path / "out")])
+    assert code != 0
+    assert "q_rank_0-1_1.ckpt is a FIFO (named pipe), not a regular file" in said, said
