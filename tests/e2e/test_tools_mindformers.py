@@ -18,7 +18,7 @@ import torch.distributed as dist
 from resumable.cli import main
 from resumable.formats import v2
 from resumable.load import load
-from resumable.sources import CONVERTED, ensure_loadable
+from resumable.train.foreign import CONVERTED, ensure_loadable
 from resumable.train.checkpointing import Resume
 from resumable.train.config import load_config
 from resumable.train.loop import Trainer

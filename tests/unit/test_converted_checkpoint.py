@@ -16,7 +16,8 @@ import torch
 
 from resumable.errors import ConfigError
 from resumable.save import save
-from resumable.sources import CONVERTED, ensure_loadable, open_source
+from resumable.sources import open_source
+from resumable.train.foreign import CONVERTED, ensure_loadable
 from resumable.tools.merge import merge
 
 

@@ -32,7 +32,7 @@ from resumable.load import LoadResult, StateMismatchError, load
 from resumable.manager import CheckpointManager
 from resumable.prefetch import Prefetch
 from resumable.resolve import Resolution, fall_back, resolve_checkpoint
-from resumable.sources import ensure_loadable
+from resumable.train.foreign import ensure_loadable
 from resumable.train.config import TrainConfig
 from resumable.train.loop import Callback, Trainer
 
