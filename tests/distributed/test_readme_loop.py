@@ -37,6 +37,7 @@ def _loop(rank: int, world_size: int, out: str, steps: int) -> list[float]:
         result = resumable.load(state, found.path)
         apply_training_state(model, optim, state)
         start = result.common["global_step"]
+    mgr.start_from(start)
     for step in range(start + 1, steps + 1):
         train_step(step)
         if mgr.should_save(step, last_step=steps):
