@@ -163,6 +163,7 @@ class Chain:
     runs: int = 0
     found: dict[int, Fingerprint] = field(default_factory=dict)    # intact committed iterations before a run
     damaged: dict[int, Fingerprint] = field(default_factory=dict)  # iterations we damaged, as damaged
+    tracker_damaged: bool = False  # the soak wrote garbage into the tracker (until a save replaces it)
     refusal_due: bool = False  # the next run must refuse to train over a damaged newer iteration
     discard: bool = False      # runs are told to discard damaged newer iterations
     damages: int = 0
@@ -205,6 +206,7 @@ def damage(chain: Chain, rng: random.Random, kind: str | None = None) -> str | N
     folder = directory / commit.iteration_dirname(target)
     if kind == "garbage-tracker":
         (directory / commit.TRACKER).write_bytes(b"garbage\n")
+        chain.tracker_damaged = True
     elif kind in ("flip-shard", "truncate-shard"):
         shards = sorted(p for p in folder.glob("*.safetensors") if p.stat().st_size > _data_start(p))
         if not shards:
@@ -308,24 +310,26 @@ def leftovers(out: Path) -> set[tuple[str, int]]:
     return found
 
 
-def committed_step(job: Job, out: Path, damaged: Mapping[int, Fingerprint] | None = None) -> int:
+def committed_step(job: Job, out: Path, damaged: Mapping[int, Fingerprint] | None = None,
+                   tracker_damaged: bool = False) -> int:
     """Check the checkpoint a resume would load after a kill and return its global step (0: none yet).
 
-    ``damaged``: iterations the soak damaged on purpose (not checked; never the answer).
+    ``damaged``: iterations the soak damaged on purpose (not checked; never the answer);
+    ``tracker_damaged``: the soak wrote garbage into the tracker, and no save replaced it yet.
 
     Raises:
         Violation: the tracker or a meta.json names something incomplete, or a checksum fails.
     """
     directory = out / "checkpoint"
     try:
-        return _legacy_step(directory) if job.legacy else _v2_step(directory, damaged or {})
+        return _legacy_step(directory) if job.legacy else _v2_step(directory, damaged or {}, tracker_damaged)
     except Violation:
         raise
     except Exception as exc:  # any error reading what the crash left is a broken promise
         raise Violation(f"{job.name}: after a kill, {directory} is not loadable: {type(exc).__name__}: {exc}") from exc
 
 
-def _v2_step(directory: Path, damaged: Mapping[int, Fingerprint]) -> int:
+def _v2_step(directory: Path, damaged: Mapping[int, Fingerprint], tracker_damaged: bool) -> int:
     intact = [n for n in commit.committed_iterations(directory) if n not in damaged]
     for n in intact:  # every committed folder is whole (retention renames first)
         folder = directory / commit.iteration_dirname(n)
@@ -335,7 +339,7 @@ def _v2_step(directory: Path, damaged: Mapping[int, Fingerprint]) -> int:
     try:
         target = commit.read_tracker(directory)
     except CorruptCheckpointError:
-        if not damaged:
+        if not tracker_damaged:
             raise
         target = None  # the soak wrote garbage into it: the newest intact iteration is loaded
     if target is None or target in damaged:
@@ -419,7 +423,7 @@ def after_run(chain: Chain, run: Run) -> None:
         return
     records = _records(out)
     chain.last_logged = records[-1]["global_step"] if records else 0
-    chain.expected_start = committed_step(job, out, chain.damaged)
+    chain.expected_start = committed_step(job, out, chain.damaged, chain.tracker_damaged)
     chain.leftovers |= leftovers(out)
 
 
@@ -462,6 +466,8 @@ def _check_nothing_lost(chain: Chain, run: Run) -> None:
             raise Violation(f"{job.name}: committed iteration {n} was {'changed' if n in now else 'deleted'} by a run "
                             f"that started from step {began} (committed now: {committed})\n{run.log[-3000:]}")
     chain.damaged = {n: fp for n, fp in chain.damaged.items() if now.get(n) == fp}
+    tracker = directory / commit.TRACKER
+    chain.tracker_damaged = chain.tracker_damaged and tracker.is_file() and tracker.read_bytes() == b"garbage\n"
     chain.found = intact(chain)
 
 
@@ -470,7 +476,7 @@ def check_finished(chain: Chain) -> None:
     job, out = chain.job, chain.out
     if chain.damaged:
         raise Violation(f"{job.name}: finished with the damaged iterations {sorted(chain.damaged)} still there")
-    step = committed_step(job, out)
+    step = committed_step(job, out, tracker_damaged=chain.tracker_damaged)
     if step != job.stop_step:
         raise Violation(f"{job.name}: finished but the checkpoint to resume is step {step}, not {job.stop_step}")
     left = leftovers(out)
