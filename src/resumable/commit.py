@@ -210,7 +210,9 @@ def make_dirs(path: str | os.PathLike[str]) -> Path:
     missing = []
     at = path
     while not at.is_dir():
-        if at.exists() or at.is_symlink():  # a file, or a link to nowhere: mkdir would fail obscurely
+        if at.exists() or at.is_symlink():  # a file, or a link to nowhere: mkdir would fail obscurely ...
+            if at.is_dir():
+                break  # ... unless another rank created the folder since the check above
             raise NotADirectoryError(errno.ENOTDIR, "exists and is not a folder; choose another path", str(at))
         missing.append(at)
         at = at.parent

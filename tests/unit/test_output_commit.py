@@ -59,3 +59,25 @@ def test_publish_output_dir_never_replaces_a_folder_that_holds_something(tmp_pat
         commit.publish_output_dir(temp, final)
     assert err.value.errno in (errno.ENOTEMPTY, errno.EEXIST)
     assert (final / "mine.txt").read_text() == "keep" and (temp / "model.safetensors").is_file()
+
+
+def test_make_dirs_called_at_once_by_many_processes_creates_the_folder_for_all(tmp_path):
+    # Ranks create strategy/ and rank_N/ parents at the same time: one that finds the folder
+    # appearing between its checks must take it, not call it "not a folder".
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    targets = [tmp_path / f"run{i}" / "a" / "b" / "c" for i in range(40)]
+    with ctx.Pool(8) as pool:
+        results = pool.map(_make_all, [targets] * 8)
+    assert results == [None] * 8
+    assert all(t.is_dir() for t in targets)
+
+
+def _make_all(targets):
+    for t in targets:
+        try:
+            commit.make_dirs(t)
+        except OSError as exc:
+            return repr(exc)
+    return None
