@@ -62,15 +62,7 @@ def test_a_flipped_bit_in_a_tensor_name_is_damage_to_metadata_json_not_an_archit
                 f"{xxhash.xxh3_64_hexdigest(body)}; the file is damaged: restore it, rebuild it from the files "
                 "(resumable.formats.v2.rebuild_metadata) or load another iteration (resume_training: true falls "
                 "back to the newest valid one)")
-    target = {"model": {"layers.0.weight": torch.zeros(4, 4)}}
-    with pytest.raises(CorruptCheckpointError) as info:
-        resumable.load(target, ckpt)
-    assert str(info.value) == expected
-    code, out = _verify(ckpt)
-    assert code == 1 and f"PROBLEM {expected}" in out
-    with caplog.at_level(logging.WARNING, logger="resumable.resolve"):
-        r = resolve_checkpoint(ckpt, fallback=True)
-    assert r.path == ckpt / "iteration_00000002" and expected in caplog.text
+    _refused_by_load_verify_and_resume(ckpt, expected, caplog)
 
 
 def test_a_flipped_bit_in_a_common_json_key_is_damage_found_by_load_verify_and_resume(ckpt: Path, caplog) -> None:
@@ -84,16 +76,9 @@ def test_a_flipped_bit_in_a_common_json_key_is_damage_found_by_load_verify_and_r
                 "from another iteration: restore it or load another iteration (resume_training: true falls back to "
                 "the newest valid one)")
     with pytest.raises(CorruptCheckpointError) as info:
-        resumable.load({"model": {"layers.0.weight": torch.zeros(4, 4)}}, ckpt)
-    assert str(info.value) == expected
-    with pytest.raises(CorruptCheckpointError) as info:
         v2.read_common(it4)  # without the parsed metadata: the record is read from metadata.json
     assert str(info.value) == expected
-    code, out = _verify(ckpt)
-    assert code == 1 and f"PROBLEM {expected}" in out
-    with caplog.at_level(logging.WARNING, logger="resumable.resolve"):
-        r = resolve_checkpoint(ckpt, fallback=True)
-    assert r.path == ckpt / "iteration_00000002" and expected in caplog.text
+    _refused_by_load_verify_and_resume(ckpt, expected, caplog)
 
 
 def test_a_common_json_from_another_iteration_is_refused(ckpt: Path) -> None:
@@ -143,3 +128,15 @@ def test_an_async_save_writes_sealed_metadata_and_block_checksums(tmp_path: Path
     for name in meta.files:
         digests = sio.block_digests(sio.read_header(folder / name))
         assert digests is not None and set(digests) == set(sio.read_header(folder / name).tensors)
+
+
+def _refused_by_load_verify_and_resume(ckpt: Path, expected: str, caplog) -> None:
+    """Iteration 4's damage is ``expected`` for load and verify; a resume falls back to iteration 2."""
+    with pytest.raises(CorruptCheckpointError) as info:
+        resumable.load({"model": {"layers.0.weight": torch.zeros(4, 4)}}, ckpt)
+    assert str(info.value) == expected
+    code, out = _verify(ckpt)
+    assert code == 1 and f"PROBLEM {expected}" in out
+    with caplog.at_level(logging.WARNING, logger="resumable.resolve"):
+        r = resolve_checkpoint(ckpt, fallback=True)
+    assert r.path == ckpt / "iteration_00000002" and expected in caplog.text

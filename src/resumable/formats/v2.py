@@ -278,8 +278,6 @@ def _location(name: str, chunk: ChunkMeta, s: Stored) -> dict[str, str]:
     return {"file": s.file, "key": s.key}
 
 
-_is_int = is_int
-
 
 def _int_list(x: object) -> bool:
     # type() is int: no bool, no subclass; inline (this runs for every offset and shape of a listed chunk).
@@ -348,7 +346,7 @@ def _parse(text: str | bytes, source: str, files_text: bytes | None = None) -> M
     if doc.get("format") != FORMAT:
         raise bad(f"format is {shown(doc.get('format'))}, expected {FORMAT!r}")
     version = doc.get("format_version")
-    if not _is_int(version) or version > FORMAT_VERSION or version < 1:
+    if not is_int(version) or version > FORMAT_VERSION or version < 1:
         raise CorruptCheckpointError(
             f"{source}: format_version {shown(version)} is not supported (this resumable reads up to "
             f"{FORMAT_VERSION}); upgrade resumable to load this checkpoint")
@@ -356,7 +354,7 @@ def _parse(text: str | bytes, source: str, files_text: bytes | None = None) -> M
         raise bad(f"format_version {version} ends with a seal ({SEAL}...), this file does not")
     common = _parse_seal(doc.get("common"), COMMON, bad) if version >= 3 and "common" in doc else None
     it, lay = doc.get("iteration"), doc.get("layout")
-    if not _is_int(it) or it < 0:
+    if not is_int(it) or it < 0:
         raise bad(f"iteration {shown(it)} is not a non-negative integer")
     layout = parse_layout(lay, source)
     raw_files = doc.get("files") if version == 1 else _file_table(doc.get("files"), files_text, bad)
@@ -379,7 +377,7 @@ def _parse(text: str | bytes, source: str, files_text: bytes | None = None) -> M
 
 def _parse_seal(entry: object, name: str, bad: Any) -> Seal:
     """A recorded ``{"file", "size", "xxh3_64"}`` of ``name``, checked."""
-    if (not isinstance(entry, dict) or entry.get("file") != name or not _is_int(entry.get("size"))
+    if (not isinstance(entry, dict) or entry.get("file") != name or not is_int(entry.get("size"))
             or entry["size"] < 0 or not isinstance(entry.get("xxh3_64"), str)
             or not re.fullmatch(r"[0-9a-f]{16}", entry["xxh3_64"])):
         raise bad(f"'common' {shown(entry)} must name {name!r} with its size and xxh3_64 (16 hex digits)")
@@ -426,7 +424,7 @@ def _check_stored_bytes(tensors: dict[str, TensorMeta], files: dict[str, FileMet
 
 def _file_table(entry: object, files_text: bytes | None, bad: Any) -> object:
     """The ``files`` object of ``files.json``, checked against the size and checksum metadata.json records."""
-    if not isinstance(entry, dict) or entry.get("table") != FILES or not _is_int(entry.get("size")) \
+    if not isinstance(entry, dict) or entry.get("table") != FILES or not is_int(entry.get("size")) \
             or not isinstance(entry.get("xxh3_64"), str):
         raise bad(f"'files' {shown(entry)} must name {FILES!r} with its size and xxh3_64")
     if files_text is None:
@@ -446,9 +444,9 @@ def _parse_files(raw_files: object, source: str, bad: Any) -> dict[str, FileMeta
     files: dict[str, FileMeta] = {}
     for name, f in raw_files.items():
         check_bare_name(name, source)
-        if (not isinstance(f, dict) or not _is_int(f.get("size")) or f["size"] < 0
+        if (not isinstance(f, dict) or not is_int(f.get("size")) or f["size"] < 0
                 or not isinstance(f.get("xxh3_64"), str) or not hex16.fullmatch(f["xxh3_64"])
-                or f.get("kind") not in KINDS or not _is_int(f.get("rank")) or not 0 <= f["rank"] < MAX_RANKS):
+                or f.get("kind") not in KINDS or not is_int(f.get("rank")) or not 0 <= f["rank"] < MAX_RANKS):
             raise bad(f"file {name!r} entry {shown(f)} needs size (int), xxh3_64 (16 hex digits), "
                       f"kind (model/opt) and rank (a non-negative int)")
         files[name] = FileMeta(f["size"], f["xxh3_64"], f["kind"], f["rank"])
@@ -488,7 +486,7 @@ def _parse_meshes(raw: object, world: int, files: dict[str, FileMeta], bad: Any)
             ranks = tuple(range(rr[0], rr[1], rr[2]))
         else:
             ranks = m.get("ranks")
-            if not (isinstance(ranks, list) and all(_is_int(r) and r >= 0 for r in ranks)):
+            if not (isinstance(ranks, list) and all(is_int(r) and r >= 0 for r in ranks)):
                 raise bad(f"mesh {i} {shown(m)} needs ranks (non-negative integers) or ranks_range")
             ranks = tuple(ranks)
         if any(r >= world for r in ranks):
@@ -522,13 +520,13 @@ MAX_RUNS_PER_POSITION = 1024
 def _parse_grid_tensor(name: str, t: dict, meshes: list[Mesh], bad: Any) -> TensorMeta:
     dtype, shape, kind = _tensor_head(name, t, bad)
     mesh, placements = t.get("mesh"), t.get("placements")
-    if not _is_int(mesh) or not 0 <= mesh < len(meshes):
+    if not is_int(mesh) or not 0 <= mesh < len(meshes):
         raise bad(f"tensor {name!r} names mesh {shown(mesh)}; 'meshes' has {len(meshes)}")
     problem = check_placements(placements, len(shape), len(meshes[mesh].shape))
     if problem is not None:
         raise bad(f"tensor {name!r}: {problem}")
     owner = t.get("owner")
-    if owner is not None and (not _is_int(owner) or owner < 0):
+    if owner is not None and (not is_int(owner) or owner < 0):
         raise bad(f"tensor {name!r} has owner {shown(owner)}, expected a non-negative integer")
     # At most the mesh sizes sharding a dim times their split factors: bounded before grid.check enumerates them.
     sizes = meshes[mesh].shape
