@@ -278,7 +278,6 @@ def _location(name: str, chunk: ChunkMeta, s: Stored) -> dict[str, str]:
     return {"file": s.file, "key": s.key}
 
 
-
 def _int_list(x: object) -> bool:
     # type() is int: no bool, no subclass; inline (this runs for every offset and shape of a listed chunk).
     return type(x) is list and len(x) <= MAX_NDIM and all(type(v) is int and 0 <= v <= MAX_DIM for v in x)
