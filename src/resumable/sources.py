@@ -21,7 +21,7 @@ a folder of ``rank_*`` folders              ``legacy`` (Checkpoint 1.0: ours, ch
 ``model.safetensors`` (+ index)             ``unified`` with ``common.json``, else ``hf``
 ==========================================  =========================================
 
-MindFormers names become ours through :mod:`resumable.formats.names`: fused
+MindFormers names become ours through :mod:`resumable.models.qwen3`: fused
 ``linear_qkv`` / ``linear_fc1`` appear as q/k/v and gate/up tensors whose regions are
 gathered from the fused rows on demand (no full copy); ``adam_m``/``adam_v`` become
 ``exp_avg``/``exp_avg_sq``; AdamW's per-parameter ``step`` is created from the global
@@ -54,7 +54,7 @@ from resumable.errors import CheckpointNotFoundError, CorruptCheckpointError
 from resumable.formats import hf, mindformers as mf, v1, v2
 from resumable.formats.jsonfile import check_regular
 from resumable.formats.safetensors_io import open_safetensors, read_header, stored_slice
-from resumable.formats.names import AttentionShape, fc1_rows, map_mf_name, qkv_rows
+from resumable.models.qwen3 import AttentionShape, fc1_rows, infer_heads, map_mf_name, qkv_rows
 from resumable.geometry import Box, runs
 from resumable.reads import check_slice
 
@@ -272,27 +272,11 @@ def _foreign_chunks(t: mf.ForeignTensor) -> tuple[SourceChunk, ...]:
     return tuple(seen.values())
 
 
-def infer_heads(tensors: dict[str, mf.ForeignTensor]) -> AttentionShape:
-    """Head counts of a MindFormers Qwen3 checkpoint, from its shapes.
-
-    ``q_layernorm`` has ``head_dim`` elements, ``linear_proj`` has ``heads × head_dim``
-    columns and ``linear_qkv`` ``(heads + 2 × kv_heads) × head_dim`` rows.
-
-    Raises:
-        CorruptCheckpointError: the tensors needed are missing or inconsistent.
-    """
-    def shape(suffix: str) -> tuple[int, ...]:
-        name = f"decoder.layers.0.{suffix}"
-        if name not in tensors:
-            raise CorruptCheckpointError(f"cannot infer the attention head counts: {name!r} is not in the "
-                                         "checkpoint; pass the heads explicitly (--heads H,KV,D)")
-        return tensors[name].shape
-    head_dim = shape("self_attention.q_layernorm.weight")[0]
-    heads = shape("self_attention.linear_proj.weight")[1] // head_dim
-    kv2 = shape("self_attention.linear_qkv.weight")[0] // head_dim - heads
-    if kv2 <= 0 or kv2 % 2:
-        raise CorruptCheckpointError(f"linear_qkv rows do not fit {heads} heads of {head_dim}; pass --heads H,KV,D")
-    return AttentionShape(heads, kv2 // 2, head_dim)
+def _infer_heads(ckpt: mf.ForeignCheckpoint) -> AttentionShape:
+    try:
+        return infer_heads({n: t.shape for n, t in ckpt.tensors.items()})
+    except ValueError as e:
+        raise CorruptCheckpointError(f"{ckpt.path}: {e}") from None
 
 
 def _rows_reader(fused: SourceTensor, rows: list[int]) -> Reader:
@@ -323,7 +307,7 @@ def _map_foreign(ckpt: mf.ForeignCheckpoint, heads: AttentionShape | None) -> di
         if mapped.transform == "rename":
             out[mapped.hf_names[0]] = SourceTensor(mapped.hf_names[0], *_same(whole))
             continue
-        heads = heads or infer_heads(ckpt.tensors)
+        heads = heads or _infer_heads(ckpt)
         parts = qkv_rows(heads) if mapped.transform == "qkv" else fc1_rows(t.shape[0])
         for hf_name, rows in zip(mapped.hf_names, parts):
             shape = (len(rows), *t.shape[1:])

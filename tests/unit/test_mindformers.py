@@ -25,7 +25,7 @@ from resumable.formats.mindformers import (
     read_tensor,
     resolve_mf_iteration,
 )
-from resumable.formats.names import mf_to_hf
+from resumable.models.qwen3 import mf_to_hf
 from resumable.geometry import Box
 from tests.fixtures.mindformers import HEADS, build_legacy, build_v2, hf_state, legacy_state, mf_state
 

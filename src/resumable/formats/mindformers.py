@@ -5,7 +5,7 @@ name, its dtype, global shape and chunks (a :class:`~resumable.geometry.Box`, th
 and the key inside it; the same box listed twice means two replicas), plus the
 training context. Nothing but headers and JSON is read; :func:`read_chunk` then reads
 one chunk (or a region of it) when the loader wants it. Names are mapped to ours by
-:mod:`resumable.formats.names`.
+:mod:`resumable.models.qwen3`.
 
 What is understood (see ``shared/MINDFORMERS.md``):
 

@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 
 from resumable.errors import ConfigError
-from resumable.formats.names import AttentionShape
+from resumable.models.qwen3 import AttentionShape
 
 _PROGRESS = "--quiet"
 

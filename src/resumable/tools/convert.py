@@ -39,7 +39,7 @@ from typing import Any, Literal
 import torch
 
 from resumable.errors import CheckpointError, ConfigError
-from resumable.formats.names import AttentionShape
+from resumable.models.qwen3 import AttentionShape
 from resumable.formats import v1
 from resumable.formats.mindformers import parse_legacy_name
 from resumable.lock import DirectoryLock

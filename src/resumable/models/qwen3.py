@@ -1,27 +1,31 @@
-"""MindFormers Qwen3 tensor names ↔ HuggingFace names, and the fused-tensor transforms.
+"""Everything the project knows about Qwen3: names, fused layouts, head counts.
 
-Every name is matched exactly against a literal table (``{i}`` stands for a layer
-number); there is no substring dispatch, so an unknown name is an error, never a
-silent guess.
+The trainer, the tools and the format readers share this one module, so that adding a
+model (Llama, Qwen2) is one new file beside it (:mod:`resumable.models`); the format
+readers know no model.
 
-Two MindFormers tensors are fusions of several HuggingFace tensors (rows of the
-fused tensor, ``[out, in]`` weights)::
+MindFormers names ↔ HuggingFace names: every name is matched exactly against a literal
+table (``{i}`` stands for a layer number); there is no substring dispatch, so an unknown
+name is an error, never a silent guess.
 
-    linear_qkv  for each KV group g: its query heads, then key head g, then value head g
-                (head_dim rows each)                     → q_proj, k_proj, v_proj
-    linear_fc1  row 2r is gate row r, row 2r+1 is up row r → gate_proj, up_proj
+Two MindFormers tensors are fusions of several HuggingFace tensors (rows of the fused
+tensor, ``[out, in]`` weights), each in one of two layouts (:class:`FusedLayout`, named
+after MindFormers' model-config keys; its defaults are MindFormers')::
 
-Optimizer tensors follow their parameter: ``adam_m.<p>`` / ``moment1.<p>`` become
-``optimizer.state.<hf p>.exp_avg``; ``adam_v.<p>`` / ``moment2.<p>`` become
-``...exp_avg_sq`` (the names of docs/internals.md), with the same split as ``<p>``.
+    linear_qkv  use_contiguous_weight_layout_attention: false (default)
+                  for each KV group g: its query heads, then key head g, then value head g
+                  (head_dim rows each)
+                use_contiguous_weight_layout_attention: true
+                  [Q; K; V]                             → q_proj, k_proj, v_proj
+    linear_fc1  use_interleaved_weight_layout_mlp: true (default)
+                  row 2r is gate row r, row 2r+1 is up row r
+                use_interleaved_weight_layout_mlp: false
+                  [gate; up]                            → gate_proj, up_proj
 
-Scalars that are not tensors of our state are dropped on import, each for a stated
-reason (:data:`DROPPED`): the training context (``global_step``, ``epoch_num``,
-``step_num``, ``loss_scale``, ``global_batch_size``) is read from ``common.json`` or
-the legacy scalars by :mod:`resumable.formats.mindformers`; the learning rate is
-derived from the global step; Adam's ``beta1_power``/``beta2_power`` equal
-``beta ** step``, and torch's AdamW keeps ``step`` instead, which the importer sets
-from the global step.
+A checkpoint does not record which layout wrote it, and its shapes cannot tell (with one
+KV head the two qkv layouts coincide). The optimizer moments of a fused tensor have its
+rows in the same order, so they split the same way; moments and scalars are named as
+every MindSpore checkpoint names them (:mod:`resumable.formats.ms_names`).
 
 Example::
 
@@ -34,21 +38,26 @@ Example::
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, Mapping
 
 import torch
 
+from resumable.formats.ms_names import SCALARS, ms_export_name, our_name, parse_ms_name, parse_our_name
+
 __all__ = [
-    "DROPPED",
+    "DEFAULT_LAYOUT",
     "FUSED",
     "RENAMES",
     "AttentionShape",
+    "FusedLayout",
     "NameMap",
     "fc1_rows",
     "fuse_fc1",
     "fuse_qkv",
     "hf_to_mf",
+    "infer_heads",
+    "is_mf_param",
     "map_mf_name",
     "mf_to_hf",
     "qkv_rows",
@@ -82,29 +91,6 @@ FUSED: dict[str, tuple[Literal["qkv", "fc1"], tuple[str, ...]]] = {
 }
 """MindFormers fused parameter → (transform, HuggingFace parameters in fusion order)."""
 
-_OPTIMIZER_PREFIXES: dict[str, str] = {
-    "adam_m.": "exp_avg",
-    "adam_v.": "exp_avg_sq",
-    "moment1.": "exp_avg",
-    "moment2.": "exp_avg_sq",
-}
-_EXPORT_PREFIXES = {"exp_avg": "adam_m.", "exp_avg_sq": "adam_v."}  # AdamWeightDecay, MindFormers' default
-
-DROPPED: dict[str, str] = {
-    "global_step": "the training context's global step (common.json or legacy scalar)",
-    "epoch_num": "the training context (legacy scalar)",
-    "step_num": "the training context (legacy scalar)",
-    "loss_scale": "the training context (legacy scalar)",
-    "global_batch_size": "the training context (legacy scalar)",
-    "learning_rate": "derived from the global step by the LR schedule",
-    "beta1_power": "equals beta1 ** step; AdamW's per-parameter step is set from the global step",
-    "beta2_power": "equals beta2 ** step; AdamW's per-parameter step is set from the global step",
-}
-"""MindFormers scalars that have no tensor in our state, with where their value comes from."""
-
-_OPT_STATE = "optimizer.state."
-
-
 @dataclass(frozen=True)
 class AttentionShape:
     """Head counts needed to split ``linear_qkv``.
@@ -128,11 +114,27 @@ class AttentionShape:
 
 
 @dataclass(frozen=True)
+class FusedLayout:
+    """Row order of the fused MindFormers tensors; the fields are MindFormers' model-config keys.
+
+    Example::
+
+        FusedLayout(use_contiguous_weight_layout_attention=True)    # linear_qkv is [Q; K; V]
+    """
+
+    use_contiguous_weight_layout_attention: bool = False
+    use_interleaved_weight_layout_mlp: bool = True
+
+
+DEFAULT_LAYOUT = FusedLayout()
+
+
+@dataclass(frozen=True)
 class NameMap:
     """How one MindFormers tensor becomes HuggingFace-side tensors of our state.
 
     ``transform`` is ``"rename"`` (one name), ``"qkv"`` (q, k, v), ``"fc1"``
-    (gate, up) or ``"drop"`` (no tensor; ``reason`` says where the value goes).
+    (gate, up) or ``"drop"`` (a MindSpore scalar: no tensor; ``reason`` says where the value goes).
     """
 
     mf_name: str
@@ -162,39 +164,38 @@ def _match(patterns: list[tuple[re.Pattern[str], str]], name: str) -> tuple[str,
     return None
 
 
+def is_mf_param(param: str) -> bool:
+    """Whether ``param`` (a parameter name, no optimizer prefix) is a MindFormers Qwen3 parameter."""
+    return _match(_MF_PATTERNS, param) is not None
+
+
 def map_mf_name(name: str) -> NameMap:
-    """Where a MindFormers Qwen3 tensor (parameter, optimizer state or scalar) goes.
+    """Where a MindFormers Qwen3 tensor (parameter, optimizer moment or scalar) goes.
 
     Raises:
-        ValueError: the name is in none of the tables.
+        ValueError: the parameter is in none of the tables.
 
     Example::
 
         map_mf_name("adam_m.decoder.final_layernorm.weight").hf_names
         # ("optimizer.state.model.norm.weight.exp_avg",)
     """
-    if name in DROPPED:
-        return NameMap(name, "drop", (), DROPPED[name])
-    param, suffix = name, ""
-    for prefix, state in _OPTIMIZER_PREFIXES.items():
-        if name.startswith(prefix):
-            param, suffix = name[len(prefix):], state
-            break
-    found = _match(_MF_PATTERNS, param)
+    parsed = parse_ms_name(name)
+    if parsed.kind == "scalar":
+        return NameMap(name, "drop", (), SCALARS[name])
+    found = _match(_MF_PATTERNS, parsed.param)
     if found is None:
         raise ValueError(
             f"unknown MindFormers Qwen3 tensor name {name!r}: it matches no entry of "
-            "resumable.formats.names (RENAMES, FUSED, DROPPED, optimizer prefixes adam_m./adam_v./moment1./moment2.)"
+            "resumable.models.qwen3 (RENAMES, FUSED; optimizer prefixes adam_m./adam_v./moment1./moment2.)"
         )
     template, layer = found
     transform, hf_templates = ("rename", (RENAMES[template],)) if template in RENAMES else FUSED[template]
-    hf_names = tuple(t.replace("{i}", layer) for t in hf_templates)
-    if suffix:
-        hf_names = tuple(f"{_OPT_STATE}{n}.{suffix}" for n in hf_names)
+    hf_names = tuple(our_name(replace(parsed, param=t.replace("{i}", layer))) for t in hf_templates)
     return NameMap(name, transform, hf_names)
 
 
-def qkv_rows(heads: AttentionShape) -> tuple[list[int], list[int], list[int]]:
+def qkv_rows(heads: AttentionShape, layout: FusedLayout = DEFAULT_LAYOUT) -> tuple[list[int], list[int], list[int]]:
     """Rows of the fused ``linear_qkv`` weight that hold q_proj, k_proj and v_proj, in order.
 
     Use :func:`resumable.geometry.runs` on a list to read it as contiguous slices.
@@ -203,6 +204,11 @@ def qkv_rows(heads: AttentionShape) -> tuple[list[int], list[int], list[int]]:
 
         qkv_rows(AttentionShape(num_heads=2, num_kv_heads=1, head_dim=1))   # ([0, 1], [2], [3])
     """
+    q_size = heads.num_heads * heads.head_dim
+    kv_size = heads.num_kv_heads * heads.head_dim
+    if layout.use_contiguous_weight_layout_attention:
+        return (list(range(q_size)), list(range(q_size, q_size + kv_size)),
+                list(range(q_size + kv_size, q_size + 2 * kv_size)))
     group = heads.num_heads // heads.num_kv_heads
     block = (group + 2) * heads.head_dim  # one KV group: its queries, its key, its value
     q, k, v = [], [], []
@@ -214,8 +220,8 @@ def qkv_rows(heads: AttentionShape) -> tuple[list[int], list[int], list[int]]:
     return q, k, v
 
 
-def fc1_rows(fused_rows: int) -> tuple[list[int], list[int]]:
-    """Rows of the fused ``linear_fc1`` weight that hold gate_proj and up_proj (interleaved).
+def fc1_rows(fused_rows: int, layout: FusedLayout = DEFAULT_LAYOUT) -> tuple[list[int], list[int]]:
+    """Rows of the fused ``linear_fc1`` weight that hold gate_proj and up_proj.
 
     Example::
 
@@ -223,6 +229,9 @@ def fc1_rows(fused_rows: int) -> tuple[list[int], list[int]]:
     """
     if fused_rows % 2:
         raise ValueError(f"linear_fc1 must have an even number of rows, got {fused_rows}")
+    if not layout.use_interleaved_weight_layout_mlp:
+        half = fused_rows // 2
+        return list(range(half)), list(range(half, fused_rows))
     return list(range(0, fused_rows, 2)), list(range(1, fused_rows, 2))
 
 
@@ -231,7 +240,12 @@ def _check_rows(what: str, tensor: torch.Tensor, rows: int) -> None:
         raise ValueError(f"{what} must have {rows} rows, got shape {list(tensor.shape)}")
 
 
-def split_qkv(fused: torch.Tensor, heads: AttentionShape) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _take(fused: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    return fused[torch.tensor(rows, dtype=torch.long)]
+
+
+def split_qkv(fused: torch.Tensor, heads: AttentionShape,
+              layout: FusedLayout = DEFAULT_LAYOUT) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Split ``linear_qkv`` ([(H + 2·KV)·D, hidden]) into q [H·D, hidden], k and v [KV·D, hidden].
 
     Example::
@@ -239,10 +253,12 @@ def split_qkv(fused: torch.Tensor, heads: AttentionShape) -> tuple[torch.Tensor,
         q, k, v = split_qkv(qkv, AttentionShape(16, 8, 128))
     """
     _check_rows("linear_qkv", fused, (heads.num_heads + 2 * heads.num_kv_heads) * heads.head_dim)
-    return tuple(fused[torch.tensor(rows, dtype=torch.long)] for rows in qkv_rows(heads))  # type: ignore[return-value]
+    q, k, v = (_take(fused, rows) for rows in qkv_rows(heads, layout))
+    return q, k, v
 
 
-def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: AttentionShape) -> torch.Tensor:
+def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: AttentionShape,
+             layout: FusedLayout = DEFAULT_LAYOUT) -> torch.Tensor:
     """Inverse of :func:`split_qkv`.
 
     Example::
@@ -253,24 +269,24 @@ def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: Attention
     _check_rows("k_proj", k, heads.num_kv_heads * heads.head_dim)
     _check_rows("v_proj", v, heads.num_kv_heads * heads.head_dim)
     out = q.new_empty((q.shape[0] + k.shape[0] + v.shape[0], *q.shape[1:]))
-    for part, rows in zip((q, k, v), qkv_rows(heads)):
+    for part, rows in zip((q, k, v), qkv_rows(heads, layout)):
         out[torch.tensor(rows, dtype=torch.long)] = part
     return out
 
 
-def split_fc1(fused: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split ``linear_fc1`` ([2·ffn, hidden], interleaved) into gate and up ([ffn, hidden]).
+def split_fc1(fused: torch.Tensor, layout: FusedLayout = DEFAULT_LAYOUT) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split ``linear_fc1`` ([2·ffn, hidden]) into gate and up ([ffn, hidden]).
 
     Example::
 
         gate, up = split_fc1(fc1)
     """
-    gate, up = fc1_rows(fused.shape[0])
-    return fused[gate], fused[up]
+    gate, up = fc1_rows(fused.shape[0], layout)
+    return _take(fused, gate), _take(fused, up)
 
 
-def fuse_fc1(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`split_fc1`: interleave gate and up row by row.
+def fuse_fc1(gate: torch.Tensor, up: torch.Tensor, layout: FusedLayout = DEFAULT_LAYOUT) -> torch.Tensor:
+    """Inverse of :func:`split_fc1`.
 
     Example::
 
@@ -278,13 +294,16 @@ def fuse_fc1(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """
     if gate.shape != up.shape:
         raise ValueError(f"gate_proj {list(gate.shape)} and up_proj {list(up.shape)} differ in shape")
+    if not layout.use_interleaved_weight_layout_mlp:
+        return torch.cat((gate, up))
     return torch.stack((gate, up), dim=1).reshape(2 * gate.shape[0], *gate.shape[1:])  # [ffn, 2, ...] → [2ffn, ...]
 
 
-def mf_to_hf(name: str, tensor: torch.Tensor, heads: AttentionShape) -> dict[str, torch.Tensor]:
+def mf_to_hf(name: str, tensor: torch.Tensor, heads: AttentionShape,
+             layout: FusedLayout = DEFAULT_LAYOUT) -> dict[str, torch.Tensor]:
     """Turn one full MindFormers tensor into the HuggingFace-side tensors it holds.
 
-    Returns an empty dict for the :data:`DROPPED` scalars.
+    Returns an empty dict for MindSpore's scalars (:data:`resumable.formats.ms_names.SCALARS`).
 
     Example::
 
@@ -297,32 +316,29 @@ def mf_to_hf(name: str, tensor: torch.Tensor, heads: AttentionShape) -> dict[str
     if mapped.transform == "rename":
         parts: tuple[torch.Tensor, ...] = (tensor,)
     elif mapped.transform == "qkv":
-        parts = split_qkv(tensor, heads)
+        parts = split_qkv(tensor, heads, layout)
     else:
-        parts = split_fc1(tensor)
+        parts = split_fc1(tensor, layout)
     return dict(zip(mapped.hf_names, parts))
 
 
 def _hf_to_mf_name(name: str) -> tuple[str, int]:
     """MindFormers name and position in the fusion of one HF-side tensor name."""
-    param, prefix = name, ""
-    if name.startswith(_OPT_STATE):
-        for state, export_prefix in _EXPORT_PREFIXES.items():
-            if name.endswith("." + state):
-                param, prefix = name[len(_OPT_STATE):-len(state) - 1], export_prefix
-                break
+    param, slot = parse_our_name(name)
     found = _match(_HF_PATTERNS, param)
-    if found is None:
-        raise ValueError(
-            f"no MindFormers name for {name!r}: it matches no HuggingFace Qwen3 entry of "
-            "resumable.formats.names (optimizer tensors must be optimizer.state.<fqn>.exp_avg or .exp_avg_sq)"
-        )
-    template, layer = found
-    mf_template, position = _HF_TO_MF[template]
-    return prefix + mf_template.replace("{i}", layer), position
+    try:
+        if found is None:
+            raise ValueError("it matches no HuggingFace Qwen3 entry of resumable.models.qwen3")
+        template, layer = found
+        mf_template, position = _HF_TO_MF[template]
+        return ms_export_name(mf_template.replace("{i}", layer), slot), position
+    except ValueError as e:
+        raise ValueError(f"no MindFormers name for {name!r}: {e} (optimizer tensors must be "
+                         "optimizer.state.<fqn>.exp_avg or .exp_avg_sq)") from None
 
 
-def hf_to_mf(tensors: Mapping[str, torch.Tensor], heads: AttentionShape) -> dict[str, torch.Tensor]:
+def hf_to_mf(tensors: Mapping[str, torch.Tensor], heads: AttentionShape,
+             layout: FusedLayout = DEFAULT_LAYOUT) -> dict[str, torch.Tensor]:
     """Turn HuggingFace-side tensors (parameters and AdamW ``exp_avg``/``exp_avg_sq``) into MindFormers ones.
 
     Optimizer states are exported under AdamWeightDecay's ``adam_m.``/``adam_v.``.
@@ -346,9 +362,32 @@ def hf_to_mf(tensors: Mapping[str, torch.Tensor], heads: AttentionShape) -> dict
             raise ValueError(f"cannot build {mf_name!r}: missing {missing}")
         ordered = [parts[k] for k in range(len(parts))]
         if mapped.transform == "qkv":
-            out[mf_name] = fuse_qkv(*ordered, heads)
+            out[mf_name] = fuse_qkv(*ordered, heads, layout)
         elif mapped.transform == "fc1":
-            out[mf_name] = fuse_fc1(*ordered)
+            out[mf_name] = fuse_fc1(*ordered, layout)
         else:
             out[mf_name] = ordered[0]
     return out
+
+
+def infer_heads(shapes: Mapping[str, tuple[int, ...]]) -> AttentionShape:
+    """Head counts of a MindFormers Qwen3 checkpoint, from its shapes (name → shape).
+
+    ``q_layernorm`` has ``head_dim`` elements, ``linear_proj`` has ``heads × head_dim``
+    columns and ``linear_qkv`` ``(heads + 2 × kv_heads) × head_dim`` rows.
+
+    Raises:
+        ValueError: the tensors needed are missing or inconsistent (pass the heads explicitly).
+    """
+    def shape(suffix: str) -> tuple[int, ...]:
+        name = f"decoder.layers.0.{suffix}"
+        if name not in shapes:
+            raise ValueError(f"cannot infer the attention head counts: {name!r} is not in the "
+                             "checkpoint; pass the heads explicitly (--heads H,KV,D)")
+        return tuple(shapes[name])
+    head_dim = shape("self_attention.q_layernorm.weight")[0]
+    heads = shape("self_attention.linear_proj.weight")[1] // head_dim if head_dim else 0
+    kv2 = shape("self_attention.linear_qkv.weight")[0] // head_dim - heads if head_dim else 0
+    if heads <= 0 or kv2 <= 0 or kv2 % 2 or heads % (kv2 // 2):
+        raise ValueError(f"linear_qkv rows do not fit {heads} heads of {head_dim}; pass --heads H,KV,D")
+    return AttentionShape(heads, kv2 // 2, head_dim)
