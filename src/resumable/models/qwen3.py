@@ -42,6 +42,7 @@ from dataclasses import dataclass, replace
 from typing import Literal, Mapping
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from resumable.formats.ms_names import SCALARS, ms_export_name, our_name, parse_ms_name, parse_our_name
 
@@ -51,6 +52,7 @@ __all__ = [
     "RENAMES",
     "AttentionShape",
     "FusedLayout",
+    "ModelConfig",
     "NameMap",
     "fc1_rows",
     "fuse_fc1",
@@ -127,6 +129,50 @@ class FusedLayout:
 
 
 DEFAULT_LAYOUT = FusedLayout()
+
+
+class ModelConfig(BaseModel):
+    """The ``model:`` section of the trainer's YAML: Qwen3 sizes, named as in HuggingFace's ``Qwen3Config``,
+    and the row order of MindFormers' fused tensors when a MindFormers checkpoint is read (MindFormers'
+    own model-config keys and defaults, :class:`FusedLayout`)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    vocab_size: int = Field(256, gt=0, description="vocabulary size")
+    hidden_size: int = Field(64, gt=0, description="width of the residual stream")
+    intermediate_size: int = Field(128, gt=0, description="SwiGLU inner width")
+    num_hidden_layers: int = Field(4, gt=0, description="decoder layers")
+    num_attention_heads: int = Field(4, gt=0, description="query heads")
+    num_key_value_heads: int = Field(2, gt=0, description="key/value heads (GQA)")
+    head_dim: int = Field(16, gt=0, description="width of one attention head")
+    rms_norm_eps: float = Field(1e-6, gt=0)
+    rope_theta: float = Field(10000.0, gt=0)
+    max_position_embeddings: int = Field(512, gt=0)
+    tie_word_embeddings: bool = False
+    initializer_range: float = Field(0.02, gt=0)
+    attention_dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the attention weights while "
+                                     "training (HF's attention_dropout); > 0 draws from the RNG every step")
+
+    use_contiguous_weight_layout_attention: bool = Field(
+        False, description="a MindFormers load_checkpoint stores linear_qkv as [Q; K; V] (true) or grouped per "
+                           "KV head (false, MindFormers' default)")
+    use_interleaved_weight_layout_mlp: bool = Field(
+        True, description="a MindFormers load_checkpoint stores linear_fc1 with gate and up rows interleaved "
+                          "(true, MindFormers' default) or as [gate; up] (false)")
+
+    @property
+    def fused_layout(self) -> FusedLayout:
+        return FusedLayout(self.use_contiguous_weight_layout_attention, self.use_interleaved_weight_layout_mlp)
+
+    @model_validator(mode="after")
+    def _heads_group(self) -> "ModelConfig":
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"model.num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"model.num_key_value_heads ({self.num_key_value_heads})"
+            )
+        return self
+
 
 
 @dataclass(frozen=True)

@@ -21,40 +21,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from resumable.errors import ConfigError
+from resumable.models.qwen3 import ModelConfig
 
 DEFAULT_CONFIG = Path(__file__).with_name("configs") / "default.yaml"
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class ModelConfig(_Section):
-    """Qwen3 sizes, named as in HuggingFace's ``Qwen3Config``."""
-
-    vocab_size: int = Field(256, gt=0, description="vocabulary size")
-    hidden_size: int = Field(64, gt=0, description="width of the residual stream")
-    intermediate_size: int = Field(128, gt=0, description="SwiGLU inner width")
-    num_hidden_layers: int = Field(4, gt=0, description="decoder layers")
-    num_attention_heads: int = Field(4, gt=0, description="query heads")
-    num_key_value_heads: int = Field(2, gt=0, description="key/value heads (GQA)")
-    head_dim: int = Field(16, gt=0, description="width of one attention head")
-    rms_norm_eps: float = Field(1e-6, gt=0)
-    rope_theta: float = Field(10000.0, gt=0)
-    max_position_embeddings: int = Field(512, gt=0)
-    tie_word_embeddings: bool = False
-    initializer_range: float = Field(0.02, gt=0)
-    attention_dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the attention weights while "
-                                     "training (HF's attention_dropout); > 0 draws from the RNG every step")
-
-    @model_validator(mode="after")
-    def _heads_group(self) -> "ModelConfig":
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(
-                f"model.num_attention_heads ({self.num_attention_heads}) must be a multiple of "
-                f"model.num_key_value_heads ({self.num_key_value_heads})"
-            )
-        return self
 
 
 class DatasetConfig(_Section):
