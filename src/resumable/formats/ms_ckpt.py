@@ -35,6 +35,7 @@ import torch
 
 from resumable.errors import CorruptCheckpointError, NotImplementedYet
 from resumable.formats.jsonfile import open_regular
+from resumable.formats.protowire import LENGTH, VARINT, Wire, WireError, as_int64, length_field, varint_field
 from resumable.formats.schema import MAX_DIM, MAX_NDIM, shown
 
 __all__ = [
@@ -65,8 +66,6 @@ MS_DTYPES: dict[str, torch.dtype] = {
 """MindSpore dtype names (as in ``tensor_type`` and MindFormers' metadata.json) → torch."""
 
 _MS_NAMES = {dtype: name for name, dtype in MS_DTYPES.items()}
-
-_VARINT, _FIXED64, _LENGTH, _FIXED32 = 0, 1, 2, 5
 
 if sys.byteorder != "little":  # tensor_content is little-endian; so is every host torch supports well
     raise ImportError("resumable.formats.ms_ckpt needs a little-endian host")
@@ -103,123 +102,51 @@ class MsTensorEntry:
         return sum(length for _, length in self.segments)
 
 
-class _Corrupt(Exception):
-    """Internal: a wire-format problem, turned into CorruptCheckpointError with the file name."""
-
-
-class _Wire:
-    """A cursor over a protobuf message held in ``buf[start:end]``."""
-
-    def __init__(self, buf: mmap.mmap | bytes, start: int, end: int) -> None:
-        self.buf, self.pos, self.end = buf, start, end
-
-    def done(self) -> bool:
-        return self.pos >= self.end
-
-    def varint(self) -> int:
-        value, shift = 0, 0
-        while True:
-            if self.pos >= self.end:
-                raise _Corrupt(f"truncated varint at byte {self.pos}")
-            byte = self.buf[self.pos]
-            self.pos += 1
-            value |= (byte & 0x7F) << shift
-            if not byte & 0x80:
-                return value
-            shift += 7
-            if shift >= 70:
-                raise _Corrupt(f"varint longer than 10 bytes ending at byte {self.pos}")
-
-    def key(self) -> tuple[int, int]:
-        key = self.varint()
-        return key >> 3, key & 7
-
-    def span(self) -> tuple[int, int]:
-        """``(offset, length)`` of a length-delimited field, checked against the message end."""
-        length = self.varint()
-        start = self.pos
-        if length > self.end - start:
-            raise _Corrupt(f"field of {length} bytes at byte {start} runs past the end ({self.end})")
-        self.pos = start + length
-        return start, length
-
-    def skip(self, wire_type: int) -> None:
-        if wire_type == _VARINT:
-            self.varint()
-        elif wire_type == _LENGTH:
-            self.span()
-        elif wire_type in (_FIXED64, _FIXED32):
-            size = 8 if wire_type == _FIXED64 else 4
-            if self.pos + size > self.end:
-                raise _Corrupt(f"truncated fixed-width field at byte {self.pos}")
-            self.pos += size
-        else:
-            raise _Corrupt(f"unsupported wire type {wire_type} at byte {self.pos}")
-
-    def text(self) -> str:
-        start, length = self.span()
-        try:
-            return bytes(self.buf[start:start + length]).decode("utf-8")
-        except UnicodeDecodeError:
-            raise _Corrupt(f"string at byte {start} is not UTF-8") from None
-
-
-def _int64(value: int) -> int:
-    """A varint read as protobuf int64 (negative numbers are 10-byte two's complement)."""
-    return value - (1 << 64) if value >= 1 << 63 else value
-
-
-def _parse_tensor(wire: _Wire) -> tuple[list[int], str | None, tuple[int, int] | None]:
+def _parse_tensor(wire: Wire) -> tuple[list[int], str | None, tuple[int, int] | None]:
     dims: list[int] = []
     dtype_name, content = None, None
     while not wire.done():
         field, wire_type = wire.key()
-        if field == 1 and wire_type == _VARINT:  # unpacked repeated int64
-            dims.append(_int64(wire.varint()))
-        elif field == 1 and wire_type == _LENGTH:  # packed repeated int64
-            start, length = wire.span()
-            packed = _Wire(wire.buf, start, start + length)
-            while not packed.done():
-                dims.append(_int64(packed.varint()))
-        elif field == 2 and wire_type == _LENGTH:
+        if field == 1 and wire_type in (VARINT, LENGTH):  # repeated int64, unpacked or packed
+            dims.extend(as_int64(v) for v in wire.varints(wire_type))
+        elif field == 2 and wire_type == LENGTH:
             dtype_name = wire.text()
-        elif field == 3 and wire_type == _LENGTH:
+        elif field == 3 and wire_type == LENGTH:
             content = wire.span()
         else:
             wire.skip(wire_type)
     return dims, dtype_name, content
 
 
-def _parse_value(wire: _Wire, number: int, path: str) -> tuple[str, list[int], str, tuple[int, int]]:
+def _parse_value(wire: Wire, number: int, path: str) -> tuple[str, list[int], str, tuple[int, int]]:
     tag, tensor, has_map = None, None, False
     while not wire.done():
         field, wire_type = wire.key()
-        if field == 1 and wire_type == _LENGTH:
+        if field == 1 and wire_type == LENGTH:
             tag = wire.text()
-        elif field == 2 and wire_type == _LENGTH:
-            start, length = wire.span()
-            tensor = _parse_tensor(_Wire(wire.buf, start, start + length))
-        elif field == 3 and wire_type == _LENGTH:
+        elif field == 2 and wire_type == LENGTH:
+            tensor = _parse_tensor(wire.sub())
+        elif field == 3 and wire_type == LENGTH:
             wire.span()
             has_map = True
         else:
             wire.skip(wire_type)
     where = f"value #{number}" if tag is None else f"value {tag!r}"
     if tag is None:
-        raise _Corrupt(f"{where} has no tag")
+        raise WireError(f"{where} has no tag")
     if has_map:
         raise NotImplementedYet(f"MapTensor values in MindSpore .ckpt files ({where} in {path})")
     if tensor is None:
-        raise _Corrupt(f"{where} has no tensor")
+        raise WireError(f"{where} has no tensor")
     dims, dtype_name, content = tensor
     if dtype_name is None or content is None:
-        raise _Corrupt(f"{where} lacks tensor_type or tensor_content")
+        raise WireError(f"{where} lacks tensor_type or tensor_content")
     if dtype_name not in MS_DTYPES:
-        raise _Corrupt(f"{where} has unsupported tensor_type {dtype_name!r}; supported: {sorted(MS_DTYPES)}")
+        raise WireError(f"{where} has unsupported tensor_type {dtype_name!r}; supported: {sorted(MS_DTYPES)}")
     if any(d < 0 for d in dims):
-        raise _Corrupt(f"{where} has negative dims {shown(dims)}")
+        raise WireError(f"{where} has negative dims {shown(dims)}")
     if len(dims) > MAX_NDIM or any(d > MAX_DIM for d in dims):  # dims are multiplied out below
-        raise _Corrupt(f"{where} has dims {shown(dims)}: at most {MAX_NDIM}, each at most {MAX_DIM}")
+        raise WireError(f"{where} has dims {shown(dims)}: at most {MAX_NDIM}, each at most {MAX_DIM}")
     return tag, dims, dtype_name, content
 
 
@@ -258,25 +185,25 @@ def index_ms_ckpt(path: str | os.PathLike[str]) -> dict[str, MsTensorEntry]:
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
             try:
                 return _index(buf, path)
-            except _Corrupt as e:
+            except WireError as e:
                 raise CorruptCheckpointError(f"corrupt MindSpore checkpoint {path}: {e}") from None
 
 
 def _index(buf: mmap.mmap, path: str) -> dict[str, MsTensorEntry]:
-    wire = _Wire(buf, 0, len(buf))
+    wire = Wire(buf, 0, len(buf))
     parts: dict[str, tuple[list[int], str, list[tuple[int, int]]]] = {}
     number = 0
     while not wire.done():
         field, wire_type = wire.key()
-        if field != 1 or wire_type != _LENGTH:
+        if field != 1 or wire_type != LENGTH:
             wire.skip(wire_type)
             continue
         start, length = wire.span()
-        tag, dims, dtype_name, content = _parse_value(_Wire(buf, start, start + length), number, path)
+        tag, dims, dtype_name, content = _parse_value(Wire(buf, start, start + length), number, path)
         number += 1
         if tag in parts:  # a tensor cut into slices: same tag, same full dims
             if parts[tag][:2] != (dims, dtype_name):
-                raise _Corrupt(f"value {tag!r} appears twice with different dims or dtype")
+                raise WireError(f"value {tag!r} appears twice with different dims or dtype")
             parts[tag][2].append(content)
         else:
             parts[tag] = (dims, dtype_name, [content])
@@ -285,7 +212,7 @@ def _index(buf: mmap.mmap, path: str) -> dict[str, MsTensorEntry]:
         entry = MsTensorEntry(tag, MS_DTYPES[dtype_name], tuple(dims), tuple(segments))
         expected = _entry_nbytes(entry.shape, entry.dtype)
         if entry.nbytes != expected:
-            raise _Corrupt(
+            raise WireError(
                 f"value {tag!r}: tensor_content holds {entry.nbytes} bytes but dims {dims} "
                 f"of {dtype_name} need {expected}"
             )
@@ -330,22 +257,6 @@ def load_ms_ckpt(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     return {name: read_ms_tensor(path, entry) for name, entry in index_ms_ckpt(path).items()}
 
 
-def _varint_bytes(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
-def _length_field(field: int, payload_len: int) -> bytes:
-    return _varint_bytes(field << 3 | _LENGTH) + _varint_bytes(payload_len)
-
-
 def write_ms_ckpt(
     path: str | os.PathLike[str],
     tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
@@ -369,15 +280,15 @@ def write_ms_ckpt(
         for tag, tensor in items:
             dtype_name = ms_dtype_name(tensor.dtype).encode()
             content = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-            dims = b"".join(_varint_bytes(1 << 3 | _VARINT) + _varint_bytes(d) for d in tensor.shape)
-            tensor_len = len(dims) + len(_length_field(2, len(dtype_name))) + len(dtype_name) \
-                + len(_length_field(3, content.nbytes)) + content.nbytes
+            dims = b"".join(varint_field(1, d) for d in tensor.shape)
+            tensor_len = len(dims) + len(length_field(2, len(dtype_name))) + len(dtype_name) \
+                + len(length_field(3, content.nbytes)) + content.nbytes
             tag_bytes = tag.encode()
-            value_len = len(_length_field(1, len(tag_bytes))) + len(tag_bytes) \
-                + len(_length_field(2, tensor_len)) + tensor_len
-            f.write(_length_field(1, value_len))
-            f.write(_length_field(1, len(tag_bytes)) + tag_bytes)
-            f.write(_length_field(2, tensor_len) + dims)
-            f.write(_length_field(2, len(dtype_name)) + dtype_name)
-            f.write(_length_field(3, content.nbytes))
+            value_len = len(length_field(1, len(tag_bytes))) + len(tag_bytes) \
+                + len(length_field(2, tensor_len)) + tensor_len
+            f.write(length_field(1, value_len))
+            f.write(length_field(1, len(tag_bytes)) + tag_bytes)
+            f.write(length_field(2, tensor_len) + dims)
+            f.write(length_field(2, len(dtype_name)) + dtype_name)
+            f.write(length_field(3, content.nbytes))
             f.write(memoryview(content))
