@@ -10,6 +10,8 @@ and the context lands in common.json. ``ensure_loadable`` converts once and reus
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -107,7 +109,7 @@ def test_ensure_loadable_converts_once_and_leaves_our_checkpoints_alone(tmp_path
     _assert_loads(first, expected, 100)
 
 
-def _resume(rank: int, world_size: int, folder: str, data: str) -> tuple[int, bool]:
+def _resume(rank: int, world_size: int, folder: str, data: str) -> tuple[tuple[int, ...], bool, list[str]]:
     cfg = load_config(None, [
         f"model.vocab_size={VOCAB}", f"model.hidden_size={HIDDEN}", f"model.intermediate_size={FFN}",
         f"model.num_hidden_layers={LAYERS}", f"model.num_attention_heads={HEADS.num_heads}",
@@ -115,20 +117,31 @@ def _resume(rank: int, world_size: int, folder: str, data: str) -> tuple[int, bo
         "parallel_config.data_parallel=1", "parallel_config.model_parallel=2", "runner_config.batch_size=2",
         f"train_dataset.path={data}", "train_dataset.seq_length=8", f"load_checkpoint={folder}",
         "resume_training=true"])
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("resumable.train.checkpointing").addHandler(handler)
+    logging.getLogger("resumable.train.checkpointing").setLevel(logging.INFO)
     trainer = Trainer(cfg, build_layout(cfg), [Resume(cfg)])
     trainer.callbacks[0].on_train_begin(trainer)
     expected = hf_state(SEED)
     same = all(torch.equal(t.full_tensor() if hasattr(t, "full_tensor") else t, expected[n].float())
                for n, t in trainer.model.state_dict().items())
+    ctx = trainer.ctx
+    start = (ctx.global_step, ctx.consumed_samples, ctx.epoch, ctx.sample_in_epoch, ctx.step_in_epoch)
     trainer.train_step()
     dist.barrier()
-    return trainer.ctx.global_step, same
+    return start + (ctx.global_step, ctx.sample_in_epoch), same, lines
 
 
 def test_trainer_resumes_from_a_mindformers_checkpoint_on_tp2(tmp_path):
     KINDS["2.0-dp2-mp2"](tmp_path / "mf")
     folder = ensure_loadable(tmp_path / "mf", tmp_path / "output", dtype=torch.float32)
     np.save(tmp_path / "tokens.npy", (np.arange(400) * 7 % VOCAB).astype(np.uint16))
-    step, same = run_distributed(_resume, 2, str(folder), str(tmp_path / "tokens.npy"))[0]
+    counts, same, lines = run_distributed(_resume, 2, str(folder), str(tmp_path / "tokens.npy"))[0]
     assert same, "the weights after resuming must be the MindFormers weights"
-    assert step == 101
+    # common.json: global_step 100, global_batch_size 8, no consumed_samples: 800 samples. This data has
+    # 49 samples of 8+1 tokens; in batches of 8 an epoch takes 48: epoch 16, sample 32; this job's batch is 2.
+    assert counts == (100, 800, 16, 32, 16, 101, 34)
+    assert (f"{folder / 'iteration_00000100'}: the checkpoint records no data position: continuing after 800 "
+            "samples (consumed_samples 800 = global_step 100 x global_batch_size 8), at epoch 16, sample 32 of 49 of this data") in lines

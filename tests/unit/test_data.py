@@ -4,7 +4,8 @@ import torch
 
 from resumable.errors import ConfigError
 from resumable.train.config import DatasetConfig
-from resumable.train.data import Batches, embedded_corpus, epoch_order, load_dataset
+from resumable.train.data import (Batches, TokenDataset, counted_position, embedded_corpus, epoch_order, fill_position,
+                                  load_dataset, unset_position)
 
 
 def test_the_embedded_corpus_is_fixed_ascii_text():
@@ -111,3 +112,43 @@ def test_a_text_file_that_is_not_utf8_is_rejected(tmp_path):
     path.write_bytes(b"abc\xff" * 50)
     with pytest.raises(ConfigError, match="byte 3 is not valid UTF-8"):
         load_dataset(DatasetConfig(path=str(path)), 256)
+
+
+def _batches(num_samples: int, global_batch: int) -> Batches:
+    """``num_samples`` windows of 4+1 tokens, ``global_batch`` samples per step on one rank."""
+    return Batches(TokenDataset(np.zeros(num_samples * 4 + 1, dtype=np.uint16), 4, "t"), 0, global_batch, 1, 1, 0)
+
+
+@pytest.mark.parametrize("counters,expected", [
+    # 50 samples; the saved job took batches of 8: 48 per epoch. 100 x 8 = 800 = 16 epochs + 32.
+    ({"global_step": 100, "global_batch_size": 8}, (800, 16, 32, "global_step 100 x global_batch_size 8")),
+    ({"global_step": 100, "global_batch_size": 8, "consumed_samples": 805},
+     (805, 16, 37, "consumed_samples 805")),
+    ({"global_step": 100, "global_batch_size": 8, "consumed_samples": 800},
+     (800, 16, 32, "consumed_samples 800 = global_step 100 x global_batch_size 8")),
+    # No batch size recorded: step_num steps (MindFormers counts them from the start) of this job's 5.
+    ({"global_step": 12, "step_num": 13, "epoch_num": 2}, (65, 1, 15, "step_num 13 x this job's global batch "
+                                                            "size 5 (no global_batch_size recorded)")),
+    ({"global_step": 12, "global_batch_size": 0, "consumed_samples": 0},
+     (60, 1, 10, "global_step 12 x this job's global batch size 5 (no global_batch_size recorded)")),
+    # 46 samples into an epoch of 48: fewer than this job's 5 are left, so the next epoch starts.
+    ({"global_step": 0, "global_batch_size": 8, "consumed_samples": 94}, (94, 2, 0, "consumed_samples 94")),
+])
+def test_a_position_is_derived_from_the_counters_of_a_checkpoint_without_one(counters, expected):
+    assert counted_position(counters, _batches(50, 5)) == expected
+
+
+def test_fill_position_leaves_a_recorded_position_and_fills_a_missing_one():
+    batches = _batches(50, 5)
+    ours = {"data": {"epoch": 3, "sample_in_epoch": 10}, "consumed_samples": 7}
+    assert fill_position(ours, batches) is None and ours["consumed_samples"] == 7
+    state = {"global_step": 3, "consumed_samples": 1, "global_batch_size": 5, "step_num": 3, "data": {"epoch": 9}}
+    unset_position(state)
+    assert state == {"global_step": 3, "consumed_samples": None, "global_batch_size": None, "step_num": None,
+                     "data": None}
+    state.update(global_batch_size=8)  # what a converted checkpoint records
+    assert fill_position(state, batches) == ("the checkpoint records no data position: continuing after 24 samples "
+                                             "(global_step 3 x global_batch_size 8), at epoch 0, sample 24 of 50 of "
+                                             "this data")
+    assert state["consumed_samples"] == 24
+    assert state["data"] == {"source": "t", "num_samples": 50, "seed": 0, "epoch": 0, "sample_in_epoch": 24}

@@ -34,6 +34,7 @@ from resumable.prefetch import Prefetch
 from resumable.resolve import Resolution, fall_back, resolve_checkpoint
 from resumable.train.foreign import ensure_loadable
 from resumable.train.config import TrainConfig
+from resumable.train.data import fill_position, unset_position
 from resumable.train.loop import Callback, Trainer
 
 logger = logging.getLogger(__name__)
@@ -217,10 +218,15 @@ class Resume(Callback):
         state = trainer.state_dict()
         if not full:  # weights only: the optimizer and the context start anew
             state = {"model": state["model"]}
+        else:
+            unset_position(state)  # a converted MindFormers checkpoint records counters only
         result = self._load(state, res)
         if self.monitor is not None and self.resolution is not None:
             self.monitor.skipped = self.resolution.skipped
         if full:
+            derived = fill_position(state, trainer.batches)
+            if derived is not None:
+                logger.info("%s: %s", result.path, derived)
             trainer.load_state_dict(state)
             if self.monitor is not None:
                 self.monitor.protect(result.iteration)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -170,3 +171,94 @@ class Batches:
         start = sample_in_epoch + self.dp_rank * self.local_batch
         w = self.dataset.windows(self._order[1][start: start + self.local_batch])
         return w[:, :-1], w[:, 1:]
+
+
+def _count(counters: Mapping[str, Any], key: str) -> int | None:
+    """``counters[key]`` when it is a positive int (0, None or missing: not recorded)."""
+    value = counters.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def counted_position(counters: Mapping[str, Any], batches: Batches) -> tuple[int, int, int, str]:
+    """Where the data stands after a checkpoint's counters, for one that records no data position.
+
+    A MindFormers checkpoint (converted by ``train.foreign``) records counters only:
+    ``consumed_samples`` (newer versions), ``global_step``, ``step_num`` (MindFormers' step
+    count since the start, not within the epoch) and ``global_batch_size``. The samples
+    consumed are taken from, in order: ``consumed_samples``; ``global_step x
+    global_batch_size``; ``step_num`` (else ``global_step``) x this job's global batch size
+    when no batch size is recorded. The position is where this trainer stands after
+    taking that many samples of *this* data in batches of the saved size (each epoch
+    visits ``samples // batch x batch`` of them): epoch ``consumed // per_epoch``, sample
+    ``consumed % per_epoch`` in it; the next epoch when less than one of this job's
+    batches is left.
+
+    A changed global batch size: MindFormers scales its step count by ``saved_gbs /
+    new_gbs`` and skips that many new batches (rounded down to a whole batch); here the
+    exact samples consumed are skipped, and ``global_step`` (hence the LR) continues
+    unscaled, as on a resume of our own checkpoints.
+
+    Returns:
+        ``(consumed_samples, epoch, sample_in_epoch, what)``, ``what`` naming the keys used.
+
+    Example::
+
+        consumed, epoch, sample, what = counted_position({"global_step": 100, "global_batch_size": 8}, batches)
+    """
+    job_gbs, num_samples = batches.global_batch_size, batches.dataset.num_samples
+    saved_gbs = _count(counters, "global_batch_size")
+    global_step = _count(counters, "global_step") or 0
+    consumed = _count(counters, "consumed_samples")
+    if consumed is not None:
+        what = f"consumed_samples {consumed}"
+        if saved_gbs is not None and consumed == global_step * saved_gbs:  # a conversion may have derived it
+            what += f" = global_step {global_step} x global_batch_size {saved_gbs}"
+    elif saved_gbs is not None:
+        consumed = global_step * saved_gbs
+        what = f"global_step {global_step} x global_batch_size {saved_gbs}"
+    else:
+        key = "step_num" if _count(counters, "step_num") is not None else "global_step"
+        steps = _count(counters, key) or 0
+        consumed = steps * job_gbs
+        what = f"{key} {steps} x this job's global batch size {job_gbs} (no global_batch_size recorded)"
+    batch = saved_gbs if saved_gbs is not None and saved_gbs <= num_samples else job_gbs
+    per_epoch = num_samples // batch * batch
+    epoch, sample = divmod(consumed, per_epoch)
+    if batches.epoch_done(sample):
+        epoch, sample = epoch + 1, 0
+    return consumed, epoch, sample, what
+
+
+#: What :func:`unset_position` clears: the data position and the counters it may be derived from.
+POSITION_KEYS = ("data", "consumed_samples", "global_batch_size", "step_num")
+
+
+def unset_position(state: dict[str, Any]) -> None:
+    """Clear the template's position before a load, so that only what the checkpoint records comes back.
+
+    The loader keeps a template's plain value where the checkpoint has none; a position left
+    in the template would pass a checkpoint without one off as epoch 0, sample 0.
+    """
+    for key in POSITION_KEYS:
+        state[key] = None
+
+
+def fill_position(state: dict[str, Any], batches: Batches) -> str | None:
+    """Give a loaded state that records no data position one derived from its counters (:func:`counted_position`).
+
+    Returns:
+        The line to log (what was used and from which keys), or None when the checkpoint
+        recorded its data position (our own checkpoints).
+
+    Example::
+
+        unset_position(state); load(state, path); line = fill_position(state, trainer.batches)
+    """
+    if state.get("data") is not None:
+        return None
+    consumed, epoch, sample, what = counted_position(state, batches)
+    state["consumed_samples"] = consumed
+    state["data"] = {"source": batches.dataset.source, "num_samples": batches.dataset.num_samples,
+                     "seed": batches.seed, "epoch": epoch, "sample_in_epoch": sample}
+    return (f"the checkpoint records no data position: continuing after {consumed} samples ({what}), at epoch "
+            f"{epoch}, sample {sample} of {batches.dataset.num_samples} of this data")

@@ -45,6 +45,7 @@ from resumable.lock import DirectoryLock, lock_for_job
 from resumable.prefetch import Prefetch
 from resumable.train.checkpointing import layout_info, on_save_error
 from resumable.train.config import TrainConfig
+from resumable.train.data import fill_position, unset_position
 from resumable.train.loop import Callback, Trainer
 
 logger = logging.getLogger(__name__)
@@ -181,6 +182,8 @@ class LegacyResume(Callback):
         state = trainer.state_dict()
         if not full:  # weights only: the optimizer and the context start anew
             state = {"model": state["model"]}
+        else:
+            unset_position(state)  # a converted MindFormers checkpoint records counters only
         opts = LegacyLoadOptions(layout=legacy_layout(trainer), auto_trans_ckpt=cfg.auto_trans_ckpt,
                                  src_strategy_path_or_dir=cfg.src_strategy_path_or_dir,
                                  transform_process_num=cfg.transform_process_num,
@@ -193,6 +196,9 @@ class LegacyResume(Callback):
             set_model_state_dict(trainer.model, state["model"])
             logger.info("loaded weights from %s; training starts at step 0 (resume_training is false)", source.root)
             return
+        derived = fill_position(state, trainer.batches)
+        if derived is not None:
+            logger.info("%s: %s", result.source.root, derived)
         trainer.load_state_dict(state)
         if self.monitor is not None:
             assert result.source.root is not None
