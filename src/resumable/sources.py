@@ -40,31 +40,36 @@ Example::
 from __future__ import annotations
 
 import logging
+import math
 import os
 import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Callable, Literal
 
 import torch
 
 from resumable import commit
-from resumable.errors import CheckpointNotFoundError, CorruptCheckpointError
-from resumable.formats import hf, mindformers as mf, v1, v2
+from resumable.errors import CheckpointNotFoundError, ConfigError, CorruptCheckpointError, NotImplementedYet
+from resumable.formats import hf, hf_aux, mindformers as mf, schema, v1, v2
 from resumable.formats.jsonfile import check_regular
 from resumable.formats.safetensors_io import open_safetensors, read_header, stored_slice
-from resumable.models.qwen3 import AttentionShape, fc1_rows, infer_heads, map_mf_name, qkv_rows
+from resumable.formats.ms_names import our_name, parse_ms_name
+from resumable.models.qwen3 import (DEFAULT_LAYOUT, AttentionShape, FusedLayout, fc1_rows, infer_heads, is_mf_param,
+                                    map_mf_name, qkv_rows)
 from resumable.geometry import Box, runs
 from resumable.reads import check_slice
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Source", "SourceChunk", "SourceTensor", "detect", "open_source"]
+__all__ = ["NAMES", "Names", "Source", "SourceChunk", "SourceTensor", "detect", "open_source"]
 
 Format = Literal["v2", "mindformers", "legacy", "unified", "hf"]
+Names = Literal["auto", "keep", "hf"]
+NAMES: tuple[str, ...] = ("auto", "keep", "hf")
+"""How a MindSpore checkpoint's names are read (:func:`open_source`'s ``names``)."""
 Reader = Callable[[Box], torch.Tensor]
-_MF_PREFIXES = ("embedding.", "decoder.", "output_layer.", "adam_m.", "adam_v.", "moment1.", "moment2.")
 _CONTEXT = ("global_step", "epoch_num", "step_num", "consumed_samples", "global_batch_size", "loss_scale")
 
 
@@ -134,6 +139,9 @@ class Source:
             ``state`` with the plain values of the saved state, ``rank_local`` ...).
         layout: the layout that wrote it (v2 ``metadata.json``'s), when known.
         model_config: a HuggingFace ``config.json`` dict, when the source has one.
+        notes: the decisions taken while reading it, one line each (which names and why,
+            the fused layout and where it came from ...); :func:`open_source` logs them.
+        hf_files: its generation and tokenizer files, to carry byte for byte (:mod:`resumable.formats.hf_aux`).
     """
 
     path: Path
@@ -143,6 +151,8 @@ class Source:
     common: dict[str, Any] = field(default_factory=dict)
     layout: dict[str, Any] | None = None
     model_config: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
+    hf_files: dict[str, hf_aux.AuxFile] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- detection
@@ -242,9 +252,11 @@ def _open_v2(folder: Path) -> Source:
                                   _StoredChunks(folder, meta, name))  # type: ignore[arg-type]
                for name, t in meta.tensors.items()}
     common = v2.read_common(folder, meta)
-    config = (common.get("state") or {}).get("model_config")
+    state = common.get("state") or {}
+    config = state.get("model_config")
+    files = hf_aux.recorded(folder / hf_aux.FOLDER, state.get(hf_aux.STATE_KEY), str(folder / v2.COMMON))
     return Source(folder, "v2", meta.iteration, tensors, common, asdict(meta.layout),
-                  config if isinstance(config, dict) else None)
+                  config if isinstance(config, dict) else None, hf_files=files)
 
 
 def _open_hf(folder: Path, fmt: Format) -> Source:
@@ -257,7 +269,9 @@ def _open_hf(folder: Path, fmt: Format) -> Source:
     if config is not None and config.get("tie_word_embeddings") and "lm_head.weight" not in tensors \
             and "model.embed_tokens.weight" in tensors:
         tensors["lm_head.weight"] = SourceTensor("lm_head.weight", *_same(tensors["model.embed_tokens.weight"]))
-    return Source(folder, fmt, common.get("iteration"), tensors, common, None, config or None)
+    record = (common.get("state") or {}).get(hf_aux.STATE_KEY)  # a unified folder we wrote vouches for them
+    files = hf_aux.recorded(folder, record, str(folder / v2.COMMON)) if record is not None else hf_aux.find(folder)
+    return Source(folder, fmt, common.get("iteration"), tensors, common, None, config or None, hf_files=files)
 
 
 def _same(t: SourceTensor) -> tuple[torch.dtype, tuple[int, ...], tuple[SourceChunk, ...]]:
@@ -270,13 +284,6 @@ def _foreign_chunks(t: mf.ForeignTensor) -> tuple[SourceChunk, ...]:
     for c in t.chunks:
         seen.setdefault(c.box, SourceChunk(c.box, lambda region, c=c: mf.read_chunk(c, region), c.file.name))
     return tuple(seen.values())
-
-
-def _infer_heads(ckpt: mf.ForeignCheckpoint) -> AttentionShape:
-    try:
-        return infer_heads({n: t.shape for n, t in ckpt.tensors.items()})
-    except ValueError as e:
-        raise CorruptCheckpointError(f"{ckpt.path}: {e}") from None
 
 
 def _rows_reader(fused: SourceTensor, rows: list[int]) -> Reader:
@@ -292,37 +299,220 @@ def _rows_reader(fused: SourceTensor, rows: list[int]) -> Reader:
     return read
 
 
-def _map_foreign(ckpt: mf.ForeignCheckpoint, heads: AttentionShape | None) -> dict[str, SourceTensor]:
-    """Our tensors from a foreign checkpoint: MindFormers names mapped, or ours kept."""
-    names = ckpt.tensors.keys()
-    if not any(n.startswith(_MF_PREFIXES) for n in names):  # our own legacy files: our names already
-        return {n: SourceTensor(n, t.dtype, t.shape, _foreign_chunks(t))
-                for n, t in ckpt.tensors.items() if n not in _CONTEXT}
-    out: dict[str, SourceTensor] = {}
+@dataclass(frozen=True)
+class _Options:
+    """What the caller of :func:`open_source` asked for (see its Args)."""
+
+    heads: AttentionShape | None = None
+    fused: FusedLayout | None = None
+    names: Names = "auto"
+    src_strategy: Path | None = None
+
+
+@dataclass(frozen=True)
+class _Recorded:
+    """A model config found beside a checkpoint: its keys (top level over ``model_config``) and its file."""
+
+    path: Path
+    keys: dict[str, Any]
+
+    def get(self, *names: str) -> tuple[str, Any] | None:
+        """The first of ``names`` the config sets (not null), with its value."""
+        return next(((n, self.keys[n]) for n in names if self.keys.get(n) is not None), None)
+
+    def flag(self, name: str) -> bool | None:
+        value = self.keys.get(name)
+        if value is not None and not isinstance(value, bool):
+            raise CorruptCheckpointError(f"{self.path}: {name} must be true or false, got {value!r}")
+        return value
+
+    def count(self, *names: str) -> int | None:
+        found = self.get(*names)
+        if found is None:
+            return None
+        if not schema.is_int(found[1]) or found[1] <= 0:
+            raise CorruptCheckpointError(f"{self.path}: {found[0]} must be a positive integer, got {found[1]!r}")
+        return found[1]
+
+
+def _recorded_config(folders: Sequence[Path]) -> _Recorded | None:
+    """The first ``config.json`` of ``folders`` (a MindFormers or HuggingFace model config), if any."""
+    for folder in folders:
+        path = folder / hf.CONFIG
+        if path.is_file():  # a FIFO is no config: is_file() is False, and load_json_object refuses it too
+            doc = hf.load_json_object(path, "model config")
+            inner = doc.get("model_config")
+            return _Recorded(path, {**inner, **doc} if isinstance(inner, dict) else doc)
+    return None
+
+
+def _scalars(ckpt: mf.ForeignCheckpoint, notes: list[str]) -> dict[str, int | float]:
+    """MindSpore's training scalars (``ms_names.SCALARS``) of one element: name → value.
+
+    A scalar name holding more than one element is no scalar: it stays a tensor, with a note.
+    """
+    out: dict[str, int | float] = {}
     for name, t in ckpt.tensors.items():
-        mapped = map_mf_name(name)
-        if mapped.transform == "drop":
+        if parse_ms_name(name).kind != "scalar":
             continue
+        if math.prod(t.shape) != 1:
+            notes.append(f"{name}: kept as a tensor of shape {list(t.shape)} (MindSpore's scalar of that name has "
+                         "one element)")
+            continue
+        value = mf.read_chunk(t.chunks[0]).reshape(-1)[0]
+        out[name] = value.item() if value.dtype.is_floating_point or value.dtype == torch.bool else int(value)
+    return out
+
+
+def _use_model_names(path: Path, params: list[str], names: Names, notes: list[str]) -> bool:
+    """Whether the Qwen3 mapping applies (``names``: auto, keep or hf), the reason noted."""
+    foreign = [p for p in params if not is_mf_param(p)]
+    table = "resumable.models.qwen3 (RENAMES, FUSED)"
+    if names == "keep":
+        notes.append("names: kept as stored (names='keep' / --names keep)")
+        return False
+    if names == "hf":
+        if foreign:
+            shown_names = ", ".join(repr(p) for p in foreign[:5])
+            raise ConfigError(
+                f"{path}: --names hf maps MindFormers Qwen3 names to HuggingFace, but {len(foreign)} of "
+                f"{len(params)} parameters are not MindFormers Qwen3 names (e.g. {shown_names}); the names known "
+                f"are those of {table}: pass --names keep (or auto) to keep the checkpoint's own names")
+        notes.append(f"names: mapped MindFormers Qwen3 names to HuggingFace (names='hf'; all {len(params)} "
+                     f"parameters match {table})")
+        return True
+    if params and not foreign:
+        notes.append(f"names: mapped MindFormers Qwen3 names to HuggingFace (all {len(params)} parameters match "
+                     f"{table})")
+        return True
+    notes.append(f"names: kept ({len(foreign)} of {len(params)} parameters are not MindFormers Qwen3 names, e.g. "
+                 f"{foreign[0]!r})" if foreign else "names: kept (no parameters)")
+    return False
+
+
+def _layers(shapes: Mapping[str, tuple[int, ...]], suffix: str) -> dict[str, tuple[int, ...]]:
+    """Parameters named ``decoder.layers.{i}.<suffix>`` (moments left out: they have the same shapes)."""
+    return {n: s for n, s in shapes.items() if n.startswith("decoder.layers.") and n.endswith("." + suffix)
+            and parse_ms_name(n).kind == "param"}
+
+
+def _qwen3_heads(path: Path, shapes: Mapping[str, tuple[int, ...]], given: AttentionShape | None,
+                 config: _Recorded | None, notes: list[str]) -> AttentionShape:
+    """The head counts that split ``linear_qkv``: given, else the recorded config's, else from the shapes;
+    checked against every layer's qkv, proj and q/k norm shapes."""
+    known = {} if config is None else {
+        "num_heads": config.count("num_attention_heads"), "num_kv_heads": config.count("num_key_value_heads",
+                                                                                       "n_kv_heads"),
+        "head_dim": config.count("head_dim", "kv_channels")}
+    if given is not None:
+        heads, origin, error = given, "given (--heads)", ConfigError
+    elif known and None not in known.values():
+        heads, origin, error = AttentionShape(**known), f"from {config.path}", CorruptCheckpointError  # type: ignore
+    else:
+        try:
+            heads = infer_heads(shapes)
+        except ValueError as e:
+            raise CorruptCheckpointError(f"{path}: {e}") from None
+        origin, error = "inferred from the shapes", CorruptCheckpointError
+        wrong = [f"{k} {v} but the shapes give {getattr(heads, k)}" for k, v in known.items()
+                 if v is not None and v != getattr(heads, k)]
+        if wrong:
+            raise CorruptCheckpointError(f"{path}: {config.path} says {'; '.join(wrong)}: "  # type: ignore
+                                         "fix the config or pass --heads H,KV,D")
+    h, kv, d = heads.num_heads, heads.num_kv_heads, heads.head_dim
+    need = {"self_attention.linear_qkv.weight": (0, (h + 2 * kv) * d), "self_attention.linear_proj.weight": (1, h * d),
+            "self_attention.q_layernorm.weight": (0, d), "self_attention.k_layernorm.weight": (0, d)}
+    for suffix, (axis, size) in need.items():
+        for name, shape in sorted(_layers(shapes, suffix).items()):
+            if len(shape) <= axis or shape[axis] != size:
+                raise error(f"{path}: {name} has shape {list(shape)}, but {h} heads, {kv} KV heads of dim {d} "
+                            f"({origin}) need {size} along dim {axis}: pass the right --heads H,KV,D")
+    notes.append(f"heads: {h} attention heads, {kv} KV heads, head_dim {d} ({origin}; checked against the shapes)")
+    return heads
+
+
+def _qwen3_layout(path: Path, shapes: Mapping[str, tuple[int, ...]], given: FusedLayout | None,
+                  config: _Recorded | None, notes: list[str]) -> FusedLayout:
+    """The fused layout: given, else the recorded config's keys, else MindFormers' defaults; fc1 rows checked."""
+    attn = None if config is None else config.flag("use_contiguous_weight_layout_attention")
+    mlp = None if config is None else config.flag("use_interleaved_weight_layout_mlp")
+    if given is not None:
+        layout, origin = given, "given (--use-contiguous-weight-layout-attention / --use-interleaved-weight-layout-mlp)"
+    elif attn is not None or mlp is not None:
+        layout = FusedLayout(DEFAULT_LAYOUT.use_contiguous_weight_layout_attention if attn is None else attn,
+                             DEFAULT_LAYOUT.use_interleaved_weight_layout_mlp if mlp is None else mlp)
+        origin = f"from {config.path}" + ("" if None not in (attn, mlp) else ", the other key MindFormers' default")  # type: ignore
+    else:
+        layout, origin = DEFAULT_LAYOUT, "MindFormers' defaults: the checkpoint records no fused-layout config"
+    ffn = None if config is None else config.count("intermediate_size", "ffn_hidden_size")
+    fc2 = _layers(shapes, "mlp.linear_fc2.weight")
+    for name, shape in sorted(_layers(shapes, "mlp.linear_fc1.weight").items()):
+        width = fc2.get(name.replace("linear_fc1", "linear_fc2"), (0, shape[0] // 2))[1:2]
+        if shape[0] % 2 or (ffn is not None and shape[0] != 2 * ffn) or width != (shape[0] // 2,):
+            known = f", {config.path} gives intermediate_size {ffn}" if ffn is not None else ""  # type: ignore
+            raise CorruptCheckpointError(f"{path}: {name} has {shape[0]} rows; it fuses gate and up rows, so it "
+                                         f"needs an even number, twice linear_fc2's columns{known}")
+    notes.append("fused layout: linear_qkv " + ("[Q; K; V]" if layout.use_contiguous_weight_layout_attention
+                                                 else "grouped per KV head")
+                 + f" (use_contiguous_weight_layout_attention={str(layout.use_contiguous_weight_layout_attention).lower()})"
+                 + ", linear_fc1 " + ("interleaved gate/up rows" if layout.use_interleaved_weight_layout_mlp
+                                      else "[gate; up]")
+                 + f" (use_interleaved_weight_layout_mlp={str(layout.use_interleaved_weight_layout_mlp).lower()}); "
+                 + origin)
+    return layout
+
+
+def _qwen3_tensors(path: Path, tensors: Mapping[str, mf.ForeignTensor], opts: _Options, config: _Recorded | None,
+                   notes: list[str]) -> dict[str, SourceTensor]:
+    """Our tensors under HuggingFace names: renamed, or row sets of the fused qkv / fc1 read on demand."""
+    shapes = {n: t.shape for n, t in tensors.items()}
+    fused = _layers(shapes, "linear_qkv.weight") or _layers(shapes, "linear_fc1.weight")
+    layout = _qwen3_layout(path, shapes, opts.fused, config, notes) if fused else DEFAULT_LAYOUT
+    heads = _qwen3_heads(path, shapes, opts.heads, config, notes) if _layers(shapes, "linear_qkv.weight") else None
+    if heads is not None and heads.num_kv_heads == 1:
+        notes.append("fused layout: with 1 KV head the grouped and contiguous linear_qkv layouts are the same rows")
+    out: dict[str, SourceTensor] = {}
+    for name, t in tensors.items():
+        mapped = map_mf_name(name)
         whole = SourceTensor(name, t.dtype, t.shape, _foreign_chunks(t))
         if mapped.transform == "rename":
             out[mapped.hf_names[0]] = SourceTensor(mapped.hf_names[0], *_same(whole))
             continue
-        heads = heads or _infer_heads(ckpt)
-        parts = qkv_rows(heads) if mapped.transform == "qkv" else fc1_rows(t.shape[0])
+        parts = qkv_rows(heads, layout) if mapped.transform == "qkv" else fc1_rows(t.shape[0], layout)  # type: ignore
         for hf_name, rows in zip(mapped.hf_names, parts):
             shape = (len(rows), *t.shape[1:])
             out[hf_name] = SourceTensor(hf_name, t.dtype, shape,
                                         (SourceChunk(Box.full(shape), _rows_reader(whole, rows), name),))
-    step = float(ckpt.context.global_step)
-    for name in [n for n in out if n.startswith("optimizer.state.") and n.endswith(".exp_avg")]:
+    return out
+
+
+def _kept_tensors(path: Path, tensors: Mapping[str, mf.ForeignTensor]) -> dict[str, SourceTensor]:
+    """Our tensors under the checkpoint's own names (moments as ``optimizer.state.<p>.exp_avg[_sq]``)."""
+    out: dict[str, SourceTensor] = {}
+    origin: dict[str, str] = {}
+    for name, t in tensors.items():
+        ours = our_name(parse_ms_name(name))
+        if ours in out:
+            raise CorruptCheckpointError(f"{path}: {origin[ours]!r} and {name!r} are both {ours!r}; a checkpoint "
+                                         "holds one optimizer's moments: remove the other's")
+        origin[ours] = name
+        out[ours] = SourceTensor(ours, t.dtype, t.shape, _foreign_chunks(t))
+    return out
+
+
+def _steps(out: dict[str, SourceTensor], moments: list[str], global_step: int) -> None:
+    """AdamW's per-parameter ``step`` for every ``exp_avg`` read from a MindSpore moment: the global step."""
+    step = float(global_step)
+    for name in moments:
         step_name = name[:-len("exp_avg")] + "step"
-        out[step_name] = SourceTensor(step_name, torch.float32, (), (
-            SourceChunk(Box((), ()), lambda region, s=step: torch.tensor(s, dtype=torch.float32), "global_step"),))
-    return dict(sorted(out.items()))
+        if name.endswith(".exp_avg") and step_name not in out:
+            out[step_name] = SourceTensor(step_name, torch.float32, (), (SourceChunk(
+                Box((), ()), lambda region, s=step: torch.tensor(s, dtype=torch.float32), "global_step"),))
 
 
-def _foreign_common(ckpt: mf.ForeignCheckpoint) -> dict[str, Any]:
-    """Our common.json for a MindFormers context (no LR, RNG or data position: they were never saved)."""
+def _foreign_common(ckpt: mf.ForeignCheckpoint, scalars: dict[str, int | float]) -> dict[str, Any]:
+    """Our common.json for a MindFormers context (no LR, RNG or data position: they were never saved);
+    every MindSpore scalar's value under ``mindspore``."""
     ctx = ckpt.context
     consumed = ctx.consumed_samples
     if consumed is None and ctx.global_batch_size:
@@ -331,12 +521,29 @@ def _foreign_common(ckpt: mf.ForeignCheckpoint) -> dict[str, Any]:
              "consumed_samples": consumed or 0, "global_batch_size": ctx.global_batch_size or 0,
              "loss_scale": ctx.loss_scale}
     iteration = ckpt.iteration if ckpt.iteration is not None else ctx.global_step
-    return {"iteration": iteration, **state, "state": state, "rank_local": None}
+    common = {"iteration": iteration, **state, "state": state, "rank_local": None}
+    if scalars:
+        common["mindspore"] = dict(sorted(scalars.items()))
+    return common
 
 
-def _open_foreign(ckpt: mf.ForeignCheckpoint, fmt: Format, heads: AttentionShape | None) -> Source:
-    common = _foreign_common(ckpt)
-    return Source(ckpt.path, fmt, common["iteration"], _map_foreign(ckpt, heads), common)
+def _open_foreign(ckpt: mf.ForeignCheckpoint, fmt: Format, opts: _Options, config_dirs: Sequence[Path]) -> Source:
+    """A MindSpore / MindFormers checkpoint: names kept or mapped (:func:`_use_model_names`), scalars to common."""
+    notes: list[str] = []
+    scalars = _scalars(ckpt, notes)
+    tensors = {n: t for n, t in ckpt.tensors.items() if n not in scalars}
+    params = sorted({parsed.param for n in tensors if (parsed := parse_ms_name(n)).kind != "scalar"})
+    if _use_model_names(ckpt.path, params, opts.names, notes):
+        out = _qwen3_tensors(ckpt.path, tensors, opts, _recorded_config(config_dirs), notes)
+        moments = [h for n in tensors if parse_ms_name(n).kind == "moment" for h in map_mf_name(n).hf_names]
+    else:
+        out = _kept_tensors(ckpt.path, tensors)
+        moments = [our_name(parsed) for n in tensors if (parsed := parse_ms_name(n)).kind == "moment"]
+    _steps(out, moments, ckpt.context.global_step)
+    if scalars:
+        notes.append(f"scalars: {', '.join(scalars)} recorded in common.json (\"mindspore\")")
+    common = _foreign_common(ckpt, scalars)
+    return Source(ckpt.path, fmt, common["iteration"], dict(sorted(out.items())), common, notes=notes)
 
 
 def _legacy_ext(root: Path) -> str:
@@ -372,38 +579,68 @@ def _open_our_legacy(root: Path, paths: list[Path]) -> Source:
     state = dict(infos[0].context.get("state") or {})
     common = {"iteration": state.get("global_step", 0), **{k: state[k] for k in _CONTEXT if k in state},
               "state": state, "rank_local": [i.context.get("rank_local") for i in infos]}
-    return Source(root, "legacy", common["iteration"], tensors, common, infos[0].layout)
+    config = state.get("model_config")
+    return Source(root, "legacy", common["iteration"], tensors, common, infos[0].layout,
+                  config if isinstance(config, dict) else None,
+                  hf_files=hf_aux.recorded(root / hf_aux.FOLDER, state.get(hf_aux.STATE_KEY), str(root / names[0])))
 
 
-def _open_legacy(root: Path, heads: AttentionShape | None) -> Source:
+def _open_legacy(root: Path, opts: _Options) -> Source:
     ext = _legacy_ext(root)
     _, paths = mf.select_legacy_files(root, ext)
     if paths and _written_by_us(paths[0]):
-        return _open_our_legacy(root, paths)
-    return _open_foreign(mf.read_mf_legacy(root, ext), "legacy", heads)
+        source = _open_our_legacy(root, paths)
+        if opts.src_strategy is not None:
+            source.notes.append(f"src_strategy {opts.src_strategy} not used: resumable's rank files record "
+                                "their own chunks and strategy")
+        return source
+    if opts.src_strategy is not None:
+        raise NotImplementedYet(f"{root}: reading a MindFormers legacy tree with src_strategy "
+                                f"{opts.src_strategy} (its strategy files)")
+    return _open_foreign(mf.read_mf_legacy(root, ext), "legacy", opts, [root])
 
 
-def open_source(path: str | os.PathLike[str], *, heads: AttentionShape | None = None) -> Source:
+def open_source(path: str | os.PathLike[str], *, heads: AttentionShape | None = None,
+                fused: FusedLayout | None = None, names: Names = "auto",
+                src_strategy: str | os.PathLike[str] | None = None) -> Source:
     """Open any checkpoint (see the module table) for reading.
 
     Args:
         path: a checkpoint folder, an ``iteration_*`` folder, a ``rank_*`` tree or a
             HuggingFace / unified folder.
         heads: attention head counts for splitting MindFormers ``linear_qkv`` (default:
-            inferred from the shapes).
+            the recorded config's, else inferred from the shapes).
+        fused: the row order of MindFormers' fused ``linear_qkv`` / ``linear_fc1`` (default:
+            the checkpoint's recorded ``config.json`` when it has one, else MindFormers' defaults).
+        names: a MindSpore checkpoint's names: ``auto`` maps MindFormers Qwen3 names to
+            HuggingFace ones when every parameter is one, else keeps them; ``hf`` always
+            maps (an error when a name does not fit); ``keep`` never does.
+        src_strategy: a MindFormers legacy tree's strategy file or folder
+            (``src_strategy_path_or_dir``), for trees whose ranks hold slices.
 
     Raises:
         CheckpointNotFoundError, CorruptCheckpointError, UnsafeCheckpointError: naming the path.
+        ConfigError: ``names`` is unknown, or ``hf`` and a name is not a MindFormers Qwen3 name.
 
     Example::
 
         open_source("mf_run/checkpoint").tensors["model.layers.0.self_attn.q_proj.weight"].read()
+        open_source("net.ckpt", names="keep").tensors["fc1.weight"]
     """
+    if names not in NAMES:
+        raise ConfigError(f"names {names!r}: choose one of {', '.join(NAMES)}")
+    opts = _Options(heads, fused, names, None if src_strategy is None else Path(src_strategy))
     fmt, folder = detect(path)
     if fmt == "v2":
-        return _open_v2(folder)
-    if fmt in ("hf", "unified"):
-        return _open_hf(folder, fmt)
-    if fmt == "legacy":
-        return _open_legacy(folder, heads)
-    return _open_foreign(mf.read_mf_checkpoint(folder), fmt, heads)
+        source = _open_v2(folder)
+    elif fmt in ("hf", "unified"):
+        source = _open_hf(folder, fmt)
+    elif fmt == "legacy":
+        source = _open_legacy(folder, opts)
+    else:
+        source = _open_foreign(mf.read_mf_checkpoint(folder), fmt, opts, [folder, folder.parent])
+    if opts.src_strategy is not None and fmt != "legacy":
+        source.notes.append(f"src_strategy {opts.src_strategy} not used: a {fmt} checkpoint records its own layout")
+    for note in source.notes:
+        log.info("%s: %s", source.path, note)
+    return source
