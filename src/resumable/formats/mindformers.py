@@ -17,8 +17,10 @@ What is understood (see ``shared/MINDFORMERS.md``):
 - ``common.json``'s context; ``ckpt_status`` is not used.
 - Legacy: the newest ``(epoch, step)`` complete on every rank (the rule of
   MINDFORMERS.md); ranks hold full tensors or, with ``remove_redundancy``, a share of
-  them. Files of one step sharded by a strategy (tensor shapes that differ between
-  ranks) need the strategy files, which are not parsed: that is reported, not guessed.
+  them. A tensor- or pipeline-parallel tree holds slices: given the job's strategy files
+  (:mod:`resumable.formats.ms_strategy`), each rank's slices are placed at their boxes;
+  without them, slices of different shapes, or strategy files found beside the tree that
+  split its tensors, are reported, not guessed.
 
 Every file name read from metadata must be a bare name inside the folder.
 
@@ -48,8 +50,10 @@ from resumable.formats.hf import load_json_object, safe_member, safetensors_head
 from resumable.formats.jsonfile import read_tracker_file
 from resumable.formats.schema import MAX_DIM, MAX_NDIM, need_int, need_number, shown
 from resumable.formats.ms_ckpt import MS_DTYPES, MsTensorEntry, index_ms_ckpt, read_ms_tensor
+from resumable.formats.ms_names import parse_ms_name
+from resumable.formats.ms_strategy import STRATEGY_FILE, ParamLayout, read_ms_strategy
 from resumable.formats.safetensors_io import open_safetensors
-from resumable.geometry import Box, covers_exactly
+from resumable.geometry import Box, covers_exactly, dedupe
 
 __all__ = [
     "TRACKER",
@@ -76,6 +80,9 @@ MAX_METADATA_BYTES = 1 << 30
 _V2_FILE = re.compile(r"^(?:(.+)-)?(model|opt)-(\d{7})-(\d{7})\.safetensors$")
 _LEGACY_FILE = re.compile(r"^(.+)_rank_(\d+)(?:_(\d+))?-(\d+)_(\d+)\.(ckpt|safetensors)$")
 _CONTEXT_SCALARS = ("global_step", "epoch_num", "step_num", "loss_scale", "global_batch_size")
+PASS_STRATEGY = ("pass the source job's strategy files: src_strategy_path_or_dir (trainer) "
+                 "or --src-strategy (resumable convert)")
+"""How to read a tensor-parallel legacy tree, for messages."""
 
 
 @dataclass(frozen=True)
@@ -380,18 +387,25 @@ def _single_rank_tensors(folder: Path) -> dict[str, ForeignTensor]:
     return _full_chunks({path: safetensors_header(path) for path in files})
 
 
-def _full_chunks(headers: dict[Path, dict[str, tuple[torch.dtype, tuple[int, ...]]]]) -> dict[str, ForeignTensor]:
-    """Every tensor of every file as a full chunk; the same name in several files is a replica."""
+def _full_chunks(headers: dict[Path, dict[str, tuple[torch.dtype, tuple[int, ...]]]],
+                 strategy: Path | None = None) -> dict[str, ForeignTensor]:
+    """Every tensor of every file as a full chunk; the same name in several files is a replica.
+
+    ``strategy``: the strategy that was given, which lists none of these tensors.
+    """
     first: dict[str, tuple[torch.dtype, tuple[int, ...], Path]] = {}
     chunks: dict[str, list[ForeignChunk]] = {}  # appended to: a tuple grown per file was quadratic in the files
     for path, header in headers.items():
         for name, (dtype, shape) in header.items():
             seen = first.setdefault(name, (dtype, shape, path))
             if seen[:2] != (dtype, shape):
-                raise NotImplementedYet(
-                    f"tensor {name!r} is {seen[0]} {list(seen[1])} in {seen[2]} but "
-                    f"{dtype} {list(shape)} in {path}: sharded legacy checkpoints need the strategy files "
-                    "(src_strategy_path_or_dir), which this reader does not parse")
+                found = f"tensor {name!r} is {seen[0]} {list(seen[1])} in {seen[2]} but {dtype} {list(shape)} in {path}"
+                if strategy is None:
+                    raise NotImplementedYet(f"{found}: sharded legacy checkpoints need the strategy files; "
+                                            + PASS_STRATEGY)
+                raise CorruptCheckpointError(
+                    f"{found}, and the strategy {strategy} has no entry for it (only tensors whole in every file "
+                    "may lack one); give the strategy files of the job that wrote the checkpoint")
             chunks.setdefault(name, []).append(ForeignChunk(Box.full(shape), path, name))
     return {name: ForeignTensor(name, dtype, shape, tuple(chunks[name])) for name, (dtype, shape, _) in first.items()}
 
@@ -519,7 +533,8 @@ def complete_legacy_steps(root: str | os.PathLike[str], fmt: str,
             for pos in sorted(common, reverse=True)]
 
 
-def read_mf_legacy(checkpoint_dir: str | os.PathLike[str], fmt: str = "safetensors") -> ForeignCheckpoint:
+def read_mf_legacy(checkpoint_dir: str | os.PathLike[str], fmt: str = "safetensors",
+                   strategy: str | os.PathLike[str] | None = None) -> ForeignCheckpoint:
     """Describe the last complete save of a MindFormers legacy ``rank_*`` tree.
 
     "Last complete": the minimum ``(epoch, step)`` over the ranks' ``meta.json`` bounds
@@ -530,16 +545,26 @@ def read_mf_legacy(checkpoint_dir: str | os.PathLike[str], fmt: str = "safetenso
     Args:
         checkpoint_dir: the folder holding ``rank_0``, ``rank_1``, ...
         fmt: ``"safetensors"`` or ``"ckpt"`` (``load_ckpt_format``).
+        strategy: the source job's strategy files (a ``ckpt_strategy_rank_*.ckpt`` or a
+            folder of them, :func:`~resumable.formats.ms_strategy.read_ms_strategy`). Rank
+            r's file (``rank_r``) then holds slices of the tensors the strategy lists,
+            placed at their boxes (ranks holding one box are replicas; a moment without an
+            entry is split like its parameter); every other tensor must be whole in the
+            files holding it. The boxes of each tensor must tile it exactly.
 
     Raises:
         CheckpointNotFoundError: no rank folder, or no step complete on every rank.
-        CorruptCheckpointError: inconsistent files or a missing ``global_step`` scalar.
-        NotImplementedYet: ranks hold different shapes of a tensor (strategy-sharded).
+        CorruptCheckpointError: inconsistent files, a missing ``global_step`` scalar, or
+            slices that do not fit the strategy (tensor and ranks named).
+        NotImplementedYet: without ``strategy``, ranks hold different shapes of a tensor,
+            or the tree's job left strategy files (``strategy/`` beside the ranks or above)
+            that split the tensors.
 
     Example::
 
         ckpt = read_mf_legacy("output/checkpoint")
         ckpt.context.global_step                    # 12
+        tp = read_mf_legacy("output/checkpoint", strategy="output/strategy")
     """
     root = Path(checkpoint_dir)
     chosen, paths = select_legacy_files(root, fmt)
@@ -548,8 +573,82 @@ def read_mf_legacy(checkpoint_dir: str | os.PathLike[str], fmt: str = "safetenso
     if len(set(flags.values())) > 1:
         raise CorruptCheckpointError(f"{root}: files disagree on remove_redundancy: "
                                      + ", ".join(f"{p.name}={v}" for p, v in flags.items()))
-    tensors = _full_chunks(headers)
+    if strategy is None:
+        tensors = _full_chunks(headers)
+        _refuse_unread_strategy(root, tensors)
+    else:
+        tensors = _strategy_chunks(paths, headers, read_ms_strategy(strategy), Path(strategy))
     return ForeignCheckpoint(root, None, tensors, _legacy_context(tensors, root, chosen))
+
+
+def _layout_of(name: str, layouts: dict[str, ParamLayout]) -> ParamLayout | None:
+    """A tensor's layout; an optimizer moment the strategy does not list is split like its parameter."""
+    if name in layouts:
+        return layouts[name]
+    parsed = parse_ms_name(name)
+    return layouts.get(parsed.param) if parsed.kind == "moment" else None
+
+
+def _ranks_text(ranks: list[int]) -> str:
+    shown_ranks = ", ".join(map(str, ranks[:8]))
+    return shown_ranks + (f" and {len(ranks) - 8} more" if len(ranks) > 8 else "")
+
+
+def _strategy_chunks(paths: list[Path], headers: dict[Path, dict[str, tuple[torch.dtype, tuple[int, ...]]]],
+                     layouts: dict[str, ParamLayout], strategy: Path) -> dict[str, ForeignTensor]:
+    """Slices (``paths[r]`` is rank r's file) at the boxes their layouts give; the tensors without one whole."""
+    placed: dict[str, tuple[torch.dtype, tuple[int, ...], int]] = {}
+    chunks: dict[str, list[ForeignChunk]] = {}
+    holders: dict[str, list[int]] = {}
+    whole: dict[Path, dict[str, tuple[torch.dtype, tuple[int, ...]]]] = {path: {} for path in paths}
+    for rank, path in enumerate(paths):
+        for name, (dtype, shape) in headers[path].items():
+            layout = _layout_of(name, layouts)
+            if layout is None:
+                whole[path][name] = (dtype, shape)
+                continue
+            try:
+                shape_global, box = layout.global_shape(shape), layout.rank_box(rank, shape)
+            except CorruptCheckpointError as e:
+                raise CorruptCheckpointError(f"{path} (rank {rank}) holds {name!r} as {list(shape)}: {e}") from e
+            seen = placed.setdefault(name, (dtype, shape_global, rank))
+            if seen[:2] != (dtype, shape_global):
+                raise CorruptCheckpointError(
+                    f"tensor {name!r}: rank {seen[2]}'s slice makes it {seen[0]} {list(seen[1])} but rank {rank}'s "
+                    f"({path}, {dtype} {list(shape)}) makes it {dtype} {list(shape_global)}; the files do not "
+                    f"follow one layout of the strategy {strategy}")
+            chunks.setdefault(name, []).append(ForeignChunk(box, path, name))
+            holders.setdefault(name, []).append(rank)
+    tensors = _full_chunks(whole, strategy)
+    for name, (dtype, shape, _) in placed.items():
+        problem = covers_exactly(shape, dedupe(c.box for c in chunks[name]))
+        if problem:
+            raise CorruptCheckpointError(
+                f"tensor {name!r} {list(shape)}, held by ranks {_ranks_text(holders[name])}: the slices placed by the "
+                f"strategy {strategy} do not tile it ({problem}); a rank's file is missing or the strategy is not "
+                "the one of the job that wrote the checkpoint")
+        tensors[name] = ForeignTensor(name, dtype, shape, tuple(chunks[name]))
+    return tensors
+
+
+def _refuse_unread_strategy(root: Path, tensors: dict[str, ForeignTensor]) -> None:
+    """Refuse a tree whose job's strategy files (``strategy/`` in or beside ``root``) split its tensors.
+
+    Evenly split slices have the same shape on every rank and would pass for replicas.
+    A folder that is not MindSpore's (resumable's own JSON strategy files) is left alone.
+    """
+    for folder in (root / "strategy", root.parent / "strategy"):
+        if folder.is_dir() and any(STRATEGY_FILE.match(entry.name) for entry in folder.iterdir()):
+            try:
+                layouts = read_ms_strategy(folder)
+            except CorruptCheckpointError:
+                return
+            split = next((name for name in tensors if (lay := _layout_of(name, layouts)) and lay.is_split), None)
+            if split is not None:
+                raise NotImplementedYet(
+                    f"{root} is split by its job's strategy files ({folder} splits {split!r}, ...): its rank files "
+                    f"hold slices, not copies; {PASS_STRATEGY}")
+            return
 
 
 def _legacy_header(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
