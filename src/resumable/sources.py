@@ -63,12 +63,14 @@ from resumable.reads import check_slice
 
 log = logging.getLogger(__name__)
 
-__all__ = ["NAMES", "Names", "Source", "SourceChunk", "SourceTensor", "detect", "open_source"]
+__all__ = ["NAMES", "Fused", "Names", "Source", "SourceChunk", "SourceTensor", "detect", "open_source"]
 
 Format = Literal["v2", "mindformers", "legacy", "unified", "hf"]
 Names = Literal["auto", "keep", "hf"]
 NAMES: tuple[str, ...] = ("auto", "keep", "hf")
 """How a MindSpore checkpoint's names are read (:func:`open_source`'s ``names``)."""
+Fused = FusedLayout | Mapping[str, bool]
+"""A fused layout, or only some of its keys (the others as when none is given)."""
 Reader = Callable[[Box], torch.Tensor]
 _CONTEXT = ("global_step", "epoch_num", "step_num", "consumed_samples", "global_batch_size", "loss_scale")
 
@@ -304,7 +306,7 @@ class _Options:
     """What the caller of :func:`open_source` asked for (see its Args)."""
 
     heads: AttentionShape | None = None
-    fused: FusedLayout | None = None
+    fused: Fused | None = None
     names: Names = "auto"
     src_strategy: Path | None = None
 
@@ -431,19 +433,30 @@ def _qwen3_heads(path: Path, shapes: Mapping[str, tuple[int, ...]], given: Atten
     return heads
 
 
-def _qwen3_layout(path: Path, shapes: Mapping[str, tuple[int, ...]], given: FusedLayout | None,
+_LAYOUT_KEYS = ("use_contiguous_weight_layout_attention", "use_interleaved_weight_layout_mlp")
+
+
+def _layout_key(key: str, given: Fused | None, config: _Recorded | None) -> tuple[bool, str]:
+    """One fused-layout key's value and where it came from."""
+    if isinstance(given, FusedLayout):
+        return getattr(given, key), "given"
+    if given is not None and key in given:
+        if not isinstance(given[key], bool):
+            raise ConfigError(f"fused layout {key}: expected true or false, got {given[key]!r}")
+        return given[key], "given"
+    recorded = None if config is None else config.flag(key)
+    if recorded is not None:
+        return recorded, f"from {config.path}"  # type: ignore[union-attr]
+    return getattr(DEFAULT_LAYOUT, key), "MindFormers' default"
+
+
+def _qwen3_layout(path: Path, shapes: Mapping[str, tuple[int, ...]], given: Fused | None,
                   config: _Recorded | None, notes: list[str]) -> FusedLayout:
-    """The fused layout: given, else the recorded config's keys, else MindFormers' defaults; fc1 rows checked."""
-    attn = None if config is None else config.flag("use_contiguous_weight_layout_attention")
-    mlp = None if config is None else config.flag("use_interleaved_weight_layout_mlp")
-    if given is not None:
-        layout, origin = given, "given (--use-contiguous-weight-layout-attention / --use-interleaved-weight-layout-mlp)"
-    elif attn is not None or mlp is not None:
-        layout = FusedLayout(DEFAULT_LAYOUT.use_contiguous_weight_layout_attention if attn is None else attn,
-                             DEFAULT_LAYOUT.use_interleaved_weight_layout_mlp if mlp is None else mlp)
-        origin = f"from {config.path}" + ("" if None not in (attn, mlp) else ", the other key MindFormers' default")  # type: ignore
-    else:
-        layout, origin = DEFAULT_LAYOUT, "MindFormers' defaults: the checkpoint records no fused-layout config"
+    """The fused layout: per key given, else the recorded config's, else MindFormers' default; fc1 rows checked."""
+    unknown = [] if given is None or isinstance(given, FusedLayout) else sorted(set(given) - set(_LAYOUT_KEYS))
+    if unknown:
+        raise ConfigError(f"fused layout: unknown keys {unknown}; the keys are {', '.join(_LAYOUT_KEYS)}")
+    (attn, attn_from), (mlp, mlp_from) = (_layout_key(k, given, config) for k in _LAYOUT_KEYS)
     ffn = None if config is None else config.count("intermediate_size", "ffn_hidden_size")
     fc2 = _layers(shapes, "mlp.linear_fc2.weight")
     for name, shape in sorted(_layers(shapes, "mlp.linear_fc1.weight").items()):
@@ -452,14 +465,11 @@ def _qwen3_layout(path: Path, shapes: Mapping[str, tuple[int, ...]], given: Fuse
             known = f", {config.path} gives intermediate_size {ffn}" if ffn is not None else ""  # type: ignore
             raise CorruptCheckpointError(f"{path}: {name} has {shape[0]} rows; it fuses gate and up rows, so it "
                                          f"needs an even number, twice linear_fc2's columns{known}")
-    notes.append("fused layout: linear_qkv " + ("[Q; K; V]" if layout.use_contiguous_weight_layout_attention
-                                                 else "grouped per KV head")
-                 + f" (use_contiguous_weight_layout_attention={str(layout.use_contiguous_weight_layout_attention).lower()})"
-                 + ", linear_fc1 " + ("interleaved gate/up rows" if layout.use_interleaved_weight_layout_mlp
-                                      else "[gate; up]")
-                 + f" (use_interleaved_weight_layout_mlp={str(layout.use_interleaved_weight_layout_mlp).lower()}); "
-                 + origin)
-    return layout
+    notes.append(f"fused layout: linear_qkv {'[Q; K; V]' if attn else 'grouped per KV head'} "
+                 f"(use_contiguous_weight_layout_attention={str(attn).lower()}, {attn_from}), linear_fc1 "
+                 f"{'interleaved gate/up rows' if mlp else '[gate; up]'} "
+                 f"(use_interleaved_weight_layout_mlp={str(mlp).lower()}, {mlp_from})")
+    return FusedLayout(attn, mlp)
 
 
 def _qwen3_tensors(path: Path, tensors: Mapping[str, mf.ForeignTensor], opts: _Options, config: _Recorded | None,
@@ -601,7 +611,7 @@ def _open_legacy(root: Path, opts: _Options) -> Source:
 
 
 def open_source(path: str | os.PathLike[str], *, heads: AttentionShape | None = None,
-                fused: FusedLayout | None = None, names: Names = "auto",
+                fused: Fused | None = None, names: Names = "auto",
                 src_strategy: str | os.PathLike[str] | None = None) -> Source:
     """Open any checkpoint (see the module table) for reading.
 
@@ -610,8 +620,9 @@ def open_source(path: str | os.PathLike[str], *, heads: AttentionShape | None = 
             HuggingFace / unified folder.
         heads: attention head counts for splitting MindFormers ``linear_qkv`` (default:
             the recorded config's, else inferred from the shapes).
-        fused: the row order of MindFormers' fused ``linear_qkv`` / ``linear_fc1`` (default:
-            the checkpoint's recorded ``config.json`` when it has one, else MindFormers' defaults).
+        fused: the row order of MindFormers' fused ``linear_qkv`` / ``linear_fc1``: a
+            :class:`FusedLayout`, or a dict of some of its keys; a key not given comes from
+            the checkpoint's recorded ``config.json`` when it sets it, else MindFormers' default.
         names: a MindSpore checkpoint's names: ``auto`` maps MindFormers Qwen3 names to
             HuggingFace ones when every parameter is one, else keeps them; ``hf`` always
             maps (an error when a name does not fit); ``keep`` never does.

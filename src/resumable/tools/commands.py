@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from pydantic import ValidationError
 
 from resumable.errors import ConfigError
-from resumable.models.qwen3 import AttentionShape
+from resumable.models.qwen3 import AttentionShape, ModelConfig
 
 _PROGRESS = "--quiet"
 
@@ -46,12 +49,58 @@ def _size(text: str) -> int:
     raise argparse.ArgumentTypeError(f"--max-shard-size {text!r}: expected bytes such as 5GB, 500MB or 1000000")
 
 
+def _flag(text: str) -> bool:
+    if text.lower() not in ("true", "false"):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected true or false")
+    return text.lower() == "true"
+
+
+_LAYOUT_FLAGS = ("use_contiguous_weight_layout_attention", "use_interleaved_weight_layout_mlp")
+
+
+def _source_args(p: argparse.ArgumentParser) -> None:
+    """How a source is read (:func:`resumable.sources.open_source`'s arguments)."""
+    from resumable.sources import NAMES
+
+    p.add_argument("--names", choices=NAMES, default="auto",
+                   help="MindSpore/MindFormers names: auto (default) maps MindFormers Qwen3 names to HuggingFace "
+                        "names when every parameter is one, else keeps them; hf always maps (an error when a name "
+                        "does not fit); keep never does")
+    p.add_argument("--heads", type=_heads, default=None, metavar="H,KV,D",
+                   help="attention heads, KV heads and head dim for splitting MindFormers linear_qkv "
+                        "(default: the recorded config.json's, else inferred from the tensor shapes)")
+    p.add_argument("--use-contiguous-weight-layout-attention", type=_flag, default=None, metavar="{true,false}",
+                   help="MindFormers linear_qkv is [Q; K; V] (true) or grouped per KV head (false) (default: the "
+                        "checkpoint's recorded config.json, else false, MindFormers' default)")
+    p.add_argument("--use-interleaved-weight-layout-mlp", type=_flag, default=None, metavar="{true,false}",
+                   help="MindFormers linear_fc1 has gate and up rows interleaved (true) or is [gate; up] (false) "
+                        "(default: the checkpoint's recorded config.json, else true, MindFormers' default)")
+    p.add_argument("--src-strategy", default=None, metavar="PATH",
+                   help="a MindFormers legacy tree's strategy file or folder (src_strategy_path_or_dir), for "
+                        "trees whose ranks hold slices")
+
+
+class _Stderr(logging.Handler):
+    """Writes to the sys.stderr of the moment (a test's captured one too)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(self.format(record), file=sys.stderr)
+
+
+def _source_options(args: argparse.Namespace) -> dict[str, Any]:
+    """open_source's keyword arguments from the flags; the decisions it logs go to stderr."""
+    logger = logging.getLogger("resumable.sources")
+    if not any(isinstance(h, _Stderr) for h in logger.handlers):
+        logger.addHandler(_Stderr())
+        logger.setLevel(logging.INFO)
+    fused = {k: getattr(args, k) for k in _LAYOUT_FLAGS if getattr(args, k) is not None}
+    return {"heads": args.heads, "fused": fused or None, "names": args.names, "src_strategy": args.src_strategy}
+
+
 def _common_write_args(p: argparse.ArgumentParser, *, shards: bool) -> None:
     p.add_argument("--dtype", type=_dtype, default=None,
                    help="cast floating-point tensors to this dtype (e.g. float32 for the reference trainer)")
-    p.add_argument("--heads", type=_heads, default=None, metavar="H,KV,D",
-                   help="attention heads, KV heads and head dim for splitting MindFormers linear_qkv "
-                        "(default: inferred from the tensor shapes)")
+    _source_args(p)
     if shards:
         p.add_argument("--max-shard-size", type=_size, default="5GB",
                        help="largest safetensors shard, e.g. 5GB or 500MB (default 5GB)")
@@ -77,7 +126,7 @@ def _layout(args: argparse.Namespace) -> Any:
 def _inspect(args: argparse.Namespace) -> int:
     from resumable.tools.inspect import inspect_path, render
 
-    report = inspect_path(args.path)
+    report = inspect_path(args.path, **_source_options(args))
     print(json.dumps(report, indent=1) if args.json else render(report))
     return 0
 
@@ -85,7 +134,7 @@ def _inspect(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     from resumable.tools.verify import verify_path
 
-    problems, checked, what = verify_path(args.path, checksum=not args.no_checksum)
+    problems, checked, what = verify_path(args.path, checksum=not args.no_checksum, **_source_options(args))
     for problem in problems:
         print(f"PROBLEM {problem}")
     if problems:
@@ -99,7 +148,8 @@ def _diff(args: argparse.Namespace) -> int:
     from resumable.sources import open_source
     from resumable.tools.diff import diff_sources
 
-    a, b = open_source(args.a), open_source(args.b)
+    options = _source_options(args)
+    a, b = open_source(args.a, **options), open_source(args.b, **options)
     counts: dict[str, int] = {}
     for row in diff_sources(a, b, model_only=args.model_only):
         counts[row.status] = counts.get(row.status, 0) + 1
@@ -116,7 +166,7 @@ def _merge(args: argparse.Namespace) -> int:
     from resumable.sources import open_source
     from resumable.tools.merge import merge
 
-    out = merge(open_source(args.src, heads=args.heads), args.out, max_shard_size=args.max_shard_size,
+    out = merge(open_source(args.src, **_source_options(args)), args.out, max_shard_size=args.max_shard_size,
                 dtype=args.dtype, progress=not args.quiet)
     print(f"wrote unified checkpoint {out}")
     return 0
@@ -126,11 +176,31 @@ def _split(args: argparse.Namespace) -> int:
     from resumable.sources import open_source
     from resumable.tools.split import write_v2
 
-    folder = write_v2(open_source(args.src, heads=args.heads), args.out, _layout(args), prefix=args.prefix,
+    folder = write_v2(open_source(args.src, **_source_options(args)), args.out, _layout(args), prefix=args.prefix,
                       remove_redundancy=args.remove_redundancy, dtype=args.dtype, iteration=args.iteration,
                       progress=not args.quiet)
     print(f"wrote {folder}")
     return 0
+
+
+def _model_section(path: Path) -> ModelConfig:
+    """The ``model:`` section of a training YAML, validated (the rest of the file is the trainer's)."""
+    import yaml
+
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"--config {path}: cannot be read ({exc.strerror})") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--config {path} is not valid YAML: {exc}") from None
+    section = tree.get("model") if isinstance(tree, dict) else None
+    if not isinstance(section, dict):
+        raise ConfigError(f"--config {path}: no model: section (a mapping of the model's sizes) to write "
+                          "config.json from")
+    try:
+        return ModelConfig.model_validate(section)
+    except ValidationError as exc:
+        raise ConfigError.from_validation(exc, str(path), prefix="model.") from None
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -138,9 +208,7 @@ def _convert(args: argparse.Namespace) -> int:
 
     model = hf_config = None
     if args.config:
-        from resumable.train.config import load_config
-
-        model = load_config(args.config).model
+        model = _model_section(Path(args.config))
     if args.hf_config:
         from resumable.formats.hf import load_json_object
 
@@ -148,7 +216,7 @@ def _convert(args: argparse.Namespace) -> int:
     if args.to != "v2" and (args.layout or args.sharded_optimizer):
         raise ConfigError(f"--layout and --sharded-optimizer apply to --to v2 only, not --to {args.to}")
     out = convert(args.src, args.out, args.to, layout=_layout(args), prefix=args.prefix,
-                  remove_redundancy=args.remove_redundancy, dtype=args.dtype, heads=args.heads,
+                  remove_redundancy=args.remove_redundancy, dtype=args.dtype, **_source_options(args),
                   hf_config=hf_config, model=model, max_shard_size=args.max_shard_size, progress=not args.quiet)
     print(f"wrote {out}")
     return 0
@@ -168,6 +236,7 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
                        "and every tensor (dtype, global shape, chunks, size).")
     p.add_argument("path", help=_PATHS)
     p.add_argument("--json", action="store_true", help="print one JSON object (for scripts) instead of tables")
+    _source_args(p)
     p.set_defaults(func=_inspect)
 
 
@@ -178,6 +247,7 @@ def _add_verify(sub: argparse._SubParsersAction) -> None:
                        "Prints one line per problem, naming the file; exit status 1 when any is found.")
     p.add_argument("path", help=_PATHS)
     p.add_argument("--no-checksum", action="store_true", help="check sizes only (fast: reads no data)")
+    _source_args(p)
     p.set_defaults(func=_verify)
 
 
@@ -190,6 +260,7 @@ def _add_diff(sub: argparse._SubParsersAction) -> None:
     p.add_argument("b", help="checkpoint B (any format)")
     p.add_argument("--model-only", action="store_true", help="ignore optimizer state (e.g. against a HF export)")
     p.add_argument("--all", action="store_true", help="also list the equal tensors")
+    _source_args(p)
     p.set_defaults(func=_diff)
 
 

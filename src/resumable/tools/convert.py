@@ -43,7 +43,7 @@ from resumable.models.qwen3 import AttentionShape
 from resumable.formats import v1
 from resumable.formats.mindformers import parse_legacy_name
 from resumable.lock import DirectoryLock
-from resumable.sources import Source, open_source
+from resumable.sources import Fused, Names, Source, open_source
 from resumable.tools.merge import DEFAULT_SHARD, export_hf, merge
 from resumable.tools.split import TargetLayout, write_v2
 
@@ -56,6 +56,7 @@ TARGETS: tuple[str, ...] = ("v2", "unified", "hf", "legacy")
 def convert(src: str | os.PathLike[str], out: str | os.PathLike[str], to: Target, *,
             layout: TargetLayout | None = None, prefix: str = "CKP", remove_redundancy: bool = False,
             dtype: torch.dtype | None = None, heads: AttentionShape | None = None,
+            fused: Fused | None = None, names: Names = "auto", src_strategy: str | os.PathLike[str] | None = None,
             hf_config: dict[str, Any] | None = None, model: Any = None,
             max_shard_size: int = DEFAULT_SHARD, progress: bool = False) -> Path:
     """Convert the checkpoint at ``src`` to format ``to`` in ``out``.
@@ -67,7 +68,7 @@ def convert(src: str | os.PathLike[str], out: str | os.PathLike[str], to: Target
         layout: ``v2`` only: the target layout (default: one rank).
         prefix, remove_redundancy: ``v2`` only, as the CheckpointMonitor keys.
         dtype: cast floating-point tensors (e.g. ``torch.float32`` for the trainer).
-        heads: attention head counts for MindFormers ``linear_qkv`` (default: inferred).
+        heads, fused, names, src_strategy: how ``src`` is read (:func:`resumable.sources.open_source`).
         hf_config: ``hf`` only: the ``config.json`` content.
         model: ``hf`` only: our ``ModelConfig`` (used when ``hf_config`` is None).
         max_shard_size: ``unified``/``hf``: bytes per safetensors shard.
@@ -83,7 +84,7 @@ def convert(src: str | os.PathLike[str], out: str | os.PathLike[str], to: Target
     """
     if to not in TARGETS:
         raise ConfigError(f"--to {to!r}: choose one of {', '.join(TARGETS)}")
-    source = open_source(src, heads=heads)
+    source = open_source(src, heads=heads, fused=fused, names=names, src_strategy=src_strategy)
     if to == "legacy":
         return _write_legacy(source, Path(out), prefix, dtype)
     if to == "v2":

@@ -35,8 +35,12 @@ def _iterations(directory: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def inspect_path(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Describe ``path`` (checkpoint folder, iteration folder, rank_* tree or HF/unified folder).
+def inspect_path(path: str | os.PathLike[str], **open_args: Any) -> dict[str, Any]:
+    """Describe ``path`` (checkpoint folder, iteration folder, rank_* tree, HF/unified folder or single file).
+
+    Args:
+        open_args: how the source is read (:func:`resumable.sources.open_source`'s ``heads``,
+            ``fused``, ``names``, ``src_strategy``).
 
     Returns:
         ``{"path", "format", "tracker", "latest", "iterations": [{"iteration", "folder",
@@ -58,7 +62,7 @@ def inspect_path(path: str | os.PathLike[str]) -> dict[str, Any]:
         report["latest"] = None if latest is None else commit.parse_iteration(latest.name)
         for row in report["iterations"]:
             row["latest"] = row["iteration"] == report["latest"] and row["committed"]
-    source = open_source(path)
+    source = open_source(path, **open_args)
     report.update(format=source.format, selected=str(source.path), iteration=source.iteration,
                   layout=source.layout, common={k: v for k, v in source.common.items() if k != "rank_local"})
     report["tensors"] = [{"name": t.name, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape),

@@ -128,6 +128,8 @@ def _write_v2(source: Source, out: Path, layout: TargetLayout, *, prefix: str, r
     plans = [_plan(source, out, iteration, layout, holdings, me, objects, rank_locals, prefix, remove_redundancy)
              for me in range(layout.world_size)]
     head = plans[0]
+    if "mindspore" in common:  # a MindSpore source's scalars (learning_rate, beta1_power ...), kept on record
+        head.common["mindspore"] = common["mindspore"]
     head.common.update(extra_common or {})
     if head.temp.exists():
         shutil.rmtree(head.temp)

@@ -8,7 +8,8 @@ by ``metadata.json`` must exist with its size and, unless ``checksum=False``, it
 xxh3-64 and the per-block checksums its header records (:func:`resumable.resolve.verify_files`,
 one read per file, one file at a time so that each damaged file is named); metadata.json
 must pass its seal and common.json match the size and checksum metadata.json records
-(format version 3). The answer says exactly what was checked (:class:`Checked`). A legacy ``rank_*`` tree: every file of every rank folder, every step kept
+(format version 3), and the HuggingFace files common.json records (``iteration_*/hf/``,
+:mod:`resumable.formats.hf_aux`) their sizes and checksums. The answer says exactly what was checked (:class:`Checked`). A legacy ``rank_*`` tree: every file of every rank folder, every step kept
 (:func:`resumable.legacy.files.verify_tree`): resumable's against the checksums its
 ``meta.json`` records (or the file's block checksums), MindFormers' by size and structure
 only, and the answer says how many of each. Other foreign formats (MindFormers,
@@ -24,12 +25,14 @@ Example::
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from resumable import commit
-from resumable.errors import CheckpointError
-from resumable.formats import v2
+from resumable.errors import CheckpointError, ConfigError
+from resumable.formats import hf_aux, v2
 from resumable.formats.safetensors_io import read_header, verify_file
 from resumable.legacy.files import rank_folders, verify_tree
 from resumable.resolve import verify_files
@@ -105,20 +108,27 @@ def _verify_v2(folder: Path, checksum: bool, seen: Checked) -> tuple[list[Proble
         except (CheckpointError, OSError) as exc:
             problems.append(Problem(str(folder / name), str(exc)))
     try:
-        v2.read_common(folder, meta)
+        common = v2.read_common(folder, meta)
+        files = hf_aux.recorded(folder / hf_aux.FOLDER, (common.get("state") or {}).get(hf_aux.STATE_KEY),
+                                str(folder / v2.COMMON))
     except (CheckpointError, OSError) as exc:
         problems.append(Problem(str(folder / v2.COMMON), str(exc)))
-    return problems, len(meta.files)
+        files = {}
+    problems += [Problem(where, message) for where, message in hf_aux.problems(files, checksum=checksum)]
+    return problems, len(meta.files) + len(files)
 
 
-def _verify_foreign(path: Path, checksum: bool = False, seen: Checked | None = None) -> tuple[list[Problem], int]:
+def _verify_foreign(path: Path, checksum: bool = False, seen: Checked | None = None,
+                    open_args: Mapping[str, Any] | None = None) -> tuple[list[Problem], int]:
     """Open a foreign checkpoint (metadata and headers checked); with ``checksum``, also check
     the block checksums of its safetensors files that carry them (resumable's exports)."""
     try:
-        source = open_source(path)
+        source = open_source(path, **(open_args or {}))
+    except ConfigError:
+        raise  # how the caller asked to read it (--names hf on other names): not a problem of the files
     except (CheckpointError, OSError, ValueError) as exc:
         return [Problem(str(path), str(exc))], 0
-    problems = []
+    problems = [Problem(where, message) for where, message in hf_aux.problems(source.hf_files, checksum=checksum)]
     if checksum and seen is not None and path.is_dir():
         for file in sorted(path.glob("*.safetensors")):
             seen.foreign_files += 1
@@ -149,7 +159,8 @@ def _written_by_resumable(folder: Path) -> bool:
     return False
 
 
-def _verify_one(folder: Path, checksum: bool, seen: Checked) -> tuple[list[Problem], int]:
+def _verify_one(folder: Path, checksum: bool, seen: Checked,
+                open_args: Mapping[str, Any]) -> tuple[list[Problem], int]:
     if not (folder / v2.METADATA).exists() and _written_by_resumable(folder):
         return [Problem(str(folder / v2.METADATA), "missing: the checkpoint is incomplete; rebuild it from the "
                         "files (resumable.formats.v2.rebuild_metadata) or delete the folder")], 0
@@ -160,21 +171,22 @@ def _verify_one(folder: Path, checksum: bool, seen: Checked) -> tuple[list[Probl
     if fmt == "v2":
         return _verify_v2(folder, checksum, seen)
     seen.foreign = fmt
-    return _verify_foreign(folder, checksum, seen)
+    return _verify_foreign(folder, checksum, seen, open_args)
 
 
-def _verify_legacy(root: Path, checksum: bool) -> tuple[list[Problem], int, str]:
+def _verify_legacy(root: Path, checksum: bool, open_args: Mapping[str, Any]) -> tuple[list[Problem], int, str]:
     found = verify_tree(root, checksum=checksum)
     problems = [Problem(w, m) for w, m in found.problems]
-    if not problems:  # the files are intact: do the step a resume picks and its metadata agree?
-        problems = _verify_foreign(root)[0]
+    if not problems:  # the files are intact: do the step a resume picks, its metadata and its HF files agree?
+        problems = _verify_foreign(root, checksum, open_args=open_args)[0]
     what = (f"{found.checksummed} with checksums (whole-file xxh3-64 in meta.json or per-block; seals), "
             f"{found.sizes_only} sizes only" + (" (files that carry no checksums, e.g. MindFormers')"
                                                 if found.sizes_only else ""))
     return problems, found.checksummed + found.sizes_only, what
 
 
-def verify_path(path: str | os.PathLike[str], *, checksum: bool = True) -> tuple[list[Problem], int, str]:
+def verify_path(path: str | os.PathLike[str], *, checksum: bool = True,
+                **open_args: Any) -> tuple[list[Problem], int, str]:
     """Check one checkpoint or every checkpoint of a folder.
 
     Returns:
@@ -184,30 +196,35 @@ def verify_path(path: str | os.PathLike[str], *, checksum: bool = True) -> tuple
         seals", for HuggingFace or MindFormers folders "sizes and headers only: ... carries no
         checksums"; for a legacy tree how many had checksums and how many sizes only).
 
+    Args:
+        open_args: how foreign sources are read (:func:`resumable.sources.open_source`'s
+            ``heads``, ``fused``, ``names``, ``src_strategy``).
+
     Example::
 
         problems, n, what = verify_path("output/checkpoint/iteration_00000100", checksum=False)
     """
     path = Path(path)
     if path.is_dir() and rank_folders(path):
-        return _verify_legacy(path, checksum)
+        return _verify_legacy(path, checksum, open_args)
     seen = Checked(checksum)
-    problems, checked = _verify_other(path, checksum, seen)
+    problems, checked = _verify_other(path, checksum, seen, open_args)
     return problems, checked, seen.describe()
 
 
-def _verify_other(path: Path, checksum: bool, seen: Checked) -> tuple[list[Problem], int]:
+def _verify_other(path: Path, checksum: bool, seen: Checked,
+                  open_args: Mapping[str, Any]) -> tuple[list[Problem], int]:
     if not path.exists():
         return [Problem(str(path), f"{path} does not exist")], 0
     if commit.parse_iteration(path.name) is not None or path.name.startswith((".tmp-", ".old-", ".del-")):
-        return _verify_one(path, checksum, seen)
+        return _verify_one(path, checksum, seen, open_args)
     iterations = sorted(p for p in path.iterdir() if p.is_dir() and commit.parse_iteration(p.name) is not None)
     if not iterations:
         try:
             seen.foreign = detect(path)[0]
         except (CheckpointError, OSError):
             pass  # _verify_foreign names the problem
-        return _verify_foreign(path, checksum, seen)
+        return _verify_foreign(path, checksum, seen, open_args)
     problems: list[Problem] = []
     checked = 0
     try:
@@ -218,7 +235,7 @@ def _verify_other(path: Path, checksum: bool, seen: Checked) -> tuple[list[Probl
     except CheckpointError as exc:
         problems.append(Problem(str(path / commit.TRACKER), str(exc)))
     for folder in iterations:
-        found, n = _verify_one(folder, checksum, seen)
+        found, n = _verify_one(folder, checksum, seen, open_args)
         problems += found
         checked += n
     return problems, checked
