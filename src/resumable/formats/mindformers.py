@@ -66,6 +66,7 @@ __all__ = [
     "read_chunk",
     "read_mf_checkpoint",
     "read_mf_legacy",
+    "read_ms_file",
     "read_tensor",
     "resolve_mf_iteration",
 ]
@@ -664,23 +665,57 @@ def _remove_redundancy_flag(path: Path) -> str | None:
         return (f.metadata() or {}).get("remove_redundancy")
 
 
-def _legacy_context(tensors: dict[str, ForeignTensor], root: Path, chosen: tuple[int, int]) -> TrainingContext:
+def _scalar_values(tensors: dict[str, ForeignTensor]) -> dict[str, float | int]:
+    """The context scalars a file holds (``global_step``, ``epoch_num`` ...: one element each)."""
     values: dict[str, float | int] = {}
     for name in _CONTEXT_SCALARS:
         tensor = tensors.get(name)
         if tensor is not None and tensor.shape in ((), (1,)):
             values[name] = read_chunk(tensor.chunks[0]).reshape(-1)[0].item()
-    if not isinstance(values.get("global_step"), int):
-        raise CorruptCheckpointError(f"{root}: the files of epoch {chosen[0]} step {chosen[1]} hold no integer "
-                                     "global_step scalar")
+    return values
 
+
+def _context(values: dict[str, float | int], global_step: int) -> TrainingContext:
     def optional(name: str, kind: type) -> Any:
         return None if name not in values else kind(values[name])
 
     return TrainingContext(
-        global_step=int(values["global_step"]),
+        global_step=global_step,
         epoch=optional("epoch_num", int),
         step=optional("step_num", int),
         global_batch_size=optional("global_batch_size", int),
         loss_scale=optional("loss_scale", float),
     )
+
+
+def _legacy_context(tensors: dict[str, ForeignTensor], root: Path, chosen: tuple[int, int]) -> TrainingContext:
+    values = _scalar_values(tensors)
+    if not isinstance(values.get("global_step"), int):
+        raise CorruptCheckpointError(f"{root}: the files of epoch {chosen[0]} step {chosen[1]} hold no integer "
+                                     "global_step scalar")
+    return _context(values, int(values["global_step"]))
+
+
+# ---------------------------------------------------------------- single files
+
+
+def read_ms_file(path: str | os.PathLike[str]) -> ForeignCheckpoint:
+    """Describe one MindSpore file: ``save_checkpoint``'s ``.ckpt`` (protobuf) or ``.safetensors``, or one
+    legacy rank file. Every tensor is one full chunk; the context comes from its scalars (``global_step``
+    0 when it has none: a network saved without a training loop).
+
+    Raises:
+        UnsafeCheckpointError: not a regular file.
+        CorruptCheckpointError: not a readable safetensors or MindSpore protobuf file.
+
+    Example::
+
+        read_ms_file("lenet.ckpt").tensors["fc1.weight"].shape      # (120, 400)
+    """
+    path = Path(path)
+    tensors = _full_chunks({path: _legacy_header(path)})
+    values = _scalar_values(tensors)
+    step = values.get("global_step", 0)
+    if not float(step).is_integer() or step < 0:
+        raise CorruptCheckpointError(f"{path}: global_step {step!r} is not a non-negative integer")
+    return ForeignCheckpoint(path, None, tensors, _context(values, int(step)))
