@@ -20,8 +20,11 @@ import torch.distributed as dist
 from resumable.cli import main
 from resumable.formats import v2
 from resumable.load import load
-from resumable.train.foreign import CONVERTED, ensure_loadable
-from resumable.train.checkpointing import Resume
+from resumable.models.qwen3 import FusedLayout, hf_to_mf
+from resumable.sources import open_source
+from resumable.formats.ms_ckpt import write_ms_ckpt
+from resumable.train.checkpointing import checkpoint_callbacks
+from resumable.train.foreign import CONVERTED, ForeignOptions, ensure_loadable, needs_conversion_legacy
 from resumable.train.config import load_config
 from resumable.train.loop import Trainer
 from resumable.train.parallel import build_layout
@@ -98,10 +101,10 @@ def test_convert_to_our_legacy_and_back_keeps_every_tensor(tmp_path, capsys):
 def test_ensure_loadable_converts_once_and_leaves_our_checkpoints_alone(tmp_path):
     KINDS["2.0-dp2-mp2"](tmp_path / "mf")
     out = tmp_path / "output"
-    first = ensure_loadable(tmp_path / "mf", out, dtype=torch.float32)
+    first = ensure_loadable(tmp_path / "mf", out, ForeignOptions(dtype=torch.float32))
     assert first == out / CONVERTED
     files = {p: p.stat().st_mtime_ns for p in first.rglob("*.safetensors")}
-    assert ensure_loadable(tmp_path / "mf", out, dtype=torch.float32) == first
+    assert ensure_loadable(tmp_path / "mf", out, ForeignOptions(dtype=torch.float32)) == first
     assert {p: p.stat().st_mtime_ns for p in first.rglob("*.safetensors")} == files  # reused, not rewritten
     assert ensure_loadable(first, out) == first
     assert ensure_loadable(tmp_path / "empty", out) == tmp_path / "empty"
@@ -109,22 +112,67 @@ def test_ensure_loadable_converts_once_and_leaves_our_checkpoints_alone(tmp_path
     _assert_loads(first, expected, 100)
 
 
-def _resume(rank: int, world_size: int, folder: str, data: str) -> tuple[tuple[int, ...], bool, list[str]]:
+def test_the_trainers_fused_layout_reaches_the_conversion_and_a_conversion_with_another_is_not_reused(tmp_path):
+    contiguous = FusedLayout(use_contiguous_weight_layout_attention=True, use_interleaved_weight_layout_mlp=False)
+    state = hf_to_mf(hf_state(SEED), HEADS, contiguous)
+    state["global_step"] = torch.tensor([100], dtype=torch.int32)
+    build_v2(tmp_path / "mf", 100, state)
+    out, qkv = tmp_path / "output", "model.layers.0.self_attn.k_proj.weight"
+    expected = hf_state(SEED)[qkv]
+    default = ensure_loadable(tmp_path / "mf", out)  # read as MindFormers' default layout: other rows
+    assert not torch.equal(open_source(default).tensors[qkv].read(), expected)
+    cfg = load_config(None, ["model.use_contiguous_weight_layout_attention=true",
+                             "model.use_interleaved_weight_layout_mlp=false"])
+    options = ForeignOptions.from_config(cfg)
+    assert options.fused == contiguous and ForeignOptions.from_config(load_config(None)).fused is None
+    assert ensure_loadable(tmp_path / "mf", out, options) == default  # converted again, not reused
+    converted = open_source(default)
+    assert torch.equal(converted.tensors[qkv].read(), expected)
+    assert torch.equal(converted.tensors["model.layers.1.mlp.up_proj.weight"].read(),
+                       hf_state(SEED)["model.layers.1.mlp.up_proj.weight"])
+    origin = v2.read_common(default / "iteration_00000100")["converted_from"]
+    assert origin["fused"] == {"use_contiguous_weight_layout_attention": True,
+                               "use_interleaved_weight_layout_mlp": False}
+    assert (origin["names"], origin["src_strategy"], origin["dtype"]) == ("auto", None, "torch.float32")
+
+
+def test_legacy_mode_converts_only_what_the_legacy_loader_cannot_read(tmp_path):
+    KINDS["2.0-dp2-mp2"](tmp_path / "mf2")
+    build_legacy(tmp_path / "mf1", saves=[[(1, 2, 0)], [(1, 2, 0)]], metas=[(1, 2), (1, 2)])
+    assert main(["convert", str(tmp_path / "mf2"), str(tmp_path / "ours1"), "--to", "legacy", "--quiet"]) == 0
+    assert main(["convert", str(tmp_path / "mf2"), str(tmp_path / "ours2"), "--to", "v2", "--quiet"]) == 0
+    write_ms_ckpt(tmp_path / "net.ckpt", mf_state(SEED))
+    ours_file = next((tmp_path / "ours1" / "rank_0").glob("*.safetensors"))
+    foreign = {p: needs_conversion_legacy(tmp_path / p) for p in
+               ("mf2", "mf1", "net.ckpt", "ours1", ours_file.relative_to(tmp_path), "ours2", "missing")}
+    assert foreign == {"mf2": True, "mf1": True, "net.ckpt": True, "ours1": False,
+                       ours_file.relative_to(tmp_path): False, "ours2": False, "missing": False}
+
+
+def _resume(rank: int, world_size: int, tmp: str, load: str, expected_seed: int, *overrides: str,
+            ) -> tuple[tuple[int, ...], bool, list[str]]:
+    """Build the trainer with the callbacks its config asks for, resume, train one step.
+
+    Returns (global step, consumed samples, epoch, sample and step in epoch after the resume, global step and
+    sample in epoch after the step), whether the weights equal hf_state(expected_seed), and the log lines.
+    """
     cfg = load_config(None, [
         f"model.vocab_size={VOCAB}", f"model.hidden_size={HIDDEN}", f"model.intermediate_size={FFN}",
         f"model.num_hidden_layers={LAYERS}", f"model.num_attention_heads={HEADS.num_heads}",
         f"model.num_key_value_heads={HEADS.num_kv_heads}", f"model.head_dim={HEADS.head_dim}",
-        "parallel_config.data_parallel=1", "parallel_config.model_parallel=2", "runner_config.batch_size=2",
-        f"train_dataset.path={data}", "train_dataset.seq_length=8", f"load_checkpoint={folder}",
-        "resume_training=true"])
+        f"parallel_config.data_parallel=1", f"parallel_config.model_parallel={world_size}",
+        "runner_config.batch_size=2", f"train_dataset.path={tmp}/tokens.npy", "train_dataset.seq_length=8",
+        f"output_dir={tmp}/output", f"load_checkpoint={load}", "resume_training=true", *overrides])
     lines: list[str] = []
     handler = logging.Handler()
     handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
-    logging.getLogger("resumable.train.checkpointing").addHandler(handler)
-    logging.getLogger("resumable.train.checkpointing").setLevel(logging.INFO)
-    trainer = Trainer(cfg, build_layout(cfg), [Resume(cfg)])
-    trainer.callbacks[0].on_train_begin(trainer)
-    expected = hf_state(SEED)
+    for name in ("resumable.train.checkpointing", "resumable.train.legacy_callbacks", "resumable.sources"):
+        logging.getLogger(name).addHandler(handler)
+        logging.getLogger(name).setLevel(logging.INFO)
+    callbacks = checkpoint_callbacks(cfg)
+    trainer = Trainer(cfg, build_layout(cfg), callbacks)
+    callbacks[0].on_train_begin(trainer)  # the resume; the monitor (callbacks[1]) is not needed
+    expected = hf_state(expected_seed)
     same = all(torch.equal(t.full_tensor() if hasattr(t, "full_tensor") else t, expected[n].float())
                for n, t in trainer.model.state_dict().items())
     ctx = trainer.ctx
@@ -134,14 +182,21 @@ def _resume(rank: int, world_size: int, folder: str, data: str) -> tuple[tuple[i
     return start + (ctx.global_step, ctx.sample_in_epoch), same, lines
 
 
-def test_trainer_resumes_from_a_mindformers_checkpoint_on_tp2(tmp_path):
-    KINDS["2.0-dp2-mp2"](tmp_path / "mf")
-    folder = ensure_loadable(tmp_path / "mf", tmp_path / "output", dtype=torch.float32)
+def _tokens(tmp_path) -> None:
+    """49 samples of 8+1 tokens."""
     np.save(tmp_path / "tokens.npy", (np.arange(400) * 7 % VOCAB).astype(np.uint16))
-    counts, same, lines = run_distributed(_resume, 2, str(folder), str(tmp_path / "tokens.npy"))[0]
+
+
+@pytest.mark.parametrize("mode", ["checkpoint-2.0", "legacy"])
+def test_trainer_resumes_from_a_mindformers_checkpoint_on_tp2(tmp_path, mode):
+    KINDS["2.0-dp2-mp2"](tmp_path / "mf")
+    _tokens(tmp_path)
+    legacy = f"use_legacy_format={'true' if mode == 'legacy' else 'false'}"
+    counts, same, lines = run_distributed(_resume, 2, str(tmp_path), str(tmp_path / "mf"), SEED, legacy)[0]
     assert same, "the weights after resuming must be the MindFormers weights"
     # common.json: global_step 100, global_batch_size 8, no consumed_samples: 800 samples. This data has
-    # 49 samples of 8+1 tokens; in batches of 8 an epoch takes 48: epoch 16, sample 32; this job's batch is 2.
+    # 49 samples; in batches of 8 an epoch takes 48: epoch 16, sample 32; this job's batch is 2.
     assert counts == (100, 800, 16, 32, 16, 101, 34)
-    assert (f"{folder / 'iteration_00000100'}: the checkpoint records no data position: continuing after 800 "
-            "samples (consumed_samples 800 = global_step 100 x global_batch_size 8), at epoch 16, sample 32 of 49 of this data") in lines
+    converted = tmp_path / "output" / CONVERTED / "iteration_00000100"
+    assert (f"{converted}: the checkpoint records no data position: continuing after 800 samples (consumed_samples "
+            "800 = global_step 100 x global_batch_size 8), at epoch 16, sample 32 of 49 of this data") in lines

@@ -21,18 +21,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-import torch
 from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
 from resumable import dist
-from resumable.errors import CheckpointError, ConfigError, SaveError
+from resumable.errors import CheckpointError, ConfigError, NotImplementedYet, SaveError
 from resumable.commit import parse_iteration
 from resumable.formats.v2 import read_metadata
 from resumable.load import LoadResult, StateMismatchError, load
 from resumable.manager import CheckpointManager
 from resumable.prefetch import Prefetch
 from resumable.resolve import Resolution, fall_back, resolve_checkpoint
-from resumable.train.foreign import ensure_loadable
+from resumable.train.foreign import ForeignOptions, ensure_loadable, needs_conversion_legacy
 from resumable.train.config import TrainConfig
 from resumable.train.data import fill_position, unset_position
 from resumable.train.loop import Callback, Trainer
@@ -147,7 +146,8 @@ class Resume(Callback):
         if dist.rank() == 0:
             try:
                 # A MindFormers or HuggingFace folder is converted once into <output_dir>/converted_checkpoint.
-                path = ensure_loadable(self.cfg.load_checkpoint, self.cfg.output_dir, dtype=torch.float32)
+                options = ForeignOptions.from_config(self.cfg)
+                path = ensure_loadable(self.cfg.load_checkpoint, self.cfg.output_dir, options)
                 found = resolve_checkpoint(path, output_dir=self.cfg.output_dir,
                                            fallback=self.cfg.resume_training is True)
             except Exception as exc:  # every rank must raise it, not just rank 0
@@ -275,6 +275,15 @@ def checkpoint_callbacks(cfg: TrainConfig) -> list[Callback]:
     if cfg.use_legacy_format:  # Checkpoint 1.0: per-rank files (resumable.train.legacy_callbacks)
         from resumable.train.legacy_callbacks import legacy_callbacks
 
+        if cfg.load_checkpoint and needs_conversion_legacy(cfg.load_checkpoint):
+            # A MindFormers or HuggingFace checkpoint (or a single foreign file): converted once to
+            # Checkpoint 2.0, which the 2.0 loader reshards onto this layout; the saves stay Checkpoint 1.0.
+            if isinstance(cfg.resume_training, str):
+                raise NotImplementedYet(
+                    f"resume_training: {cfg.resume_training!r} names a step, but load_checkpoint "
+                    f"{cfg.load_checkpoint} is not a resumable legacy checkpoint: it is converted from its newest "
+                    "complete step; set resume_training: true (or convert the step you want with resumable convert)")
+            return callbacks + [Resume(cfg)] + legacy_callbacks(cfg, resume=False)
         return callbacks + legacy_callbacks(cfg)
     monitor = CheckpointMonitor(cfg) if cfg.checkpoint is not None else None
     if cfg.load_checkpoint:

@@ -141,10 +141,10 @@ class TrainConfig(_Section):
         return self
 
 
-# Checkpoint 1.0 keys: Checkpoint 2.0 reshards online and needs none of them.
+# Checkpoint 1.0 keys: Checkpoint 2.0 reshards online and needs none of them. (src_strategy_path_or_dir is
+# not one: Checkpoint 2.0 reads it for a MindFormers legacy tree whose ranks hold slices, train/foreign.py.)
 LEGACY_ONLY: dict[str, Any] = {
     "auto_trans_ckpt": False,
-    "src_strategy_path_or_dir": "",
     "transform_process_num": None,
     "load_ckpt_format": "safetensors",
 }
@@ -155,7 +155,8 @@ def ignored_keys(cfg: TrainConfig) -> list[str]:
     if cfg.use_legacy_format:
         return []
     return [f"{key}={getattr(cfg, key)!r} only applies to use_legacy_format: true; Checkpoint 2.0 loads "
-            "any layout without conversion, so it is ignored"
+            "any layout without conversion (a MindFormers legacy tree too, with src_strategy_path_or_dir), so it "
+            "is ignored"
             for key, default in LEGACY_ONLY.items() if getattr(cfg, key) != default]
 
 

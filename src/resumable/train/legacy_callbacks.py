@@ -250,11 +250,14 @@ def _env_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def legacy_callbacks(cfg: TrainConfig) -> list[Callback]:
-    """The Checkpoint 1.0 callbacks a config asks for: resume first (it sets the step), then the monitor."""
+def legacy_callbacks(cfg: TrainConfig, resume: bool = True) -> list[Callback]:
+    """The Checkpoint 1.0 callbacks a config asks for: resume first (it sets the step), then the monitor.
+
+    ``resume=False``: the caller loads ``load_checkpoint`` itself (a foreign checkpoint, converted).
+    """
     monitor = LegacyCheckpointMonitor(cfg) if cfg.checkpoint is not None else None
     callbacks: list[Callback] = []
-    if cfg.load_checkpoint:
+    if cfg.load_checkpoint and resume:
         callbacks.append(LegacyResume(cfg, monitor))
     if monitor is not None:
         callbacks.append(monitor)
