@@ -25,7 +25,7 @@ from resumable.errors import CheckpointNotFoundError, CorruptCheckpointError, No
 from resumable.formats.mindformers import read_mf_legacy, read_tensor
 from resumable.formats.ms_ckpt import load_ms_ckpt
 from resumable.formats.ms_strategy import ParamLayout, read_ms_strategy, read_ms_strategy_file
-from resumable.formats.protowire import length_field, varint_field
+from resumable.formats.protowire import length_field, varint_bytes, varint_field
 from resumable.geometry import Box
 from tests.fixtures.mindformers import mf_state
 from tests.fixtures.ms_strategy import (
@@ -291,14 +291,24 @@ def test_wire_damage_and_foreign_files_are_clear_errors(tmp_path):
     (tmp_path / "ours.ckpt").write_text('{"format": "resumable-strategy"}')
     with pytest.raises(CorruptCheckpointError, match=re.escape("holds JSON, not a protobuf ParallelStrategyMap")):
         read_ms_strategy(tmp_path / "ours.ckpt")
-    wrong_type = length_field(3, 8) + length_field(1, 1) + b"w" + varint_field(2, 4) + b"\x00\x00\x00"
-    (tmp_path / "type.ckpt").write_bytes(wrong_type[:len(wrong_type) - 3])
-    with pytest.raises(CorruptCheckpointError, match="corrupt MindSpore strategy file"):
-        read_ms_strategy(tmp_path / "type.ckpt")
+    for body, problem in [(varint_bytes(2 << 3 | 5) + bytes(4), "field 2 has wire type 5"),
+                          (varint_field(5, 1 << 40), "field is out of the int32 range"),
+                          (_submessage(1, varint_field(1, 1 << 33)), "dev_matrix value 8589934592 is out of its "
+                                                                     "type's range")]:
+        item = _submessage(1, b"w") + _submessage(2, body)
+        (tmp_path / "type.ckpt").write_bytes(_submessage(3, item))
+        with pytest.raises(CorruptCheckpointError, match=re.escape(
+                f"corrupt MindSpore strategy file {tmp_path / 'type.ckpt'}: parallel_layout_item #0 (parameter 'w'): "
+                f"{problem}")):
+            read_ms_strategy(tmp_path / "type.ckpt")
     with pytest.raises(CheckpointNotFoundError, match="holds no ckpt_strategy_rank_N.ckpt"):
         read_ms_strategy(_empty_dir(tmp_path))
     with pytest.raises(CheckpointNotFoundError, match="does not exist"):
         read_ms_strategy(tmp_path / "missing")
+
+
+def _submessage(field: int, payload: bytes) -> bytes:
+    return length_field(field, len(payload)) + payload
 
 
 def _empty_dir(tmp_path: Path) -> Path:

@@ -323,7 +323,8 @@ def _protobuf_item(wire: Wire, number: int) -> tuple[str, dict[str, Any]]:
         if field == 1 and wire_type == LENGTH:
             name = wire.text()
         elif field == 2 and wire_type == LENGTH:
-            raw = _protobuf_layouts(wire.sub(), f"parallel_layout_item #{number}")
+            raw = _protobuf_layouts(wire.sub(), f"parallel_layout_item #{number}"
+                                                + ("" if name is None else f" (parameter {shown(name)})"))
         else:
             wire.skip(wire_type)
     if name is None or raw is None:
