@@ -42,6 +42,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -56,16 +57,19 @@ from resumable.formats import hf, hf_aux, mindformers as mf, schema, v1, v2
 from resumable.formats.jsonfile import check_regular
 from resumable.formats.safetensors_io import open_safetensors, read_header, stored_slice
 from resumable.formats.ms_names import our_name, parse_ms_name
+from resumable.formats.torch_file import PICKLE_PROTOCOL, read_torch_file
 from resumable.models.qwen3 import (DEFAULT_LAYOUT, AttentionShape, FusedLayout, fc1_rows, infer_heads, is_mf_param,
                                     map_mf_name, qkv_rows)
-from resumable.geometry import Box, runs
+from resumable.geometry import Box, covers_exactly, runs
 from resumable.reads import check_slice
 
 log = logging.getLogger(__name__)
 
 __all__ = ["NAMES", "Fused", "Names", "Source", "SourceChunk", "SourceTensor", "detect", "open_source"]
 
-Format = Literal["v2", "mindformers", "legacy", "unified", "hf"]
+Format = Literal["v2", "mindformers", "legacy", "unified", "hf", "mindspore", "torch", "safetensors"]
+FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+"""Files read as a checkpoint when given alone (or alone in a folder)."""
 Names = Literal["auto", "keep", "hf"]
 NAMES: tuple[str, ...] = ("auto", "keep", "hf")
 """How a MindSpore checkpoint's names are read (:func:`open_source`'s ``names``)."""
@@ -185,10 +189,12 @@ def detect(path: str | os.PathLike[str]) -> tuple[Format, Path]:
         detect("output/checkpoint")     # ("v2", Path("output/checkpoint/iteration_00000020"))
     """
     path = Path(path)
+    if path.is_file():
+        return _file_kind(path), path
     if not path.is_dir():
         raise CheckpointNotFoundError(
-            f"{path} does not exist or is not a folder; give a checkpoint folder, an iteration_* "
-            "folder, a rank_* tree or a HuggingFace/unified folder")
+            f"{path} does not exist (or is neither a folder nor a file); give a checkpoint folder, an iteration_* "
+            "folder, a rank_* tree, a HuggingFace/unified folder or a .safetensors / .ckpt file")
     if commit.parse_iteration(path.name) is not None:
         if not commit.is_committed(path):
             raise CorruptCheckpointError(f"{path} is not a committed checkpoint (no readable metadata.json "
@@ -200,10 +206,57 @@ def detect(path: str | os.PathLike[str]) -> tuple[Format, Path]:
         return "legacy", path
     folder = commit.latest_committed(path)
     if folder is None:
+        single = _only_file(path)
+        if single is not None:
+            return _file_kind(single), single
         raise CheckpointNotFoundError(
             f"{path} holds no checkpoint: no committed iteration_* folder, no rank_* folders, no "
-            f"{hf.SINGLE} or {hf.INDEX}")
+            f"{hf.SINGLE} or {hf.INDEX}, no .safetensors or .ckpt file")
     return _iteration_kind(folder), folder
+
+
+def _only_file(folder: Path) -> Path | None:
+    """The one checkpoint file of a folder with no tracker and no iterations; several are refused by name."""
+    if (folder / commit.TRACKER).exists() or any(commit.parse_iteration(p.name) is not None
+                                                 for p in folder.iterdir()):
+        return None
+    files = sorted(p for p in folder.iterdir() if p.suffix in FILE_SUFFIXES and not p.name.startswith(".")
+                   and not p.is_dir())
+    if len(files) > 1:
+        raise CheckpointNotFoundError(
+            f"{folder} holds {len(files)} checkpoint files and no checkpoint folder structure (no tracker, "
+            f"iteration_* or rank_* folders): pass one of them: {', '.join(str(f) for f in files)}")
+    return files[0] if files else None
+
+
+def _file_kind(path: Path) -> Format:
+    """What one file is: ours (a Checkpoint 1.0 rank file), a MindSpore file, a PyTorch file or safetensors."""
+    check_regular(path, "checkpoint file")  # a FIFO would block the reads below
+    if path.suffix == ".safetensors":
+        meta = read_header(path).metadata
+        if v2.META_FILE in meta:
+            raise CheckpointNotFoundError(f"{path} is one file of a resumable Checkpoint 2.0 iteration, which only "
+                                          f"its metadata.json describes: pass its folder {path.parent}")
+        if v1.META_KEY in meta:
+            return "legacy"
+        return "mindspore" if meta.get("format") == "ms" or mf.parse_legacy_name(path.name) else "safetensors"
+    if path.suffix not in FILE_SUFFIXES:
+        raise CheckpointNotFoundError(f"{path}: not a checkpoint file (expected one of {', '.join(FILE_SUFFIXES)})")
+    if zipfile.is_zipfile(path):
+        return "legacy" if _ours_ckpt(path) else "torch"
+    with open(path, "rb") as f:
+        first = f.read(1)
+    if first == bytes([PICKLE_PROTOCOL]):
+        return "torch"
+    if path.suffix != ".ckpt":
+        raise CorruptCheckpointError(f"{path}: neither a torch.save file (zip or pickle) nor a MindSpore .ckpt")
+    return "mindspore"
+
+
+def _ours_ckpt(path: Path) -> bool:
+    """Whether a torch zip is one of our Checkpoint 1.0 rank files (``__metadata__`` with ``resumable_legacy``)."""
+    meta = read_torch_file(path).objects.get("__metadata__")  # v1.save_ckpt's key
+    return isinstance(meta, dict) and v1.META_KEY in meta
 
 
 # ------------------------------------------------------------------------------ readers
@@ -492,7 +545,8 @@ def _qwen3_tensors(path: Path, tensors: Mapping[str, mf.ForeignTensor], opts: _O
         for hf_name, rows in zip(mapped.hf_names, parts):
             shape = (len(rows), *t.shape[1:])
             out[hf_name] = SourceTensor(hf_name, t.dtype, shape,
-                                        (SourceChunk(Box.full(shape), _rows_reader(whole, rows), name),))
+                                        (SourceChunk(Box.full(shape), _rows_reader(whole, rows),
+                                                     ", ".join(sorted({c.where for c in whole.chunks}))),))
     return out
 
 
@@ -517,7 +571,7 @@ def _steps(out: dict[str, SourceTensor], moments: list[str], global_step: int) -
         step_name = name[:-len("exp_avg")] + "step"
         if name.endswith(".exp_avg") and step_name not in out:
             out[step_name] = SourceTensor(step_name, torch.float32, (), (SourceChunk(
-                Box((), ()), lambda region, s=step: torch.tensor(s, dtype=torch.float32), "global_step"),))
+                Box((), ()), lambda region, s=step: torch.tensor(s, dtype=torch.float32)),))  # in no file
 
 
 def _foreign_common(ckpt: mf.ForeignCheckpoint, scalars: dict[str, int | float]) -> dict[str, Any]:
@@ -568,8 +622,10 @@ def _written_by_us(path: Path) -> bool:
     return v1.META_KEY in read_header(path).metadata
 
 
-def _open_our_legacy(root: Path, paths: list[Path]) -> Source:
-    """Our own Checkpoint 1.0 step: chunks indexed from each rank file's metadata (see resumable.legacy)."""
+def _open_our_legacy(root: Path, paths: list[Path], *, single: bool = False) -> Source:
+    """Our own Checkpoint 1.0 step: chunks indexed from each rank file's metadata (see resumable.legacy).
+
+    ``single``: ``paths`` is one file given alone; refused when it holds only part of its step."""
     from resumable.legacy import RankFiles  # the legacy loader's file index: one reader of our rank files
 
     files = RankFiles(root)
@@ -586,6 +642,12 @@ def _open_our_legacy(root: Path, paths: list[Path]) -> Source:
                     c.stored[0].file) for c in t.chunks))
         for name, t in meta.tensors.items()}
     infos = [files.infos[n] for n in names]
+    world = infos[0].layout.get("world_size", 1)
+    if single and world != 1 and (infos[0].remove_redundancy or any(
+            covers_exactly(t.shape, [c.box for c in t.chunks]) for t in tensors.values())):
+        raise CheckpointNotFoundError(
+            f"{paths[0]} holds rank {infos[0].rank}'s part of a {world}-rank Checkpoint 1.0 step, not full "
+            f"tensors: pass the tree holding every rank_* folder ({root}) instead")
     state = dict(infos[0].context.get("state") or {})
     common = {"iteration": state.get("global_step", 0), **{k: state[k] for k in _CONTEXT if k in state},
               "state": state, "rank_local": [i.context.get("rank_local") for i in infos]}
@@ -593,6 +655,60 @@ def _open_our_legacy(root: Path, paths: list[Path]) -> Source:
     return Source(root, "legacy", common["iteration"], tensors, common, infos[0].layout,
                   config if isinstance(config, dict) else None,
                   hf_files=hf_aux.recorded(root / hf_aux.FOLDER, state.get(hf_aux.STATE_KEY), str(root / names[0])))
+
+
+def _config_dirs(file: Path) -> list[Path]:
+    """Where a single file's model config may lie: beside it, and at the root of its legacy tree."""
+    inside_tree = re.fullmatch(r"rank_\d+", file.parent.name) is not None
+    return [file.parent, file.parent.parent] if inside_tree else [file.parent]
+
+
+def _refuse_rank_share(path: Path) -> None:
+    """A MindFormers legacy rank file saved with remove_redundancy beside other ranks holds only its share."""
+    rank = path.parent
+    if (path.suffix != ".safetensors" or re.fullmatch(r"rank_\d+", rank.name) is None
+            or read_header(path).metadata.get("remove_redundancy") != "True"):
+        return
+    others = [p.name for p in rank.parent.iterdir() if p != rank and re.fullmatch(r"rank_\d+", p.name)]
+    if others:
+        raise CheckpointNotFoundError(
+            f"{path} was saved with remove_redundancy beside {len(others)} other rank folder(s): it holds only "
+            f"{rank.name}'s share of the tensors; pass the tree {rank.parent} instead")
+
+
+def _torch_reader(t: torch.Tensor) -> Reader:
+    full = Box.full(tuple(t.shape))
+    return lambda region: t[region.slices_in(full)].clone()
+
+
+def _open_torch(path: Path, opts: _Options) -> Source:
+    """A PyTorch file: its own (flattened) names; its other values become the common state."""
+    if opts.names == "hf":
+        raise ConfigError(f"--names hf maps MindFormers names, but {path} is a PyTorch file: its names are kept "
+                          "(pass --names auto or keep)")
+    f = read_torch_file(path)
+    tensors = {n: SourceTensor(n, t.dtype, tuple(t.shape), (SourceChunk(Box.full(tuple(t.shape)), _torch_reader(t),
+                                                                        path.name),))
+               for n, t in sorted(f.tensors.items())}
+    step = f.objects.get("global_step")
+    step = step if schema.is_int(step) and step >= 0 else 0
+    notes = [f"names: kept (a PyTorch file{'; tensors of its ' + repr(f.wrapper) + ' entry named without it' if f.wrapper else ''})"]
+    if f.objects:
+        notes.append(f"state: its other entries ({', '.join(sorted(f.objects))}) kept in common.json's state")
+    common = {"iteration": step, "global_step": step, "state": f.objects, "rank_local": None}
+    return Source(path, "torch", step, tensors, common, notes=notes)
+
+
+def _open_file(path: Path, fmt: Format, opts: _Options) -> Source:
+    """One file given alone (see :func:`detect`)."""
+    if fmt == "legacy":
+        source = _open_our_legacy(path.parent.parent, [path], single=True)
+        source.path = path
+        return source
+    if fmt == "torch":
+        return _open_torch(path, opts)
+    _refuse_rank_share(path)
+    return _open_foreign(mf.read_ms_file(path), fmt, opts, _config_dirs(path))
 
 
 def _open_legacy(root: Path, opts: _Options) -> Source:
@@ -642,7 +758,9 @@ def open_source(path: str | os.PathLike[str], *, heads: AttentionShape | None = 
         raise ConfigError(f"names {names!r}: choose one of {', '.join(NAMES)}")
     opts = _Options(heads, fused, names, None if src_strategy is None else Path(src_strategy))
     fmt, folder = detect(path)
-    if fmt == "v2":
+    if folder.is_file():
+        source = _open_file(folder, fmt, opts)
+    elif fmt == "v2":
         source = _open_v2(folder)
     elif fmt in ("hf", "unified"):
         source = _open_hf(folder, fmt)
@@ -650,7 +768,7 @@ def open_source(path: str | os.PathLike[str], *, heads: AttentionShape | None = 
         source = _open_legacy(folder, opts)
     else:
         source = _open_foreign(mf.read_mf_checkpoint(folder), fmt, opts, [folder, folder.parent])
-    if opts.src_strategy is not None and fmt != "legacy":
+    if opts.src_strategy is not None and (fmt != "legacy" or folder.is_file()):
         source.notes.append(f"src_strategy {opts.src_strategy} not used: a {fmt} checkpoint records its own layout")
     for note in source.notes:
         log.info("%s: %s", source.path, note)

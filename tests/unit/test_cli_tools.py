@@ -150,8 +150,9 @@ def test_diff_reports_every_kind_of_difference(tmp_path, capsys):
 def test_errors_name_the_path_and_exit_2(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "nowhere")]) == 2
     assert capsys.readouterr().err == (
-        f"resumable inspect: error: {tmp_path / 'nowhere'} does not exist or is not a folder; give a checkpoint "
-        "folder, an iteration_* folder, a rank_* tree or a HuggingFace/unified folder\n")
+        f"resumable inspect: error: {tmp_path / 'nowhere'} does not exist (or is neither a folder nor a file); give "
+        "a checkpoint folder, an iteration_* folder, a rank_* tree, a HuggingFace/unified folder or a .safetensors / "
+        ".ckpt file\n")
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("x")
     save(_state(), tmp_path / "ckpt", 1)

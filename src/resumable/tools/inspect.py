@@ -69,8 +69,12 @@ def inspect_path(path: str | os.PathLike[str], **open_args: Any) -> dict[str, An
                           "chunks": len(t.chunks), "bytes": t.nbytes, "kind": t.kind}
                          for t in source.tensors.values()]
     report["total_bytes"] = sum(t["bytes"] for t in report["tensors"])
-    files = sorted(p for p in source.path.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".ckpt", ".json"))
-    report["files"] = {str(p.relative_to(source.path)): p.stat().st_size for p in files}
+    if source.path.is_file():
+        report["files"] = {source.path.name: source.path.stat().st_size}
+    else:
+        files = sorted(p for p in source.path.rglob("*")
+                       if p.is_file() and p.suffix in (".safetensors", ".ckpt", ".json"))
+        report["files"] = {str(p.relative_to(source.path)): p.stat().st_size for p in files}
     return report
 
 

@@ -54,7 +54,8 @@ class Problem:
 
 #: How ``verify`` names the formats that carry no checksums.
 NO_CHECKSUMS = {"hf": "a HuggingFace folder", "unified": "a unified folder",
-                "mindformers": "a MindFormers checkpoint"}
+                "mindformers": "a MindFormers checkpoint", "mindspore": "a MindSpore file",
+                "torch": "a PyTorch file", "safetensors": "a safetensors file", "legacy": "a single rank file"}
 
 
 @dataclass
@@ -129,8 +130,10 @@ def _verify_foreign(path: Path, checksum: bool = False, seen: Checked | None = N
     except (CheckpointError, OSError, ValueError) as exc:
         return [Problem(str(path), str(exc))], 0
     problems = [Problem(where, message) for where, message in hf_aux.problems(source.hf_files, checksum=checksum)]
-    if checksum and seen is not None and path.is_dir():
-        for file in sorted(path.glob("*.safetensors")):
+    if checksum and seen is not None:
+        for file in sorted(path.glob("*.safetensors")) if path.is_dir() else [source.path]:
+            if file.suffix != ".safetensors":
+                continue
             seen.foreign_files += 1
             try:
                 _, blocks, failed = verify_file(file)
@@ -140,7 +143,7 @@ def _verify_foreign(path: Path, checksum: bool = False, seen: Checked | None = N
             seen.blocks += blocks
             if failed is not None:
                 problems.append(Problem(str(file), str(failed)))
-    return problems, len({c.where for t in source.tensors.values() for c in t.chunks})
+    return problems, len({f for t in source.tensors.values() for c in t.chunks for f in c.where.split(", ") if f})
 
 
 def _written_by_resumable(folder: Path) -> bool:
@@ -216,9 +219,11 @@ def _verify_other(path: Path, checksum: bool, seen: Checked,
                   open_args: Mapping[str, Any]) -> tuple[list[Problem], int]:
     if not path.exists():
         return [Problem(str(path), f"{path} does not exist")], 0
-    if commit.parse_iteration(path.name) is not None or path.name.startswith((".tmp-", ".old-", ".del-")):
+    if path.is_dir() and (commit.parse_iteration(path.name) is not None
+                          or path.name.startswith((".tmp-", ".old-", ".del-"))):
         return _verify_one(path, checksum, seen, open_args)
-    iterations = sorted(p for p in path.iterdir() if p.is_dir() and commit.parse_iteration(p.name) is not None)
+    iterations = [] if path.is_file() else sorted(
+        p for p in path.iterdir() if p.is_dir() and commit.parse_iteration(p.name) is not None)
     if not iterations:
         try:
             seen.foreign = detect(path)[0]
