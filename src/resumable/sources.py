@@ -52,7 +52,7 @@ from typing import Any, Callable, Literal
 import torch
 
 from resumable import commit
-from resumable.errors import CheckpointNotFoundError, ConfigError, CorruptCheckpointError, NotImplementedYet
+from resumable.errors import CheckpointNotFoundError, ConfigError, CorruptCheckpointError
 from resumable.formats import hf, hf_aux, mindformers as mf, schema, v1, v2
 from resumable.formats.jsonfile import check_regular
 from resumable.formats.safetensors_io import open_safetensors, read_header, stored_slice
@@ -720,10 +720,10 @@ def _open_legacy(root: Path, opts: _Options) -> Source:
             source.notes.append(f"src_strategy {opts.src_strategy} not used: resumable's rank files record "
                                 "their own chunks and strategy")
         return source
+    source = _open_foreign(mf.read_mf_legacy(root, ext, strategy=opts.src_strategy), "legacy", opts, [root])
     if opts.src_strategy is not None:
-        raise NotImplementedYet(f"{root}: reading a MindFormers legacy tree with src_strategy "
-                                f"{opts.src_strategy} (its strategy files)")
-    return _open_foreign(mf.read_mf_legacy(root, ext), "legacy", opts, [root])
+        source.notes.append(f"slices placed by the strategy files {opts.src_strategy}")
+    return source
 
 
 def open_source(path: str | os.PathLike[str], *, heads: AttentionShape | None = None,
