@@ -7,6 +7,8 @@ what went wrong, where (path, rank, key) and what to do about it.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be saved or loaded."""
@@ -38,6 +40,29 @@ class LockedError(CheckpointError):
 
 class ConfigError(ValueError):
     """A configuration key has a wrong type, an impossible value or is unknown."""
+
+    @classmethod
+    def from_validation(cls, err: Any, source: str, prefix: str = "") -> "ConfigError":
+        """One line per invalid key of a pydantic ``ValidationError``, each named by its YAML path.
+
+        Example::
+
+            ConfigError.from_validation(err, "c.yaml", prefix="model.")
+            # invalid config c.yaml:
+            #   model.hidden_sise: unknown key (check the spelling against the README's config table)
+        """
+        lines = []
+        for e in err.errors():
+            key = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+            # pydantic puts union member names and tagged types in loc; keep the YAML path only.
+            key = ".".join(p for p in key.split(".") if p not in {"bool", "str", "int", "float", "none"})
+            msg = e["msg"]
+            if e["type"] == "extra_forbidden":
+                msg = "unknown key (check the spelling against the README's config table)"
+            got = e.get("input")
+            shown = "" if e["type"] == "extra_forbidden" or isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"{prefix + key if key else prefix.rstrip('.') or '<top level>'}: {msg}{shown}")
+        return cls(f"invalid config {source}:\n  " + "\n  ".join(dict.fromkeys(lines)))
 
 
 class NotImplementedYet(NotImplementedError):

@@ -160,21 +160,6 @@ def ignored_keys(cfg: TrainConfig) -> list[str]:
             for key, default in LEGACY_ONLY.items() if getattr(cfg, key) != default]
 
 
-def _format_validation_error(err: ValidationError, source: str) -> str:
-    lines = []
-    for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-        # pydantic puts union member names and tagged types in loc; keep the YAML path only.
-        key = ".".join(p for p in key.split(".") if p not in {"bool", "str", "int", "float", "none"})
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling against the README's config table)"
-        got = e.get("input")
-        shown = "" if e["type"] == "extra_forbidden" or isinstance(got, dict) else f" (got {got!r})"
-        lines.append(f"{key or '<top level>'}: {msg}{shown}")
-    return f"invalid config {source}:\n  " + "\n  ".join(dict.fromkeys(lines))
-
-
 def apply_override(tree: dict, assignment: str) -> None:
     """Set ``a.b.0.c=value`` in a nested dict/list tree; the value is parsed as YAML."""
     if "=" not in assignment:
@@ -212,7 +197,7 @@ def parse_config(tree: dict, source: str = "<dict>") -> TrainConfig:
     try:
         return TrainConfig.model_validate(tree)
     except ValidationError as err:
-        raise ConfigError(_format_validation_error(err, source)) from None
+        raise ConfigError.from_validation(err, source) from None
 
 
 def load_config_tree(path: str | os.PathLike | None) -> tuple[dict, str]:
