@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from resumable import commit
 from resumable.errors import CheckpointError
+from resumable.formats import hf_aux
 from resumable.formats.safetensors_io import write_file_streaming
 from resumable.geometry import Box
 from resumable.lock import DirectoryLock
@@ -121,6 +122,8 @@ def _write_v2(source: Source, out: Path, layout: TargetLayout, *, prefix: str, r
                               f"{final.name} would point the tracker back at it: write into another folder, "
                               "or pass a larger --iteration")
     objects = dict(common.get("state") or {})
+    if source.model_config:  # a HuggingFace source's config.json, kept where the trainer records its own
+        objects["model_config"] = source.model_config
     saved_locals = common.get("rank_local")
     rank_locals = saved_locals if isinstance(saved_locals, list) and len(saved_locals) == layout.world_size \
         else [None] * layout.world_size
@@ -137,6 +140,11 @@ def _write_v2(source: Source, out: Path, layout: TargetLayout, *, prefix: str, r
     total = sum(it.box.numel * source.tensors[it.name].dtype.itemsize
                 for p in plans for _, items in p.files.values() for it in items)
     try:
+        # The tokenizer and generation files, byte for byte, recorded in common.json (which metadata.json seals).
+        record = hf_aux.copy(source.hf_files, head.temp / hf_aux.FOLDER)
+        if record:
+            commit.fsync_dir(head.temp / hf_aux.FOLDER)
+        head.common["state"] = hf_aux.with_record(objects, record)
         with tqdm(total=total, unit="B", unit_scale=True, desc=f"writing {final.name}", disable=not progress) as bar:
             for plan in plans:
                 for fname, (_, items) in plan.files.items():
