@@ -239,6 +239,9 @@ def _file_kind(path: Path) -> Format:
                                           f"its metadata.json describes: pass its folder {path.parent}")
         if v1.META_KEY in meta:
             return "legacy"
+        if mf.is_v2_file_name(path.name) and (path.parent / v2.COMMON).is_file():
+            raise CheckpointNotFoundError(f"{path} is one file of a MindFormers 2.0 iteration, whose tensors may "
+                                          f"span its other files: pass its folder {path.parent}")
         return "mindspore" if meta.get("format") == "ms" or mf.parse_legacy_name(path.name) else "safetensors"
     if path.suffix not in FILE_SUFFIXES:
         raise CheckpointNotFoundError(f"{path}: not a checkpoint file (expected one of {', '.join(FILE_SUFFIXES)})")
@@ -538,6 +541,9 @@ def _qwen3_tensors(path: Path, tensors: Mapping[str, mf.ForeignTensor], opts: _O
     for name, t in tensors.items():
         mapped = map_mf_name(name)
         whole = SourceTensor(name, t.dtype, t.shape, _foreign_chunks(t))
+        if mapped.transform == "drop":  # a scalar's name holding many elements (see _scalars): kept as is
+            out[name] = whole
+            continue
         if mapped.transform == "rename":
             out[mapped.hf_names[0]] = SourceTensor(mapped.hf_names[0], *_same(whole))
             continue
@@ -555,7 +561,8 @@ def _kept_tensors(path: Path, tensors: Mapping[str, mf.ForeignTensor]) -> dict[s
     out: dict[str, SourceTensor] = {}
     origin: dict[str, str] = {}
     for name, t in tensors.items():
-        ours = our_name(parse_ms_name(name))
+        parsed = parse_ms_name(name)
+        ours = name if parsed.kind == "scalar" else our_name(parsed)  # a scalar's name of many elements: as is
         if ours in out:
             raise CorruptCheckpointError(f"{path}: {origin[ours]!r} and {name!r} are both {ours!r}; a checkpoint "
                                          "holds one optimizer's moments: remove the other's")
@@ -605,7 +612,7 @@ def _open_foreign(ckpt: mf.ForeignCheckpoint, fmt: Format, opts: _Options, confi
         moments = [our_name(parsed) for n in tensors if (parsed := parse_ms_name(n)).kind == "moment"]
     _steps(out, moments, ckpt.context.global_step)
     if scalars:
-        notes.append(f"scalars: {', '.join(scalars)} recorded in common.json (\"mindspore\")")
+        notes.append(f"scalars: {', '.join(sorted(scalars))} recorded in common.json (\"mindspore\")")
     common = _foreign_common(ckpt, scalars)
     return Source(ckpt.path, fmt, common["iteration"], dict(sorted(out.items())), common, notes=notes)
 

@@ -62,6 +62,7 @@ __all__ = [
     "ForeignTensor",
     "LegacyFile",
     "TrainingContext",
+    "is_v2_file_name",
     "parse_legacy_name",
     "read_chunk",
     "read_mf_checkpoint",
@@ -378,6 +379,11 @@ def _v2_tensor(name: str, entry: dict[str, Any], storage: dict[tuple[str, int], 
                     f"{file}: tensor {name!r} piece {k} should be {dtype} {list(box.shape)}, the file holds {found}")
             chunks.append(ForeignChunk(box, file, name))
     return ForeignTensor(name, dtype, shape, tuple(chunks))
+
+
+def is_v2_file_name(name: str) -> bool:
+    """Whether ``name`` is a MindFormers 2.0 model/opt file name (``[{prefix}-]{model|opt}-{i:07d}-{n:07d}``)."""
+    return _V2_FILE.match(name) is not None
 
 
 def _single_rank_tensors(folder: Path) -> dict[str, ForeignTensor]:
