@@ -247,7 +247,7 @@ def _write_safetensors(
 
 def write_hf_folder(
     folder: str | os.PathLike[str],
-    config: dict[str, Any],
+    config: dict[str, Any] | None,
     specs: Sequence[tuple[str, torch.dtype, Sequence[int]]],
     get: Callable[[str], torch.Tensor],
     max_shard_size: int = 5 << 30,
@@ -261,7 +261,7 @@ def write_hf_folder(
 
     Args:
         folder: the folder to create.
-        config: the content of ``config.json``.
+        config: the content of ``config.json``; None: no config.json (a model no mapping knows).
         specs: ``(name, dtype, shape)`` of every tensor, in file order.
         get: returns the tensor of a name; called once per name, in order.
         max_shard_size: shard size limit in bytes (a larger tensor gets a shard alone).
@@ -291,7 +291,8 @@ def write_hf_folder(
     if unsupported:
         raise ValueError(f"safetensors cannot store {unsupported}")
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    if config is not None:
+        (folder / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     shards = _plan_shards(plain, max_shard_size)
     files = [folder / SINGLE] if len(shards) == 1 else [
         folder / f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))
