@@ -17,16 +17,37 @@ a folder with the tracker / iterations      ``v2`` or ``mindformers``: its resol
 or none (single rank)                       every tensor is one full chunk)
 a folder of ``rank_*`` folders              ``legacy`` (Checkpoint 1.0: ours, chunks
                                             from each file's metadata; or MindFormers',
-                                            names mapped), its newest complete step
+                                            sliced ones placed by ``src_strategy``),
+                                            its newest complete step
 ``model.safetensors`` (+ index)             ``unified`` with ``common.json``, else ``hf``
+one file (or a folder holding only it):
+  our Checkpoint 1.0 rank file              ``legacy`` (full tensors only; a rank's part
+                                            is refused, naming the tree)
+  MindSpore ``.ckpt`` (protobuf),           ``mindspore`` (``save_checkpoint``'s output,
+  ``.safetensors`` ``{"format": "ms"}``     one legacy rank file)
+  other ``.safetensors``                    ``safetensors``
+  ``torch.save`` output (``.ckpt``,         ``torch``: read weights-only, nested dicts
+  ``.pt``, ``.pth``, ``.bin``)              flattened by dotted names
 ==========================================  =========================================
 
-MindFormers names become ours through :mod:`resumable.models.qwen3`: fused
-``linear_qkv`` / ``linear_fc1`` appear as q/k/v and gate/up tensors whose regions are
-gathered from the fused rows on demand (no full copy); ``adam_m``/``adam_v`` become
-``exp_avg``/``exp_avg_sq``; AdamW's per-parameter ``step`` is created from the global
-step. The head counts needed to split ``linear_qkv`` are read from the shapes
-(``q_layernorm`` gives head_dim, ``linear_proj`` the query heads).
+MindSpore checkpoints (the ``mindformers``, MindFormers ``legacy``, ``mindspore`` and
+``safetensors`` rows) are read name-agnostically (:mod:`resumable.formats.ms_names`):
+tensors keep their names, ``adam_m.``/``moment1.`` and ``adam_v.``/``moment2.`` moments
+become ``optimizer.state.<name>.exp_avg`` / ``.exp_avg_sq`` with AdamW's per-parameter
+``step`` created from the global step, and the training scalars (``global_step``,
+``learning_rate``, ``beta1_power`` ...) leave the tensors: their values are recorded in
+``common["mindspore"]`` and the context keys (``global_step``, ``epoch_num`` ...) are
+filled from them or from ``common.json``. Then ``names`` decides on the model mapping:
+``auto`` applies :mod:`resumable.models.qwen3` when every parameter is a MindFormers Qwen3
+name (fused ``linear_qkv`` / ``linear_fc1`` appear as q/k/v and gate/up tensors whose
+regions are gathered from the fused rows on demand, no full copy), ``hf`` always (one
+error listing the names that do not fit), ``keep`` never. The fused layout is, per key,
+the caller's, else a recorded ``config.json`` (the iteration folder, its checkpoint
+folder, the legacy root, or beside a single file; MindFormers' keys at its top level or
+under ``model_config``), else MindFormers' default; the head counts are the caller's, the
+config's, else read from the shapes (``q_layernorm`` gives head_dim, ``linear_proj`` the
+query heads); both are checked against every layer's shapes where these can tell. Each
+decision and its reason is a line of :attr:`Source.notes`, logged when opened.
 
 Nothing here is collective; reading is lazy (headers and JSON only until a chunk is read).
 
