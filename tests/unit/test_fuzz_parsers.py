@@ -40,6 +40,7 @@ from resumable.errors import CheckpointError, ConfigError, NotImplementedYet
 from resumable.formats import hf, mindformers, ms_ckpt, v1, v2
 from resumable.formats.safetensors_io import block_digests, read_header, write_file
 from resumable.legacy import strategy as legacy_strategy
+from resumable.sources import open_source
 from tests.fixtures.mindformers import build_v2
 from tests.format1 import downgrade, downgrade_to_2
 
@@ -153,6 +154,9 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
     out["torch ckpt"] = (root / "rank.ckpt").read_bytes()
     ms_ckpt.write_ms_ckpt(root / "net.ckpt", {"fc.weight": torch.ones(2, 3), "step": torch.tensor([3])})
     out["ms ckpt"] = (root / "net.ckpt").read_bytes()
+    torch.save({"model": {"fc": {"weight": torch.ones(2, 3)}}, "epoch": 2, "opt": [{"lr": 0.1, "betas": (0.9, 0.9)}]},
+               root / "script.pt")
+    out["pytorch file"] = (root / "script.pt").read_bytes()
     mf = build_v2(root / "mf", 5, {"decoder.final_layernorm.weight": torch.ones(4)}, dp=2)
     out["mindformers metadata"] = (mf / "metadata.json").read_bytes()
     out["_v2_dir"] = str(it).encode()
@@ -215,6 +219,13 @@ def _ms(folder: Path, raw: bytes) -> None:
     path = folder / "net.ckpt"
     path.write_bytes(raw)
     ms_ckpt.load_ms_ckpt(path)
+
+
+def _single_file(folder: Path, raw: bytes, name: str) -> None:
+    """A file given alone to open_source (its kind detected from its bytes), every tensor read."""
+    source = open_source(_write(folder / name, raw))
+    for t in source.tensors.values():
+        t.read()
 
 
 def _hf(folder: Path, raw: bytes, name: str, inputs: dict[str, bytes]) -> None:
@@ -286,7 +297,7 @@ FUZZ = settings(max_examples=EXAMPLES, derandomize=True, deadline=None, database
 
 CASES = ["metadata v1", "metadata v2", "metadata v3", "common.json", "tracker", "legacy meta.json",
          "mindformers meta.json", "strategy", "safetensors", "legacy safetensors", "rebuild", "hf config",
-         "hf index", "ms ckpt", "torch ckpt", "mindformers metadata"]
+         "hf index", "ms ckpt", "torch ckpt", "mindformers metadata", "single ms file", "pytorch file"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -295,7 +306,7 @@ CASES = ["metadata v1", "metadata v2", "metadata v3", "common.json", "tracker", 
 def test_every_parser_succeeds_or_names_the_file(case: str, data: st.DataObject, inputs: dict[str, bytes],
                                                  tmp_path: Path, address_space_capped: None) -> None:
     folder = _folder_copy(Path(inputs["_v2_dir"].decode()), tmp_path / "case")  # the saved iteration's files
-    key = {"rebuild": "safetensors"}.get(case, case)
+    key = {"rebuild": "safetensors", "single ms file": "ms ckpt"}.get(case, case)
     raw = data.draw(mutated(inputs[key]), label="mutated")
     if case == "metadata v3" and data.draw(st.booleans(), label="resealed"):
         raw = resealed(raw)
@@ -316,6 +327,8 @@ def test_every_parser_succeeds_or_names_the_file(case: str, data: st.DataObject,
         "ms ckpt": lambda: _ms(folder, raw),
         "torch ckpt": lambda: _torch_ckpt(folder, raw),
         "mindformers metadata": lambda: _mindformers(folder, raw, inputs),
+        "single ms file": lambda: _single_file(folder, raw, "net.ckpt"),
+        "pytorch file": lambda: _single_file(folder, raw, "script.pt"),
     }
     _check(runs[case], folder)
 
@@ -329,6 +342,7 @@ def test_the_mutations_reach_the_parsers(inputs: dict[str, bytes], tmp_path: Pat
     assert v1.read_strategy(_write(folder / "s.ckpt", inputs["strategy"]))["world_size"] == 4
     assert read_header(_write(folder / MODEL, inputs["legacy safetensors"])).metadata[v1.META_KEY]
     assert ms_ckpt.index_ms_ckpt(_write(folder / "n.ckpt", inputs["ms ckpt"]))["fc.weight"].shape == (2, 3)
+    assert open_source(_write(folder / "s.pt", inputs["pytorch file"])).tensors["fc.weight"].shape == (2, 3)
     assert resealed(inputs["metadata v3"]) == inputs["metadata v3"]
     assert struct.unpack("<Q", inputs["safetensors"][:8])[0] < len(inputs["safetensors"])
 

@@ -107,6 +107,15 @@ def _flatten(path: Path, value: Any, name: str, depth: int, tensors: dict[str, t
     return [kept.get(str(i)) for i in range(len(items))] if kept else None
 
 
+def _holds_tensors(value: Any, depth: int) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
+    if depth > MAX_DEPTH:
+        return False  # _flatten refuses it, naming the entry
+    items = value.values() if isinstance(value, Mapping) else value if isinstance(value, (list, tuple)) else ()
+    return any(_holds_tensors(v, depth + 1) for v in items)
+
+
 def read_torch_file(path: str | os.PathLike[str]) -> TorchFile:
     """Read a ``torch.save`` file safely into named tensors and plain values.
 
@@ -123,8 +132,7 @@ def read_torch_file(path: str | os.PathLike[str]) -> TorchFile:
     doc = _load(path)
     if not isinstance(doc, Mapping):
         raise CorruptCheckpointError(f"{path}: holds a {type(doc).__name__}, not a dict of tensors (a state dict)")
-    wrapper = next((k for k in WRAPPERS if isinstance(doc.get(k), Mapping)
-                    and any(isinstance(v, torch.Tensor) for v in doc[k].values())), None)
+    wrapper = next((k for k in WRAPPERS if isinstance(doc.get(k), Mapping) and _holds_tensors(doc[k], 1)), None)
     tensors: dict[str, torch.Tensor] = {}
     objects: dict[str, Any] = {}
     for key, value in doc.items():
