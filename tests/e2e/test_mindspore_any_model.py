@@ -117,6 +117,9 @@ def test_single_mindspore_file_converts_inspects_verifies_and_diffs(tmp_path, ca
     capsys.readouterr()
     assert main(["inspect", str(file)]) == 0
     assert "optimizer.state.fc1.weight.exp_avg_sq" in capsys.readouterr().out
+    assert main(["inspect", "--json", str(file)]) == 0
+    assert json.loads(capsys.readouterr().out)["notes"][0] == (
+        "names: kept (6 of 6 parameters are not MindFormers Qwen3 names, e.g. 'emb.embedding_table')")
     assert main(["verify", str(file)]) == 0
     assert capsys.readouterr().out == (f"{file}: OK (1 files checked: sizes and headers only: a MindSpore file "
                                        "carries no checksums)\n")

@@ -44,7 +44,7 @@ def inspect_path(path: str | os.PathLike[str], **open_args: Any) -> dict[str, An
 
     Returns:
         ``{"path", "format", "tracker", "latest", "iterations": [{"iteration", "folder",
-        "committed"}], "selected", "iteration", "layout", "common", "tensors": [{"name",
+        "committed"}], "selected", "iteration", "layout", "notes" (how it was read), "common", "tensors": [{"name",
         "dtype", "shape", "chunks", "bytes", "kind"}], "total_bytes", "files": {name: bytes}}``.
 
     Raises:
@@ -64,7 +64,7 @@ def inspect_path(path: str | os.PathLike[str], **open_args: Any) -> dict[str, An
             row["latest"] = row["iteration"] == report["latest"] and row["committed"]
     source = open_source(path, **open_args)
     report.update(format=source.format, selected=str(source.path), iteration=source.iteration,
-                  layout=source.layout, common={k: v for k, v in source.common.items() if k != "rank_local"})
+                  layout=source.layout, notes=source.notes, common={k: v for k, v in source.common.items() if k != "rank_local"})
     report["tensors"] = [{"name": t.name, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape),
                           "chunks": len(t.chunks), "bytes": t.nbytes, "kind": t.kind}
                          for t in source.tensors.values()]
