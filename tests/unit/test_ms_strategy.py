@@ -21,12 +21,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from resumable.cli import main
 from resumable.errors import CheckpointNotFoundError, CorruptCheckpointError, NotImplementedYet, UnsafeCheckpointError
 from resumable.formats.mindformers import read_mf_legacy, read_tensor
 from resumable.formats.ms_ckpt import load_ms_ckpt
+from resumable.formats.ms_names import our_name, parse_ms_name
 from resumable.formats.ms_strategy import ParamLayout, read_ms_strategy, read_ms_strategy_file
 from resumable.formats.protowire import length_field, varint_bytes, varint_field
 from resumable.geometry import Box
+from resumable.sources import open_source
 from tests.fixtures.mindformers import mf_state
 from tests.fixtures.ms_strategy import (
     build_sharded_legacy,
@@ -401,3 +404,20 @@ def test_a_field_split_is_not_implemented_yet(tmp_path):
     write_ms_strategy(tmp_path / "s.ckpt", {"w": _raw(field=39)})
     with pytest.raises(NotImplementedYet, match=re.escape("parameter 'w': a 'field' split (field 39")):
         read_ms_strategy(tmp_path / "s.ckpt")["w"].global_shape((4, 4))
+
+
+# ---------------------------------------------------------------- the command line
+
+
+def test_convert_reassembles_a_sharded_tree_given_its_strategy(tmp_path, capsys):
+    state = generic_state(seed=8)
+    strategy = build_sharded_legacy(tmp_path / "mf", state, 2, 2, pp=2, opt_shard=True)
+    assert main(["convert", str(tmp_path / "mf"), str(tmp_path / "ours"), "--to", "v2", "--quiet"]) != 0
+    assert "--src-strategy" in capsys.readouterr().err
+    assert main(["convert", str(tmp_path / "mf"), str(tmp_path / "ours"), "--to", "v2", "--quiet",
+                 "--src-strategy", str(strategy)]) == 0
+    tensors = open_source(tmp_path / "ours").tensors
+    for name, expected in state.items():
+        parsed = parse_ms_name(name)
+        if parsed.kind != "scalar":
+            assert torch.equal(tensors[our_name(parsed)].read(), expected), name
