@@ -243,3 +243,18 @@ def test_our_own_single_legacy_rank_file_reads_as_the_tree(tmp_path):
     assert (alone.path, alone.format) == (file, "legacy")
     assert alone.tensors.keys() == tree.tensors.keys()
     assert all(torch.equal(alone.tensors[n].read(), tree.tensors[n].read()) for n in tree.tensors)
+
+
+def test_verify_of_our_single_rank_file_uses_its_meta_json_record(tmp_path, capsys):
+    build_v2(tmp_path / "mf", 100, net_state(SEED, global_step=100))
+    assert main(["convert", str(tmp_path / "mf"), str(tmp_path / "legacy"), "--to", "legacy", "--quiet"]) == 0
+    (file,) = (tmp_path / "legacy" / "rank_0").glob("*.safetensors")
+    capsys.readouterr()
+    assert main(["verify", str(file)]) == 0
+    assert capsys.readouterr().out == f"{file}: OK (1 files checked: sizes, whole-file xxh3-64)\n"
+    os.chmod(file, 0o600)
+    with open(file, "ab") as f:
+        f.write(b"x")
+    assert main(["verify", str(file)]) == 1
+    assert f"PROBLEM {file}: {file.stat().st_size} bytes on disk, meta.json records {file.stat().st_size - 1}" \
+        in capsys.readouterr().out

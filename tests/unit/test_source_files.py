@@ -10,8 +10,10 @@ import torch
 from safetensors.torch import save_file
 
 from resumable.errors import CheckpointNotFoundError, ConfigError, CorruptCheckpointError, UnsafeCheckpointError
+from resumable.formats import v1
 from resumable.formats.ms_ckpt import write_ms_ckpt
-from resumable.models.qwen3 import FusedLayout, fuse_qkv, AttentionShape
+from resumable.formats.safetensors_io import write_file
+from resumable.models.qwen3 import AttentionShape, FusedLayout, fuse_qkv
 from resumable.sources import open_source
 from tests.fixtures.mindformers import build_legacy, build_v2, mf_state, net_legacy_state, net_state
 
@@ -133,3 +135,25 @@ def test_heads_that_do_not_fit_the_shapes_are_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"decoder.layers.0.self_attention.linear_qkv.weight has shape \[64, 16\], "
                                           r"but 2 heads, 2 KV heads of dim 8 \(given \(--heads\)\) need 48 along dim 0"):
         open_source(tmp_path, heads=AttentionShape(2, 2, 8))
+
+
+def _our_rank_file(path, world: int, chunks: dict, tensors: list) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_file(path, tensors, v1.file_metadata(chunks, rank=1, layout={"world_size": world, "mesh": None,
+                                                                       "pipeline_stages": 1},
+                                               remove_redundancy=False, context={"state": {"global_step": 3},
+                                                                                 "rank_local": None}))
+
+
+def test_our_rank_file_alone_is_read_when_full_and_refused_when_a_part(tmp_path):
+    full = tmp_path / "a" / "rank_1" / "q_rank_1-1_3.safetensors"
+    _our_rank_file(full, 2, {"w": ("w", [2, 3], [0, 0])}, [("w", torch.ones(2, 3))])  # data parallel: full
+    source = open_source(full)
+    assert (source.path, source.format, source.common["global_step"]) == (full, "legacy", 3)
+    assert torch.equal(source.tensors["w"].read(), torch.ones(2, 3))
+    part = tmp_path / "b" / "rank_1" / "q_rank_1-1_3.safetensors"
+    _our_rank_file(part, 2, {"w": ("w", [4, 3], [2, 0])}, [("w", torch.ones(2, 3))])  # tensor parallel: rows 2-3
+    with pytest.raises(CheckpointNotFoundError, match=rf"{part} holds rank 1's part of a 2-rank Checkpoint 1.0 step, "
+                                                      rf"not full tensors: pass the tree holding every rank_\* folder "
+                                                      rf"\({tmp_path / 'b'}\) instead"):
+        open_source(part)

@@ -34,7 +34,7 @@ from resumable import commit
 from resumable.errors import CheckpointError, ConfigError
 from resumable.formats import hf_aux, v2
 from resumable.formats.safetensors_io import read_header, verify_file
-from resumable.legacy.files import rank_folders, verify_tree
+from resumable.legacy.files import check_rank_file, folder_records, rank_folders, verify_tree
 from resumable.resolve import verify_files
 from resumable.sources import detect, open_source
 
@@ -55,7 +55,8 @@ class Problem:
 #: How ``verify`` names the formats that carry no checksums.
 NO_CHECKSUMS = {"hf": "a HuggingFace folder", "unified": "a unified folder",
                 "mindformers": "a MindFormers checkpoint", "mindspore": "a MindSpore file",
-                "torch": "a PyTorch file", "safetensors": "a safetensors file", "legacy": "a single rank file"}
+                "torch": "a PyTorch file", "safetensors": "a safetensors file",
+                "legacy": "a rank file without its meta.json record"}
 
 
 @dataclass
@@ -177,6 +178,22 @@ def _verify_one(folder: Path, checksum: bool, seen: Checked,
     return _verify_foreign(folder, checksum, seen, open_args)
 
 
+def _verify_rank_file(path: Path, checksum: bool, seen: Checked,
+                      open_args: Mapping[str, Any]) -> tuple[list[Problem], int]:
+    """One of our Checkpoint 1.0 rank files given alone: its size and xxh3-64 against its folder's
+    meta.json, else its own block checksums (as a tree's files are checked), then opened as a source."""
+    record = folder_records(path.parent)[0].get(path.name)
+    if record is not None:
+        seen.foreign, seen.whole = None, int(checksum)
+    try:
+        compared = check_rank_file(path.parent, path.name, record, checksum=checksum)
+    except (CheckpointError, OSError) as exc:
+        return [Problem(str(path), str(exc))], 1
+    if record is None:  # described as a foreign file whose blocks were (or were not) checked
+        seen.foreign_files, seen.blocks = 1, int(compared)
+    return _verify_foreign(path, open_args=open_args)[0], 1
+
+
 def _verify_legacy(root: Path, checksum: bool, open_args: Mapping[str, Any]) -> tuple[list[Problem], int, str]:
     found = verify_tree(root, checksum=checksum)
     problems = [Problem(w, m) for w, m in found.problems]
@@ -229,6 +246,8 @@ def _verify_other(path: Path, checksum: bool, seen: Checked,
             seen.foreign = detect(path)[0]
         except (CheckpointError, OSError):
             pass  # _verify_foreign names the problem
+        if path.is_file() and seen.foreign == "legacy":
+            return _verify_rank_file(path, checksum, seen, open_args)
         return _verify_foreign(path, checksum, seen, open_args)
     problems: list[Problem] = []
     checked = 0
