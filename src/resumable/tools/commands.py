@@ -226,7 +226,8 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 _PATHS = ("a checkpoint folder (follows latest_checkpointed_iteration.txt), an iteration_* folder, a rank_* "
-          "tree (legacy), a MindFormers 2.0 folder, or a HuggingFace/unified folder")
+          "tree (legacy), a MindFormers 2.0 folder, a HuggingFace/unified folder, or a single file (MindSpore "
+          ".ckpt or .safetensors, a legacy rank file, a PyTorch .ckpt/.pt/.pth/.bin; or a folder holding only it)")
 
 
 def _add_inspect(sub: argparse._SubParsersAction) -> None:
@@ -297,8 +298,10 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
                        "legacy rank_* trees in .safetensors or .ckpt, HuggingFace/unified) to: v2 (Checkpoint "
                        "2.0, one rank unless --layout), unified (full tensors + context), hf (model weights + "
                        "config.json, loadable by transformers) or legacy (Checkpoint 1.0, one rank of full "
-                       "tensors). MindFormers names "
-                       "are mapped to HuggingFace names (fused qkv/fc1 split, adam_m/adam_v -> exp_avg/exp_avg_sq).")
+                       "tensors). MindSpore names "
+                       "are kept (adam_m/adam_v -> optimizer.state.<name>.exp_avg/exp_avg_sq, scalars -> "
+                       "common.json), and MindFormers Qwen3 names mapped to HuggingFace names (fused qkv/fc1 split) "
+                       "when every parameter is one (--names).")
     p.add_argument("src", help=_PATHS)
     p.add_argument("out", help="output folder (for v2: the checkpoint folder)")
     p.add_argument("--to", required=True, choices=TARGETS, help="output format")
