@@ -226,6 +226,9 @@ def detect(path: str | os.PathLike[str]) -> tuple[Format, Path]:
     if any(p.is_dir() and p.name.startswith("rank_") for p in path.iterdir()):
         return "legacy", path
     folder = commit.latest_committed(path)
+    if folder is None and (path / v2.COMMON).is_file() and (
+            (path / v2.METADATA).is_file() or any(mf.is_v2_file_name(p.name) for p in path.iterdir())):
+        return _iteration_kind(path), path  # an iteration folder under another name (copied, renamed)
     if folder is None:
         single = _only_file(path)
         if single is not None:

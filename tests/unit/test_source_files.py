@@ -157,3 +157,13 @@ def test_our_rank_file_alone_is_read_when_full_and_refused_when_a_part(tmp_path)
                                                       rf"not full tensors: pass the tree holding every rank_\* folder "
                                                       rf"\({tmp_path / 'b'}\) instead"):
         open_source(part)
+
+
+def test_an_iteration_folder_under_another_name_is_still_read(tmp_path):
+    import shutil
+
+    folder = build_v2(tmp_path / "mf", 7, net_state(SEED, global_step=7), dp=2)
+    shutil.copytree(folder, tmp_path / "copy")
+    source = open_source(tmp_path / "copy")
+    assert (source.format, source.iteration, source.common["global_step"]) == ("mindformers", 7, 7)
+    assert "optimizer.state.fc1.weight.exp_avg" in source.tensors
