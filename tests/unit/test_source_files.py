@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 
 import pytest
@@ -160,8 +161,6 @@ def test_our_rank_file_alone_is_read_when_full_and_refused_when_a_part(tmp_path)
 
 
 def test_an_iteration_folder_under_another_name_is_still_read(tmp_path):
-    import shutil
-
     folder = build_v2(tmp_path / "mf", 7, net_state(SEED, global_step=7), dp=2)
     shutil.copytree(folder, tmp_path / "copy")
     source = open_source(tmp_path / "copy")
