@@ -562,22 +562,30 @@ def _qwen3_tensors(path: Path, tensors: Mapping[str, mf.ForeignTensor], opts: _O
     if heads is not None and heads.num_kv_heads == 1:
         notes.append("fused layout: with 1 KV head the grouped and contiguous linear_qkv layouts are the same rows")
     out: dict[str, SourceTensor] = {}
+    origin: dict[str, str] = {}
     for name, t in tensors.items():
         mapped = map_mf_name(name)
         whole = SourceTensor(name, t.dtype, t.shape, _foreign_chunks(t))
         if mapped.transform == "drop":  # a scalar's name holding many elements (see _scalars): kept as is
-            out[name] = whole
+            _claim(path, out, origin, name, whole)
             continue
         if mapped.transform == "rename":
-            out[mapped.hf_names[0]] = SourceTensor(mapped.hf_names[0], *_same(whole))
+            _claim(path, out, origin, name, SourceTensor(mapped.hf_names[0], *_same(whole)))
             continue
         parts = qkv_rows(heads, layout) if mapped.transform == "qkv" else fc1_rows(t.shape[0], layout)  # type: ignore
         for hf_name, rows in zip(mapped.hf_names, parts):
             shape = (len(rows), *t.shape[1:])
-            out[hf_name] = SourceTensor(hf_name, t.dtype, shape,
-                                        (SourceChunk(Box.full(shape), _rows_reader(whole, rows),
-                                                     ", ".join(sorted({c.where for c in whole.chunks}))),))
+            _claim(path, out, origin, name, SourceTensor(hf_name, t.dtype, shape, (SourceChunk(
+                Box.full(shape), _rows_reader(whole, rows), ", ".join(sorted({c.where for c in whole.chunks}))),)))
     return out
+
+
+def _claim(path: Path, out: dict[str, SourceTensor], origin: dict[str, str], stored: str, t: SourceTensor) -> None:
+    """Add ``t`` (read from the stored tensor ``stored``), refusing a second tensor under the same name."""
+    if t.name in out:
+        raise CorruptCheckpointError(f"{path}: {origin[t.name]!r} and {stored!r} are both {t.name!r}; a checkpoint "
+                                     "holds one optimizer's moments: remove the other's")
+    origin[t.name], out[t.name] = stored, t
 
 
 def _kept_tensors(path: Path, tensors: Mapping[str, mf.ForeignTensor]) -> dict[str, SourceTensor]:
@@ -587,11 +595,7 @@ def _kept_tensors(path: Path, tensors: Mapping[str, mf.ForeignTensor]) -> dict[s
     for name, t in tensors.items():
         parsed = parse_ms_name(name)
         ours = name if parsed.kind == "scalar" else our_name(parsed)  # a scalar's name of many elements: as is
-        if ours in out:
-            raise CorruptCheckpointError(f"{path}: {origin[ours]!r} and {name!r} are both {ours!r}; a checkpoint "
-                                         "holds one optimizer's moments: remove the other's")
-        origin[ours] = name
-        out[ours] = SourceTensor(ours, t.dtype, t.shape, _foreign_chunks(t))
+        _claim(path, out, origin, name, SourceTensor(ours, t.dtype, t.shape, _foreign_chunks(t)))
     return out
 
 

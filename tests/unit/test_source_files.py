@@ -166,3 +166,13 @@ def test_an_iteration_folder_under_another_name_is_still_read(tmp_path):
     source = open_source(tmp_path / "copy")
     assert (source.format, source.iteration, source.common["global_step"]) == ("mindformers", 7, 7)
     assert "optimizer.state.fc1.weight.exp_avg" in source.tensors
+
+
+def test_two_optimizers_moments_of_one_qwen3_parameter_are_corrupt_too(tmp_path):
+    state = mf_state(SEED)
+    name = "decoder.final_layernorm.weight"
+    state["moment1." + name] = state["adam_m." + name]
+    build_v2(tmp_path, 9, state)
+    with pytest.raises(CorruptCheckpointError, match=rf"'adam_m.{name}' and 'moment1.{name}' are both "
+                                                     r"'optimizer.state.model.norm.weight.exp_avg'"):
+        open_source(tmp_path)
