@@ -473,9 +473,20 @@ def _use_model_names(path: Path, params: list[str], names: Names, notes: list[st
 
 
 def _layers(shapes: Mapping[str, tuple[int, ...]], suffix: str) -> dict[str, tuple[int, ...]]:
-    """Parameters named ``decoder.layers.{i}.<suffix>`` (moments left out: they have the same shapes)."""
-    return {n: s for n, s in shapes.items() if n.startswith("decoder.layers.") and n.endswith("." + suffix)
-            and parse_ms_name(n).kind == "param"}
+    """Parameters named ``decoder.layers.{i}.<suffix>``, by shape."""
+    return {n: s for n, s in shapes.items() if n.startswith("decoder.layers.") and n.endswith("." + suffix)}
+
+
+def _param_shapes(path: Path, tensors: Mapping[str, mf.ForeignTensor]) -> dict[str, tuple[int, ...]]:
+    """Parameter → shape, from the parameter or its moments (which must have its shape: they split alike)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, t in tensors.items():
+        param = parse_ms_name(name).param
+        if shapes.setdefault(param, t.shape) != t.shape:
+            raise CorruptCheckpointError(f"{path}: {name!r} has shape {list(t.shape)} but parameter {param!r} "
+                                         f"(or its other moment) has {list(shapes[param])}; a moment has its "
+                                         "parameter's shape")
+    return shapes
 
 
 def _qwen3_heads(path: Path, shapes: Mapping[str, tuple[int, ...]], given: AttentionShape | None,
@@ -486,20 +497,25 @@ def _qwen3_heads(path: Path, shapes: Mapping[str, tuple[int, ...]], given: Atten
         "num_heads": config.count("num_attention_heads"), "num_kv_heads": config.count("num_key_value_heads",
                                                                                        "n_kv_heads"),
         "head_dim": config.count("head_dim", "kv_channels")}
+    error: type[Exception] = CorruptCheckpointError
     if given is not None:
         heads, origin, error = given, "given (--heads)", ConfigError
-    elif known and None not in known.values():
-        heads, origin, error = AttentionShape(**known), f"from {config.path}", CorruptCheckpointError  # type: ignore
+    elif config is not None and None not in known.values():
+        try:
+            heads = AttentionShape(**known)  # type: ignore[arg-type]  # no None among them
+        except ValueError as e:
+            raise CorruptCheckpointError(f"{config.path}: {e}") from None
+        origin = f"from {config.path}"
     else:
         try:
             heads = infer_heads(shapes)
         except ValueError as e:
             raise CorruptCheckpointError(f"{path}: {e}") from None
-        origin, error = "inferred from the shapes", CorruptCheckpointError
+        origin = "inferred from the shapes"
         wrong = [f"{k} {v} but the shapes give {getattr(heads, k)}" for k, v in known.items()
                  if v is not None and v != getattr(heads, k)]
-        if wrong:
-            raise CorruptCheckpointError(f"{path}: {config.path} says {'; '.join(wrong)}: "  # type: ignore
+        if wrong and config is not None:
+            raise CorruptCheckpointError(f"{path}: {config.path} says {'; '.join(wrong)}: "
                                          "fix the config or pass --heads H,KV,D")
     h, kv, d = heads.num_heads, heads.num_kv_heads, heads.head_dim
     need = {"self_attention.linear_qkv.weight": (0, (h + 2 * kv) * d), "self_attention.linear_proj.weight": (1, h * d),
@@ -524,9 +540,8 @@ def _layout_key(key: str, given: Fused | None, config: _Recorded | None) -> tupl
         if not isinstance(given[key], bool):
             raise ConfigError(f"fused layout {key}: expected true or false, got {given[key]!r}")
         return given[key], "given"
-    recorded = None if config is None else config.flag(key)
-    if recorded is not None:
-        return recorded, f"from {config.path}"  # type: ignore[union-attr]
+    if config is not None and (recorded := config.flag(key)) is not None:
+        return recorded, f"from {config.path}"
     return getattr(DEFAULT_LAYOUT, key), "MindFormers' default"
 
 
@@ -542,7 +557,7 @@ def _qwen3_layout(path: Path, shapes: Mapping[str, tuple[int, ...]], given: Fuse
     for name, shape in sorted(_layers(shapes, "mlp.linear_fc1.weight").items()):
         width = fc2.get(name.replace("linear_fc1", "linear_fc2"), (0, shape[0] // 2))[1:2]
         if shape[0] % 2 or (ffn is not None and shape[0] != 2 * ffn) or width != (shape[0] // 2,):
-            known = f", {config.path} gives intermediate_size {ffn}" if ffn is not None else ""  # type: ignore
+            known = f", {config.path} gives intermediate_size {ffn}" if config and ffn is not None else ""
             raise CorruptCheckpointError(f"{path}: {name} has {shape[0]} rows; it fuses gate and up rows, so it "
                                          f"needs an even number, twice linear_fc2's columns{known}")
     notes.append(f"fused layout: linear_qkv {'[Q; K; V]' if attn else 'grouped per KV head'} "
@@ -555,7 +570,7 @@ def _qwen3_layout(path: Path, shapes: Mapping[str, tuple[int, ...]], given: Fuse
 def _qwen3_tensors(path: Path, tensors: Mapping[str, mf.ForeignTensor], opts: _Options, config: _Recorded | None,
                    notes: list[str]) -> dict[str, SourceTensor]:
     """Our tensors under HuggingFace names: renamed, or row sets of the fused qkv / fc1 read on demand."""
-    shapes = {n: t.shape for n, t in tensors.items()}
+    shapes = _param_shapes(path, tensors)
     fused = _layers(shapes, "linear_qkv.weight") or _layers(shapes, "linear_fc1.weight")
     layout = _qwen3_layout(path, shapes, opts.fused, config, notes) if fused else DEFAULT_LAYOUT
     heads = _qwen3_heads(path, shapes, opts.heads, config, notes) if _layers(shapes, "linear_qkv.weight") else None
@@ -572,7 +587,11 @@ def _qwen3_tensors(path: Path, tensors: Mapping[str, mf.ForeignTensor], opts: _O
         if mapped.transform == "rename":
             _claim(path, out, origin, name, SourceTensor(mapped.hf_names[0], *_same(whole)))
             continue
-        parts = qkv_rows(heads, layout) if mapped.transform == "qkv" else fc1_rows(t.shape[0], layout)  # type: ignore
+        if mapped.transform == "qkv":
+            assert heads is not None, "a linear_qkv parameter sets the heads above"
+            parts: tuple[list[int], ...] = qkv_rows(heads, layout)
+        else:
+            parts = fc1_rows(t.shape[0], layout)
         for hf_name, rows in zip(mapped.hf_names, parts):
             shape = (len(rows), *t.shape[1:])
             _claim(path, out, origin, name, SourceTensor(hf_name, t.dtype, shape, (SourceChunk(

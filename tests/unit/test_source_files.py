@@ -176,3 +176,17 @@ def test_two_optimizers_moments_of_one_qwen3_parameter_are_corrupt_too(tmp_path)
     with pytest.raises(CorruptCheckpointError, match=rf"'adam_m.{name}' and 'moment1.{name}' are both "
                                                      r"'optimizer.state.model.norm.weight.exp_avg'"):
         open_source(tmp_path)
+
+
+def test_optimizer_state_alone_splits_by_its_moments_shapes(tmp_path):
+    state = {n: t for n, t in mf_state(SEED).items() if n.startswith("adam_")}  # an opt file without its model file
+    build_v2(tmp_path, 9, state)
+    source = open_source(tmp_path)
+    assert "heads: 4 attention heads, 2 KV heads, head_dim 8 (inferred from the shapes; checked against the shapes)" \
+        in source.notes
+    assert "optimizer.state.model.layers.1.self_attn.v_proj.weight.exp_avg" in source.tensors
+    state["adam_v.decoder.final_layernorm.weight"] = torch.ones(3)
+    build_v2(tmp_path / "bad", 9, state)
+    with pytest.raises(CorruptCheckpointError, match=r"'adam_v.decoder.final_layernorm.weight' has shape \[3\] but "
+                                                     r"parameter 'decoder.final_layernorm.weight'"):
+        open_source(tmp_path / "bad")
