@@ -40,14 +40,14 @@ import torch
 import torch.distributed as tdist
 
 from resumable import dist
+from resumable.dist import agree_on
 from resumable.errors import CheckpointError
 from resumable.formats import v2
 from resumable.formats.safetensors_io import Header
 from resumable.geometry import Box
 from resumable.layout import local_tensor
-from resumable.load import agree_on, check_headers
 from resumable.planning import Read
-from resumable.reads import read_direct
+from resumable.reads import check_headers, read_direct
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ function                   who calls it
 ``scatter_object``         every rank of ``group`` (collective); each gets its own item
 ``broadcast_object``       every rank of ``group`` (collective)
 ``all_reduce_max``         every rank of ``group`` (collective)
-``agree``                  every rank of ``group`` (collective), including failed ones
+``agree``, ``agree_on``     every rank of ``group`` (collective), including failed ones
 ``new_gloo_group``         every rank of the default group, once (collective)
 =========================  ==========================================================
 
@@ -38,6 +38,7 @@ import pickle
 import torch
 import torch.distributed as dist
 
+from resumable import errors
 from resumable.errors import SaveError
 
 Group = Any  # torch.distributed.ProcessGroup | None (None = the default group)
@@ -168,11 +169,39 @@ def agree(error: str | None, what: str, group: Group = None) -> None:
     """
     if all_reduce_max([error is not None], group)[0] == 0:
         return
-    errors = all_gather_object(error, group)  # only when a rank failed
-    failed = [(global_rank(group, r), e) for r, e in enumerate(errors) if e is not None]
+    texts = all_gather_object(error, group)  # only when a rank failed
+    failed = [(global_rank(group, r), e) for r, e in enumerate(texts) if e is not None]
     if failed:
         detail = "; ".join(f"rank {r}: {e}" for r, e in failed)
         raise SaveError(f"{what} failed on {len(failed)} rank(s), nothing was committed: {detail}")
+
+
+def agree_on(error: BaseException | None, group: Group, *, all_used: bool = True) -> bool:
+    """Every rank learns every rank's failure; all raise if any failed.
+
+    The failing rank re-raises its own exception; the others raise the same error type
+    with the failing rank's message, so no rank is left waiting in a later collective.
+
+    Returns:
+        True when some rank passed ``all_used`` (its state uses every saved tensor, so
+        none is left unused); the same on every rank. The flag rides in the same 8 bytes.
+
+    Collective: every rank of ``group`` calls it, failed or not, at the same step.
+    """
+    top = all_reduce_max([2 if error is not None else int(all_used)], group)[0]
+    if top < 2:
+        return bool(top)  # the common case costs one 8-byte all-reduce, whatever the world size
+    payload = None if error is None else (type(error).__name__, str(error))
+    gathered = all_gather_object(payload, group)
+    if error is not None:
+        raise error
+    for r, item in enumerate(gathered):
+        if item is not None:
+            kind, message = item
+            cls = getattr(errors, kind, None)
+            if not (isinstance(cls, type) and issubclass(cls, errors.CheckpointError)):
+                cls = errors.CheckpointError
+            raise cls(f"rank {global_rank(group, r)} failed: {message}")
 
 
 def new_gloo_group(timeout: timedelta | None = None) -> Group:

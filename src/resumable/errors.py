@@ -26,6 +26,10 @@ class UnsafeCheckpointError(CorruptCheckpointError):
     """A checkpoint asks for something we refuse to do (path escape, huge header, pickle)."""
 
 
+class StateMismatchError(CheckpointError, ValueError):
+    """The state to load into does not match the checkpoint (names, shapes or dtypes)."""
+
+
 class SaveError(CheckpointError):
     """A save failed on some rank; nothing was committed."""
 

@@ -40,7 +40,6 @@ import logging
 import os
 import threading
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping
@@ -48,13 +47,15 @@ from typing import Any, Iterable, Literal, Mapping
 import torch
 
 from resumable import dist, errors
-from resumable.errors import CheckpointError, CorruptCheckpointError
+from resumable.balanced import balanced_reads
+from resumable.dist import agree_on
+from resumable.errors import StateMismatchError
 from resumable.formats import v2
-from resumable.formats.safetensors_io import Header, dtype_name, read_header
+from resumable.formats.safetensors_io import Header
 from resumable.gc_pause import gc_paused
 from resumable.layout import LocalChunk, local_chunks
 from resumable.planning import Read, StoredChunk, plan_tensor_reads
-from resumable.reads import execute_reads, place_into, read_direct
+from resumable.reads import check_headers, execute_reads, place_into, read_direct
 from resumable.resolve import check_iteration_folder, resolve_directory, verify_files
 from resumable.state import OPTIMIZER_NAMESPACE, RANK_LOCAL, FlatState, flatten_state, merge_objects
 
@@ -65,10 +66,6 @@ __all__ = ["LoadResult", "PendingLoad", "StateMismatchError", "apply_training_st
 
 Verify = Literal["blocks", "checksum", "size", "none"]
 read_common = v2.read_common
-
-
-class StateMismatchError(CheckpointError, ValueError):
-    """The state to load into does not match the checkpoint (names, shapes or dtypes)."""
 
 
 @dataclass
@@ -195,40 +192,6 @@ def plan_chunk_reads(meta: v2.Metadata, name: str, targets: Iterable[LocalChunk]
     return reads
 
 
-def check_headers(folder: Path, meta: v2.Metadata, reads: Iterable[Read]) -> dict[str, Header]:
-    """Check, from the file headers alone, that each stored key has the recorded dtype and shape.
-
-    A safetensors slice outside the stored shape is silently clamped by the library, and
-    a dtype differing from metadata.json would reinterpret bytes: both are refused here.
-
-    Returns:
-        File name → its parsed header (for :func:`resumable.reads.read_direct`).
-
-    Raises:
-        CorruptCheckpointError: naming the file and key.
-    """
-    wanted: dict[str, dict[str, tuple[str, tuple[int, ...]]]] = defaultdict(dict)
-    for r in reads:
-        wanted[r.file][r.key] = (meta.tensors[r.name].dtype, r.stored_box.shape)
-    headers: dict[str, Header] = {}
-    for file, keys in sorted(wanted.items()):
-        path = v2.member(folder, file)
-        header = headers[file] = read_header(path)
-        for key, (dtype, shape) in sorted(keys.items()):
-            entry = header.tensors.get(key)
-            if entry is None:
-                raise CorruptCheckpointError(
-                    f"{path}: key {key!r} listed in metadata.json is not in the file; restore the "
-                    "file or rebuild metadata.json from the files")
-            expected = dtype_name(_torch_dtype(dtype))
-            if entry.dtype != expected or entry.shape != shape:
-                raise CorruptCheckpointError(
-                    f"{path}: key {key!r} is {entry.dtype} of shape {list(entry.shape)} in the file but "
-                    f"metadata.json records {expected} of shape {list(shape)}; the file and the "
-                    "metadata disagree: restore the file or rebuild metadata.json")
-    return headers
-
-
 # ------------------------------------------------------------------------------ helpers
 
 
@@ -246,34 +209,6 @@ def _iteration_folder(path: str | os.PathLike[str]) -> Path:
         raise errors.CheckpointNotFoundError(
             f"{path} holds no committed checkpoint; nothing to load (start fresh, or check the path)")
     return found.path
-
-
-def agree_on(error: BaseException | None, group: dist.Group, *, all_used: bool = True) -> bool:
-    """Every rank learns every rank's failure; all raise if any failed.
-
-    The failing rank re-raises its own exception; the others raise the same error type
-    with the failing rank's message, so no rank is left waiting in a later collective.
-
-    Returns:
-        True when some rank passed ``all_used`` (its state uses every saved tensor, so
-        none is left unused); the same on every rank. The flag rides in the same 8 bytes.
-
-    Collective: every rank of ``group`` calls it, failed or not, at the same step.
-    """
-    top = dist.all_reduce_max([2 if error is not None else int(all_used)], group)[0]
-    if top < 2:
-        return bool(top)  # the common case costs one 8-byte all-reduce, whatever the world size
-    payload = None if error is None else (type(error).__name__, str(error))
-    gathered = dist.all_gather_object(payload, group)
-    if error is not None:
-        raise error
-    for r, item in enumerate(gathered):
-        if item is not None:
-            kind, message = item
-            cls = getattr(errors, kind, None) or (StateMismatchError if kind == "StateMismatchError" else None)
-            if not (isinstance(cls, type) and issubclass(cls, CheckpointError)):
-                cls = CheckpointError
-            raise cls(f"rank {dist.global_rank(group, r)} failed: {message}")
 
 
 def _blocks(verify: Verify) -> bool:
@@ -450,7 +385,6 @@ def load(state: dict[str, Any], path: str | os.PathLike[str], *, process_group: 
         targets = {name: leaf.value for name, leaf in prep.flat.tensors.items()}
         nbytes: int | None = None
         if balanced:  # collective: every rank takes part, so it stays outside the try below
-            from resumable.balanced import balanced_reads  # it imports this module
             nbytes = balanced_reads(prep.folder, prep.meta, prep.reads, targets, process_group,
                                     verify=_blocks(verify))
         result = None

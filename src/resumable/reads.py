@@ -33,7 +33,15 @@ import torch
 
 from resumable.errors import CorruptCheckpointError
 from resumable.formats.jsonfile import open_regular
-from resumable.formats.safetensors_io import BlockDigests, Header, block_digests, open_safetensors, read_header
+from resumable.formats import v2
+from resumable.formats.safetensors_io import (
+    BlockDigests,
+    Header,
+    block_digests,
+    dtype_name,
+    open_safetensors,
+    read_header,
+)
 from resumable.layout import local_tensor
 from resumable.planning import Read
 
@@ -331,6 +339,40 @@ def bytes_of(t: torch.Tensor) -> memoryview:
     return memoryview(t.detach().reshape(-1).view(torch.uint8).numpy()).cast("B")
 
 
+def check_headers(folder: Path, meta: v2.Metadata, reads: Iterable[Read]) -> dict[str, Header]:
+    """Check, from the file headers alone, that each stored key has the recorded dtype and shape.
+
+    A safetensors slice outside the stored shape is silently clamped by the library, and
+    a dtype differing from metadata.json would reinterpret bytes: both are refused here.
+
+    Returns:
+        File name → its parsed header (for :func:`resumable.reads.read_direct`).
+
+    Raises:
+        CorruptCheckpointError: naming the file and key.
+    """
+    wanted: dict[str, dict[str, tuple[str, tuple[int, ...]]]] = defaultdict(dict)
+    for r in reads:
+        wanted[r.file][r.key] = (meta.tensors[r.name].dtype, r.stored_box.shape)
+    headers: dict[str, Header] = {}
+    for file, keys in sorted(wanted.items()):
+        path = v2.member(folder, file)
+        header = headers[file] = read_header(path)
+        for key, (dtype, shape) in sorted(keys.items()):
+            entry = header.tensors.get(key)
+            if entry is None:
+                raise CorruptCheckpointError(
+                    f"{path}: key {key!r} listed in metadata.json is not in the file; restore the "
+                    "file or rebuild metadata.json from the files")
+            expected = dtype_name(getattr(torch, dtype))
+            if entry.dtype != expected or entry.shape != shape:
+                raise CorruptCheckpointError(
+                    f"{path}: key {key!r} is {entry.dtype} of shape {list(entry.shape)} in the file but "
+                    f"metadata.json records {expected} of shape {list(shape)}; the file and the "
+                    "metadata disagree: restore the file or rebuild metadata.json")
+    return headers
+
+
 def read_direct(folder: Path, reads: Iterable[Read], targets: Mapping[str, torch.Tensor],
                 headers: Mapping[str, Header] | None = None, *, verify: bool = True) -> int:
     """Fill the targets for ``reads`` with ``os.preadv`` straight into their memory; not collective.
@@ -347,7 +389,7 @@ def read_direct(folder: Path, reads: Iterable[Read], targets: Mapping[str, torch
     :func:`execute_reads`.
     Peak memory is the target state plus at most one temporary slice (or small group's
     span) per thread.
-    ``headers`` (file name → parsed header, as :func:`resumable.load.check_headers`
+    ``headers`` (file name → parsed header, as :func:`check_headers`
     returns them) spares reading them again; a file missing there has its header read.
     ``verify``: check every byte read against its file's block checksums, in the thread
     that read it (pieces are cut on block boundaries; a block cut by the edge of a read is

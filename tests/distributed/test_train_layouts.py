@@ -4,16 +4,23 @@ Each layout runs a few real steps on gloo processes and its per-step losses are 
 with a single-process run of the same global batch (batch_size x data_parallel x
 micro_batch_num = 4 samples per step). Layouts of one world size share one job (each
 builds its own mesh and Trainer) so the suite pays the process start-up once per size.
+Each layout's saved state is also what ``resumable split`` computes for that layout
+(``resumable.tools.rules``), tensor by tensor and rank by rank: the trainer and split read
+one parallel plan (``resumable.models.qwen3``), and this keeps them from drifting apart.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 import torch
 
+from resumable import dist
+from resumable.layout import local_chunks, local_tensor
+from resumable.state import flatten_state
+from resumable.tools.rules import TargetLayout, num_layers, rank_boxes
 from resumable.train.config import load_config
 from resumable.train.loop import Trainer
 from resumable.train.parallel import build_layout
@@ -67,8 +74,37 @@ def _copy(tree: Any) -> Any:
     return tree.detach().clone() if isinstance(tree, torch.Tensor) else tree
 
 
-def _train(overrides: list[str]) -> tuple[list[float], list[float]]:
-    """Losses of STEPS steps, and of the last half again after restoring a mid-run state_dict."""
+class Run(NamedTuple):
+    """One rank's run of one layout."""
+
+    losses: list[float]
+    resumed: list[float]  # the last half again, after restoring a mid-run state_dict
+    drift: list[str]      # tensors whose boxes here differ from what `resumable split` computes
+
+
+def _drift(state: dict[str, Any], layout: TargetLayout) -> list[str]:
+    """Where the boxes this rank saves of ``state`` differ from ``rules.rank_boxes`` (collective: every rank).
+
+    Every tensor of the job counts: a rank that holds none of a tensor must get no box from the rules.
+    """
+    tensors = flatten_state(state).tensors
+    got = {}
+    for name, leaf in tensors.items():
+        boxes = [c.box for c in local_chunks(leaf.value)]
+        assert sum(b.numel for b in boxes) == local_tensor(leaf.value).numel(), name
+        got[name] = sorted((b.offsets, b.shape) for b in boxes)
+    shapes = {n: s for part in dist.all_gather_object({n: tuple(leaf.value.shape) for n, leaf in tensors.items()})
+              for n, s in part.items()}
+    layers = num_layers(list(shapes))
+    drift = []
+    for name, shape in sorted(shapes.items()):
+        want = sorted((b.offsets, b.shape) for b in rank_boxes(name, shape, layout, dist.rank(), layers))
+        if want != got.get(name, []):
+            drift.append(f"{name}: trainer {got.get(name)}, rules {want}")
+    return drift[:5]  # results travel through a pipe: keep them short
+
+
+def _train(overrides: list[str]) -> Run:
     cfg = load_config(None, [*BASE, *overrides])
     trainer = Trainer(cfg, build_layout(cfg))
     losses = [trainer.train_step() for _ in range(STEPS // 2)]
@@ -76,16 +112,17 @@ def _train(overrides: list[str]) -> tuple[list[float], list[float]]:
     losses += [trainer.train_step() for _ in range(STEPS - STEPS // 2)]
     resumed = Trainer(cfg, build_layout(cfg))
     resumed.load_state_dict(state)
-    return losses, [resumed.train_step() for _ in range(STEPS - STEPS // 2)]
+    lay = trainer.layout
+    drift = _drift(state, TargetLayout(lay.pp, lay.dp, lay.tp, lay.sharded_optimizer))
+    return Run(losses, [resumed.train_step() for _ in range(STEPS - STEPS // 2)], drift)
 
 
-def _train_each(rank: int, world_size: int,
-                layouts: list[list[str]]) -> list[tuple[list[float], list[float]]]:
+def _train_each(rank: int, world_size: int, layouts: list[list[str]]) -> list[Run]:
     return [_train(overrides) for overrides in layouts]
 
 
-def _run_job(world_size: int) -> dict[str, list[tuple[list[float], list[float]]]]:
-    """{layout name: per-rank (losses, resumed losses)} for every layout of this size, in one job."""
+def _run_job(world_size: int) -> dict[str, list[Run]]:
+    """{layout name: per-rank runs} for every layout of this size, in one job."""
     names = [n for n, (ws, _, _) in LAYOUTS.items() if ws == world_size]
     per_rank = run_distributed(_train_each, world_size, [LAYOUTS[n][1] for n in names])
     return {name: [rank_losses[i] for rank_losses in per_rank] for i, name in enumerate(names)}
@@ -94,11 +131,11 @@ def _run_job(world_size: int) -> dict[str, list[tuple[list[float], list[float]]]
 @pytest.fixture(scope="module")
 def references() -> dict[str, list[float]]:
     per_config = run_distributed(_train_each, 1, list(REFERENCES.values()))[0]
-    return {name: losses for name, (losses, _) in zip(REFERENCES, per_config)}
+    return {name: run.losses for name, run in zip(REFERENCES, per_config)}
 
 
 @pytest.fixture(scope="module")
-def jobs() -> dict[int, dict[str, list[tuple[list[float], list[float]]]]]:
+def jobs() -> dict[int, dict[str, list[Run]]]:
     return {2: _run_job(2), 4: _run_job(4)}
 
 
@@ -111,7 +148,7 @@ def test_single_process_losses_are_finite_and_fall(name, references):
 @pytest.mark.parametrize("name", LAYOUTS)
 def test_layout_gives_the_single_process_losses_on_every_rank(name, references, jobs):
     world_size, _, reference = LAYOUTS[name]
-    per_rank = [losses for losses, _ in jobs[world_size][name]]
+    per_rank = [run.losses for run in jobs[world_size][name]]
     assert all(r == per_rank[0] for r in per_rank), "every rank must report the same loss"
     # fp32 sums in another order (half-batch means averaged over DP, partial matmuls summed
     # over TP, micro-batch gradients accumulated) differ by ~1e-7 relative per step; six
@@ -123,5 +160,10 @@ def test_layout_gives_the_single_process_losses_on_every_rank(name, references, 
 @pytest.mark.parametrize("name", LAYOUTS)
 def test_restoring_a_mid_run_state_dict_continues_bitwise_identically(name, jobs):
     world_size, _, _ = LAYOUTS[name]
-    for losses, resumed in jobs[world_size][name]:
-        assert resumed == losses[STEPS // 2:]
+    for run in jobs[world_size][name]:
+        assert run.resumed == run.losses[STEPS // 2:]
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_split_rules_give_every_rank_the_boxes_the_trainer_saves(name, jobs):
+    assert [run.drift for run in jobs[LAYOUTS[name][0]][name]] == [[]] * LAYOUTS[name][0]

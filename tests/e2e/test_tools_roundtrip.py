@@ -18,11 +18,11 @@ from resumable.formats import v2
 from resumable.legacy import LegacySaver
 from resumable.load import load
 from resumable.save import save
-from resumable.train.checkpointing import layout_info
 from resumable.train.config import load_config
 from resumable.train.legacy_callbacks import legacy_layout
 from resumable.train.loop import Trainer
 from resumable.train.parallel import build_layout
+from resumable.train.saving import layout_info
 from tests.launch import run_distributed
 
 BASE = ["train_dataset.seq_length=16", "model.num_hidden_layers=2", "model.hidden_size=32",

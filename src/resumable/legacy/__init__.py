@@ -23,7 +23,7 @@ Order of calls across ranks (every rank calls each public function together)::
                          no             meta.json (atomic), then keep_checkpoint_max
     resolve_legacy       broadcast /    rank 0 picks the step (or each rank checks its own
                          all_gather     substituted name); every rank learns every failure
-    load_legacy          all_gather     agreement before and after reading (load.agree_on);
+    load_legacy          all_gather     agreement before and after reading (dist.agree_on);
                                         conversions add one agreement each
 """
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from resumable import dist
+from resumable.dist import agree_on
 from resumable.errors import ConfigError
 from resumable.formats import v1
 from resumable.layout import local_chunks
@@ -20,7 +21,7 @@ from resumable.legacy.files import Layout, RankFiles
 from resumable.legacy.resolve import LegacySource
 from resumable.legacy.strategy import check_strategy
 from resumable.legacy.transform import one_ckpt_per_rank, transform, unify
-from resumable.load import agree_on, check_state, plan_reads, restore_objects
+from resumable.load import check_state, plan_reads, restore_objects
 from resumable.reads import place_into
 from resumable.state import flatten_state
 

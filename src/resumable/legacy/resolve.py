@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Sequence
 
 from resumable import dist, errors
+from resumable.dist import agree_on
 from resumable.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 from resumable.formats import v1
 from resumable.formats.mindformers import complete_legacy_steps, parse_legacy_name
 from resumable.legacy.files import check_rank_file, folder_records, inside, rank_folders
-from resumable.load import agree_on
 
 log = logging.getLogger(__name__)
 

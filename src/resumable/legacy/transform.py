@@ -17,6 +17,7 @@ from typing import Any, Mapping
 import torch
 
 from resumable import commit, dist
+from resumable.dist import agree_on
 from resumable.errors import ConfigError
 from resumable.formats import v1, v2
 from resumable.formats.mindformers import parse_legacy_name
@@ -24,7 +25,6 @@ from resumable.formats.safetensors_io import write_file_streaming
 from resumable.geometry import Box
 from resumable.legacy.files import Layout, RankFiles, fill, rank_folders
 from resumable.legacy.resolve import LegacySource
-from resumable.load import agree_on
 
 log = logging.getLogger(__name__)
 

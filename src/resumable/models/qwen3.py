@@ -1,4 +1,4 @@
-"""Everything the project knows about Qwen3: names, fused layouts, head counts.
+"""Everything the project knows about Qwen3: names, fused layouts, head counts, the parallel plan.
 
 The trainer, the tools and the format readers share this one module, so that adding a
 model (Llama, Qwen2) is one new file beside it (:mod:`resumable.models`); the format
@@ -48,23 +48,35 @@ from resumable.formats.ms_names import SCALARS, ms_export_name, our_name, parse_
 
 __all__ = [
     "DEFAULT_LAYOUT",
+    "FIRST_STAGE",
     "FUSED",
+    "LAST_STAGE",
     "RENAMES",
+    "TP_LAYER_PLAN",
+    "TP_PARTIAL_GRADS",
+    "TP_TOP_PLAN",
     "AttentionShape",
     "FusedLayout",
     "ModelConfig",
     "NameMap",
+    "TPRule",
     "fc1_rows",
     "fuse_fc1",
     "fuse_qkv",
+    "hf_head_counts",
     "hf_to_mf",
     "infer_heads",
+    "is_hf_param",
     "is_mf_param",
+    "layer_of",
     "map_mf_name",
     "mf_to_hf",
+    "on_stage",
     "qkv_rows",
     "split_fc1",
     "split_qkv",
+    "stage_layers",
+    "tp_dim",
 ]
 
 RENAMES: dict[str, str] = {
@@ -213,6 +225,11 @@ def _match(patterns: list[tuple[re.Pattern[str], str]], name: str) -> tuple[str,
 def is_mf_param(param: str) -> bool:
     """Whether ``param`` (a parameter name, no optimizer prefix) is a MindFormers Qwen3 parameter."""
     return _match(_MF_PATTERNS, param) is not None
+
+
+def is_hf_param(param: str) -> bool:
+    """Whether ``param`` (a parameter name, no optimizer prefix) is a HuggingFace Qwen3 parameter."""
+    return _match(_HF_PATTERNS, param) is not None
 
 
 def map_mf_name(name: str) -> NameMap:
@@ -437,3 +454,135 @@ def infer_heads(shapes: Mapping[str, tuple[int, ...]]) -> AttentionShape:
     if heads <= 0 or kv2 <= 0 or kv2 % 2 or heads % (kv2 // 2):
         raise ValueError(f"linear_qkv rows do not fit {heads} heads of {head_dim}; pass --heads H,KV,D")
     return AttentionShape(heads, kv2 // 2, head_dim)
+
+
+# ------------------------------------------------------------------------------ parallel plan
+#
+# The one tensor- and pipeline-parallel plan of Qwen3. The trainer builds its
+# parallelize_module plans, its partial-gradient reduction and its pipeline stages from it
+# (resumable.train.parallel); `resumable split` computes from it, by tensor name, the
+# boxes every rank holds (resumable.tools.rules). tests/distributed/test_train_layouts.py
+# compares the two on every layout the trainer runs.
+
+
+@dataclass(frozen=True)
+class TPRule:
+    """How tensor parallelism ("tp") splits one module: torch's parallel style and the weight dim it shards.
+
+    ``nn.Linear`` weights are ``[out, in]``: column-wise shards dim 0 (output features),
+    row-wise dim 1 (input features). ``nn.Embedding`` weights are ``[vocab, hidden]``:
+    row-wise shards dim 0 (the vocabulary). Everything not in the plan is replicated.
+
+    Example::
+
+        TP_LAYER_PLAN["self_attn.o_proj"]      # TPRule(style="rowwise", dim=1)
+    """
+
+    style: Literal["colwise", "rowwise"]
+    dim: int
+
+
+TP_LAYER_PLAN: dict[str, TPRule] = {
+    "self_attn.q_proj": TPRule("colwise", 0),   # each rank computes its own heads
+    "self_attn.k_proj": TPRule("colwise", 0),
+    "self_attn.v_proj": TPRule("colwise", 0),
+    "self_attn.o_proj": TPRule("rowwise", 1),   # partial sums all-reduced back to the full width
+    "mlp.gate_proj": TPRule("colwise", 0),      # each rank its slice of the FFN
+    "mlp.up_proj": TPRule("colwise", 0),
+    "mlp.down_proj": TPRule("rowwise", 1),
+}
+"""Module under ``model.layers.{i}`` → how "tp" splits it."""
+
+TP_TOP_PLAN: dict[str, TPRule] = {
+    "model.embed_tokens": TPRule("rowwise", 0),     # vocabulary-sharded lookup, summed over ranks
+    "lm_head": TPRule("colwise", 0),                # vocabulary-sharded logits
+}
+"""Module outside the layers → how "tp" splits it."""
+
+TP_PARTIAL_GRADS: tuple[str, ...] = ("self_attn.q_norm.weight", "self_attn.k_norm.weight")
+"""Replicated weights under ``model.layers.{i}`` that see only this rank's heads: under "tp" their
+gradient is a partial sum, to be summed over the "tp" ranks."""
+
+FIRST_STAGE: tuple[str, ...] = ("model.embed_tokens",)
+"""Modules only the first pipeline stage holds."""
+LAST_STAGE: tuple[str, ...] = ("model.norm", "lm_head")
+"""Modules only the last pipeline stage holds."""
+
+_LAYER_PARAM = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+
+def layer_of(param: str) -> int | None:
+    """The decoder layer a parameter (or module) name belongs to, None outside ``model.layers.{i}``."""
+    m = _LAYER_PARAM.match(param)
+    return int(m.group(1)) if m else None
+
+
+def tp_dim(param: str) -> int | None:
+    """The dim of HuggingFace parameter ``param`` that tensor parallelism shards; None: replicated.
+
+    Example::
+
+        tp_dim("model.layers.3.mlp.down_proj.weight")     # 1
+        tp_dim("model.norm.weight")                       # None
+    """
+    module, _, leaf = param.rpartition(".")
+    if leaf != "weight":  # Qwen3 has no biases: only weights are in the plan
+        return None
+    m = _LAYER_PARAM.match(module)
+    rule = TP_LAYER_PLAN.get(m.group(2)) if m else TP_TOP_PLAN.get(module)
+    return rule.dim if rule else None
+
+
+def stage_layers(num_layers: int, stages: int, stage: int) -> range:
+    """Layer indices of pipeline ``stage``: contiguous, the first ``num_layers % stages`` stages get one more.
+
+    Example::
+
+        [list(stage_layers(5, 2, s)) for s in range(2)]     # [[0, 1, 2], [3, 4]]
+    """
+    base, extra = divmod(num_layers, stages)
+    start = stage * base + min(stage, extra)
+    return range(start, start + base + (stage < extra))
+
+
+def on_stage(param: str, stage: int, stages: int, num_layers: int) -> bool:
+    """Whether pipeline ``stage`` (of ``stages``) holds parameter ``param``.
+
+    A layer's parameters are on the stage that owns the layer (:func:`stage_layers`),
+    :data:`FIRST_STAGE` modules on the first stage, :data:`LAST_STAGE` ones on the last,
+    anything else on every stage.
+
+    Example::
+
+        on_stage("lm_head.weight", 0, 2, 4)     # False
+    """
+    layer = layer_of(param)
+    if layer is not None:
+        return layer in stage_layers(num_layers, stages, stage)
+    if param.startswith(tuple(f"{m}." for m in FIRST_STAGE)):
+        return stage == 0
+    if param.startswith(tuple(f"{m}." for m in LAST_STAGE)):
+        return stage == stages - 1
+    return True
+
+
+def hf_head_counts(shapes: Mapping[str, tuple[int, ...]],
+                   config: Mapping[str, object] | None = None) -> tuple[int, int] | None:
+    """(attention heads, KV heads) of a HuggingFace Qwen3 state: from ``config`` (a ``config.json`` dict)
+    when it has them, else from the shapes of layer 0's q_norm, q_proj and k_proj; None when neither tells.
+
+    Example::
+
+        hf_head_counts({}, {"num_attention_heads": 16, "num_key_value_heads": 8})    # (16, 8)
+    """
+    if config is not None:
+        heads, kv = config.get("num_attention_heads"), config.get("num_key_value_heads")
+        if isinstance(heads, int) and isinstance(kv, int):
+            return heads, kv
+    layer = "model.layers.0.self_attn"
+    try:
+        (head_dim,) = shapes[f"{layer}.q_norm.weight"]
+        q_rows, k_rows = shapes[f"{layer}.q_proj.weight"][0], shapes[f"{layer}.k_proj.weight"][0]
+    except (KeyError, ValueError, IndexError):
+        return None
+    return (q_rows // head_dim, k_rows // head_dim) if head_dim > 0 else None

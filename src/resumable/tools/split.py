@@ -33,7 +33,7 @@ from resumable.geometry import Box
 from resumable.lock import DirectoryLock
 from resumable.save import SavePlan, build_plan, commit_plan
 from resumable.sources import Source, SourceTensor
-from resumable.tools.rules import TargetLayout, num_layers, parse_layout, rank_boxes
+from resumable.tools.rules import TargetLayout, check_layout, num_layers, parse_layout, rank_boxes
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,8 @@ def write_v2(source: Source, out: str | os.PathLike[str], layout: TargetLayout, 
         The committed iteration folder.
 
     Raises:
+        ConfigError: ``layout`` is impossible for ``source`` (:func:`resumable.tools.rules.check_layout`);
+            nothing is written, not even the lock.
         CheckpointError: the target iteration, or a newer one, already exists in ``out``.
         LockedError: a live job (or another tool) holds ``out``'s lock (the holder is named).
 
@@ -101,6 +103,8 @@ def write_v2(source: Source, out: str | os.PathLike[str], layout: TargetLayout, 
 
         write_v2(open_source("merged/"), "ckpt", parse_layout("dp=2,tp=2"), progress=True)
     """
+    found = check_layout(source, layout)
+    log.info("splitting %s for layout %s: model %s (%s)", source.path, layout, found.model or "unknown", found.reason)
     out = Path(out)
     with DirectoryLock(out):  # a writer like any other: never into the folder of a live job
         return _write_v2(source, out, layout, prefix=prefix, remove_redundancy=remove_redundancy, dtype=dtype,

@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import logging
 import os
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
 from resumable import dist
-from resumable.errors import CheckpointError, ConfigError, NotImplementedYet, SaveError
+from resumable.errors import CheckpointError, ConfigError, NotImplementedYet
 from resumable.commit import parse_iteration
 from resumable.formats.v2 import read_metadata
 from resumable.load import LoadResult, StateMismatchError, load
@@ -34,33 +33,11 @@ from resumable.resolve import Resolution, fall_back, resolve_checkpoint
 from resumable.train.foreign import ForeignOptions, ensure_loadable, needs_conversion_legacy
 from resumable.train.config import TrainConfig
 from resumable.train.data import fill_position, unset_position
+from resumable.train.legacy_callbacks import legacy_callbacks
 from resumable.train.loop import Callback, Trainer
+from resumable.train.saving import on_save_error
 
 logger = logging.getLogger(__name__)
-
-
-def layout_info(trainer: Trainer) -> dict[str, Any]:
-    """The layout recorded in metadata.json, for humans and ``resumable inspect``."""
-    lay = trainer.layout
-    return {"mesh": {"pp": lay.pp, "dp": lay.dp, "tp": lay.tp}, "pipeline_stages": lay.pp,
-            "sharded_optimizer": lay.sharded_optimizer}
-
-
-@contextmanager
-def on_save_error(cfg: TrainConfig, step: int) -> Iterator[None]:
-    """Apply ``callbacks.0.on_save_error`` to a save: re-raise (``raise``) or log and go on (``warn``).
-
-    A ``SaveError`` is raised on every rank alike (the ranks agree on it), so with
-    ``warn`` every rank trains on together; nothing of the failed save was committed.
-    """
-    try:
-        yield
-    except SaveError as exc:
-        mon = cfg.checkpoint
-        if mon is None or mon.on_save_error == "raise":
-            raise
-        logger.warning("checkpoint save at step %d failed, training goes on (on_save_error: warn); the newest "
-                       "committed checkpoint is unchanged: %s", step, exc)
 
 
 class CheckpointMonitor(Callback):
@@ -273,8 +250,6 @@ def checkpoint_callbacks(cfg: TrainConfig) -> list[Callback]:
 
     callbacks: list[Callback] = [PretrainedInit(cfg)] if cfg.pretrained_model_dir else []
     if cfg.use_legacy_format:  # Checkpoint 1.0: per-rank files (resumable.train.legacy_callbacks)
-        from resumable.train.legacy_callbacks import legacy_callbacks
-
         if cfg.load_checkpoint and needs_conversion_legacy(cfg.load_checkpoint):
             # A MindFormers or HuggingFace checkpoint (or a single foreign file): converted once to
             # Checkpoint 2.0, which the 2.0 loader reshards onto this layout; the saves stay Checkpoint 1.0.

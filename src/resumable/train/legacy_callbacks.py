@@ -43,10 +43,10 @@ from resumable.legacy import (
 from resumable.legacy.save import discard_steps
 from resumable.lock import DirectoryLock, lock_for_job
 from resumable.prefetch import Prefetch
-from resumable.train.checkpointing import layout_info, on_save_error
 from resumable.train.config import TrainConfig
 from resumable.train.data import fill_position, unset_position
 from resumable.train.loop import Callback, Trainer
+from resumable.train.saving import layout_info, on_save_error
 
 logger = logging.getLogger(__name__)
 

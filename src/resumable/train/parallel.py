@@ -10,7 +10,8 @@
 ``pipeline_stage``     layers split over stages, ``torch.distributed.pipelining``
 =====================  ==========================================================
 
-Tensor parallel plan (column-wise shards weight dim 0 = output features, row-wise dim 1):
+Tensor parallel plan (the table is ``resumable.models.qwen3.TP_LAYER_PLAN`` / ``TP_TOP_PLAN``, which
+``resumable split`` reads too; column-wise shards weight dim 0 = output features, row-wise dim 1):
 
 ==============================  ============  ================================================
 module                          style         why
@@ -39,26 +40,32 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Replicate
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, parallelize_module
 
 from resumable.errors import ConfigError
+from resumable.models.qwen3 import (
+    FIRST_STAGE,
+    LAST_STAGE,
+    TP_LAYER_PLAN,
+    TP_PARTIAL_GRADS,
+    TP_TOP_PLAN,
+    stage_layers,
+)
 from resumable.train.config import TrainConfig
 from resumable.train.model import Qwen3ForCausalLM
 
 if TYPE_CHECKING:
     from torch.distributed.pipelining.schedules import PipelineScheduleSingle
 
-_LAYER_PLAN = {
-    "self_attn.q_proj": ColwiseParallel,
-    "self_attn.k_proj": ColwiseParallel,
-    "self_attn.v_proj": ColwiseParallel,
-    "self_attn.o_proj": RowwiseParallel,
-    "mlp.gate_proj": ColwiseParallel,
-    "mlp.up_proj": ColwiseParallel,
-    "mlp.down_proj": RowwiseParallel,
+_STYLES: dict[str, type[ColwiseParallel] | type[RowwiseParallel]] = {
+    "colwise": ColwiseParallel, "rowwise": RowwiseParallel}
+# Not which weights are sharded (that is the plan) but how this trainer computes around them:
+# the embedding takes replicated token ids and returns replicated activations, and lm_head
+# gathers the logits to the full vocabulary, so the loss stays a plain cross entropy.
+_TOP_LAYOUTS: dict[str, dict[str, Replicate]] = {
+    "model.embed_tokens": {"input_layouts": Replicate(), "output_layouts": Replicate()},
+    "lm_head": {"output_layouts": Replicate()},
 }
-# Replicated weights that only see this rank's heads: their gradient is partial over "tp".
-_TP_PARTIAL_GRADS = ("self_attn.q_norm.weight", "self_attn.k_norm.weight")
 
 
 @dataclass(frozen=True)
@@ -134,11 +141,10 @@ def build_layout(cfg: TrainConfig) -> Layout:
                   cfg.parallel.enable_parallel_optimizer and pc.data_parallel > 1)
 
 
-def stage_layers(num_layers: int, stages: int, stage: int) -> range:
-    """Layer indices of ``stage``: contiguous, the first ``num_layers % stages`` get one more."""
-    base, extra = divmod(num_layers, stages)
-    start = stage * base + min(stage, extra)
-    return range(start, start + base + (stage < extra))
+def _module(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """The parent of submodule ``name`` and the attribute that holds it there."""
+    parent, _, attr = name.rpartition(".")
+    return model.get_submodule(parent), attr
 
 
 def _keep_stage(model: Qwen3ForCausalLM, layout: Layout) -> None:
@@ -147,23 +153,18 @@ def _keep_stage(model: Qwen3ForCausalLM, layout: Layout) -> None:
     for name in list(model.model.layers):
         if int(name) not in keep:
             del model.model.layers[name]
-    if not layout.is_first_stage:
-        model.model.embed_tokens = None
-    if not layout.is_last_stage:
-        model.model.norm = None
-        model.lm_head = None
+    dropped = (() if layout.is_first_stage else FIRST_STAGE) + (() if layout.is_last_stage else LAST_STAGE)
+    for name in dropped:
+        setattr(*_module(model, name), None)
 
 
 def _tensor_parallel(model: Qwen3ForCausalLM, layout: Layout) -> None:
     tp_mesh = layout.mesh["tp"]
     for layer in model.model.layers.values():
-        parallelize_module(layer, tp_mesh, {name: style() for name, style in _LAYER_PLAN.items()})
-    top: dict[str, ColwiseParallel | RowwiseParallel] = {}
-    if model.model.embed_tokens is not None:
-        top["model.embed_tokens"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
-    if model.lm_head is not None:
-        # Gather the logits: the vocabulary is small and the loss stays a plain cross entropy.
-        top["lm_head"] = ColwiseParallel(output_layouts=Replicate())
+        parallelize_module(layer, tp_mesh, {name: _STYLES[rule.style]() for name, rule in TP_LAYER_PLAN.items()})
+    top: dict[str, ParallelStyle] = {  # the top-level modules on this pipeline stage
+        name: _STYLES[rule.style](**_TOP_LAYOUTS[name]) for name, rule in TP_TOP_PLAN.items()
+        if getattr(*_module(model, name)) is not None}
     if top:
         tied = model.lm_head is not None and model.model.embed_tokens is not None and (
             model.lm_head.weight is model.model.embed_tokens.weight)
@@ -232,6 +233,6 @@ def sync_grads(model: nn.Module, layout: Layout) -> None:
     """
     named = [(n, p.grad) for n, p in model.named_parameters() if p.grad is not None]
     if layout.tp > 1:
-        _all_reduce_flat([_local(g) for n, g in named if n.endswith(_TP_PARTIAL_GRADS)], layout.group("tp"), 1.0)
+        _all_reduce_flat([_local(g) for n, g in named if n.endswith(TP_PARTIAL_GRADS)], layout.group("tp"), 1.0)
     if layout.dp > 1 and not layout.sharded_optimizer:
         _all_reduce_flat([_local(g) for _, g in named], layout.group("dp"), 1.0 / layout.dp)
