@@ -35,7 +35,7 @@ from resumable.train.config import TrainConfig
 from resumable.train.data import fill_position, unset_position
 from resumable.train.legacy_callbacks import legacy_callbacks
 from resumable.train.loop import Callback, Trainer
-from resumable.train.saving import on_save_error
+from resumable.train.saving import layout_info, on_save_error
 
 logger = logging.getLogger(__name__)
 
