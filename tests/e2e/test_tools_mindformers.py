@@ -5,7 +5,10 @@ as MindFormers 2.0 (with metadata.json on DP×MP layouts, without it on one rank
 legacy ``rank_*`` trees (.safetensors and .ckpt, with and without remove_redundancy).
 After conversion, :func:`resumable.load` fills plain tensors under our names with exactly
 the HuggingFace-side values the fixture started from, AdamW's ``step`` is the global step,
-and the context lands in common.json. ``ensure_loadable`` converts once and reuses.
+and the context lands in common.json. ``ensure_loadable`` converts once and reuses (redoing it
+for another fused layout). Real 1- and 2-process trainers resume from a MindFormers 2.0 folder,
+a TP2 legacy tree split by strategy files (both modes) and a single MindSpore ``.ckpt``: the
+weights are the MindFormers ones and the data position continues from the saved counters.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+from safetensors.torch import save_file
 
 from resumable.cli import main
 from resumable.formats import v2
@@ -30,6 +34,7 @@ from resumable.train.loop import Trainer
 from resumable.train.parallel import build_layout
 from tests.fixtures.mindformers import (FFN, HEADS, HIDDEN, LAYERS, VOCAB, build_legacy, build_v2, hf_state,
                                         legacy_state, mf_state)
+from tests.fixtures.ms_strategy import build_sharded_legacy
 from tests.launch import run_distributed
 
 SEED = 3
@@ -136,6 +141,17 @@ def test_the_trainers_fused_layout_reaches_the_conversion_and_a_conversion_with_
     assert (origin["names"], origin["src_strategy"], origin["dtype"]) == ("auto", None, "torch.float32")
 
 
+@pytest.mark.parametrize("name", ["net.safetensors", "net.ckpt"])
+def test_a_single_mindspore_file_converts_for_the_trainer(tmp_path, name):
+    if name.endswith(".ckpt"):
+        write_ms_ckpt(tmp_path / name, mf_state(SEED, global_step=100))
+    else:
+        save_file(mf_state(SEED, global_step=100), tmp_path / name, metadata={"format": "ms"})
+    folder = ensure_loadable(tmp_path / name, tmp_path / "output", ForeignOptions(dtype=torch.float32))
+    assert folder == tmp_path / "output" / CONVERTED
+    _assert_loads(folder, {n: t.float() for n, t in hf_state(SEED).items()}, 100)
+
+
 def test_legacy_mode_converts_only_what_the_legacy_loader_cannot_read(tmp_path):
     KINDS["2.0-dp2-mp2"](tmp_path / "mf2")
     build_legacy(tmp_path / "mf1", saves=[[(1, 2, 0)], [(1, 2, 0)]], metas=[(1, 2), (1, 2)])
@@ -187,12 +203,10 @@ def _tokens(tmp_path) -> None:
     np.save(tmp_path / "tokens.npy", (np.arange(400) * 7 % VOCAB).astype(np.uint16))
 
 
-@pytest.mark.parametrize("mode", ["checkpoint-2.0", "legacy"])
-def test_trainer_resumes_from_a_mindformers_checkpoint_on_tp2(tmp_path, mode):
+def test_trainer_resumes_from_a_mindformers_checkpoint_on_tp2(tmp_path):
     KINDS["2.0-dp2-mp2"](tmp_path / "mf")
     _tokens(tmp_path)
-    legacy = f"use_legacy_format={'true' if mode == 'legacy' else 'false'}"
-    counts, same, lines = run_distributed(_resume, 2, str(tmp_path), str(tmp_path / "mf"), SEED, legacy)[0]
+    counts, same, lines = run_distributed(_resume, 2, str(tmp_path), str(tmp_path / "mf"), SEED)[0]
     assert same, "the weights after resuming must be the MindFormers weights"
     # common.json: global_step 100, global_batch_size 8, no consumed_samples: 800 samples. This data has
     # 49 samples; in batches of 8 an epoch takes 48: epoch 16, sample 32; this job's batch is 2.
@@ -200,3 +214,29 @@ def test_trainer_resumes_from_a_mindformers_checkpoint_on_tp2(tmp_path, mode):
     converted = tmp_path / "output" / CONVERTED / "iteration_00000100"
     assert (f"{converted}: the checkpoint records no data position: continuing after 800 samples (consumed_samples "
             "800 = global_step 100 x global_batch_size 8), at epoch 16, sample 32 of 49 of this data") in lines
+
+
+@pytest.mark.parametrize("mode", ["checkpoint-2.0", "legacy"])
+def test_a_tp2_mindformers_legacy_tree_with_strategy_files_loads_onto_two_processes(tmp_path, mode):
+    # legacy_state(1, 2): global_step 12, step_num 12, epoch_num 1, global_batch_size 8 (mf seed 102).
+    strategy = build_sharded_legacy(tmp_path / "mf", legacy_state(1, 2), dp=1, mp=2, prefix="tiny")
+    _tokens(tmp_path)
+    keys = ["auto_trans_ckpt=true", f"src_strategy_path_or_dir={strategy}",
+            f"use_legacy_format={'true' if mode == 'legacy' else 'false'}"]
+    counts, same, lines = run_distributed(_resume, 2, str(tmp_path), str(tmp_path / "mf"), 102, *keys)[0]
+    assert same, "the weights after resuming must be the MindFormers weights, reassembled from their slices"
+    assert counts == (12, 96, 2, 0, 0, 13, 2)  # 12 x 8 = 96 samples = 2 epochs of 48
+    assert f"{tmp_path / 'mf'}: slices placed by the strategy files {strategy}" in lines
+
+
+def test_a_single_mindspore_ckpt_file_is_a_load_checkpoint_in_legacy_mode(tmp_path):
+    # Checkpoint 2.0 mode reads it through the same ensure_loadable (test_a_single_mindspore_file_converts...).
+    write_ms_ckpt(tmp_path / "net.ckpt", mf_state(SEED, global_step=5))  # MindSpore's save_checkpoint output
+    _tokens(tmp_path)
+    counts, same, lines = run_distributed(_resume, 1, str(tmp_path), str(tmp_path / "net.ckpt"), SEED,
+                                          "use_legacy_format=true")[0]
+    assert same
+    # Only global_step is recorded: 5 steps of this job's batch of 2.
+    assert counts == (5, 10, 0, 10, 5, 6, 12)
+    assert any("continuing after 10 samples (global_step 5 x this job's global batch size 2 (no "
+               "global_batch_size recorded))" in line for line in lines)
