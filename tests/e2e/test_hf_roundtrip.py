@@ -18,9 +18,10 @@ import yaml
 
 from resumable.cli import main
 from resumable.errors import ConfigError
+from resumable.models.qwen3 import hf_config
 from resumable.save import save
 from resumable.train.config import ModelConfig, load_config
-from resumable.train.model import build_model, hf_config
+from resumable.train.model import build_model
 from resumable.train.pretrained import init_from_pretrained, load_pretrained
 from tests.e2e.jobs import run_job, train_cmd
 
@@ -92,13 +93,25 @@ def test_export_to_hf_loads_in_transformers_with_the_same_logits(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), ours.state_dict().values()))
 
 
-def test_export_of_a_checkpoint_without_model_config_asks_for_one(tmp_path, capsys):
-    save({"model": build_model(ModelConfig(**SIZES), seed=0).state_dict()}, tmp_path / "ckpt", 3)
+def test_export_of_an_unknown_model_without_model_config_asks_for_one(tmp_path, capsys):
+    save({"model": {"fc1.weight": torch.ones(3, 4)}}, tmp_path / "ckpt", 3)
     assert main(["convert", str(tmp_path / "ckpt"), str(tmp_path / "hf"), "--to", "hf", "--quiet"]) == 2
     assert capsys.readouterr().err == (
-        f"resumable convert: error: {tmp_path / 'ckpt'} does not record its model config; pass --config C.yaml "
-        "(its model: section) or --hf-config config.json to export it as a HuggingFace folder\n")
+        f"resumable convert: error: {tmp_path / 'ckpt' / 'iteration_00000003'}: it records no model config, and no "
+        "known model's config follows from its tensors: its tensors are not Qwen3's HuggingFace names (fc1.weight); "
+        "pass --hf-config config.json (or --config C.yaml) to export it as a HuggingFace folder\n")
     assert not (tmp_path / "hf").exists()
+
+
+def test_export_of_a_qwen3_checkpoint_without_model_config_infers_it_from_the_shapes(tmp_path, caplog):
+    ours = build_model(ModelConfig(**SIZES), seed=0)  # rms_norm_eps and rope_theta: transformers' defaults
+    save({"model": ours.state_dict()}, tmp_path / "ckpt", 3)
+    with caplog.at_level(logging.INFO, logger="resumable.tools.merge"):
+        assert main(["convert", str(tmp_path / "ckpt"), str(tmp_path / "hf"), "--to", "hf", "--quiet"]) == 0
+    assert "rope_theta 10000.0: transformers' Qwen3 default (shapes cannot tell it)" in caplog.text
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(exported(TOKENS).logits, ours(TOKENS), atol=1e-5, rtol=0)
 
 
 def test_a_trainer_checkpoint_records_its_architecture_and_exports_without_a_config(tmp_path):

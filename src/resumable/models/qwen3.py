@@ -1,4 +1,4 @@
-"""Everything the project knows about Qwen3: names, fused layouts, head counts, the parallel plan.
+"""Everything the project knows about Qwen3: names, fused layouts, head counts, the parallel plan, config.json.
 
 The trainer, the tools and the format readers share this one module, so that adding a
 model (Llama, Qwen2) is one new file beside it (:mod:`resumable.models`); the format
@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, replace
-from typing import Literal, Mapping
+from typing import Any, Literal, Mapping
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -47,6 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from resumable.formats.ms_names import SCALARS, ms_export_name, our_name, parse_ms_name, parse_our_name
 
 __all__ = [
+    "ARCHITECTURE",
     "DEFAULT_LAYOUT",
     "FIRST_STAGE",
     "FUSED",
@@ -57,20 +58,27 @@ __all__ = [
     "TP_TOP_PLAN",
     "AttentionShape",
     "FusedLayout",
+    "HF_DEFAULTS",
     "ModelConfig",
     "NameMap",
     "TPRule",
+    "config_mismatches",
+    "config_shape_problems",
     "fc1_rows",
     "fuse_fc1",
     "fuse_qkv",
+    "hf_config",
     "hf_head_counts",
     "hf_to_mf",
     "infer_heads",
+    "infer_hf_config",
+    "is_hf_config",
     "is_hf_param",
     "is_mf_param",
     "layer_of",
     "map_mf_name",
     "mf_to_hf",
+    "model_keys_from_hf",
     "on_stage",
     "qkv_rows",
     "split_fc1",
@@ -586,3 +594,254 @@ def hf_head_counts(shapes: Mapping[str, tuple[int, ...]],
     except (KeyError, ValueError, IndexError):
         return None
     return (q_rows // head_dim, k_rows // head_dim) if head_dim > 0 else None
+
+
+# ------------------------------------------------------------------------------ config.json
+#
+# HuggingFace's config.json ↔ our ModelConfig (the trainer's `model:` keys are named as in
+# transformers' Qwen3Config), the tensor shapes a config.json implies, and a config.json
+# inferred from the shapes of a checkpoint that records none (a MindFormers one).
+
+ARCHITECTURE = "Qwen3ForCausalLM"
+"""``architectures[0]`` of a Qwen3 ``config.json``."""
+
+HF_DEFAULTS: dict[str, float | int] = {"rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 32768}
+"""``transformers.Qwen3Config``'s defaults of the keys tensor shapes cannot tell."""
+
+_SAME = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+         "num_key_value_heads", "head_dim", "tie_word_embeddings", "rms_norm_eps", "rope_theta")
+"""Keys that must agree between a config.json and ``model:``: they change the shapes or the function computed."""
+
+_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+"""Keys a config.json must give for its tensor shapes to follow (the others have defaults)."""
+
+
+def _model(model_keys: Mapping[str, Any] | ModelConfig) -> ModelConfig:
+    return model_keys if isinstance(model_keys, ModelConfig) else ModelConfig(**model_keys)
+
+
+def is_hf_config(config: Mapping[str, Any]) -> bool:
+    """Whether a ``config.json`` dict describes a Qwen3 model (``model_type`` or ``architectures``)."""
+    archs = config.get("architectures")
+    return config.get("model_type") == "qwen3" or (isinstance(archs, list) and ARCHITECTURE in archs)
+
+
+def hf_config(model_keys: Mapping[str, Any] | ModelConfig) -> dict[str, Any]:
+    """A ``transformers`` Qwen3 ``config.json`` (float32 weights) for our ``model:`` keys.
+
+    Raises:
+        ValueError: ``model_keys`` is not a valid ``model:`` section (pydantic names the key).
+
+    Example::
+
+        hf_config(ModelConfig())["model_type"]              # "qwen3"
+        hf_config({"num_hidden_layers": 2})["num_hidden_layers"]
+    """
+    model = _model(model_keys)
+    return {
+        "architectures": [ARCHITECTURE], "model_type": "qwen3", "hidden_act": "silu",
+        "attention_bias": False, "attention_dropout": model.attention_dropout, "use_sliding_window": False,
+        "vocab_size": model.vocab_size, "hidden_size": model.hidden_size,
+        "intermediate_size": model.intermediate_size, "num_hidden_layers": model.num_hidden_layers,
+        "num_attention_heads": model.num_attention_heads, "num_key_value_heads": model.num_key_value_heads,
+        "head_dim": model.head_dim, "rms_norm_eps": model.rms_norm_eps, "rope_theta": model.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": model.rope_theta},
+        "max_position_embeddings": model.max_position_embeddings, "initializer_range": model.initializer_range,
+        "tie_word_embeddings": model.tie_word_embeddings, "dtype": "float32",
+    }
+
+
+def _rope_theta(config: Mapping[str, Any]) -> float | None:
+    params = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    theta = config.get("rope_theta", params.get("rope_theta") if isinstance(params, dict) else None)
+    return None if theta is None else float(theta)
+
+
+def model_keys_from_hf(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``model:`` keys of our YAML that a HuggingFace Qwen3 ``config.json`` fixes.
+
+    ``head_dim`` defaults to ``hidden_size // num_attention_heads``, ``num_key_value_heads``
+    to ``num_attention_heads`` and ``tie_word_embeddings`` to false, as ``transformers.Qwen3Config``
+    does; keys the config lacks (and that have no such default) are left out.
+
+    Example::
+
+        model_keys_from_hf({"hidden_size": 64, "num_attention_heads": 4})["head_dim"]     # 16
+    """
+    out = {k: config[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                  "num_attention_heads", "rms_norm_eps", "max_position_embeddings",
+                                  "initializer_range") if k in config}
+    out["num_key_value_heads"] = config.get("num_key_value_heads", config.get("num_attention_heads"))
+    if "hidden_size" in config and "num_attention_heads" in config:
+        out["head_dim"] = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    out["tie_word_embeddings"] = bool(config.get("tie_word_embeddings", False))
+    theta = _rope_theta(config)
+    if theta is not None:
+        out["rope_theta"] = theta
+    return out
+
+
+def config_mismatches(model_keys: Mapping[str, Any] | ModelConfig, config: Mapping[str, Any]) -> list[str]:
+    """Every architecture key on which ``config.json`` and ``model:`` disagree, as readable lines.
+
+    Example::
+
+        config_mismatches(ModelConfig(), {**hf_config(ModelConfig()), "hidden_size": 32})
+        # ["model.hidden_size: 64 in the YAML, 32 in config.json"]
+    """
+    model = _model(model_keys)
+    found = model_keys_from_hf(config)
+    lines = []
+    if config.get("model_type", "qwen3") != "qwen3":
+        lines.append(f"model_type: {config.get('model_type')!r} in config.json, only 'qwen3' is supported")
+    for key in _SAME:
+        ours = getattr(model, key)
+        theirs = found.get(key)
+        differs = abs(ours - theirs) > 1e-12 * abs(ours) if isinstance(ours, float) and theirs is not None \
+            else ours != theirs
+        if theirs is None or differs:
+            lines.append(f"model.{key}: {ours!r} in the YAML, {theirs!r} in config.json")
+    return lines
+
+
+def _expected_shapes(keys: Mapping[str, Any]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """HF parameter template → (shape, the config keys it follows from), ``{i}`` for a layer."""
+    v, h, f = keys["vocab_size"], keys["hidden_size"], keys["intermediate_size"]
+    n, kv, d = keys["num_attention_heads"], keys["num_key_value_heads"], keys["head_dim"]
+    q = f"num_attention_heads {n} × head_dim {d}"
+    k = f"num_key_value_heads {kv} × head_dim {d}"
+    layer = {
+        "self_attn.q_proj.weight": ((n * d, h), f"{q}, hidden_size {h}"),
+        "self_attn.k_proj.weight": ((kv * d, h), f"{k}, hidden_size {h}"),
+        "self_attn.v_proj.weight": ((kv * d, h), f"{k}, hidden_size {h}"),
+        "self_attn.o_proj.weight": ((h, n * d), f"hidden_size {h}, {q}"),
+        "self_attn.q_norm.weight": ((d,), f"head_dim {d}"),
+        "self_attn.k_norm.weight": ((d,), f"head_dim {d}"),
+        "mlp.gate_proj.weight": ((f, h), f"intermediate_size {f}, hidden_size {h}"),
+        "mlp.up_proj.weight": ((f, h), f"intermediate_size {f}, hidden_size {h}"),
+        "mlp.down_proj.weight": ((h, f), f"hidden_size {h}, intermediate_size {f}"),
+        "input_layernorm.weight": ((h,), f"hidden_size {h}"),
+        "post_attention_layernorm.weight": ((h,), f"hidden_size {h}"),
+    }
+    out = {"model.embed_tokens.weight": ((v, h), f"vocab_size {v}, hidden_size {h}"),
+           **{f"model.layers.{{i}}.{name}": spec for name, spec in layer.items()},
+           "model.norm.weight": ((h,), f"hidden_size {h}")}
+    if not keys["tie_word_embeddings"]:
+        out["lm_head.weight"] = ((v, h), f"vocab_size {v}, hidden_size {h}")
+    return out
+
+
+def _layers(layers: list[int]) -> str:
+    """``[0, 1, 2, 5]`` → ``"layers 0-2, 5"``."""
+    spans: list[list[int]] = []
+    for i in sorted(layers):
+        if spans and i == spans[-1][1] + 1:
+            spans[-1][1] = i
+        else:
+            spans.append([i, i])
+    text = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+    return f"layer{'s' if len(layers) > 1 else ''} {text}"
+
+
+def config_shape_problems(config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]) -> list[str]:
+    """Every way the model parameters ``shapes`` (HF name → shape) differ from what a Qwen3 ``config.json``
+    implies: each tensor's shape (one line per tensor and the layers it concerns), missing tensors,
+    layers missing or beyond ``num_hidden_layers``, ``lm_head.weight`` missing though untied.
+
+    Tensors that are no Qwen3 parameter are not judged (``transformers`` ignores them).
+
+    Example::
+
+        config_shape_problems({**hf_config(ModelConfig()), "num_key_value_heads": 4}, shapes)
+        # ["model.layers.{i}.self_attn.k_proj.weight (layers 0-3): [32, 64] in the checkpoint, "
+        #  "config.json implies [64, 64] (num_key_value_heads 4 × head_dim 16, hidden_size 64)", ...]
+    """
+    keys = model_keys_from_hf(config)
+    keys["head_dim"] = keys.get("head_dim")
+    bad = [f"config.json: {k} is {keys.get(k)!r}, expected a positive integer"
+           for k in (*_SIZES, "num_key_value_heads", "head_dim")
+           if type(keys.get(k)) is not int or keys[k] <= 0]
+    if bad:
+        return bad
+    problems = []
+    if keys["num_attention_heads"] % keys["num_key_value_heads"]:
+        problems.append(f"config.json: num_attention_heads {keys['num_attention_heads']} is not a multiple of "
+                        f"num_key_value_heads {keys['num_key_value_heads']}")
+    count = keys["num_hidden_layers"]
+    present = sorted({i for name in shapes if (i := layer_of(name)) is not None})
+    if [i for i in present if i >= count]:
+        problems.append(f"the checkpoint has {_layers([i for i in present if i >= count])} beyond "
+                        f"num_hidden_layers {count}")
+    absent = [i for i in range(count) if i not in present]
+    if absent:
+        problems.append(f"num_hidden_layers is {count}, the checkpoint has no {_layers(absent)}")
+    expected = _expected_shapes(keys)
+    wrong: dict[tuple[str, tuple[int, ...]], list[int]] = {}
+    missing: dict[str, list[int]] = {}
+    for template, (shape, _) in expected.items():
+        for i in ([i for i in range(count) if i in present] if "{i}" in template else [-1]):
+            name = template.replace("{i}", str(i))
+            if name not in shapes:
+                missing.setdefault(template, []).append(i)
+            elif tuple(shapes[name]) != shape:
+                wrong.setdefault((template, tuple(shapes[name])), []).append(i)
+    for (template, found), layers in wrong.items():
+        shape, why = expected[template]
+        where = f"{template} ({_layers(layers)})" if "{i}" in template else template
+        problems.append(f"{where}: {list(found)} in the checkpoint, config.json implies {list(shape)} ({why})")
+    for template, layers in missing.items():
+        why = " (tie_word_embeddings is false)" if template == "lm_head.weight" else ""
+        where = f"{template} ({_layers(layers)})" if "{i}" in template else template
+        problems.append(f"{where}: missing from the checkpoint{why}")
+    return problems
+
+
+def infer_hf_config(shapes: Mapping[str, tuple[int, ...]],
+                    recorded: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], list[str]]:
+    """A Qwen3 ``config.json`` for model parameters ``shapes`` (HF names), and notes saying what it rests on.
+
+    Shapes give the sizes (vocabulary and hidden from ``embed_tokens``, the FFN from
+    ``gate_proj``, head_dim from ``q_norm``, the head counts from ``q_proj`` / ``k_proj``,
+    the layer count, tied embeddings from a missing ``lm_head``); ``rms_norm_eps``,
+    ``rope_theta`` and ``max_position_embeddings`` come from ``recorded`` (a model config the
+    checkpoint records, e.g. MindFormers' keys of those names), else :data:`HF_DEFAULTS`.
+
+    Raises:
+        ValueError: the parameters are not a whole Qwen3 model (the problems listed).
+
+    Example::
+
+        config, notes = infer_hf_config({n: t.shape for n, t in state.items()})
+    """
+    unknown = sorted(n for n in shapes if not is_hf_param(n))
+    if unknown or not shapes:
+        raise ValueError(f"its tensors are not Qwen3's HuggingFace names ({', '.join(unknown[:3]) or 'no tensors'}"
+                         f"{', ...' if len(unknown) > 3 else ''})")
+    try:
+        vocab, hidden = shapes["model.embed_tokens.weight"]
+        (head_dim,) = shapes["model.layers.0.self_attn.q_norm.weight"]
+        ffn = shapes["model.layers.0.mlp.gate_proj.weight"][0]
+    except (KeyError, ValueError, IndexError) as exc:
+        raise ValueError(f"the sizes cannot be read from its shapes ({exc!r} missing or malformed)") from None
+    heads = hf_head_counts(shapes)
+    if heads is None:
+        raise ValueError("the head counts cannot be read from layer 0's q_norm, q_proj and k_proj")
+    layers = max(i for name in shapes if (i := layer_of(name)) is not None) + 1
+    keys = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+                num_attention_heads=heads[0], num_key_value_heads=heads[1], head_dim=head_dim,
+                tie_word_embeddings="lm_head.weight" not in shapes)
+    notes = [f"config.json inferred from the tensor shapes: {', '.join(f'{k} {v}' for k, v in keys.items())}"]
+    recorded = recorded or {}
+    for key, default in HF_DEFAULTS.items():
+        value = recorded.get(key)
+        keys[key] = value if isinstance(value, (int, float)) and not isinstance(value, bool) else default
+        notes.append(f"{key} {keys[key]} from the checkpoint's recorded config" if keys[key] is value
+                     else f"{key} {default}: transformers' Qwen3 default (shapes cannot tell it)")
+    try:
+        config = hf_config(keys)
+    except ValueError as exc:
+        raise ValueError(f"its shapes give no valid Qwen3 config: {exc}") from None
+    problems = config_shape_problems(config, shapes)
+    if problems:
+        raise ValueError("its shapes do not fit one Qwen3 config: " + "; ".join(problems))
+    return config, notes

@@ -88,11 +88,13 @@ class _Stderr(logging.Handler):
 
 
 def _source_options(args: argparse.Namespace) -> dict[str, Any]:
-    """open_source's keyword arguments from the flags; the decisions it logs go to stderr."""
-    logger = logging.getLogger("resumable.sources")
-    if not any(isinstance(h, _Stderr) for h in logger.handlers):
-        logger.addHandler(_Stderr())
-        logger.setLevel(logging.INFO)
+    """open_source's keyword arguments from the flags; the decisions it logs (and the exports' config.json
+    decisions, resumable.tools.merge) go to stderr."""
+    for name in ("resumable.sources", "resumable.tools.merge"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(h, _Stderr) for h in logger.handlers):
+            logger.addHandler(_Stderr())
+            logger.setLevel(logging.INFO)
     fused = {k: getattr(args, k) for k in _LAYOUT_FLAGS if getattr(args, k) is not None}
     return {"heads": args.heads, "fused": fused or None, "names": args.names, "src_strategy": args.src_strategy}
 
@@ -301,13 +303,18 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
                        "tensors). MindSpore names "
                        "are kept (adam_m/adam_v -> optimizer.state.<name>.exp_avg/exp_avg_sq, scalars -> "
                        "common.json), and MindFormers Qwen3 names mapped to HuggingFace names (fused qkv/fc1 split) "
-                       "when every parameter is one (--names).")
+                       "when every parameter is one (--names). "
+                       "Every target carries the source's config.json and its generation and tokenizer files "
+                       "(byte for byte), so HuggingFace -> v2 -> hf needs no flag; a Qwen3 checkpoint that records "
+                       "no config.json gets one inferred from its shapes (logged).")
     p.add_argument("src", help=_PATHS)
     p.add_argument("out", help="output folder (for v2: the checkpoint folder)")
     p.add_argument("--to", required=True, choices=TARGETS, help="output format")
     p.add_argument("--layout", default=None, metavar="dp=N,tp=N[,pp=N]", help="v2 only: target layout (default 1 rank)")
-    p.add_argument("--config", default=None, help="hf only: training YAML whose model: section gives config.json")
-    p.add_argument("--hf-config", default=None, help="hf only: a config.json to write (instead of --config)")
+    p.add_argument("--config", default=None, help="hf only: training YAML whose model: section gives config.json "
+                   "(default: the source's own, else inferred from a Qwen3's shapes)")
+    p.add_argument("--hf-config", default=None, help="hf only: a config.json to write (instead of --config); a Qwen3 "
+                   "config is checked against the tensors' shapes first")
     _v2_args(p)
     _common_write_args(p, shards=True)
     p.set_defaults(func=_convert)

@@ -5,7 +5,8 @@
 =========  ======================================================================
 ``v2``     Checkpoint 2.0 (``OUT/iteration_*`` + tracker), for one rank unless a
            layout is given: the trainer reshards it online on load
-``unified`` full tensors (model and optimizer) + ``common.json`` (as ``merge``)
+``unified`` full tensors (model and optimizer) + ``common.json`` (as ``merge``), and
+           ``config.json`` when the model is known
 ``hf``     a HuggingFace folder: model parameters + ``config.json``
 ``legacy`` Checkpoint 1.0: ``OUT/rank_0/{prefix}_rank_0-{epoch}_{step}.safetensors`` and
            ``meta.json``, one rank holding full tensors (loads onto any layout
@@ -19,30 +20,37 @@ trees in ``.safetensors`` or ``.ckpt``, HuggingFace / unified folders).
 
 The model config of a HuggingFace export comes, in order, from ``hf_config`` (a
 ``config.json`` dict), from ``model`` (our YAML's ``model:`` section), or from the
-source itself: a HuggingFace or unified source's ``config.json``, or the
-``model_config`` the reference trainer records in ``common.json``. A checkpoint saved by
-another training loop records none unless it puts one in its state, so exporting it needs
-``--config`` or ``--hf-config``.
+source itself (:func:`resumable.tools.merge.known_config`): a HuggingFace or unified
+source's ``config.json``, the ``model_config`` every conversion and the reference trainer
+record in the saved state, else one inferred from the shapes of a Qwen3 checkpoint
+(MindFormers', logged). A Qwen3 config is checked against the tensors' shapes before
+anything is written.
+
+Every target carries the source's ``config.json`` and its generation and tokenizer files
+(:mod:`resumable.formats.hf_aux`), so HF → v2 → HF and HF → v2 → legacy → HF give back
+the same model without any flag.
 
 Example::
 
     convert("mf_run/checkpoint", "ckpt", "v2", dtype=torch.float32)
-    convert("output/checkpoint", "hf_out", "hf", model=load_config("c.yaml").model)
+    convert("output/checkpoint", "hf_out", "hf", model=ModelConfig(num_hidden_layers=2))
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
+from resumable import commit
 from resumable.errors import CheckpointError, ConfigError
-from resumable.models.qwen3 import AttentionShape
-from resumable.formats import v1
+from resumable.formats import hf_aux, v1
 from resumable.formats.mindformers import parse_legacy_name
 from resumable.lock import DirectoryLock
+from resumable.models.qwen3 import AttentionShape, ModelConfig, hf_config as model_hf_config
 from resumable.sources import Fused, Names, Source, open_source
 from resumable.tools.merge import DEFAULT_SHARD, export_hf, merge
 from resumable.tools.split import TargetLayout, write_v2
@@ -57,7 +65,7 @@ def convert(src: str | os.PathLike[str], out: str | os.PathLike[str], to: Target
             layout: TargetLayout | None = None, prefix: str = "CKP", remove_redundancy: bool = False,
             dtype: torch.dtype | None = None, heads: AttentionShape | None = None,
             fused: Fused | None = None, names: Names = "auto", src_strategy: str | os.PathLike[str] | None = None,
-            hf_config: dict[str, Any] | None = None, model: Any = None,
+            hf_config: dict[str, Any] | None = None, model: ModelConfig | None = None,
             max_shard_size: int = DEFAULT_SHARD, progress: bool = False) -> Path:
     """Convert the checkpoint at ``src`` to format ``to`` in ``out``.
 
@@ -78,7 +86,9 @@ def convert(src: str | os.PathLike[str], out: str | os.PathLike[str], to: Target
         The folder written (for ``v2``, the committed iteration folder).
 
     Raises:
-        ConfigError: ``hf`` without any model config; an unknown target.
+        ConfigError: ``hf`` without any model config known (none given or recorded, and the
+            tensors are no known model's); a Qwen3 config that does not fit the tensors (all
+            problems listed); an unknown target. Nothing is written.
         CheckpointError: ``legacy`` and the step's file already exists.
         LockedError: ``v2`` or ``legacy`` into a folder whose lock a live job holds.
     """
@@ -92,16 +102,14 @@ def convert(src: str | os.PathLike[str], out: str | os.PathLike[str], to: Target
                         dtype=dtype, progress=progress)
     if to == "unified":
         return merge(source, out, max_shard_size=max_shard_size, dtype=dtype, progress=progress)
-    config = hf_config
-    if config is None and model is not None:
-        from resumable.train.model import hf_config as from_model
-
-        config = from_model(model)
-    config = config or source.model_config
-    if not config:
-        raise ConfigError(f"{src} does not record its model config; pass --config C.yaml (its model: section) "
-                          "or --hf-config config.json to export it as a HuggingFace folder")
-    return export_hf(source, out, config, max_shard_size=max_shard_size, dtype=dtype, progress=progress)
+    if hf_config is not None:
+        config, origin = hf_config, "--hf-config"
+    elif model is not None:
+        config, origin = model_hf_config(model), "the model: section of --config"
+    else:
+        config, origin = None, ""  # the source's own, or one inferred from its shapes
+    return export_hf(source, out, config, origin=origin, max_shard_size=max_shard_size, dtype=dtype,
+                     progress=progress)
 
 
 def _write_legacy(source: Source, out: Path, prefix: str, dtype: torch.dtype | None) -> Path:
@@ -115,6 +123,9 @@ def _write_legacy(source: Source, out: Path, prefix: str, dtype: torch.dtype | N
     epoch, step = v1.name_position(epochs, step, gstep // epochs if epochs else gstep)
     with DirectoryLock(out):  # LegacySaver cleans and replaces meta.json: never in a live job's folder
         _refuse_legacy_clash(out / "rank_0", prefix, epoch, step)
+        if source.model_config:
+            objects["model_config"] = source.model_config
+        objects = hf_aux.with_record(objects, _legacy_hf_files(source, out / hf_aux.FOLDER))
         optim = {k: v for k, v in (objects.pop("optimizer", None) or {}).items() if k != "state"}
         model = {}
         for name, t in source.tensors.items():
@@ -128,6 +139,26 @@ def _write_legacy(source: Source, out: Path, prefix: str, dtype: torch.dtype | N
                             save_optimizer=bool(optim), strategy_dir=out / v1.STRATEGY_DIR,
                             layout={"world_size": 1, "mesh": None, "pipeline_stages": 1})
         return saver.save({"model": model, "optimizer": optim, **objects}, epoch, step)
+
+
+def _legacy_hf_files(source: Source, folder: Path) -> dict[str, dict[str, Any]]:
+    """Publish the source's tokenizer and generation files as ``folder`` (before the step that records
+    them); a tree that already holds them keeps them when they are the same bytes."""
+    if not source.hf_files:
+        return {}
+    temp = commit.new_output_dir(folder)
+    try:
+        record = hf_aux.copy(source.hf_files, temp)
+        if folder.exists():
+            kept = hf_aux.recorded(folder, record, str(folder))
+            if set(kept) != {p.name for p in folder.iterdir()} or hf_aux.problems(kept):
+                raise CheckpointError(f"{folder} holds other HuggingFace files than {source.path}'s (an earlier "
+                                      "conversion of another model); write into another folder")
+        else:
+            commit.publish_output_dir(temp, folder)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+    return record
 
 
 def _refuse_legacy_clash(folder: Path, prefix: str, epoch: int, step: int) -> None:

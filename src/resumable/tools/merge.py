@@ -12,7 +12,12 @@ power loss leaves a folder that looks complete.
   (``common.json``), so ``resumable split`` can turn it back into the same checkpoint;
 - *hf* keeps the model's parameters only (``lm_head.weight`` is left out when the
   embeddings are tied, as ``save_pretrained`` does) plus ``config.json``, and loads with
-  ``transformers``' ``from_pretrained``.
+  ``transformers``' ``from_pretrained``; a Qwen3 ``config.json`` is checked against the
+  tensors' shapes first (every problem listed, nothing written).
+
+Both write the ``config.json`` of :func:`known_config` (the source's, or one inferred from a
+Qwen3 checkpoint's shapes; *unified* writes none for a model no mapping knows) and copy
+the source's generation and tokenizer files byte for byte (:mod:`resumable.formats.hf_aux`).
 
 Example::
 
@@ -22,6 +27,7 @@ Example::
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -31,16 +37,20 @@ import torch
 from tqdm import tqdm
 
 from resumable import commit
-from resumable.formats import hf, v2
+from resumable.errors import ConfigError
+from resumable.formats import hf, hf_aux, v2
+from resumable.models import qwen3
 from resumable.sources import Source, SourceTensor
 
-__all__ = ["export_hf", "merge"]
+log = logging.getLogger(__name__)
+
+__all__ = ["export_hf", "known_config", "merge"]
 
 DEFAULT_SHARD = 5 << 30
 
 
-def _write(out: Path, config: dict[str, Any], tensors: list[SourceTensor], common: dict[str, Any] | None,
-           max_shard_size: int, dtype: torch.dtype | None, progress: bool) -> Path:
+def _write(out: Path, config: dict[str, Any] | None, tensors: list[SourceTensor], common: dict[str, Any] | None,
+           files: dict[str, hf_aux.AuxFile], max_shard_size: int, dtype: torch.dtype | None, progress: bool) -> Path:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} exists and is not empty; choose a new output folder or delete it")
 
@@ -58,7 +68,9 @@ def _write(out: Path, config: dict[str, Any], tensors: list[SourceTensor], commo
             return data
         try:
             hf.write_hf_folder(temp, config, [(t.name, cast(t), t.shape) for t in tensors], get, max_shard_size)
+            record = hf_aux.copy(files, temp)
             if common is not None:
+                common = {**common, "state": hf_aux.with_record(common.get("state"), record)}
                 (temp / v2.COMMON).write_bytes(v2.common_bytes(common))
             commit.publish_output_dir(temp, out)
         except BaseException:
@@ -93,29 +105,73 @@ def merge(source: Source, out: str | os.PathLike[str], *, max_shard_size: int = 
         common.setdefault("iteration", source.iteration)
     if source.layout is not None:
         common["source_layout"] = source.layout
-    return _write(Path(out), source.model_config or {}, list(source.tensors.values()), common,
+    config, notes = known_config(source)
+    for note in notes:  # an unknown model (most of our own checkpoints): no config.json, said only at debug level
+        log.log(logging.INFO if config else logging.DEBUG, "%s: %s%s", source.path,
+                "" if config else "no config.json written: ", note)
+    return _write(Path(out), config, list(source.tensors.values()), common, source.hf_files,
                   max_shard_size, dtype, progress)
 
 
-def export_hf(source: Source, out: str | os.PathLike[str], config: dict[str, Any], *,
-              max_shard_size: int = DEFAULT_SHARD, dtype: torch.dtype | None = None,
-              progress: bool = False) -> Path:
+def known_config(source: Source) -> tuple[dict[str, Any] | None, list[str]]:
+    """The ``config.json`` of ``source`` and notes on where it comes from: the HuggingFace config it
+    records, else one inferred from the shapes when its model tensors are a whole Qwen3
+    (:func:`resumable.models.qwen3.infer_hf_config`), else None (no model mapping knows it: the
+    note says why).
+
+    Example::
+
+        config, notes = known_config(open_source("mf_run/checkpoint"))
+    """
+    recorded = source.model_config
+    if recorded and "model_type" in recorded:
+        return recorded, []
+    shapes = {n: t.shape for n, t in source.tensors.items() if t.kind == "model"}
+    try:
+        return qwen3.infer_hf_config(shapes, recorded)
+    except ValueError as exc:
+        return None, [f"it records no model config, and no known model's config follows from its tensors: {exc}"]
+
+
+def export_hf(source: Source, out: str | os.PathLike[str], config: dict[str, Any] | None = None, *,
+              origin: str = "the config.json given", max_shard_size: int = DEFAULT_SHARD,
+              dtype: torch.dtype | None = None, progress: bool = False) -> Path:
     """Write the model parameters of ``source`` as a HuggingFace folder with ``config``.
 
     Args:
         source: any checkpoint.
         out: a new (or empty) folder.
-        config: the ``config.json`` content (see ``resumable.train.model.hf_config``).
+        config: the ``config.json`` content (see :func:`resumable.models.qwen3.hf_config`);
+            None: :func:`known_config`.
+        origin: where ``config`` comes from, for the error (e.g. ``--hf-config c.json``).
         max_shard_size, dtype, progress: as :func:`merge`.
 
     Raises:
+        ConfigError: no config given and none known; or a Qwen3 config that does not fit the
+            tensors' shapes (every problem listed). Nothing is written.
         FileExistsError: ``out`` exists and is not empty.
 
     Example::
 
         export_hf(open_source("output/checkpoint"), "hf/", hf_config(cfg.model))
     """
+    if config is None:
+        config, notes = known_config(source)
+        if config is None:
+            raise ConfigError(f"{source.path}: {notes[0]}; pass --hf-config config.json (or --config C.yaml) to "
+                              "export it as a HuggingFace folder")
+        for note in notes:
+            log.info("%s: %s", source.path, note)
+        origin = "the config.json it records" if config is source.model_config else "the inferred config.json"
     tensors = [t for t in source.tensors.values() if t.kind == "model"]
     if config.get("tie_word_embeddings"):
         tensors = [t for t in tensors if t.name != "lm_head.weight"]
-    return _write(Path(out), config, tensors, None, max_shard_size, dtype, progress)
+    if qwen3.is_hf_config(config):
+        problems = qwen3.config_shape_problems(config, {t.name: t.shape for t in tensors})
+        if problems:
+            raise ConfigError(f"{origin} does not fit the tensors of {source.path} ({len(problems)} problem(s)):\n  "
+                              + "\n  ".join(problems) + "\nfix the config, or pass the model's own config.json")
+    else:
+        log.debug("%s: config.json of model_type %r: not checked against the tensors (only Qwen3's shapes are "
+                  "known)", source.path, config.get("model_type"))
+    return _write(Path(out), config, tensors, None, source.hf_files, max_shard_size, dtype, progress)

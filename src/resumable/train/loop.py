@@ -34,10 +34,11 @@ from torch.distributed.checkpoint.state_dict import (
 
 from resumable.async_save import collective_timeout, env_seconds, finish_pending
 from resumable.errors import ConfigError
+from resumable.models.qwen3 import hf_config
 from resumable.proctree import STOP_SIGNALS
 from resumable.train.config import TrainConfig
 from resumable.train.data import Batches, load_dataset
-from resumable.train.model import build_model, causal_lm_loss, hf_config
+from resumable.train.model import build_model, causal_lm_loss
 from resumable.train.parallel import Layout, build_layout, build_pipeline, check_layout, parallelize, sync_grads
 from resumable.train.schedule import build_optimizer, lr_at, set_lr
 

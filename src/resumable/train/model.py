@@ -18,8 +18,6 @@ infer the local head count (``view(b, s, -1, head_dim)``) instead of reading the
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -169,22 +167,3 @@ def causal_lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross entropy; logits (b, s, vocab), targets (b, s)."""
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
-
-def hf_config(model: ModelConfig) -> dict[str, Any]:
-    """A ``transformers`` Qwen3 ``config.json`` for our model config (float32 weights).
-
-    Example::
-
-        hf_config(ModelConfig())["model_type"]      # "qwen3"
-    """
-    return {
-        "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_act": "silu",
-        "attention_bias": False, "attention_dropout": model.attention_dropout, "use_sliding_window": False,
-        "vocab_size": model.vocab_size, "hidden_size": model.hidden_size,
-        "intermediate_size": model.intermediate_size, "num_hidden_layers": model.num_hidden_layers,
-        "num_attention_heads": model.num_attention_heads, "num_key_value_heads": model.num_key_value_heads,
-        "head_dim": model.head_dim, "rms_norm_eps": model.rms_norm_eps, "rope_theta": model.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": model.rope_theta},
-        "max_position_embeddings": model.max_position_embeddings, "initializer_range": model.initializer_range,
-        "tie_word_embeddings": model.tie_word_embeddings, "dtype": "float32",
-    }

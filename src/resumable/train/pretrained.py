@@ -10,16 +10,12 @@ every difference is listed in one ``ConfigError``. With ``load_checkpoint`` set,
 checkpoint wins and the folder is ignored (logged).
 
     resumable train --config c.yaml --set pretrained_model_dir=/models/qwen3-tiny
-
-It also maps our ``ModelConfig`` to a HuggingFace ``config.json`` (:func:`hf_config`)
-for ``resumable convert --to hf``.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -27,57 +23,13 @@ from torch import nn
 from resumable.errors import ConfigError
 from resumable.formats.hf import index_hf_folder, read_hf_box, read_hf_config
 from resumable.layout import local_chunks, local_tensor
+from resumable.models.qwen3 import config_mismatches
 from resumable.train.config import ModelConfig, TrainConfig
 from resumable.train.loop import Callback, Trainer
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PretrainedInit", "config_mismatches", "init_from_pretrained", "load_pretrained", "model_config_from_hf"]
-
-_SAME = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-         "num_key_value_heads", "head_dim", "tie_word_embeddings", "rms_norm_eps", "rope_theta")
-"""Keys that must agree: they change the parameters' shapes or the function computed."""
-
-
-def _rope_theta(config: dict[str, Any]) -> float | None:
-    params = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    theta = config.get("rope_theta", params.get("rope_theta") if isinstance(params, dict) else None)
-    return None if theta is None else float(theta)
-
-
-def model_config_from_hf(config: dict[str, Any]) -> dict[str, Any]:
-    """The ``model:`` keys of our YAML that a HuggingFace Qwen3 ``config.json`` fixes.
-
-    ``head_dim`` defaults to ``hidden_size // num_attention_heads`` and
-    ``tie_word_embeddings`` to false, as ``transformers.Qwen3Config`` does.
-    """
-    out = {k: config[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                                  "num_attention_heads", "rms_norm_eps", "max_position_embeddings",
-                                  "initializer_range") if k in config}
-    out["num_key_value_heads"] = config.get("num_key_value_heads", config.get("num_attention_heads"))
-    if "hidden_size" in config and "num_attention_heads" in config:
-        out["head_dim"] = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    out["tie_word_embeddings"] = bool(config.get("tie_word_embeddings", False))
-    theta = _rope_theta(config)
-    if theta is not None:
-        out["rope_theta"] = theta
-    return out
-
-
-def config_mismatches(model: ModelConfig, config: dict[str, Any]) -> list[str]:
-    """Every architecture key on which ``config.json`` and ``model:`` disagree, as readable lines."""
-    found = model_config_from_hf(config)
-    lines = []
-    if config.get("model_type", "qwen3") != "qwen3":
-        lines.append(f"model_type: {config.get('model_type')!r} in config.json, only 'qwen3' is supported")
-    for key in _SAME:
-        ours = getattr(model, key)
-        theirs = found.get(key)
-        differs = abs(ours - theirs) > 1e-12 * abs(ours) if isinstance(ours, float) and theirs is not None \
-            else ours != theirs
-        if theirs is None or differs:
-            lines.append(f"model.{key}: {ours!r} in the YAML, {theirs!r} in config.json")
-    return lines
+__all__ = ["PretrainedInit", "init_from_pretrained", "load_pretrained"]
 
 
 def load_pretrained(model: nn.Module, folder: str | Path, model_cfg: ModelConfig) -> int:
