@@ -245,7 +245,11 @@ def _names_iteration(path: str) -> bool:
 
 
 def checkpoint_callbacks(cfg: TrainConfig) -> list[Callback]:
-    """The callbacks a config asks for, in order: HF init, resume (it sets the step), the monitor."""
+    """The callbacks a config asks for, in order: HF init, resume (it sets the step), the monitor.
+
+    Legacy mode takes ``Resume`` (Checkpoint 2.0) for a ``load_checkpoint`` its own loader
+    cannot read (``foreign.needs_conversion_legacy``: each rank asks the same shared files).
+    """
     from resumable.train.pretrained import PretrainedInit
 
     callbacks: list[Callback] = [PretrainedInit(cfg)] if cfg.pretrained_model_dir else []

@@ -8,7 +8,9 @@ collective). Keys read (../shared/FORMATS.md): the CheckpointMonitor's ``prefix`
 ``unified_checkpoint/``, ``transformed_checkpoint/``); ``load_checkpoint``,
 ``resume_training`` (true, or a file name), ``load_ckpt_format``, ``auto_trans_ckpt``,
 ``src_strategy_path_or_dir``, ``transform_process_num``, ``remove_redundancy``,
-``load_ckpt_async``.
+``load_ckpt_async``. A ``load_checkpoint`` this loader cannot read (a MindFormers tree or 2.0
+folder, a HuggingFace folder, a single foreign file) is converted once to Checkpoint 2.0 and loaded
+by :class:`resumable.train.checkpointing.Resume` instead (``checkpoint_callbacks``, train/foreign.py).
 
 Run it::
 
