@@ -165,7 +165,10 @@ class Source:
         common: the training context as our ``common.json`` holds it (``global_step``,
             ``state`` with the plain values of the saved state, ``rank_local`` ...).
         layout: the layout that wrote it (v2 ``metadata.json``'s), when known.
-        model_config: a HuggingFace ``config.json`` dict, when the source has one.
+        model_config: a HuggingFace ``config.json`` dict, when the source has one; for a MindFormers
+            Qwen3, the model config recorded beside it (MindFormers' keys, no ``model_type`` unless it
+            is HuggingFace's: exports infer config.json from the shapes and take what shapes cannot tell,
+            ``rms_norm_eps`` / ``rope_theta``, from it).
         notes: the decisions taken while reading it, one line each (which names and why,
             the fused layout and where it came from ...); :func:`open_source` logs them.
         hf_files: its generation and tokenizer files, to carry byte for byte (:mod:`resumable.formats.hf_aux`).
@@ -651,8 +654,10 @@ def _open_foreign(ckpt: mf.ForeignCheckpoint, fmt: Format, opts: _Options, confi
     scalars = _scalars(ckpt, notes)
     tensors = {n: t for n, t in ckpt.tensors.items() if n not in scalars}
     params = sorted({parsed.param for n in tensors if (parsed := parse_ms_name(n)).kind != "scalar"})
+    recorded = None
     if _use_model_names(ckpt.path, params, opts.names, notes):
-        out = _qwen3_tensors(ckpt.path, tensors, opts, _recorded_config(config_dirs), notes)
+        recorded = _recorded_config(config_dirs)
+        out = _qwen3_tensors(ckpt.path, tensors, opts, recorded, notes)
         moments = [h for n in tensors if parse_ms_name(n).kind == "moment" for h in map_mf_name(n).hf_names]
     else:
         out = _kept_tensors(ckpt.path, tensors)
@@ -661,7 +666,8 @@ def _open_foreign(ckpt: mf.ForeignCheckpoint, fmt: Format, opts: _Options, confi
     if scalars:
         notes.append(f"scalars: {', '.join(sorted(scalars))} recorded in common.json (\"mindspore\")")
     common = _foreign_common(ckpt, scalars)
-    return Source(ckpt.path, fmt, common["iteration"], dict(sorted(out.items())), common, notes=notes)
+    return Source(ckpt.path, fmt, common["iteration"], dict(sorted(out.items())), common,
+                  model_config=recorded.keys if recorded is not None else None, notes=notes)
 
 
 def _legacy_ext(root: Path) -> str:

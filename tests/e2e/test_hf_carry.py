@@ -94,7 +94,8 @@ def test_an_hf_config_that_does_not_fit_the_tensors_is_refused_listing_every_pro
     capsys.readouterr()
     assert _convert(tmp_path / "src", tmp_path / "hf", "hf", "--hf-config", str(tmp_path / "bad.json")) == 2
     gate = "[48, 32] in the checkpoint, config.json implies [40, 32] (intermediate_size 40, hidden_size 32)"
-    kv = "[16, 32] in the checkpoint, config.json implies [32, 32] (num_key_value_heads 4 × head_dim 8, hidden_size 32)"
+    kv = ("[16, 32] in the checkpoint, config.json implies [32, 32] (num_key_value_heads 4 × head_dim 8, "
+          "hidden_size 32)")
     assert capsys.readouterr().err.splitlines() == [
         f"resumable convert: error: --hf-config does not fit the tensors of {tmp_path / 'src'} (5 problem(s)):",
         f"  model.layers.{{i}}.self_attn.k_proj.weight (layers 0-1): {kv}",
@@ -116,6 +117,20 @@ def test_unified_from_a_mindformers_qwen3_has_a_config_json_transformers_loads(t
     assert (config["num_key_value_heads"], config["head_dim"], config["rope_theta"]) == (2, 16, 10000.0)
     loaded = transformers.Qwen3ForCausalLM.from_pretrained(tmp_path / "unified").eval()
     assert torch.equal(_logits(loaded, TOKENS % VOCAB), _logits(reference, TOKENS % VOCAB))
+
+
+def test_what_shapes_cannot_tell_comes_from_a_recorded_mindformers_config(tmp_path, caplog):
+    heads = Heads(4, 2, 16)
+    build_v2(tmp_path / "mf", 10, mf_state(reference_model(heads, seed=0).state_dict(), heads, contiguous_qkv=False,
+                                           interleaved_fc1=True))
+    recorded = {"model_config": {"rope_theta": 1e6, "rms_norm_eps": 1e-5}}  # MindFormers' keys, beside the iterations
+    (tmp_path / "mf" / "config.json").write_text(json.dumps(recorded))
+    with caplog.at_level("INFO", logger="resumable.tools.merge"):
+        assert _convert(tmp_path / "mf", tmp_path / "unified", "unified") == 0
+    config = json.loads((tmp_path / "unified" / "config.json").read_text())
+    assert (config["rope_theta"], config["rms_norm_eps"], config["max_position_embeddings"]) == (1e6, 1e-5, 32768)
+    assert "rope_theta 1000000.0 from the checkpoint's recorded config" in caplog.text
+    assert "max_position_embeddings 32768: transformers' Qwen3 default (shapes cannot tell it)" in caplog.text
 
 
 def test_unified_from_an_unknown_network_has_no_config_json_and_hf_is_refused(tmp_path, capsys):
