@@ -33,10 +33,6 @@ class Identified:
     reason: str
     unknown: tuple[str, ...] = ()
 
-    @property
-    def module(self) -> ModuleType | None:
-        return MODELS[self.model] if self.model else None
-
 
 def identify(names: Iterable[str]) -> Identified:
     """The known model whose HuggingFace names are every parameter of ``names``, else None.
