@@ -173,8 +173,8 @@ def test_a_legacy_ckpt_carrying_a_pickle_payload_is_refused_without_running_it(t
     with pytest.raises(UnsafeCheckpointError) as info:
         v1.load_ckpt(evil)
     assert str(info.value).startswith(f"{evil}: refused by weights-only loading (")
-    assert str(info.value).endswith("); a .ckpt checkpoint holds only tensors and plain values, and files carrying "
-                                    "other pickled objects are never loaded: re-save it with resumable")
+    assert str(info.value).endswith("); only tensors and plain values are read from a legacy .ckpt file, never "
+                                    "other pickled objects: re-save it with resumable")
     assert not marker.exists()
 
 

@@ -86,8 +86,8 @@ def test_a_ckpt_carrying_a_pickled_object_is_refused_and_never_unpickled(tmp_pat
         v1.load_ckpt(path)
     assert str(err.value) == (
         f"{path}: refused by weights-only loading (Unsupported global: GLOBAL {__name__}.Payload was not an allowed "
-        "global by default); a .ckpt checkpoint holds only tensors and plain values, and files carrying other "
-        "pickled objects are never loaded: re-save it with resumable")
+        "global by default); only tensors and plain values are read from a legacy .ckpt file, never other "
+        "pickled objects: re-save it with resumable")
 
 
 def test_a_truncated_ckpt_is_reported_as_damaged(tmp_path):
@@ -96,8 +96,8 @@ def test_a_truncated_ckpt_is_reported_as_damaged(tmp_path):
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(CorruptCheckpointError) as err:
         v1.load_ckpt(path)
-    assert str(err.value).startswith(f"{path}: not a readable torch .ckpt file (")
-    assert str(err.value).endswith("the file is truncated or damaged: restore it or load another step")
+    assert str(err.value).startswith(f"{path}: not a readable legacy .ckpt file (")
+    assert str(err.value).endswith("the file is truncated or damaged")
 
 
 def test_strategy_files_are_json_and_checked(tmp_path):

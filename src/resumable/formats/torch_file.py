@@ -31,7 +31,7 @@ import torch
 from resumable.errors import CorruptCheckpointError, UnsafeCheckpointError
 from resumable.formats.jsonfile import check_regular
 
-__all__ = ["PICKLE_PROTOCOL", "TorchFile", "WRAPPERS", "read_torch_file"]
+__all__ = ["PICKLE_PROTOCOL", "TorchFile", "WRAPPERS", "load_weights_only", "read_torch_file"]
 
 WRAPPERS = ("state_dict", "model")
 """Top-level entries whose tensors are named without the entry's name (Lightning, training scripts)."""
@@ -53,18 +53,30 @@ class TorchFile:
     wrapper: str | None
 
 
-def _load(path: Path) -> Any:
-    check_regular(path, "PyTorch checkpoint")  # torch.load would block on a FIFO
+def load_weights_only(path: Path, what: str, resave: str) -> Any:
+    """``torch.load(weights_only=True)`` of a regular file (mapped when a zip), its failures named.
+
+    Args:
+        what: the kind of file, for the messages ("PyTorch checkpoint", "legacy .ckpt file").
+        resave: the advice when pickled objects other than tensors and plain values are refused.
+
+    Raises:
+        UnsafeCheckpointError: the file carries objects weights-only loading refuses: never unpickled.
+        CorruptCheckpointError: anything else that fails (weights-only runs no code, so a damaged
+            pickle stream fails as IndexError, KeyError ..., found by tests/unit/test_fuzz_parsers.py).
+    """
+    check_regular(path, what)  # torch.load would block on a FIFO
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as exc:
+        # torch's text advises weights_only=False; we only name what was refused.
         m = re.search(r"WeightsUnpickler error: (.*?)\.?(?: Please use|$)", str(exc), re.MULTILINE)
         reason = m.group(1) if m else type(exc).__name__
         raise UnsafeCheckpointError(
             f"{path}: refused by weights-only loading ({reason}); only tensors and plain values are read from a "
-            "PyTorch file, never other pickled objects: re-save it as a state dict of tensors") from exc
-    except Exception as exc:  # noqa: BLE001 - weights-only runs no code: any failure is a damaged file
-        raise CorruptCheckpointError(f"{path}: not a readable PyTorch file ({type(exc).__name__}: {exc}); the "
+            f"{what}, never other pickled objects: {resave}") from exc
+    except Exception as exc:  # noqa: BLE001 - see Raises
+        raise CorruptCheckpointError(f"{path}: not a readable {what} ({type(exc).__name__}: {exc}); the "
                                      "file is truncated or damaged") from exc
 
 
@@ -129,7 +141,7 @@ def read_torch_file(path: str | os.PathLike[str]) -> TorchFile:
         read_torch_file("model.pt").tensors["fc1.weight"].shape
     """
     path = Path(path)
-    doc = _load(path)
+    doc = load_weights_only(path, "PyTorch checkpoint", "re-save it as a state dict of tensors")
     if not isinstance(doc, Mapping):
         raise CorruptCheckpointError(f"{path}: holds a {type(doc).__name__}, not a dict of tensors (a state dict)")
     wrapper = next((k for k in WRAPPERS if isinstance(doc.get(k), Mapping) and _holds_tensors(doc[k], 1)), None)

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,8 +49,9 @@ import xxhash
 
 from resumable.errors import CheckpointNotFoundError, CorruptCheckpointError, UnsafeCheckpointError
 from resumable.formats import v2
-from resumable.formats.jsonfile import check_regular, load_json_object, parse_json_object
+from resumable.formats.jsonfile import load_json_object, parse_json_object
 from resumable.formats.schema import MAX_DIM, MAX_NDIM, RESTORE, need_int, need_int_list, need_type, shown
+from resumable.formats.torch_file import load_weights_only
 from resumable.grid import check_placements
 from resumable.formats.mindformers import LegacyFile, legacy_file_name, parse_legacy_name
 
@@ -385,21 +385,7 @@ def load_ckpt(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], di
         FileNotFoundError: no such file.
     """
     path = Path(path)
-    check_regular(path, "legacy .ckpt file")  # torch.load would block on a FIFO
-    try:
-        doc = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as exc:
-        # torch's text advises weights_only=False; we only name what was refused.
-        m = re.search(r"WeightsUnpickler error: (.*?)\.?(?: Please use|$)", str(exc), re.MULTILINE)
-        reason = m.group(1) if m else type(exc).__name__
-        raise UnsafeCheckpointError(
-            f"{path}: refused by weights-only loading ({reason}); a .ckpt checkpoint holds only tensors and plain "
-            "values, and files carrying other pickled objects are never loaded: re-save it with resumable") from exc
-    except Exception as exc:  # noqa: BLE001 - a damaged pickle stream fails in the unpickler as IndexError,
-        # KeyError, TypeError ... (found by tests/unit/test_fuzz_parsers.py); weights-only runs no code, so any
-        # failure here is a damaged file
-        raise CorruptCheckpointError(f"{path}: not a readable torch .ckpt file ({type(exc).__name__}: {exc}); the "
-                                     "file is truncated or damaged: restore it or load another step") from exc
+    doc = load_weights_only(path, "legacy .ckpt file", "re-save it with resumable")
     meta = doc.pop("__metadata__", None) if isinstance(doc, dict) else None
     if (not isinstance(doc, dict) or not isinstance(meta, dict)
             or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items())
