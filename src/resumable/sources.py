@@ -38,15 +38,15 @@ become ``optimizer.state.<name>.exp_avg`` / ``.exp_avg_sq`` with AdamW's per-par
 ``learning_rate``, ``beta1_power`` ...) leave the tensors: their values are recorded in
 ``common["mindspore"]`` and the context keys (``global_step``, ``epoch_num`` ...) are
 filled from them or from ``common.json``. Then ``names`` decides on the model mapping:
-``auto`` applies :mod:`resumable.models.qwen3` when every parameter is a MindFormers Qwen3
-name (fused ``linear_qkv`` / ``linear_fc1`` appear as q/k/v and gate/up tensors whose
-regions are gathered from the fused rows on demand, no full copy), ``hf`` always (one
-error listing the names that do not fit), ``keep`` never. The fused layout is, per key,
-the caller's, else a recorded ``config.json`` (the iteration folder, its checkpoint
-folder, the legacy root, or beside a single file; MindFormers' keys at its top level or
-under ``model_config``), else MindFormers' default; the head counts are the caller's, the
-config's, else read from the shapes (``q_layernorm`` gives head_dim, ``linear_proj`` the
-query heads); both are checked against every layer's shapes where these can tell. Each
+``auto`` applies the mapping of the known model (:mod:`resumable.models`) whose MindFormers
+names every parameter is, ``hf`` insists on one (one error listing the names that do not
+fit), ``keep`` never maps. The model says which of our parameters each stored one holds
+(its ``mf_import_plan``: for Qwen3, fused ``linear_qkv`` / ``linear_fc1`` appear as q/k/v
+and gate/up tensors whose regions are gathered from the fused rows on demand, no full copy;
+the fused layout and head counts from the caller, a recorded ``config.json`` — the
+iteration folder, its checkpoint folder, the legacy root, or beside a single file — or
+MindFormers' defaults and the shapes, checked against every layer); a moment holds the same
+parts of its parameter's moments. Each
 decision and its reason is a line of :attr:`Source.notes`, logged when opened.
 
 Nothing here is collective; reading is lazy (headers and JSON only until a chunk is read).
@@ -65,8 +65,9 @@ import math
 import os
 import re
 import zipfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from types import ModuleType
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Callable, Literal
 
@@ -77,10 +78,10 @@ from resumable.errors import CheckpointNotFoundError, ConfigError, CorruptCheckp
 from resumable.formats import hf, hf_aux, mindformers as mf, schema, v1, v2
 from resumable.formats.jsonfile import check_regular
 from resumable.formats.safetensors_io import open_safetensors, read_header, stored_slice
-from resumable.formats.ms_names import our_name, parse_ms_name
+from resumable.formats.ms_names import OPT_STATE, our_name, parse_ms_name
 from resumable.formats.torch_file import PICKLE_PROTOCOL, read_torch_file
-from resumable.models.qwen3 import (DEFAULT_LAYOUT, AttentionShape, FusedLayout, fc1_rows, infer_heads, is_mf_param,
-                                    map_mf_name, qkv_rows)
+from resumable.models import MODELS, identify_mindformers
+from resumable.models.qwen3 import AttentionShape, FusedLayout
 from resumable.geometry import Box, covers_exactly, runs
 from resumable.reads import check_slice
 
@@ -401,24 +402,6 @@ class _Recorded:
     path: Path
     keys: dict[str, Any]
 
-    def get(self, *names: str) -> tuple[str, Any] | None:
-        """The first of ``names`` the config sets (not null), with its value."""
-        return next(((n, self.keys[n]) for n in names if self.keys.get(n) is not None), None)
-
-    def flag(self, name: str) -> bool | None:
-        value = self.keys.get(name)
-        if value is not None and not isinstance(value, bool):
-            raise CorruptCheckpointError(f"{self.path}: {name} must be true or false, got {value!r}")
-        return value
-
-    def count(self, *names: str) -> int | None:
-        found = self.get(*names)
-        if found is None:
-            return None
-        if not schema.is_int(found[1]) or found[1] <= 0:
-            raise CorruptCheckpointError(f"{self.path}: {found[0]} must be a positive integer, got {found[1]!r}")
-        return found[1]
-
 
 def _recorded_config(folders: Sequence[Path]) -> _Recorded | None:
     """The first ``config.json`` of ``folders`` (a MindFormers or HuggingFace model config), if any."""
@@ -449,156 +432,65 @@ def _scalars(ckpt: mf.ForeignCheckpoint, notes: list[str]) -> dict[str, int | fl
     return out
 
 
-def _use_model_names(path: Path, params: list[str], names: Names, notes: list[str]) -> bool:
-    """Whether the Qwen3 mapping applies (``names``: auto, keep or hf), the reason noted."""
-    foreign = [p for p in params if not is_mf_param(p)]
-    table = "resumable.models.qwen3 (RENAMES, FUSED)"
+def _mapping_model(path: Path, params: list[str], names: Names, notes: list[str]) -> ModuleType | None:
+    """The model whose MindFormers names are mapped to HuggingFace ones (``names``: auto, keep or hf), or
+    None to keep the stored names; the reason noted."""
     if names == "keep":
         notes.append("names: kept as stored (names='keep' / --names keep)")
-        return False
+        return None
+    found = identify_mindformers(params)
+    if found.model is not None:
+        notes.append(f"names: mapped MindFormers names to HuggingFace ({found.reason}"
+                     + (", names='hf')" if names == "hf" else ")"))
+        return MODELS[found.model]
     if names == "hf":
-        if foreign:
-            shown_names = ", ".join(repr(p) for p in foreign[:5])
-            raise ConfigError(
-                f"{path}: --names hf maps MindFormers Qwen3 names to HuggingFace, but {len(foreign)} of "
-                f"{len(params)} parameters are not MindFormers Qwen3 names (e.g. {shown_names}); the names known "
-                f"are those of {table}: pass --names keep (or auto) to keep the checkpoint's own names")
-        notes.append(f"names: mapped MindFormers Qwen3 names to HuggingFace (names='hf'; all {len(params)} "
-                     f"parameters match {table})")
-        return True
-    if params and not foreign:
-        notes.append(f"names: mapped MindFormers Qwen3 names to HuggingFace (all {len(params)} parameters match "
-                     f"{table})")
-        return True
-    notes.append(f"names: kept ({len(foreign)} of {len(params)} parameters are not MindFormers Qwen3 names, e.g. "
-                 f"{foreign[0]!r})" if foreign else "names: kept (no parameters)")
-    return False
-
-
-def _layers(shapes: Mapping[str, tuple[int, ...]], suffix: str) -> dict[str, tuple[int, ...]]:
-    """Parameters named ``decoder.layers.{i}.<suffix>``, by shape."""
-    return {n: s for n, s in shapes.items() if n.startswith("decoder.layers.") and n.endswith("." + suffix)}
+        raise ConfigError(f"{path}: --names hf maps MindFormers names to HuggingFace, but {found.reason}; the "
+                          f"names known are those of resumable.models ({', '.join(MODELS)}): pass --names keep "
+                          "(or auto) to keep the checkpoint's own names")
+    notes.append(f"names: kept ({found.reason})")
+    return None
 
 
 def _param_shapes(path: Path, tensors: Mapping[str, mf.ForeignTensor]) -> dict[str, tuple[int, ...]]:
     """Parameter → shape, from the parameter or its moments (which must have its shape: they split alike)."""
     shapes: dict[str, tuple[int, ...]] = {}
     for name, t in tensors.items():
-        param = parse_ms_name(name).param
-        if shapes.setdefault(param, t.shape) != t.shape:
-            raise CorruptCheckpointError(f"{path}: {name!r} has shape {list(t.shape)} but parameter {param!r} "
-                                         f"(or its other moment) has {list(shapes[param])}; a moment has its "
-                                         "parameter's shape")
+        parsed = parse_ms_name(name)
+        if parsed.kind == "scalar":
+            continue
+        if shapes.setdefault(parsed.param, t.shape) != t.shape:
+            raise CorruptCheckpointError(f"{path}: {name!r} has shape {list(t.shape)} but parameter "
+                                         f"{parsed.param!r} (or its other moment) has {list(shapes[parsed.param])}; "
+                                         "a moment has its parameter's shape")
     return shapes
 
 
-def _qwen3_heads(path: Path, shapes: Mapping[str, tuple[int, ...]], given: AttentionShape | None,
-                 config: _Recorded | None, notes: list[str]) -> AttentionShape:
-    """The head counts that split ``linear_qkv``: given, else the recorded config's, else from the shapes;
-    checked against every layer's qkv, proj and q/k norm shapes."""
-    known = {} if config is None else {
-        "num_heads": config.count("num_attention_heads"), "num_kv_heads": config.count("num_key_value_heads",
-                                                                                       "n_kv_heads"),
-        "head_dim": config.count("head_dim", "kv_channels")}
-    error: type[Exception] = CorruptCheckpointError
-    if given is not None:
-        heads, origin, error = given, "given (--heads)", ConfigError
-    elif config is not None and None not in known.values():
-        try:
-            heads = AttentionShape(**known)  # type: ignore[arg-type]  # no None among them
-        except ValueError as e:
-            raise CorruptCheckpointError(f"{config.path}: {e}") from None
-        origin = f"from {config.path}"
-    else:
-        try:
-            heads = infer_heads(shapes)
-        except ValueError as e:
-            raise CorruptCheckpointError(f"{path}: {e}") from None
-        origin = "inferred from the shapes"
-        wrong = [f"{k} {v} but the shapes give {getattr(heads, k)}" for k, v in known.items()
-                 if v is not None and v != getattr(heads, k)]
-        if wrong and config is not None:
-            raise CorruptCheckpointError(f"{path}: {config.path} says {'; '.join(wrong)}: "
-                                         "fix the config or pass --heads H,KV,D")
-    h, kv, d = heads.num_heads, heads.num_kv_heads, heads.head_dim
-    need = {"self_attention.linear_qkv.weight": (0, (h + 2 * kv) * d), "self_attention.linear_proj.weight": (1, h * d),
-            "self_attention.q_layernorm.weight": (0, d), "self_attention.k_layernorm.weight": (0, d)}
-    for suffix, (axis, size) in need.items():
-        for name, shape in sorted(_layers(shapes, suffix).items()):
-            if len(shape) <= axis or shape[axis] != size:
-                raise error(f"{path}: {name} has shape {list(shape)}, but {h} heads, {kv} KV heads of dim {d} "
-                            f"({origin}) need {size} along dim {axis}: pass the right --heads H,KV,D")
-    notes.append(f"heads: {h} attention heads, {kv} KV heads, head_dim {d} ({origin}; checked against the shapes)")
-    return heads
+def _mapped_tensors(path: Path, tensors: Mapping[str, mf.ForeignTensor], model: ModuleType, opts: _Options,
+                    config: _Recorded | None, notes: list[str]) -> dict[str, SourceTensor]:
+    """Our tensors under the model's HuggingFace names: renamed, or row sets of fused tensors read on demand.
 
-
-_LAYOUT_KEYS = ("use_contiguous_weight_layout_attention", "use_interleaved_weight_layout_mlp")
-
-
-def _layout_key(key: str, given: Fused | None, config: _Recorded | None) -> tuple[bool, str]:
-    """One fused-layout key's value and where it came from."""
-    if isinstance(given, FusedLayout):
-        return getattr(given, key), "given"
-    if given is not None and key in given:
-        if not isinstance(given[key], bool):
-            raise ConfigError(f"fused layout {key}: expected true or false, got {given[key]!r}")
-        return given[key], "given"
-    if config is not None and (recorded := config.flag(key)) is not None:
-        return recorded, f"from {config.path}"
-    return getattr(DEFAULT_LAYOUT, key), "MindFormers' default"
-
-
-def _qwen3_layout(path: Path, shapes: Mapping[str, tuple[int, ...]], given: Fused | None,
-                  config: _Recorded | None, notes: list[str]) -> FusedLayout:
-    """The fused layout: per key given, else the recorded config's, else MindFormers' default; fc1 rows checked."""
-    unknown = [] if given is None or isinstance(given, FusedLayout) else sorted(set(given) - set(_LAYOUT_KEYS))
-    if unknown:
-        raise ConfigError(f"fused layout: unknown keys {unknown}; the keys are {', '.join(_LAYOUT_KEYS)}")
-    (attn, attn_from), (mlp, mlp_from) = (_layout_key(k, given, config) for k in _LAYOUT_KEYS)
-    ffn = None if config is None else config.count("intermediate_size", "ffn_hidden_size")
-    fc2 = _layers(shapes, "mlp.linear_fc2.weight")
-    for name, shape in sorted(_layers(shapes, "mlp.linear_fc1.weight").items()):
-        width = fc2.get(name.replace("linear_fc1", "linear_fc2"), (0, shape[0] // 2))[1:2]
-        if shape[0] % 2 or (ffn is not None and shape[0] != 2 * ffn) or width != (shape[0] // 2,):
-            known = f", {config.path} gives intermediate_size {ffn}" if config and ffn is not None else ""
-            raise CorruptCheckpointError(f"{path}: {name} has {shape[0]} rows; it fuses gate and up rows, so it "
-                                         f"needs an even number, twice linear_fc2's columns{known}")
-    notes.append(f"fused layout: linear_qkv {'[Q; K; V]' if attn else 'grouped per KV head'} "
-                 f"(use_contiguous_weight_layout_attention={str(attn).lower()}, {attn_from}), linear_fc1 "
-                 f"{'interleaved gate/up rows' if mlp else '[gate; up]'} "
-                 f"(use_interleaved_weight_layout_mlp={str(mlp).lower()}, {mlp_from})")
-    return FusedLayout(attn, mlp)
-
-
-def _qwen3_tensors(path: Path, tensors: Mapping[str, mf.ForeignTensor], opts: _Options, config: _Recorded | None,
-                   notes: list[str]) -> dict[str, SourceTensor]:
-    """Our tensors under HuggingFace names: renamed, or row sets of the fused qkv / fc1 read on demand."""
-    shapes = _param_shapes(path, tensors)
-    fused = _layers(shapes, "linear_qkv.weight") or _layers(shapes, "linear_fc1.weight")
-    layout = _qwen3_layout(path, shapes, opts.fused, config, notes) if fused else DEFAULT_LAYOUT
-    heads = _qwen3_heads(path, shapes, opts.heads, config, notes) if _layers(shapes, "linear_qkv.weight") else None
-    if heads is not None and heads.num_kv_heads == 1:
-        notes.append("fused layout: with 1 KV head the grouped and contiguous linear_qkv layouts are the same rows")
+    ``model.mf_import_plan`` says which of our parameters each stored parameter holds; a moment
+    holds the same parts of its parameter's moments (its rows are in the same order).
+    """
+    plan = model.mf_import_plan(_param_shapes(path, tensors), where=str(path), notes=notes, heads=opts.heads,
+                                fused=opts.fused, config=None if config is None else config.keys,
+                                config_path="" if config is None else str(config.path))
     out: dict[str, SourceTensor] = {}
     origin: dict[str, str] = {}
     for name, t in tensors.items():
-        mapped = map_mf_name(name)
+        parsed = parse_ms_name(name)
         whole = SourceTensor(name, t.dtype, t.shape, _foreign_chunks(t))
-        if mapped.transform == "drop":  # a scalar's name holding many elements (see _scalars): kept as is
+        if parsed.kind == "scalar":  # a scalar's name holding many elements (see _scalars): kept as is
             _claim(path, out, origin, name, whole)
             continue
-        if mapped.transform == "rename":
-            _claim(path, out, origin, name, SourceTensor(mapped.hf_names[0], *_same(whole)))
-            continue
-        if mapped.transform == "qkv":
-            assert heads is not None, "a linear_qkv parameter sets the heads above"
-            parts: tuple[list[int], ...] = qkv_rows(heads, layout)
-        else:
-            parts = fc1_rows(t.shape[0], layout)
-        for hf_name, rows in zip(mapped.hf_names, parts):
-            shape = (len(rows), *t.shape[1:])
-            _claim(path, out, origin, name, SourceTensor(hf_name, t.dtype, shape, (SourceChunk(
-                Box.full(shape), _rows_reader(whole, rows), ", ".join(sorted({c.where for c in whole.chunks}))),)))
+        for part in plan[parsed.param]:
+            ours = our_name(replace(parsed, param=part.param))
+            if part.rows is None:
+                _claim(path, out, origin, name, SourceTensor(ours, *_same(whole)))
+                continue
+            shape = (len(part.rows), *t.shape[1:])
+            _claim(path, out, origin, name, SourceTensor(ours, t.dtype, shape, (SourceChunk(
+                Box.full(shape), _rows_reader(whole, part.rows), ", ".join(sorted({c.where for c in whole.chunks}))),)))
     return out
 
 
@@ -621,12 +513,12 @@ def _kept_tensors(path: Path, tensors: Mapping[str, mf.ForeignTensor]) -> dict[s
     return out
 
 
-def _steps(out: dict[str, SourceTensor], moments: list[str], global_step: int) -> None:
+def _steps(out: dict[str, SourceTensor], global_step: int) -> None:
     """AdamW's per-parameter ``step`` for every ``exp_avg`` read from a MindSpore moment: the global step."""
     step = float(global_step)
-    for name in moments:
+    for name in [n for n in out if n.startswith(OPT_STATE) and n.endswith(".exp_avg")]:
         step_name = name[:-len("exp_avg")] + "step"
-        if name.endswith(".exp_avg") and step_name not in out:
+        if step_name not in out:
             out[step_name] = SourceTensor(step_name, torch.float32, (), (SourceChunk(
                 Box((), ()), lambda region, s=step: torch.tensor(s, dtype=torch.float32)),))  # in no file
 
@@ -649,20 +541,19 @@ def _foreign_common(ckpt: mf.ForeignCheckpoint, scalars: dict[str, int | float])
 
 
 def _open_foreign(ckpt: mf.ForeignCheckpoint, fmt: Format, opts: _Options, config_dirs: Sequence[Path]) -> Source:
-    """A MindSpore / MindFormers checkpoint: names kept or mapped (:func:`_use_model_names`), scalars to common."""
+    """A MindSpore / MindFormers checkpoint: names kept or mapped (:func:`_mapping_model`), scalars to common."""
     notes: list[str] = []
     scalars = _scalars(ckpt, notes)
     tensors = {n: t for n, t in ckpt.tensors.items() if n not in scalars}
     params = sorted({parsed.param for n in tensors if (parsed := parse_ms_name(n)).kind != "scalar"})
     recorded = None
-    if _use_model_names(ckpt.path, params, opts.names, notes):
+    model = _mapping_model(ckpt.path, params, opts.names, notes)
+    if model is not None:
         recorded = _recorded_config(config_dirs)
-        out = _qwen3_tensors(ckpt.path, tensors, opts, recorded, notes)
-        moments = [h for n in tensors if parse_ms_name(n).kind == "moment" for h in map_mf_name(n).hf_names]
+        out = _mapped_tensors(ckpt.path, tensors, model, opts, recorded, notes)
     else:
         out = _kept_tensors(ckpt.path, tensors)
-        moments = [our_name(parsed) for n in tensors if (parsed := parse_ms_name(n)).kind == "moment"]
-    _steps(out, moments, ckpt.context.global_step)
+    _steps(out, ckpt.context.global_step)
     if scalars:
         notes.append(f"scalars: {', '.join(sorted(scalars))} recorded in common.json (\"mindspore\")")
     common = _foreign_common(ckpt, scalars)

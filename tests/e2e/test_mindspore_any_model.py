@@ -84,7 +84,8 @@ def test_generic_2_0_folder_keeps_its_names_with_or_without_optimizer(tmp_path, 
         assert recorded["global_step"] == 100 and recorded["learning_rate"] == pytest.approx(1e-4)
         assert ("beta1_power" in recorded) == (optimizer == "adam")
     err = capsys.readouterr().err
-    assert "names: kept (6 of 6 parameters are not MindFormers Qwen3 names, e.g. 'emb.embedding_table')" in err
+    assert ("names: kept (6 of 6 parameters are no known model's MindFormers names (emb.embedding_table, fc1.bias, "
+            "fc1.weight, ...))") in err
 
 
 @pytest.mark.parametrize("fmt,remove_redundancy", [("safetensors", False), ("safetensors", True), ("ckpt", False)])
@@ -119,7 +120,8 @@ def test_single_mindspore_file_converts_inspects_verifies_and_diffs(tmp_path, ca
     assert "optimizer.state.fc1.weight.exp_avg_sq" in capsys.readouterr().out
     assert main(["inspect", "--json", str(file)]) == 0
     assert json.loads(capsys.readouterr().out)["notes"][0] == (
-        "names: kept (6 of 6 parameters are not MindFormers Qwen3 names, e.g. 'emb.embedding_table')")
+        "names: kept (6 of 6 parameters are no known model's MindFormers names (emb.embedding_table, fc1.bias, "
+        "fc1.weight, ...))")
     assert main(["verify", str(file)]) == 0
     assert capsys.readouterr().out == (f"{file}: OK (1 files checked: sizes and headers only: a MindSpore file "
                                        "carries no checksums)\n")
@@ -168,10 +170,10 @@ def test_names_hf_on_a_generic_network_is_one_clear_error(tmp_path, capsys):
     build_v2(tmp_path / "mf", 5, net_state(SEED, global_step=5))
     assert main(["convert", str(tmp_path / "mf"), str(tmp_path / "ours"), "--to", "v2", "--names", "hf"]) == 2
     assert capsys.readouterr().err.endswith(
-        f"resumable convert: error: {tmp_path / 'mf' / 'iteration_00000005'}: --names hf maps MindFormers Qwen3 "
-        "names to HuggingFace, but 6 of 6 parameters are not MindFormers Qwen3 names (e.g. 'emb.embedding_table', "
-        "'fc1.bias', 'fc1.weight', 'fc2.weight', 'norm.beta'); the names known are those of "
-        "resumable.models.qwen3 (RENAMES, FUSED): pass --names keep (or auto) to keep the checkpoint's own names\n")
+        f"resumable convert: error: {tmp_path / 'mf' / 'iteration_00000005'}: --names hf maps MindFormers "
+        "names to HuggingFace, but 6 of 6 parameters are no known model's MindFormers names (emb.embedding_table, "
+        "fc1.bias, fc1.weight, ...); the names known are those of resumable.models (qwen3): pass --names keep (or "
+        "auto) to keep the checkpoint's own names\n")
     assert not (tmp_path / "ours").exists()
 
 

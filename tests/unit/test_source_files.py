@@ -106,8 +106,8 @@ def test_qwen3_notes_say_which_names_heads_and_layout(tmp_path):
     notes = open_source(tmp_path).notes
     params = sum(1 for n in mf_state(SEED) if n.startswith(("embedding.", "decoder.", "output_layer.")))
     assert notes == [
-        f"names: mapped MindFormers Qwen3 names to HuggingFace (all {params} parameters match "
-        "resumable.models.qwen3 (RENAMES, FUSED))",
+        f"names: mapped MindFormers names to HuggingFace (all {params} parameters are MindFormers names of "
+        "resumable.models.qwen3)",
         "fused layout: linear_qkv grouped per KV head (use_contiguous_weight_layout_attention=false, MindFormers' "
         "default), linear_fc1 interleaved gate/up rows (use_interleaved_weight_layout_mlp=true, MindFormers' "
         "default)",

@@ -56,7 +56,7 @@ def split(src: Path, out: Path, layout: str, capsys: pytest.CaptureFixture[str])
 def test_identify_names_qwen3_when_every_parameter_is_a_qwen3_name_optimizer_states_included() -> None:
     names = [*qwen3_tensors(), "optimizer.state.model.norm.weight.exp_avg", "optimizer.state.lm_head.weight.step"]
     found = identify(names)
-    assert (found.model, found.reason) == ("qwen3", "every one of its 25 parameters is a qwen3 HuggingFace name")
+    assert (found.model, found.reason) == ("qwen3", "all 25 parameters are HuggingFace names of resumable.models.qwen3")
     mixed = identify([*names, "fc1.weight", "optimizer.state.fc2.weight.exp_avg"])
     assert (mixed.model, mixed.unknown) == (None, ("fc1.weight", "fc2.weight"))
     assert mixed.reason == "2 of 27 parameters are no known model's HuggingFace names (fc1.weight, fc2.weight)"

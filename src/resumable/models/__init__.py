@@ -16,10 +16,12 @@ from typing import Iterable
 from resumable.formats.ms_names import parse_our_name
 from resumable.models import qwen3
 
-__all__ = ["MODELS", "Identified", "identify"]
+__all__ = ["MODELS", "Identified", "identify", "identify_mindformers"]
 
 MODELS: dict[str, ModuleType] = {"qwen3": qwen3}
-"""Known models by name; each module has ``is_hf_param(param) -> bool``."""
+"""Known models by name. Each module has ``is_hf_param(param) -> bool``, ``is_mf_param(param) -> bool``
+and ``mf_import_plan(shapes, ...)`` (which of our parameters each stored MindFormers parameter holds:
+:func:`resumable.models.qwen3.mf_import_plan`)."""
 
 
 @dataclass(frozen=True)
@@ -49,11 +51,29 @@ def identify(names: Iterable[str]) -> Identified:
     params = sorted({parse_our_name(n)[0] for n in names})
     if not params:
         return Identified(None, "no tensors")
-    misses = {name: [p for p in params if not module.is_hf_param(p)] for name, module in MODELS.items()}
+    return _closest(params, "is_hf_param", "HuggingFace")
+
+
+def identify_mindformers(params: Iterable[str]) -> Identified:
+    """The known model whose MindFormers names are every one of ``params`` (parameter names, moments'
+    prefixes stripped: :func:`resumable.formats.ms_names.parse_ms_name`), else None.
+
+    Example::
+
+        identify_mindformers(["decoder.final_layernorm.weight"]).model     # "qwen3"
+    """
+    return _closest(sorted(set(params)), "is_mf_param", "MindFormers")
+
+
+def _closest(params: list[str], test: str, kind: str) -> Identified:
+    """The first model whose ``test`` holds for every parameter; else None, naming the closest model's misses."""
+    if not params:
+        return Identified(None, "no parameters")
+    misses = {name: [p for p in params if not getattr(module, test)(p)] for name, module in MODELS.items()}
     for name, unknown in misses.items():
         if not unknown:
-            return Identified(name, f"every one of its {len(params)} parameters is a {name} HuggingFace name")
+            return Identified(name, f"all {len(params)} parameters are {kind} names of resumable.models.{name}")
     unknown = min(misses.values(), key=len)
     shown = ", ".join(unknown[:3]) + (", ..." if len(unknown) > 3 else "")
-    return Identified(None, f"{len(unknown)} of {len(params)} parameters are no known model's HuggingFace "
+    return Identified(None, f"{len(unknown)} of {len(params)} parameters are no known model's {kind} "
                             f"names ({shown})", tuple(unknown))

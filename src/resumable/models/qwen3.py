@@ -44,6 +44,7 @@ from typing import Any, Literal, Mapping
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from resumable.errors import ConfigError, CorruptCheckpointError
 from resumable.formats.ms_names import SCALARS, ms_export_name, our_name, parse_ms_name, parse_our_name
 
 __all__ = [
@@ -51,6 +52,7 @@ __all__ = [
     "DEFAULT_LAYOUT",
     "FIRST_STAGE",
     "FUSED",
+    "FUSED_LAYOUT_KEYS",
     "LAST_STAGE",
     "RENAMES",
     "TP_LAYER_PLAN",
@@ -61,6 +63,7 @@ __all__ = [
     "HF_DEFAULTS",
     "ModelConfig",
     "NameMap",
+    "Part",
     "TPRule",
     "config_mismatches",
     "config_shape_problems",
@@ -77,6 +80,7 @@ __all__ = [
     "is_mf_param",
     "layer_of",
     "map_mf_name",
+    "mf_import_plan",
     "mf_to_hf",
     "model_keys_from_hf",
     "on_stage",
@@ -845,3 +849,157 @@ def infer_hf_config(shapes: Mapping[str, tuple[int, ...]],
     if problems:
         raise ValueError("its shapes do not fit one Qwen3 config: " + "; ".join(problems))
     return config, notes
+
+
+# ------------------------------------------------------------------------------ reading MindFormers checkpoints
+#
+# Which of our parameters each stored MindFormers parameter holds. resumable.sources does what is the same for
+# every MindSpore checkpoint (moments follow their parameter, scalars go to common.json, chunks are read lazily)
+# and asks this section only about parameters.
+
+FUSED_LAYOUT_KEYS: tuple[str, ...] = ("use_contiguous_weight_layout_attention", "use_interleaved_weight_layout_mlp")
+
+
+@dataclass(frozen=True)
+class Part:
+    """One of our parameters held by a stored MindFormers parameter: all of it (``rows`` None) or those rows."""
+
+    param: str
+    rows: list[int] | None = None
+
+
+def _mf_layers(shapes: Mapping[str, tuple[int, ...]], suffix: str) -> dict[str, tuple[int, ...]]:
+    """Parameters named ``decoder.layers.{i}.<suffix>``, with their shapes."""
+    return {n: s for n, s in shapes.items() if n.startswith("decoder.layers.") and n.endswith("." + suffix)}
+
+
+def _recorded_count(config: Mapping[str, Any], where: str, *keys: str) -> int | None:
+    """The first of ``keys`` the recorded config sets (not null), checked to be a positive integer."""
+    found = next(((k, config[k]) for k in keys if config.get(k) is not None), None)
+    if found is None:
+        return None
+    if not isinstance(found[1], int) or isinstance(found[1], bool) or found[1] <= 0:
+        raise CorruptCheckpointError(f"{where}: {found[0]} must be a positive integer, got {found[1]!r}")
+    return found[1]
+
+
+def _mf_heads(where: str, shapes: Mapping[str, tuple[int, ...]], given: AttentionShape | None,
+              config: Mapping[str, Any] | None, config_path: str, notes: list[str]) -> AttentionShape:
+    """The head counts that split ``linear_qkv``: given, else the recorded config's, else from the shapes;
+    checked against every layer's qkv, proj and q/k norm shapes."""
+    known = {} if config is None else {
+        "num_heads": _recorded_count(config, config_path, "num_attention_heads"),
+        "num_kv_heads": _recorded_count(config, config_path, "num_key_value_heads", "n_kv_heads"),
+        "head_dim": _recorded_count(config, config_path, "head_dim", "kv_channels")}
+    error: type[Exception] = CorruptCheckpointError
+    if given is not None:
+        heads, origin, error = given, "given (--heads)", ConfigError
+    elif known and None not in known.values():
+        try:
+            heads = AttentionShape(**known)  # type: ignore[arg-type]  # no None among them
+        except ValueError as e:
+            raise CorruptCheckpointError(f"{config_path}: {e}") from None
+        origin = f"from {config_path}"
+    else:
+        try:
+            heads = infer_heads(shapes)
+        except ValueError as e:
+            raise CorruptCheckpointError(f"{where}: {e}") from None
+        origin = "inferred from the shapes"
+        wrong = [f"{k} {v} but the shapes give {getattr(heads, k)}" for k, v in known.items()
+                 if v is not None and v != getattr(heads, k)]
+        if wrong:
+            raise CorruptCheckpointError(f"{where}: {config_path} says {'; '.join(wrong)}: "
+                                         "fix the config or pass --heads H,KV,D")
+    h, kv, d = heads.num_heads, heads.num_kv_heads, heads.head_dim
+    need = {"self_attention.linear_qkv.weight": (0, (h + 2 * kv) * d), "self_attention.linear_proj.weight": (1, h * d),
+            "self_attention.q_layernorm.weight": (0, d), "self_attention.k_layernorm.weight": (0, d)}
+    for suffix, (axis, size) in need.items():
+        for name, shape in sorted(_mf_layers(shapes, suffix).items()):
+            if len(shape) <= axis or shape[axis] != size:
+                raise error(f"{where}: {name} has shape {list(shape)}, but {h} heads, {kv} KV heads of dim {d} "
+                            f"({origin}) need {size} along dim {axis}: pass the right --heads H,KV,D")
+    notes.append(f"heads: {h} attention heads, {kv} KV heads, head_dim {d} ({origin}; checked against the shapes)")
+    if kv == 1:
+        notes.append("fused layout: with 1 KV head the grouped and contiguous linear_qkv layouts are the same rows")
+    return heads
+
+
+def _layout_key(key: str, given: FusedLayout | Mapping[str, bool] | None, config: Mapping[str, Any] | None,
+                config_path: str) -> tuple[bool, str]:
+    """One fused-layout key's value and where it came from: given, recorded, or MindFormers' default."""
+    if isinstance(given, FusedLayout):
+        return getattr(given, key), "given"
+    if given is not None and key in given:
+        if not isinstance(given[key], bool):
+            raise ConfigError(f"fused layout {key}: expected true or false, got {given[key]!r}")
+        return given[key], "given"
+    recorded = None if config is None else config.get(key)
+    if recorded is not None:
+        if not isinstance(recorded, bool):
+            raise CorruptCheckpointError(f"{config_path}: {key} must be true or false, got {recorded!r}")
+        return recorded, f"from {config_path}"
+    return getattr(DEFAULT_LAYOUT, key), "MindFormers' default"
+
+
+def _mf_layout(where: str, shapes: Mapping[str, tuple[int, ...]], given: FusedLayout | Mapping[str, bool] | None,
+               config: Mapping[str, Any] | None, config_path: str, notes: list[str]) -> FusedLayout:
+    """The fused layout, key by key (:func:`_layout_key`); linear_fc1's rows checked against linear_fc2."""
+    unknown = [] if given is None or isinstance(given, FusedLayout) else sorted(set(given) - set(FUSED_LAYOUT_KEYS))
+    if unknown:
+        raise ConfigError(f"fused layout: unknown keys {unknown}; the keys are {', '.join(FUSED_LAYOUT_KEYS)}")
+    (attn, attn_from), (mlp, mlp_from) = (_layout_key(k, given, config, config_path) for k in FUSED_LAYOUT_KEYS)
+    ffn = None if config is None else _recorded_count(config, config_path, "intermediate_size", "ffn_hidden_size")
+    fc2 = _mf_layers(shapes, "mlp.linear_fc2.weight")
+    for name, shape in sorted(_mf_layers(shapes, "mlp.linear_fc1.weight").items()):
+        width = fc2.get(name.replace("linear_fc1", "linear_fc2"), (0, shape[0] // 2))[1:2]
+        if shape[0] % 2 or (ffn is not None and shape[0] != 2 * ffn) or width != (shape[0] // 2,):
+            known = f", {config_path} gives intermediate_size {ffn}" if ffn is not None else ""
+            raise CorruptCheckpointError(f"{where}: {name} has {shape[0]} rows; it fuses gate and up rows, so it "
+                                         f"needs an even number, twice linear_fc2's columns{known}")
+    notes.append(f"fused layout: linear_qkv {'[Q; K; V]' if attn else 'grouped per KV head'} "
+                 f"(use_contiguous_weight_layout_attention={str(attn).lower()}, {attn_from}), linear_fc1 "
+                 f"{'interleaved gate/up rows' if mlp else '[gate; up]'} "
+                 f"(use_interleaved_weight_layout_mlp={str(mlp).lower()}, {mlp_from})")
+    return FusedLayout(attn, mlp)
+
+
+def mf_import_plan(shapes: Mapping[str, tuple[int, ...]], *, where: str, notes: list[str],
+                   heads: AttentionShape | None = None, fused: FusedLayout | Mapping[str, bool] | None = None,
+                   config: Mapping[str, Any] | None = None, config_path: str = "") -> dict[str, list[Part]]:
+    """Our parameters held by each MindFormers Qwen3 parameter (``shapes``: parameter → shape, every name
+    :func:`is_mf_param`).
+
+    A renamed parameter holds one whole parameter; ``linear_qkv`` holds q/k/v_proj and
+    ``linear_fc1`` gate/up_proj as row sets in the fused layout: per key of
+    :data:`FUSED_LAYOUT_KEYS`, ``fused``'s value, else the recorded ``config``'s
+    (a ``config.json`` found beside the checkpoint, at ``config_path``), else MindFormers'
+    default. Head counts: ``heads``, else the recorded config's, else the shapes'; checked
+    against every layer. What was decided and why is appended to ``notes``.
+
+    Raises:
+        ConfigError: ``heads`` or ``fused`` as given do not fit (or name unknown keys).
+        CorruptCheckpointError: the shapes, or the recorded config, are inconsistent.
+
+    Example::
+
+        plan = mf_import_plan({"decoder.final_layernorm.weight": (16,)}, where="ckpt", notes=[])
+        plan["decoder.final_layernorm.weight"]     # [Part("model.norm.weight")]
+    """
+    qkv = _mf_layers(shapes, "self_attention.linear_qkv.weight")
+    fc1 = _mf_layers(shapes, "mlp.linear_fc1.weight")
+    layout = _mf_layout(where, shapes, fused, config, config_path, notes) if qkv or fc1 else DEFAULT_LAYOUT
+    attn = _mf_heads(where, shapes, heads, config, config_path, notes) if qkv else None
+    plan: dict[str, list[Part]] = {}
+    for param, shape in shapes.items():
+        mapped = map_mf_name(param)
+        if mapped.transform == "qkv":
+            assert attn is not None, "a linear_qkv parameter sets the heads above"
+            rows: tuple[list[int], ...] = qkv_rows(attn, layout)
+        elif mapped.transform == "fc1":
+            rows = fc1_rows(shape[0], layout)
+        else:
+            plan[param] = [Part(mapped.hf_names[0])]
+            continue
+        plan[param] = [Part(name, r) for name, r in zip(mapped.hf_names, rows)]
+    return plan
