@@ -4,8 +4,9 @@ Parsing gives a :class:`ForeignCheckpoint`: for every tensor, under its MindForm
 name, its dtype, global shape and chunks (a :class:`~resumable.geometry.Box`, the file
 and the key inside it; the same box listed twice means two replicas), plus the
 training context. Nothing but headers and JSON is read; :func:`read_chunk` then reads
-one chunk (or a region of it) when the loader wants it. Names are mapped to ours by
-:mod:`resumable.models.qwen3`.
+one chunk (or a region of it) when the loader wants it. Names stay the checkpoint's:
+:mod:`resumable.sources` maps them (moments and scalars for every model, a model's own
+names through :mod:`resumable.models`).
 
 What is understood (see ``shared/MINDFORMERS.md``):
 
