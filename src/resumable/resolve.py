@@ -1,6 +1,6 @@
 """Which checkpoint to load: follow the tracker, an ``iteration_*`` folder, or a fresh start.
 
-``load_checkpoint`` (FORMATS.md) may name:
+``load_checkpoint`` (docs/formats.md) may name:
 
 - a checkpoint folder with ``latest_checkpointed_iteration.txt``: the iteration the
   tracker names (a hand-edited tracker is obeyed);

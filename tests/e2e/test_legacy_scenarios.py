@@ -1,4 +1,4 @@
-"""The four resume scenarios of FORMATS.md in the legacy layout, through real ``python -m resumable.train`` runs.
+"""The four resume scenarios of docs/formats.md in the legacy layout, through real ``python -m resumable.train`` runs.
 
 1. interrupted (a crash left a partial newer file) and 4. automatic recovery: the same
    command, pointing ``load_checkpoint`` at the job's own folder, starts fresh and then resumes;

@@ -1,4 +1,4 @@
-"""The four resume scenarios of FORMATS.md for Checkpoint 2.0, through real ``resumable train`` jobs.
+"""The four resume scenarios of docs/formats.md for Checkpoint 2.0, through real ``resumable train`` jobs.
 
 1. interrupted: SIGKILL mid-run, the identical command resumes bit for bit (sync and async saves);
 2. layout change: the first resumed step matches the old layout's loss;

@@ -1,7 +1,7 @@
 """MindSpore strategy files and MindFormers legacy trees split by them.
 
 Every tree is written by ``tests/fixtures/ms_strategy.py`` in the layouts of
-``shared/MINDFORMERS.md``. The tensors read back through ``read_mf_legacy(...,
+``docs/mindformers.md``. The tensors read back through ``read_mf_legacy(...,
 strategy=...)`` are compared, bit for bit, with the original state and with
 :func:`reference_merge`, a reimplementation of MindSpore's own merge
 (``_reshape_param_data``, and ``_construct_tensor_layout_for_opt_shard`` for optimizer

@@ -8,7 +8,7 @@ one chunk (or a region of it) when the loader wants it. Names stay the checkpoin
 :mod:`resumable.sources` maps them (moments and scalars for every model, a model's own
 names through :mod:`resumable.models`).
 
-What is understood (see ``shared/MINDFORMERS.md``):
+What is understood (see ``docs/mindformers.md``):
 
 - 2.0 with ``metadata.json``: pieces of ``axis_fragmentations`` (or, when absent, of
   ``layout.tensor_map`` over ``layout.device_matrix``), ``global_offset = [k]`` being the
@@ -17,7 +17,7 @@ What is understood (see ``shared/MINDFORMERS.md``):
   ``[{prefix}-]{model|opt}-{index}-{count}.safetensors`` file is one full chunk.
 - ``common.json``'s context; ``ckpt_status`` is not used.
 - Legacy: the newest ``(epoch, step)`` complete on every rank (the rule of
-  MINDFORMERS.md); ranks hold full tensors or, with ``remove_redundancy``, a share of
+  docs/mindformers.md); ranks hold full tensors or, with ``remove_redundancy``, a share of
   them. A tensor- or pipeline-parallel tree holds slices: given the job's strategy files
   (:mod:`resumable.formats.ms_strategy`), each rank's slices are placed at their boxes;
   without them, slices of different shapes, or strategy files found beside the tree that

@@ -1,7 +1,7 @@
 """Checkpoint 1.0 (legacy) on disk: file names, meta.json, file metadata, strategy files, ``.ckpt`` I/O.
 
-The layout is in ``shared/FORMATS.md`` ("Checkpoint 1.0"); names follow MindFormers
-(``shared/MINDFORMERS.md``) and are parsed with :mod:`resumable.formats.mindformers`::
+The layout is in ``docs/formats.md`` ("Checkpoint 1.0"); names follow MindFormers
+(``docs/mindformers.md``) and are parsed with :mod:`resumable.formats.mindformers`::
 
     <output_dir>/checkpoint/rank_{r}/{prefix}_rank_{r}[_{k}]-{epoch}_{step}.{safetensors|ckpt}
     <output_dir>/checkpoint/rank_{r}/meta.json      {"last_epoch", "last_step", "last_ckpt_file", "files", "seal"}

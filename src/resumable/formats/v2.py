@@ -1,6 +1,6 @@
 """Checkpoint 2.0 on disk: file names, the metadata.json schema with validation, common.json.
 
-The layout is in ``shared/FORMATS.md``; the details we fixed are in ``docs/internals.md``.
+The layout is in ``docs/formats.md``; the details we fixed are in ``docs/internals.md``.
 Everything read from disk is validated before use: file names must be bare names inside
 the checkpoint folder, every chunk must lie inside its tensor, the chunks of a tensor
 must tile it exactly, dtypes must be known. Errors name ``metadata.json`` (with its

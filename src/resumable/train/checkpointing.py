@@ -1,7 +1,7 @@
 """The trainer's checkpoint callbacks: ``CheckpointMonitor`` saves, ``Resume`` loads.
 
 Both run on every rank at the same points of ``Trainer.fit`` (their calls into the
-library are collective). The YAML keys they read are those of ../shared/FORMATS.md:
+library are collective). The YAML keys they read are those of docs/formats.md:
 
 - ``callbacks: - type: CheckpointMonitor`` (prefix, directory, save_checkpoint_steps,
   keep_checkpoint_max, async_save, checkpoint_format, remove_redundancy, save_optimizer,

@@ -1,6 +1,6 @@
 """The trainer's YAML configuration, typed and checked once at the boundary.
 
-Keys and defaults follow ../shared/FORMATS.md (MindSpore Transformers' names).
+Keys and defaults follow docs/formats.md (MindSpore Transformers' names).
 Every key is parsed and typed. Legacy-only keys set under Checkpoint 2.0 are
 reported by ``ignored_keys`` (logged at start, never silently dropped); unknown
 keys and wrong types raise ``ConfigError`` naming the dotted key.

@@ -2,7 +2,7 @@
 
 They mirror :mod:`resumable.train.checkpointing` (``CheckpointMonitor`` / ``Resume``) and
 run on every rank at the same points of ``Trainer.fit`` (their library calls are
-collective). Keys read (../shared/FORMATS.md): the CheckpointMonitor's ``prefix``,
+collective). Keys read (docs/formats.md): the CheckpointMonitor's ``prefix``,
 ``directory``, ``save_checkpoint_steps``, ``keep_checkpoint_max``, ``async_save``,
 ``checkpoint_format``, ``remove_redundancy``, ``save_optimizer``; ``output_dir`` (``strategy/``,
 ``unified_checkpoint/``, ``transformed_checkpoint/``); ``load_checkpoint``,
