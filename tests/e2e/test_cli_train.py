@@ -15,4 +15,5 @@ def test_train_without_nproc_launches_the_layouts_world_size(tmp_path):
 def test_a_bad_layout_stops_before_launching_with_the_key_named(tmp_path):
     done = run_job(train_cmd(tmp_path, "parallel_config.model_parallel=0"), expect_ok=False)
     assert done.returncode == 2
-    assert "parallel_config.model_parallel: Input should be greater than 0 (got 0)" in done.stderr
+    assert done.stderr == ("resumable train: error: invalid config:\n"
+                           "  --set parallel_config.model_parallel=0: must be greater than 0, got 0\n")

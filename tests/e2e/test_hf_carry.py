@@ -152,8 +152,8 @@ def test_unified_from_an_unknown_network_has_no_config_json_and_hf_is_refused(tm
     (None, "--config {path}: cannot be read (No such file or directory)"),
     ("model: [1, 2", "--config {path} is not valid YAML: "),
     ("seed: 3\n", "--config {path}: no model: section (a mapping of the model's sizes) to write config.json from"),
-    ("model:\n  hidden_sise: 64\n", "invalid config {path}:\n  model.hidden_sise: unknown key (check the spelling "
-                                    "against the README's config table)"),
+    ("model:\n  hidden_sise: 64\n", "invalid config:\n  {path}: model.hidden_sise: unknown key; did you mean "
+                                    "model.hidden_size?\n"),
 ], ids=["missing", "bad-yaml", "no-model-section", "unknown-key"])
 def test_convert_config_yaml_errors_name_the_file_and_the_key(tmp_path, capsys, yaml_text, message):
     path = tmp_path / "c.yaml"

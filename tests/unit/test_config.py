@@ -22,30 +22,37 @@ def test_set_overrides_nested_keys_and_list_items():
         "CKP_rank_0-1_4.safetensors"
 
 
-def test_an_unknown_key_is_named():
-    with pytest.raises(ConfigError, match=r"model\.hiden_size: unknown key \(check the spelling"):
-        load_config(None, ["model.hiden_size=32"])
+def _message(*overrides: str) -> str:
+    with pytest.raises(ConfigError) as err:
+        load_config(None, list(overrides))
+    return str(err.value)
+
+
+def test_an_unknown_key_is_named_with_the_closest_one():
+    assert _message("model.hiden_size=32") == ("invalid config:\n  --set model.hiden_size=32: unknown key; did you "
+                                               "mean model.hidden_size?")
 
 
 def test_a_wrong_type_is_named_with_the_value():
-    with pytest.raises(ConfigError, match=r"runner_config\.batch_size: Input should be a valid integer.*\(got 'four'\)"):
-        load_config(None, ["runner_config.batch_size=four"])
+    assert _message("runner_config.batch_size=four") == (
+        "invalid config:\n  --set runner_config.batch_size=four: expected an integer, got 'four'")
 
 
 def test_an_impossible_value_is_named():
-    with pytest.raises(ConfigError, match=r"callbacks\.0\.keep_checkpoint_max: Input should be greater than 0 \(got 0\)"):
-        load_config(None, ["callbacks.0.keep_checkpoint_max=0"])
+    assert _message("callbacks.0.keep_checkpoint_max=0") == (
+        "invalid config:\n  --set callbacks.0.keep_checkpoint_max=0: must be greater than 0, got 0")
 
 
 def test_heads_that_do_not_group_are_refused_naming_both_keys():
-    with pytest.raises(ConfigError, match=r"model\.num_attention_heads \(6\) must be a multiple of "
-                                          r"model\.num_key_value_heads \(4\)"):
-        load_config(None, ["model.num_attention_heads=6", "model.num_key_value_heads=4"])
+    assert _message("model.num_attention_heads=6", "model.num_key_value_heads=4") == (
+        "invalid config:\n  --set model.num_attention_heads=6, --set model.num_key_value_heads=4: "
+        "model.num_attention_heads (6) must be a multiple of model.num_key_value_heads (4)")
 
 
 def test_an_unknown_callback_type_is_named():
-    with pytest.raises(ConfigError, match=r"callbacks\.0\.type: Input should be 'CheckpointMonitor'"):
+    with pytest.raises(ConfigError) as err:
         parse_config({"callbacks": [{"type": "LossMonitor"}]})
+    assert str(err.value) == "invalid config:\n  <dict>: callbacks.0.type: expected 'CheckpointMonitor', got 'LossMonitor'"
 
 
 def test_a_set_past_the_end_of_a_list_is_named():

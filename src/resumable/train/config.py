@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import copy
 import os
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from resumable.errors import ConfigError
+from resumable.errors import ConfigError, Loc
 from resumable.models.qwen3 import ModelConfig
 
 DEFAULT_CONFIG = Path(__file__).with_name("configs") / "default.yaml"
@@ -134,11 +135,12 @@ class TrainConfig(_Section):
             return Path(ckpt.directory)
         return Path(self.output_dir) / "checkpoint"
 
-    @model_validator(mode="after")
-    def _one_monitor(self) -> "TrainConfig":
-        if len(self.callbacks) > 1:
-            raise ValueError("callbacks: give at most one CheckpointMonitor")
-        return self
+    @field_validator("callbacks")
+    @classmethod
+    def _one_monitor(cls, v: list[CheckpointMonitorConfig]) -> list[CheckpointMonitorConfig]:
+        if len(v) > 1:
+            raise ValueError(f"give at most one CheckpointMonitor, got {len(v)}")
+        return v
 
 
 # Checkpoint 1.0 keys: Checkpoint 2.0 reshards online and needs none of them. (src_strategy_path_or_dir is
@@ -160,13 +162,17 @@ def ignored_keys(cfg: TrainConfig) -> list[str]:
             for key, default in LEGACY_ONLY.items() if getattr(cfg, key) != default]
 
 
-def apply_override(tree: dict, assignment: str) -> None:
-    """Set ``a.b.0.c=value`` in a nested dict/list tree; the value is parsed as YAML."""
-    if "=" not in assignment:
+def apply_override(tree: dict, assignment: str) -> tuple[str, ...]:
+    """Set ``a.b.0.c=value`` in a nested dict/list tree; the value is parsed as YAML. Returns the path set."""
+    dotted, sep, raw = assignment.partition("=")
+    parts = tuple(dotted.strip().split("."))
+    if not sep or not all(parts):
         raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. runner_config.stop_step=20")
-    dotted, raw = assignment.split("=", 1)
-    value = yaml.safe_load(raw) if raw != "" else ""
-    parts = dotted.strip().split(".")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {assignment}: the value is not valid YAML ({getattr(err, 'problem', err)}); "
+                          f"to pass it as text, quote it: --set '{dotted}=\"{raw}\"'") from None
     node: Any = tree
     for depth, part in enumerate(parts):
         last = depth == len(parts) - 1
@@ -184,20 +190,31 @@ def apply_override(tree: dict, assignment: str) -> None:
         elif isinstance(node, dict):
             if last:
                 node[part] = value
+            elif part not in node and parts[depth + 1].isdigit():  # a list item of a list not given
+                here = ".".join(parts[:depth + 1])
+                raise ConfigError(f"--set {dotted}: {here} is not set, so it has no item {parts[depth + 1]}; "
+                                  f"give the whole list, e.g. --set '{here}=[{{...}}]'")
             else:
                 node = node.setdefault(part, {})
         else:
             raise ConfigError(f"--set {dotted}: {'.'.join(parts[:depth])!r} is a value, not a section")
+    return parts
 
 
-def parse_config(tree: dict, source: str = "<dict>") -> TrainConfig:
-    """Validate a nested dict into a TrainConfig, raising ConfigError that names the key."""
+Origin = Callable[[Loc], tuple[str, "str | None"]]
+
+
+def parse_config(tree: dict, source: str = "<dict>", origin: Origin | None = None) -> TrainConfig:
+    """Validate a nested dict into a TrainConfig, raising ConfigError that names the key.
+
+    ``origin`` says where the value at a key was set (``ConfigError.from_validation``); default ``source``.
+    """
     if not isinstance(tree, dict):
         raise ConfigError(f"invalid config {source}: the top level must be a mapping of keys")
     try:
         return TrainConfig.model_validate(tree)
     except ValidationError as err:
-        raise ConfigError.from_validation(err, source) from None
+        raise ConfigError.from_validation(err, source, schema=TrainConfig, origin=origin) from None
 
 
 def load_config_tree(path: str | os.PathLike | None) -> tuple[dict, str]:
@@ -214,14 +231,74 @@ def load_config_tree(path: str | os.PathLike | None) -> tuple[dict, str]:
     return tree, str(source)
 
 
+def _in_file(source: str, loc: Loc) -> tuple[str, str | None]:
+    """``<file> line N`` of the key at ``loc`` (or of the deepest part of it the file has) and the
+    value's text as written there (None unless it is a scalar)."""
+    try:
+        node: yaml.Node | None = yaml.compose(Path(source).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return source, None
+    line = None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            pair = next(((k, v) for k, v in node.value if k.value == str(part)), None)
+            line, node = (pair[0].start_mark.line, pair[1]) if pair else (line, None)
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line
+        else:
+            node = None
+        if node is None:
+            break
+    where = source if line is None else f"{source} line {line + 1}"
+    return where, node.value if isinstance(node, yaml.ScalarNode) else None
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
-    """Load a YAML config (default: the embedded one), apply ``--set`` overrides and validate."""
+    """Load a YAML config (default: the embedded one), apply ``--set`` overrides and validate.
+
+    An invalid key is blamed on the ``--set`` assignments that reach it, else on the file's line.
+    """
     tree, source = load_config_tree(path)
     tree = copy.deepcopy(tree)
+    assigned: dict[tuple[str, ...], str] = {}
     for assignment in overrides:
-        apply_override(tree, assignment)
-    return parse_config(tree, source)
+        parts = apply_override(tree, assignment)
+        assigned.pop(parts, None)  # the last assignment of a key is the one that counts
+        assigned[parts] = assignment
+
+    def origin(loc: Loc) -> tuple[str, str | None]:
+        key = tuple(map(str, loc))
+        setters = [text for parts, text in assigned.items() if parts[:len(key)] == key or key[:len(parts)] == parts]
+        if not setters:
+            return _in_file(source, loc)
+        exact = assigned.get(key)
+        return ", ".join(f"--set {text}" for text in setters), exact.partition("=")[2] if exact else None
+
+    return parse_config(tree, source, origin)
 
 
 def dump_config(cfg: TrainConfig) -> str:
+    """Every key's value as YAML (what ``resumable train --print-config`` prints); ``load_config`` reads it back."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def record_config(cfg: TrainConfig, folder: Path, start_step: int) -> Path:
+    """Save a run's effective config in ``folder`` (beside its log) as ``config-<UTC start>.yaml``.
+
+    One file per run: a resumed or repeated run writes its own, never over an earlier run's
+    (``-1``, ``-2`` ... when two start in the same second). ``--config`` takes it as it is.
+    """
+    started = datetime.now(timezone.utc)
+    text = (f"# the effective config of the resumable train run started {started:%Y-%m-%d %H:%M:%S} UTC "
+            f"at global step {start_step}\n" + dump_config(cfg))
+    stem = f"config-{started:%Y%m%dT%H%M%SZ}"
+    n = 0
+    while True:
+        path = folder / (f"{stem}-{n}.yaml" if n else f"{stem}.yaml")
+        try:
+            with path.open("x", encoding="utf-8") as file:
+                file.write(text)
+            return path
+        except FileExistsError:
+            n += 1
