@@ -202,7 +202,7 @@ def _model_section(path: Path) -> ModelConfig:
     try:
         return ModelConfig.model_validate(section)
     except ValidationError as exc:
-        raise ConfigError.from_validation(exc, str(path), prefix="model.") from None
+        raise ConfigError.from_validation(exc, str(path), prefix="model.", schema=ModelConfig) from None
 
 
 def _convert(args: argparse.Namespace) -> int:
