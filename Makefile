@@ -1,5 +1,6 @@
-# Set-up pins torch so that pip never pulls the multi-GB CUDA build by accident;
-# override with e.g. `make test TORCH='torch==2.13.0+cu126'`.
+# Set-up installs $(TORCH) first. Which build the pin gets is the package index's choice
+# (PyPI's Linux wheels bundle CUDA); name the build and PyTorch's index to choose, e.g.
+# `make test TORCH='torch==2.13.0+cpu' PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu`.
 TORCH  ?= torch==2.13.0
 PYTHON ?= python3
 VENV   ?= .venv
