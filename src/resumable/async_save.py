@@ -328,6 +328,7 @@ def async_save(state: Mapping[str, Any], directory: str | os.PathLike[str], iter
     Hazard: mutating the state's tensors from another thread before this call returns
     corrupts the checkpoint. Collective: every rank of ``process_group`` calls it.
     """
+    dist.require_group("resumable.async_save")
     key = id(process_group) if process_group is not None else None
     saver = _DEFAULT.get(key)
     if saver is None:

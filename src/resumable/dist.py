@@ -1,13 +1,16 @@
 """Small ``torch.distributed`` helpers with a single-process fallback.
 
 Without an initialised process group everything behaves as a world of one: rank 0,
-size 1, collectives return their own input. Each function says who must call it:
+size 1, collectives return their own input; the API's entry points first refuse that
+when the environment names a multi-process launch (``require_group``). Each function
+says who must call it:
 
 =========================  ==========================================================
 function                   who calls it
 =========================  ==========================================================
 ``rank``, ``world_size``,  anyone, any time (not collective)
-``global_rank``
+``global_rank``,
+``require_group``
 ``barrier``                every rank of ``group`` (collective)
 ``all_gather_object``      every rank of ``group`` (collective)
 ``gather_object``          every rank of ``group`` (collective); only ``dst`` gets a list
@@ -30,6 +33,7 @@ object gather all-gathers every rank's size first, which costs every rank O(worl
 
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 from typing import Any
 
@@ -47,6 +51,34 @@ Group = Any  # torch.distributed.ProcessGroup | None (None = the default group)
 def initialized() -> bool:
     """True when a default process group exists."""
     return dist.is_available() and dist.is_initialized()
+
+
+#: What torchrun (and launchers like it) set in each process of a job.
+LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+def require_group(what: str) -> None:
+    """Refuse to act alone when the environment says this process is one of several ranks.
+
+    Under ``torchrun`` without ``init_process_group`` every rank would act as a world of
+    one: all of them save as rank 0 of the same folder (the second meets the first's lock:
+    ``LockedError``). Not collective.
+
+    Raises:
+        ConfigError: ``WORLD_SIZE`` above 1 or ``RANK`` above 0 and no process group, naming
+            ``what`` (the API called) and the variables seen.
+    """
+    if initialized():
+        return
+    seen = {name: os.environ[name] for name in LAUNCH_ENV if name in os.environ}
+    world, me = seen.get("WORLD_SIZE", "1"), seen.get("RANK", "0")
+    if (world.isdigit() and int(world) > 1) or (me.isdigit() and int(me) > 0):
+        variables = ", ".join(f"{name}={value}" for name, value in seen.items())
+        raise errors.ConfigError(
+            f"{what}: this process is one rank of a multi-process job ({variables} in the environment, as "
+            "torchrun sets them) but torch.distributed has no process group: call "
+            "torch.distributed.init_process_group() in every process first (backend \"gloo\" on CPU, \"nccl\" on "
+            "GPUs), so that the ranks save and load one checkpoint together")
 
 
 def rank(group: Group = None) -> int:

@@ -393,6 +393,7 @@ def load(state: dict[str, Any], path: str | os.PathLike[str], *, process_group: 
                 nbytes = read_direct(prep.folder, prep.reads, targets, prep.headers, verify=_blocks(verify))
             result = _finish(prep, state, process_group, nbytes, start)
             err = None
+    dist.require_group("resumable.load")
         except Exception as exc:  # agreed below
             err = exc
         agree_on(err, process_group)
@@ -541,6 +542,7 @@ def training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | No
     model_sd, optim_sd = get_state_dict(model, optimizer)
     return {"model": model_sd, "optimizer": optim_sd}
 
+    dist.require_group("resumable.load_async")
 
 def apply_training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
                          state: Mapping[str, Any]) -> None:

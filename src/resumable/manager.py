@@ -56,7 +56,9 @@ class CheckpointManager:
             :class:`~resumable.async_save.AsyncSaver`).
 
     Raises:
-        ConfigError: a value out of range, naming the YAML key.
+        ConfigError: a value out of range, naming the YAML key; a process of a multi-process launch
+            (``RANK``/``WORLD_SIZE`` set) without ``init_process_group`` (``dist.require_group``; as
+            ``save``, ``async_save``, ``load`` and ``load_async``).
         LockedError: on every rank, when another job holds the folder's lock.
 
     Who calls it: every rank constructs it at the same point (collective: rank 0 takes
@@ -69,6 +71,7 @@ class CheckpointManager:
                  remove_redundancy: bool = False, checkpoint_format: str = "safetensors",
                  process_group: Any = None, layout_info: Any = None,
                  collective_timeout: float | None = None) -> None:
+        dist.require_group("CheckpointManager")
         if save_checkpoint_steps < 1:
             raise ConfigError(f"save_checkpoint_steps must be at least 1, got {save_checkpoint_steps}")
         if keep_checkpoint_max is not None and keep_checkpoint_max < 1:

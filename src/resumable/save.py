@@ -510,6 +510,7 @@ def save(state: Mapping[str, Any], directory: str | os.PathLike[str], iteration:
     ``iteration`` and options. Tensors are read while the call runs: do not mutate them
     from another thread meanwhile.
     """
+    dist.require_group("resumable.save")
     plan = plan_save(state, directory, iteration, prefix=prefix, save_optimizer=save_optimizer,
                      remove_redundancy=remove_redundancy, group=process_group, layout_info=layout_info)
     prepare_temp(plan)
