@@ -8,9 +8,10 @@
     resumable split SRC OUT --layout dp=2,tp=2[,pp=N] [--sharded-optimizer]
     resumable convert SRC OUT --to {v2,unified,hf,legacy}
 
-Exit status: 0 success; 1 the answer is "no" (verify found problems, diff found
-differences); 2 an error (the message names the path and what to do); 128 + n: ``train``
-stopped by signal n (130 Ctrl-C, 143 SIGTERM) after finishing its save in flight.
+Exit status (``--help`` says it too): 0 success; 1 the answer is "no" (verify found problems, diff
+found differences), a damaged checkpoint, or a failed run; 2 a usage or configuration error (the
+message names the path or key and what to do); 128 + n: ``train`` stopped by signal n (130 Ctrl-C,
+143 SIGTERM) after finishing its save in flight; 130: a tool interrupted by Ctrl-C (no partial output left).
 The checkpoint commands live in :mod:`resumable.tools.commands`.
 
 ``train`` launches ``torchrun`` itself (single node) with ``--nproc`` processes, or, without
@@ -28,7 +29,9 @@ import os
 import sys
 from typing import Callable, Sequence
 
-from resumable.errors import CheckpointError, ConfigError
+from resumable import __version__
+from resumable.errors import CheckpointError, ConfigError, CorruptCheckpointError
+from resumable.tools.commands import HelpFormatter, exit_status
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -72,6 +75,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         help="train the reference Qwen3 model",
         description="Train the reference Qwen3 model with a MindFormers-style YAML config "
         "(the embedded default when --config is not given).",
+        epilog=exit_status("the run failed (the message says why, once)", ("128+n", "stopped by signal n (130 "
+                           "Ctrl-C, 143 SIGTERM) after finishing the save in flight; the last line names the "
+                           "newest checkpoint and the command to resume")),
     )
     p.add_argument("--config", help="YAML config file (default: the embedded default config)")
     p.add_argument("--nproc", type=int, default=0,
@@ -106,13 +112,22 @@ def _commands() -> list[Callable[[argparse._SubParsersAction], None]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Every command's parser; imports no torch (``resumable --help`` answers in well under a second)."""
     parser = argparse.ArgumentParser(
         prog="resumable",
         description="Checkpointing and resume-training for distributed PyTorch training.",
+        epilog=exit_status('a "no" (verify found problems, diff found differences), a damaged checkpoint, or a '
+                           "failed run", ("128+n", "stopped by signal n: train (130 Ctrl-C, 143 SIGTERM) after "
+                           "finishing its save in flight; merge, split and convert (130 Ctrl-C) leaving no partial "
+                           "output")),
+        formatter_class=HelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"resumable {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in _commands():
         add(sub)
+    for command in sub.choices.values():
+        command.formatter_class = HelpFormatter
     return parser
 
 
@@ -122,7 +137,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except (ConfigError, CheckpointError, NotImplementedError, OSError, ValueError) as err:
         print(f"resumable {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return 1 if isinstance(err, CorruptCheckpointError) else 2
+    except KeyboardInterrupt:  # Ctrl-C in a tool: its temporary output is gone (each writer removes its own)
+        out = getattr(args, "out", None)
+        print(f"resumable {args.command}: interrupted (Ctrl-C)" + (f"; no partial output left at {out}: run the "
+              "command again" if out else ""), file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

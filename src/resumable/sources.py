@@ -78,7 +78,7 @@ from resumable.errors import CheckpointNotFoundError, ConfigError, CorruptCheckp
 from resumable.formats import hf, hf_aux, mindformers as mf, schema, v1, v2
 from resumable.formats.jsonfile import check_regular
 from resumable.formats.safetensors_io import open_safetensors, read_header, stored_slice
-from resumable.formats.ms_names import OPT_STATE, our_name, parse_ms_name
+from resumable.formats.ms_names import NAMES, OPT_STATE, Names, our_name, parse_ms_name
 from resumable.formats.torch_file import PICKLE_PROTOCOL, read_torch_file
 from resumable.models import MODELS, identify_mindformers
 from resumable.models.qwen3 import AttentionShape, FusedLayout
@@ -92,9 +92,6 @@ __all__ = ["NAMES", "Fused", "Names", "Source", "SourceChunk", "SourceTensor", "
 Format = Literal["v2", "mindformers", "legacy", "unified", "hf", "mindspore", "torch", "safetensors"]
 FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 """Files read as a checkpoint when given alone (or alone in a folder)."""
-Names = Literal["auto", "keep", "hf"]
-NAMES: tuple[str, ...] = ("auto", "keep", "hf")
-"""How a MindSpore checkpoint's names are read (:func:`open_source`'s ``names``)."""
 Fused = FusedLayout | Mapping[str, bool]
 """A fused layout, or only some of its keys (the others as when none is given)."""
 Reader = Callable[[Box], torch.Tensor]

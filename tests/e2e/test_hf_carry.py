@@ -82,7 +82,7 @@ def test_a_damaged_recorded_tokenizer_file_is_found_by_verify_and_refused_by_con
     capsys.readouterr()
     assert main(["verify", str(tmp_path / to)]) == 1
     assert f"PROBLEM {carried}: " in capsys.readouterr().out
-    assert _convert(tmp_path / to, tmp_path / "hf", "hf") == 2
+    assert _convert(tmp_path / to, tmp_path / "hf", "hf") == 1  # damaged
     assert f"resumable convert: error: {carried}: " in capsys.readouterr().err
     assert not (tmp_path / "hf").exists()
 

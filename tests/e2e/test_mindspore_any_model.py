@@ -144,7 +144,7 @@ def test_pytorch_ckpt_is_flattened_by_dotted_names_and_its_values_kept(tmp_path)
 
 def test_pytorch_file_with_other_pickled_objects_is_refused(tmp_path, capsys):
     torch.save({"w": torch.zeros(2), "opt": torch.optim.SGD}, tmp_path / "bad.pt")
-    assert main(["inspect", str(tmp_path / "bad.pt")]) == 2
+    assert main(["inspect", str(tmp_path / "bad.pt")]) == 1  # unsafe: a damaged checkpoint
     err = capsys.readouterr().err
     assert f"{tmp_path / 'bad.pt'}: refused by weights-only loading" in err
 

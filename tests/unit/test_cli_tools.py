@@ -123,7 +123,7 @@ def test_diff_is_zero_for_equal_checkpoints_of_different_formats(ckpt, tmp_path,
     assert main(["merge", str(ckpt), str(tmp_path / "unified"), "--quiet"]) == 0
     capsys.readouterr()
     assert main(["diff", str(ckpt), str(tmp_path / "unified")]) == 0
-    assert capsys.readouterr().out == f"A={ckpt} B={tmp_path / 'unified'}: 4 equal\n"
+    assert capsys.readouterr().out == f"A={ckpt} B={tmp_path / 'unified'}: 4 equal; context equal (1 key)\n"
 
 
 def test_diff_reports_every_kind_of_difference(tmp_path, capsys):
@@ -138,13 +138,13 @@ def test_diff_reports_every_kind_of_difference(tmp_path, capsys):
     save(b, tmp_path / "b", 1)
     assert main(["diff", str(tmp_path / "a"), str(tmp_path / "b")]) == 1
     assert capsys.readouterr().out.splitlines() == [
-        "shape mismatch  b  (A int64 [3], B int64 [4])",
-        "missing in A    extra  (float32 [2])",
-        "missing in B    optimizer.state.w.exp_avg  (float32 [4, 6])",
-        "dtype mismatch  optimizer.state.w.step  max abs diff 0  (A float32 [], B float64 [])",
-        "different       w  max abs diff 0.5",
+        "shape mismatch   b  (A int64 [3], B int64 [4])",
+        "missing in A     extra  (float32 [2])",
+        "missing in B     optimizer.state.w.exp_avg  (float32 [4, 6])",
+        "dtype mismatch   optimizer.state.w.step  max abs diff 0  (A float32 [], B float64 [])",
+        "different        w  max abs diff 0.5 at [1, 2] (A 0.468096, B 0.968096)",
         f"A={tmp_path / 'a'} B={tmp_path / 'b'}: 1 different, 1 dtype mismatch, 1 missing in A, "
-        "1 missing in B, 1 shape mismatch"]
+        "1 missing in B, 1 shape mismatch; context equal (1 key)"]
 
 
 def test_errors_name_the_path_and_exit_2(tmp_path, capsys):

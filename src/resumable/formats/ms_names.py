@@ -29,9 +29,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["OPT_STATE", "SCALARS", "MsName", "ms_export_name", "our_name", "parse_ms_name", "parse_our_name"]
+__all__ = ["NAMES", "OPT_STATE", "SCALARS", "MsName", "Names", "ms_export_name", "our_name", "parse_ms_name",
+           "parse_our_name"]
 
 OPT_STATE = "optimizer.state."
+
+Names = Literal["auto", "keep", "hf"]
+NAMES: tuple[str, ...] = ("auto", "keep", "hf")
+"""How a MindSpore checkpoint's names are read (:func:`resumable.sources.open_source`'s ``names``; here, free
+of torch, for ``resumable --help``)."""
 
 OPTIMIZER_PREFIXES: dict[str, str] = {
     "adam_m.": "exp_avg",

@@ -2,7 +2,9 @@
 
 Each ``_add_*`` registers one subcommand; each handler returns the exit status
 (0 success, 1 a negative answer: problems or differences found). Errors propagate to
-``resumable.cli.main``, which prints them and exits with 2.
+``resumable.cli.main``, which prints them in one line and exits with 1 (a damaged checkpoint) or 2.
+Nothing here imports torch, pydantic or the models at module level: ``resumable --help`` builds
+every parser without them; the handlers import what they need.
 """
 
 from __future__ import annotations
@@ -10,20 +12,28 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
+import shlex
 import sys
+import textwrap
 from pathlib import Path
-from typing import Any, Callable
-
-import torch
-from pydantic import ValidationError
+from typing import TYPE_CHECKING, Any, Callable
 
 from resumable.errors import ConfigError
-from resumable.models.qwen3 import AttentionShape, ModelConfig
+from resumable.formats.ms_names import NAMES
+from resumable.tools import TARGETS
+
+if TYPE_CHECKING:
+    import torch
+
+    from resumable.models.qwen3 import AttentionShape, ModelConfig
 
 _PROGRESS = "--quiet"
 
 
 def _heads(text: str) -> AttentionShape:
+    from resumable.models.qwen3 import AttentionShape
+
     try:
         h, kv, d = (int(x) for x in text.split(","))
         return AttentionShape(h, kv, d)
@@ -33,6 +43,8 @@ def _heads(text: str) -> AttentionShape:
 
 
 def _dtype(text: str) -> torch.dtype:
+    import torch
+
     dtype = getattr(torch, text, None)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise argparse.ArgumentTypeError(f"--dtype {text!r}: expected a floating dtype: float32, bfloat16, float16")
@@ -49,6 +61,16 @@ def _size(text: str) -> int:
     raise argparse.ArgumentTypeError(f"--max-shard-size {text!r}: expected bytes such as 5GB, 500MB or 1000000")
 
 
+def _tolerance(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number >= 0, such as 1e-6")
+    return value
+
+
 def _flag(text: str) -> bool:
     if text.lower() not in ("true", "false"):
         raise argparse.ArgumentTypeError(f"{text!r}: expected true or false")
@@ -60,8 +82,6 @@ _LAYOUT_FLAGS = ("use_contiguous_weight_layout_attention", "use_interleaved_weig
 
 def _source_args(p: argparse.ArgumentParser) -> None:
     """How a source is read (:func:`resumable.sources.open_source`'s arguments)."""
-    from resumable.sources import NAMES
-
     p.add_argument("--names", choices=NAMES, default="auto",
                    help="MindSpore/MindFormers names: auto (default) maps MindFormers Qwen3 names to HuggingFace "
                         "names when every parameter is one, else keeps them; hf always maps (an error when a name "
@@ -81,10 +101,13 @@ def _source_args(p: argparse.ArgumentParser) -> None:
 
 
 class _Stderr(logging.Handler):
-    """Writes to the sys.stderr of the moment (a test's captured one too)."""
+    """Writes to the sys.stderr of the moment (a test's captured one too) through ``tqdm.write``: a
+    progress bar shown meanwhile is cleared first and redrawn after, so that no line is drawn over."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        print(self.format(record), file=sys.stderr)
+        from tqdm import tqdm
+
+        tqdm.write(self.format(record), file=sys.stderr)
 
 
 def _source_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -106,7 +129,7 @@ def _common_write_args(p: argparse.ArgumentParser, *, shards: bool) -> None:
     if shards:
         p.add_argument("--max-shard-size", type=_size, default="5GB",
                        help="largest safetensors shard, e.g. 5GB or 500MB (default 5GB)")
-    p.add_argument(_PROGRESS, action="store_true", help="no progress bar")
+    p.add_argument(_PROGRESS, action="store_true", help="no progress bar (one is shown only when stderr is a terminal)")
 
 
 def _v2_args(p: argparse.ArgumentParser) -> None:
@@ -122,14 +145,47 @@ def _layout(args: argparse.Namespace) -> Any:
     return parse_layout(args.layout or "", args.sharded_optimizer)
 
 
+# ------------------------------------------------------------------------------ help
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's, except that each line of a description or epilog is wrapped on its own: an indented
+    line (``  1  what 1 means``) continues under its text."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        lines = []
+        for line in text.splitlines():
+            label = re.match(r"\s+\S+\s+", line)
+            lead = label.group() if label else ""
+            lines.append(textwrap.fill(" ".join(line[len(lead):].split()), width, initial_indent=indent + lead,
+                                       subsequent_indent=indent + " " * len(lead)))
+        return "\n".join(lines)
+
+
+def exit_status(one: str, *more: tuple[str, str]) -> str:
+    """The ``--help`` epilog of a command: what each exit status means; ``one``: what 1 means for it; ``more``:
+    further ``(status, meaning)`` rows."""
+    rows = [("0", "success"), ("1", one),
+            ("2", "a usage or configuration error: the message names the path or key and what to do"), *more]
+    width = max(len(code) for code, _ in rows)
+    return "\n".join(["exit status:", *(f"  {code:<{width}}  {meaning}" for code, meaning in rows)])
+
+
+_INTERRUPTED = ("130", "interrupted (Ctrl-C): no partial output is left; run the command again")
+_DAMAGED = "the source is damaged (the message names the file); nothing is written"
+
+
 # ------------------------------------------------------------------------------ handlers
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from resumable.tools.inspect import inspect_path, render
+    from resumable.tools.inspect import inspect_path, render, render_summary, summary
 
     report = inspect_path(args.path, **_source_options(args))
-    print(json.dumps(report, indent=1) if args.json else render(report))
+    if args.json:
+        print(json.dumps(summary(report) if args.summary else report, indent=1))
+    else:
+        print(render_summary(report) if args.summary else render(report))
     return 0
 
 
@@ -137,6 +193,10 @@ def _verify(args: argparse.Namespace) -> int:
     from resumable.tools.verify import verify_path
 
     problems, checked, what = verify_path(args.path, checksum=not args.no_checksum, **_source_options(args))
+    if args.json:
+        print(json.dumps({"path": args.path, "ok": not problems, "files_checked": checked, "checked": what,
+                          "problems": [{"where": p.where, "message": p.message} for p in problems]}, indent=1))
+        return 1 if problems else 0
     for problem in problems:
         print(f"PROBLEM {problem}")
     if problems:
@@ -146,31 +206,75 @@ def _verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _diff_line(row: Any) -> str:
+    """One tensor's line: status, name, the largest difference (where, and both values there), detail."""
+    diff = ""
+    if row.max_abs_diff is not None and row.status != "equal":
+        diff = f"  max abs diff {row.max_abs_diff:.6g}"
+        if row.values is not None:
+            diff += f"{f' at {list(row.at)}' if row.at else ''} (A {row.values[0]:.6g}, B {row.values[1]:.6g})"
+    return f"{row.status:<16} {row.name}{diff}{f'  ({row.detail})' if row.detail else ''}"
+
+
+def _value(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _diff(args: argparse.Namespace) -> int:
     from resumable.sources import open_source
-    from resumable.tools.diff import diff_sources
+    from resumable.tools.diff import SAME, diff_context, diff_sources
 
     options = _source_options(args)
     a, b = open_source(args.a, **options), open_source(args.b, **options)
+    rows = diff_sources(a, b, model_only=args.model_only, atol=args.atol, rtol=args.rtol)
     counts: dict[str, int] = {}
-    for row in diff_sources(a, b, model_only=args.model_only):
+    listed = []
+    for row in rows:  # printed as they come: a large checkpoint's answers appear one by one
         counts[row.status] = counts.get(row.status, 0) + 1
-        if row.status != "equal" or args.all:
-            diff = "" if row.max_abs_diff is None else f"  max abs diff {row.max_abs_diff:.6g}"
-            detail = f"  ({row.detail})" if row.detail else ""
-            print(f"{row.status:<15} {row.name}{diff}{detail}")
-    summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-    print(f"A={args.a} B={args.b}: {summary or 'no tensors'}")
-    return 0 if set(counts) <= {"equal"} else 1
+        if args.json:
+            listed.append({"name": row.name, "status": row.status, "max_abs_diff": row.max_abs_diff,
+                           "at": row.at, "values": row.values, "detail": row.detail})
+        elif row.status != "equal" or args.all:
+            print(_diff_line(row))
+    context = None if args.model_only else diff_context(a, b)
+    same = set(counts) <= set(SAME) and (context is None or context.same)
+    if args.json:
+        print(json.dumps({"a": args.a, "b": args.b, "same": same, "atol": args.atol, "rtol": args.rtol,
+                          "counts": counts, "tensors": listed, "context": None if context is None else {
+                              "keys": context.keys, "missing": context.missing,
+                              "differences": [vars(r) for r in context.rows]}}, indent=1))
+        return 0 if same else 1
+    summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no tensors"
+    if args.atol or args.rtol:
+        summary += f" (atol {args.atol:g}, rtol {args.rtol:g})"
+    if context is not None:
+        if context.missing:
+            side = a if context.missing == "A" else b
+            print(f"{'context':<16} {context.missing} records no training context (a {side.format} checkpoint); "
+                  "--model-only compares the weights alone")
+            summary += f"; context: {context.missing} records none"
+        else:
+            for r in context.rows:
+                values = "A " + ("missing" if r.status == "missing in A" else _value(r.a)) + ", B " + (
+                    "missing" if r.status == "missing in B" else _value(r.b))
+                print(f"{'context':<16} {r.key}: {values}")
+            keys = f"{context.keys} key{'s' if context.keys != 1 else ''}"
+            summary += f"; context: {len(context.rows)} of {keys} differ" if context.rows else f"; context equal ({keys})"
+    print(f"A={args.a} B={args.b}: {summary}")
+    return 0 if same else 1
 
 
 def _merge(args: argparse.Namespace) -> int:
     from resumable.sources import open_source
     from resumable.tools.merge import merge
 
-    out = merge(open_source(args.src, **_source_options(args)), args.out, max_shard_size=args.max_shard_size,
-                dtype=args.dtype, progress=not args.quiet)
-    print(f"wrote unified checkpoint {out}")
+    source = open_source(args.src, **_source_options(args))
+    out = merge(source, args.out, max_shard_size=args.max_shard_size, dtype=args.dtype, progress=not args.quiet)
+    kinds = [t.kind for t in source.tensors.values()]
+    print(f"wrote {out}: the full training state ({kinds.count('model')} model tensors, {kinds.count('opt')} "
+          "optimizer tensors, the training context in common.json); for a HuggingFace model folder run: "
+          f"resumable convert {shlex.quote(args.src)} OUT --to hf")
     return 0
 
 
@@ -188,6 +292,9 @@ def _split(args: argparse.Namespace) -> int:
 def _model_section(path: Path) -> ModelConfig:
     """The ``model:`` section of a training YAML, validated (the rest of the file is the trainer's)."""
     import yaml
+    from pydantic import ValidationError
+
+    from resumable.models.qwen3 import ModelConfig
 
     try:
         tree = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -236,9 +343,14 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("inspect", help="show a checkpoint's iterations, layout, context and tensors",
                        description="Show which iterations a checkpoint folder holds, which is the latest and "
                        "whether each is complete (committed), the layout that wrote it, the training context "
-                       "and every tensor (dtype, global shape, chunks, size).")
+                       "and every tensor (dtype, global shape, chunks, size).",
+                       epilog=exit_status("the checkpoint is damaged (the message names the file)"))
     p.add_argument("path", help=_PATHS)
     p.add_argument("--json", action="store_true", help="print one JSON object (for scripts) instead of tables")
+    p.add_argument("--summary", action="store_true",
+                   help="one screen: format, iterations, latest, layout, context, and the count and bytes of the "
+                        "tensors of each kind (model, optimizer), without the per-tensor table (with --json: "
+                        "\"kinds\" and \"disk\" instead of \"tensors\" and \"files\")")
     _source_args(p)
     p.set_defaults(func=_inspect)
 
@@ -247,31 +359,55 @@ def _add_verify(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("verify", help="check completeness, sizes and checksums; exit 1 on any problem",
                        description="Check one checkpoint, or every iteration of a checkpoint folder: committed, "
                        "every file present with its recorded size and xxh3-64 checksum, headers readable. "
-                       "Prints one line per problem, naming the file; exit status 1 when any is found.")
+                       "Prints one line per problem, naming the file; exit status 1 when any is found.",
+                       epilog=exit_status("problems found: one PROBLEM line each, naming the file"))
     p.add_argument("path", help=_PATHS)
     p.add_argument("--no-checksum", action="store_true", help="check sizes only (fast: reads no data)")
+    p.add_argument("--json", action="store_true",
+                   help='print one JSON object (for scripts): {"path", "ok", "files_checked", "checked", '
+                        '"problems": [{"where", "message"}]}')
     _source_args(p)
     p.set_defaults(func=_verify)
 
 
 def _add_diff(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("diff", help="compare two checkpoints tensor by tensor; exit 0 when equal, 1 otherwise",
+    p = sub.add_parser("diff", help="compare two checkpoints: tensors and training context; exit 0 when the same",
                        description="Compare two checkpoints of any formats and layouts, tensor by tensor: equal, "
-                       "different (with the max abs difference), shape mismatch, dtype mismatch, missing in A, "
-                       "missing in B. Exit status 0 when every tensor is equal, 1 otherwise.")
+                       "within tolerance (--atol/--rtol), different (with the largest absolute difference, where, "
+                       "and both values there), shape mismatch, dtype mismatch, missing in A, missing in B; then "
+                       "the training context common.json records (global_step, epoch and step, consumed samples, "
+                       "the data position, the LR schedule, the saved state's plain values), naming each key that "
+                       "differs. Exit status 0 when every tensor is equal or within tolerance and the contexts "
+                       "agree, 1 otherwise.",
+                       epilog=exit_status("the checkpoints differ (a tensor beyond --atol/--rtol, or a context key), "
+                                          "or one of them is damaged"))
     p.add_argument("a", help="checkpoint A: " + _PATHS)
     p.add_argument("b", help="checkpoint B (any format)")
-    p.add_argument("--model-only", action="store_true", help="ignore optimizer state (e.g. against a HF export)")
+    p.add_argument("--model-only", action="store_true",
+                   help="compare the model weights only: no optimizer state, no training context (e.g. against a "
+                        "HF export)")
+    p.add_argument("--atol", type=_tolerance, default=0.0, metavar="X",
+                   help="absolute tolerance: a tensor whose every element has |A - B| <= atol + rtol * |B| is "
+                        "\"within tolerance\" (default 0: equal only)")
+    p.add_argument("--rtol", type=_tolerance, default=0.0, metavar="X", help="relative tolerance (default 0)")
     p.add_argument("--all", action="store_true", help="also list the equal tensors")
+    p.add_argument("--json", action="store_true",
+                   help='print one JSON object (for scripts): {"a", "b", "same", "atol", "rtol", "counts", '
+                        '"tensors": [every tensor], "context": {"keys", "missing", "differences"}}')
     _source_args(p)
     p.set_defaults(func=_diff)
 
 
 def _add_merge(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("merge", help="merge a sharded checkpoint into full tensors (unified safetensors)",
-                       description="Write every tensor of a sharded checkpoint (Checkpoint 2.0, legacy, "
-                       "MindFormers) in full as HuggingFace-style safetensors shards + index, plus common.json. "
-                       "One tensor is assembled at a time: memory is bounded by the largest tensor.")
+    p = sub.add_parser("merge", help="merge a sharded checkpoint into one unified folder: the full training state "
+                       "(model + optimizer + context)",
+                       description="Write the full training state of a sharded checkpoint (Checkpoint 2.0, legacy, "
+                       "MindFormers): the model weights, the optimizer state and the training context "
+                       "(common.json), every tensor in full, as HuggingFace-style safetensors shards + index (a "
+                       "unified checkpoint: split writes it back for any layout). For a HuggingFace model folder "
+                       "(weights + config.json, for transformers) use: resumable convert SRC OUT --to hf. One tensor "
+                       "is assembled at a time: memory is bounded by the largest tensor.",
+                       epilog=exit_status(_DAMAGED, _INTERRUPTED))
     p.add_argument("src", help=_PATHS)
     p.add_argument("out", help="new (or empty) output folder")
     _common_write_args(p, shards=True)
@@ -282,7 +418,8 @@ def _add_split(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("split", help="write a checkpoint as Checkpoint 2.0 for a parallel layout",
                        description="Write a full (unified/HuggingFace) or any other checkpoint as Checkpoint 2.0 "
                        "for a parallel layout, offline, exactly as the trainer saves on that layout (tensor "
-                       "parallel: column-wise dim 0, row-wise dim 1; pipeline stages own contiguous layers).")
+                       "parallel: column-wise dim 0, row-wise dim 1; pipeline stages own contiguous layers).",
+                       epilog=exit_status(_DAMAGED, _INTERRUPTED))
     p.add_argument("src", help=_PATHS)
     p.add_argument("out", help="checkpoint folder to write iteration_* and the tracker into")
     p.add_argument("--layout", required=True, metavar="dp=N,tp=N[,pp=N]", help="the target layout")
@@ -293,8 +430,6 @@ def _add_split(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_convert(sub: argparse._SubParsersAction) -> None:
-    from resumable.tools.convert import TARGETS
-
     p = sub.add_parser("convert", help="convert between checkpoint formats (v2, unified, hf, legacy)",
                        description="Convert any checkpoint (ours, MindFormers 2.0 with or without metadata.json, "
                        "legacy rank_* trees in .safetensors or .ckpt, HuggingFace/unified) to: v2 (Checkpoint "
@@ -306,7 +441,8 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
                        "when every parameter is one (--names). "
                        "Every target carries the source's config.json and its generation and tokenizer files "
                        "(byte for byte), so HuggingFace -> v2 -> hf needs no flag; a Qwen3 checkpoint that records "
-                       "no config.json gets one inferred from its shapes (logged).")
+                       "no config.json gets one inferred from its shapes (logged).",
+                       epilog=exit_status(_DAMAGED, _INTERRUPTED))
     p.add_argument("src", help=_PATHS)
     p.add_argument("out", help="output folder (for v2: the checkpoint folder)")
     p.add_argument("--to", required=True, choices=TARGETS, help="output format")

@@ -41,7 +41,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
@@ -52,13 +52,11 @@ from resumable.formats.mindformers import parse_legacy_name
 from resumable.lock import DirectoryLock
 from resumable.models.qwen3 import AttentionShape, ModelConfig, hf_config as model_hf_config
 from resumable.sources import Fused, Names, Source, open_source
+from resumable.tools import TARGETS, Target
 from resumable.tools.merge import DEFAULT_SHARD, export_hf, merge
 from resumable.tools.split import TargetLayout, write_v2
 
 __all__ = ["TARGETS", "convert"]
-
-Target = Literal["v2", "unified", "hf", "legacy"]
-TARGETS: tuple[str, ...] = ("v2", "unified", "hf", "legacy")
 
 
 def convert(src: str | os.PathLike[str], out: str | os.PathLike[str], to: Target, *,

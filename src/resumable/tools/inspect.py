@@ -1,12 +1,14 @@
 """What a checkpoint folder holds (``resumable inspect``): iterations, completeness, layout, tensors.
 
 Completeness is :func:`resumable.commit.is_committed`, the one definition. The report
-is a plain dict (``--json`` prints it as is); :func:`render` makes the terminal tables.
+is a plain dict (``--json`` prints it as is); :func:`render` makes the terminal tables,
+:func:`render_summary` one screen without the per-tensor table (``--summary``; :func:`summary`
+its JSON).
 
 Example::
 
     report = inspect_path("output/checkpoint")
-    report["latest"], [t["name"] for t in report["tensors"]]
+    report["latest"], [t["name"] for t in report["tensors"]], report["kinds"]["opt"]["bytes"]
 """
 
 from __future__ import annotations
@@ -19,7 +21,10 @@ from resumable import commit
 from resumable.errors import CheckpointError
 from resumable.sources import open_source
 
-__all__ = ["inspect_path", "render"]
+__all__ = ["inspect_path", "render", "render_summary", "summary"]
+
+#: How the summary names each kind of tensor.
+KIND_NAMES = {"model": "model", "opt": "optimizer"}
 
 
 def _iterations(directory: Path) -> list[dict[str, Any]]:
@@ -45,7 +50,8 @@ def inspect_path(path: str | os.PathLike[str], **open_args: Any) -> dict[str, An
     Returns:
         ``{"path", "format", "tracker", "latest", "iterations": [{"iteration", "folder",
         "committed"}], "selected", "iteration", "layout", "notes" (how it was read), "common", "tensors": [{"name",
-        "dtype", "shape", "chunks", "bytes", "kind"}], "total_bytes", "files": {name: bytes}}``.
+        "dtype", "shape", "chunks", "bytes", "kind"}], "kinds": {kind: {"tensors", "bytes"}}, "total_bytes",
+        "files": {name: bytes}}``.
 
     Raises:
         CheckpointNotFoundError / CorruptCheckpointError: naming the path.
@@ -68,6 +74,9 @@ def inspect_path(path: str | os.PathLike[str], **open_args: Any) -> dict[str, An
     report["tensors"] = [{"name": t.name, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape),
                           "chunks": len(t.chunks), "bytes": t.nbytes, "kind": t.kind}
                          for t in source.tensors.values()]
+    kinds = sorted({t["kind"] for t in report["tensors"]}, key=lambda k: (k != "model", k))  # model first
+    report["kinds"] = {k: {"tensors": sum(t["kind"] == k for t in report["tensors"]),
+                           "bytes": sum(t["bytes"] for t in report["tensors"] if t["kind"] == k)} for k in kinds}
     report["total_bytes"] = sum(t["bytes"] for t in report["tensors"])
     if source.path.is_file():
         report["files"] = {source.path.name: source.path.stat().st_size}
@@ -93,16 +102,59 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
             *(fmt.format(*r).rstrip() for r in rows)]
 
 
+def _tracker(report: dict[str, Any]) -> str:
+    return (f"tracker: {report['tracker'] if report['tracker'] is not None else 'none'}"
+            + (f" ({report['tracker_error']})" if "tracker_error" in report else ""))
+
+
+def _totals(report: dict[str, Any]) -> str:
+    return (f"{len(report['tensors'])} tensors, {_size(report['total_bytes'])}; {len(report['files'])} files, "
+            f"{_size(sum(report['files'].values()))} on disk")
+
+
 def render(report: dict[str, Any]) -> str:
     """Readable tables of an :func:`inspect_path` report."""
     lines = [f"{report['path']}: {report['format']} checkpoint"]
     if report["iterations"]:
-        lines.append(f"tracker: {report['tracker'] if report['tracker'] is not None else 'none'}"
-                     + (f" ({report['tracker_error']})" if "tracker_error" in report else ""))
+        lines.append(_tracker(report))
         rows = [[str(r["iteration"]), r["folder"], "yes" if r["committed"] else "NO (incomplete)",
                  "<- latest" if r.get("latest") else ""] for r in report["iterations"]]
         lines += ["", *_table(["iteration", "folder", "committed", ""], rows)]
-    lines += ["", f"selected: {report['selected']}"]
+    lines += ["", f"selected: {report['selected']}", *_where(report)]
+    rows = [[t["name"], t["dtype"], "x".join(map(str, t["shape"])) or "scalar", str(t["chunks"]), _size(t["bytes"])]
+            for t in report["tensors"]]
+    lines += ["", *_table(["tensor", "dtype", "shape", "chunks", "size"], rows), _totals(report)]
+    return "\n".join(lines)
+
+
+def summary(report: dict[str, Any]) -> dict[str, Any]:
+    """The report without its per-tensor and per-file lists: ``"disk": {"files", "bytes"}`` instead of ``"files"``."""
+    short = {k: v for k, v in report.items() if k not in ("tensors", "files")}
+    short["disk"] = {"files": len(report["files"]), "bytes": sum(report["files"].values())}
+    return short
+
+
+def render_summary(report: dict[str, Any]) -> str:
+    """One screen of an :func:`inspect_path` report: format, iterations, latest, layout, context, and the
+    count and bytes of the tensors of each kind (``--summary``)."""
+    lines = [f"{report['path']}: {report['format']} checkpoint"]
+    if report["iterations"]:
+        names = [f"{r['iteration']}" + ("" if r["committed"] else " (incomplete)") for r in report["iterations"]]
+        if len(names) > 8:
+            names = [*names[:3], f"... {len(names) - 6} more ...", *names[-3:]]
+        latest = report["latest"] if report["latest"] is not None else "none"
+        lines.append(f"iterations ({len(report['iterations'])}): {', '.join(names)}; latest: {latest}; "
+                     + _tracker(report))
+    lines += [f"selected: {report['selected']}", *_where(report)]
+    kinds = ", ".join(f"{k['tensors']} {KIND_NAMES.get(kind, kind)} ({_size(k['bytes'])})"
+                      for kind, k in report["kinds"].items())
+    lines.append(f"tensors: {kinds or 'none'}; {_totals(report)}")
+    return "\n".join(lines)
+
+
+def _where(report: dict[str, Any]) -> list[str]:
+    """The layout and context lines."""
+    lines = []
     if report["layout"]:
         lay = report["layout"]
         lines.append(f"layout: world size {lay['world_size']}, mesh {lay.get('mesh')}, "
@@ -112,9 +164,4 @@ def render(report: dict[str, Any]) -> str:
                                                       "consumed_samples", "global_batch_size") if k in common)
     if context:
         lines.append(f"context: {context}")
-    rows = [[t["name"], t["dtype"], "x".join(map(str, t["shape"])) or "scalar", str(t["chunks"]), _size(t["bytes"])]
-            for t in report["tensors"]]
-    lines += ["", *_table(["tensor", "dtype", "shape", "chunks", "size"], rows)]
-    lines.append(f"{len(rows)} tensors, {_size(report['total_bytes'])}; {len(report['files'])} files, "
-                 f"{_size(sum(report['files'].values()))} on disk")
-    return "\n".join(lines)
+    return lines

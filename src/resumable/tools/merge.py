@@ -34,13 +34,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from resumable import commit
 from resumable.errors import ConfigError
 from resumable.formats import hf, hf_aux, v2
 from resumable.models import qwen3
 from resumable.sources import Source, SourceTensor
+from resumable.tools import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +59,7 @@ def _write(out: Path, config: dict[str, Any] | None, tensors: list[SourceTensor]
 
     by_name = {t.name: t for t in tensors}
     temp = commit.new_output_dir(out)
-    with tqdm(total=sum(t.nbytes for t in tensors), unit="B", unit_scale=True, desc=f"writing {out.name}",
-              disable=not progress) as bar:
+    with progress_bar(sum(t.nbytes for t in tensors), f"writing {out.name}", progress) as bar:
         def get(name: str) -> torch.Tensor:
             t = by_name[name]
             data = t.read().to(cast(t))

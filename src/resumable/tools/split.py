@@ -20,10 +20,9 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from tqdm import tqdm
 
 from resumable import commit
 from resumable.errors import CheckpointError
@@ -33,7 +32,11 @@ from resumable.geometry import Box
 from resumable.lock import DirectoryLock
 from resumable.save import SavePlan, build_plan, commit_plan
 from resumable.sources import Source, SourceTensor
+from resumable.tools import progress_bar
 from resumable.tools.rules import TargetLayout, check_layout, num_layers, parse_layout, rank_boxes
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +152,7 @@ def _write_v2(source: Source, out: Path, layout: TargetLayout, *, prefix: str, r
         if record:
             commit.fsync_dir(head.temp / hf_aux.FOLDER)
         head.common["state"] = hf_aux.with_record(objects, record)
-        with tqdm(total=total, unit="B", unit_scale=True, desc=f"writing {final.name}", disable=not progress) as bar:
+        with progress_bar(total, f"writing {final.name}", progress) as bar:
             for plan in plans:
                 for fname, (_, items) in plan.files.items():
                     head.metadata.files[fname].size, head.metadata.files[fname].xxh3_64 = \
