@@ -143,6 +143,8 @@ def test_the_check_blocks_name_what_exists(monkeypatch):
             _check(command, f"README.md:{b.line}: {' '.join(command.argv)}", targets)
             checked += 1
     assert checked >= 7
+    named = set(re.findall(r"`make ([\w-]+)", README.read_text(encoding="utf-8")))  # in the prose too
+    assert named - set(targets) == set(), "README.md names make targets the Makefile does not have"
 
 
 _LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
