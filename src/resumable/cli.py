@@ -1,6 +1,6 @@
 """The ``resumable`` command line.
 
-    resumable train [--config C.yaml] [--nproc N] [--set KEY=VALUE ...] [--stop-timeout S]
+    resumable train [--config C.yaml] [--nproc N] [--set KEY=VALUE ...] [--stop-timeout S] [--print-config]
     resumable inspect PATH [--json]
     resumable verify PATH [--no-checksum]
     resumable diff A B [--model-only]
@@ -30,11 +30,16 @@ import sys
 from typing import Callable, Sequence
 
 from resumable import __version__
-from resumable.errors import CheckpointError, ConfigError, CorruptCheckpointError
+from resumable.errors import CheckpointError, ConfigError, CorruptCheckpointError, describe_os_error
 from resumable.tools.commands import HelpFormatter, exit_status
 
 
 def _train(args: argparse.Namespace) -> int:
+    if args.print_config:  # the effective config, as a run records it beside its log; nothing is launched
+        from resumable.train.config import dump_config, load_config
+
+        print(dump_config(load_config(args.config, args.set)), end="")
+        return 0
     train_argv = (["--config", args.config] if args.config else []) + [
         x for kv in args.set for x in ("--set", kv)
     ]
@@ -80,6 +85,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                            "newest checkpoint and the command to resume")),
     )
     p.add_argument("--config", help="YAML config file (default: the embedded default config)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the effective config (the file or the embedded default, with the --set overrides, "
+                        "validated) as YAML and exit without training; each run saves it beside its log, "
+                        "<output_dir>/log/config-<start time>.yaml")
     p.add_argument("--nproc", type=int, default=0,
                    help="launch this many processes on this node with torchrun (default: as many as "
                         "the layout needs, parallel_config data x model x pipeline)")
@@ -136,7 +145,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (ConfigError, CheckpointError, NotImplementedError, OSError, ValueError) as err:
-        print(f"resumable {args.command}: error: {err}", file=sys.stderr)
+        # An OSError of the system ("[Errno 13] Permission denied: 'x'") gets words; ours have them.
+        text = describe_os_error(err) if isinstance(err, OSError) and not isinstance(err, CheckpointError) else err
+        print(f"resumable {args.command}: error: {text}", file=sys.stderr)
         return 1 if isinstance(err, CorruptCheckpointError) else 2
     except KeyboardInterrupt:  # Ctrl-C in a tool: its temporary output is gone (each writer removes its own)
         out = getattr(args, "out", None)

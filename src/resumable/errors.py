@@ -255,7 +255,7 @@ _OS_WORDS: dict[int, tuple[str, str]] = {
                                                   "run again"),
     errno.EDQUOT: ("disk quota exceeded", "free space within your quota (or write elsewhere) and run again"),
     errno.EROFS: ("the file system is read-only", "use a path on a writable file system"),
-    errno.ENOTDIR: ("a part of this path is a file, not a folder", "move that file away or use another path"),
+    errno.ENOTDIR: ("not a folder (it, or a folder above it, is a file)", "move that file away or use another path"),
     errno.EISDIR: ("is a folder where a file was expected", "give the path of a file"),
     errno.ENAMETOOLONG: ("a name in this path is too long for the file system (most allow 255 bytes a name)",
                          "use shorter names"),

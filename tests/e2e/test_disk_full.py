@@ -164,7 +164,9 @@ def test_a_tool_output_that_fills_the_disk_names_the_file_and_leaves_nothing(sma
     done = subprocess.run([sys.executable, "-m", "resumable.cli", cmd, str(tmp_path / "src"), str(small_disk / "out"),
                            *options, "--quiet"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr
-    assert done.stderr.startswith(f"resumable {cmd}: error: [Errno 28] No space left on device: '{small_disk}/")
+    assert done.stderr.startswith(f"resumable {cmd}: error: {small_disk}/")
+    assert done.stderr.endswith(": no space left on the device: free space on that file system (or write to another "
+                                "one) and run again\n")
     assert done.stderr.count("\n") == 1, done.stderr
     # Nothing that looks like an output, no temp folder: the disk is as empty as before (split: its lock only).
     left = sorted(str(p.relative_to(small_disk)) for p in small_disk.rglob("*"))

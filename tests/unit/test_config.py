@@ -52,7 +52,8 @@ def test_heads_that_do_not_group_are_refused_naming_both_keys():
 def test_an_unknown_callback_type_is_named():
     with pytest.raises(ConfigError) as err:
         parse_config({"callbacks": [{"type": "LossMonitor"}]})
-    assert str(err.value) == "invalid config:\n  <dict>: callbacks.0.type: expected 'CheckpointMonitor', got 'LossMonitor'"
+    assert str(err.value) == ("invalid config:\n  <dict>: callbacks.0.type: expected 'CheckpointMonitor', got "
+                              "'LossMonitor'")
 
 
 def test_a_set_past_the_end_of_a_list_is_named():

@@ -36,7 +36,7 @@ from resumable.async_save import collective_timeout, env_seconds, finish_pending
 from resumable.errors import ConfigError
 from resumable.models.qwen3 import hf_config
 from resumable.proctree import STOP_SIGNALS
-from resumable.train.config import TrainConfig
+from resumable.train.config import TrainConfig, record_config
 from resumable.train.data import Batches, load_dataset
 from resumable.train.model import build_model, causal_lm_loss
 from resumable.train.parallel import Layout, build_layout, build_pipeline, check_layout, parallelize, sync_grads
@@ -318,6 +318,7 @@ class _Report:
         # A resumed run continues its log; a fresh run starts a new one.
         self.file = self.path.open("a" if trainer.ctx.global_step else "w", encoding="utf-8")
         self.start_step = trainer.ctx.global_step
+        self.config = record_config(trainer.cfg, self.path.parent, self.start_step)  # one file per run
         self.tokens = 0
         self.seconds = 0.0
         self.bar = None
@@ -360,7 +361,8 @@ class _Report:
         speed = self.tokens / self.seconds if self.seconds else 0.0
         loss = f"{t.last_loss:.4f}" if t.last_loss is not None else "n/a"
         print(f"trained {steps} steps (global step {t.ctx.global_step}), final loss {loss}, "
-              f"{speed:.0f} tokens/s\n  log: {self.path}\n  checkpoints: {t.cfg.checkpoint_dir}", flush=True)
+              f"{speed:.0f} tokens/s\n  log: {self.path}\n  config: {self.config}\n"
+              f"  checkpoints: {t.cfg.checkpoint_dir}", flush=True)
 
 
 def setup_logging() -> None:
