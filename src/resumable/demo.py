@@ -64,7 +64,8 @@ def _losses(out: Path) -> dict[int, float]:
     losses = {}
     for line in (out / "log" / "train.jsonl").read_text().splitlines():
         rec = json.loads(line)
-        losses[rec["global_step"]] = rec["loss"]
+        if "event" not in rec:  # a line between two runs
+            losses[rec["global_step"]] = rec["loss"]
     return losses
 
 

@@ -126,12 +126,33 @@ def check_state(meta: v2.Metadata, flat: FlatState, folder: Path) -> None:
                          f"{saved.dtype} in the checkpoint")
     if not missing and not wrong:
         return
+    missing.sort()
+    see = f"resumable inspect {folder}"
+    if not wrong and not meta.save_optimizer and all(flat.tensors[n].kind == "opt" for n in missing):
+        # A weights-only checkpoint asked for the optimizer state: say so, not "rebuild the model".
+        raise StateMismatchError(
+            f"checkpoint {folder} was saved with save_optimizer=False: it holds the model's weights only, and the "
+            f"state asks for {len(missing)} optimizer tensor(s) ({_listed(missing, see)}). Load the weights alone "
+            "(a state of {'model': ...}), or a checkpoint saved with the optimizer")
     lines = [f"the state does not match checkpoint {folder}:"]
     if missing:
-        lines.append(f"{len(missing)} tensor(s) missing from the checkpoint: {', '.join(sorted(missing))}")
-    lines.extend(wrong)
+        lines.append(f"{len(missing)} tensor(s) missing from the checkpoint: {_listed(missing, see)}")
+    lines.extend(wrong[:_SHOWN])
+    if len(wrong) > _SHOWN:
+        lines.append(f"... {len(wrong) - _SHOWN} more shape or dtype mismatch(es); the checkpoint's shapes: {see}")
     lines.append("build the model with the architecture (and optimizer) the checkpoint was saved with")
     raise StateMismatchError("\n".join(lines))
+
+
+#: Names an error lists before it summarises the rest (a state has hundreds of tensors).
+_SHOWN = 5
+
+
+def _listed(names: list[str], see: str) -> str:
+    """``names`` joined; past ``_SHOWN`` of them, the first ones, the count and where to see them all."""
+    if len(names) <= _SHOWN:
+        return ", ".join(names)
+    return f"{', '.join(names[:_SHOWN])}, ... ({len(names)} in all; the checkpoint's tensors: {see})"
 
 
 def unused_names(meta: v2.Metadata, flat: FlatState, exclude: Iterable[str] = ()) -> list[str]:
@@ -160,11 +181,11 @@ def _check_unused(prep: "_Prepared", group: dist.Group) -> None:
     mine = set(prep.unused)
     unused = [n for n, u in zip(names, used) if not u and n in mine]
     if unused:
-        shown = ", ".join(unused[:5]) + (", ..." if len(unused) > 5 else "")
         raise StateMismatchError(
             f"checkpoint {prep.folder} holds {len(unused)} tensor(s) the state has no place for on any rank: "
-            f"{shown}; they would be dropped silently. Build the model with the architecture it was saved with "
-            "(e.g. the same tie_word_embeddings), or leave them out on purpose with exclude_from_loading")
+            f"{_listed(unused, f'resumable inspect {prep.folder}')}; they would be dropped silently. Build the model "
+            "with the architecture it was saved with (e.g. the same tie_word_embeddings), or leave them out on "
+            "purpose with exclude_from_loading")
 
 
 def plan_reads(meta: v2.Metadata, flat: FlatState) -> list[Read]:
@@ -372,6 +393,7 @@ def load(state: dict[str, Any], path: str | os.PathLike[str], *, process_group: 
         >>> load(state, "output/checkpoint/iteration_00000100").common["global_step"]
         100
     """
+    dist.require_group("resumable.load")
     start = time.perf_counter()
     with gc_paused():  # the whole call blocks the caller; planning and reads allocate in bursts
         prep: _Prepared | None = None
@@ -393,7 +415,6 @@ def load(state: dict[str, Any], path: str | os.PathLike[str], *, process_group: 
                 nbytes = read_direct(prep.folder, prep.reads, targets, prep.headers, verify=_blocks(verify))
             result = _finish(prep, state, process_group, nbytes, start)
             err = None
-    dist.require_group("resumable.load")
         except Exception as exc:  # agreed below
             err = exc
         agree_on(err, process_group)
@@ -521,6 +542,7 @@ def load_async(template: Mapping[str, Any], path: str | os.PathLike[str], *, pro
     Hazard: the template's tensors are not read, but the template must not change
     (names, placements) until ``result()`` returns.
     """
+    dist.require_group("resumable.load_async")
     return PendingLoad(template, path, verify, process_group, exclude_from_loading)
 
 
@@ -542,7 +564,6 @@ def training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | No
     model_sd, optim_sd = get_state_dict(model, optimizer)
     return {"model": model_sd, "optimizer": optim_sd}
 
-    dist.require_group("resumable.load_async")
 
 def apply_training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
                          state: Mapping[str, Any]) -> None:

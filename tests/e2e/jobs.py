@@ -45,8 +45,10 @@ def run_job(cmd: list[str], *, expect_ok: bool = True, env: dict[str, str] | Non
 
 
 def log_records(out: Path) -> list[dict]:
+    """The step records of every run logged in ``out`` (the lines between runs, ``{"event": ...}``, left out)."""
     path = out / "log" / "train.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    records = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return [r for r in records if "event" not in r]
 
 
 def losses(out: Path) -> dict[int, float]:

@@ -9,7 +9,10 @@ library are collective). The YAML keys they read are those of docs/formats.md:
 - ``load_checkpoint`` + ``resume_training``: with ``resume_training: true`` the whole
   training state is restored (weights, optimizer, step, data position, RNG); without it
   only the weights are loaded and training starts at step 0 (fine-tuning), as in
-  MindSpore Transformers;
+  MindSpore Transformers. ``resume_training: true`` without ``load_checkpoint`` resumes
+  from the job's own checkpoint folder (as torchtitan does; a fresh start when it holds
+  nothing). A job never starts at step 0 into a folder holding committed checkpoints: it
+  is refused with the command that resumes them (or ``discard_newer_checkpoints``);
 - ``balanced_load``, ``load_ckpt_async``.
 """
 
@@ -17,13 +20,15 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
-from resumable import dist
-from resumable.errors import CheckpointError, ConfigError, NotImplementedYet
+from resumable import commit, dist
+from resumable.errors import CheckpointError, ConfigError, NewerCheckpointsError, NotImplementedYet
 from resumable.commit import parse_iteration
 from resumable.formats.v2 import read_metadata
 from resumable.load import LoadResult, StateMismatchError, load
@@ -33,18 +38,35 @@ from resumable.resolve import Resolution, fall_back, resolve_checkpoint
 from resumable.train.foreign import ForeignOptions, ensure_loadable, needs_conversion_legacy
 from resumable.train.config import TrainConfig
 from resumable.train.data import fill_position, unset_position
-from resumable.train.legacy_callbacks import legacy_callbacks
+from resumable.train.legacy_callbacks import legacy_callbacks, same_folder
 from resumable.train.loop import Callback, Trainer
 from resumable.train.saving import layout_info, on_save_error
 
 logger = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class TrainCommand:
+    """The ``resumable train`` command a job was started with (its ``--config`` and ``--set``), quoted in messages."""
+
+    config: str | None = None
+    overrides: tuple[str, ...] = ()
+    options: tuple[str, ...] = ()  # the CLI's own, e.g. ("--nproc", "2") (a rank has none: --nproc equals the layout)
+
+    def with_sets(self, *sets: str) -> str:
+        """This command with ``sets`` added (its own ``--set`` of the same keys dropped), as a shell line."""
+        keys = {kv.split("=", 1)[0].strip() for kv in sets}
+        kept = [kv for kv in self.overrides if kv.split("=", 1)[0].strip() not in keys]
+        return shlex.join(["resumable", "train", *(["--config", self.config] if self.config else []), *self.options,
+                           *[x for kv in [*kept, *sets] for x in ("--set", kv)]])
+
+
 class CheckpointMonitor(Callback):
     """Saves Checkpoint 2.0 every ``save_checkpoint_steps`` steps and at the last step."""
 
-    def __init__(self, cfg: TrainConfig) -> None:
+    def __init__(self, cfg: TrainConfig, command: TrainCommand | None = None) -> None:
         self.cfg = cfg
+        self.command = command  # quoted when a fresh start over an earlier run is refused
         self.manager: CheckpointManager | None = None
         self.last_saved: int | None = None
         self.protected: set[int] = set()
@@ -77,9 +99,34 @@ class CheckpointMonitor(Callback):
         assert self.manager is not None and self.cfg.checkpoint is not None
         # Before any step: refuse (or, when asked, discard) iterations newer than the start,
         # which the saves to come would write over.
-        self.manager.start_from(trainer.ctx.global_step, discard_newer=self.cfg.checkpoint.discard_newer_checkpoints,
-                                skipped=self.skipped)
-        self.last_saved = trainer.ctx.global_step  # the state we start from is already on disk (or random)
+        start = trainer.ctx.global_step
+        try:
+            self.manager.start_from(start, discard_newer=self.cfg.checkpoint.discard_newer_checkpoints,
+                                    skipped=self.skipped)
+        except NewerCheckpointsError:  # every rank is here (start_from is collective)
+            earlier = commit.committed_iterations(self.cfg.checkpoint_dir) if start == 0 else []
+            if earlier:  # the command of an earlier run, run again: say how to resume it
+                raise NewerCheckpointsError(self._fresh_refusal(earlier)) from None
+            raise
+        self.last_saved = start  # the state we start from is already on disk (or random)
+
+    def _fresh_refusal(self, earlier: list[int]) -> str:
+        """Why a job starting at step 0 over committed ``earlier`` iterations stops, and the commands to go on."""
+        cfg, directory = self.cfg, self.cfg.checkpoint_dir
+        load = cfg.load_checkpoint
+        why = ("resume_training is false" if not cfg.resume_training and not load
+               else f"resume_training is false: only the weights of {load} are loaded" if not cfg.resume_training
+               else f"load_checkpoint {load} holds no checkpoint to resume")
+        # Resuming means the job's own folder: a load_checkpoint elsewhere is cleared.
+        sets = ("resume_training=true", *(() if not load or same_folder(load, directory) else ("load_checkpoint=",)))
+        resume = (self.command.with_sets(*sets) if self.command is not None
+                  else "this job's command with " + " ".join(f"--set {kv}" for kv in sets))
+        names = [commit.iteration_dirname(n) for n in earlier]
+        held = names[0] if len(names) == 1 else f"{names[0]} to {names[-1]}"
+        return (f"{directory} holds the checkpoints of an earlier run ({held}) and this run starts at step 0 "
+                f"({why}): its saves would write over them. To continue that run from iteration {earlier[-1]}: "
+                f"{resume}. To start over, deleting them: add --set callbacks.0.discard_newer_checkpoints=true, or "
+                "set another output_dir")
 
     def _save(self, trainer: Trainer) -> None:
         assert self.manager is not None
@@ -110,9 +157,10 @@ class CheckpointMonitor(Callback):
 class Resume(Callback):
     """Loads ``load_checkpoint`` before the first step (fresh start when it resolves to nothing)."""
 
-    def __init__(self, cfg: TrainConfig, monitor: CheckpointMonitor | None = None) -> None:
+    def __init__(self, cfg: TrainConfig, monitor: CheckpointMonitor | None = None, own: bool = False) -> None:
         self.cfg = cfg
         self.monitor = monitor
+        self.own = own  # load_checkpoint is the job's own checkpoint folder (resume_training: true alone)
         self.resolution: Resolution | None = None
         # Built before the trainer builds its model, so the reads overlap with that.
         self._prefetch = Prefetch(lambda: _prefetch_paths(cfg)) if cfg.load_ckpt_async else None
@@ -125,8 +173,11 @@ class Resume(Callback):
                 # A MindFormers or HuggingFace folder is converted once into <output_dir>/converted_checkpoint.
                 options = ForeignOptions.from_config(self.cfg)
                 path = ensure_loadable(self.cfg.load_checkpoint, self.cfg.output_dir, options)
-                found = resolve_checkpoint(path, output_dir=self.cfg.output_dir,
-                                           fallback=self.cfg.resume_training is True)
+                # The job's own folder not created yet is a first run, even outside output_dir.
+                inside = self.cfg.checkpoint_dir if self.own else self.cfg.output_dir
+                found = resolve_checkpoint(path, output_dir=inside, fallback=self.cfg.resume_training is True)
+                if found.path is not None and self.cfg.resume_training is True:
+                    _refuse_weights_only(self.cfg, found.path, converted=path != Path(self.cfg.load_checkpoint))
             except Exception as exc:  # every rank must raise it, not just rank 0
                 found = exc
         else:
@@ -188,8 +239,13 @@ class Resume(Callback):
         if self._prefetch is not None:
             self._prefetch.join()
         self.resolution = res = self._resolve()
-        if res.fresh:
+        if self.own:
+            logger.info("resume_training is true and load_checkpoint is empty: %s",
+                        f"nothing to resume in the job's checkpoint folder, fresh start ({res.reason})" if res.fresh
+                        else f"resuming from the job's checkpoint folder {self.cfg.load_checkpoint}")
+        elif res.fresh:
             logger.info("fresh start: %s", res.reason)
+        if res.fresh:
             return
         full = self.cfg.resume_training is True
         state = trainer.state_dict()
@@ -233,6 +289,24 @@ def _prefetch_paths(cfg: TrainConfig) -> list[Path]:
     return [res.path / name for name in sorted(files)[local_rank::local_world]]
 
 
+def _refuse_weights_only(cfg: TrainConfig, folder: Path, converted: bool) -> None:
+    """``resume_training: true`` restores the optimizer too: a checkpoint of weights only is refused, saying
+    what to set instead (not the optimizer tensors it lacks). Damage is left to the load (and its fallback)."""
+    try:
+        weights_only = not read_metadata(folder).save_optimizer
+    except (CheckpointError, OSError):
+        return
+    if not weights_only:
+        return
+    what = (f"load_checkpoint {cfg.load_checkpoint} holds weights only (its conversion, {folder}, has no optimizer "
+            "state)" if converted else f"{folder} was saved with save_optimizer: false: it holds weights only")
+    # A new run from the job's own folder goes elsewhere: its saves would write over this run's.
+    elsewhere = (f", load_checkpoint: {folder} and another output_dir" if same_folder(folder.parent, cfg.checkpoint_dir)
+                 else "")
+    raise ConfigError(f"{what}, and resume_training: true restores the whole training state (optimizer, step, data "
+                      f"position). Set resume_training: false{elsewhere} to start a new run from its weights")
+
+
 def _is_damage(error: BaseException) -> bool:
     """True for a failure a damaged checkpoint causes (a resume falls back past it)."""
     return isinstance(error, (CheckpointError, OSError)) and not isinstance(error, StateMismatchError)
@@ -244,13 +318,19 @@ def _names_iteration(path: str) -> bool:
     return parse_iteration(name) is not None or name.startswith((".tmp-", ".old-", ".del-"))
 
 
-def checkpoint_callbacks(cfg: TrainConfig) -> list[Callback]:
+def checkpoint_callbacks(cfg: TrainConfig, command: TrainCommand | None = None) -> list[Callback]:
     """The callbacks a config asks for, in order: HF init, resume (it sets the step), the monitor.
 
-    Legacy mode takes ``Resume`` (Checkpoint 2.0) for a ``load_checkpoint`` its own loader
-    cannot read (``foreign.needs_conversion_legacy``: each rank asks the same shared files).
+    ``resume_training`` without ``load_checkpoint`` resumes from the job's own checkpoint
+    folder. Legacy mode takes ``Resume`` (Checkpoint 2.0) for a ``load_checkpoint`` its own
+    loader cannot read (``foreign.needs_conversion_legacy``: each rank asks the same shared
+    files). ``command`` is quoted when a fresh start is refused (the resume command).
     """
     from resumable.train.pretrained import PretrainedInit
+
+    own = bool(cfg.resume_training) and not cfg.load_checkpoint
+    if own:  # as torchtitan: resume where this job saves, never a silent fresh start
+        cfg = cfg.model_copy(update={"load_checkpoint": str(cfg.checkpoint_dir)})
 
     callbacks: list[Callback] = [PretrainedInit(cfg)] if cfg.pretrained_model_dir else []
     if cfg.use_legacy_format:  # Checkpoint 1.0: per-rank files (resumable.train.legacy_callbacks)
@@ -264,9 +344,9 @@ def checkpoint_callbacks(cfg: TrainConfig) -> list[Callback]:
                     "complete step; set resume_training: true (or convert the step you want with resumable convert)")
             return callbacks + [Resume(cfg)] + legacy_callbacks(cfg, resume=False)
         return callbacks + legacy_callbacks(cfg)
-    monitor = CheckpointMonitor(cfg) if cfg.checkpoint is not None else None
+    monitor = CheckpointMonitor(cfg, command) if cfg.checkpoint is not None else None
     if cfg.load_checkpoint:
-        callbacks.append(Resume(cfg, monitor))
+        callbacks.append(Resume(cfg, monitor, own))
     if monitor is not None:
         callbacks.append(monitor)
     return callbacks

@@ -19,9 +19,9 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, TextIO
 
 import torch
 import torch.distributed as dist
@@ -315,8 +315,7 @@ class _Report:
         self.trainer = trainer
         self.path = Path(trainer.cfg.output_dir) / "log" / "train.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        # A resumed run continues its log; a fresh run starts a new one.
-        self.file = self.path.open("a" if trainer.ctx.global_step else "w", encoding="utf-8")
+        self.file = _append_run(self.path, trainer.ctx.global_step)
         self.start_step = trainer.ctx.global_step
         self.config = record_config(trainer.cfg, self.path.parent, self.start_step)  # one file per run
         self.tokens = 0
@@ -363,6 +362,26 @@ class _Report:
         print(f"trained {steps} steps (global step {t.ctx.global_step}), final loss {loss}, "
               f"{speed:.0f} tokens/s\n  log: {self.path}\n  config: {self.config}\n"
               f"  checkpoints: {t.cfg.checkpoint_dir}", flush=True)
+
+
+#: ``train.jsonl``'s line between two runs' records; readers of the step records skip lines with "event".
+RUN_START = "run_start"
+
+
+def _append_run(path: Path, start_step: int) -> TextIO:
+    """Open a run's log for appending: an earlier run's records are never truncated (a rerun, even one
+    that discards newer checkpoints, may repeat their steps); a later run's follow a ``run_start`` line."""
+    size = path.stat().st_size if path.exists() else 0
+    file = path.open("a", encoding="utf-8")
+    if size:
+        with path.open("rb") as old:
+            old.seek(size - 1)
+            cut = old.read(1) != b"\n"  # the earlier run was killed in the middle of a line
+        stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        file.write(("\n" if cut else "") + json.dumps({"event": RUN_START, "start_step": start_step,
+                                                        "time": stamp}) + "\n")
+        file.flush()
+    return file
 
 
 def setup_logging() -> None:
