@@ -328,7 +328,7 @@ def checkpoint_callbacks(cfg: TrainConfig, command: TrainCommand | None = None) 
     """
     from resumable.train.pretrained import PretrainedInit
 
-    own = bool(cfg.resume_training) and not cfg.load_checkpoint
+    own = cfg.resume_training is True and not cfg.load_checkpoint
     if own:  # as torchtitan: resume where this job saves, never a silent fresh start
         cfg = cfg.model_copy(update={"load_checkpoint": str(cfg.checkpoint_dir)})
 
