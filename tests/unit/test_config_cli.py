@@ -83,6 +83,17 @@ def test_a_set_that_cannot_apply_is_refused(tmp_path, capsys, assignment, said):
     assert _train(capsys, "--config", str(config), "--set", assignment) == (2, "", f"resumable train: error: {said}\n")
 
 
+@pytest.mark.parametrize("text,said", [
+    ("model: [unclosed\nseed: 1\n", "config file {path} is not valid YAML: line 2, column 5: expected ',' or ']', "
+                                     "but got ':'"),
+    ("- seed: 1\n", "invalid config {path}: the top level must be a mapping of keys (e.g. seed: 0), got a list"),
+], ids=["not-yaml", "a-list"])
+def test_a_config_file_that_is_not_a_mapping_of_keys_is_refused(tmp_path, capsys, text, said):
+    config = tmp_path / "c.yaml"
+    config.write_text(text)
+    assert _train(capsys, "--config", str(config)) == (2, "", f"resumable train: error: {said.format(path=config)}\n")
+
+
 def test_print_config_prints_the_merged_config_which_loads_back_and_launches_nothing(tmp_path, capsys):
     config = tmp_path / "c.yaml"
     config.write_text(f"output_dir: {tmp_path / 'out'}\nrunner_config:\n  epochs: 2\n")

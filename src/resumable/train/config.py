@@ -171,7 +171,7 @@ def apply_override(tree: dict, assignment: str) -> tuple[str, ...]:
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError as err:
-        raise ConfigError(f"--set {assignment}: the value is not valid YAML ({getattr(err, 'problem', err)}); "
+        raise ConfigError(f"--set {assignment}: the value is not valid YAML ({getattr(err, 'problem', None) or err}); "
                           f"to pass it as text, quote it: --set '{dotted}=\"{raw}\"'") from None
     node: Any = tree
     for depth, part in enumerate(parts):
@@ -210,7 +210,8 @@ def parse_config(tree: dict, source: str = "<dict>", origin: Origin | None = Non
     ``origin`` says where the value at a key was set (``ConfigError.from_validation``); default ``source``.
     """
     if not isinstance(tree, dict):
-        raise ConfigError(f"invalid config {source}: the top level must be a mapping of keys")
+        raise ConfigError(f"invalid config {source}: the top level must be a mapping of keys (e.g. seed: 0), "
+                          f"got {'a list' if isinstance(tree, list) else 'a single value'}")
     try:
         return TrainConfig.model_validate(tree)
     except ValidationError as err:
@@ -227,8 +228,15 @@ def load_config_tree(path: str | os.PathLike | None) -> tuple[dict, str]:
     try:
         tree = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"config file {source} is not valid YAML: {err}") from None
+        raise ConfigError(f"config file {source} is not valid YAML: {_yaml_problem(err)}") from None
     return tree, str(source)
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's error on one line, with the file's line and column (its own text names no file)."""
+    mark = getattr(err, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + str(getattr(err, "problem", None) or err)
 
 
 def _in_file(source: str, loc: Loc) -> tuple[str, str | None]:
