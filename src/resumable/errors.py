@@ -52,6 +52,10 @@ Loc = tuple[str | int, ...]
 
 # pydantic's loc names a union's member ('resume_training', 'str') or a validator; none is a key.
 _UNION_TAGS = {"bool", "str", "int", "float", "none"}
+# Errors that mean "not a value of the key's type": said as what the key accepts (``_accepts``).
+_TYPE_ERRORS = {"missing", "int_type", "int_parsing", "int_from_float", "float_type", "float_parsing", "bool_type",
+                "bool_parsing", "string_type", "literal_error", "model_type", "model_attributes_type", "dict_type",
+                "list_type", "tuple_type", "too_short", "too_long", "none_required", "date_type", "date_parsing"}
 _LIMITS = {"greater_than": ("gt", "greater than"), "greater_than_equal": ("ge", "at least"),
            "less_than": ("lt", "less than"), "less_than_equal": ("le", "at most")}
 
@@ -107,6 +111,9 @@ def _explain(errors: list[dict], loc: Loc, key: str, schema: Any, prefix: str, r
         if e["type"] in _LIMITS:
             bound, words = _LIMITS[e["type"]]
             return f"must be {words} {e['ctx'][bound]:g}, got {_shown(value)}"
+    other = [e["msg"] for e in errors if e["type"] not in _TYPE_ERRORS]
+    if other:  # a constraint this module has no words for: pydantic's, with the value
+        return "; ".join(other) + f", got {_shown(value)}"
     field = _field(schema, loc) if schema is not None else None
     accepted = (_accepts(field) if field is not None else
                 ", or ".join(e["msg"].removeprefix("Input should be ") for e in errors))
