@@ -58,13 +58,13 @@ def _write(out: Path, config: dict[str, Any] | None, tensors: list[SourceTensor]
         return dtype if dtype is not None and t.dtype.is_floating_point else t.dtype
 
     by_name = {t.name: t for t in tensors}
-    temp = commit.new_output_dir(out)
     with progress_bar(sum(t.nbytes for t in tensors), f"writing {out.name}", progress) as bar:
         def get(name: str) -> torch.Tensor:
             t = by_name[name]
             data = t.read().to(cast(t))
             bar.update(t.nbytes)
             return data
+        temp = commit.new_output_dir(out)  # right before the try: a Ctrl-C from here on removes it
         try:
             hf.write_hf_folder(temp, config, [(t.name, cast(t), t.shape) for t in tensors], get, max_shard_size)
             record = hf_aux.copy(files, temp)

@@ -141,11 +141,11 @@ def _write_v2(source: Source, out: Path, layout: TargetLayout, *, prefix: str, r
     if "mindspore" in common:  # a MindSpore source's scalars (learning_rate, beta1_power ...), kept on record
         head.common["mindspore"] = common["mindspore"]
     head.common.update(extra_common or {})
-    if head.temp.exists():
-        shutil.rmtree(head.temp)
-    head.temp.mkdir()
     total = sum(it.box.numel * source.tensors[it.name].dtype.itemsize
                 for p in plans for _, items in p.files.values() for it in items)
+    if head.temp.exists():  # an earlier run's, killed: we hold the folder's lock
+        shutil.rmtree(head.temp)
+    head.temp.mkdir()  # right before the try: a Ctrl-C from here on removes it
     try:
         # The tokenizer and generation files, byte for byte, recorded in common.json (which metadata.json seals).
         record = hf_aux.copy(source.hf_files, head.temp / hf_aux.FOLDER)
