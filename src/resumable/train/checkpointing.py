@@ -328,11 +328,10 @@ def checkpoint_callbacks(cfg: TrainConfig, command: TrainCommand | None = None) 
     """
     from resumable.train.pretrained import PretrainedInit
 
-    own = cfg.resume_training is True and not cfg.load_checkpoint
-    if own:  # as torchtitan: resume where this job saves, never a silent fresh start
-        cfg = cfg.model_copy(update={"load_checkpoint": str(cfg.checkpoint_dir)})
-
     callbacks: list[Callback] = [PretrainedInit(cfg)] if cfg.pretrained_model_dir else []
+    own = cfg.resume_training is True and not cfg.load_checkpoint
+    if own:  # as torchtitan: resume where this job saves (over pretrained_model_dir's weights), never fresh silently
+        cfg = cfg.model_copy(update={"load_checkpoint": str(cfg.checkpoint_dir)})
     if cfg.use_legacy_format:  # Checkpoint 1.0: per-rank files (resumable.train.legacy_callbacks)
         if cfg.load_checkpoint and needs_conversion_legacy(cfg.load_checkpoint):
             # A MindFormers or HuggingFace checkpoint (or a single foreign file): converted once to
