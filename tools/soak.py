@@ -250,7 +250,7 @@ def _records(out: Path) -> list[dict]:
             records.append(json.loads(line))
         except ValueError:
             pass  # a line cut by the kill
-    return records
+    return [r for r in records if "event" not in r]  # a run_start line between runs is no step
 
 
 def run_job(job: Job, out: Path, *, kill_at: float | None = None, after_start: bool = True,
