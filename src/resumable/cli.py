@@ -19,7 +19,9 @@ The checkpoint commands live in :mod:`resumable.tools.commands`.
 under the user's own ``torchrun`` (``WORLD_SIZE`` set) it trains as one rank of that job
 (``torchrun --nproc-per-node 4 -m resumable.train --config C.yaml``). The torchrun it launches
 gets every stop signal the command gets, and the job's processes die with the command
-(:mod:`resumable.proctree`).
+(:mod:`resumable.proctree`). A layout that cannot run on the processes is refused before any
+starts; an error inside the ranks is printed once (:mod:`resumable.train.launch`); a stopped
+job ends with one line naming its newest checkpoint and the command that resumes from it.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ from resumable import __version__
 from resumable.errors import CheckpointError, ConfigError, CorruptCheckpointError, describe_os_error
 from resumable.tools.commands import HelpFormatter, exit_status
 
+STOP_TIMEOUT = 60.0  # seconds, `train --stop-timeout`
+
 
 def _train(args: argparse.Namespace) -> int:
     if args.print_config:  # the effective config, as a run records it beside its log; nothing is launched
@@ -43,22 +47,43 @@ def _train(args: argparse.Namespace) -> int:
     train_argv = (["--config", args.config] if args.config else []) + [
         x for kv in args.set for x in ("--set", kv)
     ]
-    nproc = args.nproc
-    if not nproc and "WORLD_SIZE" not in os.environ:
-        # Not under a launcher: start as many processes as the config's layout needs.
+    if "WORLD_SIZE" in os.environ:  # one rank of the user's own torchrun job
+        from resumable.train.__main__ import main as train_main
+
+        return train_main(train_argv)
+    try:  # seconds of importing torch, before any signal handling of ours: no traceback for a Ctrl-C
+        from resumable.proctree import STOP_SIGNALS
+        from resumable.train.__main__ import train
+        from resumable.train.checkpointing import TrainCommand
         from resumable.train.config import load_config
-
-        nproc = load_config(args.config, args.set).parallel_config.world_size
-    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from resumable.train.launch import command, stopped
+        from resumable.train.loop import Interrupted
+        from resumable.train.parallel import check_layout
+    except KeyboardInterrupt:
+        print("resumable train: training stopped by SIGINT before it started", file=sys.stderr)
+        return 130
+    cfg = load_config(args.config, args.set)
+    nproc = args.nproc or cfg.parallel_config.world_size  # as many processes as the layout needs
+    check_layout(cfg, nproc, f"--nproc {nproc}")  # what every rank would report, once and before starting them
+    this = TrainCommand(args.config, tuple(args.set), (*(["--nproc", str(args.nproc)] if args.nproc else []), *(
+        ["--stop-timeout", f"{args.stop_timeout:g}"] if args.stop_timeout != STOP_TIMEOUT else [])))
+    if nproc > 1:
         print(f"resumable train: launching torchrun with {nproc} processes", file=sys.stderr)
-        return _launch(nproc, train_argv, args.stop_timeout)
-    from resumable.train.__main__ import main as train_main
+        status = _launch(command(nproc, train_argv), args.stop_timeout)
+    else:
+        try:
+            train(cfg, this)
+            status = 0
+        except Interrupted as stop:  # the save in flight was finished on the way out
+            status = stop.exit_status
+    if status - 128 in set(STOP_SIGNALS):
+        resume = this.with_sets(f"load_checkpoint={cfg.checkpoint_dir}", "resume_training=true")
+        print(f"resumable train: {stopped(cfg, status - 128, this.with_sets(), resume)}", file=sys.stderr)
+    return status
 
-    return train_main(train_argv)
 
-
-def _launch(nproc: int, train_argv: list[str], stop_timeout: float) -> int:
-    """Run the job under torchrun (``resumable.train.launch``), forwarding stop signals to it."""
+def _launch(cmd: list[str], stop_timeout: float) -> int:
+    """Run the job's torchrun (``resumable.train.launch.command``), forwarding stop signals to it."""
     from resumable.proctree import STOP_SIGNALS, run_forwarding_signals
 
     signals = ",".join(sig.name for sig in STOP_SIGNALS)
@@ -68,8 +93,6 @@ def _launch(nproc: int, train_argv: list[str], stop_timeout: float) -> int:
            # workers still alive after the timeout.
            "PET_SIGNALS_TO_HANDLE": signals, "TORCHELASTIC_SIGNALS_TO_HANDLE": signals,
            "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(max(1, int(stop_timeout)))}
-    cmd = [sys.executable, "-m", "resumable.train.launch", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "resumable.train", *train_argv]
     # A few seconds beyond torchrun's own timeout, so that torchrun reports before we kill it.
     return run_forwarding_signals(cmd, env, stop_timeout + 5)
 
@@ -95,7 +118,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key by dotted path, e.g. runner_config.stop_step=20 "
                         "or callbacks.0.keep_checkpoint_max=2 (repeatable)")
-    p.add_argument("--stop-timeout", type=_positive_seconds, default=60.0, metavar="SECONDS",
+    p.add_argument("--stop-timeout", type=_positive_seconds, default=STOP_TIMEOUT, metavar="SECONDS",
                    help="on SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1 or SIGUSR2 every process of the job "
                         "stops (finishing the save in flight); when torchrun runs the job, processes still "
                         "running this long after the signal are killed (default 60). A second signal "

@@ -117,9 +117,7 @@ def run_forwarding_signals(cmd: Sequence[str], env: Mapping[str, str], stop_time
         if received:  # a second signal: stop at once
             print(f"resumable: second signal ({signal.Signals(signum).name}): killing the job", file=sys.stderr)
             kill_tree(job.pid)
-        else:
-            print(f"resumable: {signal.Signals(signum).name}: stopping the job (killed if still running "
-                  f"in {stop_timeout:g} s)", file=sys.stderr)
+        else:  # silent: the caller says how the job ended, in one line
             try:
                 os.kill(job.pid, signum)
             except ProcessLookupError:

@@ -94,14 +94,15 @@ class Layout:
         return self.coord("pp") == self.pp - 1
 
 
-def check_layout(cfg: TrainConfig, world_size: int) -> None:
-    """Raise ConfigError if the layout cannot run on ``world_size`` processes (no collectives)."""
+def check_layout(cfg: TrainConfig, world_size: int, counted_by: str = "WORLD_SIZE") -> None:
+    """Raise ConfigError if the layout cannot run on ``world_size`` processes, ``counted_by`` naming where
+    that number came from. No collectives: ``resumable train`` runs it before starting the ranks."""
     pc, mc = cfg.parallel_config, cfg.model
     if pc.world_size != world_size:
         raise ConfigError(
             f"parallel_config.data_parallel ({pc.data_parallel}) x parallel_config.model_parallel "
             f"({pc.model_parallel}) x parallel_config.pipeline_stage ({pc.pipeline_stage}) = {pc.world_size}, "
-            f"but the job has {world_size} processes (WORLD_SIZE); make the product equal the world size"
+            f"but the job has {world_size} processes ({counted_by}); make the product equal the world size"
         )
     tp = pc.model_parallel
     for key, heads in (("num_attention_heads", mc.num_attention_heads), ("num_key_value_heads", mc.num_key_value_heads)):
