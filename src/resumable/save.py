@@ -42,7 +42,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from resumable import commit, dist, saveplan
-from resumable.errors import SaveError
+from resumable.errors import CheckpointError, SaveError, describe_os_error
 from resumable.formats import v2
 from resumable.formats.safetensors_io import write_file
 from resumable.geometry import Box
@@ -91,6 +91,9 @@ class SavePlan:
 
 
 def error_text(exc: BaseException) -> str:
+    """A rank's failure in the words every rank's ``SaveError`` quotes; the system's OSErrors worded."""
+    if isinstance(exc, OSError) and exc.errno is not None and not isinstance(exc, CheckpointError):
+        return describe_os_error(exc)  # the path, what failed and what to do, not "[Errno 28] ..."
     return f"{type(exc).__name__}: {exc}"
 
 

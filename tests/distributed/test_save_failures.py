@@ -57,7 +57,7 @@ def test_a_failing_rank_makes_every_rank_raise_and_commits_nothing(tmp_path: Pat
                         "bool, int, float, str, lists, dicts) only")
     temp_file = tmp_path / ".tmp-iteration_00000002" / "CKP-model-0000001-0000002.safetensors"
     assert write_msg == (f"saving {tmp_path / 'iteration_00000002'} failed on 1 rank(s), nothing was committed: "
-                         f"rank 1: OSError: [Errno 28] No space left on device: '{temp_file}'")
+                         f"rank 1: {temp_file}: no space left on the device: free space on that file system (or write to another one) and run again")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["iteration_00000003", commit.TRACKER]
     assert commit.read_tracker(tmp_path) == 3
 

@@ -78,7 +78,8 @@ def test_retention_async_staging_and_background_errors_on_two_processes(tmp_path
     assert torch.equal(reassemble(mutate / "iteration_00000002")["w"], torch.arange(6.0) + 100)
     failed_file = mutate / ".tmp-iteration_00000003" / "CKP-model-0000001-0000002.safetensors"
     assert res["error"] == (f"saving {mutate / 'iteration_00000003'} failed on 1 rank(s), nothing was committed: "
-                            f"rank 1: OSError: [Errno 5] Input/output error: '{failed_file}'")
+                            f"rank 1: {failed_file}: input/output error: the disk or network file system failed: "
+                            "check the device (dmesg) and run again")
     assert out[1]["error"] == res["error"]
     assert res["after_error"] is None
     assert commit.committed_iterations(mutate) == [1, 2] and commit.read_tracker(mutate) == 2

@@ -24,14 +24,10 @@ from resumable.geometry import Box
 from resumable.layout import local_chunks, local_tensor
 from resumable.legacy.files import Layout, folder_records
 from resumable.legacy.strategy import placement_json
-from resumable.save import agree_on_plan, to_group
+from resumable.save import agree_on_plan, error_text, to_group
 from resumable.state import flatten_state
 
 log = logging.getLogger(__name__)
-
-
-def _text(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
 
 
 @dataclass
@@ -157,7 +153,7 @@ class LegacySaver:
         try:
             local = _describe(state, self.save_optimizer)
         except Exception as exc:  # reported to every rank by the agreement below
-            error, local = _text(exc), None
+            error, local = error_text(exc), None
         what = f"saving {final.parent.parent}/rank_*/{name}"
         dist.agree(error, what, self.group)  # a failed description would desynchronise the gather below
         assert local is not None
