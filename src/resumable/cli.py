@@ -169,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except (ConfigError, CheckpointError, NotImplementedError, OSError, ValueError) as err:
         # An OSError of the system ("[Errno 13] Permission denied: 'x'") gets words; ours have them.
-        text = describe_os_error(err) if isinstance(err, OSError) and not isinstance(err, CheckpointError) else err
+        text = describe_os_error(err) if isinstance(err, OSError) else err
         print(f"resumable {args.command}: error: {text}", file=sys.stderr)
         return 1 if isinstance(err, CorruptCheckpointError) else 2
     except KeyboardInterrupt:  # Ctrl-C in a tool: its temporary output is gone (each writer removes its own)

@@ -280,7 +280,8 @@ _OS_WORDS: dict[int, tuple[str, str]] = {
 
 
 def describe_os_error(err: OSError) -> str:
-    """An OSError as a message: the path, what failed and what to do (never a bare ``[Errno N] ...``).
+    """An OSError as a message: the path, what failed and what to do (never a bare ``[Errno N] ...``);
+    ours (a ``CheckpointError``, one raised without an errno) as they are.
 
     Example::
 
@@ -288,7 +289,7 @@ def describe_os_error(err: OSError) -> str:
         # "/data/out: permission denied: give the user running this access to it (its or its
         #  folder's permissions or owner), or use another path"
     """
-    if err.errno is None:  # raised with our own words
+    if err.errno is None or isinstance(err, CheckpointError):  # raised with our own words
         return str(err)
     default = ((err.strerror or os.strerror(err.errno)).lower(), "check it and run again")
     what, todo = _OS_WORDS.get(err.errno, default)

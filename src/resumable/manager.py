@@ -26,7 +26,7 @@ from typing import Any, Iterable, Mapping
 
 from resumable import commit, dist
 from resumable.async_save import AsyncSaveHandle, AsyncSaver
-from resumable.errors import CheckpointError, ConfigError, NewerCheckpointsError
+from resumable.errors import CheckpointError, ConfigError, NewerCheckpointsError, describe_os_error
 from resumable.lock import DirectoryLock, lock_for_job
 from resumable.save import SavePlan, save as sync_save
 
@@ -126,8 +126,8 @@ class CheckpointManager:
         if dist.rank(self._group) == 0:
             try:
                 outcome = _start_from(self.directory, iteration, discard_newer, list(skipped))
-            except (OSError, CheckpointError) as exc:
-                outcome = str(exc)
+            except (OSError, CheckpointError) as exc:  # e.g. a newer iteration it may not delete
+                outcome = describe_os_error(exc) if isinstance(exc, OSError) else str(exc)
         outcome = dist.broadcast_object(outcome, 0, self._group)
         if isinstance(outcome, str):
             raise NewerCheckpointsError(outcome)
