@@ -24,6 +24,7 @@ from resumable.errors import LockedError
 from resumable.lock import LOCK_FILE
 from resumable.proctree import kill_tree
 from resumable.save import save as resumable_save
+from tests.launch import context
 from tools.soak import Job, committed_step
 
 
@@ -63,7 +64,7 @@ def _hold_then_wait(directory: str, ready: "mp.synchronize.Event") -> None:
 
 
 def test_a_killed_holder_never_leaves_the_folder_locked(tmp_path: Path) -> None:
-    ctx = mp.get_context("spawn")
+    ctx = context()  # forked from the server that imported torch: no 2 s interpreter start
     ready = ctx.Event()
     child = ctx.Process(target=_hold_then_wait, args=(str(tmp_path), ready))
     child.start()
@@ -86,7 +87,7 @@ def test_a_tool_writing_into_a_live_jobs_folder_refuses_naming_the_holder(tmp_pa
     CheckpointManager(held).save({"model": {"w": torch.ones(3)}}, 1)
     resumable_save({"model": {"w": torch.zeros(3)}, "global_step": 5}, tmp_path / "src", 5)
     before = sorted(p.name for p in held.iterdir())
-    ctx = mp.get_context("spawn")
+    ctx = context()  # forked from the server that imported torch: no 2 s interpreter start
     ready = ctx.Event()
     child = ctx.Process(target=_hold_then_wait, args=(str(held), ready))  # a live job, in another process
     child.start()
