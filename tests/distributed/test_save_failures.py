@@ -15,7 +15,7 @@ import torch
 from resumable import CheckpointManager, commit
 from resumable.errors import SaveError
 from tests.distributed.test_save_layouts import reassemble
-from tests.launch import run_distributed
+from tests.launch import context, run_distributed
 
 
 def _failing_rank_one(rank: int, world: int, root: str) -> list[str]:
@@ -78,7 +78,7 @@ def _save_then_stall(directory: str, stalled: "mp.synchronize.Event") -> None:
 
 
 def test_a_writer_killed_mid_file_leaves_the_previous_checkpoint_and_its_leftover_is_cleaned(tmp_path: Path):
-    ctx = mp.get_context("spawn")
+    ctx = context()  # forked from the server that imported torch: no 2 s interpreter start
     stalled = ctx.Event()
     child = ctx.Process(target=_save_then_stall, args=(str(tmp_path), stalled))
     child.start()
