@@ -15,6 +15,8 @@ from typing import Iterator
 import pytest
 
 from resumable.cli import main
+from resumable.proctree import PARENT_ENV
+from resumable.train.__main__ import main as train_main
 from resumable.train.config import load_config, record_config
 
 ONE_PROCESS = ["parallel_config.data_parallel=1", "parallel_config.model_parallel=1"]
@@ -132,7 +134,9 @@ def _unprivileged() -> Iterator[None]:
         os.seteuid(0)
 
 
-def test_an_output_dir_that_cannot_be_created_is_said_in_words(tmp_path, capsys):
+def test_an_output_dir_that_cannot_be_created_is_said_in_words(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv(PARENT_ENV, "")  # train_main sets it (to this pid) for its children: unset afterwards
+    monkeypatch.delenv(PARENT_ENV)
     def train_into(out: Path) -> tuple[int, str, str]:
         return _train(capsys, "--nproc", "1", *(x for kv in [*ONE_PROCESS, f"output_dir={out}"] for x in ("--set", kv)))
 
@@ -146,10 +150,13 @@ def test_an_output_dir_that_cannot_be_created_is_said_in_words(tmp_path, capsys)
     folder = Path(tempfile.mkdtemp(prefix="resumable-readonly-"))
     try:
         folder.chmod(0o555)
+        denied = (f"{folder / 'out'}: permission denied: give the user running this access to it (its or its "
+                  "folder's permissions or owner), or use another path")
         with _unprivileged():
             result = train_into(folder / "out")
-        assert result == (2, "", f"resumable train: error: {folder / 'out'}: permission denied: give the user "
-                                 "running this access to it (its or its folder's permissions or owner), or use "
-                                 "another path\n")
+            with pytest.raises(SystemExit) as rank:  # what one rank of a torchrun job says
+                train_main([*(x for kv in [*ONE_PROCESS, f"output_dir={folder / 'out'}"] for x in ("--set", kv))])
+        assert result == (2, "", f"resumable train: error: {denied}\n")
+        assert (rank.value.code, capsys.readouterr().err) == (2, f"error: {denied}\n")
     finally:
         shutil.rmtree(folder)

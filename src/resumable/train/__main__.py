@@ -15,7 +15,7 @@ import sys
 import traceback
 from typing import NoReturn
 
-from resumable.errors import CheckpointError, ConfigError, NotImplementedYet
+from resumable.errors import CheckpointError, ConfigError, NotImplementedYet, describe_os_error
 from resumable.proctree import bind_to_launcher
 from resumable.shared_paths import check_shared_paths
 from resumable.train.checkpointing import TrainCommand, checkpoint_callbacks
@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> None:
         train(load_config(args.config, args.overrides), TrainCommand(args.config, tuple(args.overrides)))
     except (ConfigError, NotImplementedYet, CheckpointError) as err:  # the message says what to do
         _end(2, str(err), f"error: {err}")
+    except OSError as err:  # the system's (a folder it may not write, a full disk), in words
+        _end(2, describe_os_error(err), f"error: {describe_os_error(err)}")
     except Interrupted as stop:  # the save in flight was finished on the way out (loop.run)
         _end(stop.exit_status, str(stop), f"[rank {os.environ.get('RANK', '0')}] training {stop}")
     except Exception:
