@@ -59,10 +59,11 @@ def _describe(t: SourceTensor) -> str:
 
 
 def _gap(ta: torch.Tensor, tb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(|A - B|, B)`` in float64: 0 where both are equal or both NaN, infinite where one only is NaN."""
+    """``(|A - B|, B)`` in float64: 0 where both are equal or both NaN, infinite where one only is NaN
+    (in place where it can: three float64 copies at most)."""
     da, db = ta.double(), tb.double()
-    gap = (da - db).abs().nan_to_num(nan=math.inf)
-    return torch.where((da == db) | (da.isnan() & db.isnan()), 0.0, gap), db
+    gap = da.sub(db).abs_().nan_to_num_(nan=math.inf)
+    return gap.masked_fill_((da == db) | (da.isnan() & db.isnan()), 0.0), db
 
 
 def _compare(name: str, a: SourceTensor, b: SourceTensor, atol: float, rtol: float) -> DiffRow:
@@ -82,7 +83,7 @@ def _compare(name: str, a: SourceTensor, b: SourceTensor, atol: float, rtol: flo
         return DiffRow(name, "dtype mismatch", biggest, f"A {_describe(a)}, B {_describe(b)}", **where)
     if not biggest:  # NaN where the other is NaN, -0.0 against 0.0
         return DiffRow(name, "equal", 0.0)
-    close = bool((gap <= atol + rtol * db.abs()).all())
+    close = bool((gap <= (db.abs().mul_(rtol).add_(atol) if rtol else atol)).all())
     return DiffRow(name, "within tolerance" if close else "different", biggest, **where)
 
 
