@@ -158,6 +158,8 @@ def test_diff_against_a_folder_without_training_context_says_so(tmp_path, capsys
         f"A={a} B={hf}: 1 equal, 1 missing in B; context: B records none"]
     assert main(["diff", str(a), str(hf), "--model-only"]) == 0
     assert capsys.readouterr().out == f"A={a} B={hf}: 1 equal\n"
+    assert main(["diff", str(hf), str(hf)]) == 0
+    assert capsys.readouterr().out == f"A={hf} B={hf}: 1 equal; no training context on either side\n"
     with pytest.raises(SystemExit) as done:
         main(["diff", str(a), str(hf), "--atol", "-1"])
     assert done.value.code == 2

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     import torch
 
     from resumable.models.qwen3 import AttentionShape, ModelConfig
+    from resumable.tools.diff import DiffRow
 
 _PROGRESS = "--quiet"
 
@@ -206,7 +207,7 @@ def _verify(args: argparse.Namespace) -> int:
     return 0
 
 
-def _diff_line(row: Any) -> str:
+def _diff_line(row: DiffRow) -> str:
     """One tensor's line: status, name, the largest difference (where, and both values there), detail."""
     diff = ""
     if row.max_abs_diff is not None and row.status != "equal":
@@ -233,8 +234,7 @@ def _diff(args: argparse.Namespace) -> int:
     for row in rows:  # printed as they come: a large checkpoint's answers appear one by one
         counts[row.status] = counts.get(row.status, 0) + 1
         if args.json:
-            listed.append({"name": row.name, "status": row.status, "max_abs_diff": row.max_abs_diff,
-                           "at": row.at, "values": row.values, "detail": row.detail})
+            listed.append(vars(row))
         elif row.status != "equal" or args.all:
             print(_diff_line(row))
     context = None if args.model_only else diff_context(a, b)
@@ -260,7 +260,8 @@ def _diff(args: argparse.Namespace) -> int:
                     "missing" if r.status == "missing in B" else _value(r.b))
                 print(f"{'context':<16} {r.key}: {values}")
             keys = f"{context.keys} key{'s' if context.keys != 1 else ''}"
-            summary += f"; context: {len(context.rows)} of {keys} differ" if context.rows else f"; context equal ({keys})"
+            summary += (f"; context: {len(context.rows)} of {keys} differ" if context.rows else
+                        f"; context equal ({keys})" if context.keys else "; no training context on either side")
     print(f"A={args.a} B={args.b}: {summary}")
     return 0 if same else 1
 
