@@ -78,8 +78,10 @@ def report(status: int, text: str) -> bool:
 def outcome(failures: Mapping[int, "ProcessFailure"]) -> tuple[int, str | None]:
     """The job's exit status and the one line to print (None for a stop) from its failed ranks.
 
-    The first rank that failed with an error, by the time it reported: the other ranks
-    were then stopped by torchrun (SIGTERM) or failed for want of it.
+    A configuration or checkpoint error of the lowest rank that has one (ranks that agree on
+    an error all raise it at once, rank 0 naming the rank it came from), else the first other
+    failure by the time it was reported: the ranks after it were stopped by torchrun (SIGTERM)
+    or failed for want of it.
     """
     ended: list[tuple[float, int, int, str | None]] = []  # when, rank, status, what to print
     for rank, failure in failures.items():
@@ -95,8 +97,8 @@ def outcome(failures: Mapping[int, "ProcessFailure"]) -> tuple[int, str | None]:
             ended.append((failure.timestamp, rank, failure.exitcode, None))
         else:
             ended.append((failure.timestamp, rank, 1, f"rank {rank} exited with status {failure.exitcode}"))
-    errors = [e for e in ended if e[2] < 128]
-    _, _, status, text = min(errors or ended)
+    errors = sorted((e for e in ended if e[2] < 128), key=lambda e: (e[2] != 2, e[1] if e[2] == 2 else e[0]))
+    _, _, status, text = errors[0] if errors else min(ended)
     return status, text
 
 
