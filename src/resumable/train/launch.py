@@ -95,8 +95,9 @@ def outcome(failures: Mapping[int, "ProcessFailure"]) -> tuple[int, str | None]:
             ended.append((failure.timestamp, rank, 1, f"rank {rank} was killed by {failure.signal_name()}{cause}"))
         elif failure.exitcode > 128:  # stopped by a signal before it could report
             ended.append((failure.timestamp, rank, failure.exitcode, None))
-        else:
-            ended.append((failure.timestamp, rank, 1, f"rank {rank} exited with status {failure.exitcode}"))
+        else:  # a worker whose error file torchrun did not provide
+            ended.append((failure.timestamp, rank, 2 if failure.exitcode == 2 else 1,
+                          f"rank {rank} exited with status {failure.exitcode}"))
     errors = sorted((e for e in ended if e[2] < 128), key=lambda e: (e[2] != 2, e[1] if e[2] == 2 else e[0]))
     _, _, status, text = errors[0] if errors else min(ended)
     return status, text
