@@ -15,9 +15,12 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+
+from resumable.cli import main as cli
 
 BASE = ["train_dataset.seq_length=32", "lr_schedule.warmup_steps=2", "lr_schedule.total_steps=20",
         "parallel_config.data_parallel=1", "parallel_config.model_parallel=1", "runner_config.batch_size=4",
@@ -33,28 +36,44 @@ def _run(out: Path, *overrides: str, nproc: int = 0) -> subprocess.CompletedProc
 
 
 def _train(out: Path, *overrides: str, nproc: int = 0) -> list[dict]:
-    """Run ``resumable train`` to completion; the records of ``<out>/log/train.jsonl``."""
+    """Run ``resumable train`` to completion; the step records of ``<out>/log/train.jsonl`` (not its
+    ``run_start`` lines)."""
     done = _run(out, *overrides, nproc=nproc)
     assert done.returncode == 0, done.stderr[-3000:]
-    return [json.loads(line) for line in (out / "log" / "train.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (out / "log" / "train.jsonl").read_text().splitlines()]
+    return [r for r in records if "global_step" in r]
 
 
 def _losses(records: list[dict], first: int, last: int) -> list[float]:
     return [r["loss"] for r in records if first <= r["global_step"] <= last]
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> list[dict]:
-    """Eight uninterrupted steps, one process."""
-    return _train(tmp_path_factory.mktemp("ref"), "runner_config.stop_step=8")
+def _verify(tree: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    """``resumable verify <tree>`` (in this process): its exit code and stdout."""
+    capsys.readouterr()
+    code = cli(["verify", str(tree)])
+    return code, capsys.readouterr().out
 
 
 @pytest.fixture(scope="module")
-def four_steps_ckpt(tmp_path_factory) -> Path:
-    """A one-process job stopped at step 4, saved as .ckpt: the source of the other scenarios."""
-    out = tmp_path_factory.mktemp("four")
-    _train(out, "runner_config.stop_step=4", "callbacks.0.checkpoint_format=ckpt")
-    return out / "checkpoint"
+def sources(tmp_path_factory) -> tuple[list[dict], Path]:
+    """Two one-process jobs, side by side (one core each): eight uninterrupted steps (their records),
+    and a job stopped at step 4 saved as .ckpt (its checkpoint folder: the source of the other scenarios)."""
+    ref, four = tmp_path_factory.mktemp("ref"), tmp_path_factory.mktemp("four")
+    with ThreadPoolExecutor(2) as pool:
+        reference = pool.submit(_train, ref, "runner_config.stop_step=8")
+        stopped = pool.submit(_train, four, "runner_config.stop_step=4", "callbacks.0.checkpoint_format=ckpt")
+        return reference.result(), (stopped.result(), four / "checkpoint")[1]
+
+
+@pytest.fixture(scope="module")
+def reference(sources) -> list[dict]:
+    return sources[0]
+
+
+@pytest.fixture(scope="module")
+def four_steps_ckpt(sources) -> Path:
+    return sources[1]
 
 
 def test_interrupted_job_recovers_automatically_from_its_last_complete_checkpoint(tmp_path, reference):
@@ -113,16 +132,16 @@ def test_incremental_training_continues_the_global_step_and_lr_curve_on_new_data
 
 
 
-def test_two_ranks_fall_back_together_past_a_torn_rank_file_a_damaged_meta_json_and_a_garbage_strategy(tmp_path):
+def test_two_ranks_fall_back_together_past_a_torn_rank_file_a_damaged_meta_json_and_a_garbage_strategy(tmp_path,
+                                                                                                           capsys):
     out = tmp_path / "job"
     dp2 = ["parallel_config.data_parallel=2", "runner_config.batch_size=2", "callbacks.0.keep_checkpoint_max=5"]
     first = _train(out, *dp2, "runner_config.stop_step=6", nproc=2)
     tree = out / "checkpoint"
-    verify = [sys.executable, "-m", "resumable.cli", "verify", str(tree)]
-    done = subprocess.run(verify, capture_output=True, text=True)
+    code, stdout = _verify(tree, capsys)
     # 3 steps x 2 ranks, 2 meta.json, 2 strategy files: all of them resumable's, all checksummed.
-    assert done.returncode == 0
-    assert done.stdout.strip() == (f"{tree}: OK (10 files checked: 10 with checksums (whole-file xxh3-64 in "
+    assert code == 0
+    assert stdout.strip() == (f"{tree}: OK (10 files checked: 10 with checksums (whole-file xxh3-64 in "
                                    "meta.json or per-block; seals), 0 sizes only)")
     # Damage: rank 1's newest file torn, rank 0's meta.json garbage, rank 1's strategy file garbage.
     torn = tree / "rank_1" / "CKP_rank_1-1_6.safetensors"
@@ -131,9 +150,9 @@ def test_two_ranks_fall_back_together_past_a_torn_rank_file_a_damaged_meta_json_
     (tree / "rank_0" / "meta.json").write_text('{"last_epoch": 1, "last_step": 6, "last_ckpt_fi')
     strategy = out / "strategy" / "ckpt_strategy_rank_1.ckpt"
     strategy.write_bytes(b"\x00" * 64)
-    done = subprocess.run(verify, capture_output=True, text=True)
-    assert done.returncode == 1
-    assert [line.split(":")[0] for line in done.stdout.splitlines() if line.startswith("PROBLEM")] == [
+    code, stdout = _verify(tree, capsys)
+    assert code == 1
+    assert [line.split(":")[0] for line in stdout.splitlines() if line.startswith("PROBLEM")] == [
         f"PROBLEM {tree / 'rank_0' / 'meta.json'}", f"PROBLEM {torn}", f"PROBLEM {strategy}"]
     resume = [f"load_checkpoint={tree}", "resume_training=true", "runner_config.stop_step=8"]
     # Training on from 1_4 would bury 1_6: refused, naming it and why it was skipped.
@@ -149,4 +168,4 @@ def test_two_ranks_fall_back_together_past_a_torn_rank_file_a_damaged_meta_json_
         "CKP_rank_1-1_2.safetensors", "CKP_rank_1-1_4.safetensors", "CKP_rank_1_1-1_6.safetensors",
         "CKP_rank_1_1-1_8.safetensors", "meta.json"]
     # The strategy files are rewritten by the new saves, and the whole tree verifies again.
-    assert subprocess.run(verify, capture_output=True, text=True).returncode == 0
+    assert _verify(tree, capsys)[0] == 0
