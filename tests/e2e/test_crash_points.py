@@ -8,11 +8,17 @@ checkpoint whose checksums verify, the identical command resumes from exactly it
 kill's leftovers are gone once it trains, and at most one save interval (two with async
 saves) of logged steps is lost. Each chain ends with an unharmed run that must finish at
 ``stop_step`` with nothing temporary left. ``make soak`` runs the long, random version.
+
+The chains of the selected tests start together, two at a time (a job is mostly one process
+and waits on its saves: 2 cores), and each test waits for its own chain and its checks.
 """
 
 from __future__ import annotations
 
 import random
+import re
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -41,47 +47,88 @@ def _chain(job: Job, out: Path, faults: list[str], random_kills: int = 0, seed: 
     return chain
 
 
-def test_sync_saves_survive_a_kill_at_every_step_of_the_commit_and_at_random_instants(tmp_path: Path) -> None:
+def _sync_saves_survive_a_kill_at_every_step_of_the_commit_and_at_random_instants(out: Path) -> None:
     # ":2" (":3" for one-file-written, reached once per file) lets the first save of the run
     # commit, so each kill has something to lose.
-    chain = _chain(Job("v2-sync-1p", stop_step=12), tmp_path,
+    chain = _chain(Job("v2-sync-1p", stop_step=12), out,
                    ["one-file-written:3", "before-rename:2", "after-rename:2", "atomic-write:3", "retention-renamed:1"],
                    random_kills=2, seed=8)
     assert chain.runs == 8
 
 
-def test_async_saves_survive_a_kill_while_staging_and_while_the_background_thread_commits(tmp_path: Path) -> None:
-    _chain(Job("v2-async-1p", async_save=True), tmp_path, ["staged:2", "files-written:3"])
+def _async_saves_survive_a_kill_while_staging_and_while_the_background_thread_commits(out: Path) -> None:
+    _chain(Job("v2-async-1p", async_save=True), out, ["staged:2", "files-written:3"])
 
 
-def test_legacy_saves_survive_a_kill_between_file_and_meta_json(tmp_path: Path) -> None:
-    _chain(Job("legacy-1p", legacy=True), tmp_path, ["legacy-file-published:2", "atomic-write:2"])
+def _legacy_saves_survive_a_kill_between_file_and_meta_json(out: Path) -> None:
+    _chain(Job("legacy-1p", legacy=True), out, ["legacy-file-published:2", "atomic-write:2"])
 
 
-def test_asynchronous_legacy_saves_survive_a_kill_while_staging_and_in_the_background(tmp_path: Path) -> None:
-    _chain(Job("legacy-async-1p", legacy=True, async_save=True), tmp_path, ["staged:2", "legacy-before-meta:2"])
+def _asynchronous_legacy_saves_survive_a_kill_while_staging_and_in_the_background(out: Path) -> None:
+    _chain(Job("legacy-async-1p", legacy=True, async_save=True), out, ["staged:2", "legacy-before-meta:2"])
 
 
-def test_legacy_keep_one_never_deletes_the_last_step_complete_on_every_rank(tmp_path: Path) -> None:
+def _legacy_keep_one_never_deletes_the_last_step_complete_on_every_rank(out: Path) -> None:
     # Rank 1 dies before its meta.json names the new step; rank 0 must not have deleted the
     # previous step's file by then (retention waits until every rank recorded the new step).
-    _chain(Job("legacy-2p-keep1", nproc=2, legacy=True, keep=1, stop_step=6), tmp_path, ["legacy-before-meta:2@1"])
+    _chain(Job("legacy-2p-keep1", nproc=2, legacy=True, keep=1, stop_step=6), out, ["legacy-before-meta:2@1"])
 
 
-@pytest.mark.parametrize("kind", ["flip-shard", "garbage-tracker"])  # make soak draws all of DAMAGES
-def test_a_damaged_newest_checkpoint_is_refused_untouched_then_discarded_on_request(tmp_path: Path, kind: str) -> None:
+def _a_damaged_newest_checkpoint_is_refused_untouched_then_discarded_on_request(out: Path, kind: str) -> None:
     # after_run checks the refusal (exit != 0, the damaged iteration and discard_newer_checkpoints
     # named, no byte changed), then the resume from the newest intact iteration, and that no
     # intact committed iteration was lost.
     job = Job("v2-sync-1p", stop_step=6)
-    chain = Chain(job, tmp_path)
-    run = run_job(job, tmp_path, fault="after-tracker:4")
+    chain = Chain(job, out)
+    run = run_job(job, out, fault="after-tracker:4")
     assert run.killed
     after_run(chain, run)
     assert damage(chain, random.Random(0), kind) == kind
     refusing = chain.refusal_due
-    after_run(chain, run_job(job, tmp_path, discard=chain.discard))
+    after_run(chain, run_job(job, out, discard=chain.discard))
     assert chain.discard == refusing and not chain.refusal_due
-    final = run_job(job, tmp_path, discard=chain.discard)
+    final = run_job(job, out, discard=chain.discard)
     after_run(chain, final)
     check_finished(chain)
+
+
+@pytest.fixture(scope="module")
+def started(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Future]]:
+    """test name -> its chain (``_<name without test_>`` with the test's parameters), for the
+    selected tests of this module, all submitted at once to two threads."""
+    pool = ThreadPoolExecutor(2)
+    futures = {}
+    for item in request.session.items:
+        if item.module is not request.module:
+            continue
+        run: Callable[..., None] = getattr(request.module, "_" + item.originalname.removeprefix("test_"))
+        params = item.callspec.params if hasattr(item, "callspec") else {}
+        out = tmp_path_factory.mktemp(re.sub(r"\W", "_", item.name)[:40])
+        futures[item.name] = pool.submit(run, out, **params)
+    yield futures
+    pool.shutdown(cancel_futures=True)  # an interrupted session waits for the running chains only
+
+
+def test_sync_saves_survive_a_kill_at_every_step_of_the_commit_and_at_random_instants(started, request) -> None:
+    started[request.node.name].result()
+
+
+def test_async_saves_survive_a_kill_while_staging_and_while_the_background_thread_commits(started, request) -> None:
+    started[request.node.name].result()
+
+
+def test_legacy_saves_survive_a_kill_between_file_and_meta_json(started, request) -> None:
+    started[request.node.name].result()
+
+
+def test_asynchronous_legacy_saves_survive_a_kill_while_staging_and_in_the_background(started, request) -> None:
+    started[request.node.name].result()
+
+
+def test_legacy_keep_one_never_deletes_the_last_step_complete_on_every_rank(started, request) -> None:
+    started[request.node.name].result()
+
+
+@pytest.mark.parametrize("kind", ["flip-shard", "garbage-tracker"])  # make soak draws all of DAMAGES
+def test_a_damaged_newest_checkpoint_is_refused_untouched_then_discarded_on_request(started, request, kind) -> None:
+    started[request.node.name].result()
