@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+
+import pytest
 
 from resumable.commit import read_tracker
 from resumable.proctree import kill_tree
@@ -79,3 +84,25 @@ def run_until_step_then_kill(cmd: list[str], out: Path, step: int, *, committed:
         if job.poll() is None:
             kill_tree(job.pid, signal.SIGKILL)
             job.wait()
+
+
+def start_bodies(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+                 workers: int = 2) -> Iterator[dict[str, Future]]:
+    """For a module fixture: run the bodies of the module's selected tests side by side; yield
+    test name -> its future.
+
+    A test ``test_<x>`` whose module defines ``_<x>(out, **its parameters)`` has that body
+    submitted at once to ``workers`` threads, with a fresh folder; the test itself waits for
+    its future (``started[request.node.name].result()``), so a failure is still its own. Jobs
+    of one or two processes that wait on their saves leave a core idle: two share 2 cores.
+    """
+    pool = ThreadPoolExecutor(workers)
+    futures = {}
+    for item in request.session.items:
+        body = getattr(request.module, "_" + item.originalname.removeprefix("test_"), None)
+        if item.module is not request.module or body is None:
+            continue
+        params = item.callspec.params if hasattr(item, "callspec") else {}
+        futures[item.name] = pool.submit(body, tmp_path_factory.mktemp(re.sub(r"\W", "_", item.name)[:40]), **params)
+    yield futures
+    pool.shutdown(cancel_futures=True)  # an interrupted session waits for the running bodies only

@@ -16,13 +16,13 @@ and waits on its saves: 2 cores), and each test waits for its own chain and its 
 from __future__ import annotations
 
 import random
-import re
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
 
+from tests.e2e.jobs import start_bodies
 from tools.soak import Chain, Job, after_run, check_finished, damage, run_job
 
 pytestmark = pytest.mark.slow
@@ -94,19 +94,7 @@ def _a_damaged_newest_checkpoint_is_refused_untouched_then_discarded_on_request(
 
 @pytest.fixture(scope="module")
 def started(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Future]]:
-    """test name -> its chain (``_<name without test_>`` with the test's parameters), for the
-    selected tests of this module, all submitted at once to two threads."""
-    pool = ThreadPoolExecutor(2)
-    futures = {}
-    for item in request.session.items:
-        if item.module is not request.module:
-            continue
-        run: Callable[..., None] = getattr(request.module, "_" + item.originalname.removeprefix("test_"))
-        params = item.callspec.params if hasattr(item, "callspec") else {}
-        out = tmp_path_factory.mktemp(re.sub(r"\W", "_", item.name)[:40])
-        futures[item.name] = pool.submit(run, out, **params)
-    yield futures
-    pool.shutdown(cancel_futures=True)  # an interrupted session waits for the running chains only
+    yield from start_bodies(request, tmp_path_factory)
 
 
 def test_sync_saves_survive_a_kill_at_every_step_of_the_commit_and_at_random_instants(started, request) -> None:
