@@ -17,6 +17,8 @@ import logging
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Callable
 
@@ -27,6 +29,7 @@ import resumable
 from resumable.cli import main as cli
 from resumable.errors import CheckpointNotFoundError, CorruptCheckpointError
 from resumable.resolve import resolve_checkpoint
+from tests.e2e.jobs import start_bodies
 
 MODEL = "CKP-model-0000000-0000001.safetensors"
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -168,6 +171,7 @@ def test_nothing_valid_left_is_an_error_listing_every_skipped_iteration(ckpt: Pa
 
 
 # ----------------------------------------------------------------------------- real jobs
+# The three scenarios below run side by side (start_bodies); each test waits for its own.
 
 TINY = ["model.num_hidden_layers=2", "train_dataset.seq_length=32", "parallel_config.data_parallel=1",
         "parallel_config.model_parallel=1", "callbacks.0.save_checkpoint_steps=2"]
@@ -180,7 +184,7 @@ def _train(out: Path, *sets: str) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
-def test_train_resume_skips_a_flipped_byte_and_a_missing_common_json_with_a_warning(tmp_path: Path) -> None:
+def _train_resume_skips_a_flipped_byte_and_a_missing_common_json_with_a_warning(tmp_path: Path) -> None:
     first = _train(tmp_path, "runner_config.stop_step=6")
     assert first.returncode == 0, first.stderr[-3000:]
     ckpt = tmp_path / "checkpoint"
@@ -217,7 +221,7 @@ def _tracked_and_present(ckpt: Path) -> tuple[int | None, list[int]]:
     return resumable.commit.read_tracker(ckpt), resumable.commit.iterations_after(ckpt, -1)
 
 
-def test_a_damaged_legacy_tree_is_named_by_train_and_verify(tmp_path: Path) -> None:
+def _a_damaged_legacy_tree_is_named_by_train_and_verify(tmp_path: Path) -> None:
     first = _train(tmp_path, "runner_config.stop_step=4", "use_legacy_format=true")
     assert first.returncode == 0, first.stderr[-3000:]
     newest = tmp_path / "checkpoint" / "rank_0" / "CKP_rank_0-1_4.safetensors"
@@ -240,7 +244,7 @@ def _flip_first(path: Path, text: str) -> None:
     path.write_bytes(bytes(data))
 
 
-def test_train_resume_falls_back_past_a_flipped_bit_in_metadata_json_and_in_common_json(tmp_path: Path) -> None:
+def _train_resume_falls_back_past_a_flipped_bit_in_metadata_json_and_in_common_json(tmp_path: Path) -> None:
     first = _train(tmp_path, "runner_config.stop_step=6")
     assert first.returncode == 0, first.stderr[-3000:]
     ckpt = tmp_path / "checkpoint"
@@ -254,3 +258,20 @@ def test_train_resume_falls_back_past_a_flipped_bit_in_metadata_json_and_in_comm
     assert f"iteration_00000004 ({it4}/common.json: " in log and "bytes with xxh3-64 " in log
     assert f"resumed from {ckpt / 'iteration_00000002'} at global step 2" in log
     assert "architecture" not in log and "does not match checkpoint" not in log
+
+
+@pytest.fixture(scope="module")
+def started(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Future]]:
+    yield from start_bodies(request, tmp_path_factory)
+
+
+def test_train_resume_skips_a_flipped_byte_and_a_missing_common_json_with_a_warning(started, request) -> None:
+    started[request.node.name].result()
+
+
+def test_a_damaged_legacy_tree_is_named_by_train_and_verify(started, request) -> None:
+    started[request.node.name].result()
+
+
+def test_train_resume_falls_back_past_a_flipped_bit_in_metadata_json_and_in_common_json(started, request) -> None:
+    started[request.node.name].result()
