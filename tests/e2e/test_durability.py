@@ -6,11 +6,14 @@ real tool runs under ``strace`` and check, from the trace (``tests/durability.py
 every file of each published folder was fsynced after its last write and before the
 rename that publishes it, the folder itself before, its parent after, and that a first
 save fsynced ``output_dir`` after creating ``checkpoint/`` in it (legacy: ``rank_0/``).
+The traced runs of the selected tests go side by side, two at a time (``jobs.start_bodies``).
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
@@ -18,7 +21,7 @@ import pytest
 from resumable.commit import TRACKER
 from resumable.save import save
 from tests.durability import creation_problems, members, publish_problems, run_traced, strace_works
-from tests.e2e.jobs import SMALL, _env, train_cmd
+from tests.e2e.jobs import _env, start_bodies, train_cmd
 
 pytestmark = pytest.mark.skipif(not strace_works(), reason="strace cannot trace a child here (ptrace forbidden)")
 
@@ -46,16 +49,14 @@ def _assert_iteration_durable(calls, directory: Path, iteration: int) -> None:
     assert problems == []
 
 
-@pytest.mark.parametrize("how", ["sync", "async"])
-def test_a_first_save_fsyncs_every_file_the_folder_the_parent_and_output_dir(tmp_path, how):
+def _a_first_save_fsyncs_every_file_the_folder_the_parent_and_output_dir(tmp_path: Path, how: str) -> None:
     ckpt = tmp_path / "out" / "checkpoint"
     calls = _run([sys.executable, "-c", SAVE, str(ckpt), how], tmp_path / "trace")
     _assert_iteration_durable(calls, ckpt, 1)
     assert creation_problems(calls, ckpt) + creation_problems(calls, ckpt.parent) == []
 
 
-@pytest.mark.slow
-def test_a_two_process_training_job_saves_durably(tmp_path):
+def _a_two_process_training_job_saves_durably(tmp_path: Path) -> None:
     out = tmp_path / "out"
     calls = _run(train_cmd(out, "parallel_config.data_parallel=2", "runner_config.stop_step=2",
                            "callbacks.0.save_checkpoint_steps=2", nproc=2), tmp_path / "trace")
@@ -66,8 +67,7 @@ def test_a_two_process_training_job_saves_durably(tmp_path):
     assert creation_problems(calls, ckpt) == []
 
 
-@pytest.mark.slow
-def test_a_legacy_save_publishes_each_rank_file_and_meta_json_durably(tmp_path):
+def _a_legacy_save_publishes_each_rank_file_and_meta_json_durably(tmp_path: Path) -> None:
     out = tmp_path / "out"
     calls = _run(train_cmd(out, "use_legacy_format=true", "runner_config.stop_step=2",
                            "callbacks.0.save_checkpoint_steps=2"), tmp_path / "trace")
@@ -78,8 +78,7 @@ def test_a_legacy_save_publishes_each_rank_file_and_meta_json_durably(tmp_path):
     assert creation_problems(calls, rank) == []
 
 
-@pytest.fixture
-def source(tmp_path: Path) -> Path:
+def _source(tmp_path: Path) -> Path:
     import torch
 
     g = torch.Generator().manual_seed(0)
@@ -89,8 +88,8 @@ def source(tmp_path: Path) -> Path:
     return tmp_path / "src"
 
 
-@pytest.mark.parametrize("tool", ["merge", "convert --to hf", "split"])
-def test_every_tool_output_is_fsynced_before_its_rename_and_its_parent_after(tmp_path, source, tool):
+def _every_tool_output_is_fsynced_before_its_rename_and_its_parent_after(tmp_path: Path, tool: str) -> None:
+    source = _source(tmp_path)
     out = tmp_path / "new" / "out"  # its parent is created too
     argv = {"merge": ["merge", str(source), str(out)],
             "convert --to hf": ["convert", str(source), str(out), "--to", "hf", "--hf-config",
@@ -105,3 +104,28 @@ def test_every_tool_output_is_fsynced_before_its_rename_and_its_parent_after(tmp
         assert (out / "config.json").is_file() == (tool != "merge")  # merge: no known model, no config.json
         assert publish_problems(calls, out, members(out)) == []
     assert creation_problems(calls, out.parent) == []
+
+
+@pytest.fixture(scope="module")
+def started(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Future]]:
+    yield from start_bodies(request, tmp_path_factory)
+
+
+@pytest.mark.parametrize("how", ["sync", "async"])
+def test_a_first_save_fsyncs_every_file_the_folder_the_parent_and_output_dir(started, request, how):
+    started[request.node.name].result()
+
+
+@pytest.mark.slow
+def test_a_two_process_training_job_saves_durably(started, request):
+    started[request.node.name].result()
+
+
+@pytest.mark.slow
+def test_a_legacy_save_publishes_each_rank_file_and_meta_json_durably(started, request):
+    started[request.node.name].result()
+
+
+@pytest.mark.parametrize("tool", ["merge", "convert --to hf", "split"])
+def test_every_tool_output_is_fsynced_before_its_rename_and_its_parent_after(started, request, tool):
+    started[request.node.name].result()
