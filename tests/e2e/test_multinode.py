@@ -1,13 +1,18 @@
-"""A two-node job (two torchrun agents on this machine) and SHARED_PATHS."""
+"""A two-node job (two torchrun agents on this machine) and SHARED_PATHS; the two tests' jobs run
+side by side (``jobs.start_bodies``)."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Iterator
+from concurrent.futures import Future
 from pathlib import Path
 
+import pytest
+
 from resumable.commit import read_tracker
-from tests.e2e.jobs import SMALL, _env
+from tests.e2e.jobs import SMALL, _env, start_bodies
 from tests.launch import free_port
 
 
@@ -29,7 +34,7 @@ def _two_nodes(out: Path, shared: str | None) -> list[subprocess.CompletedProces
     return [subprocess.CompletedProcess(a.args, a.wait(timeout=240), *a.communicate()) for a in agents]
 
 
-def test_a_multi_node_job_outside_shared_paths_stops_before_training(tmp_path):
+def _a_multi_node_job_outside_shared_paths_stops_before_training(tmp_path: Path) -> None:
     out = tmp_path / "local"
     for done in _two_nodes(out, shared=None):
         assert done.returncode != 0
@@ -37,8 +42,21 @@ def test_a_multi_node_job_outside_shared_paths_stops_before_training(tmp_path):
     assert not (out / "log" / "train.jsonl").exists()  # no step was taken
 
 
-def test_a_multi_node_job_under_shared_paths_trains_and_checkpoints(tmp_path):
+def _a_multi_node_job_under_shared_paths_trains_and_checkpoints(tmp_path: Path) -> None:
     out = tmp_path / "shared" / "run"
     for done in _two_nodes(out, shared=f"/nonexistent:{tmp_path / 'shared'}"):
         assert done.returncode == 0, done.stderr[-3000:]
     assert read_tracker(out / "checkpoint") == 2
+
+
+@pytest.fixture(scope="module")
+def started(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Future]]:
+    yield from start_bodies(request, tmp_path_factory)
+
+
+def test_a_multi_node_job_outside_shared_paths_stops_before_training(started, request):
+    started[request.node.name].result()
+
+
+def test_a_multi_node_job_under_shared_paths_trains_and_checkpoints(started, request):
+    started[request.node.name].result()
