@@ -3,6 +3,7 @@
 The lock is ``flock`` on ``<directory>/.lock`` (``resumable.lock``), taken by rank 0 when
 the ``CheckpointManager`` (or the legacy monitor) is built and before anything in the
 folder is read or cleaned. The kernel drops it when its holder dies, SIGKILL included.
+The tool and training-job cases run side by side, two at a time (``jobs.start_bodies``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
@@ -24,6 +27,7 @@ from resumable.errors import LockedError
 from resumable.lock import LOCK_FILE
 from resumable.proctree import kill_tree
 from resumable.save import save as resumable_save
+from tests.e2e.jobs import start_bodies
 from tests.launch import context
 from tools.soak import Job, committed_step
 
@@ -80,9 +84,7 @@ def test_a_killed_holder_never_leaves_the_folder_locked(tmp_path: Path) -> None:
     CheckpointManager(tmp_path).close()  # no stale lock: the kernel released it with the process
 
 
-@pytest.mark.parametrize("argv", [["split", "--layout", "dp=2"], ["convert", "--to", "v2"],
-                                  ["convert", "--to", "legacy"]], ids=" ".join)
-def test_a_tool_writing_into_a_live_jobs_folder_refuses_naming_the_holder(tmp_path: Path, argv: list[str]) -> None:
+def _a_tool_writing_into_a_live_jobs_folder_refuses_naming_the_holder(tmp_path: Path, argv: list[str]) -> None:
     held = tmp_path / "ckpt"
     CheckpointManager(held).save({"model": {"w": torch.ones(3)}}, 1)
     resumable_save({"model": {"w": torch.zeros(3)}, "global_step": 5}, tmp_path / "src", 5)
@@ -106,11 +108,7 @@ def test_a_tool_writing_into_a_live_jobs_folder_refuses_naming_the_holder(tmp_pa
     assert commit.read_tracker(held) == 1
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("job", [Job("v2-two-writers", stop_step=100_000, interval=1),
-                                 Job("legacy-two-writers", legacy=True, stop_step=100_000, interval=1)],
-                         ids=lambda j: j.name)
-def test_a_second_training_job_on_a_live_jobs_folder_stops_with_locked_error(tmp_path: Path, job: Job) -> None:
+def _a_second_training_job_on_a_live_jobs_folder_stops_with_locked_error(tmp_path: Path, job: Job) -> None:
     env = {k: v for k, v in os.environ.items() if k != commit.FAULT_ENV}
     first = subprocess.Popen(job.command(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              start_new_session=True, env=env)
@@ -130,3 +128,22 @@ def test_a_second_training_job_on_a_live_jobs_folder_stops_with_locked_error(tmp
     assert f"pid {first.pid}" in second.stderr
     assert "resumed from" not in second.stderr and "loading" not in second.stderr  # refused before reading
     committed_step(job, tmp_path)  # the first job's checkpoints are intact
+
+
+@pytest.fixture(scope="module")
+def started(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Future]]:
+    yield from start_bodies(request, tmp_path_factory)
+
+
+@pytest.mark.parametrize("argv", [["split", "--layout", "dp=2"], ["convert", "--to", "v2"],
+                                  ["convert", "--to", "legacy"]], ids=" ".join)
+def test_a_tool_writing_into_a_live_jobs_folder_refuses_naming_the_holder(started, request, argv: list[str]) -> None:
+    started[request.node.name].result()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("job", [Job("v2-two-writers", stop_step=100_000, interval=1),
+                                 Job("legacy-two-writers", legacy=True, stop_step=100_000, interval=1)],
+                         ids=lambda j: j.name)
+def test_a_second_training_job_on_a_live_jobs_folder_stops_with_locked_error(started, request, job: Job) -> None:
+    started[request.node.name].result()
