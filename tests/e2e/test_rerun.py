@@ -73,3 +73,21 @@ def test_the_same_command_twice_resumes_a_fresh_start_over_it_is_refused_and_log
         f"{job / 'converted_checkpoint' / 'iteration_00000000'}, has no optimizer state), and resume_training: true "
         "restores the whole training state (optimizer, step, data position). Set resume_training: false to start a "
         "new run from its weights")
+
+
+def test_legacy_a_fresh_start_over_an_earlier_runs_steps_is_refused_then_discarded_on_request(tmp_path):
+    out, ckpt = tmp_path / "job", tmp_path / "job" / "checkpoint"
+    legacy = ["use_legacy_format=true", "runner_config.stop_step=2"]
+    run_job(train_cmd(out, *legacy))
+    saved = sorted(p.name for p in (ckpt / "rank_0").iterdir())
+    fresh = run_job(train_cmd(out, *legacy), expect_ok=False)  # the same command again: it would bury them
+    resume = shlex.join(["resumable", "train", *train_cmd(out, *legacy, "resume_training=true")[4:]])
+    assert fresh.returncode == 2
+    assert _error(fresh) == (
+        f"resumable train: error: {ckpt} holds the checkpoints of an earlier run (epoch 1 step 2) and this run "
+        "starts at step 0 (resume_training is false): its saves would write over them. To continue that run from "
+        f"epoch 1 step 2: {resume}. To start over, deleting them: add --set "
+        "callbacks.0.discard_newer_checkpoints=true, or set another output_dir")
+    assert sorted(p.name for p in (ckpt / "rank_0").iterdir()) == saved  # nothing written, nothing deleted
+    again = run_job(train_cmd(out, *legacy, "callbacks.0.discard_newer_checkpoints=true"))
+    assert "discard_newer_checkpoints: deleted" in again.stderr

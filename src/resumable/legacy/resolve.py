@@ -102,19 +102,19 @@ def resolve_here(load_checkpoint: str, resume_training: bool | str, fmt: str,
         assert parsed is not None
         named = (parsed.epoch, parsed.step)
         try:
-            steps = _complete_steps(path, fmt)
+            steps = complete_steps(path, fmt)
         except CheckpointNotFoundError:  # the named step is all there is (or another format)
             steps = []
         return LegacySource(path, names, named, False, f"resume_training names {resume_training}",
                             newer=tuple(step for step in steps if step[0] > named))
-    (position, files), *older = steps = _complete_steps(path, fmt)
+    (position, files), *older = steps = complete_steps(path, fmt)
     reason = f"epoch {position[0]} step {position[1]} is the newest step complete on every rank"
     if resume_training is True:
         return LegacySource(path, files, position, False, reason, older=tuple(older))
     return LegacySource(path, files, position, False, reason, newer=tuple(steps))
 
 
-def _complete_steps(root: Path, fmt: str) -> list[tuple[tuple[int, int], tuple[str, ...]]]:
+def complete_steps(root: Path, fmt: str) -> list[tuple[tuple[int, int], tuple[str, ...]]]:
     """The steps complete on every rank, newest first, files relative to ``root``."""
     return [(pos, tuple(f"{p.parent.name}/{p.name}" for p in paths))
             for pos, paths in complete_legacy_steps(root, fmt, _tolerant_bound)]

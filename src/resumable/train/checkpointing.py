@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shlex
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,27 +36,11 @@ from resumable.resolve import Resolution, fall_back, resolve_checkpoint
 from resumable.train.foreign import ForeignOptions, ensure_loadable, needs_conversion_legacy
 from resumable.train.config import TrainConfig
 from resumable.train.data import fill_position, unset_position
-from resumable.train.legacy_callbacks import legacy_callbacks, same_folder
+from resumable.train.legacy_callbacks import legacy_callbacks
 from resumable.train.loop import Callback, Trainer
-from resumable.train.saving import layout_info, on_save_error
+from resumable.train.saving import TrainCommand, fresh_start_refusal, layout_info, on_save_error, same_folder
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TrainCommand:
-    """The ``resumable train`` command a job was started with (its ``--config`` and ``--set``), quoted in messages."""
-
-    config: str | None = None
-    overrides: tuple[str, ...] = ()
-    options: tuple[str, ...] = ()  # the CLI's own, e.g. ("--nproc", "2") (a rank has none: --nproc equals the layout)
-
-    def with_sets(self, *sets: str) -> str:
-        """This command with ``sets`` added (its own ``--set`` of the same keys dropped), as a shell line."""
-        keys = {kv.split("=", 1)[0].strip() for kv in sets}
-        kept = [kv for kv in self.overrides if kv.split("=", 1)[0].strip() not in keys]
-        return shlex.join(["resumable", "train", *(["--config", self.config] if self.config else []), *self.options,
-                           *[x for kv in [*kept, *sets] for x in ("--set", kv)]])
 
 
 class CheckpointMonitor(Callback):
@@ -106,27 +88,12 @@ class CheckpointMonitor(Callback):
         except NewerCheckpointsError:  # every rank is here (start_from is collective)
             earlier = commit.committed_iterations(self.cfg.checkpoint_dir) if start == 0 else []
             if earlier:  # the command of an earlier run, run again: say how to resume it
-                raise NewerCheckpointsError(self._fresh_refusal(earlier)) from None
+                names = [commit.iteration_dirname(n) for n in earlier]
+                raise NewerCheckpointsError(fresh_start_refusal(
+                    self.cfg, self.command, names[0] if len(names) == 1 else f"{names[0]} to {names[-1]}",
+                    f"iteration {earlier[-1]}")) from None
             raise
         self.last_saved = start  # the state we start from is already on disk (or random)
-
-    def _fresh_refusal(self, earlier: list[int]) -> str:
-        """Why a job starting at step 0 over committed ``earlier`` iterations stops, and the commands to go on."""
-        cfg, directory = self.cfg, self.cfg.checkpoint_dir
-        load = cfg.load_checkpoint
-        why = ("resume_training is false" if not cfg.resume_training and not load
-               else f"resume_training is false: only the weights of {load} are loaded" if not cfg.resume_training
-               else f"load_checkpoint {load} holds no checkpoint to resume")
-        # Resuming means the job's own folder: a load_checkpoint elsewhere is cleared.
-        sets = ("resume_training=true", *(() if not load or same_folder(load, directory) else ("load_checkpoint=",)))
-        resume = (self.command.with_sets(*sets) if self.command is not None
-                  else "this job's command with " + " ".join(f"--set {kv}" for kv in sets))
-        names = [commit.iteration_dirname(n) for n in earlier]
-        held = names[0] if len(names) == 1 else f"{names[0]} to {names[-1]}"
-        return (f"{directory} holds the checkpoints of an earlier run ({held}) and this run starts at step 0 "
-                f"({why}): its saves would write over them. To continue that run from iteration {earlier[-1]}: "
-                f"{resume}. To start over, deleting them: add --set callbacks.0.discard_newer_checkpoints=true, or "
-                "set another output_dir")
 
     def _save(self, trainer: Trainer) -> None:
         assert self.manager is not None
@@ -341,8 +308,8 @@ def checkpoint_callbacks(cfg: TrainConfig, command: TrainCommand | None = None) 
                     f"resume_training: {cfg.resume_training!r} names a step, but load_checkpoint "
                     f"{cfg.load_checkpoint} is not a resumable legacy checkpoint: it is converted from its newest "
                     "complete step; set resume_training: true (or convert the step you want with resumable convert)")
-            return callbacks + [Resume(cfg)] + legacy_callbacks(cfg, resume=False)
-        return callbacks + legacy_callbacks(cfg)
+            return callbacks + [Resume(cfg)] + legacy_callbacks(cfg, resume=False, command=command)
+        return callbacks + legacy_callbacks(cfg, command=command)
     monitor = CheckpointMonitor(cfg, command) if cfg.checkpoint is not None else None
     if cfg.load_checkpoint:
         callbacks.append(Resume(cfg, monitor, own))

@@ -31,7 +31,7 @@ from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
 from resumable import dist
 from resumable.async_save import collective_timeout
-from resumable.errors import NewerCheckpointsError
+from resumable.errors import CheckpointNotFoundError, NewerCheckpointsError
 from resumable.formats import v1
 from resumable.legacy import (
     BackgroundLegacySaves,
@@ -42,13 +42,14 @@ from resumable.legacy import (
     load_legacy,
     resolve_legacy,
 )
+from resumable.legacy.resolve import complete_steps
 from resumable.legacy.save import discard_steps
 from resumable.lock import DirectoryLock, lock_for_job
 from resumable.prefetch import Prefetch
 from resumable.train.config import TrainConfig
 from resumable.train.data import fill_position, unset_position
 from resumable.train.loop import Callback, Trainer
-from resumable.train.saving import layout_info, on_save_error
+from resumable.train.saving import TrainCommand, fresh_start_refusal, layout_info, on_save_error, same_folder
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +66,9 @@ class LegacyCheckpointMonitor(Callback):
     1-based step inside it (:func:`resumable.formats.v1.name_position`).
     """
 
-    def __init__(self, cfg: TrainConfig) -> None:
+    def __init__(self, cfg: TrainConfig, command: TrainCommand | None = None) -> None:
         self.cfg = cfg
+        self.command = command  # quoted when a fresh start over an earlier run is refused
         self.saver: LegacySaver | None = None
         self.background: BackgroundLegacySaves | None = None  # async_save: true
         self.protected: set[Path] = set()
@@ -90,6 +92,8 @@ class LegacyCheckpointMonitor(Callback):
         mon = self.cfg.checkpoint
         assert mon is not None  # only built when the config has a CheckpointMonitor
         self.open(trainer)
+        if trainer.ctx.global_step == 0:
+            self._earlier_run(mon.checkpoint_format, mon.discard_newer_checkpoints)
         group = None
         if mon.async_save and dist.initialized():
             # Background saves agree over a gloo group of their own: never interleaved with training's.
@@ -105,6 +109,33 @@ class LegacyCheckpointMonitor(Callback):
         self.last_saved = ctx.global_step  # the state we start from is already on disk (or random)
         self._in_epoch = ctx.step_in_epoch
         self._position = v1.name_position(ctx.epoch, ctx.step_in_epoch, trainer.batches.steps_per_epoch)
+
+    def _earlier_run(self, fmt: str, discard: bool) -> None:
+        """A job starting at step 0 into a tree that holds an earlier run's complete steps: refuse (its saves
+        would bury them: meta.json moves to this job, keep_checkpoint_max deletes older jobs' files first),
+        or delete them when ``discard_newer_checkpoints`` says so. Rank 0 reads the tree and decides for all.
+
+        A job loading weights from this same tree has been refused, or has discarded them, already
+        (``LegacyResume._newer_steps_in_the_way``).
+        """
+        root = self.cfg.checkpoint_dir
+        steps: list[tuple[tuple[int, int], tuple[str, ...]]] = []
+        if dist.rank() == 0 and root.is_dir():
+            try:
+                steps = complete_steps(root, fmt)
+            except CheckpointNotFoundError:
+                steps = []  # no rank folders, or no step complete on every rank: nothing to bury
+        steps = dist.broadcast_object(steps)
+        if not steps:
+            return
+        if discard:
+            discard_steps(root, steps)
+            return
+        (newest, _), oldest = steps[0], steps[-1][0]
+        held = f"epoch {newest[0]} step {newest[1]}" if len(steps) == 1 else (
+            f"{len(steps)} steps, epoch {oldest[0]} step {oldest[1]} to epoch {newest[0]} step {newest[1]}")
+        raise NewerCheckpointsError(fresh_start_refusal(self.cfg, self.command, held,
+                                                        f"epoch {newest[0]} step {newest[1]}"))
 
     def _save(self, trainer: Trainer) -> None:
         assert self.saver is not None
@@ -240,24 +271,17 @@ class LegacyResume(Callback):
             "callbacks.0.discard_newer_checkpoints: true")
 
 
-def same_folder(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
-    """Whether two paths name the same existing folder (links followed)."""
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
 def _env_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def legacy_callbacks(cfg: TrainConfig, resume: bool = True) -> list[Callback]:
+def legacy_callbacks(cfg: TrainConfig, resume: bool = True, command: TrainCommand | None = None) -> list[Callback]:
     """The Checkpoint 1.0 callbacks a config asks for: resume first (it sets the step), then the monitor.
 
     ``resume=False``: the caller loads ``load_checkpoint`` itself (a foreign checkpoint, converted).
+    ``command`` is quoted when a fresh start over an earlier run is refused (the resume command).
     """
-    monitor = LegacyCheckpointMonitor(cfg) if cfg.checkpoint is not None else None
+    monitor = LegacyCheckpointMonitor(cfg, command) if cfg.checkpoint is not None else None
     callbacks: list[Callback] = []
     if cfg.load_checkpoint and resume:
         callbacks.append(LegacyResume(cfg, monitor))
