@@ -51,6 +51,7 @@ from resumable.balanced import balanced_reads
 from resumable.dist import agree_on
 from resumable.errors import StateMismatchError
 from resumable.formats import v2
+from resumable.formats.schema import NAMES_SHOWN, listed
 from resumable.formats.safetensors_io import Header
 from resumable.gc_pause import gc_paused
 from resumable.layout import LocalChunk, local_chunks
@@ -128,31 +129,21 @@ def check_state(meta: v2.Metadata, flat: FlatState, folder: Path) -> None:
         return
     missing.sort()
     see = f"resumable inspect {folder}"
+    tensors_see = f"the checkpoint's tensors: {see}"
     if not wrong and not meta.save_optimizer and all(flat.tensors[n].kind == "opt" for n in missing):
         # A weights-only checkpoint asked for the optimizer state: say so, not "rebuild the model".
         raise StateMismatchError(
             f"checkpoint {folder} was saved with save_optimizer=False: it holds the model's weights only, and the "
-            f"state asks for {len(missing)} optimizer tensor(s) ({_listed(missing, see)}). Load the weights alone "
-            "(a state of {'model': ...}), or a checkpoint saved with the optimizer")
+            f"state asks for {len(missing)} optimizer tensor(s) ({listed(missing, tensors_see)}). "
+            "Load the weights alone (a state of {'model': ...}), or a checkpoint saved with the optimizer")
     lines = [f"the state does not match checkpoint {folder}:"]
     if missing:
-        lines.append(f"{len(missing)} tensor(s) missing from the checkpoint: {_listed(missing, see)}")
-    lines.extend(wrong[:_SHOWN])
-    if len(wrong) > _SHOWN:
-        lines.append(f"... {len(wrong) - _SHOWN} more shape or dtype mismatch(es); the checkpoint's shapes: {see}")
+        lines.append(f"{len(missing)} tensor(s) missing from the checkpoint: {listed(missing, tensors_see)}")
+    lines.extend(wrong[:NAMES_SHOWN])
+    if len(wrong) > NAMES_SHOWN:
+        lines.append(f"... {len(wrong) - NAMES_SHOWN} more shape or dtype mismatch(es); the checkpoint's shapes: {see}")
     lines.append("build the model with the architecture (and optimizer) the checkpoint was saved with")
     raise StateMismatchError("\n".join(lines))
-
-
-#: Names an error lists before it summarises the rest (a state has hundreds of tensors).
-_SHOWN = 5
-
-
-def _listed(names: list[str], see: str) -> str:
-    """``names`` joined; past ``_SHOWN`` of them, the first ones, the count and where to see them all."""
-    if len(names) <= _SHOWN:
-        return ", ".join(names)
-    return f"{', '.join(names[:_SHOWN])}, ... ({len(names)} in all; the checkpoint's tensors: {see})"
 
 
 def unused_names(meta: v2.Metadata, flat: FlatState, exclude: Iterable[str] = ()) -> list[str]:
@@ -181,9 +172,10 @@ def _check_unused(prep: "_Prepared", group: dist.Group) -> None:
     mine = set(prep.unused)
     unused = [n for n, u in zip(names, used) if not u and n in mine]
     if unused:
+        see = f"the checkpoint's tensors: resumable inspect {prep.folder}"
         raise StateMismatchError(
             f"checkpoint {prep.folder} holds {len(unused)} tensor(s) the state has no place for on any rank: "
-            f"{_listed(unused, f'resumable inspect {prep.folder}')}; they would be dropped silently. Build the model "
+            f"{listed(unused, see)}; they would be dropped silently. Build the model "
             "with the architecture it was saved with (e.g. the same tie_word_embeddings), or leave them out on "
             "purpose with exclude_from_loading")
 

@@ -27,6 +27,7 @@ from typing import Any, Iterable, Mapping
 from resumable import commit, dist
 from resumable.async_save import AsyncSaveHandle, AsyncSaver
 from resumable.errors import CheckpointError, ConfigError, NewerCheckpointsError, describe_os_error
+from resumable.formats.schema import listed
 from resumable.lock import DirectoryLock, lock_for_job
 from resumable.save import SavePlan, save as sync_save
 
@@ -196,7 +197,7 @@ def _start_from(directory: Path, iteration: int, discard: bool, skipped: list[st
     newer = [n for n in newer if n != redone]
     if not newer:
         return []
-    names = ", ".join(commit.iteration_dirname(n) for n in newer)
+    names = listed([commit.iteration_dirname(n) for n in newer], f"resumable inspect {directory}")
     damage = f" This resume skipped: {'; '.join(skipped)}." if skipped else ""
     raise NewerCheckpointsError(
         f"{directory} holds {len(newer)} iteration(s) newer than step {iteration} this job starts from: {names}. "

@@ -39,6 +39,19 @@ def test_newer_iterations_are_refused_naming_them_and_what_the_resume_skipped(tm
     mgr.close()
 
 
+def test_a_long_list_of_newer_iterations_is_summarised(tmp_path: Path) -> None:
+    mgr = _saved(tmp_path, 1)
+    for it in range(2, 10):  # damaged or not, each is the user's: listed, the first five by name
+        (tmp_path / commit.iteration_dirname(it)).mkdir()
+    with pytest.raises(NewerCheckpointsError) as info:
+        mgr.start_from(1)
+    assert str(info.value).startswith(
+        f"{tmp_path} holds 8 iteration(s) newer than step 1 this job starts from: iteration_00000002, "
+        "iteration_00000003, iteration_00000004, iteration_00000005, iteration_00000006, ... (8 in all; "
+        f"resumable inspect {tmp_path}). Training on would write over them")
+    mgr.close()
+
+
 def test_discarding_deletes_the_newer_iterations_and_moves_the_tracker_back(tmp_path: Path) -> None:
     mgr = _saved(tmp_path, 2, 4, 6)
     assert mgr.start_from(2, discard_newer=True) == [4, 6]

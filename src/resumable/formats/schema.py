@@ -14,13 +14,15 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import math
 from typing import Any, Mapping
 
 from resumable.errors import CorruptCheckpointError
 from resumable.formats.jsonfile import RESTORE
 
-__all__ = ["MAX_DIM", "MAX_NDIM", "REQUIRED", "RESTORE", "is_int", "need_int", "need_int_list", "need_number", "need_type", "shown"]
+__all__ = ["MAX_DIM", "MAX_NDIM", "REQUIRED", "RESTORE", "is_int", "listed", "need_int", "need_int_list", "need_number", "need_type", "shown"]
 
 MAX_NDIM = 64
 """Most dims of a tensor shape read from a file (a shape is multiplied out: a forged million-dim
@@ -38,6 +40,24 @@ def shown(value: object) -> str:
     """``repr(value)``, cut short: a forged value may be megabytes long."""
     text = repr(value)
     return text if len(text) <= _SHOWN else text[:_SHOWN] + f"... ({len(text)} characters)"
+
+
+NAMES_SHOWN = 5
+"""Names a message lists before it summarises the rest (:func:`listed`)."""
+
+
+def listed(names: Sequence[str], see: str) -> str:
+    """``names`` joined; past :data:`NAMES_SHOWN` of them, the first ones, the count and where to see
+    them all (``see``, e.g. ``"the checkpoint's tensors: resumable inspect ckpt/"``).
+
+    Example::
+
+        listed([f"t{i}" for i in range(141)], "resumable inspect ckpt/")
+        # "t0, t1, t2, t3, t4, ... (141 in all; resumable inspect ckpt/)"
+    """
+    if len(names) <= NAMES_SHOWN:
+        return ", ".join(names)
+    return f"{', '.join(names[:NAMES_SHOWN])}, ... ({len(names)} in all; {see})"
 
 
 def is_int(value: object) -> bool:
