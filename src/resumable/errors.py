@@ -279,6 +279,18 @@ _OS_WORDS: dict[int, tuple[str, str]] = {
 }
 
 
+def yaml_problem(err: Exception) -> str:
+    """PyYAML's error on one line, with the line and column (its own text names a ``<unicode string>``).
+
+    Example::
+
+        yaml_problem(exc)    # "line 2, column 5: expected ',' or ']', but got ':'"
+    """
+    mark = getattr(err, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + str(getattr(err, "problem", None) or err)
+
+
 def describe_os_error(err: OSError) -> str:
     """An OSError as a message: the path, what failed and what to do (never a bare ``[Errno N] ...``);
     ours (a ``CheckpointError``, one raised without an errno) as they are.

@@ -149,8 +149,9 @@ def test_unified_from_an_unknown_network_has_no_config_json_and_hf_is_refused(tm
 
 
 @pytest.mark.parametrize("yaml_text,message", [
-    (None, "--config {path}: cannot be read (No such file or directory)"),
-    ("model: [1, 2", "--config {path} is not valid YAML: "),
+    (None, "--config: {path} does not exist: check the path\n"),
+    ("model: [1, 2", "--config {path} is not valid YAML: line 1, column 13: expected ',' or ']', but got "
+                     "'<stream end>'\n"),
     ("seed: 3\n", "--config {path}: no model: section (a mapping of the model's sizes) to write config.json from"),
     ("model:\n  hidden_sise: 64\n", "invalid config:\n  {path}: model.hidden_sise: unknown key; did you mean "
                                     "model.hidden_size?\n"),

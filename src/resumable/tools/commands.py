@@ -19,7 +19,7 @@ import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from resumable.errors import ConfigError
+from resumable.errors import ConfigError, describe_os_error, yaml_problem
 from resumable.formats.ms_names import NAMES
 from resumable.tools import TARGETS
 
@@ -300,9 +300,9 @@ def _model_section(path: Path) -> ModelConfig:
     try:
         tree = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
-        raise ConfigError(f"--config {path}: cannot be read ({exc.strerror})") from None
+        raise ConfigError(f"--config: {describe_os_error(exc)}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"--config {path} is not valid YAML: {exc}") from None
+        raise ConfigError(f"--config {path} is not valid YAML: {yaml_problem(exc)}") from None
     section = tree.get("model") if isinstance(tree, dict) else None
     if not isinstance(section, dict):
         raise ConfigError(f"--config {path}: no model: section (a mapping of the model's sizes) to write "

@@ -21,7 +21,7 @@ from typing import Any, Callable, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from resumable.errors import ConfigError, Loc
+from resumable.errors import ConfigError, Loc, yaml_problem
 from resumable.models.qwen3 import ModelConfig
 
 DEFAULT_CONFIG = Path(__file__).with_name("configs") / "default.yaml"
@@ -228,15 +228,8 @@ def load_config_tree(path: str | os.PathLike | None) -> tuple[dict, str]:
     try:
         tree = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"config file {source} is not valid YAML: {_yaml_problem(err)}") from None
+        raise ConfigError(f"config file {source} is not valid YAML: {yaml_problem(err)}") from None
     return tree, str(source)
-
-
-def _yaml_problem(err: yaml.YAMLError) -> str:
-    """PyYAML's error on one line, with the file's line and column (its own text names no file)."""
-    mark = getattr(err, "problem_mark", None)
-    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-    return where + str(getattr(err, "problem", None) or err)
 
 
 def _in_file(source: str, loc: Loc) -> tuple[str, str | None]:
