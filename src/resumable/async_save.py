@@ -39,6 +39,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -47,7 +48,8 @@ import torch
 
 from resumable import commit, dist
 from resumable.errors import ConfigError
-from resumable.save import SavePlan, error_text, finish_save, plan_save, prepare_temp, write_files
+from resumable.save import (SavePlan, error_text, finish_save, plan_save, prepare_temp, record_metrics, timed,
+                            write_files)
 
 log = logging.getLogger(__name__)
 
@@ -156,8 +158,10 @@ class AsyncSaver:
 
     def save(self, state: Mapping[str, Any], directory: str | os.PathLike[str], iteration: int, *,
              prefix: str = "CKP", save_optimizer: bool = True, remove_redundancy: bool = False,
-             layout_info: Any = None, on_commit: Callable[[SavePlan], None] | None = None) -> AsyncSaveHandle:
-        """Stage ``state`` and start writing it; returns once training may continue.
+             layout_info: Any = None, on_commit: Callable[[SavePlan], None] | None = None,
+             metrics: Mapping[str, float] | None = None) -> AsyncSaveHandle:
+        """Stage ``state`` and start writing it; returns once training may continue (``metrics``: as
+        :func:`resumable.save`'s).
 
         Raises:
             SaveError: the *previous* save failed, or planning failed on some rank.
@@ -165,14 +169,19 @@ class AsyncSaver:
         Collective (on the saver's gloo group): every rank calls it together.
         """
         self.wait()
+        started = time.perf_counter()
         plan = plan_save(state, directory, iteration, prefix=prefix, save_optimizer=save_optimizer,
                          remove_redundancy=remove_redundancy, group=self._group, layout_info=layout_info)
+        plan.started = started
+        record_metrics(plan, metrics)
+        plan.seconds["plan"] = time.perf_counter() - started
         error = None
         try:
-            self._stager.stage(plan)
+            timed(plan, "stage", self._stager.stage)
         except Exception as exc:  # still enter the background collectives, so peers learn it
             error = error_text(exc)
         commit.fault_point("staged")
+        plan.seconds["blocked"] = time.perf_counter() - started  # training continues from here
         handle = AsyncSaveHandle(plan.final)
         handle._thread = threading.Thread(target=_run, args=(plan, error, on_commit, handle),
                                           name="resumable-async-save", daemon=False)
@@ -226,11 +235,11 @@ def _run(plan: SavePlan, error: str | None, on_commit: Callable[[SavePlan], None
          handle: AsyncSaveHandle) -> None:
     """Background thread body: prepare, write, agree, commit. Never raises: errors go to the handle."""
     try:
-        prepare_temp(plan)
+        timed(plan, "plan", prepare_temp)
         written = None
         if error is None:
             try:
-                written = write_files(plan)
+                written = timed(plan, "write", write_files)
             except Exception as exc:
                 error = error_text(exc)
         finish_save(plan, written, error, on_commit)

@@ -82,6 +82,9 @@ class LoadResult:
         bytes_read: tensor bytes this rank read from disk.
         tensors: number of tensors filled.
         seconds: wall time of the load on this rank.
+        phases: seconds of its phases on this rank (``plan``: metadata, checks and read
+            plan, agreed; ``read``), for :meth:`CheckpointManager.record_load`; empty for
+            :func:`load_async`.
     """
 
     path: Path
@@ -91,6 +94,7 @@ class LoadResult:
     bytes_read: int
     tensors: int
     seconds: float
+    phases: dict[str, float] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- planning
@@ -396,6 +400,7 @@ def load(state: dict[str, Any], path: str | os.PathLike[str], *, process_group: 
         except Exception as exc:  # any failure, agreed below so that no rank is left waiting
             err = exc
         prep = _agree_prepared(err, prep, process_group)
+        planned = time.perf_counter()
         targets = {name: leaf.value for name, leaf in prep.flat.tensors.items()}
         nbytes: int | None = None
         if balanced:  # collective: every rank takes part, so it stays outside the try below
@@ -405,7 +410,9 @@ def load(state: dict[str, Any], path: str | os.PathLike[str], *, process_group: 
         try:
             if nbytes is None:
                 nbytes = read_direct(prep.folder, prep.reads, targets, prep.headers, verify=_blocks(verify))
+            read = time.perf_counter() - planned
             result = _finish(prep, state, process_group, nbytes, start)
+            result.phases.update(plan=planned - start, read=read)
             err = None
         except Exception as exc:  # agreed below
             err = exc

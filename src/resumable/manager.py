@@ -21,14 +21,19 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from resumable import commit, dist
 from resumable.async_save import AsyncSaveHandle, AsyncSaver
 from resumable.errors import CheckpointError, ConfigError, NewerCheckpointsError, describe_os_error
+from resumable.events import Callback, EventLog, make_event
+from resumable.formats import v2
 from resumable.formats.schema import listed
 from resumable.lock import DirectoryLock, lock_for_job
+from resumable.retention import KeepBest, Metric, Missing, Policy
+from resumable.load import LoadResult
 from resumable.save import SavePlan, save as sync_save
 
 log = logging.getLogger(__name__)
@@ -41,8 +46,12 @@ class CheckpointManager:
         directory: the checkpoint folder (``<output_dir>/checkpoint``).
         prefix: file name prefix (``CKP``).
         save_checkpoint_steps: save every this many steps (``should_save``).
-        keep_checkpoint_max: committed checkpoints to keep (None: all). The tracker's
+        keep_checkpoint_max: the newest committed checkpoints to keep (None: all). The tracker's
             target and ``protected`` iterations are never deleted.
+        keep_every_n_steps: also keep, forever, every iteration divisible by this.
+        keep_best: also keep the best N by a metric each save records (``save(..., metrics=)``):
+            ``KeepBest(3, metric="loss", mode="min")``. An iteration is kept when any policy
+            keeps it (:mod:`resumable.retention`).
         async_save: stage and write in the background (training continues after staging).
         save_optimizer: store the optimizer state (``-opt-`` files).
         remove_redundancy: store each replicated chunk once.
@@ -51,6 +60,9 @@ class CheckpointManager:
         process_group: the ranks that save together (default: all).
         layout_info: recorded in metadata.json (see :func:`resumable.save`).
 
+        events_path: a JSON-lines file rank 0 appends one event to per save and load
+            (:mod:`resumable.events`); each is also logged as a one-line summary.
+        on_event: called on rank 0 with each event (a dict), beside ``events_path``.
         collective_timeout: bound on each collective of an async save's gloo group (a rank
             that died or hangs becomes a ``SaveError`` after it); default
             ``RESUMABLE_COLLECTIVE_TIMEOUT`` seconds, else 30 minutes (see
@@ -68,16 +80,16 @@ class CheckpointManager:
     """
 
     def __init__(self, directory: str | os.PathLike[str], *, prefix: str = "CKP", save_checkpoint_steps: int = 1,
-                 keep_checkpoint_max: int | None = 5, async_save: bool = False, save_optimizer: bool = True,
+                 keep_checkpoint_max: int | None = 5, keep_every_n_steps: int | None = None,
+                 keep_best: KeepBest | None = None, async_save: bool = False, save_optimizer: bool = True,
                  remove_redundancy: bool = False, checkpoint_format: str = "safetensors",
                  process_group: Any = None, layout_info: Any = None,
-                 collective_timeout: float | None = None) -> None:
+                 collective_timeout: float | None = None, events_path: str | os.PathLike[str] | None = None,
+                 on_event: Callback | None = None) -> None:
         dist.require_group("CheckpointManager")
         if save_checkpoint_steps < 1:
             raise ConfigError(f"save_checkpoint_steps must be at least 1, got {save_checkpoint_steps}")
-        if keep_checkpoint_max is not None and keep_checkpoint_max < 1:
-            raise ConfigError(f"keep_checkpoint_max must be at least 1 (the newest checkpoint is always kept), "
-                              f"got {keep_checkpoint_max}")
+        self.retention = Policy(keep_checkpoint_max, keep_every_n_steps, keep_best)
         if checkpoint_format not in ("safetensors", "ckpt"):
             raise ConfigError(f"checkpoint_format must be 'safetensors' or 'ckpt', got {checkpoint_format!r}")
         if checkpoint_format == "ckpt":
@@ -85,12 +97,13 @@ class CheckpointManager:
         self.directory = Path(directory)
         self.prefix = prefix
         self.save_checkpoint_steps = save_checkpoint_steps
-        self.keep_checkpoint_max = keep_checkpoint_max
+        self._metrics: dict[int, Metric] = {}  # iteration → its keep_best metric, read once per folder
         self.save_optimizer = save_optimizer
         self.remove_redundancy = remove_redundancy
         self.layout_info = layout_info
         self.protected: set[int] = set()  # iterations retention must keep (e.g. the one loaded)
         self._group = process_group
+        self._events = EventLog(events_path, on_event) if dist.rank(process_group) == 0 else None
         # Lock before cleaning: the leftovers of a live job are its saves in progress.
         self._lock: DirectoryLock | None = lock_for_job(self.directory, process_group)
         if self._lock is not None:  # rank 0
@@ -138,8 +151,12 @@ class CheckpointManager:
         """True on every ``save_checkpoint_steps``-th step and on ``last_step``. Not collective."""
         return step % self.save_checkpoint_steps == 0 or (last_step is not None and step == last_step)
 
-    def save(self, state: Mapping[str, Any], iteration: int) -> Path | AsyncSaveHandle:
-        """Save ``state`` as ``iteration``; then apply ``keep_checkpoint_max``.
+    def save(self, state: Mapping[str, Any], iteration: int, *,
+             metrics: Mapping[str, float] | None = None) -> Path | AsyncSaveHandle:
+        """Save ``state`` as ``iteration``; then apply retention.
+
+        ``metrics`` (name → number, the same on every rank) go to common.json's ``metrics``;
+        with ``keep_best`` they must include its metric.
 
         Returns:
             The committed folder (sync) or a handle (async; the previous async save has
@@ -147,13 +164,14 @@ class CheckpointManager:
 
         Raises:
             SaveError: this save failed (sync) or the previous async save failed.
+            ConfigError: ``metrics`` lacks ``keep_best``'s metric, or holds a value that is no number.
 
         Collective: every rank calls it together. Hazard (async): do not mutate the
         state's tensors from another thread before this call returns.
         """
         options = dict(prefix=self.prefix, save_optimizer=self.save_optimizer,
                        remove_redundancy=self.remove_redundancy, layout_info=self.layout_info,
-                       on_commit=self._retain)
+                       on_commit=self._committed, metrics=_check_metrics(metrics, self.retention))
         if self._async is not None:
             return self._async.save(state, self.directory, iteration, **options)
         return sync_save(state, self.directory, iteration, process_group=self._group, **options)
@@ -180,9 +198,82 @@ class CheckpointManager:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def record_load(self, result: LoadResult, blocked: float | None = None) -> None:
+        """Report a load (``resumable.load``'s result) as a ``load`` event on rank 0; not collective.
+
+        ``blocked``: the training time the load held up, when more than the load itself
+        (e.g. waiting for a ``load_async``); default ``result.seconds``.
+        """
+        if self._events is not None:
+            self._events.emit(make_event(
+                "load", result.iteration, "sync", dist.world_size(self._group), result.bytes_read, result.phases,
+                result.seconds, result.seconds if blocked is None else blocked, result.path, bytes_key="bytes_rank0"))
+
+    def _committed(self, plan: SavePlan) -> None:
+        """Rank 0, after a commit: the save's event, then retention."""
+        if self._events is not None:
+            total = time.perf_counter() - plan.started
+            mode = "async" if self._async is not None else "sync"
+            seconds = {k: v for k, v in plan.seconds.items() if k != "blocked"}
+            self._events.emit(make_event("save", plan.iteration, mode, dist.world_size(plan.group), plan.nbytes,
+                                         seconds, total, plan.seconds.get("blocked", total), plan.final))
+        self._retain(plan)
+
     def _retain(self, plan: SavePlan) -> None:
-        """Rank 0, after a commit: delete the oldest committed checkpoints beyond the limit."""
-        commit.apply_keep_max(self.directory, self.keep_checkpoint_max, {plan.iteration, *self.protected})
+        """Rank 0, after a commit: delete the committed checkpoints no policy keeps."""
+        self._metrics.pop(plan.iteration, None)  # a redone save replaced that folder
+        commit.apply_retention(self.directory, self.retention, {plan.iteration, *self.protected}, self._metric)
+
+    def _metric(self, iteration: int) -> Metric:
+        """``keep_best``'s metric of a committed iteration, read from its common.json once (seal checked)."""
+        if iteration not in self._metrics:
+            assert self.retention.best is not None
+            self._metrics[iteration] = read_metric(self.directory / commit.iteration_dirname(iteration),
+                                                   self.retention.best.metric)
+        return self._metrics[iteration]
+
+
+def _check_metrics(metrics: Mapping[str, float] | None, policy: Policy) -> dict[str, float] | None:
+    """``metrics`` as floats, refusing what is no number and, with ``keep_best``, a missing metric."""
+    if metrics is None and policy.best is None:
+        return None
+    checked: dict[str, float] = {}
+    for name, value in (metrics or {}).items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) and not _is_scalar_tensor(value):
+            raise ConfigError(f"save(..., metrics=): {name!r} is {value!r}; metrics are numbers "
+                              "(e.g. metrics={'loss': 2.31})")
+        checked[str(name)] = float(value)
+    if policy.best is not None and policy.best.metric not in checked:
+        raise ConfigError(f"keep_best ranks checkpoints by {policy.best.metric!r}, but save(..., metrics=) "
+                          f"gives {sorted(checked) or 'none'}: pass metrics={{{policy.best.metric!r}: value}}")
+    return checked
+
+
+def _is_scalar_tensor(value: Any) -> bool:
+    return hasattr(value, "numel") and hasattr(value, "item") and value.numel() == 1
+
+
+def read_metric(folder: Path, name: str) -> Metric:
+    """The number common.json's ``metrics`` records as ``name`` in an iteration folder.
+
+    ``Missing.NOT_RECORDED`` when the intact common.json has no such metric (a save without
+    ``metrics=``); ``Missing.UNREADABLE`` when common.json is missing, damaged (its seal in
+    metadata.json differs) or holds no number there: retention's ``keep_best`` then keeps
+    the iteration, never deleting it on a guess (logged).
+    """
+    try:
+        common = v2.read_common(folder)
+    except (CheckpointError, OSError) as exc:
+        log.warning("keep_best keeps %s: its %s cannot be read: %s", folder, name, exc)
+        return Missing.UNREADABLE
+    recorded = common.get("metrics")
+    value = recorded.get(name) if isinstance(recorded, dict) else None
+    if value is None:
+        return Missing.NOT_RECORDED
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        log.warning("keep_best keeps %s: its common.json records %s = %r, not a number", folder, name, value)
+        return Missing.UNREADABLE
+    return float(value)
 
 
 def _start_from(directory: Path, iteration: int, discard: bool, skipped: list[str]) -> list[int]:

@@ -34,8 +34,9 @@ import logging
 import os
 import random
 import shutil
+import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -80,6 +81,11 @@ class SavePlan:
     metadata: v2.Metadata | None                    # rank 0: complete but for file sizes/checksums
     common: dict[str, Any] | None                   # rank 0: complete but for rank_local (gathered at finish)
     rank_local: Any = None                          # this rank's per-rank value (RNG), sent at finish
+    # Seconds per phase (plan, stage, write, commit) and rank 0's bytes summed over ranks at
+    # the commit: what the manager's save event reports (resumable.events).
+    seconds: dict[str, float] = field(default_factory=dict)
+    nbytes: int = 0
+    started: float = field(default_factory=time.perf_counter)
 
     @property
     def temp(self) -> Path:
@@ -340,6 +346,12 @@ def _common(objects: dict[str, Any], iteration: int, rank_locals: list[Any]) -> 
     return common
 
 
+def record_metrics(plan: SavePlan, metrics: Mapping[str, float] | None) -> None:
+    """Rank 0: record ``metrics`` (name → number) as common.json's ``metrics``."""
+    if metrics is not None and plan.common is not None:
+        plan.common["metrics"] = {str(k): float(v) for k, v in metrics.items()}
+
+
 def prepare_temp(plan: SavePlan) -> None:
     """Step 2: rank 0 creates an empty temp folder (removing a stale one); everyone waits.
 
@@ -423,8 +435,11 @@ def finish_save(plan: SavePlan, written: dict[str, tuple[int, str]] | None, erro
                     for _, files, _ in results:
                         for fname, (size, digest) in files.items():
                             plan.metadata.files[fname].size, plan.metadata.files[fname].xxh3_64 = size, digest
+                            plan.nbytes += size
                     plan.common["rank_local"] = [rl for _, _, rl in results]
+                    began = time.perf_counter()
                     commit_plan(plan)
+                    plan.seconds["commit"] = time.perf_counter() - began
                     committed = True
                 except Exception as exc:  # told to every rank below
                     outcome = (f"committing {plan.final} failed on 1 rank(s), nothing was committed: "
@@ -483,7 +498,8 @@ def commit_plan(plan: SavePlan) -> None:
 
 def save(state: Mapping[str, Any], directory: str | os.PathLike[str], iteration: int, *, prefix: str = "CKP",
          save_optimizer: bool = True, remove_redundancy: bool = False, process_group: Any = None,
-         layout_info: Any = None, on_commit: Callable[[SavePlan], None] | None = None) -> Path:
+         layout_info: Any = None, on_commit: Callable[[SavePlan], None] | None = None,
+         metrics: Mapping[str, float] | None = None) -> Path:
     """Save ``state`` as Checkpoint 2.0 ``<directory>/iteration_XXXXXXXX`` and point the tracker at it.
 
     Args:
@@ -498,6 +514,8 @@ def save(state: Mapping[str, Any], directory: str | os.PathLike[str], iteration:
         layout_info: a ``DeviceMesh`` or ``{"mesh": {name: size}, "pipeline_stages": n}``
             recorded in metadata.json; by default the first DTensor's mesh.
         on_commit: called on rank 0 after the commit (the manager's retention).
+        metrics: numbers recorded in common.json's ``metrics`` (rank 0's), e.g. ``{"loss": 2.31}``:
+            what retention's ``keep_best`` ranks by.
 
     Returns:
         The committed folder.
@@ -514,12 +532,25 @@ def save(state: Mapping[str, Any], directory: str | os.PathLike[str], iteration:
     from another thread meanwhile.
     """
     dist.require_group("resumable.save")
+    started = time.perf_counter()
     plan = plan_save(state, directory, iteration, prefix=prefix, save_optimizer=save_optimizer,
                      remove_redundancy=remove_redundancy, group=process_group, layout_info=layout_info)
+    plan.started = started
+    record_metrics(plan, metrics)
     prepare_temp(plan)
+    plan.seconds["plan"] = time.perf_counter() - started
     written, error = None, None
     try:
-        written = write_files(plan)
+        written = timed(plan, "write", write_files)
     except Exception as exc:  # reported to every rank by finish_save
         error = error_text(exc)
     return finish_save(plan, written, error, on_commit)
+
+
+def timed(plan: SavePlan, phase: str, step: Callable[[SavePlan], Any]) -> Any:
+    """``step(plan)``, adding its seconds to ``plan.seconds[phase]`` (also when it raises)."""
+    began = time.perf_counter()
+    try:
+        return step(plan)
+    finally:
+        plan.seconds[phase] = plan.seconds.get(phase, 0.0) + time.perf_counter() - began

@@ -4,7 +4,8 @@ Both run on every rank at the same points of ``Trainer.fit`` (their calls into t
 library are collective). The YAML keys they read are those of docs/formats.md:
 
 - ``callbacks: - type: CheckpointMonitor`` (prefix, directory, save_checkpoint_steps,
-  keep_checkpoint_max, async_save, checkpoint_format, remove_redundancy, save_optimizer,
+  keep_checkpoint_max, keep_checkpoint_every_n_steps, keep_best_checkpoint_max, best_checkpoint_metric,
+  best_checkpoint_mode, async_save, checkpoint_format, remove_redundancy, save_optimizer,
   on_save_error);
 - ``load_checkpoint`` + ``resume_training``: with ``resume_training: true`` the whole
   training state is restored (weights, optimizer, step, data position, RNG); without it
@@ -18,6 +19,7 @@ library are collective). The YAML keys they read are those of docs/formats.md:
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import os
 from pathlib import Path
@@ -28,10 +30,12 @@ from torch.distributed.checkpoint.state_dict import set_model_state_dict
 from resumable import commit, dist
 from resumable.errors import CheckpointError, ConfigError, NewerCheckpointsError, NotImplementedYet
 from resumable.commit import parse_iteration
+from resumable.formats.schema import listed
 from resumable.formats.v2 import read_metadata
 from resumable.load import LoadResult, StateMismatchError, load
 from resumable.manager import CheckpointManager
 from resumable.prefetch import Prefetch
+from resumable.retention import KeepBest
 from resumable.resolve import Resolution, fall_back, resolve_checkpoint
 from resumable.train.foreign import ForeignOptions, ensure_loadable, needs_conversion_legacy
 from resumable.train.config import TrainConfig
@@ -71,9 +75,13 @@ class CheckpointMonitor(Callback):
                               "<output_dir>/checkpoint), is a file: move it away or set callbacks.0.directory")
         self.manager = CheckpointManager(
             self.cfg.checkpoint_dir, prefix=mon.prefix, save_checkpoint_steps=mon.save_checkpoint_steps,
-            keep_checkpoint_max=mon.keep_checkpoint_max, async_save=mon.async_save,
+            keep_checkpoint_max=mon.keep_checkpoint_max, keep_every_n_steps=mon.keep_checkpoint_every_n_steps,
+            keep_best=(KeepBest(mon.keep_best_checkpoint_max, mon.best_checkpoint_metric, mon.best_checkpoint_mode)
+                       if mon.keep_best_checkpoint_max is not None else None),
+            async_save=mon.async_save,
             save_optimizer=mon.save_optimizer, remove_redundancy=mon.remove_redundancy,
-            checkpoint_format=mon.checkpoint_format, layout_info=layout_info(trainer))
+            checkpoint_format=mon.checkpoint_format, layout_info=layout_info(trainer),
+            events_path=Path(self.cfg.output_dir) / "log" / "checkpoints.jsonl")
         self.manager.protected |= self.protected
 
     def on_train_begin(self, trainer: Trainer) -> None:
@@ -99,7 +107,9 @@ class CheckpointMonitor(Callback):
         assert self.manager is not None
         step = trainer.ctx.global_step
         with on_save_error(self.cfg, step):
-            self.manager.save(trainer.state_dict(), step)
+            # The step's loss (the same on every rank) is what keep_best_checkpoint_max ranks by.
+            loss = trainer.last_loss
+            self.manager.save(trainer.state_dict(), step, metrics={"loss": loss} if loss is not None else None)
         self.last_saved = step
 
     def on_step_end(self, trainer: Trainer) -> None:
@@ -113,6 +123,34 @@ class CheckpointMonitor(Callback):
             self._save(trainer)  # training always ends on a checkpoint
         with on_save_error(self.cfg, trainer.ctx.global_step):
             self.manager.close()  # the job does not exit before the last save is committed
+        if self.cfg.checkpoint is not None and self.cfg.checkpoint.last_save_model_only:
+            self._export(trainer.ctx.global_step)
+
+    def _export(self, step: int) -> None:
+        """Rank 0 writes iteration ``step`` as a HuggingFace folder in ``export_dtype`` through the library side
+        of ``resumable convert --to hf`` (one tensor in memory at a time); collective: its error is every rank's."""
+        import torch
+
+        from resumable.sources import open_source
+        from resumable.tools.merge import DTYPE_ALIASES, export_hf
+
+        assert self.cfg.checkpoint is not None
+        out = Path(self.cfg.output_dir) / "export" / f"step_{step:08d}"
+        failure: BaseException | None = None
+        if dist.rank() == 0:
+            try:
+                if out.exists():  # a rerun that trained nothing: the export of this step is already there
+                    logger.info("last_save_model_only: %s exists, not written again", out)
+                else:
+                    dtype = getattr(torch, DTYPE_ALIASES[self.cfg.checkpoint.export_dtype])
+                    export_hf(open_source(self.cfg.checkpoint_dir / commit.iteration_dirname(step)), out, dtype=dtype)
+                    logger.info("last_save_model_only: wrote the model of step %d as a HuggingFace folder %s (%s)",
+                                step, out, self.cfg.checkpoint.export_dtype)
+            except Exception as exc:  # every rank must raise it, not just rank 0
+                failure = exc
+        failure = dist.broadcast_object(failure)
+        if failure is not None:
+            raise failure
 
     def protect(self, iteration: int) -> None:
         """Keep ``iteration`` (the one resumed from) out of retention while this job runs."""
@@ -154,7 +192,7 @@ class Resume(Callback):
             raise found
         return found
 
-    def _load(self, state: dict[str, Any], res: Resolution) -> LoadResult:
+    def _load(self, state: dict[str, Any], res: Resolution, exclude: list[str]) -> LoadResult:
         """Load ``res``, checksums included; with ``resume_training: true`` fall back past damaged iterations.
 
         Policy: every file's xxh3-64 is verified before any tensor is touched (the files
@@ -172,7 +210,8 @@ class Resume(Callback):
         while True:
             assert res.path is not None and res.iteration is not None
             try:
-                return load(state, res.path, balanced=self.cfg.balanced_load, verify="checksum")
+                return load(state, res.path, balanced=self.cfg.balanced_load, verify="checksum",
+                            exclude_from_loading=exclude)
             except Exception as exc:  # load() agrees on failures: every rank is here together
                 if not auto:
                     raise
@@ -216,11 +255,18 @@ class Resume(Callback):
             return
         full = self.cfg.resume_training is True
         state = trainer.state_dict()
+        fresh_data = state["data"]
         if not full:  # weights only: the optimizer and the context start anew
             state = {"model": state["model"]}
         else:
             unset_position(state)  # a converted MindFormers checkpoint records counters only
-        result = self._load(state, res)
+        kept, skipped = _without_exclusions(state, self.cfg.exclude_from_loading)
+        result = self._load(kept, res, skipped)
+        _merge_back(state, kept)
+        if "data" in self.cfg.exclude_from_loading and full:
+            state["data"] = fresh_data
+        if self.monitor is not None and self.monitor.manager is not None:
+            self.monitor.manager.record_load(result)  # its event beside the saves'
         if self.monitor is not None and self.resolution is not None:
             self.monitor.skipped = self.resolution.skipped
         if full:
@@ -239,6 +285,57 @@ class Resume(Callback):
         else:
             set_model_state_dict(trainer.model, state["model"])
             logger.info("loaded weights from %s; training starts at step 0 (resume_training is false)", result.path)
+
+
+#: exclude_from_loading's words for parts of the state, and the top-level keys they leave out.
+EXCLUDABLE = {"optimizer": ("optimizer", "the optimizer state"), "rng": ("rank_local", "the RNG states"),
+              "data": ("data", "the data position")}
+
+
+def _without_exclusions(state: dict[str, Any], exclude: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """The part of ``state`` to load (sharing its tensors, so they fill in place) and the saved names the
+    load leaves out on purpose, for ``exclude_from_loading`` (logged in one line).
+
+    Raises:
+        ConfigError: a pattern matches no tensor of the model (a typo would otherwise load everything).
+    """
+    if not exclude:
+        return state, []
+    kept = dict(state)
+    words = [EXCLUDABLE[e][1] for e in EXCLUDABLE if e in exclude and EXCLUDABLE[e][0] in state]
+    for entry in exclude:
+        if entry in EXCLUDABLE:
+            kept.pop(EXCLUDABLE[entry][0], None)
+    names = sorted(state["model"])
+    patterns = [e for e in exclude if e not in EXCLUDABLE]
+    matched = sorted({n for n in names for p in patterns if fnmatch.fnmatchcase(n, p)})
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            raise ConfigError(f"exclude_from_loading: {pattern!r} matches no tensor of the model (expected "
+                              f"optimizer, rng, data or a pattern over its tensors: "
+                              f"{listed(names, 'resumable inspect the checkpoint')})")
+    skipped = ["optimizer"] if "optimizer" in exclude else []
+    if matched:
+        kept["model"] = {n: t for n, t in state["model"].items() if n not in matched}
+        skipped += matched + [f"optimizer.state.{n}" for n in matched]
+        if "optimizer" in kept:
+            opt = kept["optimizer"]
+            kept["optimizer"] = {**opt, "state": {n: v for n, v in opt.get("state", {}).items() if n not in matched}}
+        words.append(f"{len(matched)} tensor(s) and their optimizer state: "
+                     f"{listed(matched, 'the model: resumable inspect the checkpoint')}")
+    logger.info("exclude_from_loading: left out %s", "; ".join(words) or "nothing")
+    return kept, skipped
+
+
+def _merge_back(state: dict[str, Any], loaded: dict[str, Any]) -> None:
+    """Put the loaded values of ``loaded`` (a part of ``state``) into ``state`` (tensors were filled in place)."""
+    if loaded is state:
+        return
+    for key, value in loaded.items():
+        if isinstance(value, dict) and isinstance(state.get(key), dict) and value is not state[key]:
+            _merge_back(state[key], value)
+        else:
+            state[key] = value
 
 
 def _prefetch_paths(cfg: TrainConfig) -> list[Path]:
@@ -309,6 +406,10 @@ def checkpoint_callbacks(cfg: TrainConfig, command: TrainCommand | None = None) 
                     f"{cfg.load_checkpoint} is not a resumable legacy checkpoint: it is converted from its newest "
                     "complete step; set resume_training: true (or convert the step you want with resumable convert)")
             return callbacks + [Resume(cfg)] + legacy_callbacks(cfg, resume=False, command=command)
+        if cfg.exclude_from_loading:
+            raise NotImplementedYet(f"exclude_from_loading {cfg.exclude_from_loading} with use_legacy_format: true "
+                                    "and a Checkpoint 1.0 load_checkpoint: the legacy loader restores everything; "
+                                    "convert it with resumable convert --to v2 and load that")
         return callbacks + legacy_callbacks(cfg, command=command)
     monitor = CheckpointMonitor(cfg, command) if cfg.checkpoint is not None else None
     if cfg.load_checkpoint:
