@@ -340,6 +340,34 @@ _PATHS = ("a checkpoint folder (follows latest_checkpointed_iteration.txt), an i
           ".ckpt or .safetensors, a legacy rank file, a PyTorch .ckpt/.pt/.pth/.bin; or a folder holding only it)")
 
 
+def _list(args: argparse.Namespace) -> int:
+    from resumable.tools.list import as_json, list_iterations, render
+
+    rows, tracker_problem = list_iterations(args.path, verify=args.verify)
+    if args.json:
+        print(json.dumps(as_json(args.path, rows, tracker_problem, args.verify), indent=1))
+    else:
+        print(render(args.path, rows, tracker_problem, args.verify))
+    return 1 if tracker_problem or any(r.valid is False for r in rows) else 0
+
+
+def _add_list(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("list", help="one row per iteration: committed, valid, size, age, the tracker's mark",
+                       description="List the iterations of a Checkpoint 2.0 checkpoint folder, oldest first: step, "
+                       "committed or not (a save that never finished), valid (every file present with its recorded "
+                       "size, metadata.json and common.json sealed; checksums too with --verify), size on disk, "
+                       "age, and which one the tracker (latest_checkpointed_iteration.txt) names.",
+                       epilog=exit_status("a committed iteration is invalid or the tracker is damaged: one PROBLEM "
+                                          "line each"))
+    p.add_argument("path", help="a checkpoint folder (<output_dir>/checkpoint)")
+    p.add_argument("--verify", action="store_true",
+                   help="also check every file's xxh3-64 and block checksums (reads every byte)")
+    p.add_argument("--json", action="store_true",
+                   help='print one JSON object (for scripts): {"path", "checked", "tracker_problem", "iterations": '
+                        '[{"iteration", "folder", "committed", "valid", "problem", "bytes", "age_s", "tracked"}]}')
+    p.set_defaults(func=_list)
+
+
 def _add_inspect(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("inspect", help="show a checkpoint's iterations, layout, context and tensors",
                        description="Show which iterations a checkpoint folder holds, which is the latest and "
@@ -458,5 +486,5 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
 
 
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_inspect, _add_verify, _add_diff, _add_merge, _add_split, _add_convert]
+    _add_inspect, _add_verify, _add_diff, _add_merge, _add_split, _add_convert, _add_list]
 """Subcommand registrars, in ``--help`` order."""
