@@ -126,3 +126,47 @@ def test_a_trainer_checkpoint_records_its_architecture_and_exports_without_a_con
     tokens = torch.randint(0, cfg.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(exported(tokens).logits, ours(tokens), atol=1e-5, rtol=0)
+
+
+    # Fine-tuning from it: optimizer, RNG, data position and lm_head left out; a bf16 HF export at the end.
+    done = run_job(train_cmd(tmp_path / "tune", "runner_config.stop_step=3", f"load_checkpoint={ckpt}",
+                             "resume_training=true", "exclude_from_loading=[optimizer, rng, data, 'lm_head.*']",
+                             "callbacks.0.last_save_model_only=true", "callbacks.0.export_dtype=bf16"))
+    assert ("resumable.train.checkpointing: exclude_from_loading: left out the optimizer state; the RNG states; "
+            "the data position; 1 tensor(s) and their optimizer state: lm_head.weight\n") in done.stderr
+    assert (f"resumed from {ckpt / 'iteration_00000002'} at global step 2 (epoch 0, step 0 in epoch)\n"
+            in done.stderr)
+    export = tmp_path / "tune" / "export" / "step_00000003"
+    assert json.loads((export / "config.json").read_text()) == {**hf_config(cfg), "dtype": "bfloat16"}
+    tuned = transformers.AutoModelForCausalLM.from_pretrained(export, dtype="auto")
+    final = tmp_path / "tune" / "checkpoint" / "iteration_00000003"
+    from safetensors.torch import load_file
+    saved = {k: v for f in final.glob("*-model-*.safetensors") for k, v in load_file(f).items()}
+    assert {n: t.dtype for n, t in tuned.state_dict().items()} == {n: torch.bfloat16 for n in saved}
+    for name, value in saved.items():
+        torch.testing.assert_close(tuned.state_dict()[name], value.to(torch.bfloat16), atol=0, rtol=0)
+
+
+def test_dtype_bf16_casts_floats_while_streaming_records_it_and_transformers_loads_it(tmp_path, capsys):
+    ours = build_model(ModelConfig(**SIZES), seed=0)
+    steps = torch.arange(6, dtype=torch.int64)  # not floating: never cast
+    save({"model": ours.state_dict(), "optimizer": {"steps": steps}}, tmp_path / "ckpt", 3)
+    assert main(["convert", str(tmp_path / "ckpt"), str(tmp_path / "hf"), "--to", "hf", "--dtype", "bf16",
+                 "--quiet"]) == 0
+    assert main(["merge", str(tmp_path / "ckpt"), str(tmp_path / "unified"), "--dtype", "bf16", "--quiet"]) == 0
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert json.loads((tmp_path / "unified" / "config.json").read_text())["dtype"] == "bfloat16"
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype="auto")
+    assert exported.dtype == torch.bfloat16
+    for name, value in ours.state_dict().items():
+        torch.testing.assert_close(exported.state_dict()[name], value.to(torch.bfloat16), atol=0, rtol=0)
+    from safetensors.torch import load_file
+    unified = load_file(tmp_path / "unified" / "model.safetensors")
+    assert unified["optimizer.steps"].dtype == torch.int64 and torch.equal(unified["optimizer.steps"], steps)
+    assert torch.equal(unified["model.norm.weight"], ours.state_dict()["model.norm.weight"].to(torch.bfloat16))
+    with pytest.raises(SystemExit) as exc:
+        main(["merge", str(tmp_path / "ckpt"), str(tmp_path / "u2"), "--dtype", "int8"])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.endswith(
+        "error: argument --dtype: --dtype 'int8': expected a floating dtype: bf16, fp16, fp32 (or bfloat16, float16, "
+        "float32)\n")

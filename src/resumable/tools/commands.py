@@ -46,9 +46,12 @@ def _heads(text: str) -> AttentionShape:
 def _dtype(text: str) -> torch.dtype:
     import torch
 
-    dtype = getattr(torch, text, None)
+    from resumable.tools.merge import DTYPE_ALIASES
+
+    dtype = getattr(torch, DTYPE_ALIASES.get(text, text), None)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise argparse.ArgumentTypeError(f"--dtype {text!r}: expected a floating dtype: float32, bfloat16, float16")
+        raise argparse.ArgumentTypeError(f"--dtype {text!r}: expected a floating dtype: bf16, fp16, fp32 (or "
+                                         "bfloat16, float16, float32)")
     return dtype
 
 
@@ -125,7 +128,8 @@ def _source_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def _common_write_args(p: argparse.ArgumentParser, *, shards: bool) -> None:
     p.add_argument("--dtype", type=_dtype, default=None,
-                   help="cast floating-point tensors to this dtype (e.g. float32 for the reference trainer)")
+                   help="cast floating-point tensors to bf16, fp16 or fp32 while writing (integer tensors are never cast; "
+                        "an exported config.json records it), e.g. fp32 for the reference trainer")
     _source_args(p)
     if shards:
         p.add_argument("--max-shard-size", type=_size, default="5GB",

@@ -44,9 +44,12 @@ from resumable.tools import progress_bar
 
 log = logging.getLogger(__name__)
 
-__all__ = ["export_hf", "known_config", "merge"]
+__all__ = ["export_hf", "known_config", "merge", "with_dtype", "DTYPE_ALIASES"]
 
 DEFAULT_SHARD = 5 << 30
+
+DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+"""``--dtype``'s short names → torch's."""
 
 
 def _write(out: Path, config: dict[str, Any] | None, tensors: list[SourceTensor], common: dict[str, Any] | None,
@@ -57,6 +60,7 @@ def _write(out: Path, config: dict[str, Any] | None, tensors: list[SourceTensor]
     def cast(t: SourceTensor) -> torch.dtype:
         return dtype if dtype is not None and t.dtype.is_floating_point else t.dtype
 
+    config = with_dtype(config, {cast(t) for t in tensors if t.dtype.is_floating_point})
     by_name = {t.name: t for t in tensors}
     with progress_bar(sum(t.nbytes for t in tensors), f"writing {out.name}", progress) as bar:
         def get(name: str) -> torch.Tensor:
@@ -78,6 +82,16 @@ def _write(out: Path, config: dict[str, Any] | None, tensors: list[SourceTensor]
     return out
 
 
+def with_dtype(config: dict[str, Any] | None, written: set[torch.dtype]) -> dict[str, Any] | None:
+    """``config`` recording the floating dtype the weights are written in (``dtype``, and ``torch_dtype`` when
+    the config has that older key), so ``from_pretrained(dtype="auto")`` gets what is on disk; unchanged
+    when no config, or when the floating tensors are of several dtypes (nothing single to record)."""
+    if config is None or len(written) != 1:
+        return config
+    name = str(next(iter(written))).removeprefix("torch.")
+    return {**config, "dtype": name, **({"torch_dtype": name} if "torch_dtype" in config else {})}
+
+
 def merge(source: Source, out: str | os.PathLike[str], *, max_shard_size: int = DEFAULT_SHARD,
           dtype: torch.dtype | None = None, progress: bool = False) -> Path:
     """Write every tensor of ``source`` in full, plus its ``common.json`` (a *unified* checkpoint).
@@ -86,7 +100,8 @@ def merge(source: Source, out: str | os.PathLike[str], *, max_shard_size: int = 
         source: any checkpoint (:func:`resumable.sources.open_source`).
         out: a new (or empty) folder.
         max_shard_size: bytes per safetensors shard (a larger tensor gets a shard alone).
-        dtype: cast floating-point tensors to this dtype.
+        dtype: cast floating-point tensors to this dtype while streaming (one tensor at a time); integer
+            and boolean tensors are never cast. ``config.json`` records the dtype written (:func:`with_dtype`).
         progress: show a progress bar (bytes written).
 
     Returns:

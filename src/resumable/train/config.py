@@ -91,6 +91,13 @@ class CheckpointMonitorConfig(_Section):
         False, description="a job starting from step k (a resume, a fallback past damage, a fresh start) refuses "
                            "to start while <directory> holds iterations above k, naming them; true deletes them "
                            "first (the tracker is moved back to k)")
+    last_save_model_only: bool = Field(
+        False, description="true: when training ends, after its last checkpoint is committed, also write the model "
+                           "alone as a HuggingFace folder <output_dir>/export/step_<global step, 8 digits> in "
+                           "export_dtype (config.json and tokenizer files as resumable convert --to hf writes them); "
+                           "unlike torchtitan's key, the last checkpoint itself stays whole, so the run can resume")
+    export_dtype: Literal["bf16", "fp16", "fp32"] = Field(
+        "fp32", description="the dtype of last_save_model_only's floating-point tensors (others are never cast)")
 
     @field_validator("prefix")
     @classmethod
@@ -112,6 +119,13 @@ class TrainConfig(_Section):
     remove_redundancy: bool = False
     load_ckpt_async: bool = False
     balanced_load: bool = False
+    exclude_from_loading: list[str] = Field(
+        [], description="parts of load_checkpoint left out (fine-tuning from a pre-training checkpoint, as "
+                        "torchtitan): 'optimizer' (fresh optimizer state), 'rng' (this run's seeds), 'data' (the data "
+                        "starts at its beginning; the global step and learning-rate schedule still continue from the "
+                        "checkpoint's: resume_training: false starts at step 0), and model tensor names or fnmatch "
+                        "globs such as 'lm_head.*' (their weights and optimizer state keep this run's "
+                        "initialisation); what is left out is logged in one line")
     pretrained_model_dir: str = ""
     seed: int = 0
     model: ModelConfig = ModelConfig()
@@ -134,6 +148,15 @@ class TrainConfig(_Section):
         if ckpt is not None and ckpt.directory:
             return Path(ckpt.directory)
         return Path(self.output_dir) / "checkpoint"
+
+    @field_validator("exclude_from_loading")
+    @classmethod
+    def _exclusions_are_names(cls, v: list[str]) -> list[str]:
+        bad = [e for e in v if not e.strip()]
+        if bad:
+            raise ValueError("an entry is empty: expected optimizer, rng, data or a tensor name pattern such as "
+                             "'lm_head.*'")
+        return v
 
     @field_validator("callbacks")
     @classmethod
