@@ -52,6 +52,12 @@ def test_the_same_command_twice_resumes_a_fresh_start_over_it_is_refused_and_log
     boundary, step = (json.loads(line) for line in text[len(first_log):].splitlines())
     assert sorted(boundary) == ["event", "start_step", "time"]
     assert (boundary["event"], boundary["start_step"], step["global_step"]) == ("run_start", 2, 3)
+    # Each save and load: one event in log/checkpoints.jsonl (its fields: test_checkpoint_events) and a console line.
+    events = [json.loads(line) for line in (out / "log" / "checkpoints.jsonl").read_text().splitlines()]
+    assert [(e["kind"], e["iteration"], e["mode"]) for e in events] == [
+        ("save", 2, "sync"), ("load", 2, "sync"), ("save", 3, "sync")]
+    assert all(f"INFO resumable.events: {what} iteration {n}: " in done.stderr
+               for what, n in (("loaded", 2), ("saved", 3)))
 
     # Iteration 3 holds weights only: resuming from it says what to set, not which optimizer tensors it lacks.
     weights = run_job(train_cmd(out, *RESUME, "runner_config.stop_step=4"), expect_ok=False)
