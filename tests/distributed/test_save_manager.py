@@ -39,7 +39,8 @@ def _retention_and_async(rank: int, world: int, root: str) -> dict:
 
     # Async: mutating the state right after save() returns does not change the saved bytes.
     directory = Path(root) / "mutate"
-    mgr = CheckpointManager(directory, keep_checkpoint_max=None, async_save=True)
+    mgr = CheckpointManager(directory, keep_checkpoint_max=None, async_save=True,
+                            events_path=Path(root) / "events.jsonl")  # every rank passes it, rank 0 writes
     w = torch.arange(6.0)
     mgr.save({"model": {"w": w}}, 1)
     w.add_(100.0)
@@ -83,6 +84,11 @@ def test_retention_async_staging_and_background_errors_on_two_processes(tmp_path
     assert out[1]["error"] == res["error"]
     assert res["after_error"] is None
     assert commit.committed_iterations(mutate) == [1, 2] and commit.read_tracker(mutate) == 2
+    # One event per committed save (the failed one has none), its bytes every rank's files.
+    events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    assert [(e["kind"], e["iteration"], e["mode"], e["ranks"]) for e in events] == [
+        ("save", 1, "async", 2), ("save", 2, "async", 2)]
+    assert events[0]["bytes"] == sum(f.stat().st_size for f in (mutate / "iteration_00000001").glob("*.safetensors"))
 
 
 def test_save_optimizer_false_prefix_and_checkpoint_format_ckpt(tmp_path: Path, caplog):
