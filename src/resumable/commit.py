@@ -39,10 +39,11 @@ import signal
 import threading
 import uuid
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
-from resumable.errors import CheckpointError, CheckpointNotFoundError, ConfigError, CorruptCheckpointError
+from resumable.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 from resumable.formats.jsonfile import load_json_object, read_tracker_file
+from resumable.retention import Metric, Missing, Policy, decide
 
 log = logging.getLogger(__name__)
 
@@ -554,53 +555,61 @@ def discard_after(directory: str | os.PathLike[str], start: int) -> list[int]:
     return doomed
 
 
-def apply_keep_max(directory: str | os.PathLike[str], keep: int | None,
-                   protect: Iterable[int] = ()) -> list[int]:
-    """Delete the oldest committed checkpoints so that ``keep`` newest remain.
+def apply_retention(directory: str | os.PathLike[str], policy: Policy, protect: Iterable[int] = (),
+                    read_metric: Callable[[int], Metric] | None = None) -> list[int]:
+    """Delete the committed checkpoints no policy keeps (:func:`resumable.retention.decide`).
 
     Never deletes the tracker's target, an iteration newer than it (a job that resumed
-    from an older one must not delete what came after), nor an iteration in ``protect``
-    (the one being loaded or written); those may make more than ``keep`` folders remain.
-    Symlinks are never committed, so never counted nor deleted through. A folder is
-    first renamed to ``.del-…`` (atomic: it stops being committed at once), then deleted.
+    from an older one must not delete what came after), an iteration in ``protect`` (the
+    one being loaded or written), nor, with ``policy.best``, one whose metric is unreadable.
+    Symlinks are never committed, so never counted nor deleted through. Oldest first, each
+    folder first renamed to ``.del-…`` (atomic: it stops being committed at once), then
+    deleted: a crash part way leaves only committed folders and ``.del-`` leftovers, which
+    the next start removes; the tracker is never touched.
 
     Args:
         directory: the checkpoint folder.
-        keep: how many of the newest committed checkpoints to keep; None keeps all.
+        policy: the configured policies.
         protect: iterations that must not be deleted.
+        read_metric: iteration → its ``policy.best.metric`` (``Missing`` when absent or
+            unreadable); called only with ``policy.best``, for the committed iterations.
 
     Returns:
         The deleted iterations, oldest first.
 
-    Raises:
-        ConfigError: ``keep`` below 1.
-
     Who calls it: rank 0, after the tracker names the newest commit.
     """
-    if keep is None:
+    if not policy.deletes:
         return []
-    if keep < 1:
-        raise ConfigError(f"keep_checkpoint_max must be at least 1, got {keep}: "
-                          "the newest checkpoint is always kept")
     directory = Path(directory)
-    committed = committed_iterations(directory)
-    keep_set = set(committed[-keep:]) | set(protect)
     try:
         target = read_tracker(directory)
     except CorruptCheckpointError:
         log.warning("tracker in %s is unreadable; retention skipped", directory)
         return []
-    if target is not None:
-        keep_set.update(n for n in committed if n >= target)
+    committed = committed_iterations(directory)
+    ranked = policy.best is not None and read_metric is not None
+    metrics = {n: read_metric(n) if ranked else Missing.NOT_RECORDED for n in committed}
+    kept = decide(metrics, policy, tracker=target, protected=protect)
     deleted = []
     for n in committed:
-        if n in keep_set:
+        if n in kept:
             continue
         folder = directory / iteration_dirname(n)
         _delete(folder)
         deleted.append(n)
-        log.info("keep_checkpoint_max=%d: deleted %s", keep, folder)
+        log.info("retention (%s): deleted %s", _describe(policy), folder)
     return deleted
+
+
+def _describe(policy: Policy) -> str:
+    """The configured policies as their keys, for the log."""
+    parts = [f"keep_checkpoint_max={policy.keep_max}"]
+    if policy.every_n_steps is not None:
+        parts.append(f"keep_every_n_steps={policy.every_n_steps}")
+    if policy.best is not None:
+        parts.append(f"keep_best={policy.best.count} by {policy.best.mode} {policy.best.metric}")
+    return ", ".join(parts)
 
 
 def latest_committed(directory: str | os.PathLike[str]) -> Path | None:

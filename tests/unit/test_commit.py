@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from resumable import commit, latest
-from resumable.errors import CheckpointError, ConfigError, CorruptCheckpointError
+from resumable.errors import CheckpointError, CorruptCheckpointError
+from resumable.retention import Policy
 from resumable.save import save
 
 
@@ -78,18 +79,12 @@ def test_retention_keeps_the_newest_and_never_the_tracker_target_nor_what_is_new
         _fake_committed(tmp_path, n * 10)
     (tmp_path / commit.temp_dirname(70)).mkdir()  # a save in progress is not counted or touched
     commit.write_tracker(tmp_path, 30)             # a user chose an older iteration: 40-60 stay too
-    deleted = commit.apply_keep_max(tmp_path, keep, protect={20})
+    deleted = commit.apply_retention(tmp_path, Policy(keep), protect={20})
     expected_kept = sorted({20, 30, 40, 50, 60} | set([10, 20, 30, 40, 50, 60][-keep:]))
     assert commit.committed_iterations(tmp_path) == expected_kept
     assert deleted == [n for n in [10, 20, 30, 40, 50, 60] if n not in expected_kept]
     assert (tmp_path / commit.temp_dirname(70)).is_dir()
     assert not any(p.name.startswith(".del-") for p in tmp_path.iterdir())
-
-
-def test_retention_refuses_keep_below_one(tmp_path: Path):
-    with pytest.raises(ConfigError) as e:
-        commit.apply_keep_max(tmp_path, 0)
-    assert str(e.value) == "keep_checkpoint_max must be at least 1, got 0: the newest checkpoint is always kept"
 
 
 def test_publishing_over_an_existing_iteration_swaps_it_in_one_step(tmp_path: Path):
@@ -179,7 +174,7 @@ def test_a_symlinked_iteration_folder_is_never_committed_counted_or_deleted_thro
     assert not commit.is_committed(directory / commit.iteration_dirname(7))
     assert commit.committed_iterations(directory) == [1, 2]
     commit.write_tracker(directory, 2)
-    assert commit.apply_keep_max(directory, 1) == [1]
+    assert commit.apply_retention(directory, Policy(1)) == [1]
     assert (outside / "metadata.json").is_file() and (directory / commit.iteration_dirname(7)).is_symlink()
 
 

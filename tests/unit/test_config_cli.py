@@ -20,8 +20,8 @@ from resumable.train.__main__ import main as train_main
 from resumable.train.config import load_config, record_config
 
 ONE_PROCESS = ["parallel_config.data_parallel=1", "parallel_config.model_parallel=1"]
-CALLBACK_KEYS = ("type (required), prefix, directory, save_checkpoint_steps, keep_checkpoint_max, async_save "
-                 "and 5 more")
+CALLBACK_KEYS = ("type (required), prefix, directory, save_checkpoint_steps, keep_checkpoint_max, "
+                 "keep_checkpoint_every_n_steps and 11 more")
 
 
 def _train(capsys, *args: str) -> tuple[int, str, str]:

@@ -79,7 +79,15 @@ class CheckpointMonitorConfig(_Section):
     prefix: str = "CKP"
     directory: str = Field("", description="default <output_dir>/checkpoint")
     save_checkpoint_steps: int = Field(1, gt=0)
-    keep_checkpoint_max: int = Field(5, gt=0)
+    keep_checkpoint_max: int = Field(5, gt=0, description="the newest N checkpoints are kept")
+    keep_checkpoint_every_n_steps: int | None = Field(
+        None, gt=0, description="also keep, forever, every checkpoint whose step is a multiple of this")
+    keep_best_checkpoint_max: int | None = Field(
+        None, gt=0, description="also keep the N best checkpoints by best_checkpoint_metric (recorded in each "
+                                "checkpoint's common.json)")
+    best_checkpoint_metric: Literal["loss"] = Field("loss", description="the metric keep_best_checkpoint_max "
+                                                                        "ranks by: the step's loss")
+    best_checkpoint_mode: Literal["min", "max"] = Field("min", description="min: lower is better; max: higher")
     async_save: bool = False
     checkpoint_format: Literal["safetensors", "ckpt"] = "safetensors"
     remove_redundancy: bool = False

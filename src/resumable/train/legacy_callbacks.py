@@ -31,7 +31,7 @@ from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
 from resumable import dist
 from resumable.async_save import collective_timeout
-from resumable.errors import CheckpointNotFoundError, NewerCheckpointsError
+from resumable.errors import CheckpointNotFoundError, NewerCheckpointsError, NotImplementedYet
 from resumable.formats import v1
 from resumable.legacy import (
     BackgroundLegacySaves,
@@ -91,6 +91,11 @@ class LegacyCheckpointMonitor(Callback):
     def on_train_begin(self, trainer: Trainer) -> None:
         mon = self.cfg.checkpoint
         assert mon is not None  # only built when the config has a CheckpointMonitor
+        if mon.keep_checkpoint_every_n_steps is not None or mon.keep_best_checkpoint_max is not None:
+            raise NotImplementedYet(
+                "keep_checkpoint_every_n_steps and keep_best_checkpoint_max with use_legacy_format: true (the legacy "
+                "layout keeps the newest keep_checkpoint_max files per rank folder): remove them, or save "
+                "Checkpoint 2.0 (use_legacy_format: false)")
         self.open(trainer)
         if trainer.ctx.global_step == 0:
             self._earlier_run(mon.checkpoint_format, mon.discard_newer_checkpoints)
