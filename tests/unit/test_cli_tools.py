@@ -11,7 +11,7 @@ import torch
 from resumable.cli import build_parser, main
 from resumable.save import save
 
-COMMANDS = ["train", "inspect", "verify", "diff", "merge", "split", "convert"]
+COMMANDS = ["train", "inspect", "verify", "diff", "merge", "split", "convert", "list"]
 
 
 def _state(seed: int = 0, shape: tuple[int, int] = (4, 6)) -> dict:
