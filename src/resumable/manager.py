@@ -210,14 +210,16 @@ class CheckpointManager:
                 result.seconds, result.seconds if blocked is None else blocked, result.path, bytes_key="bytes_rank0"))
 
     def _committed(self, plan: SavePlan) -> None:
-        """Rank 0, after a commit: the save's event, then retention."""
-        if self._events is not None:
-            total = time.perf_counter() - plan.started
-            mode = "async" if self._async is not None else "sync"
-            seconds = {k: v for k, v in plan.seconds.items() if k != "blocked"}
-            self._events.emit(make_event("save", plan.iteration, mode, dist.world_size(plan.group), plan.nbytes,
-                                         seconds, total, plan.seconds.get("blocked", total), plan.final))
-        self._retain(plan)
+        """Rank 0, after a commit: the save's event, then retention (also when a callback raised: logged)."""
+        try:
+            if self._events is not None:
+                total = time.perf_counter() - plan.started
+                mode = "async" if self._async is not None else "sync"
+                seconds = {k: v for k, v in plan.seconds.items() if k != "blocked"}
+                self._events.emit(make_event("save", plan.iteration, mode, dist.world_size(plan.group), plan.nbytes,
+                                             seconds, total, plan.seconds.get("blocked", total), plan.final))
+        finally:
+            self._retain(plan)
 
     def _retain(self, plan: SavePlan) -> None:
         """Rank 0, after a commit: delete the committed checkpoints no policy keeps."""
