@@ -128,8 +128,8 @@ def _source_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def _common_write_args(p: argparse.ArgumentParser, *, shards: bool) -> None:
     p.add_argument("--dtype", type=_dtype, default=None,
-                   help="cast floating-point tensors to bf16, fp16 or fp32 while writing (integer tensors are never cast; "
-                        "an exported config.json records it), e.g. fp32 for the reference trainer")
+                   help="cast floating-point tensors to bf16, fp16 or fp32 while writing (integer tensors are never "
+                        "cast; an exported config.json records it), e.g. fp32 for the reference trainer")
     _source_args(p)
     if shards:
         p.add_argument("--max-shard-size", type=_size, default="5GB",

@@ -260,9 +260,9 @@ class Resume(Callback):
             state = {"model": state["model"]}
         else:
             unset_position(state)  # a converted MindFormers checkpoint records counters only
-        kept, skipped = _without_exclusions(state, self.cfg.exclude_from_loading)
+        kept, skipped = without_exclusions(state, self.cfg.exclude_from_loading)
         result = self._load(kept, res, skipped)
-        _merge_back(state, kept)
+        merge_back(state, kept, left_out(self.cfg.exclude_from_loading, skipped))
         if "data" in self.cfg.exclude_from_loading and full:
             state["data"] = fresh_data
         if self.monitor is not None and self.monitor.manager is not None:
@@ -292,7 +292,7 @@ EXCLUDABLE = {"optimizer": ("optimizer", "the optimizer state"), "rng": ("rank_l
               "data": ("data", "the data position")}
 
 
-def _without_exclusions(state: dict[str, Any], exclude: list[str]) -> tuple[dict[str, Any], list[str]]:
+def without_exclusions(state: dict[str, Any], exclude: list[str]) -> tuple[dict[str, Any], list[str]]:
     """The part of ``state`` to load (sharing its tensors, so they fill in place) and the saved names the
     load leaves out on purpose, for ``exclude_from_loading`` (logged in one line).
 
@@ -327,13 +327,23 @@ def _without_exclusions(state: dict[str, Any], exclude: list[str]) -> tuple[dict
     return kept, skipped
 
 
-def _merge_back(state: dict[str, Any], loaded: dict[str, Any]) -> None:
-    """Put the loaded values of ``loaded`` (a part of ``state``) into ``state`` (tensors were filled in place)."""
+def left_out(exclude: list[str], skipped: list[str]) -> set[str]:
+    """The dotted state paths :func:`merge_back` keeps as they are: the loader puts every saved plain value
+    back (an optimizer's ``param_groups`` too), wanted or not."""
+    return {EXCLUDABLE[e][0] for e in exclude if e in EXCLUDABLE} | set(skipped)
+
+
+def merge_back(state: dict[str, Any], loaded: dict[str, Any], keep: set[str], prefix: str = "") -> None:
+    """Put the loaded values of ``loaded`` (a part of ``state``) into ``state``, except the paths in ``keep``
+    (tensors were filled in place)."""
     if loaded is state:
         return
     for key, value in loaded.items():
+        path = f"{prefix}{key}"
+        if path in keep:
+            continue
         if isinstance(value, dict) and isinstance(state.get(key), dict) and value is not state[key]:
-            _merge_back(state[key], value)
+            merge_back(state[key], value, keep, f"{path}.")
         else:
             state[key] = value
 
