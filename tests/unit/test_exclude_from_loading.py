@@ -59,3 +59,17 @@ def test_a_pattern_matching_no_tensor_is_refused():
         without_exclusions(_state(0.0), ["optimizer", "head.*"])
     assert str(err.value) == ("exclude_from_loading: 'head.*' matches no tensor of the model (expected optimizer, "
                               "rng, data or a pattern over its tensors: lm_head.weight, model.embed.weight)")
+
+
+def test_legacy_mode_refuses_exclusions_it_cannot_honour(tmp_path):
+    from resumable.errors import NotImplementedYet
+    from resumable.train.checkpointing import checkpoint_callbacks
+    from resumable.train.config import load_config
+
+    cfg = load_config(None, ["use_legacy_format=true", f"load_checkpoint={tmp_path}", "resume_training=true",
+                             "exclude_from_loading=[optimizer]"])
+    with pytest.raises(NotImplementedYet) as err:
+        checkpoint_callbacks(cfg)
+    assert str(err.value) == ("not implemented yet: exclude_from_loading ['optimizer'] with use_legacy_format: "
+                              "true and a Checkpoint 1.0 load_checkpoint: the legacy loader restores everything; "
+                              "convert it with resumable convert --to v2 and load that")
