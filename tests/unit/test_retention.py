@@ -135,3 +135,37 @@ def test_a_kill_in_the_middle_of_a_deletion_leaves_committed_folders_and_a_lefto
     assert commit.apply_retention(tmp_path, policy) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "iteration_00000002", "iteration_00000004", "iteration_00000005", commit.TRACKER]
+
+
+TRAIN = ["parallel_config.data_parallel=1", "parallel_config.model_parallel=1", "runner_config.stop_step=5",
+         "callbacks.0.save_checkpoint_steps=1", "callbacks.0.keep_checkpoint_max=1",
+         "callbacks.0.keep_best_checkpoint_max=1", "callbacks.0.best_checkpoint_mode=max",
+         "callbacks.0.keep_checkpoint_every_n_steps=3"]
+
+
+def test_the_trainer_records_each_steps_loss_and_keeps_newest_every_third_and_best(tmp_path: Path, capsys,
+                                                                                   monkeypatch):
+    from resumable.proctree import PARENT_ENV
+    from resumable.train.__main__ import main as train_main
+
+    # In-process runs: main() binds to $RESUMABLE_PARENT_PID and then sets it to its own pid (a second
+    # run in this process would SIGKILL itself); monkeypatch restores the variable after each.
+    monkeypatch.delenv(PARENT_ENV, raising=False)
+    sets = [a for s in [*TRAIN, f"output_dir={tmp_path}"] for a in ("--set", s)]
+    train_main(sets)
+    checkpoints = tmp_path / "checkpoint"
+    # The loss falls: the best by "max" is step 1; 3 is a multiple of 3; 5 the newest.
+    assert _kept(checkpoints) == [1, 3, 5]
+    logged = [json.loads(line) for line in (tmp_path / "log" / "train.jsonl").read_text().splitlines()]
+    losses = {e["global_step"]: e["loss"] for e in logged}
+    for n in (1, 3, 5):
+        common = json.loads((checkpoints / commit.iteration_dirname(n) / "common.json").read_text())
+        assert common["metrics"] == {"loss": losses[n]}
+    monkeypatch.delenv(PARENT_ENV)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        train_main([*sets, "--set", "use_legacy_format=true", "--set", f"output_dir={tmp_path / 'legacy'}"])
+    assert (e.value.code, capsys.readouterr().err) == (2, (
+        "error: not implemented yet: keep_checkpoint_every_n_steps and keep_best_checkpoint_max with "
+        "use_legacy_format: true (the legacy layout keeps the newest keep_checkpoint_max files per rank folder): "
+        "remove them, or save Checkpoint 2.0 (use_legacy_format: false)\n"))
