@@ -105,7 +105,20 @@ def test_saves_and_loads_write_events_and_console_lines_and_list_shows_them(tmp_
         (1, True, True, False), (2, True, False, False), (3, True, True, True), (4, False, None, False)]
     assert rows[1]["problem"] == out[5].removeprefix("PROBLEM step 2: ")
     assert rows[0]["bytes"] > STATE_BYTES and rows[3]["bytes"] == 0 and all(r["age_s"] >= 0 for r in rows)
-    assert rows[0]["folder"] == str(ckpt / "iteration_00000001")
+    assert rows[0]["folder"] == str(ckpt / "iteration_00000001") and rows[0]["kept_by"] is None
+
+    # Given the job's retention policy: what keeps each committed iteration.
+    assert cli(["list", str(ckpt), "--json", "--keep-max", "1", "--keep-every", "2"]) == 0
+    assert [r["kept_by"] for r in json.loads(capsys.readouterr().out)["iterations"]] == [
+        [], ["every_n_steps"], ["newest", "tracker"], None]
+    assert cli(["list", str(ckpt), "--keep-max", "1", "--keep-every", "2"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].endswith("  tracker    kept by")
+    kept = r"{:>10}  yes        yes                +\d+\.\d MB  +\d+ s  {:<9}  {}"
+    assert [re.fullmatch(kept.format(*e), line) is not None for e, line in zip(
+        [(1, "", "nothing: the next save deletes it"), (2, "", "every_n_steps"),
+         (3, "<- latest", "newest, tracker")], out[1:4])] == [True] * 3, out
+    assert re.fullmatch(row.format(4, "no", "-", ""), out[4]), out
 
 
 def test_list_refuses_what_is_not_a_checkpoint_folder(tmp_path, capsys):

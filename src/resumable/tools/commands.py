@@ -345,9 +345,14 @@ _PATHS = ("a checkpoint folder (follows latest_checkpointed_iteration.txt), an i
 
 
 def _list(args: argparse.Namespace) -> int:
+    from resumable.retention import KeepBest, Policy
     from resumable.tools.list import as_json, list_iterations, render
 
-    rows, tracker_problem = list_iterations(args.path, verify=args.verify)
+    policy = None
+    if args.keep_max is not None or args.keep_every is not None or args.keep_best is not None:
+        best = KeepBest(args.keep_best, args.metric, args.mode) if args.keep_best is not None else None
+        policy = Policy(args.keep_max, args.keep_every, best)
+    rows, tracker_problem = list_iterations(args.path, verify=args.verify, policy=policy)
     if args.json:
         print(json.dumps(as_json(args.path, rows, tracker_problem, args.verify), indent=1))
     else:
@@ -368,7 +373,19 @@ def _add_list(sub: argparse._SubParsersAction) -> None:
                    help="also check every file's xxh3-64 and block checksums (reads every byte)")
     p.add_argument("--json", action="store_true",
                    help='print one JSON object (for scripts): {"path", "checked", "tracker_problem", "iterations": '
-                        '[{"iteration", "folder", "committed", "valid", "problem", "bytes", "age_s", "tracked"}]}')
+                        '[{"iteration", "folder", "committed", "valid", "problem", "bytes", "age_s", "tracked", '
+                        '"kept_by"}]}')
+    policy = p.add_argument_group("retention", "the job's retention policy (the folder does not record it): "
+                                  "a \"kept by\" column names what keeps each committed iteration")
+    policy.add_argument("--keep-max", type=int, default=None, metavar="N",
+                        help="keep_checkpoint_max: the newest N (without it, with another policy: keep all)")
+    policy.add_argument("--keep-every", type=int, default=None, metavar="K",
+                        help="keep_checkpoint_every_n_steps: every iteration divisible by K")
+    policy.add_argument("--keep-best", type=int, default=None, metavar="N",
+                        help="keep_best_checkpoint_max: the N best by --metric")
+    policy.add_argument("--metric", default="loss", help="best_checkpoint_metric (default loss)")
+    policy.add_argument("--mode", choices=("min", "max"), default="min",
+                        help="best_checkpoint_mode: min (lower is better, default) or max")
     p.set_defaults(func=_list)
 
 

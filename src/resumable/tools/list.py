@@ -3,7 +3,9 @@
 Each row: the step, whether it is committed, whether it is valid (every file metadata.json
 names present with its size, metadata.json and common.json sealed and matching; with
 ``verify`` also every file's xxh3-64 and block checksums), its size on disk, its age, and
-whether the tracker names it. Reads no tensor data unless ``verify``.
+whether the tracker names it; given a retention policy (the job's: the folder does not record
+it), which of its policies or protections keep each committed iteration
+(:func:`resumable.retention.decide`). Reads no tensor data unless ``verify``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from resumable import commit
 from resumable.errors import CheckpointError, CheckpointNotFoundError, NotImplementedYet
 from resumable.formats import v2
 from resumable.legacy.files import rank_folders
+from resumable.manager import read_metric
+from resumable.retention import Policy, decide
 from resumable.resolve import verify_files
 
 
@@ -32,6 +36,7 @@ class Row:
     bytes: int                  # every regular file under the folder
     age_s: float                # since its newest file was written
     tracked: bool               # the tracker names it
+    kept_by: list[str] | None = None  # with a policy: its reasons (resumable.retention.REASONS); [] deleted next
 
 
 def _size_and_mtime(folder: Path) -> tuple[int, float]:
@@ -54,8 +59,11 @@ def _problem(folder: Path, checksum: bool) -> str | None:
     return None
 
 
-def list_iterations(directory: str | os.PathLike[str], *, verify: bool = False) -> tuple[list[Row], str | None]:
+def list_iterations(directory: str | os.PathLike[str], *, verify: bool = False,
+                    policy: Policy | None = None) -> tuple[list[Row], str | None]:
     """Rows oldest first, and the tracker's problem (None when it is readable or absent).
+
+    ``policy``: fill each committed row's ``kept_by`` as the job's next retention would decide.
 
     Raises:
         CheckpointNotFoundError: ``directory`` is not a folder.
@@ -90,6 +98,13 @@ def list_iterations(directory: str | os.PathLike[str], *, verify: bool = False) 
         rows.append(Row(n, str(child), committed, (problem is None) if committed else None, problem, size,
                         max(0.0, now - mtime), committed and n == tracked))
     rows.sort(key=lambda r: (r.iteration, r.committed))
+    if policy is not None:
+        committed = {r.iteration: Path(r.folder) for r in rows if r.committed}
+        metrics = {n: read_metric(f, policy.best.metric) if policy.best else 0.0 for n, f in committed.items()}
+        kept = decide(metrics, policy, tracker=tracked)
+        for r in rows:
+            if r.committed:
+                r.kept_by = list(kept.get(r.iteration, ()))
     return rows, tracker_problem
 
 
@@ -103,11 +118,16 @@ def _age(seconds: float) -> str:
 def render(directory: str, rows: list[Row], tracker_problem: str | None, verify: bool) -> str:
     """The table ``resumable list`` prints, then one line per invalid iteration and the tracker's problem."""
     checked = "checksums" if verify else "sizes"
-    lines = [f"{'step':>10}  {'committed':<9}  {'valid (' + checked + ')':<17}  {'size':>10}  {'age':>9}  tracker"]
+    policy = any(r.kept_by is not None for r in rows)
+    lines = [f"{'step':>10}  {'committed':<9}  {'valid (' + checked + ')':<17}  {'size':>10}  {'age':>9}  "
+             + ("tracker    kept by" if policy else "tracker")]
     for r in rows:
         valid = "-" if r.valid is None else ("yes" if r.valid else "NO")
-        lines.append(f"{r.iteration:>10}  {'yes' if r.committed else 'no':<9}  {valid:<17}  "
-                     f"{r.bytes / 1e6:>7.1f} MB  {_age(r.age_s):>9}  {'<- latest' if r.tracked else ''}".rstrip())
+        line = (f"{r.iteration:>10}  {'yes' if r.committed else 'no':<9}  {valid:<17}  "
+                f"{r.bytes / 1e6:>7.1f} MB  {_age(r.age_s):>9}  {'<- latest' if r.tracked else '':<9}")
+        if r.kept_by is not None:
+            line += "  " + (", ".join(r.kept_by) or "nothing: the next save deletes it")
+        lines.append(line.rstrip())
     if not rows:
         lines.append(f"{directory}: no iteration folders")
     lines += [f"PROBLEM step {r.iteration}: {r.problem}" for r in rows if r.problem]
