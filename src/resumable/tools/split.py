@@ -138,8 +138,9 @@ def _write_v2(source: Source, out: Path, layout: TargetLayout, *, prefix: str, r
     plans = [_plan(source, out, iteration, layout, holdings, me, objects, rank_locals, prefix, remove_redundancy)
              for me in range(layout.world_size)]
     head = plans[0]
-    if "mindspore" in common:  # a MindSpore source's scalars (learning_rate, beta1_power ...), kept on record
-        head.common["mindspore"] = common["mindspore"]
+    # Kept on record: a MindSpore source's scalars (learning_rate, beta1_power ...), and the metrics
+    # the source was saved with (retention's "best" ranks by them).
+    head.common.update({key: common[key] for key in ("mindspore", "metrics") if key in common})
     head.common.update(extra_common or {})
     total = sum(it.box.numel * source.tensors[it.name].dtype.itemsize
                 for p in plans for _, items in p.files.values() for it in items)
