@@ -90,9 +90,13 @@ def bind_to_launcher() -> None:
     its torchrun, each to its own pid) or, under a torchrun of the user's, is that torchrun
     (``TORCHELASTIC_RUN_ID`` set; its pid is unknown, so a launcher that died before this
     call goes unnoticed). A process started any other way (a shell) is left alone:
-    closing a terminal must not SIGKILL a ``nohup`` run.
+    closing a terminal must not SIGKILL a ``nohup`` run. A second call in the same process
+    (the variable then names this process: an in-process trainer run after another) binds nothing:
+    taken as the launcher's pid, it would make the process kill itself at once.
     """
     parent = os.environ.get(PARENT_ENV)
+    if parent == str(os.getpid()):
+        return
     if parent is not None and parent.isdigit():
         die_with_parent(int(parent))
     elif "TORCHELASTIC_RUN_ID" in os.environ:

@@ -247,6 +247,7 @@ PDEATHSIG_PROBE = """
 import ctypes, os, sys
 from resumable.proctree import bind_to_launcher
 bind_to_launcher()
+bind_to_launcher()  # a second call (an in-process run after another) must not take itself for the launcher
 value = ctypes.c_int()
 ctypes.CDLL(None).prctl(2, ctypes.byref(value), 0, 0, 0)  # PR_GET_PDEATHSIG
 print(value.value, os.environ["RESUMABLE_PARENT_PID"] == str(os.getpid()))
