@@ -38,6 +38,7 @@ import numpy as np
 from resumable.errors import CheckpointNotFoundError, CorruptCheckpointError, UnsafeCheckpointError
 
 __all__ = [
+    "files_in",
     "MAX_DEPTH",
     "MAX_JSON_BYTES",
     "check_regular",
@@ -75,6 +76,22 @@ def _not_regular(path: Path, what: str, mode: int) -> UnsafeCheckpointError:
     return UnsafeCheckpointError(
         f"{what} {path} is {_kind(mode)}, not a regular file; refusing to read it (reading it could block "
         "forever or never end): replace it with the real file or remove it")
+
+
+def files_in(folder: Path, pattern: re.Pattern[str]) -> list[tuple[re.Match[str], Path]]:
+    """The entries of ``folder`` whose names match ``pattern``, with their match.
+
+    Raises:
+        UnsafeCheckpointError: a matching entry (a symlink) resolves outside the folder.
+    """
+    found = []
+    for entry in folder.iterdir():
+        m = pattern.match(entry.name)
+        if m:
+            if entry.resolve().parent != folder.resolve():
+                raise UnsafeCheckpointError(f"{entry} resolves outside {folder}; refusing to read it")
+            found.append((m, entry))
+    return found
 
 
 def check_regular(path: str | os.PathLike[str], what: str = "file") -> os.stat_result:

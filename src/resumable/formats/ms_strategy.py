@@ -49,8 +49,8 @@ from dataclasses import dataclass, field as dataclass_field
 from pathlib import Path
 from typing import Any, Iterable
 
-from resumable.errors import CheckpointNotFoundError, CorruptCheckpointError, NotImplementedYet, UnsafeCheckpointError
-from resumable.formats.jsonfile import parse_json_object, read_bounded
+from resumable.errors import CheckpointNotFoundError, CorruptCheckpointError, NotImplementedYet
+from resumable.formats.jsonfile import files_in, parse_json_object, read_bounded
 from resumable.formats.protowire import LENGTH, VARINT, Wire, WireError, as_int32, as_int64
 from resumable.formats.schema import MAX_DIM, MAX_NDIM, is_int, shown
 from resumable.geometry import Box
@@ -223,13 +223,7 @@ def _strategy_files(folder: Path) -> list[Path]:
     if not folder.is_dir():
         raise CheckpointNotFoundError(f"strategy path {folder} does not exist; point it at the source job's "
                                       "<output_dir>/strategy folder or one of its ckpt_strategy_rank_*.ckpt files")
-    found = {}
-    for entry in folder.iterdir():
-        m = STRATEGY_FILE.match(entry.name)
-        if m:
-            if entry.resolve().parent != folder.resolve():
-                raise UnsafeCheckpointError(f"{entry} resolves outside {folder}; refusing to read it")
-            found[(int(m.group(1)), entry.name)] = entry
+    found = {(int(m.group(1)), entry.name): entry for m, entry in files_in(folder, STRATEGY_FILE)}
     if not found:
         raise CheckpointNotFoundError(f"strategy folder {folder} holds no ckpt_strategy_rank_N.ckpt (or .json) file")
     return [found[key] for key in sorted(found)]

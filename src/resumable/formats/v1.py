@@ -47,9 +47,9 @@ from typing import Any, Mapping
 import torch
 import xxhash
 
-from resumable.errors import CheckpointNotFoundError, CorruptCheckpointError, UnsafeCheckpointError
+from resumable.errors import CheckpointNotFoundError, CorruptCheckpointError
 from resumable.formats import v2
-from resumable.formats.jsonfile import load_json_object, parse_json_object
+from resumable.formats.jsonfile import files_in, load_json_object, parse_json_object
 from resumable.formats.schema import MAX_DIM, MAX_NDIM, RESTORE, need_int, need_int_list, need_type, shown
 from resumable.formats.torch_file import load_weights_only
 from resumable.grid import check_placements
@@ -494,13 +494,7 @@ def strategy_files(path_or_dir: str | os.PathLike[str]) -> dict[int, Path]:
     if not path.is_dir():
         raise CheckpointNotFoundError(f"src_strategy_path_or_dir {path} does not exist; point it at the source "
                                       "job's <output_dir>/strategy folder or one of its ckpt_strategy_rank_*.ckpt")
-    found = {}
-    for entry in path.iterdir():
-        m = _STRATEGY_RE.match(entry.name)
-        if m:
-            if entry.resolve().parent != path.resolve():
-                raise UnsafeCheckpointError(f"{entry} resolves outside {path}; refusing to read it")
-            found[int(m.group(1))] = entry
+    found = {int(m.group(1)): entry for m, entry in files_in(path, _STRATEGY_RE)}
     if not found:
         raise CheckpointNotFoundError(f"src_strategy_path_or_dir {path} holds no ckpt_strategy_rank_*.ckpt file")
     return found
