@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable
 
-from resumable.formats.jsonfile import open_regular
+from resumable.storage.local import open_regular
 
 log = logging.getLogger(__name__)
 

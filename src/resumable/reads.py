@@ -1,12 +1,12 @@
 """Executing a rank's planned reads: bytes from safetensors files into target tensors.
 
 :func:`read_direct` is the fast path of every load: a stored slice that is one byte run
-of its file goes with ``os.preadv`` straight into the memory of a contiguous CPU target
-(no mapping, no intermediate tensor), the work cut into a few sequential streams. What
-it cannot do that way (strided slices, targets off the CPU, big-endian hosts) goes
-through :func:`execute_reads` (``safe_open(...).get_slice(key)[slices]``) and a
-:data:`Sink`. The helpers (:func:`contiguous_run`, :func:`pread_into`,
-:func:`bytes_of`) are shared with :mod:`resumable.balanced`.
+of its file goes straight into the memory of a contiguous CPU target (``os.preadv`` on a
+local disk, a ranged GET's body read into it from an object store: no mapping, no
+intermediate tensor), the work cut into a few sequential streams. What it cannot do that
+way (strided slices, targets off the CPU) goes through :func:`execute_reads` (the rows of
+the stored chunk the slice spans, then sliced) and a :data:`Sink`. Every byte is read
+through a :class:`resumable.storage.Reader`.
 
 Every byte read is checked against the block checksums its file records
 (:class:`resumable.formats.safetensors_io.BlockDigests`), from the memory it landed in,
@@ -22,59 +22,79 @@ from __future__ import annotations
 import bisect
 import itertools
 import logging
-import os
+import math
 import sys
 from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 
 import torch
 
-from resumable.errors import CorruptCheckpointError
-from resumable.formats.jsonfile import open_regular
+from resumable import storage
+from resumable.errors import CorruptCheckpointError, NotImplementedYet
 from resumable.formats import v2
 from resumable.formats.safetensors_io import (
     BlockDigests,
     Header,
+    TensorEntry,
     block_digests,
     dtype_name,
-    open_safetensors,
     read_header,
 )
+from resumable.storage import AnyPath, Reader
 from resumable.layout import local_tensor
 from resumable.planning import Read
 
 log = logging.getLogger(__name__)
 
-__all__ = ["READ_PIECE", "READ_THREADS", "SMALL_GAP", "SMALL_READ", "SMALL_THREADS", "FileReader", "ReadJob", "Sink",
+__all__ = ["READ_PIECE", "READ_THREADS", "SMALL_GAP", "SMALL_READ", "SMALL_THREADS", "ReadJob", "Sink",
            "bytes_of",
            "byte_extent", "contiguous_run", "contiguous_shares", "execute_reads", "piece_bounds", "place_into",
-           "plan_small_reads", "pread_into", "read_direct", "read_region"]
+           "plan_small_reads", "read_direct", "read_region"]
 
 Sink = Callable[[Read, torch.Tensor], None]
 
 
-def read_region(handle: Any, key: str, src: tuple[slice, ...]) -> torch.Tensor:
-    """Read ``stored[src]`` of ``key`` from an open ``safe_open`` handle (only those bytes)."""
-    if not src:  # 0-d tensors cannot be sliced
-        return handle.get_tensor(key)
-    return handle.get_slice(key)[src]
+def read_region(reader: Reader, entry: TensorEntry, src: tuple[slice, ...],
+                check: BlockDigests | None = None) -> torch.Tensor:
+    """``stored[src]`` of one stored entry: the rows of dim 0 it spans are read (every block they
+    overlap checked against ``check`` first), then sliced.
+
+    Raises:
+        CorruptCheckpointError: a block fails its checksum, or the file ends early.
+    """
+    if sys.byteorder != "little":
+        raise NotImplementedYet("reading safetensors (little-endian) on a big-endian host is not supported")
+    shape, dtype = entry.shape, entry.torch_dtype
+    row = math.prod(shape[1:]) * dtype.itemsize
+    r0, r1 = (src[0].start, src[0].stop) if src else (0, 1)
+    lo, hi = entry.start + r0 * row, entry.start + max(r0, r1) * row
+    if not src:
+        hi = entry.end
+    if hi <= lo:
+        return torch.empty([max(0, sl.stop - sl.start) for sl in src], dtype=dtype)
+    buf = bytearray(hi - lo)
+    reader.readinto(memoryview(buf), lo)
+    if check is not None:
+        check.check(lo, hi, memoryview(buf), reader.read)
+    rows = torch.frombuffer(buf, dtype=torch.uint8).view(dtype)
+    if not src:
+        return rows.reshape(())
+    return rows.reshape(r1 - r0, *shape[1:])[(slice(0, r1 - r0),) + tuple(src[1:])]
 
 
-def execute_reads(folder: Path, reads: Iterable[Read], sink: Sink, *, verify: bool = True,
+def execute_reads(folder: AnyPath, reads: Iterable[Read], sink: Sink, *, verify: bool = True,
                   unchecked: set[str] | None = None) -> int:
     """Read every planned slice, file by file (each file opened once), handing each to ``sink``.
 
-    With ``verify`` every block the slice's bytes span is checked before the slice is handed
-    on; a strided slice (a column split) spans most of its stored chunk, and those blocks are
-    read again, from the page cache the slice read just filled.
+    With ``verify`` every block the slice's rows span is checked before the slice is handed
+    on (a strided slice, a column split, spans most of its stored chunk's rows).
 
     Args:
         unchecked: collects the files that carry no block checksums (else logged here).
 
     Returns:
-        The bytes read.
+        The bytes handed on.
 
     Raises:
         CorruptCheckpointError: a block fails its checksum (file, key and byte range named).
@@ -86,20 +106,26 @@ def execute_reads(folder: Path, reads: Iterable[Read], sink: Sink, *, verify: bo
     missing: set[str] = set() if unchecked is None else unchecked
     for file in sorted(by_file):
         path = folder / file
-        digests = _digests(read_header(path), missing) if verify else None
-        with open_safetensors(path) as handle, FileReader(path) as fd:
+        header = read_header(path)
+        digests = _digests(header, missing) if verify else None
+        with storage.open_reader(path) as reader:
             for r in by_file[file]:
-                data = read_region(handle, r.key, r.src)
-                if digests is not None:
-                    check = digests[r.key]
-                    lo, hi = byte_extent(r.src, r.stored_box.shape, data.element_size())
-                    check.check(check.start + lo, check.start + hi, None, fd.read)
+                entry = _entry(header, r.key)
+                data = read_region(reader, entry, r.src, digests[r.key] if digests is not None else None)
                 total += data.numel() * data.element_size()
                 sink(r, data)
                 del data  # one slice in memory at a time
     if unchecked is None:
         _log_unchecked(missing)
     return total
+
+
+def _entry(header: Header, key: str) -> TensorEntry:
+    entry = header.tensors.get(key)
+    if entry is None:
+        raise CorruptCheckpointError(f"{header.path}: key {key!r} is not in the file; restore the file or "
+                                     "rebuild metadata.json from the files")
+    return entry
 
 
 def byte_extent(src: tuple[slice, ...], shape: tuple[int, ...], itemsize: int) -> tuple[int, int]:
@@ -139,28 +165,9 @@ def piece_bounds(offset: int, nbytes: int, base: int, piece: int) -> list[tuple[
     return out
 
 
-class FileReader:
-    """A read-only descriptor of one file, as a context manager with a ``read(offset, n)`` for checks."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.fd = open_regular(path, "checkpoint file")  # a FIFO swapped in after the header check: refused
-
-    def __enter__(self) -> "FileReader":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        os.close(self.fd)
-
-    def read(self, offset: int, nbytes: int) -> bytes:
-        buf = bytearray(nbytes)
-        pread_into(self.fd, memoryview(buf), offset, self.path)
-        return bytes(buf)
-
-
-def check_slice(path: Path, key: str, src: tuple[slice, ...], shape: tuple[int, ...], itemsize: int) -> bool:
+def check_slice(path: AnyPath, key: str, src: tuple[slice, ...], shape: tuple[int, ...], itemsize: int) -> bool:
     """Verify the blocks of ``key`` that ``stored[src]`` spans (read from the file: for readers that
-    went through ``safe_open``). False when the file records no block checksums (logged once per folder).
+    read the slice another way). False when the file records no block checksums (logged once per folder).
 
     Raises:
         CorruptCheckpointError: a block fails its checksum (file, key and byte range named).
@@ -173,12 +180,12 @@ def check_slice(path: Path, key: str, src: tuple[slice, ...], shape: tuple[int, 
         return False
     check = digests[key]
     lo, hi = byte_extent(src, shape, itemsize)
-    with FileReader(path) as f:
+    with storage.open_reader(path) as f:
         check.check(check.start + lo, check.start + hi, None, f.read)
     return True
 
 
-_LOGGED: set[Path] = set()  # folders whose files without block checksums were logged (check_slice)
+_LOGGED: set[AnyPath] = set()  # folders whose files without block checksums were logged (check_slice)
 
 
 def _digests(header: Header, unchecked: set[str]) -> dict[str, BlockDigests] | None:
@@ -324,22 +331,12 @@ def contiguous_run(src: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[int,
     return first, count
 
 
-def pread_into(fd: int, view: memoryview, offset: int, path: Path) -> None:
-    """Fill ``view`` from ``fd`` at ``offset`` (short reads continue; EOF is corruption)."""
-    while view:
-        n = os.preadv(fd, [view], offset)
-        if n == 0:
-            raise CorruptCheckpointError(f"{path}: file ends at byte {offset}, before the data metadata.json "
-                                         "records; the file is truncated: restore it or re-save the checkpoint")
-        view, offset = view[n:], offset + n
-
-
 def bytes_of(t: torch.Tensor) -> memoryview:
     """The writable bytes of contiguous CPU tensor ``t`` (its own memory, not a copy)."""
     return memoryview(t.detach().reshape(-1).view(torch.uint8).numpy()).cast("B")
 
 
-def check_headers(folder: Path, meta: v2.Metadata, reads: Iterable[Read]) -> dict[str, Header]:
+def check_headers(folder: AnyPath, meta: v2.Metadata, reads: Iterable[Read]) -> dict[str, Header]:
     """Check, from the file headers alone, that each stored key has the recorded dtype and shape.
 
     A safetensors slice outside the stored shape is silently clamped by the library, and
@@ -373,19 +370,19 @@ def check_headers(folder: Path, meta: v2.Metadata, reads: Iterable[Read]) -> dic
     return headers
 
 
-def read_direct(folder: Path, reads: Iterable[Read], targets: Mapping[str, torch.Tensor],
+def read_direct(folder: AnyPath, reads: Iterable[Read], targets: Mapping[str, torch.Tensor],
                 headers: Mapping[str, Header] | None = None, *, verify: bool = True) -> int:
-    """Fill the targets for ``reads`` with ``os.preadv`` straight into their memory; not collective.
+    """Fill the targets for ``reads`` straight from the files into their memory; not collective.
 
     A read whose stored slice is one byte run of the file and whose destination is a
     contiguous piece of a CPU local tensor is read into that piece directly (no mapping,
     no intermediate tensor, no copy); in file order, these reads are cut into
-    ``READ_THREADS`` consecutive shares of near-equal bytes, each read by its own thread
+    ``READ_THREADS`` (an object store: the backend's ``read_threads``) consecutive shares of near-equal bytes, each read by its own thread
     front to back in ``READ_PIECE`` calls; reads under ``SMALL_READ`` bytes that touch no
     streamed bytes are issued first, side by side, by threads of their own, neighbours
     merged (:func:`plan_small_reads`). A run whose destination is not
     contiguous is read into a temporary tensor of that slice and copied; any other read
-    (strided stored slice, a target off the CPU, a big-endian host) goes through
+    (strided stored slice, a target off the CPU) goes through
     :func:`execute_reads`.
     Peak memory is the target state plus at most one temporary slice (or small group's
     span) per thread.
@@ -409,7 +406,7 @@ def read_direct(folder: Path, reads: Iterable[Read], targets: Mapping[str, torch
             direct[r.file].append(r)
         else:
             other.append(r)
-    paths: list[Path] = []
+    paths: list[AnyPath] = []
     jobs: list[ReadJob] = []
     total = 0
     unchecked: set[str] = set()
@@ -437,8 +434,9 @@ def read_direct(folder: Path, reads: Iterable[Read], targets: Mapping[str, torch
                 jobs.append(ReadJob(len(paths) - 1, start, length, view[start - offset:start - offset + length],
                                     check))
     streamed, groups = plan_small_reads(jobs, SMALL_READ, SMALL_GAP)
-    shares = [[streamed[i] for i in share] for share in contiguous_shares([j.nbytes for j in streamed], READ_THREADS)]
-    with ThreadPoolExecutor(READ_THREADS, thread_name_prefix="resumable-read") as pool, \
+    threads = READ_THREADS if storage.backend(folder).renames else storage.backend(folder).read_threads
+    shares = [[streamed[i] for i in share] for share in contiguous_shares([j.nbytes for j in streamed], threads)]
+    with ThreadPoolExecutor(threads, thread_name_prefix="resumable-read") as pool, \
             ThreadPoolExecutor(SMALL_THREADS, thread_name_prefix="resumable-read-small") as small_pool, \
             ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="resumable-check") as hashers:
         # Small reads first: queued behind the streams' readahead they finished last (one
@@ -453,29 +451,29 @@ def read_direct(folder: Path, reads: Iterable[Read], targets: Mapping[str, torch
     return total
 
 
-def _run_stream(jobs: Sequence[ReadJob], paths: Sequence[Path], hashers: ThreadPoolExecutor) -> None:
-    """Run one stream's ``jobs`` in order on descriptors of this thread's own, advised
-    ``POSIX_FADV_SEQUENTIAL`` (the kernel keeps readahead state per open file, and streams
-    sharing one descriptor look random to it). A piece read into the target is checked by
-    ``hashers`` while this thread reads the next one, so the device never waits on a hash;
-    the bytes completing a block cut by the piece's edges are read by this stream, in file
-    order around the piece (a reshard's edges: a separate read of them was a random read
-    per edge, 1.18x the sizes-only 1 -> 2 load). The stream returns once all its checks passed."""
-    fds: dict[int, int] = {}
+def _run_stream(jobs: Sequence[ReadJob], paths: Sequence[AnyPath], hashers: ThreadPoolExecutor) -> None:
+    """Run one stream's ``jobs`` in order on readers of this thread's own, advised sequential
+    (the kernel keeps readahead state per open file, and streams sharing one descriptor look
+    random to it). A piece read into the target is checked by ``hashers`` while this thread
+    reads the next one, so the device never waits on a hash; the bytes completing a block cut
+    by the piece's edges are read by this stream, in file order around the piece (a reshard's
+    edges: a separate read of them was a random read per edge, 1.18x the sizes-only 1 -> 2
+    load). The stream returns once all its checks passed."""
+    readers: dict[int, Reader] = {}
     checks: list[Future] = []
     try:
         for job in jobs:
-            fd = fds.get(job.file)
-            if fd is None:
-                fd = fds[job.file] = open_regular(paths[job.file], "checkpoint file")
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            reader = readers.get(job.file)
+            if reader is None:
+                reader = readers[job.file] = storage.open_reader(paths[job.file])
+                reader.sequential()
             path = paths[job.file]
             edges = job.check.edges(job.offset, job.offset + job.nbytes) if job.check is not None else []
-            extra = {at: _pread_bytes(fd, at, n, path) for at, n in edges if at < job.offset}
+            extra = {at: reader.read(at, n) for at, n in edges if at < job.offset}
             data = job.dst if isinstance(job.dst, memoryview) else None
             tmp = None if data is not None else torch.empty(job.dst.shape, dtype=job.dst.dtype)
-            pread_into(fd, data if data is not None else bytes_of(tmp), job.offset, path)
-            extra.update({at: _pread_bytes(fd, at, n, path) for at, n in edges if at >= job.offset})
+            reader.readinto(data if data is not None else bytes_of(tmp), job.offset)
+            extra.update({at: reader.read(at, n) for at, n in edges if at >= job.offset})
             if data is not None:
                 if job.check is not None:
                     checks.append(hashers.submit(_check, job, data, path, extra))
@@ -484,44 +482,35 @@ def _run_stream(jobs: Sequence[ReadJob], paths: Sequence[Path], hashers: ThreadP
             with torch.no_grad():
                 job.dst.copy_(tmp)
     finally:
-        for fd in fds.values():
-            os.close(fd)
+        for reader in readers.values():
+            reader.close()
         for check in checks:
             check.result()  # the first failed check raises, once every one has finished
 
 
-def _pread_bytes(fd: int, offset: int, nbytes: int, path: Path) -> bytes:
-    buf = bytearray(nbytes)
-    pread_into(fd, memoryview(buf), offset, path)
-    return bytes(buf)
-
-
-def _check(job: ReadJob, data: memoryview, path: Path, extra: Mapping[int, bytes] | None = None) -> None:
+def _check(job: ReadJob, data: memoryview, path: AnyPath, extra: Mapping[int, bytes] | None = None) -> None:
     """Verify the blocks ``job`` read (``data``: its bytes); the edge bytes come from ``extra``
     (offset → bytes, read by the stream) or else are read from ``path``."""
     if job.check is not None:
         def read(offset: int, nbytes: int) -> bytes:
             if extra and offset in extra:
                 return extra[offset]
-            with FileReader(path) as f:  # a small group's job cut mid-block: at most twice per read
+            with storage.open_reader(path) as f:  # a small group's job cut mid-block: at most twice per read
                 return f.read(offset, nbytes)
         job.check.check(job.offset, job.offset + job.nbytes, data, read)
 
 
-def _run_group(group: Sequence[ReadJob], paths: Sequence[Path]) -> None:
+def _run_group(group: Sequence[ReadJob], paths: Sequence[AnyPath]) -> None:
     """Read the span of ``group`` (small jobs of one file, in order) at once, verify and place each job's bytes."""
     first, path = group[0], paths[group[0].file]
     buf = bytearray(group[-1].offset + group[-1].nbytes - first.offset)
     view = memoryview(buf)
-    fd = open_regular(path, "checkpoint file")
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # no readahead around a lone region
-        pread_into(fd, view, first.offset, path)
-        for job in group:  # before any byte is placed; usually the whole entry is in the span
-            start = job.offset - first.offset
-            _check(job, view[start:start + job.nbytes], path)
-    finally:
-        os.close(fd)
+    with storage.open_reader(path) as reader:
+        reader.random()
+        reader.readinto(view, first.offset)
+    for job in group:  # before any byte is placed; usually the whole entry is in the span
+        start = job.offset - first.offset
+        _check(job, view[start:start + job.nbytes], path)
     for job in group:
         start = job.offset - first.offset
         if isinstance(job.dst, memoryview):

@@ -76,7 +76,7 @@ import torch
 from resumable import commit
 from resumable.errors import CheckpointNotFoundError, ConfigError, CorruptCheckpointError
 from resumable.formats import hf, hf_aux, mindformers as mf, schema, v1, v2
-from resumable.formats.jsonfile import check_regular
+from resumable.storage.local import check_regular
 from resumable.formats.safetensors_io import open_safetensors, read_header, stored_slice
 from resumable.formats.ms_names import NAMES, OPT_STATE, Names, our_name, parse_ms_name
 from resumable.formats.torch_file import PICKLE_PROTOCOL, read_torch_file

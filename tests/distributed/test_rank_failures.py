@@ -87,14 +87,14 @@ def run_with_failures(fn: Callable, world: int, *args: Any, pg_timeout: float = 
 
 
 def _save_with_a_faulty_rank(rank: int, root: str, fault: str) -> None:
-    from resumable.formats import safetensors_io
+    from resumable.storage import local as storage_local
     from resumable.save import save
 
     save({"model": {"w": torch.ones(4)}, "global_step": 1}, root, 1)  # a good checkpoint first
     if rank == 1 and fault == "exit":
-        safetensors_io.after_block_hook = lambda path, n: os._exit(3)   # dies mid-file, no goodbye
+        storage_local.after_block_hook = lambda path, n: os._exit(3)   # dies mid-file, no goodbye
     elif rank == 1 and fault == "hang":
-        safetensors_io.after_block_hook = lambda path, n: time.sleep(600)  # stuck in I/O
+        storage_local.after_block_hook = lambda path, n: time.sleep(600)  # stuck in I/O
     save({"model": {"w": torch.zeros(4)}, "global_step": 2}, root, 2)
 
 
@@ -116,13 +116,13 @@ def test_a_rank_dying_or_hanging_in_a_sync_save_fails_the_others_in_bounded_time
 
 def _async_save_with_a_hanging_rank(rank: int, root: str) -> str:
     from resumable import CheckpointManager
-    from resumable.formats import safetensors_io
+    from resumable.storage import local as storage_local
 
     mgr = CheckpointManager(root, async_save=True, collective_timeout=TIMEOUT_S)
     mgr.save({"model": {"w": torch.ones(4)}}, 1)
     mgr.wait()
     if rank == 1:
-        safetensors_io.after_block_hook = lambda path, n: time.sleep(600)
+        storage_local.after_block_hook = lambda path, n: time.sleep(600)
     mgr.save({"model": {"w": torch.zeros(4)}}, 2)  # returns at once: the hang is in the background
     mgr.wait()
     return "no error"

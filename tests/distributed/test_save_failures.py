@@ -19,7 +19,7 @@ from tests.launch import context, run_distributed
 
 
 def _failing_rank_one(rank: int, world: int, root: str) -> list[str]:
-    from resumable.formats import safetensors_io
+    from resumable.storage import local as storage_local
     from resumable.save import save
 
     root_path = Path(root)
@@ -35,12 +35,12 @@ def _failing_rank_one(rank: int, world: int, root: str) -> list[str]:
     def disk_full(path: Path, written: int) -> None:
         raise OSError(28, "No space left on device", str(path))
 
-    safetensors_io.after_block_hook = disk_full if rank == 1 else None
+    storage_local.after_block_hook = disk_full if rank == 1 else None
     try:
         save({"model": {"w": torch.ones(2)}}, root_path, 2)
     except SaveError as exc:
         messages.append(str(exc))
-    safetensors_io.after_block_hook = None
+    storage_local.after_block_hook = None
 
     # 3. the group is still usable: the next save commits.
     save({"model": {"w": torch.ones(2)}}, root_path, 3)
@@ -64,7 +64,7 @@ def test_a_failing_rank_makes_every_rank_raise_and_commits_nothing(tmp_path: Pat
 
 def _save_then_stall(directory: str, stalled: "mp.synchronize.Event") -> None:
     """Child process: commit iteration 1, then stop inside the write of iteration 2's file."""
-    from resumable.formats import safetensors_io
+    from resumable.storage import local as storage_local
 
     mgr = CheckpointManager(directory, keep_checkpoint_max=1)
     mgr.save({"model": {"w": torch.arange(4.0)}, "global_step": 1}, 1)
@@ -73,7 +73,7 @@ def _save_then_stall(directory: str, stalled: "mp.synchronize.Event") -> None:
         stalled.set()       # part of the file is on disk; the parent kills us now
         time.sleep(600)
 
-    safetensors_io.after_block_hook = stall
+    storage_local.after_block_hook = stall
     mgr.save({"model": {"w": torch.zeros(4)}, "global_step": 2}, 2)
 
 

@@ -19,7 +19,7 @@ def _tracker_ok(directory: Path) -> bool:
 
 
 def _retention_and_async(rank: int, world: int, root: str) -> dict:
-    from resumable.formats import safetensors_io
+    from resumable.storage import local as storage_local
 
     out: dict = {}
     for mode in ("sync", "async"):
@@ -53,14 +53,14 @@ def _retention_and_async(rank: int, world: int, root: str) -> dict:
         if "iteration_00000003" in str(path):  # only save 3: the hook stays set while it runs
             raise OSError(5, "Input/output error", str(path))
 
-    safetensors_io.after_block_hook = fail if rank == 1 else None
+    storage_local.after_block_hook = fail if rank == 1 else None
     mgr.save({"model": {"w": w}}, 3)  # returns: the failure happens in the background
     try:
         mgr.save({"model": {"w": w}}, 4)
         out["error"] = None
     except SaveError as exc:
         out["error"] = str(exc)
-    safetensors_io.after_block_hook = None
+    storage_local.after_block_hook = None
     out["after_error"] = mgr.wait()  # nothing in flight any more: the failed save was not retried
     mgr.close()
     torch.distributed.barrier()

@@ -10,6 +10,7 @@ import xxhash
 from safetensors.torch import load_file
 
 from resumable.formats import safetensors_io
+from resumable.storage import local as storage_local
 
 
 def _tensors() -> list[tuple[str, torch.Tensor]]:
@@ -29,11 +30,11 @@ def _tensors() -> list[tuple[str, torch.Tensor]]:
 @pytest.mark.parametrize("block", [64 << 10, 1 << 20])
 def test_direct_writer_matches_the_page_cache_writer_byte_for_byte(tmp_path: Path, block: int,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(safetensors_io, "BLOCK_BYTES", block)
-    monkeypatch.setattr(safetensors_io, "DIRECT_MIN_BYTES", 0)
+    monkeypatch.setattr(storage_local, "BLOCK_BYTES", block)
+    monkeypatch.setattr(storage_local, "DIRECT_MIN_BYTES", 0)
     meta = {"k": "v"}
     direct = safetensors_io.write_file(tmp_path / "d.safetensors", _tensors(), meta)
-    monkeypatch.setattr(safetensors_io, "DIRECT_MIN_BYTES", 1 << 62)
+    monkeypatch.setattr(storage_local, "DIRECT_MIN_BYTES", 1 << 62)
     cached = safetensors_io.write_file(tmp_path / "c.safetensors", _tensors(), meta)
     data = (tmp_path / "d.safetensors").read_bytes()
     assert data == (tmp_path / "c.safetensors").read_bytes()
@@ -44,7 +45,7 @@ def test_direct_writer_matches_the_page_cache_writer_byte_for_byte(tmp_path: Pat
 
 
 def test_direct_writer_refuses_a_wrong_tensor_naming_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(safetensors_io, "DIRECT_MIN_BYTES", 0)
+    monkeypatch.setattr(storage_local, "DIRECT_MIN_BYTES", 0)
     with pytest.raises(ValueError, match="was announced as"):
         safetensors_io.write_file_streaming(tmp_path / "x.safetensors", [("w", torch.float32, (2, 3))],
                                             lambda k: torch.ones(3, 2))

@@ -13,6 +13,7 @@ from safetensors import safe_open
 
 from resumable.errors import CorruptCheckpointError, UnsafeCheckpointError
 from resumable.formats import safetensors_io as sio
+from resumable.storage import local as storage_local
 
 ALL_DTYPES = [torch.bool, torch.uint8, torch.int8, torch.int16, torch.uint16, torch.int32, torch.uint32,
               torch.int64, torch.uint64, torch.float16, torch.bfloat16, torch.float32, torch.float64,
@@ -53,7 +54,7 @@ def test_checksum_is_xxh3_of_the_file_bytes_and_header_is_8_byte_aligned(tmp_pat
 
 
 def test_large_tensor_spanning_several_blocks_round_trips(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(sio, "BLOCK_BYTES", 4096)
+    monkeypatch.setattr(storage_local, "BLOCK_BYTES", 4096)
     t = torch.randn(10_000)
     path = tmp_path / "a.safetensors"
     _, digest = sio.write_file(path, [("t", t)])

@@ -35,7 +35,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from resumable.errors import CheckpointNotFoundError, CorruptCheckpointError, UnsafeCheckpointError
-from resumable.formats.jsonfile import check_regular, load_json_object
+from resumable.formats.jsonfile import load_json_object
+from resumable.storage.local import check_regular
 from resumable.formats.schema import need_int, need_number, need_type, shown
 from resumable.formats.safetensors_io import open_safetensors, stored_slice, write_file_streaming
 from resumable.geometry import Box

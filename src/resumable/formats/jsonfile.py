@@ -4,11 +4,9 @@ Everything a checkpoint folder holds is input we did not write ourselves (a dama
 disk, a broken tool, a forger). Every parser reads through this module so that hostile
 input is refused in linear time and bounded memory and never blocks:
 
-- :func:`open_regular` refuses anything that is not a regular file (a FIFO, a character
-  device such as ``/dev/zero``, a socket, a folder) *before* opening it for reading, and
-  checks the opened descriptor again (``fstat``), so that a path swapped in between
-  cannot make a reader block forever or read an endless stream;
-- :func:`read_bounded` reads at most a size cap;
+- :func:`read_bounded` reads at most a size cap, through the storage layer, which refuses
+  anything that is not a regular file (a FIFO, ``/dev/zero``, a socket, a folder) before
+  and after opening it (``resumable.storage.local.open_regular``);
 - :func:`parse_json` refuses nesting deeper than :data:`MAX_DEPTH` in linear time
   before ``json`` sees the text (its recursive parser would raise ``RecursionError``),
   integers of more digits than Python converts, and ``NaN``/``Infinity`` unless the
@@ -29,22 +27,21 @@ from __future__ import annotations
 import json
 import os
 import re
-import stat
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from resumable.errors import CheckpointNotFoundError, CorruptCheckpointError, UnsafeCheckpointError
+from resumable import storage
+from resumable.errors import CorruptCheckpointError, UnsafeCheckpointError
+from resumable.storage import AnyPath
 
 __all__ = [
     "files_in",
     "MAX_DEPTH",
     "MAX_JSON_BYTES",
-    "check_regular",
     "load_json",
     "load_json_object",
-    "open_regular",
     "parse_json",
     "parse_json_object",
     "read_bounded",
@@ -64,107 +61,31 @@ _NOT_BRACKET = re.compile(rb"[^\[\]{}]+")
 _STEPS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")  # +1 / -1 as int8
 _BLOCK = 1 << 20
 
-_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
-          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
-
-
-def _kind(mode: int) -> str:
-    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
-
-
-def _not_regular(path: Path, what: str, mode: int) -> UnsafeCheckpointError:
-    return UnsafeCheckpointError(
-        f"{what} {path} is {_kind(mode)}, not a regular file; refusing to read it (reading it could block "
-        "forever or never end): replace it with the real file or remove it")
-
-
-def files_in(folder: Path, pattern: re.Pattern[str]) -> list[tuple[re.Match[str], Path]]:
+def files_in(folder: AnyPath, pattern: re.Pattern[str]) -> list[tuple[re.Match[str], AnyPath]]:
     """The entries of ``folder`` whose names match ``pattern``, with their match.
 
     Raises:
-        UnsafeCheckpointError: a matching entry (a symlink) resolves outside the folder.
+        UnsafeCheckpointError: a matching entry (a local symlink) resolves outside the folder.
     """
     found = []
-    for entry in folder.iterdir():
+    for entry in storage.list_dir(folder):
         m = pattern.match(entry.name)
         if m:
-            if entry.resolve().parent != folder.resolve():
-                raise UnsafeCheckpointError(f"{entry} resolves outside {folder}; refusing to read it")
-            found.append((m, entry))
+            path = folder / entry.name
+            if isinstance(path, Path) and path.resolve().parent != Path(folder).resolve():
+                raise UnsafeCheckpointError(f"{path} resolves outside {folder}; refusing to read it")
+            found.append((m, path))
     return found
 
 
-def check_regular(path: str | os.PathLike[str], what: str = "file") -> os.stat_result:
-    """The ``stat`` of ``path`` (links followed), refusing anything that is not a regular file.
-
-    For files handed to a library that opens them by path (``safetensors.safe_open``,
-    ``torch.load``); our own readers use :func:`open_regular`, which also checks the
-    opened descriptor.
-
-    Raises:
-        CheckpointNotFoundError: ``path`` does not exist.
-        UnsafeCheckpointError: a FIFO, device, socket or folder.
-    """
-    path = Path(path)
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise CheckpointNotFoundError(f"{what} {path} does not exist") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise _not_regular(path, what, st.st_mode)
-    return st
-
-
-def open_regular(path: str | os.PathLike[str], what: str = "file") -> int:
-    """A read-only descriptor of ``path``, which must be a regular file (checked before and after opening).
-
-    ``O_NONBLOCK`` makes the open itself return at once should a FIFO be swapped in after
-    the ``stat``; the ``fstat`` of the descriptor then refuses it. The caller closes the
-    descriptor.
-
-    Raises:
-        CheckpointNotFoundError: ``path`` does not exist.
-        UnsafeCheckpointError: a FIFO, device, socket or folder.
-    """
-    path = Path(path)
-    check_regular(path, what)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    except FileNotFoundError:
-        raise CheckpointNotFoundError(f"{what} {path} does not exist") from None
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
-        os.close(fd)
-        raise _not_regular(path, what, mode)
-    return fd
-
-
-def read_bounded(path: str | os.PathLike[str], what: str, limit: int) -> bytes:
-    """The bytes of a regular file of at most ``limit`` bytes.
+def read_bounded(path: AnyPath, what: str, limit: int) -> bytes:
+    """The bytes of a regular file (or an object) of at most ``limit`` bytes, through the storage layer.
 
     Raises:
         CheckpointNotFoundError: missing.
         UnsafeCheckpointError: not a regular file, or larger than ``limit``.
     """
-    path = Path(path)
-    fd = open_regular(path, what)
-    try:
-        size = os.fstat(fd).st_size
-        if size > limit:
-            raise UnsafeCheckpointError(f"{what} {path} is {size} bytes, more than the {limit} we parse; "
-                                        "it is damaged or not the file it is named after")
-        chunks, total = [], 0
-        while total <= limit:  # the file may grow while we read: never past the cap
-            block = os.read(fd, min(8 << 20, limit + 1 - total))
-            if not block:
-                break
-            chunks.append(block)
-            total += len(block)
-    finally:
-        os.close(fd)
-    if total > limit:
-        raise UnsafeCheckpointError(f"{what} {path} grew past {limit} bytes while being read; refusing it")
-    return b"".join(chunks)
+    return storage.read_bounded(storage.as_path(path), what, limit)
 
 
 def nesting_depth(data: bytes) -> int:
@@ -187,7 +108,7 @@ MAX_TRACKER_BYTES = 4096
 _MAX_ITERATION_DIGITS = 18  # iteration_XXXXXXXX names and int64 counters: a longer number is damage
 
 
-def read_tracker_file(path: str | os.PathLike[str]) -> int:
+def read_tracker_file(path: AnyPath | str) -> int:
     """The iteration number in a tracker file (``latest_checkpointed_iteration.txt``): one non-negative
     integer, surrounding whitespace allowed (MindFormers writes no newline).
 
@@ -197,7 +118,7 @@ def read_tracker_file(path: str | os.PathLike[str]) -> int:
         CorruptCheckpointError: anything but one number of at most 18 digits (longer ones are
             damage, and Python's ``int`` refuses over 4300 digits without naming a file).
     """
-    path = Path(path)
+    path = storage.as_path(path)
     text = read_bounded(path, "tracker", MAX_TRACKER_BYTES).decode("utf-8", errors="replace").strip()
     if not (text.isascii() and text.isdigit() and len(text) <= _MAX_ITERATION_DIGITS):
         shown = text if len(text) <= 40 else f"{text[:40]}... ({len(text)} characters)"
@@ -252,7 +173,7 @@ def parse_json_object(data: bytes | str, where: str, *, allow_nan: bool = False,
     return doc
 
 
-def load_json(path: str | os.PathLike[str], what: str, *, limit: int = MAX_JSON_BYTES,
+def load_json(path: AnyPath | str, what: str, *, limit: int = MAX_JSON_BYTES,
               allow_nan: bool = False) -> Any:
     """Read (:func:`read_bounded`) and parse (:func:`parse_json`) one JSON file.
 
@@ -263,7 +184,7 @@ def load_json(path: str | os.PathLike[str], what: str, *, limit: int = MAX_JSON_
     return parse_json(read_bounded(path, what, limit), f"{what} {path}", allow_nan=allow_nan)
 
 
-def load_json_object(path: str | os.PathLike[str], what: str, limit: int = MAX_JSON_BYTES, *,
+def load_json_object(path: AnyPath | str, what: str, limit: int = MAX_JSON_BYTES, *,
                      allow_nan: bool = False) -> dict[str, Any]:
     """:func:`load_json` of a file that must hold a JSON object.
 

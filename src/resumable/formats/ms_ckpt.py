@@ -34,7 +34,7 @@ from typing import Iterable, Mapping
 import torch
 
 from resumable.errors import CorruptCheckpointError, NotImplementedYet
-from resumable.formats.jsonfile import open_regular
+from resumable.storage.local import open_regular
 from resumable.formats.protowire import LENGTH, VARINT, Wire, WireError, as_int64, length_field, varint_field
 from resumable.formats.schema import MAX_DIM, MAX_NDIM, shown
 

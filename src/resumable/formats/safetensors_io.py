@@ -5,22 +5,12 @@ The writer produces files that the real ``safetensors`` library reads
 (``dtype``, ``shape``, ``data_offsets`` per key, plus ``__metadata__``) padded with
 spaces to a multiple of 8 bytes, then the raw little-endian bytes of each tensor in
 header order. Tensors are written one after another straight from memory: each is made
-contiguous on its own (a view stays a view when it already is), seen as bytes through
-numpy, and cut into blocks of a few MB. Every block's place in the file is known from
-the header, so ``WRITE_THREADS`` threads ``os.pwrite`` the blocks of a tensor in
-parallel (copying into the page cache is what bounds a durable write on a fast disk, and
-it is CPU work that threads spread over cores; ``os.pwrite`` releases the GIL) and ask the
-kernel to start writing each block back at once (``sync_file_range``), so that the final
-``fsync`` waits for the tail only. No second copy of the whole state is made, and the
-xxh3-64 checksum of the file is computed by the calling thread from the same blocks, in
-file order, as they go out, never by reading the file back.
-
-Files of ``DIRECT_MIN_BYTES`` and more go the other way where the file system allows it
-(``_write_direct``): their space is allocated first, then ``DIRECT_THREADS`` threads copy
-8 MiB blocks of the file's bytes into aligned buffers of their own and write them with
-``O_DIRECT``, so the device reads the buffers itself: no page-cache copy, no writeback
-left for the ``fsync``, and no page cache evicted from under the training job. The
-bytes and the checksum are the same either way.
+contiguous on its own (a view stays a view when it already is) and seen as bytes through
+numpy; the file's bytes (header, then each tensor's) go to the storage layer as a sequence
+of views (:func:`resumable.storage.write_stream`: ``O_DIRECT`` or ``pwrite`` threads on a
+local disk, parallel multipart uploads to an object store), which computes the file's
+xxh3-64 from the same bytes, in file order, as they go out. No second copy of the whole
+state is made.
 
 The reader parses only the header, with hard limits, so that a hostile or truncated
 file produces a ``CorruptCheckpointError`` / ``UnsafeCheckpointError`` naming the file
@@ -36,24 +26,18 @@ before the header goes out (one pass over memory, ~0.09 s per GiB);
 placeholders, hashes each tensor as it is fetched, rewrites the header in place at the
 end and computes the whole-file checksum by reading the file back.
 
-This module is bytes only: no ``torch.distributed``, no renames. It fsyncs the file it
-wrote (the data must be durable before the commit); directory fsyncs and renames live
-in ``resumable.commit``.
+This module is bytes only: no ``torch.distributed``, no renames, no file opened by path
+(the storage layer does that). A file is durable when a write returns; directory fsyncs
+and renames live in ``resumable.commit``.
 """
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import json
-import mmap
 import os
 import re
 import struct
-import threading
-from collections import deque
 from contextlib import contextmanager
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -62,9 +46,12 @@ import torch
 import xxhash
 from safetensors import SafetensorError, safe_open
 
+from resumable import storage
 from resumable.errors import CorruptCheckpointError, UnsafeCheckpointError
-from resumable.formats.jsonfile import check_regular, open_regular, parse_json_object
+from resumable.formats.jsonfile import parse_json_object
 from resumable.formats.schema import MAX_DIM, MAX_NDIM, shown
+from resumable.storage import AnyPath
+from resumable.storage.local import check_regular
 
 __all__ = [
     "BLOCKS_KEY",
@@ -108,28 +95,15 @@ _ITEMSIZE: dict[str, int] = {v: torch.empty(0, dtype=k).element_size() for k, v 
 
 #: Largest header we agree to parse (the safetensors library uses the same bound).
 MAX_HEADER_BYTES = 100_000_000
-#: Bytes handed to one ``os.write`` call: large enough to amortise syscalls, small
-#: enough that the checksum and the write overlap well in the page cache.
-BLOCK_BYTES = 8 << 20
-#: Threads writing the blocks of one file (the calling thread checksums meanwhile).
-WRITE_THREADS = 2
-#: Threads writing one file with ``O_DIRECT`` (they wait on the device, not on a lock).
-DIRECT_THREADS = 4
-#: Files smaller than this are written through the page cache only.
-DIRECT_MIN_BYTES = 4 << 20
-_ALIGN = 4096  # offsets, lengths and buffers of O_DIRECT writes are multiples of this
+#: Bytes read at a time by :func:`verify_file`.
+READ_BYTES = 8 << 20
+_MIN_BLOCK = 4096  # smallest checksum block a file may record
 #: Bytes covered by one block checksum: a read cut mid-block costs at most this much extra
 #: reading at each of its two edges; the digests cost 16 header bytes per MiB of data.
 CHECK_BLOCK = 1 << 20
 #: ``__metadata__`` key of the block checksums: JSON ``{"block": CHECK_BLOCK, "xxh3_64":
 #: {key: 16 hex digits per block, concatenated}}``.
 BLOCKS_KEY = "resumable_blocks"
-
-#: Test seam: called after each block is written with (path, bytes written so far).
-#: The crash tests set it in a child process to stop a real writer mid-file; it is
-#: None in production and costs one comparison per block.
-after_block_hook: Callable[[Path, int], None] | None = None
-
 
 def dtype_name(dtype: torch.dtype) -> str:
     """The safetensors name of a torch dtype (``torch.bfloat16`` → ``"BF16"``).
@@ -187,51 +161,17 @@ def _byte_view(t: torch.Tensor) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
 
 
-def _write_all(fd: int, view: memoryview) -> None:
-    """``os.write`` until every byte of ``view`` is out (short writes are legal)."""
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
-
-
-def _sync_file_range() -> "ctypes._CFuncPtr | None":
-    """libc's ``sync_file_range`` (Linux), or None where it does not exist."""
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_SYNC_FILE_RANGE = _sync_file_range()
-_SYNC_FILE_RANGE_WRITE = 2  # start writeback of dirty pages in the range; do not wait
-
-
-def _pwrite_block(fd: int, view: memoryview, offset: int) -> None:
-    """``os.pwrite`` all of ``view`` at ``offset``, then start its writeback (no waiting)."""
-    start, left = offset, view
-    while left:
-        n = os.pwrite(fd, left, offset)
-        left, offset = left[n:], offset + n
-    if _SYNC_FILE_RANGE is not None and len(view):
-        # Only a hint: the fsync at the end is what makes the data durable.
-        _SYNC_FILE_RANGE(fd, start, len(view), _SYNC_FILE_RANGE_WRITE)
-
-
-def write_file(path: str | os.PathLike[str], tensors: Sequence[tuple[str, torch.Tensor]],
-               metadata: Mapping[str, str] | None = None, *, fsync: bool = True) -> tuple[int, str]:
+def write_file(path: AnyPath, tensors: Sequence[tuple[str, torch.Tensor]],
+               metadata: Mapping[str, str] | None = None) -> tuple[int, str]:
     """Stream ``tensors`` into a new safetensors file, checksumming as it writes.
 
     Args:
-        path: file to create; it must not exist (created with ``O_EXCL`` so two writers
-            can never interleave into one file).
+        path: file or object to create; a local file must not exist (created with ``O_EXCL``
+            so two writers can never interleave into one file).
         tensors: ``(key, tensor)`` pairs, written in this order. A tensor may be a
             non-contiguous view (a slice of a shard): only that chunk is copied, when
             its turn comes.
         metadata: ``__metadata__`` entries (str → str).
-        fsync: fsync the file before returning (default). Turn off only for scratch files.
 
     Returns:
         ``(size_in_bytes, xxh3_64_hex)`` of the whole file as written.
@@ -251,7 +191,7 @@ def write_file(path: str | os.PathLike[str], tensors: Sequence[tuple[str, torch.
     specs = [(key, t.dtype, tuple(t.shape)) for key, t in tensors]
     # ~0.09 s per GiB: python-xxhash holds the GIL, so threads would not make it shorter.
     digests = {key: _digest_hex(_byte_view(t)) for key, t in tensors}
-    return _write(Path(path), specs, by_key.__getitem__, _with_blocks(metadata, digests), None, fsync)
+    return _write(storage.as_path(path), specs, by_key.__getitem__, _with_blocks(metadata, digests), None)
 
 
 def _check_blocks(view: memoryview) -> list[memoryview]:
@@ -270,17 +210,16 @@ def _with_blocks(metadata: Mapping[str, str] | None, digests: Mapping[str, str])
                                                        separators=(",", ":"))}
 
 
-def write_file_streaming(path: str | os.PathLike[str], specs: Sequence[tuple[str, torch.dtype, Sequence[int]]],
-                         get: Callable[[str], torch.Tensor], metadata: Mapping[str, str] | None = None, *,
-                         fsync: bool = True) -> tuple[int, str]:
+def write_file_streaming(path: AnyPath, specs: Sequence[tuple[str, torch.dtype, Sequence[int]]],
+                         get: Callable[[str], torch.Tensor],
+                         metadata: Mapping[str, str] | None = None) -> tuple[int, str]:
     """:func:`write_file` for tensors fetched one at a time: memory bounded by the largest one.
 
     Args:
-        path: file to create (``O_EXCL``).
+        path: file or object to create (a local one with ``O_EXCL``).
         specs: ``(key, dtype, shape)`` of every tensor, in file order (the header is written first).
         get: returns the tensor of a key; called once per key, in order, and released before the next.
         metadata: ``__metadata__`` entries (str → str).
-        fsync: fsync the file before returning.
 
     Returns:
         ``(size_in_bytes, xxh3_64_hex)`` of the whole file. The block digests are known only
@@ -294,7 +233,7 @@ def write_file_streaming(path: str | os.PathLike[str], specs: Sequence[tuple[str
     Example:
         >>> write_file_streaming("/tmp/a.safetensors", [("w", torch.float32, (2, 3))], lambda k: torch.ones(2, 3))
     """
-    path = Path(path)
+    path = storage.as_path(path)
     # Placeholders of the digests' exact width: the final header has the same length.
     digests = {key: "0" * 16 * -(-_nbytes(dtype, shape) // CHECK_BLOCK) for key, dtype, shape in specs}
 
@@ -304,7 +243,7 @@ def write_file_streaming(path: str | os.PathLike[str], specs: Sequence[tuple[str
         return t
 
     meta = _with_blocks(metadata, digests)
-    size, _ = _write(path, specs, hashed, meta, digests, fsync)
+    size, _ = _write(path, specs, hashed, meta, digests)
     return size, _xxh3_file(path)
 
 
@@ -315,207 +254,49 @@ def _nbytes(dtype: torch.dtype, shape: Sequence[int]) -> int:
     return n
 
 
-def _xxh3_file(path: Path) -> str:
-    """xxh3-64 of a file's bytes, read in ``BLOCK_BYTES`` pieces."""
+def _xxh3_file(path: AnyPath) -> str:
+    """xxh3-64 of a file's bytes, read in ``READ_BYTES`` pieces."""
     h = xxhash.xxh3_64()
-    with open(path, "rb") as f:
-        while block := f.read(BLOCK_BYTES):
-            h.update(block)
+    with storage.open_reader(path, "safetensors file") as f:
+        for at in range(0, f.size, READ_BYTES):
+            h.update(f.read(at, min(READ_BYTES, f.size - at)))
     return h.hexdigest()
 
 
-def _write(path: Path, specs: Sequence[tuple[str, torch.dtype, Sequence[int]]], get: Callable[[str], torch.Tensor],
-           metadata: dict[str, str], late: dict[str, str] | None, fsync: bool) -> tuple[int, str]:
-    """Write the file; ``late``: block digests filled in by ``get`` while writing, the header is then
-    rewritten in place before the fsync (the returned checksum is then that of the placeholder header)."""
+def _chunks(path: AnyPath, prefix: bytes, specs: Sequence[tuple[str, torch.dtype, Sequence[int]]],
+            get: Callable[[str], torch.Tensor]) -> Iterator[memoryview]:
+    """The file's bytes in order: the header, then each tensor's, fetched only when its turn comes."""
+    yield memoryview(prefix)
+    for key, dtype, shape in specs:
+        t = get(key)
+        if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+            raise ValueError(f"{path}: tensor {key!r} was announced as {dtype} {list(shape)} but is "
+                             f"{t.dtype} {list(t.shape)}")
+        view = _byte_view(t)
+        del t
+        yield view
+        del view  # release this chunk (and any contiguous copy) before the next
+
+
+def _write(path: AnyPath, specs: Sequence[tuple[str, torch.dtype, Sequence[int]]], get: Callable[[str], torch.Tensor],
+           metadata: dict[str, str], late: dict[str, str] | None) -> tuple[int, str]:
+    """Write the file through the storage layer; ``late``: block digests filled in by ``get`` while writing,
+    the header then rewritten before the file is made durable (the returned checksum is then that of the
+    placeholder header)."""
     header, data_size = _header_bytes([(key, torch.empty(tuple(shape), dtype=dtype, device="meta"))
                                        for key, dtype, shape in specs], metadata)
-    hasher = xxhash.xxh3_64()
     prefix = struct.pack("<Q", len(header)) + header
-    total = len(prefix) + data_size
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
-    # The test hook wants "written so far" exactly: blocks then go out one at a time.
-    threads = 1 if after_block_hook is not None else WRITE_THREADS
-    pool = ThreadPoolExecutor(threads, thread_name_prefix="resumable-write") if threads > 1 else None
-    direct = None
-    try:
-        if after_block_hook is None and total >= DIRECT_MIN_BYTES:
-            direct = _open_direct(path, fd, total)
-        if direct is not None:
-            written = _write_direct(fd, direct, path, prefix, specs, get, hasher)
-            _rewrite_header(fd, header, specs, metadata, late)
-            if fsync:
-                os.fsync(fd)
-            return written, hasher.hexdigest()
-        hasher.update(prefix)
-        _write_all(fd, memoryview(prefix))
-        written = len(prefix)
-        for key, dtype, shape in specs:
-            t = get(key)
-            if t.dtype != dtype or tuple(t.shape) != tuple(shape):
-                raise ValueError(f"{path}: tensor {key!r} was announced as {dtype} {list(shape)} but is "
-                                 f"{t.dtype} {list(t.shape)}")
-            view = _byte_view(t)
-            del t
-            pending: list[Future] = []
-            for start in range(0, len(view), BLOCK_BYTES):
-                block = view[start:start + BLOCK_BYTES]
-                hasher.update(block)
-                if pool is None:
-                    _pwrite_block(fd, block, written)
-                else:
-                    pending.append(pool.submit(_pwrite_block, fd, block, written))
-                written += len(block)
-                if after_block_hook is not None:
-                    after_block_hook(path, written)
-            for f in pending:
-                f.result()  # this tensor is out (or its error raised) before the next is fetched
-            del view, pending  # release this chunk (and any contiguous copy) before the next
-        _rewrite_header(fd, header, specs, metadata, late)
-        if fsync:
-            os.fsync(fd)
-    except OSError as exc:
-        if exc.filename is None:  # os.write/fsync errors name no file: "No space left on device" where?
-            raise OSError(exc.errno, exc.strerror, str(path)) from exc
-        raise
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=True)  # no thread may still write when the fd is closed
-        if direct is not None:
-            os.close(direct)
-        os.close(fd)
-    return written, hasher.hexdigest()
 
-
-def _rewrite_header(fd: int, placeholder: bytes, specs: Sequence[tuple[str, torch.dtype, Sequence[int]]],
-                    metadata: dict[str, str], late: dict[str, str] | None) -> None:
-    """Write the header again with the block digests ``late`` now holds (same length, fixed-width hex)."""
-    if late is None:
-        return
-    header, _ = _header_bytes([(key, torch.empty(tuple(shape), dtype=dtype, device="meta"))
-                               for key, dtype, shape in specs], _with_blocks(metadata, late))
-    if len(header) != len(placeholder):  # the digests are fixed width: a bug, never a user's input
-        raise AssertionError("block digests changed the header length")
-    _pwrite_block(fd, memoryview(header), 8)
-
-
-def _open_direct(path: Path, fd: int, total: int) -> int | None:
-    """A second, ``O_DIRECT`` descriptor of the new file, its ``total`` bytes allocated; or None.
-
-    None where the file system refuses direct I/O (the page-cache path is used). The space
-    is allocated first (``posix_fallocate``): a full disk fails here, before any data, and
-    writes into allocated space let ext4 take its inode lock shared, so threads write at once.
-    """
-    try:
-        direct = os.open(path, os.O_WRONLY | getattr(os, "O_DIRECT", 0) | getattr(os, "O_CLOEXEC", 0))
-    except OSError as exc:
-        if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+    def final_header() -> bytes | None:
+        if late is None:
             return None
-        raise
-    if not hasattr(os, "O_DIRECT"):
-        os.close(direct)
-        return None
-    try:
-        try:
-            os.posix_fallocate(fd, 0, total)
-        except OSError as exc:
-            if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
-                raise
-        probe = mmap.mmap(-1, _ALIGN)  # page aligned, zeros; overwritten by the first block
-        try:
-            os.pwrite(direct, probe, 0)
-        except OSError as exc:  # the open succeeded but the file system cannot do it
-            if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
-                raise
-            os.close(direct)
-            return None
-        finally:
-            probe.close()
-    except BaseException:
-        os.close(direct)
-        raise
-    return direct
+        final, _ = _header_bytes([(key, torch.empty(tuple(shape), dtype=dtype, device="meta"))
+                                  for key, dtype, shape in specs], _with_blocks(metadata, late))
+        if len(final) != len(header):  # the digests are fixed width: a bug, never a user's input
+            raise AssertionError("block digests changed the header length")
+        return final
 
-
-def _write_direct(fd: int, direct: int, path: Path, prefix: bytes,
-                  specs: Sequence[tuple[str, torch.dtype, Sequence[int]]], get: Callable[[str], torch.Tensor],
-                  hasher: "xxhash.xxh3_64") -> int:
-    """Write the file as ``BLOCK_BYTES`` blocks at aligned offsets through ``direct`` (``O_DIRECT``).
-
-    The calling thread cuts the file's bytes (header, then each tensor's) into blocks and
-    checksums them in order; ``DIRECT_THREADS`` threads copy a block's pieces into an
-    aligned buffer of their own and write it, bypassing the page cache (the device's DMA
-    reads the buffer: no page-cache copy, no writeback at fsync). The last block's final
-    partial page goes through ``fd`` (a normal descriptor). At most ``2 x DIRECT_THREADS``
-    blocks are in flight, each holding references to the tensors its pieces come from.
-
-    Returns:
-        The bytes written.
-    """
-    local = threading.local()
-
-    def put(offset: int, pieces: list[memoryview], nbytes: int) -> None:
-        buf = getattr(local, "buf", None)
-        if buf is None:
-            buf = local.buf = mmap.mmap(-1, BLOCK_BYTES)
-            bufs.append(buf)
-        pos = 0
-        for piece in pieces:
-            buf[pos:pos + len(piece)] = piece
-            pos += len(piece)
-        aligned = nbytes // _ALIGN * _ALIGN
-        view, at = memoryview(buf)[:aligned], offset
-        while view:
-            n = os.pwrite(direct, view, at)
-            view, at = view[n:], at + n
-        if aligned < nbytes:
-            _pwrite_block(fd, memoryview(buf)[aligned:nbytes], offset + aligned)
-
-    bufs: list[mmap.mmap] = []
-    pending: deque[Future] = deque()
-    pieces: list[memoryview] = []
-    filled, offset = 0, 0
-    with ThreadPoolExecutor(DIRECT_THREADS, thread_name_prefix="resumable-write") as pool:
-        def flush() -> None:
-            nonlocal pieces, filled, offset
-            pending.append(pool.submit(put, offset, pieces, filled))
-            offset, pieces, filled = offset + filled, [], 0
-            while len(pending) > 2 * DIRECT_THREADS:
-                pending.popleft().result()
-
-        def feed(view: memoryview) -> None:
-            nonlocal filled
-            while view:
-                take = min(len(view), BLOCK_BYTES - filled)
-                hasher.update(view[:take])
-                pieces.append(view[:take])
-                filled += take
-                view = view[take:]
-                if filled == BLOCK_BYTES:
-                    flush()
-
-        try:
-            feed(memoryview(prefix))
-            for key, dtype, shape in specs:
-                t = get(key)
-                if t.dtype != dtype or tuple(t.shape) != tuple(shape):
-                    raise ValueError(f"{path}: tensor {key!r} was announced as {dtype} {list(shape)} but is "
-                                     f"{t.dtype} {list(t.shape)}")
-                feed(_byte_view(t))
-                del t
-            if filled:
-                flush()
-            while pending:
-                pending.popleft().result()
-        finally:
-            for f in pending:
-                f.cancel()
-    for buf in bufs:
-        try:
-            buf.close()
-        except BufferError:  # a view still held by a traceback: the GC unmaps it later
-            pass
-    return offset
+    return storage.write_stream(path, len(prefix) + data_size, _chunks(path, prefix, specs, get), final_header)
 
 
 @dataclass(frozen=True)
@@ -610,8 +391,8 @@ def block_digests(header: "Header") -> dict[str, BlockDigests] | None:
         return None
     doc = parse_json_object(raw, f"{header.path}: __metadata__ {BLOCKS_KEY!r}", fix=_DAMAGED)
     block, table = doc.get("block"), doc.get("xxh3_64")
-    if not _is_int(block) or block < _ALIGN or not isinstance(table, dict):
-        raise _corrupt(header.path, f"__metadata__ {BLOCKS_KEY!r} needs a block size of at least {_ALIGN} "
+    if not _is_int(block) or block < _MIN_BLOCK or not isinstance(table, dict):
+        raise _corrupt(header.path, f"__metadata__ {BLOCKS_KEY!r} needs a block size of at least {_MIN_BLOCK} "
                                     "and an xxh3_64 object")
     out = {}
     for key, entry in header.tensors.items():
@@ -673,7 +454,7 @@ def stored_slice(handle: Any, path: Path, key: str, dtype: torch.dtype, shape: S
     return piece
 
 
-def verify_file(path: str | os.PathLike[str]) -> tuple[str, bool, CorruptCheckpointError | None]:
+def verify_file(path: AnyPath) -> tuple[str, bool, CorruptCheckpointError | None]:
     """Read a file once, front to back: its whole-file xxh3-64, and every block checksum it records checked.
 
     Returns:
@@ -685,42 +466,44 @@ def verify_file(path: str | os.PathLike[str]) -> tuple[str, bool, CorruptCheckpo
     Raises:
         CorruptCheckpointError: the file shrank while being read.
     """
-    path = Path(path)
+    path = storage.as_path(path)
     failed: CorruptCheckpointError | None = None
     try:
         header = read_header(path)
-        digests, spans, size = block_digests(header), header.tensors.items(), header.file_size
+        digests, spans = block_digests(header), header.tensors.items()
     except CorruptCheckpointError as exc:  # still hashed whole, below
-        failed, digests, spans, size = exc, None, {}.items(), os.stat(path).st_size
+        failed, digests, spans = exc, None, {}.items()
     whole = xxhash.xxh3_64()
-    with os.fdopen(open_regular(path, "safetensors file"), "rb") as f:
+    with storage.open_reader(path, "safetensors file") as f:
+        at = 0
+
         def take(nbytes: int) -> bytes:
-            data = f.read(nbytes)
-            if len(data) != nbytes:
-                raise _corrupt(path, f"the file ended while being read (expected {size} bytes)")
+            nonlocal at
+            data = f.read(at, nbytes)
+            at += nbytes
             whole.update(data)
             return data
 
         def skip_to(end: int) -> None:  # the header, gaps and the tail: hashed, not block-checked
-            while f.tell() < end:
-                take(min(BLOCK_BYTES, end - f.tell()))
+            while at < end:
+                take(min(READ_BYTES, end - at))
 
         for start, end, key in sorted((e.start, e.end, k) for k, e in spans if e.end > e.start):
             skip_to(start)
             check = digests[key] if digests is not None else None
-            step = check.block if check is not None else BLOCK_BYTES
-            for at in range(start, end, step):
-                data = take(min(step, end - at))
+            step = check.block if check is not None else READ_BYTES
+            for block in range(start, end, step):
+                data = take(min(step, end - block))
                 if check is not None and failed is None:
                     try:  # the data is the whole block: nothing else is read
-                        check.check(at, at + len(data), memoryview(data), lambda o, n: os.pread(f.fileno(), n, o))
+                        check.check(block, block + len(data), memoryview(data), f.read)
                     except CorruptCheckpointError as exc:
                         failed = exc
-        skip_to(size)
+        skip_to(f.size)
     return whole.hexdigest(), digests is not None, failed
 
 
-def read_header(path: str | os.PathLike[str], *, max_header_bytes: int = MAX_HEADER_BYTES) -> Header:
+def read_header(path: AnyPath, *, max_header_bytes: int = MAX_HEADER_BYTES) -> Header:
     """Read and validate the header of a safetensors file without reading its data.
 
     Checks: the header length fits the file and ``max_header_bytes``; the header is a
@@ -744,19 +527,19 @@ def read_header(path: str | os.PathLike[str], *, max_header_bytes: int = MAX_HEA
         >>> h = read_header("CKP-model-0000000-0000001.safetensors")
         >>> h.tensors["model.norm.weight"].shape
     """
-    path = Path(path)
-    with os.fdopen(open_regular(path, "safetensors file"), "rb") as f:  # a FIFO or /dev/zero: refused, never read
-        size = os.fstat(f.fileno()).st_size
+    path = storage.as_path(path)
+    with storage.open_reader(path, "safetensors file") as f:  # a FIFO or /dev/zero: refused, never read
+        size = f.size
         if size < 8:
             raise _corrupt(path, f"file has {size} bytes, fewer than the 8-byte header length")
-        (n,) = struct.unpack("<Q", f.read(8))
+        (n,) = struct.unpack("<Q", f.read(0, 8))
         if n > max_header_bytes:
             raise UnsafeCheckpointError(
                 f"{path}: safetensors header length {n} exceeds the limit of {max_header_bytes} bytes; "
                 "refusing to read it (the file is damaged or not a safetensors file)")
         if 8 + n > size:
             raise _corrupt(path, f"header length {n} runs past the end of the {size}-byte file")
-        raw = f.read(n)
+        raw = f.read(8, n)
     doc = parse_json_object(raw, f"{path}: not a valid safetensors file: header", fix=_DAMAGED)
     data_start = 8 + n
     meta = doc.pop("__metadata__", None) or {}

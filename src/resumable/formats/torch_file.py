@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from resumable.errors import CorruptCheckpointError, UnsafeCheckpointError
-from resumable.formats.jsonfile import check_regular
+from resumable.storage.local import check_regular
 
 __all__ = ["PICKLE_PROTOCOL", "TorchFile", "WRAPPERS", "load_weights_only", "read_torch_file"]
 

@@ -26,7 +26,8 @@ import xxhash
 
 from resumable.errors import CheckpointNotFoundError, CorruptCheckpointError, UnsafeCheckpointError
 from resumable.formats.hf import safe_member
-from resumable.formats.jsonfile import open_regular, parse_json, parse_json_object, read_bounded
+from resumable.formats.jsonfile import parse_json, parse_json_object, read_bounded
+from resumable.storage.local import open_regular
 from resumable.formats.schema import MAX_DIM, MAX_NDIM, RESTORE, is_int, need_int, need_int_list, need_number, need_type, shown
 from resumable.formats.safetensors_io import DTYPE_NAMES, read_header
 from resumable.geometry import Box, covers_exactly

@@ -18,7 +18,7 @@ import torch
 
 from resumable.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, UnsafeCheckpointError
 from resumable.formats import v1, v2
-from resumable.formats.jsonfile import check_regular
+from resumable.storage.local import check_regular
 from resumable.formats.mindformers import parse_legacy_name
 from resumable.formats.ms_ckpt import index_ms_ckpt
 from resumable.formats.safetensors_io import block_digests, read_header

@@ -30,7 +30,7 @@ import torch
 from resumable import commit
 from resumable.errors import CheckpointError, CheckpointNotFoundError, ConfigError
 from resumable.formats import v1, v2
-from resumable.formats.jsonfile import check_regular
+from resumable.storage.local import check_regular
 from resumable.formats.mindformers import select_legacy_files
 from resumable.formats.safetensors_io import read_header
 from resumable.models.qwen3 import FusedLayout
