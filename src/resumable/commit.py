@@ -2,11 +2,22 @@
 
 A checkpoint is *committed* when its folder carries its final name
 ``iteration_XXXXXXXX`` and holds a readable ``metadata.json`` (or, for a MindFormers
-single-rank checkpoint, a readable ``common.json`` and no ``metadata.json``). Files are
-written under ``.tmp-iteration_XXXXXXXX`` beside the final folder; the rename is the
-commit point; the tracker ``latest_checkpointed_iteration.txt`` is replaced atomically
-only afterwards. :func:`is_committed` is the one definition used by discovery,
-retention, verification and the CLI.
+single-rank checkpoint, a readable ``common.json`` and no ``metadata.json``).
+:func:`is_committed` is the one definition used by discovery, retention, verification
+and the CLI, on both backends. How a save gets there differs:
+
+- local folder: files are written under ``.tmp-iteration_XXXXXXXX`` beside the final
+  folder, metadata.json with them; the rename is the commit point;
+- object store (no rename): every rank uploads its files under the final prefix; after
+  every rank reported success the coordinator writes ``files.json`` and ``common.json``,
+  then ``metadata.json`` (which records every file's size and checksum) last: its
+  appearance is the commit point (a PUT is atomic), so a prefix without it is an
+  interrupted save, removed at the next start with any multipart upload left open.
+
+The tracker ``latest_checkpointed_iteration.txt`` is replaced only afterwards: locally
+atomically (rename), on an object store with a conditional write (``If-Match`` the
+version this job last read or wrote, ``If-None-Match: *`` when there was none), so two
+jobs can never both advance it (:class:`~resumable.storage.Conflict`).
 
 Folder names this module owns (all hidden, all removed by :func:`clean_leftovers`):
 
@@ -34,16 +45,17 @@ import errno
 import logging
 import os
 import re
-import shutil
 import signal
 import threading
-import uuid
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
-from resumable.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
-from resumable.formats.jsonfile import load_json_object, read_tracker_file
+from resumable import storage
+from resumable.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, SaveError
+from resumable.formats.jsonfile import MAX_TRACKER_BYTES, load_json_object, parse_tracker, read_tracker_file
 from resumable.retention import Metric, Missing, Policy, decide
+from resumable.storage import AnyPath, ObjectPath
+from resumable.storage.local import fsync_dir, fsync_file, make_dirs, temp_path
 
 log = logging.getLogger(__name__)
 
@@ -113,31 +125,12 @@ def temp_dirname(iteration: int) -> str:
     return ".tmp-" + iteration_dirname(iteration)
 
 
-def fsync_dir(path: str | os.PathLike[str]) -> None:
-    """fsync a directory so that renames and creations inside it survive a power loss."""
-    _fsync_path(path, os.O_RDONLY | os.O_DIRECTORY)
-
-
-def _fsync_path(path: str | os.PathLike[str], flags: int) -> None:
-    """Open ``path`` with ``flags`` and fsync it; an fsync error names the path (the kernel's does not)."""
-    fd = os.open(path, flags)
-    try:
-        os.fsync(fd)
-    except OSError as exc:  # e.g. EIO or ENOSPC from write-back: "[Errno 28] No space left on device" says not where
-        raise OSError(exc.errno, exc.strerror, os.fspath(path)) from exc
-    finally:
-        os.close(fd)
-
-
 def atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
-    """Replace ``path`` with ``data`` so that readers see the old or the new content, never a mix.
+    """Replace local file ``path`` with ``data`` so that readers see the old or the new content, never a mix.
 
-    Writes a temp file in the same folder, fsyncs it, renames it over ``path`` and
-    fsyncs the folder. On any error the temp file is removed and ``path`` is untouched.
-
-    Args:
-        path: the file to create or replace.
-        data: its new content.
+    Writes a temp file in the same folder, fsyncs it, renames it over ``path`` and fsyncs
+    the folder (``resumable.storage.local.atomic_write``, fault point ``atomic-write``
+    before the rename). On any error the temp file is removed and ``path`` is untouched.
 
     Raises:
         OSError: the folder is missing or not writable, or the disk is full.
@@ -145,36 +138,7 @@ def atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
     Example:
         >>> atomic_write(Path("ckpt") / "latest_checkpointed_iteration.txt", b"100\\n")
     """
-    path = Path(path)
-    tmp = temp_path(path)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        except OSError as exc:
-            if exc.filename is None:  # name the file: "No space left on device" alone says not where
-                raise OSError(exc.errno, exc.strerror, str(path)) from exc
-            raise
-        finally:
-            os.close(fd)
-        fault_point("atomic-write")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def temp_path(path: str | os.PathLike[str]) -> Path:
-    """A fresh hidden name beside ``path`` (``.{name}.tmp-{pid}-{hex}``) for a file written before its rename.
-
-    :func:`clean_leftovers` recognises these names; :func:`publish_file` renames one into place.
-    """
-    path = Path(path)
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    storage.local.atomic_write(path, data, lambda: fault_point("atomic-write"))
 
 
 def publish_file(temp: str | os.PathLike[str], final: str | os.PathLike[str]) -> None:
@@ -186,45 +150,6 @@ def publish_file(temp: str | os.PathLike[str], final: str | os.PathLike[str]) ->
     final = Path(final)
     os.replace(temp, final)
     fsync_dir(final.parent)
-
-
-def fsync_file(path: str | os.PathLike[str]) -> None:
-    """fsync one file's data (metadata.json and friends before the folder rename)."""
-    _fsync_path(path, os.O_RDONLY)
-
-
-def make_dirs(path: str | os.PathLike[str]) -> Path:
-    """Create ``path`` and its missing parents so that their creation survives a power loss.
-
-    Each folder created here is followed by an fsync of its parent: without it, a crash
-    can lose the new folder's entry (and everything committed inside it) even though the
-    files in it were fsynced. Folders that already exist are left as they are.
-
-    Returns:
-        ``path``.
-
-    Raises:
-        NotADirectoryError: ``path`` (or a parent) exists and is not a folder.
-        OSError: the folder cannot be created (permissions, full disk).
-    """
-    path = Path(path)
-    missing = []
-    at = path
-    while not at.is_dir():
-        if at.exists() or at.is_symlink():  # a file, or a link to nowhere: mkdir would fail obscurely ...
-            if at.is_dir():
-                break  # ... unless another rank created the folder since the check above
-            raise NotADirectoryError(errno.ENOTDIR, "exists and is not a folder; choose another path", str(at))
-        missing.append(at)
-        at = at.parent
-    for folder in reversed(missing):
-        try:
-            folder.mkdir()
-        except FileExistsError:  # another rank or process made it meanwhile: its entry still needs the fsync
-            if not folder.is_dir():
-                raise
-        fsync_dir(folder.parent)
-    return path
 
 
 def new_output_dir(final: str | os.PathLike[str]) -> Path:
@@ -264,7 +189,7 @@ def publish_output_dir(temp: str | os.PathLike[str], final: str | os.PathLike[st
     fsync_dir(final.parent)
 
 
-def _json_object(path: Path) -> dict | None:
+def _json_object(path: AnyPath) -> dict | None:
     """The JSON object in ``path``; None when it is missing, unreadable, not an object, or hostile (a FIFO
     would block every command that looks for checkpoints; deep nesting would raise RecursionError)."""
     try:
@@ -279,61 +204,181 @@ _MAX_JSON = 1 << 30  # formats.v2.MAX_METADATA_BYTES (not imported: v2 brings to
 _OUR_COMMON_KEYS = ("state", "rank_local")
 
 
-def is_committed(folder: str | os.PathLike[str]) -> bool:
-    """True when ``folder`` is a complete checkpoint; THE definition used everywhere.
+def is_committed(folder: AnyPath | str) -> bool:
+    """True when ``folder`` is a complete checkpoint; THE definition used everywhere, on both backends.
 
     A folder is committed when its name is ``iteration_XXXXXXXX`` (never a temp name)
-    and it holds a ``metadata.json`` that parses as a JSON object. A MindFormers
-    single-rank checkpoint has no metadata.json; it counts when ``common.json`` parses
-    and at least one ``.safetensors`` file is present, unless that common.json is ours
-    (we always write metadata.json: ours without it is damaged, and must not count
-    toward ``keep_checkpoint_max`` as a good checkpoint). A symlink is never committed,
+    and it holds a ``metadata.json`` that parses as a JSON object (written last by every
+    save, on an object store after every file it lists). A MindFormers single-rank
+    checkpoint has no metadata.json; it counts when ``common.json`` parses and at least
+    one ``.safetensors`` file is present, unless that common.json is ours (we always
+    write metadata.json: ours without it is damaged, and must not count toward
+    ``keep_checkpoint_max`` as a good checkpoint). A local symlink is never committed,
     whatever it points at: its files live outside the folder, and retention would delete
     through it.
     """
-    folder = Path(folder)
-    if parse_iteration(folder.name) is None or folder.is_symlink() or not folder.is_dir():
+    folder = storage.as_path(folder)
+    if parse_iteration(folder.name) is None:
         return False
-    meta = folder / METADATA
-    if meta.exists():
-        return _json_object(meta) is not None
+    if isinstance(folder, Path) and (folder.is_symlink() or not folder.is_dir()):
+        return False
+    meta = _json_object(folder / METADATA)
+    if meta is not None:
+        return True
+    if storage.exists(folder / METADATA):
+        return False
     common = _json_object(folder / COMMON)
     return (common is not None and not all(k in common for k in _OUR_COMMON_KEYS)
-            and any(folder.glob("*.safetensors")))
+            and any(e.name.endswith(".safetensors") and not e.is_dir for e in storage.list_dir(folder)))
 
 
-def committed_iterations(directory: str | os.PathLike[str]) -> list[int]:
+def committed_iterations(directory: AnyPath | str) -> list[int]:
     """Iterations of the committed folders directly under ``directory``, oldest first."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return []
+    directory = storage.as_path(directory)
     found = []
-    for child in directory.iterdir():
-        n = parse_iteration(child.name)
-        if n is not None and is_committed(child):
+    for entry in storage.list_dir(directory):
+        n = parse_iteration(entry.name)
+        if n is not None and is_committed(directory / entry.name):
             found.append(n)
     return sorted(found)
 
 
-def read_tracker(directory: str | os.PathLike[str]) -> int | None:
+#: Object store: the tracker's version (ETag) this process last read or wrote, per tracker.
+_tracker_versions: dict[ObjectPath, str | None] = {}
+
+
+def read_tracker(directory: AnyPath | str) -> int | None:
     """The iteration named by ``latest_checkpointed_iteration.txt``, or None when absent.
 
     Tolerates surrounding whitespace and a missing trailing newline (MindFormers
-    writes none).
+    writes none). On an object store the version read is remembered: the next
+    :func:`write_tracker` of this process succeeds only if nobody wrote it since.
 
     Raises:
         CorruptCheckpointError: the file holds anything but one non-negative integer of at
             most 18 digits (UnsafeCheckpointError: not a regular file, or over 4 kB).
     """
+    path = storage.as_path(directory) / TRACKER
+    if isinstance(path, ObjectPath):
+        data, version = storage.backend(path).read_versioned(path, "tracker", MAX_TRACKER_BYTES)
+        _tracker_versions[path] = version
+        return None if data is None else parse_tracker(data, path)
     try:
-        return read_tracker_file(Path(directory) / TRACKER)
+        return read_tracker_file(path)
     except CheckpointNotFoundError:
         return None
 
 
-def write_tracker(directory: str | os.PathLike[str], iteration: int) -> None:
-    """Point the tracker at ``iteration`` atomically (call only after that folder is committed)."""
-    atomic_write(Path(directory) / TRACKER, f"{iteration}\n".encode())
+def write_tracker(directory: AnyPath | str, iteration: int) -> None:
+    """Point the tracker at ``iteration`` (call only after that folder is committed).
+
+    Local: atomically (rename). Object store: a conditional write against the version this
+    process last read or wrote (read now when it never did).
+
+    Raises:
+        SaveError: (object store) another job wrote the tracker since this one read it.
+    """
+    path = storage.as_path(directory) / TRACKER
+    data = f"{iteration}\n".encode()
+    if not isinstance(path, ObjectPath):
+        atomic_write(path, data)
+        return
+    if path not in _tracker_versions:
+        read_tracker(directory)
+    try:
+        _tracker_versions[path] = storage.backend(path).write_if(path, data, _tracker_versions[path])
+    except storage.Conflict:
+        _tracker_versions.pop(path, None)
+        raise SaveError(f"{path} was changed by someone else since this job read it: another job is saving "
+                        f"into {path.parent} (or the tracker was edited by hand); iteration {iteration} is "
+                        "written but the tracker was not moved to it. Stop the other job; one job per "
+                        "checkpoint folder") from None
+
+
+def remove_tracker(directory: AnyPath | str) -> None:
+    """Delete the tracker (resolution then falls back to the newest committed iteration)."""
+    path = storage.as_path(directory) / TRACKER
+    if storage.exists(path):
+        storage.remove(path)
+        if isinstance(path, Path):
+            fsync_dir(path.parent)
+    _tracker_versions.pop(path, None)  # type: ignore[arg-type]
+
+
+def staging_folder(directory: AnyPath, iteration: int) -> AnyPath:
+    """Where a save of ``iteration`` writes its files: the temp folder locally, the final prefix on an object store."""
+    if storage.backend(directory).renames:
+        return directory / temp_dirname(iteration)
+    return directory / iteration_dirname(iteration)
+
+
+def prepare_staging(directory: AnyPath, iteration: int) -> AnyPath:
+    """Rank 0, before the ranks write: an empty staging folder for ``iteration`` (:func:`staging_folder`).
+
+    Local: ``directory`` created (fsynced), a stale temp folder of an earlier attempt
+    removed, the temp folder made. Object store: objects under the final prefix (an
+    interrupted save of this iteration, or an uncommitted one) removed; a committed copy
+    is uncommitted first (its metadata.json deleted) unless it is the tracker's target,
+    which is refused: without rename, saving it again would leave no good checkpoint
+    while the new one is written.
+
+    Raises:
+        SaveError: (object store) the iteration is committed and named by the tracker.
+    """
+    staging = staging_folder(directory, iteration)
+    if isinstance(staging, Path):
+        make_dirs(directory)  # a first save: <output_dir> fsynced after checkpoint/ appears
+        if staging.exists():
+            log.warning("removing stale %s left by an earlier attempt at this iteration", staging)
+            storage.remove_tree(staging)
+        staging.mkdir()
+        return staging
+    if storage.exists(staging):
+        if is_committed(staging):
+            if read_tracker(directory) == iteration:
+                raise SaveError(f"{staging} is committed and named by the tracker; on an object store it cannot "
+                                "be replaced safely (there is no rename): save under a new iteration")
+            storage.remove(staging / METADATA)  # uncommitted at once: never half a committed folder
+        log.warning("removing %s (an earlier attempt at this iteration) before saving it again", staging)
+        storage.remove_tree(staging)
+    return staging
+
+
+def commit_folder(staging: AnyPath, final: AnyPath, files: Sequence[tuple[str, bytes]]) -> AnyPath | None:
+    """Rank 0, once every rank wrote: write ``files`` (metadata.json last) and commit.
+
+    Local: the files written into the temp folder and fsynced with it, fault point
+    ``before-rename``, then :func:`publish_folder`. Object store: each file uploaded in
+    order, fault point ``before-rename`` before the last one (metadata.json), whose upload
+    is the commit point.
+
+    Returns:
+        The previous copy set aside (local, the same iteration saved again), or None.
+    """
+    if isinstance(staging, ObjectPath):
+        for name, data in files[:-1]:
+            storage.write_atomic(staging / name, data)
+        fault_point("before-rename")
+        name, data = files[-1]
+        storage.write_atomic(staging / name, data)
+        return None
+    for name, data in files:
+        with open(staging / name, "wb") as f:
+            f.write(data)
+        fsync_file(staging / name)
+    fsync_dir(staging)
+    fault_point("before-rename")
+    return publish_folder(staging, final)
+
+
+def discard_staging(staging: AnyPath) -> None:
+    """Remove a failed save's staging folder (never a committed one: on an object store staging is final)."""
+    if isinstance(staging, ObjectPath):
+        if not is_committed(staging):
+            storage.remove_tree(staging)
+        return
+    if staging.exists():
+        storage.remove_tree(staging)
 
 
 def _renameat2_exchange(a: Path, b: Path) -> bool:
@@ -396,16 +441,21 @@ def publish_folder(temp: str | os.PathLike[str], final: str | os.PathLike[str]) 
     return old
 
 
-def unpublish_folder(final: str | os.PathLike[str], temp: str | os.PathLike[str],
-                     previous: Path | None = None) -> None:
+def unpublish_folder(final: AnyPath, temp: AnyPath, previous: Path | None = None) -> None:
     """Undo :func:`publish_folder` when the tracker could not be updated.
 
     The new copy goes back to ``temp`` (the caller removes it) and ``previous`` (the old
     copy :func:`publish_folder` returned) back to ``final``, so the tracker's target is
     whole again and "nothing was committed" is true. A crash between the two renames
     leaves ``.old-…`` without ``final``: :func:`clean_leftovers` renames it back.
+    On an object store (no rename: ``final`` is the staging prefix) metadata.json is deleted
+    first (the iteration is uncommitted at once), then the rest.
     Who calls it: the coordinator (rank 0) only.
     """
+    if isinstance(final, ObjectPath):
+        storage.remove(final / METADATA)
+        storage.remove_tree(final)
+        return
     final = Path(final)
     os.rename(final, temp)
     if previous is not None:
@@ -427,19 +477,12 @@ def discard_previous(previous: Path | None) -> None:
         log.warning("could not remove the replaced copy %s (removed at the next start): %s", previous, exc)
 
 
-def _remove_tree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=False)
-
-
 def _remove_entry(path: Path) -> None:
     """Remove a folder tree, or a file or symlink itself (a symlink is never followed)."""
-    if path.is_symlink() or not path.is_dir():
-        path.unlink(missing_ok=True)
-    else:
-        _remove_tree(path)
+    storage.remove_tree(path)
 
 
-def clean_leftovers(directory: str | os.PathLike[str]) -> list[Path]:
+def clean_leftovers(directory: AnyPath | str) -> list[AnyPath]:
     """Remove what interrupted saves and deletions left behind; returns what was removed.
 
     Removes ``.tmp-iteration_*`` and ``.del-iteration_*`` folders and stale
@@ -449,10 +492,16 @@ def clean_leftovers(directory: str | os.PathLike[str]) -> list[Path]:
     by hand, or a save that met a stray file) are unlinked, never followed. Every
     action is logged.
 
+    On an object store (no temp names): an iteration prefix that is not committed (an
+    interrupted save or deletion) is removed, and so is every multipart upload left open
+    under ``directory`` (a writer killed mid-file).
+
     Who calls it: one process (rank 0) at start-up, before any save of this job begins;
     never while a save into ``directory`` is running.
     """
-    directory = Path(directory)
+    directory = storage.as_path(directory)
+    if isinstance(directory, ObjectPath):
+        return _clean_object_leftovers(directory)
     removed: list[Path] = []
     if not directory.is_dir():
         return removed
@@ -471,7 +520,7 @@ def clean_leftovers(directory: str | os.PathLike[str]) -> list[Path]:
                 fsync_dir(directory)
                 log.warning("restored %s from interrupted replacement %s", final, child.name)
                 continue
-            _remove_tree(child)
+            storage.remove_tree(child)
             removed.append(child)
             log.warning("removed leftover %s of an interrupted save or deletion", child)
         elif _ATOMIC_TMP_RE.match(child.name) and (child.is_symlink() or child.is_file()):
@@ -481,8 +530,31 @@ def clean_leftovers(directory: str | os.PathLike[str]) -> list[Path]:
     return removed
 
 
-def _delete(folder: Path) -> None:
-    """Delete an iteration entry: renamed to ``.del-…`` first (it stops looking committed at once), then removed."""
+def _clean_object_leftovers(directory: ObjectPath) -> list[AnyPath]:
+    removed: list[AnyPath] = []
+    for key in storage.backend(directory).abort_uploads(directory):  # type: ignore[attr-defined]
+        removed.append(ObjectPath(directory.bucket, key))
+        log.warning("aborted the unfinished upload of s3://%s/%s (a save killed mid-file)", directory.bucket, key)
+    for entry in storage.list_dir(directory):
+        folder = directory / entry.name
+        if entry.is_dir and parse_iteration(entry.name) is not None and not is_committed(folder):
+            storage.remove_tree(folder)
+            removed.append(folder)
+            log.warning("removed leftover %s of an interrupted save or deletion (no metadata.json)", folder)
+    return removed
+
+
+def _delete(folder: AnyPath) -> None:
+    """Delete an iteration: first made uncommitted in one atomic step, then removed.
+
+    Local: renamed to ``.del-…``; object store: its metadata.json deleted. A crash part way
+    leaves a leftover, never a half folder that looks committed.
+    """
+    if isinstance(folder, ObjectPath):
+        storage.remove(folder / METADATA)
+        fault_point("retention-renamed")
+        storage.remove_tree(folder)
+        return
     doomed = folder.parent / (".del-" + folder.name)
     if doomed.exists() or doomed.is_symlink():
         _remove_entry(doomed)
@@ -492,28 +564,28 @@ def _delete(folder: Path) -> None:
     _remove_entry(doomed)
 
 
-def iterations_after(directory: str | os.PathLike[str], start: int) -> list[int]:
+def iterations_after(directory: AnyPath | str, start: int) -> list[int]:
     """Iterations above ``start`` named by entries of ``directory``, oldest first.
 
     Every entry named like an iteration folder counts, committed or not (a damaged
     folder may be repaired), files and symlinks too: a save of that iteration would
     replace it or trip over it, and the tracker would move back below it.
     """
-    directory = Path(directory)
-    if not directory.is_dir():
-        return []
-    return sorted(n for child in directory.iterdir() if (n := parse_iteration(child.name)) is not None and n > start)
+    return sorted(n for e in storage.list_dir(storage.as_path(directory))
+                  if (n := parse_iteration(e.name)) is not None and n > start)
 
 
-def interrupted_commit(directory: str | os.PathLike[str]) -> int | None:
+def interrupted_commit(directory: AnyPath | str) -> int | None:
     """The iteration whose save stopped between its folder rename and its tracker update, if any.
 
     It is the newest iteration, the only one above the tracker's target, committed, with
     a metadata.json written after the tracker. A tracker written after that folder (by
     hand: the user chose the older iteration) does not qualify. A resume from the
     tracker's target redoes that save, which replaces the folder; nothing else is lost.
+    Object stores record modification times to the second: there a metadata.json of the
+    tracker's second counts as written after it.
     """
-    directory = Path(directory)
+    directory = storage.as_path(directory)
     try:
         target = read_tracker(directory)
     except CorruptCheckpointError:
@@ -521,14 +593,15 @@ def interrupted_commit(directory: str | os.PathLike[str]) -> int | None:
     newer = iterations_after(directory, target) if target is not None else []
     if len(newer) != 1 or not is_committed(folder := directory / iteration_dirname(newer[0])):
         return None
-    try:
-        written_after = (folder / METADATA).stat().st_mtime_ns > (directory / TRACKER).stat().st_mtime_ns
-    except OSError:
+    meta, tracker = storage.stat(folder / METADATA), storage.stat(directory / TRACKER)
+    if meta is None or tracker is None:
         return None
-    return newer[0] if written_after else None
+    if isinstance(directory, ObjectPath):
+        return newer[0] if meta.mtime_ns >= tracker.mtime_ns else None
+    return newer[0] if meta.mtime_ns > tracker.mtime_ns else None
 
 
-def discard_after(directory: str | os.PathLike[str], start: int) -> list[int]:
+def discard_after(directory: AnyPath | str, start: int) -> list[int]:
     """Delete every iteration entry above ``start`` (asked for explicitly), the tracker first.
 
     The tracker is pointed at ``start`` when that iteration is committed here, else
@@ -539,15 +612,14 @@ def discard_after(directory: str | os.PathLike[str], start: int) -> list[int]:
 
     Who calls it: rank 0, at start-up, when the user asked to discard newer checkpoints.
     """
-    directory = Path(directory)
+    directory = storage.as_path(directory)
     doomed = iterations_after(directory, start)
     if not doomed:
         return []
     if is_committed(directory / iteration_dirname(start)):
         write_tracker(directory, start)
-    elif (directory / TRACKER).exists():
-        (directory / TRACKER).unlink()
-        fsync_dir(directory)
+    else:
+        remove_tracker(directory)
     for n in doomed:
         _delete(directory / iteration_dirname(n))
         log.warning("discard_newer_checkpoints: deleted %s (newer than step %d this job starts from)",
@@ -555,7 +627,7 @@ def discard_after(directory: str | os.PathLike[str], start: int) -> list[int]:
     return doomed
 
 
-def apply_retention(directory: str | os.PathLike[str], policy: Policy, protect: Iterable[int] = (),
+def apply_retention(directory: AnyPath | str, policy: Policy, protect: Iterable[int] = (),
                     read_metric: Callable[[int], Metric] | None = None) -> list[int]:
     """Delete the committed checkpoints no policy keeps (:func:`resumable.retention.decide`).
 
@@ -581,7 +653,7 @@ def apply_retention(directory: str | os.PathLike[str], policy: Policy, protect: 
     """
     if not policy.deletes:
         return []
-    directory = Path(directory)
+    directory = storage.as_path(directory)
     try:
         target = read_tracker(directory)
     except CorruptCheckpointError:
@@ -612,13 +684,13 @@ def _describe(policy: Policy) -> str:
     return ", ".join(parts)
 
 
-def latest_committed(directory: str | os.PathLike[str]) -> Path | None:
+def latest_committed(directory: AnyPath | str) -> AnyPath | None:
     """The folder a resume should load: the tracker's target when committed, else the newest committed.
 
     Raises:
         CorruptCheckpointError: the tracker is unreadable, or names a folder that is not committed.
     """
-    directory = Path(directory)
+    directory = storage.as_path(directory)
     target = read_tracker(directory)
     if target is not None:
         folder = directory / iteration_dirname(target)

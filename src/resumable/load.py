@@ -46,7 +46,8 @@ from typing import Any, Iterable, Literal, Mapping
 
 import torch
 
-from resumable import dist, errors
+from resumable import dist, errors, storage
+from resumable.storage import AnyPath
 from resumable.balanced import balanced_reads
 from resumable.dist import agree_on
 from resumable.errors import StateMismatchError
@@ -87,7 +88,7 @@ class LoadResult:
             :func:`load_async`.
     """
 
-    path: Path
+    path: AnyPath
     iteration: int
     common: dict[str, Any]
     rank_local: Any
@@ -108,7 +109,7 @@ def _dtype_str(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def check_state(meta: v2.Metadata, flat: FlatState, folder: Path) -> None:
+def check_state(meta: v2.Metadata, flat: FlatState, folder: AnyPath) -> None:
     """Compare the target tensors with the checkpoint; report every mismatch at once.
 
     Names in the checkpoint but absent from the state are fine (a pipeline stage loads
@@ -212,13 +213,13 @@ def plan_chunk_reads(meta: v2.Metadata, name: str, targets: Iterable[LocalChunk]
 # ------------------------------------------------------------------------------ helpers
 
 
-def _iteration_folder(path: str | os.PathLike[str]) -> Path:
+def _iteration_folder(path: str | os.PathLike[str] | AnyPath) -> AnyPath:
     """An ``iteration_*`` folder as is; a checkpoint folder through its tracker."""
-    path = Path(path)
+    path = storage.as_path(path)
     if path.name.startswith(("iteration_", ".tmp-", ".old-", ".del-")):
         check_iteration_folder(path)
         return path
-    if not path.is_dir():
+    if not storage.is_dir(path):
         raise errors.CheckpointNotFoundError(
             f"{path} does not exist; pass a checkpoint folder or an iteration_* folder")
     found = resolve_directory(path)
@@ -233,7 +234,7 @@ def _blocks(verify: Verify) -> bool:
     return verify in ("blocks", "checksum")
 
 
-def _verify(folder: Path, meta: v2.Metadata, reads: Iterable[Read], verify: Verify, rank: int, world: int) -> None:
+def _verify(folder: AnyPath, meta: v2.Metadata, reads: Iterable[Read], verify: Verify, rank: int, world: int) -> None:
     """Sizes of the files this rank reads (a stat each); checksums of every file, split across ranks.
 
     No rank stats every file of the job: at thousands of ranks that alone is millions of
@@ -300,7 +301,7 @@ def restore_objects(state: dict, common: Mapping[str, Any], rank_local: Any) -> 
 
 @dataclass
 class _Prepared:
-    folder: Path
+    folder: AnyPath
     meta: v2.Metadata
     flat: FlatState
     reads: list[Read] = field(default_factory=list)

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from resumable import commit, dist
+from resumable import commit, dist, storage
 from resumable.async_save import AsyncSaveHandle, AsyncSaver
 from resumable.errors import CheckpointError, ConfigError, NewerCheckpointsError, describe_os_error
 from resumable.events import Callback, EventLog, make_event
@@ -94,7 +94,7 @@ class CheckpointManager:
             raise ConfigError(f"checkpoint_format must be 'safetensors' or 'ckpt', got {checkpoint_format!r}")
         if checkpoint_format == "ckpt":
             log.warning("checkpoint_format 'ckpt' is not available in Checkpoint 2.0; saving safetensors")
-        self.directory = Path(directory)
+        self.directory = storage.as_path(directory)
         self.prefix = prefix
         self.save_checkpoint_steps = save_checkpoint_steps
         self._metrics: dict[int, Metric] = {}  # iteration → its keep_best metric, read once per folder

@@ -49,6 +49,8 @@ from resumable.commit import (
 from resumable.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 from resumable.formats import v2
 from resumable.formats.safetensors_io import verify_file
+from resumable import storage
+from resumable.storage import AnyPath, ObjectPath
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +79,7 @@ class Resolution:
         return self.path is None
 
 
-def verify_files(folder: str | os.PathLike[str], meta: v2.Metadata | None = None, *,
+def verify_files(folder: AnyPath | str, meta: v2.Metadata | None = None, *,
                  checksum: bool = False, only: set[str] | None = None) -> int:
     """Check that every file ``metadata.json`` names exists with its recorded size (and checksums).
 
@@ -99,19 +101,20 @@ def verify_files(folder: str | os.PathLike[str], meta: v2.Metadata | None = None
     Example:
         >>> verify_files("ckpt/iteration_00000100", checksum=True)
     """
-    folder = Path(folder)
+    folder = storage.as_path(folder)
     meta = meta if meta is not None else v2.read_metadata(folder)
     table = v2.FILES if meta.format_version >= 2 else v2.METADATA  # where the sizes and checksums are
     blocks = 0
-    for name in sorted(meta.files if only is None else only):
+    names = sorted(meta.files if only is None else only)
+    sizes = _sizes(folder, names, listing=only is None)
+    for name in names:
         info = meta.files.get(name)
         if info is None:
             raise CorruptCheckpointError(f"{folder / name}: read by this rank but not listed in {v2.FILES}; "
                                          "the metadata is damaged: rebuild it from the files")
         path = folder / name
-        try:
-            size = path.stat().st_size
-        except FileNotFoundError:
+        size = sizes[name]
+        if size is None:
             raise CheckpointNotFoundError(
                 f"{path}: missing; {table} lists it with {info.size} bytes. The checkpoint is "
                 "incomplete: restore the file or load another iteration") from None
@@ -131,7 +134,17 @@ def verify_files(folder: str | os.PathLike[str], meta: v2.Metadata | None = None
     return blocks
 
 
-def check_iteration_folder(folder: Path) -> int:
+def _sizes(folder: AnyPath, names: list[str], *, listing: bool) -> dict[str, int | None]:
+    """The size of each file (None: missing). An object store answers one listing for the whole
+    folder (``listing``), a rank checking its own share a request per file: never every rank a
+    listing of every rank's files."""
+    if listing and isinstance(folder, ObjectPath):
+        found = {e.name: e.size for e in storage.list_dir(folder) if not e.is_dir}
+        return {n: found.get(n) for n in names}
+    return {n: (e.size if (e := storage.stat(folder / n)) is not None and not e.is_dir else None) for n in names}
+
+
+def check_iteration_folder(folder: AnyPath) -> int:
     """The iteration of a committed folder, or a clear error saying why it is not loadable."""
     name = folder.name
     if name.startswith((".tmp-", ".old-", ".del-")):
@@ -141,18 +154,18 @@ def check_iteration_folder(folder: Path) -> int:
     iteration = parse_iteration(name)
     if iteration is None:
         raise CheckpointNotFoundError(f"{folder} is not an iteration_XXXXXXXX folder")
-    if folder.is_symlink():
+    if isinstance(folder, Path) and folder.is_symlink():
         raise CorruptCheckpointError(
             f"{folder} is a symlink (to {os.readlink(folder)}), not a committed checkpoint: an iteration folder is "
             "never a link (its files would be read from outside the checkpoint folder, and retention would count "
             "and delete through it). Point load_checkpoint at the folder it links to, or copy that folder in")
-    if not folder.is_dir():
+    if not storage.is_dir(folder):
         raise CheckpointNotFoundError(
             f"{folder} does not exist; committed iterations in {folder.parent}: "
             f"{_loadable(folder.parent)}")
     # is_committed() also accepts a MindFormers single-rank folder (common.json, no
     # metadata.json); a Checkpoint 2.0 load needs metadata.json, so it is required here.
-    if not is_committed(folder) or not (folder / v2.METADATA).is_file():
+    if not is_committed(folder) or not storage.is_file(folder / v2.METADATA):
         raise CorruptCheckpointError(
             f"{folder} is incomplete (no readable metadata.json): the save that wrote it did not "
             f"finish. Load another iteration (committed: {_loadable(folder.parent)}) "
@@ -160,13 +173,13 @@ def check_iteration_folder(folder: Path) -> int:
     return iteration
 
 
-def _loadable(directory: Path) -> list[int]:
+def _loadable(directory: AnyPath) -> list[int]:
     """Committed iterations of ``directory`` that have a metadata.json (for messages)."""
     return [n for n in committed_iterations(directory)
-            if (directory / iteration_dirname(n) / v2.METADATA).is_file()]
+            if storage.is_file(directory / iteration_dirname(n) / v2.METADATA)]
 
 
-def _valid(folder: Path) -> str | None:
+def _valid(folder: AnyPath) -> str | None:
     """None when ``folder`` is committed, its metadata.json passes its seal and parses, common.json matches
     the size and checksum metadata.json records and every data file has its size; else why not."""
     try:
@@ -179,7 +192,7 @@ def _valid(folder: Path) -> str | None:
     return None
 
 
-def _fallback(directory: Path, skipped: list[str], tried: int | Iterable[int] | None = None) -> Resolution:
+def _fallback(directory: AnyPath, skipped: list[str], tried: int | Iterable[int] | None = None) -> Resolution:
     """The newest committed and valid iteration of ``directory`` (other than ``tried``), warning about what was skipped."""
     tried = {tried} if isinstance(tried, int) else set(tried or ())
     for n in reversed(committed_iterations(directory)):
@@ -197,7 +210,7 @@ def _fallback(directory: Path, skipped: list[str], tried: int | Iterable[int] | 
         "Restore a checkpoint or clear load_checkpoint to start fresh")
 
 
-def fall_back(directory: str | os.PathLike[str], failed: Mapping[int, str]) -> Resolution:
+def fall_back(directory: AnyPath | str, failed: Mapping[int, str]) -> Resolution:
     """``resume_training: true`` after loading failed: the newest committed and valid iteration not in ``failed``.
 
     Used when an iteration passed resolution (sizes) but failed while loading (a checksum,
@@ -210,12 +223,12 @@ def fall_back(directory: str | os.PathLike[str], failed: Mapping[int, str]) -> R
     Raises:
         CorruptCheckpointError: nothing valid is left.
     """
-    directory = Path(directory)
+    directory = storage.as_path(directory)
     skipped = [f"{iteration_dirname(n)} ({why})" for n, why in failed.items()]
     return _fallback(directory, skipped, failed.keys())
 
 
-def resolve_directory(directory: str | os.PathLike[str], *, fallback: bool = False) -> Resolution:
+def resolve_directory(directory: AnyPath | str, *, fallback: bool = False) -> Resolution:
     """The checkpoint a resume from ``directory`` loads: the tracker's target, else the newest committed.
 
     Args:
@@ -236,7 +249,7 @@ def resolve_directory(directory: str | os.PathLike[str], *, fallback: bool = Fal
         >>> resolve_directory("output/checkpoint").path
         PosixPath('output/checkpoint/iteration_00000200')
     """
-    directory = Path(directory)
+    directory = storage.as_path(directory)
     try:
         target = read_tracker(directory)
     except CorruptCheckpointError as exc:
@@ -248,7 +261,7 @@ def resolve_directory(directory: str | os.PathLike[str], *, fallback: bool = Fal
         problem = _valid(folder) if fallback else None
         if problem is not None:
             return _fallback(directory, [f"{folder.name} named by {TRACKER} ({problem})"], target)
-        if not fallback and not folder.exists():
+        if not fallback and not storage.exists(folder):
             raise CheckpointNotFoundError(
                 f"{directory / TRACKER} names iteration {target} but {folder} does not exist; "
                 f"committed iterations: {_loadable(directory)}. Edit the tracker to one "
@@ -261,7 +274,7 @@ def resolve_directory(directory: str | os.PathLike[str], *, fallback: bool = Fal
         if fallback and (problem := _valid(folder)) is not None:
             return _fallback(directory, [f"{folder.name} ({problem})"], committed[-1])
         return Resolution(folder, committed[-1], f"no {TRACKER}; newest committed iteration")
-    incomplete = sorted(p.name for p in directory.iterdir() if parse_iteration(p.name) is not None)
+    incomplete = sorted(e.name for e in storage.list_dir(directory) if parse_iteration(e.name) is not None)
     if incomplete:
         raise CorruptCheckpointError(
             f"{directory} holds only incomplete iterations ({', '.join(incomplete)}: no readable "
@@ -269,7 +282,13 @@ def resolve_directory(directory: str | os.PathLike[str], *, fallback: bool = Fal
     return Resolution(None, None, f"{directory} holds no checkpoint yet")
 
 
-def _inside(path: Path, root: Path) -> bool:
+def _inside(path: AnyPath, root: AnyPath) -> bool:
+    if isinstance(path, ObjectPath) or isinstance(root, ObjectPath):
+        try:
+            path.relative_to(root)  # type: ignore[arg-type]
+        except (ValueError, AttributeError):
+            return False
+        return isinstance(path, ObjectPath) and isinstance(root, ObjectPath)
     try:
         path.resolve().relative_to(root.resolve())
     except ValueError:
@@ -277,9 +296,9 @@ def _inside(path: Path, root: Path) -> bool:
     return True
 
 
-def _visible_entries(directory: Path) -> list[str]:
-    # Hidden names are leftovers of interrupted saves (.tmp-/.old-/.del-) or atomic writes.
-    return sorted(p.name for p in directory.iterdir() if not p.name.startswith("."))
+def _visible_entries(directory: AnyPath) -> list[str]:
+    # Hidden names are leftovers of interrupted saves (.tmp-/.old-/.del-), atomic writes or the lock.
+    return sorted(e.name for e in storage.list_dir(directory) if not e.name.startswith("."))
 
 
 def resolve_checkpoint(load_checkpoint: str | os.PathLike[str] | None, *,
@@ -320,17 +339,17 @@ def _resolve(load_checkpoint: str | os.PathLike[str] | None, output_dir: str | o
              fallback: bool) -> Resolution:
     if load_checkpoint is None or str(load_checkpoint) == "":
         return Resolution(None, None, "load_checkpoint is empty")
-    path = Path(load_checkpoint)
+    path = storage.as_path(load_checkpoint)
     if path.name.startswith((".tmp-", ".old-", ".del-")) or parse_iteration(path.name) is not None:
         iteration = check_iteration_folder(path)
         return Resolution(path, iteration, f"{path.name} was named explicitly")
-    if not path.exists():
-        if output_dir is not None and _inside(path, Path(output_dir)):
+    if not storage.exists(path):
+        if output_dir is not None and _inside(path, storage.as_path(output_dir)):
             return Resolution(None, None, f"{path} does not exist yet (inside the job's output_dir)")
         raise CheckpointNotFoundError(
             f"load_checkpoint {path} does not exist; point it at a checkpoint folder or an "
             "iteration_* folder, or leave it empty to start fresh")
-    if not path.is_dir():
+    if not storage.is_dir(path):
         raise CheckpointNotFoundError(
             f"load_checkpoint {path} is a file; Checkpoint 2.0 loads a folder (the checkpoint folder "
             "or one iteration_* folder). For a single legacy file set use_legacy_format: true")

@@ -33,16 +33,14 @@ import json
 import logging
 import os
 import random
-import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
 
-from resumable import commit, dist, saveplan
+from resumable import commit, dist, saveplan, storage
 from resumable.errors import CheckpointError, SaveError, describe_os_error
 from resumable.formats import v2
 from resumable.formats.safetensors_io import write_file
@@ -50,6 +48,7 @@ from resumable.geometry import Box
 from resumable.gc_pause import gc_paused
 from resumable.planning import assign_writers
 from resumable.state import flatten_state
+from resumable.storage import AnyPath
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +72,7 @@ class SavePlan:
     """Everything one rank needs to write its files and (rank 0) commit. Built by :func:`plan_save`."""
 
     iteration: int
-    directory: Path
+    directory: AnyPath
     group: Any
     rank: int
     files: dict[str, tuple[str, list[WriteItem]]]  # file name -> (kind, items), this rank's files only
@@ -88,11 +87,12 @@ class SavePlan:
     started: float = field(default_factory=time.perf_counter)
 
     @property
-    def temp(self) -> Path:
-        return self.directory / commit.temp_dirname(self.iteration)
+    def temp(self) -> AnyPath:
+        """Where the files are written: the temp folder (local) or the final prefix (object store)."""
+        return commit.staging_folder(self.directory, self.iteration)
 
     @property
-    def final(self) -> Path:
+    def final(self) -> AnyPath:
         return self.directory / commit.iteration_dirname(self.iteration)
 
 
@@ -163,11 +163,11 @@ def plan_save(state: Mapping[str, Any], directory: str | os.PathLike[str], itera
     rank raises ``SaveError`` naming it.
     """
     with gc_paused():
-        return _plan_save(state, Path(directory), iteration, prefix=prefix, save_optimizer=save_optimizer,
+        return _plan_save(state, storage.as_path(directory), iteration, prefix=prefix, save_optimizer=save_optimizer,
                           remove_redundancy=remove_redundancy, group=group, layout_info=layout_info)
 
 
-def _plan_save(state: Mapping[str, Any], directory: Path, iteration: int, *, prefix: str,
+def _plan_save(state: Mapping[str, Any], directory: AnyPath, iteration: int, *, prefix: str,
                save_optimizer: bool, remove_redundancy: bool, group: Any, layout_info: Any) -> SavePlan:
     me, world = dist.rank(group), dist.world_size(group)
     error, spec, views, flat = None, None, {}, None
@@ -245,7 +245,7 @@ def agree_on_plan(spec: saveplan.RankSpec, me: int, world: int, group: Any, *, i
     return PlanStructure(spec.digest, plan_id, files, shapes, meta if me == 0 else None)
 
 
-def bind_plan(structure: PlanStructure, views: Mapping, objects: dict, rank_local: Any, directory: Path,
+def bind_plan(structure: PlanStructure, views: Mapping, objects: dict, rank_local: Any, directory: AnyPath,
               iteration: int, group: Any, me: int, layout: v2.LayoutMeta, save_optimizer: bool) -> SavePlan:
     """This save's plan from a structure: the live tensors, this iteration's file metadata and folder.
 
@@ -268,7 +268,7 @@ def bind_plan(structure: PlanStructure, views: Mapping, objects: dict, rank_loca
     return SavePlan(iteration, directory, group, me, files, file_meta, meta, common, rank_local)
 
 
-def build_plan(holdings: list[dict], rank_locals: list[Any], objects: dict, views: dict, directory: Path,
+def build_plan(holdings: list[dict], rank_locals: list[Any], objects: dict, views: dict, directory: AnyPath,
                 iteration: int, *, prefix: str, save_optimizer: bool, remove_redundancy: bool, group: Any,
                 me: int, world: int, mesh: dict[str, int] | None, stages: int) -> SavePlan:
     """A plan from explicit boxes per rank, every chunk listed in metadata.json (offline tools: ``split``).
@@ -360,12 +360,8 @@ def prepare_temp(plan: SavePlan) -> None:
     error = None
     if plan.rank == 0:
         try:
-            commit.make_dirs(plan.directory)  # a first save: <output_dir> fsynced after checkpoint/ appears
-            if plan.temp.exists():
-                log.warning("removing stale %s left by an earlier attempt at this iteration", plan.temp)
-                shutil.rmtree(plan.temp)
-            plan.temp.mkdir()
-        except OSError as exc:
+            commit.prepare_staging(plan.directory, plan.iteration)
+        except (OSError, CheckpointError) as exc:
             error = error_text(exc)
     dist.agree(error, f"preparing {plan.temp}", plan.group)
 
@@ -400,7 +396,7 @@ def write_files(plan: SavePlan) -> dict[str, tuple[int, str]]:
 
 
 def finish_save(plan: SavePlan, written: dict[str, tuple[int, str]] | None, error: str | None,
-                on_commit: Callable[[SavePlan], None] | None = None) -> Path:
+                on_commit: Callable[[SavePlan], None] | None = None) -> AnyPath:
     """Steps 4-5: agree on the written files, then rank 0 commits; everyone learns the outcome.
 
     Args:
@@ -448,8 +444,11 @@ def finish_save(plan: SavePlan, written: dict[str, tuple[int, str]] | None, erro
         if outcome is not None:
             raise SaveError(outcome)
     except BaseException as exc:
-        if plan.rank == 0 and plan.temp.exists():
-            shutil.rmtree(plan.temp, ignore_errors=True)
+        if plan.rank == 0 and not committed:
+            try:
+                commit.discard_staging(plan.temp)
+            except (OSError, CheckpointError) as cleanup:  # the next start removes it
+                log.warning("could not remove %s after the failed save: %s", plan.temp, cleanup)
         if isinstance(exc, RuntimeError) and not isinstance(exc, SaveError):
             # A collective failed: a peer died (connection closed) or hangs (the group's timeout).
             outcome = ("the checkpoint was committed by rank 0 before the failure" if committed
@@ -467,7 +466,7 @@ def finish_save(plan: SavePlan, written: dict[str, tuple[int, str]] | None, erro
 
 def commit_plan(plan: SavePlan) -> None:
     """Rank 0: files.json, common.json and metadata.json (sealed; it records the other two's sizes and
-    checksums) into the temp folder, fsync, rename, tracker."""
+    checksums, and is written last), commit (:func:`resumable.commit.commit_folder`), tracker."""
     assert plan.metadata is not None and plan.common is not None, "only rank 0 commits"
     with gc_paused():
         common = v2.common_bytes(plan.common)
@@ -475,17 +474,11 @@ def commit_plan(plan: SavePlan) -> None:
         table, text = plan.metadata.files_json().encode(), plan.metadata.to_json()
         v2.Metadata.from_json(text, plan.temp / v2.METADATA, table)  # never commit a plan that does not tile
         files = ((v2.FILES, table), (v2.COMMON, common), (v2.METADATA, text.encode()))
-    for name, data in files:
-        with open(plan.temp / name, "wb") as f:
-            f.write(data)
-        commit.fsync_file(plan.temp / name)
-    commit.fsync_dir(plan.temp)
-    commit.fault_point("before-rename")
-    previous = commit.publish_folder(plan.temp, plan.final)  # an earlier save of this iteration, set aside
+    previous = commit.commit_folder(plan.temp, plan.final, files)  # an earlier copy, set aside (local)
     commit.fault_point("after-rename")
     try:
         commit.write_tracker(plan.directory, plan.iteration)
-    except OSError:
+    except (OSError, CheckpointError):
         # E.g. the disk filled up between the rename and the tracker: take the folder back out of
         # view and put the earlier copy back, so that "nothing was committed" (what every rank is
         # told) is true and the tracker's target is whole.
@@ -499,7 +492,7 @@ def commit_plan(plan: SavePlan) -> None:
 def save(state: Mapping[str, Any], directory: str | os.PathLike[str], iteration: int, *, prefix: str = "CKP",
          save_optimizer: bool = True, remove_redundancy: bool = False, process_group: Any = None,
          layout_info: Any = None, on_commit: Callable[[SavePlan], None] | None = None,
-         metrics: Mapping[str, float] | None = None) -> Path:
+         metrics: Mapping[str, float] | None = None) -> AnyPath:
     """Save ``state`` as Checkpoint 2.0 ``<directory>/iteration_XXXXXXXX`` and point the tracker at it.
 
     Args:

@@ -36,6 +36,7 @@ from safetensors import SafetensorError, safe_open
 
 from resumable.errors import CheckpointNotFoundError, CorruptCheckpointError, UnsafeCheckpointError
 from resumable.formats.jsonfile import load_json_object
+from resumable.storage import AnyPath, ObjectPath
 from resumable.storage.local import check_regular
 from resumable.formats.schema import need_int, need_number, need_type, shown
 from resumable.formats.safetensors_io import open_safetensors, stored_slice, write_file_streaming
@@ -81,7 +82,7 @@ class HFTensor:
     shape: tuple[int, ...]
 
 
-def safe_member(folder: Path, name: object, what: str) -> Path:
+def safe_member(folder: AnyPath, name: object, what: str) -> AnyPath:
     """``folder / name`` for a bare file name read from metadata, refusing anything that escapes.
 
     Raises:
@@ -99,6 +100,8 @@ def safe_member(folder: Path, name: object, what: str) -> Path:
             f"{what} {shown(name)} in {folder} is not a bare file name inside the checkpoint folder; refusing to "
             "open it")
     path = folder / name
+    if isinstance(path, ObjectPath):  # a bare name under a prefix: nothing to resolve, nothing special
+        return path
     try:
         inside = path.resolve().parent == folder.resolve()
         present = path.exists()

@@ -44,6 +44,7 @@ __all__ = [
     "load_json_object",
     "parse_json",
     "parse_json_object",
+    "parse_tracker",
     "read_bounded",
     "read_tracker_file",
 ]
@@ -119,7 +120,12 @@ def read_tracker_file(path: AnyPath | str) -> int:
             damage, and Python's ``int`` refuses over 4300 digits without naming a file).
     """
     path = storage.as_path(path)
-    text = read_bounded(path, "tracker", MAX_TRACKER_BYTES).decode("utf-8", errors="replace").strip()
+    return parse_tracker(read_bounded(path, "tracker", MAX_TRACKER_BYTES), path)
+
+
+def parse_tracker(data: bytes, path: object) -> int:
+    """The iteration number in a tracker's bytes (:func:`read_tracker_file`); ``path`` names it in errors."""
+    text = data.decode("utf-8", errors="replace").strip()
     if not (text.isascii() and text.isdigit() and len(text) <= _MAX_ITERATION_DIGITS):
         shown = text if len(text) <= 40 else f"{text[:40]}... ({len(text)} characters)"
         raise CorruptCheckpointError(

@@ -27,7 +27,8 @@ import xxhash
 from resumable.errors import CheckpointNotFoundError, CorruptCheckpointError, UnsafeCheckpointError
 from resumable.formats.hf import safe_member
 from resumable.formats.jsonfile import parse_json, parse_json_object, read_bounded
-from resumable.storage.local import open_regular
+from resumable import storage
+from resumable.storage import AnyPath
 from resumable.formats.schema import MAX_DIM, MAX_NDIM, RESTORE, is_int, need_int, need_int_list, need_number, need_type, shown
 from resumable.formats.safetensors_io import DTYPE_NAMES, read_header
 from resumable.geometry import Box, covers_exactly
@@ -580,7 +581,7 @@ def _parse_tensor(name: str, t: object, files: dict[str, FileMeta], source: str,
     return TensorMeta(dtype, list(shape), kind, parsed)
 
 
-def read_metadata(folder: str | os.PathLike[str], *, check_members: bool = True) -> Metadata:
+def read_metadata(folder: AnyPath | str, *, check_members: bool = True) -> Metadata:
     """Read and validate ``<folder>/metadata.json`` (and ``files.json``, format version 2).
 
     Args:
@@ -596,10 +597,11 @@ def read_metadata(folder: str | os.PathLike[str], *, check_members: bool = True)
             or larger than :data:`MAX_METADATA_BYTES`, or a listed file is a symlink resolving
             outside ``folder`` or not a regular file.
     """
-    path = Path(folder) / METADATA
+    folder = storage.as_path(folder)
+    path = folder / METADATA
     text = read_bounded(path, METADATA, MAX_METADATA_BYTES)
     try:
-        files = read_bounded(Path(folder) / FILES, FILES, MAX_METADATA_BYTES)
+        files = read_bounded(folder / FILES, FILES, MAX_METADATA_BYTES)
     except CheckpointNotFoundError:
         files = None  # format version 1 keeps the table inline; version 2 reports it missing
     meta = Metadata.from_json(text, path, files)
@@ -609,10 +611,10 @@ def read_metadata(folder: str | os.PathLike[str], *, check_members: bool = True)
     return meta
 
 
-def member(folder: str | os.PathLike[str], name: str) -> Path:
+def member(folder: AnyPath | str, name: str) -> AnyPath:
     """The path of listed file ``name``, refusing one that resolves outside ``folder`` (a symlinked shard)."""
-    return safe_member(Path(folder), check_bare_name(name, str(Path(folder) / METADATA)),
-                       f"{Path(folder) / METADATA}: file")
+    folder = storage.as_path(folder)
+    return safe_member(folder, check_bare_name(name, str(folder / METADATA)), f"{folder / METADATA}: file")
 
 
 #: common.json's training context: key → the JSON types it may hold (null: absent).
@@ -637,7 +639,7 @@ def check_common(doc: dict[str, Any], where: str) -> dict[str, Any]:
     return doc
 
 
-def read_common(folder: str | os.PathLike[str], meta: Metadata | None = None) -> dict[str, Any]:
+def read_common(folder: AnyPath | str, meta: Metadata | None = None) -> dict[str, Any]:
     """Read ``<folder>/common.json`` (a JSON object, bounded, its context checked by :func:`check_common`).
 
     ``NaN`` is accepted inside (``state`` may hold a NaN the user saved; :func:`common_bytes`
@@ -655,14 +657,15 @@ def read_common(folder: str | os.PathLike[str], meta: Metadata | None = None) ->
             None: read them from ``folder``'s metadata.json when it is resumable's (only its
             seal is checked, the rest is not validated).
     """
-    path = Path(folder) / COMMON
+    folder = storage.as_path(folder)
+    path = folder / COMMON
     try:
         raw = read_bounded(path, COMMON, MAX_METADATA_BYTES)
     except CheckpointNotFoundError:
         raise CheckpointNotFoundError(
             f"{path}: missing; it holds the training context (step, data position) of the iteration: "
             "restore it or load another iteration") from None
-    recorded = meta.common if meta is not None else _recorded_common(Path(folder))
+    recorded = meta.common if meta is not None else _recorded_common(folder)
     if recorded is not None and Seal.of(raw) != recorded:
         found = Seal.of(raw)
         raise CorruptCheckpointError(
@@ -672,7 +675,7 @@ def read_common(folder: str | os.PathLike[str], meta: Metadata | None = None) ->
     return check_common(parse_json_object(raw, str(path), allow_nan=True), str(path))
 
 
-def _recorded_common(folder: Path) -> Seal | None:
+def _recorded_common(folder: AnyPath) -> Seal | None:
     """common.json's seal from ``folder``'s metadata.json (sealed, resumable's, format 3), else None."""
     path = folder / METADATA
     try:
@@ -711,11 +714,11 @@ def file_metadata(chunks: dict[str, tuple[str, list[int], list[int]]], *, kind: 
     }
 
 
-def _xxh3_of(path: Path) -> str:
+def _xxh3_of(path: AnyPath) -> str:
     h = xxhash.xxh3_64()
-    with os.fdopen(open_regular(path, "checkpoint file"), "rb") as f:  # a FIFO or /dev/zero would never end
-        while block := f.read(8 << 20):
-            h.update(block)
+    with storage.open_reader(path) as f:  # a FIFO or /dev/zero is refused: it would never end
+        for at in range(0, f.size, 8 << 20):
+            h.update(f.read(at, min(8 << 20, f.size - at)))
     return h.hexdigest()
 
 
@@ -727,7 +730,7 @@ def _file_meta_json(metadata: dict[str, str], key: str, path: Path) -> dict[str,
     return parse_json_object(metadata[key], f"{path}: __metadata__ {key!r}")
 
 
-def rebuild_metadata(folder: str | os.PathLike[str]) -> Metadata:
+def rebuild_metadata(folder: AnyPath | str) -> Metadata:
     """Rebuild ``metadata.json`` from the safetensors files of a Checkpoint 2.0 folder.
 
     Reads every ``*-model-*`` / ``*-opt-*`` file's header (bounded) and ``__metadata__``,
@@ -749,8 +752,8 @@ def rebuild_metadata(folder: str | os.PathLike[str]) -> Metadata:
         >>> meta = rebuild_metadata("ckpt/iteration_00000100")
         >>> Path("ckpt/iteration_00000100/metadata.json").write_text(meta.to_json())
     """
-    folder = Path(folder)
-    names = sorted(p.name for p in folder.iterdir() if parse_file_name(p.name))
+    folder = storage.as_path(folder)
+    names = sorted(e.name for e in storage.list_dir(folder) if parse_file_name(e.name))
     if not names:
         raise CorruptCheckpointError(f"{folder}: no Checkpoint 2.0 safetensors files to rebuild metadata from")
     tensors: dict[str, TensorMeta] = {}
@@ -789,7 +792,7 @@ def rebuild_metadata(folder: str | os.PathLike[str]) -> Metadata:
     return meta
 
 
-def _seal_of_file(path: Path) -> Seal | None:
+def _seal_of_file(path: AnyPath) -> Seal | None:
     """The seal of ``path`` as it is now (rebuild: common.json is taken as found), None when missing."""
     try:
         return Seal.of(read_bounded(path, path.name, MAX_METADATA_BYTES))

@@ -44,8 +44,10 @@ class Entry:
     is_dir: bool
     size: int = 0
     mtime_ns: int = 0
-    #: Local only: a symlink, a FIFO, a device (never followed, never read).
+    #: Local only: a FIFO, a device, a socket, a dangling link (never read).
     special: bool = False
+    #: Local only: a symbolic link (the other fields describe what it points at).
+    link: bool = False
 
 
 class Reader(Protocol):

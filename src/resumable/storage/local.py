@@ -407,14 +407,13 @@ class LocalBackend(Backend):
         return LocalReader(Path(path), what)
 
     def stat(self, path: Path) -> Entry | None:
+        name = Path(path).name
         try:
-            st = os.lstat(path)
+            st = os.stat(path)
         except (FileNotFoundError, NotADirectoryError):
-            return None
-        if stat.S_ISLNK(st.st_mode):
-            return Entry(Path(path).name, False, 0, st.st_mtime_ns, special=True)
-        return Entry(Path(path).name, stat.S_ISDIR(st.st_mode), st.st_size, st.st_mtime_ns,
-                     special=not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)))
+            return Entry(name, False, special=True, link=True) if os.path.islink(path) else None
+        return Entry(name, stat.S_ISDIR(st.st_mode), st.st_size, st.st_mtime_ns,
+                     special=not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)), link=os.path.islink(path))
 
     def list_dir(self, path: Path) -> list[Entry]:
         try:

@@ -239,15 +239,25 @@ class S3Reader:
 
     def __init__(self, backend: S3Backend, path: ObjectPath, what: str) -> None:
         self.backend, self.path, self.what = backend, path, what
-        self.size = int(backend.call("head_object", path, what, Key=path.key)["ContentLength"])
+        self._size: int | None = None
+
+    @property
+    def size(self) -> int:
+        """The object's size (one HEAD, the first time it is asked: ranged reads need none)."""
+        if self._size is None:
+            self._size = int(self.backend.call("head_object", self.path, self.what, Key=self.path.key)["ContentLength"])
+        return self._size
 
     def readinto(self, view: memoryview, offset: int) -> None:
         if not len(view):
             return
-        if offset + len(view) > self.size:
-            raise self._short(offset + max(0, self.size - offset))
-        resp = self.backend.call("get_object", self.path, self.what, Key=self.path.key,
-                                 Range=f"bytes={offset}-{offset + len(view) - 1}")
+        try:
+            resp = self.backend.call("get_object", self.path, self.what, Key=self.path.key,
+                                     Range=f"bytes={offset}-{offset + len(view) - 1}")
+        except StorageError as exc:
+            if "InvalidRange" in str(exc):  # the range starts past the end: truncated
+                raise self._short(offset) from None
+            raise
         raw = resp["Body"]._raw_stream  # urllib3's response: readinto without an intermediate bytes object
         got = 0
         try:
