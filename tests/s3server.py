@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import http.client
+import logging
 import re
 import threading
 import uuid
@@ -105,6 +106,7 @@ def start_server() -> Server:
     """Start moto's S3 server on a free port of 127.0.0.1."""
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one INFO line per request drowns a failure's log
     moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     moto.start()
     host, port = moto.get_host_and_port()

@@ -45,6 +45,11 @@ def _threads() -> int:
     return max(1, int(os.environ.get("RESUMABLE_S3_THREADS", "16")))
 
 
+#: The environment a client is made from: a change makes a new client.
+_CLIENT_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE",
+               "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE", "RESUMABLE_S3_THREADS")
+
+
 def _code(exc: BaseException) -> tuple[str, int]:
     """``(error code, HTTP status)`` of a botocore ClientError (``("", 0)`` for anything else)."""
     response = getattr(exc, "response", None) or {}
@@ -64,7 +69,7 @@ class S3Backend(Backend):
 
     def __init__(self) -> None:
         self._client: Any = None
-        self._pid = -1
+        self._made_for: tuple = ()
         self._lock = threading.Lock()
 
     @property
@@ -73,9 +78,11 @@ class S3Backend(Backend):
 
     @property
     def client(self) -> Any:
-        """One boto3 client per process (thread safe; a forked child makes its own)."""
+        """One boto3 client per process and configuration (thread safe; a forked child, or a changed
+        AWS environment, makes its own)."""
+        made_for = (os.getpid(), *(os.environ.get(k) for k in _CLIENT_ENV))
         with self._lock:
-            if self._client is None or self._pid != os.getpid():
+            if self._client is None or self._made_for != made_for:
                 try:
                     import boto3
                     from botocore.config import Config
@@ -90,7 +97,7 @@ class S3Backend(Backend):
                     request_checksum_calculation="when_required",
                     response_checksum_validation="when_required")
                 self._client = boto3.session.Session().client("s3", config=config)
-                self._pid = os.getpid()
+                self._made_for = made_for
             return self._client
 
     def call(self, op: str, path: ObjectPath, what: str = "object", **kwargs: Any) -> Any:
