@@ -152,20 +152,30 @@ def publish_file(temp: str | os.PathLike[str], final: str | os.PathLike[str]) ->
     fsync_dir(final.parent)
 
 
-def new_output_dir(final: str | os.PathLike[str]) -> Path:
+def new_output_dir(final: AnyPath | str) -> AnyPath:
     """A new, empty hidden folder beside ``final`` (``.{name}.tmp-{pid}-{hex}``) to write an output into.
 
     Its name is this process's own, so no other writer's temp folder is ever removed;
-    :func:`publish_output_dir` renames it to ``final`` once complete.
+    :func:`publish_output_dir` renames it to ``final`` once complete. On an object store
+    (no rename) the output is written in place: ``final`` itself, which must hold no object
+    (a tool killed part way leaves a partial prefix, which a rerun refuses, naming it).
+
+    Raises:
+        CheckpointError: (object store) ``final`` already holds objects.
     """
-    final = Path(final)
+    final = storage.as_path(final)
+    if isinstance(final, ObjectPath):
+        if storage.exists(final):
+            raise CheckpointError(f"{final} already holds objects; choose another output or delete them "
+                                  f"(aws s3 rm --recursive {final})")
+        return final
     make_dirs(final.parent)
     temp = temp_path(final)
     temp.mkdir()
     return temp
 
 
-def publish_output_dir(temp: str | os.PathLike[str], final: str | os.PathLike[str]) -> None:
+def publish_output_dir(temp: AnyPath, final: AnyPath) -> None:
     """Commit a tool's output folder: every file and folder in ``temp`` fsynced, then renamed to ``final``.
 
     The commit protocol for outputs that are not iterations (``merge``, ``convert --to
@@ -174,9 +184,13 @@ def publish_output_dir(temp: str | os.PathLike[str], final: str | os.PathLike[st
     replaces it atomically) and fsync the parent. After a power loss ``final`` is either
     absent (or still empty) or complete; never a complete-looking folder of empty files.
 
+    On an object store the output was written in place (:func:`new_output_dir`): nothing to do.
+
     Raises:
         OSError: ``final`` is not empty (``ENOTEMPTY``), or a write-back error of a file.
     """
+    if isinstance(final, ObjectPath):
+        return
     temp, final = Path(temp), Path(final)
     folders = []
     for where, _, names in os.walk(temp):
@@ -363,9 +377,7 @@ def commit_folder(staging: AnyPath, final: AnyPath, files: Sequence[tuple[str, b
         storage.write_atomic(staging / name, data)
         return None
     for name, data in files:
-        with open(staging / name, "wb") as f:
-            f.write(data)
-        fsync_file(staging / name)
+        storage.local.write_durable(staging / name, data)
     fsync_dir(staging)
     fault_point("before-rename")
     return publish_folder(staging, final)

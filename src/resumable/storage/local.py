@@ -42,7 +42,7 @@ from resumable.errors import CheckpointNotFoundError, CorruptCheckpointError, Un
 from resumable.storage.base import Backend, Conflict, Entry, LateHeader
 
 __all__ = ["LocalBackend", "LocalReader", "atomic_write", "check_regular", "fsync_dir", "fsync_file",
-           "make_dirs", "open_regular", "temp_path"]
+           "make_dirs", "open_regular", "temp_path", "write_durable"]
 
 #: Bytes handed to one write call: large enough to amortise syscalls, small enough that
 #: the checksum and the write overlap well in the page cache.
@@ -216,6 +216,22 @@ def atomic_write(path: str | os.PathLike[str], data: bytes, fault: Callable[[], 
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def write_durable(path: str | os.PathLike[str], data: bytes) -> None:
+    """Create ``path`` (it must not exist) holding ``data``, fsynced: a file of a folder renamed into place later."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.filename is None:
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
+    finally:
+        os.close(fd)
 
 
 def _sync_file_range() -> "ctypes._CFuncPtr | None":
