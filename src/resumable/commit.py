@@ -171,7 +171,7 @@ def new_output_dir(final: AnyPath | str) -> AnyPath:
         return final
     make_dirs(final.parent)
     temp = temp_path(final)
-    temp.mkdir()
+    storage.local.mkdir(temp)
     return temp
 
 
@@ -192,13 +192,7 @@ def publish_output_dir(temp: AnyPath, final: AnyPath) -> None:
     if isinstance(final, ObjectPath):
         return
     temp, final = Path(temp), Path(final)
-    folders = []
-    for where, _, names in os.walk(temp):
-        folders.append(where)
-        for name in names:
-            fsync_file(os.path.join(where, name))
-    for where in reversed(folders):
-        fsync_dir(where)
+    storage.local.fsync_tree(temp)
     os.rename(temp, final)
     fsync_dir(final.parent)
 
@@ -345,7 +339,7 @@ def prepare_staging(directory: AnyPath, iteration: int) -> AnyPath:
         if staging.exists():
             log.warning("removing stale %s left by an earlier attempt at this iteration", staging)
             storage.remove_tree(staging)
-        staging.mkdir()
+        storage.local.mkdir(staging)
         return staging
     if storage.exists(staging):
         if is_committed(staging):
@@ -517,10 +511,10 @@ def clean_leftovers(directory: AnyPath | str) -> list[AnyPath]:
     removed: list[Path] = []
     if not directory.is_dir():
         return removed
-    for child in sorted(directory.iterdir()):
+    for child in (directory / e.name for e in storage.list_dir(directory)):
         m = _LEFTOVER_RE.match(child.name)
         if m and (child.is_symlink() or not child.is_dir()):
-            child.unlink()
+            storage.remove(child)
             removed.append(child)
             log.warning("removed leftover %s (not a folder: a file or symlink is never followed)", child)
         elif m:
@@ -536,7 +530,7 @@ def clean_leftovers(directory: AnyPath | str) -> list[AnyPath]:
             removed.append(child)
             log.warning("removed leftover %s of an interrupted save or deletion", child)
         elif _ATOMIC_TMP_RE.match(child.name) and (child.is_symlink() or child.is_file()):
-            child.unlink()
+            storage.remove(child)
             removed.append(child)
             log.warning("removed leftover temp file %s", child)
     return removed

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from resumable import storage
 from resumable.commit import read_tracker
 from resumable.proctree import kill_tree
 
@@ -62,7 +62,7 @@ def _run_and_kill(cmd: list[str], ckpt: Path) -> int:
 def _losses(out: Path) -> dict[int, float]:
     """global step → loss from a run's log (the last record of each step wins)."""
     losses = {}
-    for line in (out / "log" / "train.jsonl").read_text().splitlines():
+    for line in storage.read_bounded(out / "log" / "train.jsonl", "train log", 1 << 30).decode().splitlines():
         rec = json.loads(line)
         if "event" not in rec:  # a line between two runs
             losses[rec["global_step"]] = rec["loss"]
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.output)
     ref, job = root / "uninterrupted", root / "recovery"
     for previous in (ref, job):  # only the demo's own runs: --output may hold anything else of the user's
-        shutil.rmtree(previous, ignore_errors=True)
+        storage.remove_tree(previous)
     started = time.perf_counter()
 
     more = args.steps + SAVE_EVERY

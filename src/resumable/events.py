@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from resumable import storage
+
 log = logging.getLogger(__name__)
 
 Event = dict[str, Any]
@@ -65,8 +67,7 @@ class EventLog:
         log.info("%s", summary(event))
         if self.path is not None:
             try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                with open(self.path, "a") as f:
+                with storage.local.open_append(self.path) as f:
                     f.write(json.dumps(event, separators=(",", ":")) + "\n")
             except OSError as exc:
                 log.warning("could not append the %s event to %s: %s", event["kind"], self.path, exc)

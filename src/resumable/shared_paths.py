@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Mapping
 
 from resumable.errors import ConfigError
+from resumable.storage import ObjectPath, is_object
 
 
 def is_multi_node(env: Mapping[str, str] = os.environ) -> bool:
@@ -22,12 +23,12 @@ def is_multi_node(env: Mapping[str, str] = os.environ) -> bool:
     return world > local
 
 
-def check_shared_paths(checkpoint_dir: str | os.PathLike[str], env: Mapping[str, str] = os.environ) -> None:
+def check_shared_paths(checkpoint_dir: "str | os.PathLike[str] | ObjectPath", env: Mapping[str, str] = os.environ) -> None:
     """Raise ConfigError when a multi-node job's ``checkpoint_dir`` is not under ``SHARED_PATHS``.
 
     Not collective: every rank checks the same environment and raises the same error.
     """
-    if not is_multi_node(env):
+    if not is_multi_node(env) or is_object(checkpoint_dir):  # every node reaches an object store
         return
     target = Path(checkpoint_dir).resolve()
     shared = [Path(p).resolve() for p in env.get("SHARED_PATHS", "").split(":") if p]

@@ -34,7 +34,7 @@ import uuid
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, TextIO
 
 import xxhash
 
@@ -42,7 +42,8 @@ from resumable.errors import CheckpointNotFoundError, CorruptCheckpointError, Un
 from resumable.storage.base import Backend, Conflict, Entry, LateHeader
 
 __all__ = ["LocalBackend", "LocalReader", "atomic_write", "check_regular", "fsync_dir", "fsync_file",
-           "make_dirs", "open_regular", "temp_path", "write_durable"]
+           "create_text", "fsync_tree", "last_byte", "make_dirs", "mkdir",
+           "open_append", "open_regular", "temp_path", "write_durable"]
 
 #: Bytes handed to one write call: large enough to amortise syscalls, small enough that
 #: the checksum and the write overlap well in the page cache.
@@ -232,6 +233,48 @@ def write_durable(path: str | os.PathLike[str], data: bytes) -> None:
         raise
     finally:
         os.close(fd)
+
+
+def mkdir(path: str | os.PathLike[str]) -> None:
+    """Create one new folder (its parent must exist; an existing one is an error)."""
+    Path(path).mkdir()
+
+
+def fsync_tree(path: str | os.PathLike[str]) -> None:
+    """fsync every file under folder ``path``, then every folder, deepest first."""
+    folders = []
+    for where, _, names in os.walk(path):
+        folders.append(where)
+        for name in names:
+            fsync_file(os.path.join(where, name))
+    for where in reversed(folders):
+        fsync_dir(where)
+
+
+def open_append(path: str | os.PathLike[str]) -> TextIO:
+    """A log file opened for appending text (its folder created): logs stay local, line by line."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.open("a", encoding="utf-8")
+
+
+def create_text(path: str | os.PathLike[str], text: str) -> None:
+    """Create a new text file (``FileExistsError`` when it exists: the caller picks another name)."""
+    with Path(path).open("x", encoding="utf-8") as file:
+        file.write(text)
+
+
+def last_byte(path: str | os.PathLike[str]) -> bytes:
+    """The last byte of a file (empty for an empty or missing file)."""
+    try:
+        with Path(path).open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell() == 0:
+                return b""
+            f.seek(-1, os.SEEK_END)
+            return f.read(1)
+    except FileNotFoundError:
+        return b""
 
 
 def _sync_file_range() -> "ctypes._CFuncPtr | None":

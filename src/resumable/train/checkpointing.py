@@ -27,7 +27,7 @@ from typing import Any
 
 from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
-from resumable import commit, dist
+from resumable import commit, dist, storage
 from resumable.errors import CheckpointError, ConfigError, NewerCheckpointsError, NotImplementedYet
 from resumable.commit import parse_iteration
 from resumable.formats.schema import listed
@@ -70,7 +70,7 @@ class CheckpointMonitor(Callback):
         mon = self.cfg.checkpoint
         assert mon is not None  # only built when the config has a CheckpointMonitor
         directory = self.cfg.checkpoint_dir
-        if directory.exists() and not directory.is_dir():  # every rank sees the same shared path
+        if storage.is_file(directory):  # every rank sees the same shared path
             raise ConfigError(f"{directory}, the folder checkpoints are saved to (callbacks.0.directory, default "
                               "<output_dir>/checkpoint), is a file: move it away or set callbacks.0.directory")
         self.manager = CheckpointManager(
@@ -81,7 +81,7 @@ class CheckpointMonitor(Callback):
             async_save=mon.async_save,
             save_optimizer=mon.save_optimizer, remove_redundancy=mon.remove_redundancy,
             checkpoint_format=mon.checkpoint_format, layout_info=layout_info(trainer),
-            events_path=Path(self.cfg.output_dir) / "log" / "checkpoints.jsonl")
+            events_path=self.cfg.local_dir / "log" / "checkpoints.jsonl")
         self.manager.protected |= self.protected
 
     def on_train_begin(self, trainer: Trainer) -> None:
@@ -135,7 +135,7 @@ class CheckpointMonitor(Callback):
         from resumable.tools.merge import DTYPE_ALIASES, export_hf
 
         assert self.cfg.checkpoint is not None
-        out = Path(self.cfg.output_dir) / "export" / f"step_{step:08d}"
+        out = self.cfg.local_dir / "export" / f"step_{step:08d}"
         failure: BaseException | None = None
         if dist.rank() == 0:
             try:
@@ -177,12 +177,12 @@ class Resume(Callback):
             try:
                 # A MindFormers or HuggingFace folder is converted once into <output_dir>/converted_checkpoint.
                 options = ForeignOptions.from_config(self.cfg)
-                path = ensure_loadable(self.cfg.load_checkpoint, self.cfg.output_dir, options)
+                path = ensure_loadable(self.cfg.load_checkpoint, self.cfg.local_dir, options)
                 # The job's own folder not created yet is a first run, even outside output_dir.
                 inside = self.cfg.checkpoint_dir if self.own else self.cfg.output_dir
                 found = resolve_checkpoint(path, output_dir=inside, fallback=self.cfg.resume_training is True)
                 if found.path is not None and self.cfg.resume_training is True:
-                    _refuse_weights_only(self.cfg, found.path, converted=path != Path(self.cfg.load_checkpoint))
+                    _refuse_weights_only(self.cfg, found.path, converted=path != storage.as_path(self.cfg.load_checkpoint))
             except Exception as exc:  # every rank must raise it, not just rank 0
                 found = exc
         else:
@@ -388,7 +388,7 @@ def _is_damage(error: BaseException) -> bool:
 
 def _names_iteration(path: str) -> bool:
     """True when ``load_checkpoint`` names one ``iteration_*`` (or temp) folder rather than a checkpoint folder."""
-    name = Path(path).name
+    name = storage.as_path(path).name
     return parse_iteration(name) is not None or name.startswith((".tmp-", ".old-", ".del-"))
 
 

@@ -19,10 +19,12 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from resumable import storage
 from resumable.errors import ConfigError, Loc, yaml_problem
 from resumable.models.qwen3 import ModelConfig
+from resumable.storage import AnyPath
 
 DEFAULT_CONFIG = Path(__file__).with_name("configs") / "default.yaml"
 
@@ -116,7 +118,10 @@ class CheckpointMonitorConfig(_Section):
 
 
 class TrainConfig(_Section):
-    output_dir: str = "./output"
+    output_dir: str = Field("./output", description="a local folder, or s3://bucket/prefix: the checkpoints go there "
+                                                   "and the logs to local_output_dir")
+    local_output_dir: str = Field("", description="only with an s3:// output_dir: the local folder of the logs "
+                                                  "(log/), the exports and the conversions; default ./output")
     load_checkpoint: str = ""
     resume_training: bool | str = False
     use_legacy_format: bool = False
@@ -151,11 +156,38 @@ class TrainConfig(_Section):
         return self.callbacks[0] if self.callbacks else None
 
     @property
-    def checkpoint_dir(self) -> Path:
+    def checkpoint_dir(self) -> AnyPath:
+        """``callbacks.0.directory``, else ``<output_dir>/checkpoint``: a local folder or an s3:// prefix."""
         ckpt = self.checkpoint
         if ckpt is not None and ckpt.directory:
-            return Path(ckpt.directory)
-        return Path(self.output_dir) / "checkpoint"
+            return storage.as_path(ckpt.directory)
+        return storage.as_path(self.output_dir) / "checkpoint"
+
+    @property
+    def local_dir(self) -> Path:
+        """Where the logs, exports and conversions go: ``output_dir``, or ``local_output_dir`` when that is s3://."""
+        if storage.is_remote_text(self.output_dir):
+            return Path(self.local_output_dir or "./output")
+        return Path(self.output_dir)
+
+    @model_validator(mode="after")
+    def _storage_is_supported(self) -> "TrainConfig":
+        for key, value in (("output_dir", self.output_dir), ("load_checkpoint", self.load_checkpoint),
+                           ("pretrained_model_dir", self.pretrained_model_dir),
+                           ("callbacks.0.directory", self.checkpoint.directory if self.checkpoint else "")):
+            if value and storage.is_remote_text(value):
+                try:
+                    storage.as_path(value)
+                except (ValueError, NotImplementedError) as exc:
+                    raise ValueError(f"{key}: {exc}") from None
+        if self.local_output_dir and not storage.is_remote_text(self.output_dir):
+            raise ValueError(f"local_output_dir is for an s3:// output_dir; output_dir {self.output_dir!r} is local "
+                             "and holds the logs itself: remove local_output_dir")
+        if self.use_legacy_format and storage.is_object(self.checkpoint_dir):
+            raise ValueError(f"use_legacy_format: true with checkpoints on {self.checkpoint_dir}: the legacy layout "
+                             "on object storage is not implemented yet; Checkpoint 2.0 (use_legacy_format: false) "
+                             "works on s3://")
+        return self
 
     @field_validator("exclude_from_loading")
     @classmethod
@@ -253,7 +285,7 @@ def load_config_tree(path: str | os.PathLike | None) -> tuple[dict, str]:
     """Read a YAML file (or the embedded default) into a plain dict."""
     source = Path(path) if path else DEFAULT_CONFIG
     try:
-        text = source.read_text(encoding="utf-8")
+        text = _read_text(source)
     except FileNotFoundError:
         raise ConfigError(f"config file {source} does not exist") from None
     try:
@@ -263,11 +295,16 @@ def load_config_tree(path: str | os.PathLike | None) -> tuple[dict, str]:
     return tree, str(source)
 
 
+def _read_text(path: Path) -> str:
+    """A YAML file's text (at most 64 MiB, a regular file: a config, not a stream)."""
+    return storage.read_bounded(path, "config file", 64 << 20).decode("utf-8")
+
+
 def _in_file(source: str, loc: Loc) -> tuple[str, str | None]:
     """``<file> line N`` of the key at ``loc`` (or of the deepest part of it the file has) and the
     value's text as written there (None unless it is a scalar)."""
     try:
-        node: yaml.Node | None = yaml.compose(Path(source).read_text(encoding="utf-8"))
+        node: yaml.Node | None = yaml.compose(_read_text(Path(source)))
     except (OSError, yaml.YAMLError):
         return source, None
     line = None
@@ -329,8 +366,7 @@ def record_config(cfg: TrainConfig, folder: Path, start_step: int) -> Path:
     while True:
         path = folder / (f"{stem}-{n}.yaml" if n else f"{stem}.yaml")
         try:
-            with path.open("x", encoding="utf-8") as file:
-                file.write(text)
+            storage.local.create_text(path, text)
             return path
         except FileExistsError:
             n += 1

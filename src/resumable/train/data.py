@@ -27,6 +27,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from resumable import storage
 from resumable.errors import ConfigError
 from resumable.train.config import DatasetConfig
 
@@ -94,7 +95,7 @@ def _read_tokens(path: Path, dtype: str) -> np.ndarray:
         if tokens.dtype not in (np.uint16, np.uint32):
             raise ConfigError(f"train_dataset.path: {path} holds {tokens.dtype} tokens; expected uint16 or uint32")
         return tokens.reshape(-1)
-    raw = path.read_bytes()
+    raw = storage.read_bounded(path, "train_dataset.path", 1 << 34)
     try:
         raw.decode("utf-8")
     except UnicodeDecodeError as err:

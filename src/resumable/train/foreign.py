@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,9 +26,10 @@ from typing import Any
 
 import torch
 
-from resumable import commit
+from resumable import commit, storage
 from resumable.errors import CheckpointError, CheckpointNotFoundError, ConfigError
 from resumable.formats import v1, v2
+from resumable.storage import AnyPath
 from resumable.storage.local import check_regular
 from resumable.formats.mindformers import select_legacy_files
 from resumable.formats.safetensors_io import read_header
@@ -73,12 +73,13 @@ class ForeignOptions:
                 "src_strategy": strategy, "dtype": None if self.dtype is None else str(self.dtype)}
 
 
-def _is_v2_or_empty(path: Path) -> bool:
-    if not path.exists():
+def _is_v2_or_empty(path: AnyPath) -> bool:
+    entry = storage.stat(path)
+    if entry is None:
         return True
-    if path.is_file():
+    if not entry.is_dir:
         return False  # a single file (MindSpore .ckpt, .safetensors): never Checkpoint 2.0
-    if path.is_dir() and not any(p for p in path.iterdir() if not p.name.startswith(".")):
+    if not any(not e.name.startswith(".") for e in storage.list_dir(path)):
         return True
     try:
         fmt, _ = detect(path)
@@ -87,9 +88,11 @@ def _is_v2_or_empty(path: Path) -> bool:
     return fmt == "v2"
 
 
-def _refuse_overlap(path: Path, target: Path) -> None:
+def _refuse_overlap(path: AnyPath, target: Path) -> None:
     """Refuse a ``load_checkpoint`` that the conversion into ``target`` would replace or write into."""
-    src, dst = path.resolve(), target.resolve()
+    if storage.is_object(path):
+        return  # the conversion is written locally
+    src, dst = Path(path).resolve(), target.resolve()
     how = ("is that folder" if src == dst else "is inside that folder" if src.is_relative_to(dst)
            else "contains that folder" if dst.is_relative_to(src) else None)
     if how is not None:
@@ -113,7 +116,7 @@ def _refuse_foreign(target: Path, origin: dict[str, Any] | None) -> None:
     """Refuse to delete ``target`` unless it is a conversion (``origin``) or holds only hidden leftovers of one."""
     if origin is not None:
         return
-    if target.is_dir() and not target.is_symlink() and all(p.name.startswith(".") for p in target.iterdir()):
+    if target.is_dir() and not target.is_symlink() and all(e.name.startswith(".") for e in storage.list_dir(target)):
         return  # an interrupted conversion: its lock and temp folder only
     raise ConfigError(
         f"{target} is where load_checkpoint is converted to, but it holds something that is not an earlier "
@@ -122,7 +125,7 @@ def _refuse_foreign(target: Path, origin: dict[str, Any] | None) -> None:
 
 
 def ensure_loadable(path: str | os.PathLike[str], output_dir: str | os.PathLike[str],
-                    options: ForeignOptions = ForeignOptions()) -> Path:
+                    options: ForeignOptions = ForeignOptions()) -> AnyPath:
     """A Checkpoint 2.0 path the loader can read for ``load_checkpoint = path``.
 
     Our own checkpoints (and empty or missing paths) are returned unchanged. A
@@ -155,7 +158,7 @@ def ensure_loadable(path: str | os.PathLike[str], output_dir: str | os.PathLike[
 
         load_from = ensure_loadable(cfg.load_checkpoint, cfg.output_dir, ForeignOptions.from_config(cfg))
     """
-    path = Path(path)
+    path = storage.as_path(path)
     if _is_v2_or_empty(path):
         if options.src_strategy:
             log.info("src_strategy_path_or_dir %s is not used: load_checkpoint %s is a Checkpoint 2.0 folder (or "
@@ -164,7 +167,7 @@ def ensure_loadable(path: str | os.PathLike[str], output_dir: str | os.PathLike[
     target = Path(output_dir) / CONVERTED
     _refuse_overlap(path, target)
     source = open_source(path, fused=options.fused, names=options.names, src_strategy=options.src_strategy or None)
-    origin = {"path": str(source.path.resolve()), "format": source.format, "iteration": source.iteration,
+    origin = {"path": str(source.path if storage.is_object(source.path) else source.path.resolve()), "format": source.format, "iteration": source.iteration,
               **options.origin(), "notes": list(source.notes)}
     found = _conversion_origin(target)
     if found == origin:
@@ -172,7 +175,7 @@ def ensure_loadable(path: str | os.PathLike[str], output_dir: str | os.PathLike[
         return target
     if target.exists() or target.is_symlink():
         _refuse_foreign(target, found)
-        shutil.rmtree(target)  # an earlier conversion of another source or with other options, or an interrupted one
+        storage.remove_tree(target)  # an earlier conversion of another source or with other options, or an interrupted one
     write_v2(source, target, TargetLayout(), dtype=options.dtype, extra_common={"converted_from": origin})
     log.info("load_checkpoint %s is a %s checkpoint: converted to Checkpoint 2.0 in %s", path, source.format, target)
     return target

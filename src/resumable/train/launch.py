@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping
 
+from resumable import storage
 from resumable.commit import latest_committed, parse_iteration
 from resumable.errors import CheckpointError, CheckpointNotFoundError
 from resumable.formats.mindformers import select_legacy_files
@@ -70,8 +71,8 @@ def report(status: int, text: str) -> bool:
         return False
     now = time.time()
     # torchrun reads "message" and "timestamp" (whole seconds: too coarse to order ranks by).
-    Path(path).write_text(json.dumps({"message": text, "timestamp": int(now),
-                                      _REPORT_KEY: {"status": status, "time": now}}))
+    storage.write_atomic(Path(path), json.dumps({"message": text, "timestamp": int(now),
+                                                 _REPORT_KEY: {"status": status, "time": now}}).encode())
     return True
 
 

@@ -106,7 +106,7 @@ class LegacyCheckpointMonitor(Callback):
         self.saver = LegacySaver(
             self.cfg.checkpoint_dir, prefix=mon.prefix, fmt=mon.checkpoint_format,
             keep_checkpoint_max=mon.keep_checkpoint_max, remove_redundancy=mon.remove_redundancy,
-            save_optimizer=mon.save_optimizer, strategy_dir=Path(self.cfg.output_dir) / v1.STRATEGY_DIR,
+            save_optimizer=mon.save_optimizer, strategy_dir=self.cfg.local_dir / v1.STRATEGY_DIR,
             layout=legacy_layout(trainer), protect=self.protected, process_group=group)
         if mon.async_save:
             self.background = BackgroundLegacySaves(self.saver)

@@ -32,6 +32,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from resumable import storage
 from resumable.async_save import collective_timeout, env_seconds, finish_pending
 from resumable.errors import ConfigError
 from resumable.models.qwen3 import hf_config
@@ -313,8 +314,7 @@ class _Report:
 
     def __init__(self, trainer: Trainer) -> None:
         self.trainer = trainer
-        self.path = Path(trainer.cfg.output_dir) / "log" / "train.jsonl"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = trainer.cfg.local_dir / "log" / "train.jsonl"
         self.file = _append_run(self.path, trainer.ctx.global_step)
         self.start_step = trainer.ctx.global_step
         self.config = record_config(trainer.cfg, self.path.parent, self.start_step)  # one file per run
@@ -371,12 +371,10 @@ RUN_START = "run_start"
 def _append_run(path: Path, start_step: int) -> TextIO:
     """Open a run's log for appending: an earlier run's records are never truncated (a rerun, even one
     that discards newer checkpoints, may repeat their steps); a later run's follow a ``run_start`` line."""
-    size = path.stat().st_size if path.exists() else 0
-    file = path.open("a", encoding="utf-8")
-    if size:
-        with path.open("rb") as old:
-            old.seek(size - 1)
-            cut = old.read(1) != b"\n"  # the earlier run was killed in the middle of a line
+    last = storage.local.last_byte(path)
+    file = storage.local.open_append(path)
+    if last:
+        cut = last != b"\n"  # the earlier run was killed in the middle of a line
         stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
         file.write(("\n" if cut else "") + json.dumps({"event": RUN_START, "start_step": start_step,
                                                         "time": stamp}) + "\n")

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator
 
+from resumable import storage
 from resumable.errors import SaveError
 from resumable.train.config import TrainConfig
 from resumable.train.loop import Trainer
@@ -38,8 +39,11 @@ class TrainCommand:
                            *[x for kv in [*kept, *sets] for x in ("--set", kv)]])
 
 
-def same_folder(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
-    """Whether two paths name the same existing folder (links followed)."""
+def same_folder(a: object, b: object) -> bool:
+    """Whether two paths name the same existing folder (links followed; object-store prefixes by name)."""
+    pa, pb = storage.as_path(a), storage.as_path(b)  # type: ignore[arg-type]
+    if storage.is_object(pa) or storage.is_object(pb):
+        return pa == pb
     try:
         return os.path.samefile(a, b)
     except OSError:
