@@ -8,11 +8,15 @@ nor tqdm: the command line builds its parsers from it (``resumable --help`` in w
 
 from __future__ import annotations
 
+import re
 import sys
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
     from tqdm import tqdm
+
+    from resumable.storage import AnyPath, Entry
 
 Target = Literal["v2", "unified", "hf", "legacy"]
 TARGETS: tuple[str, ...] = ("v2", "unified", "hf", "legacy")
@@ -26,3 +30,35 @@ def progress_bar(total: int, desc: str, enabled: bool) -> tqdm:
     from tqdm import tqdm
 
     return tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not enabled or not sys.stderr.isatty())
+
+
+def walk_files(folder: AnyPath, under: str = "") -> Iterator[tuple[str, Entry]]:
+    """``(path relative to folder, entry)`` of every file under ``folder`` (a local folder or an object-store
+    prefix), depth first, sorted; local symlinks and special files are left out (never followed)."""
+    from resumable import storage
+
+    for entry in storage.list_dir(folder):
+        if entry.link or entry.special:
+            continue
+        name = f"{under}{entry.name}"
+        if entry.is_dir:
+            yield from walk_files(folder / entry.name, f"{name}/")
+        else:
+            yield name, entry
+
+
+def legacy_tree(path: AnyPath) -> bool:
+    """True when ``path`` is a legacy ``rank_*`` tree (a local folder of ``rank_<n>`` folders).
+
+    Raises:
+        NotImplementedYet: such a tree on an object store (the legacy readers are local only).
+    """
+    from resumable import storage
+
+    if storage.is_object(path):
+        if any(e.is_dir and re.fullmatch(r"rank_[0-9]+", e.name) for e in storage.list_dir(path)):
+            storage.require_local(path, "a legacy (rank_*) tree")
+        return False
+    from resumable.legacy.files import rank_folders
+
+    return storage.is_dir(path) and bool(rank_folders(path))

@@ -16,10 +16,10 @@ import re
 import shlex
 import sys
 import textwrap
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from resumable.errors import ConfigError, describe_os_error, yaml_problem
+from resumable import storage
+from resumable.errors import CheckpointError, ConfigError, describe_os_error, yaml_problem
 from resumable.formats.ms_names import NAMES
 from resumable.tools import TARGETS
 
@@ -27,9 +27,11 @@ if TYPE_CHECKING:
     import torch
 
     from resumable.models.qwen3 import AttentionShape, ModelConfig
+    from resumable.storage import AnyPath
     from resumable.tools.diff import DiffRow
 
 _PROGRESS = "--quiet"
+_MAX_CONFIG_BYTES = 1 << 20  # --config: a training YAML is a few kB
 
 
 def _heads(text: str) -> AttentionShape:
@@ -294,7 +296,7 @@ def _split(args: argparse.Namespace) -> int:
     return 0
 
 
-def _model_section(path: Path) -> ModelConfig:
+def _model_section(path: AnyPath) -> ModelConfig:
     """The ``model:`` section of a training YAML, validated (the rest of the file is the trainer's)."""
     import yaml
     from pydantic import ValidationError
@@ -302,9 +304,11 @@ def _model_section(path: Path) -> ModelConfig:
     from resumable.models.qwen3 import ModelConfig
 
     try:
-        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+        tree = yaml.safe_load(storage.read_bounded(path, "--config", _MAX_CONFIG_BYTES).decode("utf-8"))
     except OSError as exc:
         raise ConfigError(f"--config: {describe_os_error(exc)}") from None
+    except (CheckpointError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--config: {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"--config {path} is not valid YAML: {yaml_problem(exc)}") from None
     section = tree.get("model") if isinstance(tree, dict) else None
@@ -322,11 +326,11 @@ def _convert(args: argparse.Namespace) -> int:
 
     model = hf_config = None
     if args.config:
-        model = _model_section(Path(args.config))
+        model = _model_section(storage.as_path(args.config))
     if args.hf_config:
         from resumable.formats.hf import load_json_object
 
-        hf_config = load_json_object(Path(args.hf_config), "--hf-config")
+        hf_config = load_json_object(storage.as_path(args.hf_config), "--hf-config")
     if args.to != "v2" and (args.layout or args.sharded_optimizer):
         raise ConfigError(f"--layout and --sharded-optimizer apply to --to v2 only, not --to {args.to}")
     out = convert(args.src, args.out, args.to, layout=_layout(args), prefix=args.prefix,

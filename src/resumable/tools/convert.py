@@ -39,19 +39,19 @@ Example::
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from resumable import commit
+from resumable import commit, storage
 from resumable.errors import CheckpointError, ConfigError
 from resumable.formats import hf_aux, v1
 from resumable.formats.mindformers import parse_legacy_name
 from resumable.lock import DirectoryLock
 from resumable.models.qwen3 import AttentionShape, ModelConfig, hf_config as model_hf_config
 from resumable.sources import Fused, Names, Source, open_source
+from resumable.storage import AnyPath
 from resumable.tools import TARGETS, Target
 from resumable.tools.merge import DEFAULT_SHARD, export_hf, merge
 from resumable.tools.split import TargetLayout, write_v2
@@ -64,12 +64,13 @@ def convert(src: str | os.PathLike[str], out: str | os.PathLike[str], to: Target
             dtype: torch.dtype | None = None, heads: AttentionShape | None = None,
             fused: Fused | None = None, names: Names = "auto", src_strategy: str | os.PathLike[str] | None = None,
             hf_config: dict[str, Any] | None = None, model: ModelConfig | None = None,
-            max_shard_size: int = DEFAULT_SHARD, progress: bool = False) -> Path:
+            max_shard_size: int = DEFAULT_SHARD, progress: bool = False) -> AnyPath:
     """Convert the checkpoint at ``src`` to format ``to`` in ``out``.
 
     Args:
-        src: any readable checkpoint path.
-        out: the output folder (a checkpoint folder for ``v2``; a new folder otherwise).
+        src: any readable checkpoint path (local or ``s3://``).
+        out: the output folder (a checkpoint folder for ``v2``; a new folder otherwise); ``s3://`` for every
+            target but ``legacy``.
         to: ``v2``, ``unified``, ``hf`` or ``legacy``.
         layout: ``v2`` only: the target layout (default: one rank).
         prefix, remove_redundancy: ``v2`` only, as the CheckpointMonitor keys.
@@ -89,12 +90,16 @@ def convert(src: str | os.PathLike[str], out: str | os.PathLike[str], to: Target
             problems listed); an unknown target. Nothing is written.
         CheckpointError: ``legacy`` and the step's file already exists.
         LockedError: ``v2`` or ``legacy`` into a folder whose lock a live job holds.
+        NotImplementedYet: ``legacy`` onto an object store (checked before ``src`` is read).
     """
     if to not in TARGETS:
         raise ConfigError(f"--to {to!r}: choose one of {', '.join(TARGETS)}")
+    out = storage.as_path(out)
+    if to == "legacy":  # the legacy writer renames and flocks: local folders only
+        out = storage.require_local(out, "convert --to legacy")
     source = open_source(src, heads=heads, fused=fused, names=names, src_strategy=src_strategy)
     if to == "legacy":
-        return _write_legacy(source, Path(out), prefix, dtype)
+        return _write_legacy(source, out, prefix, dtype)
     if to == "v2":
         return write_v2(source, out, layout or TargetLayout(), prefix=prefix, remove_redundancy=remove_redundancy,
                         dtype=dtype, progress=progress)
@@ -147,24 +152,24 @@ def _legacy_hf_files(source: Source, folder: Path) -> dict[str, dict[str, Any]]:
     temp = commit.new_output_dir(folder)
     try:
         record = hf_aux.copy(source.hf_files, temp)
-        if folder.exists():
+        if storage.exists(folder):
             kept = hf_aux.recorded(folder, record, str(folder))
-            if set(kept) != {p.name for p in folder.iterdir()} or hf_aux.problems(kept):
+            if set(kept) != {e.name for e in storage.list_dir(folder)} or hf_aux.problems(kept):
                 raise CheckpointError(f"{folder} holds other HuggingFace files than {source.path}'s (an earlier "
                                       "conversion of another model); write into another folder")
         else:
             commit.publish_output_dir(temp, folder)
     finally:
-        shutil.rmtree(temp, ignore_errors=True)
+        storage.remove_tree(temp)  # gone already once published
     return record
 
 
 def _refuse_legacy_clash(folder: Path, prefix: str, epoch: int, step: int) -> None:
     """Refuse a step that exists in ``folder`` or is older than one there (meta.json would move back to it)."""
-    if (folder / v1.rank_file_name(prefix, 0, 0, epoch, step, "safetensors")).exists():
+    if storage.exists(folder / v1.rank_file_name(prefix, 0, 0, epoch, step, "safetensors")):
         raise CheckpointError(f"{folder} already holds epoch {epoch} step {step}; write into another folder")
-    found = [p.name for p in sorted(folder.iterdir()) if (f := parse_legacy_name(p.name)) is not None
-             and (f.epoch, f.step) > (epoch, step)] if folder.is_dir() else []
+    found = [e.name for e in storage.list_dir(folder) if (f := parse_legacy_name(e.name)) is not None
+             and (f.epoch, f.step) > (epoch, step)]
     if found:
         raise CheckpointError(f"{folder} already holds later steps ({', '.join(found)}) than epoch {epoch} step "
                               f"{step}; writing it would point meta.json back at it: write into another folder")

@@ -14,12 +14,13 @@ Example::
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
-from resumable import commit
+from resumable import commit, storage
 from resumable.errors import CheckpointError
 from resumable.sources import open_source
+from resumable.storage import AnyPath
+from resumable.tools import walk_files
 
 __all__ = ["inspect_path", "render", "render_summary", "summary"]
 
@@ -27,16 +28,16 @@ __all__ = ["inspect_path", "render", "render_summary", "summary"]
 KIND_NAMES = {"model": "model", "opt": "optimizer"}
 
 
-def _iterations(directory: Path) -> list[dict[str, Any]]:
+def _iterations(directory: AnyPath) -> list[dict[str, Any]]:
     rows = []
-    for child in sorted(directory.iterdir()):
+    for child in storage.list_dir(directory):
         name = child.name
         n = commit.parse_iteration(name)
         if n is None and name.startswith((".tmp-", ".old-", ".del-")):
             n = commit.parse_iteration(name[5:])
-        if n is None or not child.is_dir():
+        if n is None or not child.is_dir:
             continue
-        rows.append({"iteration": n, "folder": name, "committed": commit.is_committed(child)})
+        rows.append({"iteration": n, "folder": name, "committed": commit.is_committed(directory / name)})
     return rows
 
 
@@ -56,9 +57,9 @@ def inspect_path(path: str | os.PathLike[str], **open_args: Any) -> dict[str, An
     Raises:
         CheckpointNotFoundError / CorruptCheckpointError: naming the path.
     """
-    path = Path(path)
+    path = storage.as_path(path)
     report: dict[str, Any] = {"path": str(path), "tracker": None, "latest": None, "iterations": []}
-    if path.is_dir() and commit.parse_iteration(path.name) is None:
+    if storage.is_dir(path) and commit.parse_iteration(path.name) is None:
         report["iterations"] = _iterations(path)
         try:
             report["tracker"] = commit.read_tracker(path)
@@ -78,12 +79,13 @@ def inspect_path(path: str | os.PathLike[str], **open_args: Any) -> dict[str, An
     report["kinds"] = {k: {"tensors": sum(t["kind"] == k for t in report["tensors"]),
                            "bytes": sum(t["bytes"] for t in report["tensors"] if t["kind"] == k)} for k in kinds}
     report["total_bytes"] = sum(t["bytes"] for t in report["tensors"])
-    if source.path.is_file():
-        report["files"] = {source.path.name: source.path.stat().st_size}
+    selected = storage.as_path(source.path)
+    entry = storage.stat(selected)
+    if entry is not None and not entry.is_dir:
+        report["files"] = {selected.name: entry.size}
     else:
-        files = sorted(p for p in source.path.rglob("*")
-                       if p.is_file() and p.suffix in (".safetensors", ".ckpt", ".json"))
-        report["files"] = {str(p.relative_to(source.path)): p.stat().st_size for p in files}
+        report["files"] = {name: e.size for name, e in walk_files(selected)
+                           if name.endswith((".safetensors", ".ckpt", ".json"))}
     return report
 
 

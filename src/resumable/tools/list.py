@@ -13,15 +13,15 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
-from resumable import commit
+from resumable import commit, storage
 from resumable.errors import CheckpointError, CheckpointNotFoundError, NotImplementedYet
 from resumable.formats import v2
-from resumable.legacy.files import rank_folders
 from resumable.manager import read_metric
 from resumable.retention import Policy, decide
 from resumable.resolve import verify_files
+from resumable.storage import AnyPath
+from resumable.tools import legacy_tree, walk_files
 
 
 @dataclass
@@ -39,17 +39,17 @@ class Row:
     kept_by: list[str] | None = None  # with a policy: its reasons (resumable.retention.REASONS); [] deleted next
 
 
-def _size_and_mtime(folder: Path) -> tuple[int, float]:
-    size, newest = 0, folder.lstat().st_mtime
-    for root, _, names in os.walk(folder):
-        for name in names:
-            st = os.lstat(os.path.join(root, name))
-            size += st.st_size
-            newest = max(newest, st.st_mtime)
-    return size, newest
+def _size_and_mtime(folder: AnyPath, mtime_ns: int) -> tuple[int, float]:
+    """Bytes of every file under ``folder`` and the newest modification time (the folder's own, ``mtime_ns``,
+    included: an object store has none, 0)."""
+    size, newest = 0, mtime_ns
+    for _, entry in walk_files(folder):
+        size += entry.size
+        newest = max(newest, entry.mtime_ns)
+    return size, newest / 1e9
 
 
-def _problem(folder: Path, checksum: bool) -> str | None:
+def _problem(folder: AnyPath, checksum: bool) -> str | None:
     try:
         meta = v2.read_metadata(folder)
         verify_files(folder, meta, checksum=checksum)
@@ -70,14 +70,15 @@ def list_iterations(directory: str | os.PathLike[str], *, verify: bool = False,
         NotImplementedYet: a legacy (``rank_*``) tree.
         ValueError: ``directory`` is one iteration folder (list its parent).
     """
-    directory = Path(directory)
-    if not directory.is_dir():
+    directory = storage.as_path(directory)
+    entry = storage.stat(directory)
+    if entry is None or not entry.is_dir:
         raise CheckpointNotFoundError(f"{directory}: no such folder; give a checkpoint folder "
                                       "(<output_dir>/checkpoint, holding iteration_* folders)")
     if commit.parse_iteration(directory.name) is not None:
         raise ValueError(f"{directory} is one iteration; list the checkpoint folder holding it: "
                          f"resumable list {directory.parent}")
-    if rank_folders(directory):
+    if legacy_tree(directory):
         raise NotImplementedYet(f"resumable list on a legacy (rank_*) tree such as {directory}; "
                                 f"use resumable inspect {directory} or resumable verify {directory}")
     tracker_problem = None
@@ -87,19 +88,20 @@ def list_iterations(directory: str | os.PathLike[str], *, verify: bool = False,
         tracked, tracker_problem = None, str(exc)
     rows = []
     now = time.time()
-    for child in directory.iterdir():
-        name = child.name.removeprefix(".tmp-")
+    for found in storage.list_dir(directory):
+        name = found.name.removeprefix(".tmp-")
         n = commit.parse_iteration(name)
-        if n is None or child.is_symlink() or not child.is_dir():
+        if n is None or found.link or not found.is_dir:
             continue
-        committed = child.name == name and commit.is_committed(child)
-        size, mtime = _size_and_mtime(child)
+        child = directory / found.name
+        committed = found.name == name and commit.is_committed(child)
+        size, mtime = _size_and_mtime(child, found.mtime_ns)
         problem = _problem(child, verify) if committed else None
         rows.append(Row(n, str(child), committed, (problem is None) if committed else None, problem, size,
                         max(0.0, now - mtime), committed and n == tracked))
     rows.sort(key=lambda r: (r.iteration, r.committed))
     if policy is not None:
-        committed = {r.iteration: Path(r.folder) for r in rows if r.committed}
+        committed = {r.iteration: storage.as_path(r.folder) for r in rows if r.committed}
         metrics = {n: read_metric(f, policy.best.metric) if policy.best else 0.0 for n, f in committed.items()}
         kept = decide(metrics, policy, tracker=tracked)
         for r in rows:

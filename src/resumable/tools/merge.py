@@ -29,17 +29,16 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from resumable import commit
+from resumable import commit, storage
 from resumable.errors import ConfigError
 from resumable.formats import hf, hf_aux, v2
 from resumable.models import qwen3
 from resumable.sources import Source, SourceTensor
+from resumable.storage import AnyPath
 from resumable.tools import progress_bar
 
 log = logging.getLogger(__name__)
@@ -52,9 +51,11 @@ DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 """``--dtype``'s short names → torch's."""
 
 
-def _write(out: Path, config: dict[str, Any] | None, tensors: list[SourceTensor], common: dict[str, Any] | None,
-           files: dict[str, hf_aux.AuxFile], max_shard_size: int, dtype: torch.dtype | None, progress: bool) -> Path:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+def _write(out: AnyPath, config: dict[str, Any] | None, tensors: list[SourceTensor], common: dict[str, Any] | None,
+           files: dict[str, hf_aux.AuxFile], max_shard_size: int, dtype: torch.dtype | None,
+           progress: bool) -> AnyPath:
+    entry = storage.stat(out)
+    if entry is not None and (not entry.is_dir or storage.list_dir(out)):
         raise FileExistsError(f"{out} exists and is not empty; choose a new output folder or delete it")
 
     def cast(t: SourceTensor) -> torch.dtype:
@@ -74,10 +75,11 @@ def _write(out: Path, config: dict[str, Any] | None, tensors: list[SourceTensor]
             record = hf_aux.copy(files, temp)
             if common is not None:
                 common = {**common, "state": hf_aux.with_record(common.get("state"), record)}
-                (temp / v2.COMMON).write_bytes(v2.common_bytes(common))
+                storage.write_atomic(temp / v2.COMMON, v2.common_bytes(common))
             commit.publish_output_dir(temp, out)
         except BaseException:
-            shutil.rmtree(temp, ignore_errors=True)
+            # Local: our own temp folder; object store: ``out`` itself, which new_output_dir found empty.
+            storage.remove_tree(temp)
             raise
     return out
 
@@ -93,7 +95,7 @@ def with_dtype(config: dict[str, Any] | None, written: set[torch.dtype]) -> dict
 
 
 def merge(source: Source, out: str | os.PathLike[str], *, max_shard_size: int = DEFAULT_SHARD,
-          dtype: torch.dtype | None = None, progress: bool = False) -> Path:
+          dtype: torch.dtype | None = None, progress: bool = False) -> AnyPath:
     """Write every tensor of ``source`` in full, plus its ``common.json`` (a *unified* checkpoint).
 
     Args:
@@ -123,7 +125,7 @@ def merge(source: Source, out: str | os.PathLike[str], *, max_shard_size: int = 
     for note in notes:  # an unknown model (most of our own checkpoints): no config.json, said only at debug level
         log.log(logging.INFO if config else logging.DEBUG, "%s: %s%s", source.path,
                 "" if config else "no config.json written: ", note)
-    return _write(Path(out), config, list(source.tensors.values()), common, source.hf_files,
+    return _write(storage.as_path(out), config, list(source.tensors.values()), common, source.hf_files,
                   max_shard_size, dtype, progress)
 
 
@@ -149,7 +151,7 @@ def known_config(source: Source) -> tuple[dict[str, Any] | None, list[str]]:
 
 def export_hf(source: Source, out: str | os.PathLike[str], config: dict[str, Any] | None = None, *,
               origin: str = "the config.json given", max_shard_size: int = DEFAULT_SHARD,
-              dtype: torch.dtype | None = None, progress: bool = False) -> Path:
+              dtype: torch.dtype | None = None, progress: bool = False) -> AnyPath:
     """Write the model parameters of ``source`` as a HuggingFace folder with ``config``.
 
     Args:
@@ -188,4 +190,4 @@ def export_hf(source: Source, out: str | os.PathLike[str], config: dict[str, Any
     else:
         log.debug("%s: config.json of model_type %r: not checked against the tensors (only Qwen3's shapes are "
                   "known)", source.path, config.get("model_type"))
-    return _write(Path(out), config, tensors, None, source.hf_files, max_shard_size, dtype, progress)
+    return _write(storage.as_path(out), config, tensors, None, source.hf_files, max_shard_size, dtype, progress)

@@ -18,20 +18,19 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from resumable import commit
+from resumable import commit, storage
 from resumable.errors import CheckpointError
 from resumable.formats import hf_aux
 from resumable.formats.safetensors_io import write_file_streaming
 from resumable.geometry import Box
-from resumable.lock import DirectoryLock
+from resumable.lock import DirectoryLock, LeaseLock
 from resumable.save import SavePlan, build_plan, commit_plan
 from resumable.sources import Source, SourceTensor
+from resumable.storage import AnyPath
 from resumable.tools import progress_bar
 from resumable.tools.rules import TargetLayout, check_layout, num_layers, parse_layout, rank_boxes
 
@@ -69,7 +68,7 @@ class _Lazy(dict):
         return key
 
 
-def _plan(source: Source, out: Path, iteration: int, layout: TargetLayout, holdings: list[dict], me: int,
+def _plan(source: Source, out: AnyPath, iteration: int, layout: TargetLayout, holdings: list[dict], me: int,
           objects: dict, rank_locals: list, prefix: str, remove_redundancy: bool) -> SavePlan:
     return build_plan(holdings, rank_locals, objects, _Lazy(), out, iteration, prefix=prefix,
                        save_optimizer=any(t.kind == "opt" for t in source.tensors.values()),
@@ -79,7 +78,7 @@ def _plan(source: Source, out: Path, iteration: int, layout: TargetLayout, holdi
 
 def write_v2(source: Source, out: str | os.PathLike[str], layout: TargetLayout, *, prefix: str = "CKP",
              remove_redundancy: bool = False, dtype: torch.dtype | None = None, iteration: int | None = None,
-             extra_common: dict[str, Any] | None = None, progress: bool = False) -> Path:
+             extra_common: dict[str, Any] | None = None, progress: bool = False) -> AnyPath:
     """Write ``source`` as ``<out>/iteration_XXXXXXXX`` for ``layout`` and point the tracker at it.
 
     Args:
@@ -108,20 +107,22 @@ def write_v2(source: Source, out: str | os.PathLike[str], layout: TargetLayout, 
     """
     found = check_layout(source, layout)
     log.info("splitting %s for layout %s: model %s (%s)", source.path, layout, found.model or "unknown", found.reason)
-    out = Path(out)
-    with DirectoryLock(out):  # a writer like any other: never into the folder of a live job
+    out = storage.as_path(out)
+    # A writer like any other: never into the folder of a live job (a flock locally, a lease on an object
+    # store). Taken by this process alone (not lock_for_job, which is collective): a trainer's rank 0 calls this.
+    with LeaseLock(out) if storage.is_object(out) else DirectoryLock(out):
         return _write_v2(source, out, layout, prefix=prefix, remove_redundancy=remove_redundancy, dtype=dtype,
                          iteration=iteration, extra_common=extra_common, progress=progress)
 
 
-def _write_v2(source: Source, out: Path, layout: TargetLayout, *, prefix: str, remove_redundancy: bool,
+def _write_v2(source: Source, out: AnyPath, layout: TargetLayout, *, prefix: str, remove_redundancy: bool,
               dtype: torch.dtype | None, iteration: int | None, extra_common: dict[str, Any] | None,
-              progress: bool) -> Path:
+              progress: bool) -> AnyPath:
     common = source.common
     if iteration is None:
         iteration = source.iteration if source.iteration is not None else int(common.get("global_step", 0))
     final = out / commit.iteration_dirname(iteration)
-    if final.exists():
+    if storage.exists(final):
         raise CheckpointError(f"{final} already exists; write into another folder or delete it first")
     newer = commit.iterations_after(out, iteration)
     if newer:  # the tracker would move back below them: a resume would start from the older one
@@ -144,13 +145,13 @@ def _write_v2(source: Source, out: Path, layout: TargetLayout, *, prefix: str, r
     head.common.update(extra_common or {})
     total = sum(it.box.numel * source.tensors[it.name].dtype.itemsize
                 for p in plans for _, items in p.files.values() for it in items)
-    if head.temp.exists():  # an earlier run's, killed: we hold the folder's lock
-        shutil.rmtree(head.temp)
-    head.temp.mkdir()  # right before the try: a Ctrl-C from here on removes it
+    # An earlier run's temp folder, killed, is removed: we hold the folder's lock. Right before the try: a
+    # Ctrl-C from here on removes it (on an object store the staging prefix is the final one, empty here).
+    commit.prepare_staging(out, iteration)
     try:
         # The tokenizer and generation files, byte for byte, recorded in common.json (which metadata.json seals).
         record = hf_aux.copy(source.hf_files, head.temp / hf_aux.FOLDER)
-        if record:
+        if record and not storage.is_object(head.temp):
             commit.fsync_dir(head.temp / hf_aux.FOLDER)
         head.common["state"] = hf_aux.with_record(objects, record)
         with progress_bar(total, f"writing {final.name}", progress) as bar:
@@ -160,13 +161,13 @@ def _write_v2(source: Source, out: Path, layout: TargetLayout, *, prefix: str, r
                         _write(head.temp / fname, items, plan.file_meta[fname], source, dtype, bar)
         commit_plan(head)
     except BaseException:
-        shutil.rmtree(head.temp, ignore_errors=True)
+        commit.discard_staging(head.temp)
         raise
     log.info("wrote %s for layout %s", final, layout)
     return final
 
 
-def _write(path: Path, items: list, file_meta: dict[str, str], source: Source, dtype: torch.dtype | None,
+def _write(path: AnyPath, items: list, file_meta: dict[str, str], source: Source, dtype: torch.dtype | None,
            bar: tqdm) -> tuple[int, str]:
     by_key = {it.key: it for it in items}
 

@@ -27,16 +27,17 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from resumable import commit
+from resumable import commit, storage
 from resumable.errors import CheckpointError, ConfigError
 from resumable.formats import hf_aux, v2
 from resumable.formats.safetensors_io import read_header, verify_file
-from resumable.legacy.files import check_rank_file, folder_records, rank_folders, verify_tree
+from resumable.legacy.files import check_rank_file, folder_records, verify_tree
 from resumable.resolve import verify_files
 from resumable.sources import detect, open_source
+from resumable.storage import AnyPath
+from resumable.tools import legacy_tree
 
 __all__ = ["Problem", "verify_path"]
 
@@ -92,7 +93,7 @@ class Checked:
         return "; ".join(parts)
 
 
-def _verify_v2(folder: Path, checksum: bool, seen: Checked) -> tuple[list[Problem], int]:
+def _verify_v2(folder: AnyPath, checksum: bool, seen: Checked) -> tuple[list[Problem], int]:
     try:
         meta = v2.read_metadata(folder)
     except (CheckpointError, OSError) as exc:
@@ -120,7 +121,7 @@ def _verify_v2(folder: Path, checksum: bool, seen: Checked) -> tuple[list[Proble
     return problems, len(meta.files) + len(files)
 
 
-def _verify_foreign(path: Path, checksum: bool = False, seen: Checked | None = None,
+def _verify_foreign(path: AnyPath, checksum: bool = False, seen: Checked | None = None,
                     open_args: Mapping[str, Any] | None = None) -> tuple[list[Problem], int]:
     """Open a foreign checkpoint (metadata and headers checked); with ``checksum``, also check
     the block checksums of its safetensors files that carry them (resumable's exports)."""
@@ -132,7 +133,7 @@ def _verify_foreign(path: Path, checksum: bool = False, seen: Checked | None = N
         return [Problem(str(path), str(exc))], 0
     problems = [Problem(where, message) for where, message in hf_aux.problems(source.hf_files, checksum=checksum)]
     if checksum and seen is not None:
-        for file in sorted(path.glob("*.safetensors")) if path.is_dir() else [source.path]:
+        for file in _safetensors(path) if storage.is_dir(path) else [storage.as_path(source.path)]:
             if file.suffix != ".safetensors":
                 continue
             seen.foreign_files += 1
@@ -147,13 +148,18 @@ def _verify_foreign(path: Path, checksum: bool = False, seen: Checked | None = N
     return problems, len({f for t in source.tensors.values() for c in t.chunks for f in c.where.split(", ") if f})
 
 
-def _written_by_resumable(folder: Path) -> bool:
+def _safetensors(folder: AnyPath) -> list[AnyPath]:
+    """The ``*.safetensors`` files directly in ``folder``, sorted."""
+    return [folder / e.name for e in storage.list_dir(folder) if not e.is_dir and e.name.endswith(".safetensors")]
+
+
+def _written_by_resumable(folder: AnyPath) -> bool:
     """True when a Checkpoint 2.0 file of ``folder`` carries resumable's own ``__metadata__``.
 
     Such a folder is ours even without metadata.json (which ``is_committed`` would accept
     as a MindFormers single-rank checkpoint): then its metadata.json was lost.
     """
-    for path in sorted(folder.glob("*.safetensors")):
+    for path in _safetensors(folder):
         if v2.parse_file_name(path.name) is None:
             continue
         try:
@@ -163,9 +169,9 @@ def _written_by_resumable(folder: Path) -> bool:
     return False
 
 
-def _verify_one(folder: Path, checksum: bool, seen: Checked,
+def _verify_one(folder: AnyPath, checksum: bool, seen: Checked,
                 open_args: Mapping[str, Any]) -> tuple[list[Problem], int]:
-    if not (folder / v2.METADATA).exists() and _written_by_resumable(folder):
+    if not storage.exists(folder / v2.METADATA) and _written_by_resumable(folder):
         return [Problem(str(folder / v2.METADATA), "missing: the checkpoint is incomplete; rebuild it from the "
                         "files (resumable.formats.v2.rebuild_metadata) or delete the folder")], 0
     if not commit.is_committed(folder):
@@ -178,10 +184,11 @@ def _verify_one(folder: Path, checksum: bool, seen: Checked,
     return _verify_foreign(folder, checksum, seen, open_args)
 
 
-def _verify_rank_file(path: Path, checksum: bool, seen: Checked,
+def _verify_rank_file(path: AnyPath, checksum: bool, seen: Checked,
                       open_args: Mapping[str, Any]) -> tuple[list[Problem], int]:
     """One of our Checkpoint 1.0 rank files given alone: its size and xxh3-64 against its folder's
     meta.json, else its own block checksums (as a tree's files are checked), then opened as a source."""
+    path = storage.require_local(path, "verifying a legacy rank file")
     record = folder_records(path.parent)[0].get(path.name)
     if record is not None:
         seen.foreign, seen.whole = None, int(checksum)
@@ -194,7 +201,7 @@ def _verify_rank_file(path: Path, checksum: bool, seen: Checked,
     return _verify_foreign(path, open_args=open_args)[0], 1
 
 
-def _verify_legacy(root: Path, checksum: bool, open_args: Mapping[str, Any]) -> tuple[list[Problem], int, str]:
+def _verify_legacy(root: AnyPath, checksum: bool, open_args: Mapping[str, Any]) -> tuple[list[Problem], int, str]:
     found = verify_tree(root, checksum=checksum)
     problems = [Problem(w, m) for w, m in found.problems]
     if not problems:  # the files are intact: do the step a resume picks, its metadata and its HF files agree?
@@ -224,29 +231,31 @@ def verify_path(path: str | os.PathLike[str], *, checksum: bool = True,
 
         problems, n, what = verify_path("output/checkpoint/iteration_00000100", checksum=False)
     """
-    path = Path(path)
-    if path.is_dir() and rank_folders(path):
+    path = storage.as_path(path)
+    if legacy_tree(path):
         return _verify_legacy(path, checksum, open_args)
     seen = Checked(checksum)
     problems, checked = _verify_other(path, checksum, seen, open_args)
     return problems, checked, seen.describe()
 
 
-def _verify_other(path: Path, checksum: bool, seen: Checked,
+def _verify_other(path: AnyPath, checksum: bool, seen: Checked,
                   open_args: Mapping[str, Any]) -> tuple[list[Problem], int]:
-    if not path.exists():
+    entry = storage.stat(path)
+    if entry is None:
         return [Problem(str(path), f"{path} does not exist")], 0
-    if path.is_dir() and (commit.parse_iteration(path.name) is not None
-                          or path.name.startswith((".tmp-", ".old-", ".del-"))):
+    is_file = not entry.is_dir and not entry.special
+    if entry.is_dir and (commit.parse_iteration(path.name) is not None
+                         or path.name.startswith((".tmp-", ".old-", ".del-"))):
         return _verify_one(path, checksum, seen, open_args)
-    iterations = [] if path.is_file() else sorted(
-        p for p in path.iterdir() if p.is_dir() and commit.parse_iteration(p.name) is not None)
+    iterations = [] if not entry.is_dir else [
+        path / e.name for e in storage.list_dir(path) if e.is_dir and commit.parse_iteration(e.name) is not None]
     if not iterations:
         try:
             seen.foreign = detect(path)[0]
         except (CheckpointError, OSError):
             pass  # _verify_foreign names the problem
-        if path.is_file() and seen.foreign == "legacy":
+        if is_file and seen.foreign == "legacy":
             return _verify_rank_file(path, checksum, seen, open_args)
         return _verify_foreign(path, checksum, seen, open_args)
     problems: list[Problem] = []
