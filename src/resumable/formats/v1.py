@@ -37,6 +37,7 @@ This module is bytes and JSON only: no ``torch.distributed``, no renames (see ``
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -47,6 +48,7 @@ from typing import Any, Mapping
 import torch
 import xxhash
 
+from resumable import storage
 from resumable.errors import CheckpointNotFoundError, CorruptCheckpointError
 from resumable.formats import v2
 from resumable.formats.jsonfile import files_in, load_json_object, parse_json_object
@@ -217,10 +219,11 @@ def read_meta(folder: str | os.PathLike[str]) -> LegacyMeta | None:
         CorruptCheckpointError: not JSON, an unknown or missing key, a wrong type, or a seal
             that does not match; the file and the key are named.
     """
-    path = Path(folder) / META_JSON
-    if not path.exists():
+    path = storage.as_path(folder) / META_JSON
+    try:
+        doc = load_json_object(path, "legacy meta.json")
+    except CheckpointNotFoundError:  # no meta.json (or a dangling link named so): none written yet
         return None
-    doc = load_json_object(path, "legacy meta.json")
     given = doc.pop("seal", None)
     unknown = sorted(set(doc) - _META_KEYS - {"files"})
     if unknown or not _META_KEYS <= set(doc):
@@ -331,24 +334,12 @@ def context_scalars(objects: Mapping[str, Any]) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------------------- .ckpt I/O
 
 
-class _Hashing:
-    """A write-only file wrapper that checksums what passes through (``torch.save`` writes in order)."""
-
-    def __init__(self, f: Any) -> None:
-        self.f, self.hasher, self.size = f, xxhash.xxh3_64(), 0
-
-    def write(self, data: bytes) -> int:
-        self.hasher.update(data)
-        self.size += len(data)
-        return self.f.write(data)
-
-    def flush(self) -> None:
-        self.f.flush()
-
-
 def save_ckpt(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor],
               metadata: Mapping[str, str]) -> FileRecord:
     """Write a ``.ckpt`` (``torch.save`` of tensors and ``__metadata__``) to a new file, fsynced.
+
+    ``torch.save`` serialises into memory (the file's size must be known to the storage
+    layer's writer), which then writes it durably (``O_EXCL``, fsync) and checksums it.
 
     Returns:
         ``(size_in_bytes, xxh3_64_hex)`` of the file, computed while writing.
@@ -361,14 +352,14 @@ def save_ckpt(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor],
         raise ValueError("'__metadata__' is reserved in a .ckpt file")
     payload: dict[str, Any] = {k: t.detach().cpu().contiguous() for k, t in tensors.items()}
     payload["__metadata__"] = dict(metadata)
-    with open(path, "xb") as f:
-        out = _Hashing(f)
-        torch.save(payload, out)
-        f.flush()
-        os.fsync(f.fileno())
-        if f.tell() != out.size:  # torch seeked back: the running checksum is not the file's
-            raise OSError(f"{path}: torch.save did not write sequentially ({f.tell()} bytes, {out.size} hashed)")
-        return out.size, out.hasher.hexdigest()
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    del payload
+    data = buf.getbuffer()
+    try:
+        return storage.write_stream(storage.as_path(path), len(data), [data])
+    finally:
+        data.release()  # the buffer may be freed now
 
 
 def load_ckpt(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -480,18 +471,18 @@ def _check_strategy_tensor(t: object, where: str) -> None:
                                      f"{v2.MAX_RUNS_PER_POSITION}; the strategy file is damaged")
 
 
-def strategy_files(path_or_dir: str | os.PathLike[str]) -> dict[int, Path]:
+def strategy_files(path_or_dir: str | os.PathLike[str]) -> dict[int, storage.AnyPath]:
     """Rank → strategy file of ``src_strategy_path_or_dir`` (one file, or a folder of them).
 
     Raises:
         CheckpointNotFoundError: the path does not exist or the folder holds no strategy file.
         UnsafeCheckpointError: a symlink in the folder points outside it.
     """
-    path = Path(path_or_dir)
-    if path.is_file():
+    path = storage.as_path(path_or_dir)
+    if storage.is_file(path):
         m = _STRATEGY_RE.match(path.name)
         return {int(m.group(1)) if m else -1: path}
-    if not path.is_dir():
+    if not storage.is_dir(path):
         raise CheckpointNotFoundError(f"src_strategy_path_or_dir {path} does not exist; point it at the source "
                                       "job's <output_dir>/strategy folder or one of its ckpt_strategy_rank_*.ckpt")
     found = {int(m.group(1)): entry for m, entry in files_in(path, _STRATEGY_RE)}

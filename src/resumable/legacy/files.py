@@ -7,17 +7,23 @@ so that loads and conversions read slices with the 2.0 read planner
 
 from __future__ import annotations
 
+import errno
+import io
 import os
 import re
 import zipfile
+from fnmatch import fnmatchcase
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
+from resumable import storage
 from resumable.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, UnsafeCheckpointError
 from resumable.formats import v1, v2
+from resumable.errors import NotImplementedYet
+from resumable.storage import ObjectPath, Reader
 from resumable.storage.local import check_regular
 from resumable.formats.mindformers import parse_legacy_name
 from resumable.formats.ms_ckpt import index_ms_ckpt
@@ -30,10 +36,28 @@ from resumable.reads import execute_reads, place_into
 Layout = dict[str, Any]  # as every rank file records it: {"world_size", "mesh", "pipeline_stages", "sharded_optimizer"}
 
 
+def local_path(path: str | os.PathLike[str], key: str) -> Path:
+    """``path`` (the value of YAML key ``key``) as a local Path; an ``s3://`` one is refused at once.
+
+    The legacy layout on object storage is not built: refused before anything is read or
+    written, never taken as a local folder named ``s3:``.
+    """
+    found = storage.as_path(path)
+    if isinstance(found, ObjectPath):
+        raise NotImplementedYet(f"{key} {found}: the legacy layout (use_legacy_format: true) on object storage; "
+                                "Checkpoint 2.0 (use_legacy_format: false) saves to and loads from s3:// paths, "
+                                "or copy the legacy checkpoint to a local folder first (aws s3 sync)")
+    return found
+
+
 def rank_folders(root: Path) -> list[str]:
     """The ``rank_{r}`` folders under ``root``, by rank."""
+    if not storage.is_dir(root):  # iterdir's errors (list_dir sees nothing there, silently)
+        if storage.exists(root):
+            raise NotADirectoryError(errno.ENOTDIR, "Not a directory", str(root))
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(root))
     # ASCII digits only: str.isdigit() accepts "²", which int() refuses.
-    return sorted((p.name for p in root.iterdir() if p.is_dir() and re.fullmatch(r"rank_[0-9]+", p.name)),
+    return sorted((e.name for e in storage.list_dir(root) if e.is_dir and re.fullmatch(r"rank_[0-9]+", e.name)),
                   key=lambda n: int(n[5:]))
 
 
@@ -55,9 +79,10 @@ def folder_records(folder: Path) -> tuple[dict[str, v1.FileRecord], str | None]:
 def member(root: Path, name: str) -> Path:
     """``root / name``, refused unless it is a regular file that lies inside ``root`` (links followed)."""
     path = root / name
-    if not path.exists():
-        raise CheckpointNotFoundError(f"{path} does not exist; the checkpoint is incomplete")
-    check_regular(path, "rank file")  # a FIFO or a device would block or never end
+    try:
+        check_regular(path, "rank file")  # a FIFO or a device would block or never end
+    except CheckpointNotFoundError:
+        raise CheckpointNotFoundError(f"{path} does not exist; the checkpoint is incomplete") from None
     if "/" in name and not inside(path, root):  # a rank_*/ file symlinked out of the tree
         raise UnsafeCheckpointError(f"{path} resolves outside {root}; refusing to read it (a rank file of "
                                     "a checkpoint must lie inside its checkpoint folder)")
@@ -82,7 +107,8 @@ def check_rank_file(root: Path, name: str, record: v1.FileRecord | None, *, chec
     if record is None:
         return _check_structure(path, checksum)
     size, digest = record
-    actual = path.stat().st_size
+    entry = storage.stat(path)
+    actual = entry.size if entry is not None else 0  # gone since member() saw it: 0 bytes is the mismatch
     if actual != size:
         raise CorruptCheckpointError(f"{path}: {actual} bytes on disk, {v1.META_JSON} records {size}; the file is "
                                      "truncated or was replaced: restore it or load another step")
@@ -98,7 +124,9 @@ def check_rank_file(root: Path, name: str, record: v1.FileRecord | None, *, chec
 def _check_structure(path: Path, checksum: bool) -> bool:
     """A file no ``meta.json`` vouches for: its block checksums when it has them, else its structure."""
     if path.suffix == ".ckpt":
-        if zipfile.is_zipfile(path):
+        with storage.open_reader(path, "rank file") as reader:
+            torch_zip = zipfile.is_zipfile(_ReaderFile(reader))
+        if torch_zip:
             v1.load_ckpt(path)
         else:  # MindSpore's protobuf .ckpt (MindFormers wrote it)
             index_ms_ckpt(path)
@@ -107,13 +135,40 @@ def _check_structure(path: Path, checksum: bool) -> bool:
     digests = block_digests(header)
     if not digests or not checksum:
         return False
-    with open(path, "rb") as f:
-        def read(offset: int, n: int) -> bytes:
-            return os.pread(f.fileno(), n, offset)
-
+    with storage.open_reader(path, "rank file") as reader:
         for d in digests.values():
-            d.check(d.start, d.end, None, read)
+            d.check(d.start, d.end, None, reader.read)
     return True
+
+
+class _ReaderFile(io.RawIOBase):
+    """A seekable read-only file object over a storage :class:`Reader` (for ``zipfile.is_zipfile``)."""
+
+    def __init__(self, reader: Reader) -> None:
+        super().__init__()
+        self.reader, self.pos = reader, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.reader.size}[whence]
+        if base + offset < 0:  # as a real file: is_zipfile seeks 22 bytes before the end of a smaller one
+            raise OSError(22, "Invalid argument")
+        self.pos = base + offset
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def readinto(self, buffer: Any) -> int:
+        n = max(0, min(len(buffer), self.reader.size - self.pos))
+        self.reader.readinto(memoryview(buffer).cast("B")[:n], self.pos)
+        self.pos += n
+        return n
 
 
 @dataclass
@@ -152,23 +207,25 @@ def verify_tree(root: Path, *, checksum: bool = True) -> TreeCheck:
         else:
             if meta is not None:
                 out.count(meta.sealed)
-                if not (folder / meta.file).is_file():
+                if not storage.is_file(folder / meta.file):
                     out.problems.append((str(folder / v1.META_JSON), f"names {meta.file}, which {folder} does not "
                                          "hold: restore the file, or delete meta.json to resume from an older step"))
         records = meta.files if meta is not None else {}
-        for entry in sorted(folder.iterdir()):
+        for entry in storage.list_dir(folder):
             if parse_legacy_name(entry.name) is None:
                 continue
             try:
                 out.count(check_rank_file(root, f"{r}/{entry.name}", records.get(entry.name), checksum=checksum))
             except (CheckpointError, OSError) as exc:
-                out.problems.append((str(entry), str(exc)))
+                out.problems.append((str(folder / entry.name), str(exc)))
                 out.count(entry.name in records)
     strategy = root.parent / v1.STRATEGY_DIR
     # Strategy files are resumable's (JSON) when its rank files are (they carry checksums); MindSpore's
     # protobuf ones are not ours to parse.
     ours = out.checksummed > 0
-    for path in sorted(strategy.glob("ckpt_strategy_rank_*.ckpt")) if strategy.is_dir() and ours else []:
+    found = [strategy / e.name for e in storage.list_dir(strategy)
+             if fnmatchcase(e.name, "ckpt_strategy_rank_*.ckpt")] if storage.is_dir(strategy) and ours else []
+    for path in found:
         try:
             out.count("seal" in v1.read_strategy(path))  # read_strategy opens regular files only
         except (CheckpointError, OSError) as exc:

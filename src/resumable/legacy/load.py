@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Mapping
 
 from resumable import dist
@@ -17,7 +16,7 @@ from resumable.dist import agree_on
 from resumable.errors import ConfigError
 from resumable.formats import v1
 from resumable.layout import local_chunks
-from resumable.legacy.files import Layout, RankFiles
+from resumable.legacy.files import Layout, RankFiles, local_path
 from resumable.legacy.resolve import LegacySource
 from resumable.legacy.strategy import check_strategy
 from resumable.legacy.transform import one_ckpt_per_rank, transform, unify
@@ -99,7 +98,7 @@ def _conversion(source: LegacySource, files: RankFiles, opts: LegacyLoadOptions,
 def _convert(kind: str, source: LegacySource, files: RankFiles, opts: LegacyLoadOptions, state: Mapping[str, Any],
              group: dist.Group) -> LegacySource:
     """Run a conversion chosen by :func:`_conversion`. Collective: every rank calls it."""
-    out = Path(opts.output_dir)
+    out = local_path(opts.output_dir, "output_dir")
     if kind == "unify":
         return unify(source, files, out / v1.UNIFIED_DIR, group)
     workers = check_transform_process_num(opts.transform_process_num, dist.world_size(group))
@@ -124,12 +123,18 @@ def load_legacy(state: dict[str, Any], source: LegacySource, opts: LegacyLoadOpt
     Raises:
         ConfigError: a layout change without ``auto_trans_ckpt``, a de-duplicated checkpoint
             without ``remove_redundancy``, a bad ``transform_process_num``.
+        NotImplementedYet: ``source.root``, ``output_dir`` or ``src_strategy_path_or_dir`` is on object
+            storage (at once, on every rank).
         StateMismatchError / CheckpointError: as :func:`resumable.load`; on every rank.
 
     Collective: every rank calls it with its own state (two agreements, more when converting).
     """
     if source.fresh or source.root is None:
         raise ValueError("load_legacy needs a resolved checkpoint, not a fresh start")
+    local_path(source.root, "load_checkpoint")
+    local_path(opts.output_dir, "output_dir")
+    if opts.src_strategy_path_or_dir:
+        local_path(opts.src_strategy_path_or_dir, "src_strategy_path_or_dir")
     group, me = process_group, dist.rank(process_group)
     files = RankFiles(source.root, checked=source.files)  # resolve_legacy checked them
     kind, error = None, None

@@ -12,12 +12,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
-from resumable import dist, errors
+from resumable import dist, errors, storage
 from resumable.dist import agree_on
 from resumable.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 from resumable.formats import v1
 from resumable.formats.mindformers import complete_legacy_steps, parse_legacy_name
-from resumable.legacy.files import check_rank_file, folder_records, inside, rank_folders
+from resumable.legacy.files import check_rank_file, folder_records, inside, local_path, rank_folders
 
 log = logging.getLogger(__name__)
 
@@ -65,37 +65,43 @@ def _fresh(reason: str) -> LegacySource:
 
 def resolve_here(load_checkpoint: str, resume_training: bool | str, fmt: str,
                   output_dir: str | os.PathLike[str] | None, rank: int) -> LegacySource:
-    """This rank's view of what ``load_checkpoint`` means (reads the shared folder only)."""
+    """This rank's view of what ``load_checkpoint`` means (reads the shared folder only).
+
+    Raises:
+        NotImplementedYet: ``load_checkpoint`` or ``output_dir`` is an ``s3://`` path.
+    """
+    if output_dir:
+        local_path(output_dir, "output_dir")
     if not load_checkpoint:
         return _fresh("load_checkpoint is empty")
-    path = Path(load_checkpoint)
-    if path.is_file():
+    path = local_path(load_checkpoint, "load_checkpoint")
+    if storage.is_file(path):
         parsed = parse_legacy_name(path.name)
         if path.parent.name.startswith("rank_") and parsed is not None:
             raise CheckpointNotFoundError(
                 f"load_checkpoint {path} is one rank's file of a rank_* tree; point load_checkpoint at "
                 f"{path.parent.parent} (and name the step with resume_training: \"{path.name}\")")
         return LegacySource(path.parent, (path.name,), None, True, f"{path.name} is a single full checkpoint file")
-    if not path.exists():
+    if not _exists(path):
         if inside(path, output_dir):
             return _fresh(f"{path} does not exist yet (inside the job's output_dir)")
         raise CheckpointNotFoundError(f"load_checkpoint {path} does not exist; point it at a folder of rank_* "
                                       "folders or one full checkpoint file, or leave it empty to start fresh")
     ranks = rank_folders(path)
     if not ranks:
-        visible = sorted(p.name for p in path.iterdir() if not p.name.startswith("."))
+        visible = [e.name for e in storage.list_dir(path) if not e.name.startswith(".")]
         if visible:
             raise CheckpointNotFoundError(
                 f"load_checkpoint {path} holds no rank_* folders ({', '.join(visible[:5])}); for Checkpoint 2.0 "
                 "iterations set use_legacy_format: false")
         return _fresh(f"{path} is empty")
-    if not any(parse_legacy_name(p.name) for r in ranks for p in (path / r).iterdir()) and not any(
-            (path / r / v1.META_JSON).exists() for r in ranks):
+    if not any(parse_legacy_name(e.name) for r in ranks for e in storage.list_dir(path / r)) and not any(
+            _exists(path / r / v1.META_JSON) for r in ranks):
         return _fresh(f"{path} holds rank folders but no checkpoint yet")
     if isinstance(resume_training, str):
         names = tuple(f"{r}/{v1.substitute_rank(resume_training, int(r[5:]))}" for r in ranks)
         # A rank beyond the source's rank folders (a larger job converting) has no file of its own.
-        if rank < len(names) and not (path / names[rank]).is_file():
+        if rank < len(names) and not storage.is_file(path / names[rank]):
             raise CheckpointNotFoundError(f"resume_training {resume_training!r}: rank {rank} has no "
                                           f"{path / names[rank]}")
         parsed = parse_legacy_name(resume_training)
@@ -112,6 +118,14 @@ def resolve_here(load_checkpoint: str, resume_training: bool | str, fmt: str,
     if resume_training is True:
         return LegacySource(path, files, position, False, reason, older=tuple(older))
     return LegacySource(path, files, position, False, reason, newer=tuple(steps))
+
+
+def _exists(path: Path) -> bool:
+    """``Path.exists``: something is there, links followed (a dangling link is nothing)."""
+    entry = storage.stat(path)
+    if entry is None or not (entry.link and entry.special):
+        return entry is not None
+    return storage.stat(path.resolve()) is not None  # a link to a FIFO or a device, or a dangling one
 
 
 def complete_steps(root: Path, fmt: str) -> list[tuple[tuple[int, int], tuple[str, ...]]]:

@@ -15,14 +15,14 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from torch.distributed.tensor import DTensor
 
-from resumable import commit, dist, saveplan
+from resumable import commit, dist, saveplan, storage
 from resumable.errors import ConfigError, SaveError
 from resumable.formats import v1, v2
 from resumable.formats.mindformers import parse_legacy_name
 from resumable.formats.safetensors_io import write_file
 from resumable.geometry import Box
 from resumable.layout import local_chunks, local_tensor
-from resumable.legacy.files import Layout, folder_records
+from resumable.legacy.files import Layout, folder_records, local_path
 from resumable.legacy.strategy import placement_json
 from resumable.save import agree_on_plan, error_text, to_group
 from resumable.state import flatten_state
@@ -108,18 +108,23 @@ class LegacySaver:
 
     Collective: every rank constructs it together (the prefix suffix is agreed: the
     largest any rank folder needs, so that a step's files share one name but the rank).
+
+    Raises:
+        NotImplementedYet: ``directory`` or ``strategy_dir`` is an ``s3://`` path (before anything is written).
     """
 
     def __init__(self, directory: str | os.PathLike[str], *, prefix: str, fmt: str, keep_checkpoint_max: int | None,
                  remove_redundancy: bool, save_optimizer: bool, strategy_dir: str | os.PathLike[str],
                  layout: Layout, protect: Iterable[Path] = (), process_group: dist.Group = None) -> None:
+        directory = local_path(directory, "the checkpoint folder")
+        strategy_dir = local_path(strategy_dir, "the strategy folder")
         if fmt not in v1.FORMATS:
             raise ConfigError(f"checkpoint_format must be one of {v1.FORMATS}, got {fmt!r}")
         if keep_checkpoint_max is not None and keep_checkpoint_max < 1:
             raise ConfigError(f"keep_checkpoint_max must be at least 1, got {keep_checkpoint_max}")
-        self.directory, self.prefix, self.fmt = Path(directory), prefix, fmt
+        self.directory, self.prefix, self.fmt = directory, prefix, fmt
         self.keep, self.remove_redundancy, self.save_optimizer = keep_checkpoint_max, remove_redundancy, save_optimizer
-        self.strategy_dir, self.layout, self.group = Path(strategy_dir), dict(layout), process_group
+        self.strategy_dir, self.layout, self.group = strategy_dir, dict(layout), process_group
         self.protect = {Path(p).resolve() for p in protect}
         self.rank, self.world = dist.rank(process_group), dist.world_size(process_group)
         self.folder = self.directory / f"rank_{self.rank}"
@@ -128,7 +133,7 @@ class LegacySaver:
         commit.clean_leftovers(self.folder)
         if self.rank == 0:
             commit.clean_leftovers(self.strategy_dir)
-        names = [p.name for p in self.folder.iterdir()] if self.folder.is_dir() else []
+        names = [e.name for e in storage.list_dir(self.folder)]
         # Sizes and checksums of this folder's files, carried into every meta.json this job writes.
         self.records, why = folder_records(self.folder)
         if why is not None and names:
@@ -170,14 +175,14 @@ class LegacySaver:
             dist.agree(error, what, self.group)
         except SaveError:
             if error is None:  # another rank failed: this step is not complete anywhere
-                final.unlink(missing_ok=True)
+                storage.remove(final)
             raise
         commit.fault_point("legacy-before-meta")
         assert record is not None
         doomed = self._beyond_keep(final)
         # meta.json records what the folder keeps: retention's victims are left out already.
         gone = {p.name for p in doomed}
-        records = {n: r for n, r in self.records.items() if n not in gone and (self.folder / n).is_file()}
+        records = {n: r for n, r in self.records.items() if n not in gone and storage.is_file(self.folder / n)}
         records[name] = record
         try:
             commit.atomic_write(self.folder / v1.META_JSON, v1.meta_bytes(epoch, step, name, records))
@@ -190,7 +195,7 @@ class LegacySaver:
         dist.agree(error, f"recording {name} in {v1.META_JSON}", self.group)
         for path in doomed:  # one unlink each, oldest first: a crash part way leaves older steps, never a gap
             commit.fault_point("legacy-retention")
-            path.unlink(missing_ok=True)
+            storage.remove(path)
             log.info("keep_checkpoint_max=%d: deleted %s", self.keep, path)
         return final
 
@@ -216,7 +221,7 @@ class LegacySaver:
                 record = v1.save_ckpt(tmp, dict(items), meta)
             commit.publish_file(tmp, final)
         finally:
-            tmp.unlink(missing_ok=True)
+            storage.remove(tmp)
         return record
 
     def _write_strategy(self, local: _Local, stored: set[tuple[str, Box]]) -> None:
@@ -239,21 +244,22 @@ class LegacySaver:
         """
         if self.keep is None:
             return []
-        if self.folder.is_symlink():
+        if (here := storage.stat(self.folder)) is not None and here.link:
             log.warning("keep_checkpoint_max=%d: %s is a symlink; its files are not deleted", self.keep, self.folder)
             return []
         # Resolved (no entry is a link; the folder's ancestors may be) to compare with ``protect``.
-        files = [(key, p.resolve()) for key, p in (_retention_key(p, self.prefix, self.rank)
-                                                   for p in self.folder.iterdir()) if key is not None]
+        files = [(key, (self.folder / e.name).resolve()) for e in storage.list_dir(self.folder)
+                 if (key := _retention_key(e, self.prefix, self.rank)) is not None]
         return _excess(sorted(files), self.keep, {newest.resolve(), *self.protect})
 
 
-def _retention_key(path: Path, prefix: str, rank: int) -> tuple[tuple[int, int, int, str] | None, Path]:
+def _retention_key(entry: storage.Entry, prefix: str, rank: int) -> tuple[int, int, int, str] | None:
     """Retention order of one entry of a rank folder (older jobs, then older steps first); None: not counted."""
-    parsed = parse_legacy_name(path.name)
-    if parsed is None or parsed.prefix != prefix or parsed.rank != rank or path.is_symlink() or not path.is_file():
-        return None, path
-    return (parsed.suffix, parsed.epoch, parsed.step, parsed.ext), path
+    parsed = parse_legacy_name(entry.name)
+    if (parsed is None or parsed.prefix != prefix or parsed.rank != rank or entry.link or entry.is_dir
+            or entry.special):
+        return None
+    return parsed.suffix, parsed.epoch, parsed.step, parsed.ext
 
 
 def _excess(files: list[tuple[Any, Path]], keep: int, kept: set[Path]) -> list[Path]:
@@ -276,6 +282,6 @@ def discard_steps(root: Path, steps: Iterable[tuple[tuple[int, int], Sequence[st
     me, world = dist.rank(group), dist.world_size(group)
     for (epoch, step), files in steps:
         for name in files[me::world]:
-            (root / name).unlink(missing_ok=True)
+            storage.remove(root / name)
             log.warning("discard_newer_checkpoints: deleted %s (epoch %d step %d, newer than the step this job "
                         "starts from)", root / name, epoch, step)

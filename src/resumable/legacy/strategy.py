@@ -15,7 +15,7 @@ from resumable.errors import CheckpointNotFoundError, CorruptCheckpointError
 from resumable.formats import v1
 from resumable.geometry import Box
 from resumable.layout import placement_chunks
-from resumable.legacy.files import RankFiles
+from resumable.legacy.files import RankFiles, local_path
 
 
 def placement_json(p: Placement) -> list:
@@ -73,10 +73,11 @@ def check_strategy(src: str | os.PathLike[str], files: RankFiles, names: Sequenc
     had no pipeline split (every rank's boxes follow from the placements and the mesh).
 
     Raises:
+        NotImplementedYet: ``src`` is an ``s3://`` path.
         CheckpointNotFoundError: a source rank's strategy file is missing.
         CorruptCheckpointError: the strategy's world size or boxes differ from the files.
     """
-    found = v1.strategy_files(src)
+    found = v1.strategy_files(local_path(src, "src_strategy_path_or_dir"))
     docs = {r: v1.read_strategy(p) for r, p in found.items()}
     single = len(docs) == 1 and len(names) > 1
     first = next(iter(docs.values()))

@@ -16,14 +16,14 @@ from typing import Any, Mapping
 
 import torch
 
-from resumable import commit, dist
+from resumable import commit, dist, storage
 from resumable.dist import agree_on
 from resumable.errors import ConfigError
 from resumable.formats import v1, v2
 from resumable.formats.mindformers import parse_legacy_name
 from resumable.formats.safetensors_io import write_file_streaming
 from resumable.geometry import Box
-from resumable.legacy.files import Layout, RankFiles, fill, rank_folders
+from resumable.legacy.files import Layout, RankFiles, fill, local_path, rank_folders
 from resumable.legacy.resolve import LegacySource
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,11 @@ def unify(source: LegacySource, files: RankFiles, out_dir: Path, group: dist.Gro
     """Rank 0 merges the step into one full safetensors file, one tensor in memory at a time.
 
     Collective: every rank calls it; the others wait for rank 0 (agreement).
+
+    Raises:
+        NotImplementedYet: ``out_dir`` is on object storage (at once, on every rank).
     """
+    out_dir = local_path(out_dir, "output_dir")
     first = parse_legacy_name(Path(source.files[0]).name)
     assert first is not None and source.position is not None
     name = f"{first.prefix}-{first.epoch}_{first.step}.safetensors"
@@ -61,7 +65,7 @@ def unify(source: LegacySource, files: RankFiles, out_dir: Path, group: dist.Gro
                 write_file_streaming(tmp, specs, fetch, file_meta)
                 commit.publish_file(tmp, out_dir / name)
             finally:
-                tmp.unlink(missing_ok=True)
+                storage.remove(tmp)
             log.info("auto_trans_ckpt: merged %d rank files into %s", len(source.files), out_dir / name)
         except Exception as exc:  # told to every rank
             error = exc
@@ -74,7 +78,11 @@ def transform(source: LegacySource, files: RankFiles, out_root: Path, targets: l
     """Rewrite a ``.ckpt`` step per target rank; ``workers`` of the job's ranks share the targets.
 
     Collective: every rank calls it with every rank's target holdings (``targets``).
+
+    Raises:
+        NotImplementedYet: ``out_root`` is on object storage (at once, on every rank).
     """
+    out_root = local_path(out_root, "output_dir")
     world, me = dist.world_size(group), dist.rank(group)
     per = world // workers
     first = parse_legacy_name(Path(source.files[0]).name)
@@ -116,14 +124,15 @@ def _write_target(files: RankFiles, meta: v2.Metadata, holdings: Mapping[str, li
         record = v1.save_ckpt(tmp, tensors, file_meta)
         commit.publish_file(tmp, folder / name)
     finally:
-        tmp.unlink(missing_ok=True)
+        storage.remove(tmp)
     commit.atomic_write(folder / v1.META_JSON, v1.meta_bytes(position[0], position[1], name, {name: record}))
 
 
 def one_ckpt_per_rank(root: Path) -> None:
     """Refuse a ``.ckpt`` tree with several steps in a rank folder: a conversion rewrites exactly one."""
     for r in rank_folders(root):
-        found = sorted(p.name for p in (root / r).iterdir() if p.suffix == ".ckpt" and parse_legacy_name(p.name))
+        found = [e.name for e in storage.list_dir(root / r) if Path(e.name).suffix == ".ckpt"
+                 and parse_legacy_name(e.name)]
         if len(found) > 1:
             raise ConfigError(
                 f"auto_trans_ckpt: {root / r} holds {len(found)} .ckpt files ({', '.join(found)}); converting .ckpt "
