@@ -64,7 +64,6 @@ import logging
 import math
 import os
 import re
-import zipfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import ModuleType
@@ -73,13 +72,14 @@ from typing import Any, Callable, Literal
 
 import torch
 
-from resumable import commit
+from resumable import commit, storage
 from resumable.errors import CheckpointNotFoundError, ConfigError, CorruptCheckpointError
 from resumable.formats import hf, hf_aux, mindformers as mf, schema, v1, v2
+from resumable.storage import AnyPath
 from resumable.storage.local import check_regular
-from resumable.formats.safetensors_io import open_safetensors, read_header, stored_slice
+from resumable.formats.safetensors_io import read_header
 from resumable.formats.ms_names import NAMES, OPT_STATE, Names, our_name, parse_ms_name
-from resumable.formats.torch_file import PICKLE_PROTOCOL, read_torch_file
+from resumable.formats.torch_file import PICKLE_PROTOCOL, is_zip, read_torch_file
 from resumable.models import MODELS, identify_mindformers
 from resumable.models.qwen3 import AttentionShape, FusedLayout
 from resumable.geometry import Box, covers_exactly, runs
@@ -172,7 +172,7 @@ class Source:
         hf_files: its generation and tokenizer files, to carry byte for byte (:mod:`resumable.formats.hf_aux`).
     """
 
-    path: Path
+    path: AnyPath
     format: Format
     iteration: int | None
     tensors: dict[str, SourceTensor]
@@ -186,9 +186,9 @@ class Source:
 # --------------------------------------------------------------------------- detection
 
 
-def _iteration_kind(folder: Path) -> Format:
+def _iteration_kind(folder: AnyPath) -> Format:
     meta = folder / v2.METADATA
-    if meta.is_file():
+    if storage.is_file(meta):
         doc = hf.load_json_object(meta, "metadata", mf.MAX_METADATA_BYTES)
         if doc.get("format") == v2.FORMAT:
             return "v2"
@@ -199,7 +199,7 @@ def _iteration_kind(folder: Path) -> Format:
     return "mindformers"  # a single-rank MindFormers 2.0 save has no metadata.json
 
 
-def detect(path: str | os.PathLike[str]) -> tuple[Format, Path]:
+def detect(path: str | os.PathLike[str] | storage.ObjectPath) -> tuple[Format, AnyPath]:
     """The format of ``path`` and the folder to read (a checkpoint folder resolves to its iteration).
 
     Raises:
@@ -210,10 +210,10 @@ def detect(path: str | os.PathLike[str]) -> tuple[Format, Path]:
 
         detect("output/checkpoint")     # ("v2", Path("output/checkpoint/iteration_00000020"))
     """
-    path = Path(path)
-    if path.is_file():
+    path = storage.as_path(path)
+    if storage.is_file(path):
         return _file_kind(path), path
-    if not path.is_dir():
+    if not storage.is_dir(path):
         raise CheckpointNotFoundError(
             f"{path} does not exist (or is neither a folder nor a file); give a checkpoint folder, an iteration_* "
             "folder, a rank_* tree, a HuggingFace/unified folder or a .safetensors / .ckpt file")
@@ -222,16 +222,17 @@ def detect(path: str | os.PathLike[str]) -> tuple[Format, Path]:
             raise CorruptCheckpointError(f"{path} is not a committed checkpoint (no readable metadata.json "
                                          "or common.json); it cannot be read")
         return _iteration_kind(path), path
-    if (path / hf.SINGLE).is_file() or (path / hf.INDEX).is_file():
-        return ("unified" if (path / v2.COMMON).is_file() else "hf"), path
-    if any(p.is_dir() and p.name.startswith("rank_") for p in path.iterdir()):
+    if storage.is_file(path / hf.SINGLE) or storage.is_file(path / hf.INDEX):
+        return ("unified" if storage.is_file(path / v2.COMMON) else "hf"), path
+    entries = storage.list_dir(path)
+    if any(e.is_dir and not e.special and e.name.startswith("rank_") for e in entries):
         return "legacy", path
     folder = commit.latest_committed(path)
-    if folder is None and (path / v2.COMMON).is_file() and (
-            (path / v2.METADATA).is_file() or any(mf.is_v2_file_name(p.name) for p in path.iterdir())):
+    if folder is None and storage.is_file(path / v2.COMMON) and (
+            storage.is_file(path / v2.METADATA) or any(mf.is_v2_file_name(e.name) for e in entries)):
         return _iteration_kind(path), path  # an iteration folder under another name (copied, renamed)
     if folder is None:
-        single = _only_file(path)
+        single = _only_file(path, entries)
         if single is not None:
             return _file_kind(single), single
         raise CheckpointNotFoundError(
@@ -240,13 +241,13 @@ def detect(path: str | os.PathLike[str]) -> tuple[Format, Path]:
     return _iteration_kind(folder), folder
 
 
-def _only_file(folder: Path) -> Path | None:
-    """The one checkpoint file of a folder with no tracker and no iterations; several are refused by name."""
-    if (folder / commit.TRACKER).exists() or any(commit.parse_iteration(p.name) is not None
-                                                 for p in folder.iterdir()):
+def _only_file(folder: AnyPath, entries: list[storage.Entry]) -> AnyPath | None:
+    """The one checkpoint file of a folder (its ``entries``) with no tracker and no iterations; several are
+    refused by name."""
+    if storage.exists(folder / commit.TRACKER) or any(commit.parse_iteration(e.name) is not None for e in entries):
         return None
-    files = sorted(p for p in folder.iterdir() if p.suffix in FILE_SUFFIXES and not p.name.startswith(".")
-                   and not p.is_dir())
+    files = [folder / e.name for e in entries if (folder / e.name).suffix in FILE_SUFFIXES
+             and not e.name.startswith(".") and not e.is_dir]
     if len(files) > 1:
         raise CheckpointNotFoundError(
             f"{folder} holds {len(files)} checkpoint files and no checkpoint folder structure (no tracker, "
@@ -254,9 +255,10 @@ def _only_file(folder: Path) -> Path | None:
     return files[0] if files else None
 
 
-def _file_kind(path: Path) -> Format:
+def _file_kind(path: AnyPath) -> Format:
     """What one file is: ours (a Checkpoint 1.0 rank file), a MindSpore file, a PyTorch file or safetensors."""
-    check_regular(path, "checkpoint file")  # a FIFO would block the reads below
+    if isinstance(path, Path):
+        check_regular(path, "checkpoint file")  # a FIFO would block the reads below
     if path.suffix == ".safetensors":
         meta = read_header(path).metadata
         if v2.META_FILE in meta:
@@ -264,16 +266,16 @@ def _file_kind(path: Path) -> Format:
                                           f"its metadata.json describes: pass its folder {path.parent}")
         if v1.META_KEY in meta:
             return "legacy"
-        if mf.is_v2_file_name(path.name) and (path.parent / v2.COMMON).is_file():
+        if mf.is_v2_file_name(path.name) and storage.is_file(path.parent / v2.COMMON):
             raise CheckpointNotFoundError(f"{path} is one file of a MindFormers 2.0 iteration, whose tensors may "
                                           f"span its other files: pass its folder {path.parent}")
         return "mindspore" if meta.get("format") == "ms" or mf.parse_legacy_name(path.name) else "safetensors"
     if path.suffix not in FILE_SUFFIXES:
         raise CheckpointNotFoundError(f"{path}: not a checkpoint file (expected one of {', '.join(FILE_SUFFIXES)})")
-    if zipfile.is_zipfile(path):
+    if is_zip(path):
         return "legacy" if _ours_ckpt(path) else "torch"
-    with open(path, "rb") as f:
-        first = f.read(1)
+    with storage.open_reader(path, "checkpoint file") as f:
+        first = f.read(0, 1) if f.size else b""
     if first == bytes([PICKLE_PROTOCOL]):
         return "torch"
     if path.suffix != ".ckpt":
@@ -281,7 +283,7 @@ def _file_kind(path: Path) -> Format:
     return "mindspore"
 
 
-def _ours_ckpt(path: Path) -> bool:
+def _ours_ckpt(path: AnyPath) -> bool:
     """Whether a torch zip is one of our Checkpoint 1.0 rank files (``__metadata__`` with ``resumable_legacy``)."""
     meta = read_torch_file(path).objects.get("__metadata__")  # v1.save_ckpt's key
     return isinstance(meta, dict) and v1.META_KEY in meta
@@ -290,14 +292,12 @@ def _ours_ckpt(path: Path) -> bool:
 # ------------------------------------------------------------------------------ readers
 
 
-def _safetensors_reader(file: Path, key: str, box: Box, dtype: torch.dtype) -> Reader:
+def _safetensors_reader(file: AnyPath, key: str, box: Box, dtype: torch.dtype) -> Reader:
     """Reads regions of one stored chunk, each checked against the file's block checksums
     (so a damaged source never converts, merges or splits cleanly)."""
     def read(region: Box) -> torch.Tensor:
-        with open_safetensors(file) as handle:
-            piece = stored_slice(handle, file, key, dtype, box.shape)
-            src = region.slices_in(box) if box.shape else ()
-            data = handle.get_tensor(key) if not box.shape else piece[src].contiguous()
+        src = region.slices_in(box)
+        data = hf.read_stored(file, key, dtype, box.shape, src)
         check_slice(file, key, src, box.shape, dtype.itemsize)
         return data
     return read
@@ -306,7 +306,7 @@ def _safetensors_reader(file: Path, key: str, box: Box, dtype: torch.dtype) -> R
 class _StoredChunks(Sequence[SourceChunk]):
     """A v2 tensor's chunks, listed only when iterated: counting them (``inspect``) costs O(1) for a grid."""
 
-    def __init__(self, folder: Path, meta: v2.Metadata, name: str) -> None:
+    def __init__(self, folder: AnyPath, meta: v2.Metadata, name: str) -> None:
         self._folder, self._meta, self._name = folder, meta, name
         self._chunks: tuple[SourceChunk, ...] | None = None
 
@@ -329,7 +329,7 @@ class _StoredChunks(Sequence[SourceChunk]):
         return iter(self._all())
 
 
-def _open_v2(folder: Path) -> Source:
+def _open_v2(folder: AnyPath) -> Source:
     meta = v2.read_metadata(folder)
     tensors = {name: SourceTensor(name, getattr(torch, t.dtype), tuple(t.shape),
                                   _StoredChunks(folder, meta, name))  # type: ignore[arg-type]
@@ -342,13 +342,13 @@ def _open_v2(folder: Path) -> Source:
                   config if isinstance(config, dict) else None, hf_files=files)
 
 
-def _open_hf(folder: Path, fmt: Format) -> Source:
+def _open_hf(folder: AnyPath, fmt: Format) -> Source:
     tensors = {}
     for name, entry in hf.index_hf_folder(folder).items():
         chunk = SourceChunk(Box.full(entry.shape), lambda region, e=entry: hf.read_hf_box(e, region), entry.file.name)
         tensors[name] = SourceTensor(name, entry.dtype, entry.shape, (chunk,))
-    common = v2.read_common(folder) if (folder / v2.COMMON).is_file() else {}
-    config = hf.read_hf_config(folder) if (folder / hf.CONFIG).is_file() else None
+    common = v2.read_common(folder) if storage.is_file(folder / v2.COMMON) else {}
+    config = hf.read_hf_config(folder) if storage.is_file(folder / hf.CONFIG) else None
     if config is not None and config.get("tie_word_embeddings") and "lm_head.weight" not in tensors \
             and "model.embed_tokens.weight" in tensors:
         tensors["lm_head.weight"] = SourceTensor("lm_head.weight", *_same(tensors["model.embed_tokens.weight"]))
@@ -389,22 +389,22 @@ class _Options:
     heads: AttentionShape | None = None
     fused: Fused | None = None
     names: Names = "auto"
-    src_strategy: Path | None = None
+    src_strategy: AnyPath | None = None
 
 
 @dataclass(frozen=True)
 class _Recorded:
     """A model config found beside a checkpoint: its keys (top level over ``model_config``) and its file."""
 
-    path: Path
+    path: AnyPath
     keys: dict[str, Any]
 
 
-def _recorded_config(folders: Sequence[Path]) -> _Recorded | None:
+def _recorded_config(folders: Sequence[AnyPath]) -> _Recorded | None:
     """The first ``config.json`` of ``folders`` (a MindFormers or HuggingFace model config), if any."""
     for folder in folders:
         path = folder / hf.CONFIG
-        if path.is_file():  # a FIFO is no config: is_file() is False, and load_json_object refuses it too
+        if storage.is_file(path):  # a FIFO is no config: is_file() is False, and load_json_object refuses it too
             doc = hf.load_json_object(path, "model config")
             inner = doc.get("model_config")
             return _Recorded(path, {**inner, **doc} if isinstance(inner, dict) else doc)
@@ -537,7 +537,7 @@ def _foreign_common(ckpt: mf.ForeignCheckpoint, scalars: dict[str, int | float])
     return common
 
 
-def _open_foreign(ckpt: mf.ForeignCheckpoint, fmt: Format, opts: _Options, config_dirs: Sequence[Path]) -> Source:
+def _open_foreign(ckpt: mf.ForeignCheckpoint, fmt: Format, opts: _Options, config_dirs: Sequence[AnyPath]) -> Source:
     """A MindSpore / MindFormers checkpoint: names kept or mapped (:func:`_mapping_model`), scalars to common."""
     notes: list[str] = []
     scalars = _scalars(ckpt, notes)
@@ -559,14 +559,18 @@ def _open_foreign(ckpt: mf.ForeignCheckpoint, fmt: Format, opts: _Options, confi
 
 
 def _legacy_ext(root: Path) -> str:
-    return "safetensors" if any(root.glob("rank_*/*.safetensors")) else "ckpt"
+    """``safetensors`` when a ``rank_*`` folder holds a ``*.safetensors`` file (hidden ones aside, as glob), else ``ckpt``."""
+    return "safetensors" if any(
+        e.name.endswith(".safetensors") and not e.name.startswith(".")
+        for rank in storage.list_dir(root) if rank.is_dir and rank.name.startswith("rank_")
+        for e in storage.list_dir(root / rank.name)) else "ckpt"
 
 
 def _written_by_us(path: Path) -> bool:
     """Our Checkpoint 1.0 files carry ``resumable_legacy`` metadata (.ckpt: a torch zip, not protobuf)."""
     if path.suffix == ".ckpt":
         check_regular(path, "legacy rank file")  # is_zipfile would block on a FIFO
-        return zipfile.is_zipfile(path)
+        return is_zip(path)
     return v1.META_KEY in read_header(path).metadata
 
 
@@ -605,19 +609,19 @@ def _open_our_legacy(root: Path, paths: list[Path], *, single: bool = False) -> 
                   hf_files=hf_aux.recorded(root / hf_aux.FOLDER, state.get(hf_aux.STATE_KEY), str(root / names[0])))
 
 
-def _config_dirs(file: Path) -> list[Path]:
+def _config_dirs(file: AnyPath) -> list[AnyPath]:
     """Where a single file's model config may lie: beside it, and at the root of its legacy tree."""
     inside_tree = re.fullmatch(r"rank_\d+", file.parent.name) is not None
     return [file.parent, file.parent.parent] if inside_tree else [file.parent]
 
 
-def _refuse_rank_share(path: Path) -> None:
+def _refuse_rank_share(path: AnyPath) -> None:
     """A MindFormers legacy rank file saved with remove_redundancy beside other ranks holds only its share."""
     rank = path.parent
     if (path.suffix != ".safetensors" or re.fullmatch(r"rank_\d+", rank.name) is None
             or read_header(path).metadata.get("remove_redundancy") != "True"):
         return
-    others = [p.name for p in rank.parent.iterdir() if p != rank and re.fullmatch(r"rank_\d+", p.name)]
+    others = [e.name for e in storage.list_dir(rank.parent) if e.name != rank.name and re.fullmatch(r"rank_\d+", e.name)]
     if others:
         raise CheckpointNotFoundError(
             f"{path} was saved with remove_redundancy beside {len(others)} other rank folder(s): it holds only "
@@ -629,7 +633,7 @@ def _torch_reader(t: torch.Tensor) -> Reader:
     return lambda region: t[region.slices_in(full)].clone()
 
 
-def _open_torch(path: Path, opts: _Options) -> Source:
+def _open_torch(path: AnyPath, opts: _Options) -> Source:
     """A PyTorch file: its own (flattened) names; its other values become the common state."""
     if opts.names == "hf":
         raise ConfigError(f"--names hf maps MindFormers names, but {path} is a PyTorch file: its names are kept "
@@ -647,10 +651,11 @@ def _open_torch(path: Path, opts: _Options) -> Source:
     return Source(path, "torch", step, tensors, common, notes=notes)
 
 
-def _open_file(path: Path, fmt: Format, opts: _Options) -> Source:
+def _open_file(path: AnyPath, fmt: Format, opts: _Options) -> Source:
     """One file given alone (see :func:`detect`)."""
     if fmt == "legacy":
-        source = _open_our_legacy(path.parent.parent, [path], single=True)
+        local = storage.require_local(path, "reading a Checkpoint 1.0 rank file")  # RankFiles reads the tree
+        source = _open_our_legacy(local.parent.parent, [local], single=True)
         source.path = path
         return source
     if fmt == "torch":
@@ -659,7 +664,8 @@ def _open_file(path: Path, fmt: Format, opts: _Options) -> Source:
     return _open_foreign(mf.read_ms_file(path), fmt, opts, _config_dirs(path))
 
 
-def _open_legacy(root: Path, opts: _Options) -> Source:
+def _open_legacy(folder: AnyPath, opts: _Options) -> Source:
+    root = storage.require_local(folder, "reading a Checkpoint 1.0 (rank_*) tree")  # walks the whole tree
     ext = _legacy_ext(root)
     _, paths = mf.select_legacy_files(root, ext)
     if paths and _written_by_us(paths[0]):
@@ -674,7 +680,7 @@ def _open_legacy(root: Path, opts: _Options) -> Source:
     return source
 
 
-def open_source(path: str | os.PathLike[str], *, heads: AttentionShape | None = None,
+def open_source(path: str | os.PathLike[str] | storage.ObjectPath, *, heads: AttentionShape | None = None,
                 fused: Fused | None = None, names: Names = "auto",
                 src_strategy: str | os.PathLike[str] | None = None) -> Source:
     """Open any checkpoint (see the module table) for reading.
@@ -704,9 +710,10 @@ def open_source(path: str | os.PathLike[str], *, heads: AttentionShape | None = 
     """
     if names not in NAMES:
         raise ConfigError(f"names {names!r}: choose one of {', '.join(NAMES)}")
-    opts = _Options(heads, fused, names, None if src_strategy is None else Path(src_strategy))
+    opts = _Options(heads, fused, names, None if src_strategy is None else storage.as_path(src_strategy))
     fmt, folder = detect(path)
-    if folder.is_file():
+    single = storage.is_file(folder)
+    if single:
         source = _open_file(folder, fmt, opts)
     elif fmt == "v2":
         source = _open_v2(folder)
@@ -716,7 +723,7 @@ def open_source(path: str | os.PathLike[str], *, heads: AttentionShape | None = 
         source = _open_legacy(folder, opts)
     else:
         source = _open_foreign(mf.read_mf_checkpoint(folder), fmt, opts, [folder, folder.parent])
-    if opts.src_strategy is not None and (fmt != "legacy" or folder.is_file()):
+    if opts.src_strategy is not None and (fmt != "legacy" or single):
         source.notes.append(f"src_strategy {opts.src_strategy} not used: a {fmt} checkpoint records its own layout")
     for note in source.notes:
         log.info("%s: %s", source.path, note)

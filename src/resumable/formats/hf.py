@@ -6,7 +6,8 @@ A HuggingFace folder holds ``config.json`` and either ``model.safetensors`` or s
 
 Reading gives an index ``name → HFTensor(file, dtype, shape)`` built from the
 safetensors headers only, so each rank reads just the slices it needs
-(:func:`read_hf_box`, through ``safe_open(...).get_slice``). The config comes back as
+(:func:`read_hf_box`: the rows a region spans, through the storage layer: a local folder or an
+``s3://`` prefix). The config comes back as
 the plain dict of ``config.json``: this library must not import the trainer, so the
 trainer maps it onto its own ``ModelConfig``.
 
@@ -26,20 +27,22 @@ Example::
 from __future__ import annotations
 
 import json
+import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-from safetensors import SafetensorError, safe_open
 
-from resumable.errors import CheckpointNotFoundError, CorruptCheckpointError, UnsafeCheckpointError
+from resumable import storage
+from resumable.errors import CheckpointNotFoundError, CorruptCheckpointError, NotImplementedYet, UnsafeCheckpointError
 from resumable.formats.jsonfile import load_json_object
 from resumable.storage import AnyPath, ObjectPath
 from resumable.storage.local import check_regular
 from resumable.formats.schema import need_int, need_number, need_type, shown
-from resumable.formats.safetensors_io import open_safetensors, stored_slice, write_file_streaming
+from resumable.formats.safetensors_io import read_header, stored_entry, write_file_streaming
 from resumable.geometry import Box
 
 __all__ = [
@@ -50,6 +53,7 @@ __all__ = [
     "index_hf_folder",
     "read_hf_box",
     "load_json_object",
+    "read_stored",
     "read_hf_config",
     "safe_member",
     "safetensors_header",
@@ -77,7 +81,7 @@ class HFTensor:
     """One tensor of a HuggingFace folder: the file holding it, its dtype and shape."""
 
     name: str
-    file: Path
+    file: AnyPath
     dtype: torch.dtype
     shape: tuple[int, ...]
 
@@ -128,7 +132,7 @@ def read_hf_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
 
         read_hf_config("Qwen3-0.6B")["num_key_value_heads"]    # 8
     """
-    path = Path(folder) / CONFIG
+    path = storage.as_path(folder) / CONFIG
     config = load_json_object(path, "HuggingFace config")
     for key in _CONFIG_SIZES:
         if config.get(key) is not None:
@@ -148,26 +152,25 @@ _CONFIG_NUMBERS = ("rms_norm_eps", "rope_theta")
 _MAX_SIZE = 1 << 31  # far above any real model: a size above it is damage, and would be allocated
 
 
-def safetensors_header(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
-    """Name → (dtype, shape) of every tensor of a safetensors file, from its header only.
+def safetensors_header(path: AnyPath) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """Name → (dtype, shape) of every tensor of a safetensors file (or object), from its header only.
 
     Raises:
-        UnsafeCheckpointError: not a regular file (the library would block on a FIFO).
+        UnsafeCheckpointError: not a regular file (a FIFO would block).
         CorruptCheckpointError: not a readable safetensors file, or an unsupported dtype.
     """
-    check_regular(path, "safetensors file")
+    if isinstance(path, Path):
+        check_regular(path, "safetensors file")  # kept apart: a FIFO is unsafe, not unreadable
     try:
-        with safe_open(path, framework="pt") as f:
-            out = {}
-            for key in f.keys():
-                piece = f.get_slice(key)
-                code = piece.get_dtype()
-                if code not in SAFETENSORS_DTYPES:
-                    raise CorruptCheckpointError(f"{path}: tensor {key!r} has unsupported dtype {code}")
-                out[key] = (SAFETENSORS_DTYPES[code], tuple(piece.get_shape()))
-            return out
-    except (SafetensorError, OSError) as e:
+        header = read_header(path)
+    except CorruptCheckpointError as e:  # a hostile header length (UnsafeCheckpointError) too
         raise CorruptCheckpointError(f"{path} is not a readable safetensors file: {e}") from e
+    out = {}
+    for key, entry in header.tensors.items():
+        if entry.dtype not in SAFETENSORS_DTYPES:
+            raise CorruptCheckpointError(f"{path}: tensor {key!r} has unsupported dtype {entry.dtype}")
+        out[key] = (SAFETENSORS_DTYPES[entry.dtype], entry.shape)
+    return out
 
 
 def index_hf_folder(folder: str | os.PathLike[str]) -> dict[str, HFTensor]:
@@ -184,12 +187,12 @@ def index_hf_folder(folder: str | os.PathLike[str]) -> dict[str, HFTensor]:
 
         index_hf_folder("Qwen3-0.6B")["lm_head.weight"].shape     # (151936, 1024)
     """
-    folder = Path(folder)
-    if (folder / INDEX).is_file():
+    folder = storage.as_path(folder)
+    if storage.is_file(folder / INDEX):
         weight_map = load_json_object(folder / INDEX, "HuggingFace index").get("weight_map")
         if not isinstance(weight_map, dict):
             raise CorruptCheckpointError(f"{folder / INDEX} has no \"weight_map\" object")
-    elif (folder / SINGLE).is_file():
+    elif storage.is_file(folder / SINGLE):
         weight_map = {name: SINGLE for name in safetensors_header(folder / SINGLE)}
     else:
         raise CheckpointNotFoundError(f"{folder} holds neither {SINGLE} nor {INDEX}; is it a HuggingFace model folder?")
@@ -198,7 +201,7 @@ def index_hf_folder(folder: str | os.PathLike[str]) -> dict[str, HFTensor]:
     for name, file_name in weight_map.items():
         path = safe_member(folder, file_name, "weight_map entry")
         if file_name not in headers:
-            if not path.is_file():
+            if not storage.is_file(path):
                 raise CheckpointNotFoundError(f"shard {path} named by {folder / INDEX} does not exist")
             headers[file_name] = safetensors_header(path)
         if name not in headers[file_name]:
@@ -217,11 +220,35 @@ def read_hf_box(entry: HFTensor, box: Box) -> torch.Tensor:
     """
     if not box.within(entry.shape):
         raise ValueError(f"{box} lies outside {entry.name!r} of shape {list(entry.shape)}")
-    with open_safetensors(entry.file) as f:
-        piece = stored_slice(f, entry.file, entry.name, entry.dtype, entry.shape)
-        if not entry.shape:
-            return f.get_tensor(entry.name)
-        return piece[box.slices_in(Box.full(entry.shape))].contiguous()
+    return read_stored(entry.file, entry.name, entry.dtype, entry.shape, box.slices_in(Box.full(entry.shape)))
+
+
+def read_stored(path: AnyPath, key: str, dtype: torch.dtype | None, shape: Sequence[int],
+                src: tuple[slice, ...]) -> torch.Tensor:
+    """``stored[src]`` of ``key`` in a safetensors file or object, once its header stores ``key`` as ``dtype``
+    (None: any) of ``shape``: only the rows of dim 0 that ``src`` spans are read, then sliced.
+
+    (``reads.read_region`` does the same with block checks, in the engine layer above this one.)
+
+    Raises:
+        CorruptCheckpointError: the header disagrees (file and key named), or the file ends early.
+    """
+    if sys.byteorder != "little":
+        raise NotImplementedYet("reading safetensors (little-endian) on a big-endian host is not supported")
+    entry = stored_entry(read_header(path), key, dtype, shape)
+    row = math.prod(entry.shape[1:]) * entry.torch_dtype.itemsize
+    r0, r1 = (src[0].start, max(src[0].start, src[0].stop)) if src else (0, 1)
+    lo, hi = (entry.start + r0 * row, entry.start + r1 * row) if src else (entry.start, entry.end)
+    buf = bytearray(hi - lo)
+    if buf:
+        with storage.open_reader(path, "safetensors file") as reader:
+            reader.random()
+            reader.readinto(memoryview(buf), lo)
+    rows = torch.frombuffer(buf, dtype=torch.uint8).view(entry.torch_dtype) if buf else \
+        torch.empty(0, dtype=entry.torch_dtype)
+    if not src:
+        return rows.reshape(())
+    return rows.reshape(r1 - r0, *entry.shape[1:])[(slice(0, r1 - r0),) + tuple(src[1:])].contiguous()
 
 
 def _plan_shards(specs: Sequence[tuple[str, torch.dtype, tuple[int, ...]]], max_shard_size: int) -> list[list[int]]:
@@ -240,7 +267,7 @@ def _plan_shards(specs: Sequence[tuple[str, torch.dtype, tuple[int, ...]]], max_
 
 
 def _write_safetensors(
-    path: Path,
+    path: AnyPath,
     specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
     get: Callable[[str], torch.Tensor],
 ) -> None:
@@ -255,7 +282,7 @@ def write_hf_folder(
     specs: Sequence[tuple[str, torch.dtype, Sequence[int]]],
     get: Callable[[str], torch.Tensor],
     max_shard_size: int = 5 << 30,
-) -> list[Path]:
+) -> list[AnyPath]:
     """Write a HuggingFace folder, fetching one tensor at a time.
 
     Tensors are stored in the order of ``specs``; one shard is written as
@@ -284,8 +311,8 @@ def write_hf_folder(
         write_hf_folder("out", model.config.to_dict(),
                         [(n, t.dtype, t.shape) for n, t in state.items()], state.__getitem__)
     """
-    folder = Path(folder)
-    if folder.exists() and any(folder.iterdir()):
+    folder = storage.as_path(folder)
+    if storage.list_dir(folder):
         raise FileExistsError(f"{folder} is not empty; write a HuggingFace folder into a new or empty folder")
     plain = [(name, dtype, tuple(int(s) for s in shape)) for name, dtype, shape in specs]
     names = [name for name, _, _ in plain]
@@ -294,9 +321,9 @@ def write_hf_folder(
     unsupported = sorted({str(dtype) for _, dtype, _ in plain if dtype not in _DTYPE_CODES})
     if unsupported:
         raise ValueError(f"safetensors cannot store {unsupported}")
-    folder.mkdir(parents=True, exist_ok=True)
+    storage.make_dirs(folder)
     if config is not None:
-        (folder / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        storage.write_atomic(folder / CONFIG, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
     shards = _plan_shards(plain, max_shard_size)
     files = [folder / SINGLE] if len(shards) == 1 else [
         folder / f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))
@@ -308,5 +335,5 @@ def write_hf_folder(
             "metadata": {"total_size": sum(Box.full(s).numel * d.itemsize for _, d, s in plain)},
             "weight_map": {plain[k][0]: path.name for path, members in zip(files, shards) for k in members},
         }
-        (folder / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        storage.write_atomic(folder / INDEX, (json.dumps(index, indent=2, sort_keys=True) + "\n").encode())
     return files

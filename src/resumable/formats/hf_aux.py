@@ -28,17 +28,17 @@ Example::
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Mapping
 
 import xxhash
 
+from resumable import storage
 from resumable.errors import CorruptCheckpointError
 from resumable.formats.hf import safe_member
 from resumable.formats.jsonfile import read_bounded
+from resumable.storage import AnyPath
 
 __all__ = ["FOLDER", "NAMES", "STATE_KEY", "AuxFile", "copy", "find", "problems", "recorded", "with_record"]
 
@@ -63,7 +63,7 @@ _HEX16 = re.compile(r"[0-9a-f]{16}")
 class AuxFile:
     """One file to carry: where it is and, when a record vouches for it, its size and xxh3-64."""
 
-    path: Path
+    path: AnyPath
     size: int | None = None
     xxh3_64: str | None = None
 
@@ -87,17 +87,17 @@ class AuxFile:
         return data
 
 
-def find(folder: Path) -> dict[str, AuxFile]:
+def find(folder: AnyPath) -> dict[str, AuxFile]:
     """The files of :data:`NAMES` a HuggingFace folder holds (nothing vouches for them).
 
     Raises:
         UnsafeCheckpointError: one resolves outside the folder or is not a regular file.
     """
     return {name: AuxFile(safe_member(folder, name, "HuggingFace file"))
-            for name in NAMES if (folder / name).exists()}
+            for name in NAMES if storage.exists(folder / name)}
 
 
-def recorded(folder: Path, record: object, where: str) -> dict[str, AuxFile]:
+def recorded(folder: AnyPath, record: object, where: str) -> dict[str, AuxFile]:
     """The files ``record`` (a ``state.hf_files`` value, None: none) lists, in ``folder``.
 
     Raises:
@@ -121,8 +121,8 @@ def recorded(folder: Path, record: object, where: str) -> dict[str, AuxFile]:
     return out
 
 
-def copy(files: Mapping[str, AuxFile], dest: Path) -> dict[str, dict[str, Any]]:
-    """Copy ``files`` into ``dest`` (created; each file fsynced); returns their record.
+def copy(files: Mapping[str, AuxFile], dest: AnyPath) -> dict[str, dict[str, Any]]:
+    """Copy ``files`` into ``dest`` (created; each file written whole, durably); returns their record.
 
     The caller fsyncs ``dest`` itself (``resumable.commit``: the folder fsyncs of a commit).
 
@@ -131,13 +131,10 @@ def copy(files: Mapping[str, AuxFile], dest: Path) -> dict[str, dict[str, Any]]:
     """
     record = {}
     if files:
-        dest.mkdir(exist_ok=True)
+        storage.make_dirs(dest)
     for name, aux in sorted(files.items()):
         data = aux.read()
-        with open(dest / name, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())  # durable before the commit that records it
+        storage.write_atomic(dest / name, data)  # durable before the commit that records it
         record[name] = {"size": len(data), "xxh3_64": xxhash.xxh3_64_hexdigest(data)}
     return record
 
@@ -152,9 +149,11 @@ def problems(files: Mapping[str, AuxFile], *, checksum: bool = True) -> list[tup
         try:
             if checksum:
                 aux.read()
-            elif os.stat(aux.path).st_size != aux.size:
-                out.append((str(aux.path), f"{os.stat(aux.path).st_size} bytes, but the checkpoint records "
-                                           f"{aux.size}; the file is damaged: restore it"))
+            elif (entry := storage.stat(aux.path)) is None:
+                out.append((str(aux.path), f"{aux.path}: missing, though the checkpoint records it; restore it"))
+            elif entry.size != aux.size:
+                out.append((str(aux.path), f"{entry.size} bytes, but the checkpoint records {aux.size}; the file "
+                                           "is damaged: restore it"))
         except (CorruptCheckpointError, OSError) as exc:
             out.append((str(aux.path), str(exc)))
     return out

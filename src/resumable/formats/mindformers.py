@@ -46,15 +46,17 @@ from typing import Any, Callable
 
 import torch
 
+from resumable import storage
 from resumable.errors import CheckpointNotFoundError, CorruptCheckpointError, NotImplementedYet, UnsafeCheckpointError
-from resumable.formats.hf import load_json_object, safe_member, safetensors_header
+from resumable.formats.hf import load_json_object, read_stored, safe_member, safetensors_header
 from resumable.formats.jsonfile import read_tracker_file
 from resumable.formats.schema import MAX_DIM, MAX_NDIM, need_int, need_number, shown
 from resumable.formats.ms_ckpt import MS_DTYPES, MsTensorEntry, index_ms_ckpt, read_ms_tensor
 from resumable.formats.ms_names import parse_ms_name
 from resumable.formats.ms_strategy import STRATEGY_FILE, ParamLayout, read_ms_strategy
-from resumable.formats.safetensors_io import open_safetensors
+from resumable.formats.safetensors_io import read_header
 from resumable.geometry import Box, covers_exactly, dedupe
+from resumable.storage import AnyPath
 
 __all__ = [
     "TRACKER",
@@ -93,7 +95,7 @@ class ForeignChunk:
     """One stored piece of a tensor: its box in the global tensor, its file and its key there."""
 
     box: Box
-    file: Path
+    file: AnyPath
     key: str
 
 
@@ -126,7 +128,7 @@ class TrainingContext:
 class ForeignCheckpoint:
     """A parsed MindFormers checkpoint: ``path`` is the iteration folder or the legacy root."""
 
-    path: Path
+    path: AnyPath
     iteration: int | None
     tensors: dict[str, ForeignTensor]
     context: TrainingContext
@@ -140,9 +142,11 @@ def _ckpt_index(path: str, mtime_ns: int, size: int) -> dict[str, MsTensorEntry]
     return index_ms_ckpt(path)
 
 
-def _ms_entry(path: Path, key: str) -> MsTensorEntry:
-    stat = path.stat()
-    index = _ckpt_index(str(path), stat.st_mtime_ns, stat.st_size)
+def _ms_entry(path: AnyPath, key: str) -> MsTensorEntry:
+    stat = storage.stat(path)
+    if stat is None or stat.is_dir:
+        raise CheckpointNotFoundError(f"MindSpore checkpoint {path} does not exist")
+    index = _ckpt_index(str(path), stat.mtime_ns, stat.size)
     if key not in index:
         raise CorruptCheckpointError(f"{path} holds no tensor {key!r}")
     return index[key]
@@ -162,10 +166,7 @@ def read_chunk(chunk: ForeignChunk, region: Box | None = None) -> torch.Tensor:
     if chunk.file.suffix == ".ckpt":
         tensor = read_ms_tensor(chunk.file, _ms_entry(chunk.file, chunk.key))
         return tensor[inner].clone() if inner else tensor
-    with open_safetensors(chunk.file) as f:
-        if not inner:
-            return f.get_tensor(chunk.key)
-        return f.get_slice(chunk.key)[inner].contiguous()
+    return read_stored(chunk.file, chunk.key, None, chunk.box.shape, inner)
 
 
 def read_tensor(tensor: ForeignTensor) -> torch.Tensor:
@@ -188,7 +189,7 @@ def read_tensor(tensor: ForeignTensor) -> torch.Tensor:
 # ---------------------------------------------------------------- Checkpoint 2.0
 
 
-def resolve_mf_iteration(checkpoint_dir: str | os.PathLike[str]) -> Path:
+def resolve_mf_iteration(checkpoint_dir: str | os.PathLike[str] | storage.ObjectPath) -> AnyPath:
     """The ``iteration_*`` folder that ``latest_checkpointed_iteration.txt`` names.
 
     The tracker holds a bare integer, with or without a trailing newline.
@@ -197,18 +198,18 @@ def resolve_mf_iteration(checkpoint_dir: str | os.PathLike[str]) -> Path:
 
         resolve_mf_iteration("output/checkpoint")    # Path("output/checkpoint/iteration_00000100")
     """
-    root = Path(checkpoint_dir)
+    root = storage.as_path(checkpoint_dir)
     tracker = root / TRACKER
-    if not tracker.exists():
+    if not storage.exists(tracker):
         raise CheckpointNotFoundError(f"{tracker} does not exist; is {root} a MindFormers checkpoint folder?")
     iteration = read_tracker_file(tracker)
     folder = root / f"iteration_{iteration:08d}"
-    if not folder.is_dir():
+    if not storage.is_dir(folder):
         raise CheckpointNotFoundError(f"{tracker} names iteration {iteration} but {folder} does not exist")
     return folder
 
 
-def read_mf_checkpoint(iteration_dir: str | os.PathLike[str]) -> ForeignCheckpoint:
+def read_mf_checkpoint(iteration_dir: str | os.PathLike[str] | storage.ObjectPath) -> ForeignCheckpoint:
     """Describe a MindFormers Checkpoint 2.0 ``iteration_*`` folder.
 
     Raises:
@@ -221,11 +222,11 @@ def read_mf_checkpoint(iteration_dir: str | os.PathLike[str]) -> ForeignCheckpoi
 
         ckpt = read_mf_checkpoint("output/checkpoint/iteration_00000100")
     """
-    folder = Path(iteration_dir)
+    folder = storage.as_path(iteration_dir)
     match = re.fullmatch(r"iteration_(\d+)", folder.name)
     context = _v2_context(load_json_object(folder / "common.json", "MindFormers common.json"), folder / "common.json")
     meta_path = folder / "metadata.json"
-    if meta_path.is_file():
+    if storage.is_file(meta_path):
         meta = load_json_object(meta_path, "MindFormers metadata", MAX_METADATA_BYTES)
         tensors = _v2_tensors(folder, meta, meta_path)
     else:
@@ -316,7 +317,7 @@ class _Headers:
     def get(self, file_name: object, what: str) -> tuple[Path, dict[str, tuple[torch.dtype, tuple[int, ...]]]]:
         path = safe_member(self.folder, file_name, what)
         if path not in self.cache:
-            if not path.is_file():
+            if not storage.is_file(path):
                 raise CheckpointNotFoundError(f"{path}, named by {self.folder / 'metadata.json'}, does not exist")
             self.cache[path] = safetensors_header(path)
         return path, self.cache[path]
@@ -387,21 +388,21 @@ def is_v2_file_name(name: str) -> bool:
     return _V2_FILE.match(name) is not None
 
 
-def _single_rank_tensors(folder: Path) -> dict[str, ForeignTensor]:
-    files = sorted(p for p in folder.iterdir() if _V2_FILE.match(p.name))
+def _single_rank_tensors(folder: AnyPath) -> dict[str, ForeignTensor]:
+    files = [folder / e.name for e in storage.list_dir(folder) if _V2_FILE.match(e.name)]
     if not files:
         raise CheckpointNotFoundError(
             f"{folder} has neither metadata.json nor [prefix-]model|opt-NNNNNNN-NNNNNNN.safetensors files")
     return _full_chunks({path: safetensors_header(path) for path in files})
 
 
-def _full_chunks(headers: dict[Path, dict[str, tuple[torch.dtype, tuple[int, ...]]]],
+def _full_chunks(headers: dict[AnyPath, dict[str, tuple[torch.dtype, tuple[int, ...]]]],
                  strategy: Path | None = None) -> dict[str, ForeignTensor]:
     """Every tensor of every file as a full chunk; the same name in several files is a replica.
 
     ``strategy``: the strategy that was given, which lists none of these tensors.
     """
-    first: dict[str, tuple[torch.dtype, tuple[int, ...], Path]] = {}
+    first: dict[str, tuple[torch.dtype, tuple[int, ...], AnyPath]] = {}
     chunks: dict[str, list[ForeignChunk]] = {}  # appended to: a tuple grown per file was quadratic in the files
     for path, header in headers.items():
         for name, (dtype, shape) in header.items():
@@ -450,10 +451,10 @@ def parse_legacy_name(name: str) -> LegacyFile | None:
 
 def _rank_dirs(root: Path) -> list[Path]:
     ranks = {}
-    for path in root.iterdir():
-        m = re.fullmatch(r"rank_([0-9]+)", path.name)
-        if m and path.is_dir():
-            ranks[int(m.group(1))] = path
+    for entry in storage.list_dir(root):
+        m = re.fullmatch(r"rank_([0-9]+)", entry.name)
+        if m and entry.is_dir and not entry.special:
+            ranks[int(m.group(1))] = root / entry.name
     if not ranks:
         raise CheckpointNotFoundError(f"{root} has no rank_N folders; is it a MindFormers legacy checkpoint folder?")
     # Compared with the folders that exist, never ranged over: a stray rank_999999999 allocates nothing.
@@ -467,7 +468,7 @@ def _rank_dirs(root: Path) -> list[Path]:
 
 
 def _meta_position(path: Path) -> tuple[int, int] | None:
-    if not (path / "meta.json").is_file():
+    if not storage.is_file(path / "meta.json"):
         return None
     meta = load_json_object(path / "meta.json", "MindFormers meta.json")
     return need_int(meta, "last_epoch", str(path / "meta.json")), need_int(meta, "last_step", str(path / "meta.json"))
@@ -476,12 +477,12 @@ def _meta_position(path: Path) -> tuple[int, int] | None:
 def _rank_files(path: Path, rank: int, ext: str) -> dict[tuple[int, int], LegacyFile]:
     """(epoch, step) → newest file (largest prefix suffix) of one rank folder."""
     files: dict[tuple[int, int], LegacyFile] = {}
-    for entry in path.iterdir():
+    for entry in storage.list_dir(path):
         parsed = parse_legacy_name(entry.name)
         if parsed is None or parsed.ext != ext:
             continue
         if parsed.rank != rank:
-            raise CorruptCheckpointError(f"{entry} names rank {parsed.rank} but lies in rank_{rank}")
+            raise CorruptCheckpointError(f"{path / entry.name} names rank {parsed.rank} but lies in rank_{rank}")
         key = (parsed.epoch, parsed.step)
         if key not in files or (parsed.suffix, parsed.prefix) > (files[key].suffix, files[key].prefix):
             files[key] = parsed
@@ -526,7 +527,7 @@ def complete_legacy_steps(root: str | os.PathLike[str], fmt: str,
     """
     if fmt not in ("safetensors", "ckpt"):
         raise ValueError(f"fmt must be 'safetensors' or 'ckpt', got {fmt!r}")
-    root = Path(root)
+    root = storage.require_local(storage.as_path(root), "reading a MindFormers legacy tree")
     dirs = _rank_dirs(root)
     per_rank = [_rank_files(d, r, fmt) for r, d in enumerate(dirs)]
     bounds = [b for b in (meta_position(d) for d in dirs) if b is not None]
@@ -574,7 +575,7 @@ def read_mf_legacy(checkpoint_dir: str | os.PathLike[str], fmt: str = "safetenso
         ckpt.context.global_step                    # 12
         tp = read_mf_legacy("output/checkpoint", strategy="output/strategy")
     """
-    root = Path(checkpoint_dir)
+    root = storage.require_local(storage.as_path(checkpoint_dir), "reading a MindFormers legacy tree")
     chosen, paths = select_legacy_files(root, fmt)
     headers = {p: _legacy_header(p) for p in paths}
     flags = {p: _remove_redundancy_flag(p) for p in paths}
@@ -585,7 +586,7 @@ def read_mf_legacy(checkpoint_dir: str | os.PathLike[str], fmt: str = "safetenso
         tensors = _full_chunks(headers)
         _refuse_unread_strategy(root, tensors)
     else:
-        tensors = _strategy_chunks(paths, headers, read_ms_strategy(strategy), Path(strategy))
+        tensors = _strategy_chunks(paths, headers, read_ms_strategy(strategy), storage.as_path(strategy))
     return ForeignCheckpoint(root, None, tensors, _legacy_context(tensors, root, chosen))
 
 
@@ -646,7 +647,7 @@ def _refuse_unread_strategy(root: Path, tensors: dict[str, ForeignTensor]) -> No
     A folder that is not MindSpore's (resumable's own JSON strategy files) is left alone.
     """
     for folder in (root / "strategy", root.parent / "strategy"):
-        if folder.is_dir() and any(STRATEGY_FILE.match(entry.name) for entry in folder.iterdir()):
+        if storage.is_dir(folder) and any(STRATEGY_FILE.match(entry.name) for entry in storage.list_dir(folder)):
             try:
                 layouts = read_ms_strategy(folder)
             except CorruptCheckpointError:
@@ -659,17 +660,16 @@ def _refuse_unread_strategy(root: Path, tensors: dict[str, ForeignTensor]) -> No
             return
 
 
-def _legacy_header(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+def _legacy_header(path: AnyPath) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
     if path.suffix == ".ckpt":
         return {name: (e.dtype, e.shape) for name, e in index_ms_ckpt(path).items()}
     return safetensors_header(path)
 
 
-def _remove_redundancy_flag(path: Path) -> str | None:
+def _remove_redundancy_flag(path: AnyPath) -> str | None:
     if path.suffix == ".ckpt":
         return None
-    with open_safetensors(path) as f:
-        return (f.metadata() or {}).get("remove_redundancy")
+    return read_header(path).metadata.get("remove_redundancy")
 
 
 def _scalar_values(tensors: dict[str, ForeignTensor]) -> dict[str, float | int]:
@@ -706,7 +706,7 @@ def _legacy_context(tensors: dict[str, ForeignTensor], root: Path, chosen: tuple
 # ---------------------------------------------------------------- single files
 
 
-def read_ms_file(path: str | os.PathLike[str]) -> ForeignCheckpoint:
+def read_ms_file(path: str | os.PathLike[str] | storage.ObjectPath) -> ForeignCheckpoint:
     """Describe one MindSpore file: ``save_checkpoint``'s ``.ckpt`` (protobuf) or ``.safetensors``, or one
     legacy rank file. Every tensor is one full chunk; the context comes from its scalars (``global_step``
     0 when it has none: a network saved without a training loop).
@@ -719,7 +719,7 @@ def read_ms_file(path: str | os.PathLike[str]) -> ForeignCheckpoint:
 
         read_ms_file("lenet.ckpt").tensors["fc1.weight"].shape      # (120, 400)
     """
-    path = Path(path)
+    path = storage.as_path(path)
     tensors = _full_chunks({path: _legacy_header(path)})
     values = _scalar_values(tensors)
     step = values.get("global_step", 0)

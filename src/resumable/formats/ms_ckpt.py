@@ -13,8 +13,9 @@ A ``.ckpt`` file is one protobuf message of three small types (MindSpore's
 512 MB into several consecutive ``Value`` s with the same tag and full ``dims``,
 whose contents concatenate; the index below records such a tensor as several byte
 segments. Indexing walks the wire format over an ``mmap`` and skips the tensor
-bytes, so it costs memory for the index only; :func:`read_ms_tensor` then reads one
-tensor's bytes with ``seek``/``readinto``.
+bytes, so it costs memory for the index only (an object in an object store cannot be
+mapped: its bytes are read into memory to index it); :func:`read_ms_tensor` then reads
+one tensor's bytes through a storage reader (a file or ranged reads of an object).
 
 Example::
 
@@ -29,11 +30,14 @@ import mmap
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable, Mapping
 
 import torch
 
+from resumable import storage
 from resumable.errors import CorruptCheckpointError, NotImplementedYet
+from resumable.formats.torch_file import read_object
 from resumable.storage.local import open_regular
 from resumable.formats.protowire import LENGTH, VARINT, Wire, WireError, as_int64, length_field, varint_field
 from resumable.formats.schema import MAX_DIM, MAX_NDIM, shown
@@ -157,7 +161,7 @@ def _entry_nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
     return numel * dtype.itemsize
 
 
-def index_ms_ckpt(path: str | os.PathLike[str]) -> dict[str, MsTensorEntry]:
+def index_ms_ckpt(path: str | os.PathLike[str] | storage.ObjectPath) -> dict[str, MsTensorEntry]:
     """Index a MindSpore ``.ckpt`` file: tag → dtype, shape and byte segments.
 
     Only the message structure is read (through ``mmap``); tensor bytes are skipped.
@@ -178,18 +182,29 @@ def index_ms_ckpt(path: str | os.PathLike[str]) -> dict[str, MsTensorEntry]:
 
         index_ms_ckpt("net.ckpt")["fc.weight"].shape    # (8, 4)
     """
-    path = os.fspath(path)
-    with os.fdopen(open_regular(path, "MindSpore checkpoint"), "rb") as f:  # mmap of a FIFO or device: refused
-        if os.fstat(f.fileno()).st_size == 0:
-            raise CorruptCheckpointError(f"corrupt MindSpore checkpoint {path}: the file is empty")
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            try:
-                return _index(buf, path)
-            except WireError as e:
-                raise CorruptCheckpointError(f"corrupt MindSpore checkpoint {path}: {e}") from None
+    where = storage.as_path(path)
+    if not isinstance(where, Path):
+        return _index_checked(read_object(where, "MindSpore checkpoint"), str(where))
+    fd = open_regular(where, "MindSpore checkpoint")  # mmap of a FIFO or device: refused
+    try:
+        if os.fstat(fd).st_size == 0:
+            return _index_checked(b"", str(where))
+        with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as buf:
+            return _index_checked(buf, str(where))
+    finally:
+        os.close(fd)
 
 
-def _index(buf: mmap.mmap, path: str) -> dict[str, MsTensorEntry]:
+def _index_checked(buf: mmap.mmap | bytes, path: str) -> dict[str, MsTensorEntry]:
+    if not len(buf):
+        raise CorruptCheckpointError(f"corrupt MindSpore checkpoint {path}: the file is empty")
+    try:
+        return _index(buf, path)
+    except WireError as e:
+        raise CorruptCheckpointError(f"corrupt MindSpore checkpoint {path}: {e}") from None
+
+
+def _index(buf: mmap.mmap | bytes, path: str) -> dict[str, MsTensorEntry]:
     wire = Wire(buf, 0, len(buf))
     parts: dict[str, tuple[list[int], str, list[tuple[int, int]]]] = {}
     number = 0
@@ -220,7 +235,7 @@ def _index(buf: mmap.mmap, path: str) -> dict[str, MsTensorEntry]:
     return entries
 
 
-def read_ms_tensor(path: str | os.PathLike[str], entry: MsTensorEntry) -> torch.Tensor:
+def read_ms_tensor(path: str | os.PathLike[str] | storage.ObjectPath, entry: MsTensorEntry) -> torch.Tensor:
     """Read one tensor of a ``.ckpt`` file, given its entry from :func:`index_ms_ckpt`.
 
     Reads exactly the tensor's bytes into a fresh tensor (no other tensor is loaded).
@@ -230,19 +245,18 @@ def read_ms_tensor(path: str | os.PathLike[str], entry: MsTensorEntry) -> torch.
         entry = index_ms_ckpt("net.ckpt")["fc.weight"]
         w = read_ms_tensor("net.ckpt", entry)
     """
-    path = os.fspath(path)
     out = torch.empty(entry.shape, dtype=entry.dtype)
     raw = out.reshape(-1).view(torch.uint8).numpy()  # shares memory with ``out``
     filled = 0
-    with os.fdopen(open_regular(path, "MindSpore checkpoint"), "rb") as f:
+    with storage.open_reader(storage.as_path(path), "MindSpore checkpoint") as f:
         for offset, length in entry.segments:
-            f.seek(offset)
-            got = f.readinto(memoryview(raw[filled:filled + length]))
+            got = max(0, min(length, f.size - offset))
             if got != length:
                 raise CorruptCheckpointError(
                     f"corrupt MindSpore checkpoint {path}: value {entry.name!r} is truncated "
                     f"({got} of {length} bytes at offset {offset}); was the file changed after indexing?"
                 )
+            f.readinto(memoryview(raw[filled:filled + length]), offset)
             filled += length
     return out
 
@@ -258,37 +272,48 @@ def load_ms_ckpt(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
 
 
 def write_ms_ckpt(
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str] | storage.ObjectPath,
     tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
 ) -> None:
-    """Write tensors as a MindSpore ``.ckpt`` file, one tensor in memory at a time.
+    """Write tensors as a new MindSpore ``.ckpt`` file (or object), through the storage layer.
 
-    ``dims`` are written unpacked, as MindSpore's proto2 schema does. The file is
-    written in place (no temp file, no fsync): callers that need atomicity use
-    ``commit.atomic_write`` around it.
+    ``dims`` are written unpacked, as MindSpore's proto2 schema does. The storage layer's
+    writer needs the size first: an iterable of pairs is gathered before writing (a mapping
+    costs nothing more). The file is written in place, fsynced.
 
     Args:
-        path: the file to create or overwrite.
-        tensors: a mapping, or an iterable of ``(tag, tensor)`` pairs (may be a generator).
+        path: the file to create (an existing one is refused).
+        tensors: a mapping, or an iterable of ``(tag, tensor)`` pairs.
 
     Example::
 
         write_ms_ckpt("net.ckpt", {"fc.weight": torch.randn(8, 4), "global_step": torch.tensor([3], dtype=torch.int32)})
     """
-    items = tensors.items() if isinstance(tensors, Mapping) else tensors
-    with open(path, "wb") as f:
-        for tag, tensor in items:
-            dtype_name = ms_dtype_name(tensor.dtype).encode()
-            content = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-            dims = b"".join(varint_field(1, d) for d in tensor.shape)
-            tensor_len = len(dims) + len(length_field(2, len(dtype_name))) + len(dtype_name) \
-                + len(length_field(3, content.nbytes)) + content.nbytes
-            tag_bytes = tag.encode()
-            value_len = len(length_field(1, len(tag_bytes))) + len(tag_bytes) \
-                + len(length_field(2, tensor_len)) + tensor_len
-            f.write(length_field(1, value_len))
-            f.write(length_field(1, len(tag_bytes)) + tag_bytes)
-            f.write(length_field(2, tensor_len) + dims)
-            f.write(length_field(2, len(dtype_name)) + dtype_name)
-            f.write(length_field(3, content.nbytes))
-            f.write(memoryview(content))
+    values = [(_value_head(tag, tensor), _content(tensor))
+              for tag, tensor in (tensors.items() if isinstance(tensors, Mapping) else tensors)]
+    total = sum(len(head) + content.nbytes for head, content in values)
+
+    def chunks() -> Iterable[memoryview]:
+        for head, content in values:
+            yield memoryview(head)
+            yield content
+
+    storage.write_stream(storage.as_path(path), total, chunks())
+
+
+def _content(tensor: torch.Tensor) -> memoryview:
+    return memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def _value_head(tag: str, tensor: torch.Tensor) -> bytes:
+    """The bytes of one ``Value`` before its tensor content."""
+    dtype_name = ms_dtype_name(tensor.dtype).encode()
+    nbytes = tensor.numel() * tensor.element_size()
+    dims = b"".join(varint_field(1, d) for d in tensor.shape)
+    tensor_len = len(dims) + len(length_field(2, len(dtype_name))) + len(dtype_name) \
+        + len(length_field(3, nbytes)) + nbytes
+    tag_bytes = tag.encode()
+    value_len = len(length_field(1, len(tag_bytes))) + len(tag_bytes) + len(length_field(2, tensor_len)) + tensor_len
+    return b"".join((length_field(1, value_len), length_field(1, len(tag_bytes)), tag_bytes,
+                     length_field(2, tensor_len), dims, length_field(2, len(dtype_name)), dtype_name,
+                     length_field(3, nbytes)))

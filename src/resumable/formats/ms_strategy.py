@@ -46,14 +46,15 @@ import math
 import os
 import re
 from dataclasses import dataclass, field as dataclass_field
-from pathlib import Path
 from typing import Any, Iterable
 
+from resumable import storage
 from resumable.errors import CheckpointNotFoundError, CorruptCheckpointError, NotImplementedYet
 from resumable.formats.jsonfile import files_in, parse_json_object, read_bounded
 from resumable.formats.protowire import LENGTH, VARINT, Wire, WireError, as_int32, as_int64
 from resumable.formats.schema import MAX_DIM, MAX_NDIM, is_int, shown
 from resumable.geometry import Box
+from resumable.storage import AnyPath
 
 __all__ = ["ParamLayout", "STRATEGY_FILE", "read_ms_strategy", "read_ms_strategy_file"]
 
@@ -191,7 +192,7 @@ class ParamLayout:
 # ---------------------------------------------------------------- reading
 
 
-def read_ms_strategy(path_or_dir: str | os.PathLike[str]) -> dict[str, ParamLayout]:
+def read_ms_strategy(path_or_dir: str | os.PathLike[str] | storage.ObjectPath) -> dict[str, ParamLayout]:
     """The layouts of a strategy file, or of every ``ckpt_strategy_rank_*.ckpt|.json`` of a folder, merged.
 
     Pipeline stages each have their own files; merging gives every stage's parameters.
@@ -210,8 +211,8 @@ def read_ms_strategy(path_or_dir: str | os.PathLike[str]) -> dict[str, ParamLayo
 
         read_ms_strategy("output/strategy")["decoder.layers.0.mlp.linear_fc1.weight"].splits   # (2, 1)
     """
-    path = Path(path_or_dir)
-    files = [path] if path.is_file() else _strategy_files(path)
+    path = storage.as_path(path_or_dir)
+    files = [path] if storage.is_file(path) else _strategy_files(path)
     merged: dict[str, ParamLayout] = {}
     for file in files:
         for name, layout in read_ms_strategy_file(file).items():
@@ -219,8 +220,8 @@ def read_ms_strategy(path_or_dir: str | os.PathLike[str]) -> dict[str, ParamLayo
     return merged
 
 
-def _strategy_files(folder: Path) -> list[Path]:
-    if not folder.is_dir():
+def _strategy_files(folder: AnyPath) -> list[AnyPath]:
+    if not storage.is_dir(folder):
         raise CheckpointNotFoundError(f"strategy path {folder} does not exist; point it at the source job's "
                                       "<output_dir>/strategy folder or one of its ckpt_strategy_rank_*.ckpt files")
     found = {(int(m.group(1)), entry.name): entry for m, entry in files_in(folder, STRATEGY_FILE)}
@@ -259,13 +260,13 @@ def _describe(layout: ParamLayout) -> str:
     return text
 
 
-def read_ms_strategy_file(path: str | os.PathLike[str]) -> dict[str, ParamLayout]:
+def read_ms_strategy_file(path: str | os.PathLike[str] | storage.ObjectPath) -> dict[str, ParamLayout]:
     """The layouts of one strategy file: protobuf, or JSON when the name ends in ``.json`` (as MindSpore decides).
 
     Raises:
         As :func:`read_ms_strategy`.
     """
-    path = Path(path)
+    path = storage.as_path(path)
     data = read_bounded(path, "MindSpore strategy file", MAX_STRATEGY_BYTES)
     if not data:
         raise CorruptCheckpointError(f"MindSpore strategy file {path} is empty; the strategy file is damaged")
@@ -372,7 +373,7 @@ def _protobuf_dims(wire: Wire, key: str, where: str) -> list[int]:
     return dims
 
 
-def _json_items(doc: dict[str, Any], path: Path) -> list[tuple[Any, dict[str, Any]]]:
+def _json_items(doc: dict[str, Any], path: AnyPath) -> list[tuple[Any, dict[str, Any]]]:
     """MindSpore's JSON (``parallel_layout_item``: name → flat lists) or the protobuf's shape as JSON."""
     items = doc.get("parallel_layout_item")
     where = f"MindSpore strategy file {path}"

@@ -34,24 +34,20 @@ and renames live in ``resumable.commit``.
 from __future__ import annotations
 
 import json
-import os
 import re
 import struct
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 import xxhash
-from safetensors import SafetensorError, safe_open
 
 from resumable import storage
 from resumable.errors import CorruptCheckpointError, UnsafeCheckpointError
 from resumable.formats.jsonfile import parse_json_object
 from resumable.formats.schema import MAX_DIM, MAX_NDIM, shown
 from resumable.storage import AnyPath
-from resumable.storage.local import check_regular
 
 __all__ = [
     "BLOCKS_KEY",
@@ -64,9 +60,8 @@ __all__ = [
     "block_digests",
     "dtype_from_name",
     "dtype_name",
-    "open_safetensors",
     "read_header",
-    "stored_slice",
+    "stored_entry",
     "verify_file",
     "write_file",
     "write_file_streaming",
@@ -415,29 +410,8 @@ def _corrupt(path: Path, problem: str) -> CorruptCheckpointError:
     return CorruptCheckpointError(f"{path}: not a valid safetensors file: {problem}; {_DAMAGED}")
 
 
-@contextmanager
-def open_safetensors(path: str | os.PathLike[str]) -> Iterator[Any]:
-    """``safetensors.safe_open`` (torch, CPU) whose errors name the file.
-
-    A truncated file, a garbage header or a key the file lacks raise ``SafetensorError``
-    (a traceback naming no file) in ``safe_open`` or in the handle's calls inside the
-    ``with`` block; here they become :class:`CorruptCheckpointError` naming ``path``.
-
-    Example:
-        >>> with open_safetensors("CKP-model-0000000-0000001.safetensors") as f:
-        ...     w = f.get_slice("model.norm.weight")[:]
-    """
-    path = Path(path)
-    check_regular(path, "safetensors file")  # the library would block on a FIFO
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
-            yield handle
-    except SafetensorError as exc:
-        raise _corrupt(path, str(exc)) from exc
-
-
-def stored_slice(handle: Any, path: Path, key: str, dtype: torch.dtype, shape: Sequence[int]) -> Any:
-    """``handle.get_slice(key)`` once the file's header stores ``key`` as ``dtype`` of ``shape``.
+def stored_entry(header: Header, key: str, dtype: torch.dtype | None, shape: Sequence[int]) -> TensorEntry:
+    """The entry of ``key`` in ``header``, once it stores ``key`` as ``dtype`` (None: any) of ``shape``.
 
     The metadata that names ``key`` says what it holds; a header that disagrees (damaged,
     or a file from another checkpoint) would otherwise give a wrong region or a torch
@@ -446,12 +420,15 @@ def stored_slice(handle: Any, path: Path, key: str, dtype: torch.dtype, shape: S
     Raises:
         CorruptCheckpointError: naming the file, the key, what it stores and what was expected.
     """
-    piece = handle.get_slice(key)
-    found, want = (piece.get_dtype(), list(piece.get_shape())), (DTYPE_NAMES.get(dtype), list(shape))
+    entry = header.tensors.get(key)
+    if entry is None:
+        raise _corrupt(header.path, f"tensor {key!r} is not in the file")
+    found = (entry.dtype, list(entry.shape))
+    want = (entry.dtype if dtype is None else DTYPE_NAMES.get(dtype), list(shape))
     if found != want:
-        raise _corrupt(path, f"tensor {key!r} is stored as {found[0]} {found[1]}, but the checkpoint's metadata "
-                             f"says {want[0]} {want[1]}")
-    return piece
+        raise _corrupt(header.path, f"tensor {key!r} is stored as {found[0]} {found[1]}, but the checkpoint's "
+                                    f"metadata says {want[0]} {want[1]}")
+    return entry
 
 
 def verify_file(path: AnyPath) -> tuple[str, bool, CorruptCheckpointError | None]:

@@ -16,6 +16,7 @@ Example::
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import pickle
@@ -28,10 +29,12 @@ from typing import Any
 
 import torch
 
+from resumable import storage
 from resumable.errors import CorruptCheckpointError, UnsafeCheckpointError
+from resumable.storage import AnyPath, ObjectPath
 from resumable.storage.local import check_regular
 
-__all__ = ["PICKLE_PROTOCOL", "TorchFile", "WRAPPERS", "load_weights_only", "read_torch_file"]
+__all__ = ["PICKLE_PROTOCOL", "TorchFile", "WRAPPERS", "is_zip", "load_weights_only", "read_object", "read_torch_file"]
 
 WRAPPERS = ("state_dict", "model")
 """Top-level entries whose tensors are named without the entry's name (Lightning, training scripts)."""
@@ -42,19 +45,41 @@ PICKLE_PROTOCOL = 0x80
 MAX_DEPTH = 32
 """Deepest nesting flattened (a checkpoint nests a few levels; a forged file could nest thousands)."""
 
+_ZIP_TAIL = 22 + 0xFFFF + 20 + 56
+"""Bytes at the end of a file that ``zipfile.is_zipfile`` reads: the end-of-central-directory record after
+a comment of up to 64 KiB, and the zip64 locator and record before it."""
+
+
+def read_object(path: ObjectPath, what: str) -> bytes:
+    """All the bytes of an object, for a reader that needs the whole file (it cannot be mapped): memory
+    as large as the object, bounded by its size as listed (an object growing meanwhile is refused)."""
+    entry = storage.stat(path)
+    return storage.read_bounded(path, what, entry.size if entry is not None else 0)
+
+
+def is_zip(path: AnyPath) -> bool:
+    """``zipfile.is_zipfile`` of a file, or of an object's tail (all it reads). A local caller checks the
+    file is regular first (it would block on a FIFO)."""
+    if isinstance(path, Path):
+        return zipfile.is_zipfile(path)
+    with storage.open_reader(path, "checkpoint file") as reader:
+        start = max(0, reader.size - _ZIP_TAIL)
+        return zipfile.is_zipfile(io.BytesIO(reader.read(start, reader.size - start)))
+
 
 @dataclass(frozen=True)
 class TorchFile:
     """A PyTorch file's tensors (dotted name → tensor) and its other leaves (JSON values, nested)."""
 
-    path: Path
+    path: AnyPath
     tensors: dict[str, torch.Tensor]
     objects: dict[str, Any]
     wrapper: str | None
 
 
-def load_weights_only(path: Path, what: str, resave: str) -> Any:
-    """``torch.load(weights_only=True)`` of a regular file (mapped when a zip), its failures named.
+def load_weights_only(path: AnyPath, what: str, resave: str) -> Any:
+    """``torch.load(weights_only=True)`` of a regular file (mapped when a zip) or of an object (read whole
+    into memory: :func:`read_object`), its failures named.
 
     Args:
         what: the kind of file, for the messages ("PyTorch checkpoint", "legacy .ckpt file").
@@ -65,9 +90,14 @@ def load_weights_only(path: Path, what: str, resave: str) -> Any:
         CorruptCheckpointError: anything else that fails (weights-only runs no code, so a damaged
             pickle stream fails as IndexError, KeyError ..., found by tests/unit/test_fuzz_parsers.py).
     """
-    check_regular(path, what)  # torch.load would block on a FIFO
+    if isinstance(path, Path):
+        check_regular(path, what)  # torch.load would block on a FIFO
+        source: Any = path
+        mapped = zipfile.is_zipfile(path)
+    else:
+        source, mapped = io.BytesIO(read_object(path, what)), False
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        return torch.load(source, map_location="cpu", weights_only=True, mmap=mapped)
     except pickle.UnpicklingError as exc:
         # torch's text advises weights_only=False; we only name what was refused.
         m = re.search(r"WeightsUnpickler error: (.*?)\.?(?: Please use|$)", str(exc), re.MULTILINE)
@@ -91,7 +121,7 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
-def _flatten(path: Path, value: Any, name: str, depth: int, tensors: dict[str, torch.Tensor]) -> Any:
+def _flatten(path: AnyPath, value: Any, name: str, depth: int, tensors: dict[str, torch.Tensor]) -> Any:
     """Put the tensors under ``value`` into ``tensors`` (dotted names); return what is left, or None."""
     if isinstance(value, torch.Tensor):
         if value.layout != torch.strided or value.is_quantized:
@@ -128,7 +158,7 @@ def _holds_tensors(value: Any, depth: int) -> bool:
     return any(_holds_tensors(v, depth + 1) for v in items)
 
 
-def read_torch_file(path: str | os.PathLike[str]) -> TorchFile:
+def read_torch_file(path: str | os.PathLike[str] | ObjectPath) -> TorchFile:
     """Read a ``torch.save`` file safely into named tensors and plain values.
 
     Raises:
@@ -140,7 +170,7 @@ def read_torch_file(path: str | os.PathLike[str]) -> TorchFile:
 
         read_torch_file("model.pt").tensors["fc1.weight"].shape
     """
-    path = Path(path)
+    path = storage.as_path(path)
     doc = load_weights_only(path, "PyTorch checkpoint", "re-save it as a state dict of tensors")
     if not isinstance(doc, Mapping):
         raise CorruptCheckpointError(f"{path}: holds a {type(doc).__name__}, not a dict of tensors (a state dict)")
