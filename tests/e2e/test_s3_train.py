@@ -88,12 +88,15 @@ def test_sigkill_then_the_identical_command_resumes_bit_for_bit_from_the_bucket(
     got, ref = losses(out), reference["losses"]
     assert [got[s] for s in range(resumed_from + 1, STEPS + 1)] == [ref[s] for s in range(resumed_from + 1, STEPS + 1)]
     assert _model_bytes(s3, "ckpt/", STEPS) == reference["model"]  # the same weights, byte for byte
-    assert _iterations(s3, "ckpt/") == [f"iteration_{STEPS - EVERY:08d}", f"iteration_{STEPS:08d}"]  # keep 2
+    # keep_checkpoint_max=2, and the iteration this run resumed from is never deleted by it
+    kept = [f"iteration_{n:08d}" for n in sorted({resumed_from, STEPS - EVERY, STEPS})]
+    assert _iterations(s3, "ckpt/") == kept
 
 
 def test_output_dir_on_s3_keeps_the_logs_local_and_resumes_on_another_layout(tmp_path, s3, reference) -> None:
     logs, url = tmp_path / "logs", s3.url("run")
-    first = train_cmd(logs, f"output_dir={url}",  # after train_cmd's own output_dir: this one wins f"local_output_dir={logs}", f"runner_config.stop_step={EVERY}",
+    # output_dir=<url> comes after train_cmd's own output_dir: the later --set wins
+    first = train_cmd(logs, f"output_dir={url}", f"local_output_dir={logs}", f"runner_config.stop_step={EVERY}",
                       f"callbacks.0.save_checkpoint_steps={EVERY}")
     run_job(first)
     assert (logs / "log" / "train.jsonl").is_file() and commit.read_tracker(url + "/checkpoint") == EVERY
@@ -159,7 +162,8 @@ def test_a_kill_during_a_multipart_upload_is_cleaned_up_by_the_identical_command
 def test_a_second_job_on_the_same_prefix_is_refused_while_the_first_runs(tmp_path, s3) -> None:
     url = s3.url("busy")
     first_out = tmp_path / "first"
-    first = subprocess.Popen(_cmd(first_out, url, "runner_config.stop_step=400", "callbacks.0.save_checkpoint_steps=50"),
+    long = ("runner_config.epochs=100000", "runner_config.stop_step=10000000", "callbacks.0.save_checkpoint_steps=1000")
+    first = subprocess.Popen(_cmd(first_out, url, *long),
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env(),
                              start_new_session=True)
     try:

@@ -45,6 +45,9 @@ class ObjectPath:
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError("ObjectPath is immutable")
 
+    def __reduce__(self) -> tuple:  # pickled between ranks (a resolution broadcast)
+        return ObjectPath, (self.bucket, self.key)
+
     def __truediv__(self, other: str | os.PathLike[str]) -> "ObjectPath":
         other = os.fspath(other)
         return ObjectPath(self.bucket, f"{self.key}/{other}" if self.key else other)
