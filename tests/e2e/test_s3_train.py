@@ -121,18 +121,18 @@ def test_automatic_recovery_and_a_hand_edited_tracker_in_the_bucket(tmp_path, s3
     assert commit.read_tracker(url) == STEPS + 2
 
 
-@pytest.mark.parametrize("fault", ["one-file-written:3", "before-rename:2", "after-rename:2", "after-tracker:2",
-                                   "retention-renamed:1"])
-def test_a_kill_at_each_commit_step_leaves_the_tracker_on_a_complete_iteration(tmp_path, s3, monkeypatch,
-                                                                              fault: str) -> None:
+def test_a_kill_at_each_commit_step_leaves_the_tracker_on_a_complete_iteration(tmp_path, s3, monkeypatch) -> None:
+    # One chain: each run is killed at the next point of a save (":2"/":3": after a first commit of
+    # its own), the identical command resumes it, and a last, unharmed run finishes.
     out, url = tmp_path / "job", s3.url("crash")
     cmd = _cmd(out, url, "callbacks.0.save_checkpoint_steps=2")
-    monkeypatch.setenv("RESUMABLE_FAULT", fault)
-    killed = run_job(cmd, expect_ok=False)
-    assert killed.returncode != 0
+    for fault in ("one-file-written:3", "before-rename:2", "after-rename:2", "after-tracker:2", "retention-renamed:1"):
+        monkeypatch.setenv("RESUMABLE_FAULT", fault)
+        killed = run_job(cmd, expect_ok=False)
+        assert killed.returncode != 0, f"{fault} never fired"
+        target = commit.read_tracker(url)
+        assert target is not None and commit.is_committed(f"{url}/iteration_{target:08d}"), fault
     monkeypatch.delenv("RESUMABLE_FAULT")
-    target = commit.read_tracker(url)
-    assert target is not None and commit.is_committed(f"{url}/iteration_{target:08d}")
     run_job(cmd)  # the identical command resumes, and its start cleans the leftovers
     assert commit.read_tracker(url) == STEPS
     assert all(commit.is_committed(f"{url}/{name}") for name in _iterations(s3, "crash/"))
