@@ -12,7 +12,9 @@ Exit status (``--help`` says it too): 0 success; 1 the answer is "no" (verify fo
 found differences), a damaged checkpoint, or a failed run; 2 a usage or configuration error (the
 message names the path or key and what to do); 128 + n: ``train`` stopped by signal n (130 Ctrl-C,
 143 SIGTERM) after finishing its save in flight; 130: a tool interrupted by Ctrl-C (no partial output left).
-The checkpoint commands live in :mod:`resumable.tools.commands`.
+The checkpoint commands live in :mod:`resumable.tools.commands`. Every checkpoint path they take, read or
+written, may be ``s3://bucket/prefix`` (through :mod:`resumable.storage`), except legacy ``rank_*`` trees
+(``convert --to legacy`` onto s3:// is refused: not implemented yet, exit status 2).
 
 ``train`` launches ``torchrun`` itself (single node) with ``--nproc`` processes, or, without
 ``--nproc``, with as many as the config's layout needs (data x model x pipeline parallel);

@@ -8,7 +8,6 @@ nor tqdm: the command line builds its parsers from it (``resumable --help`` in w
 
 from __future__ import annotations
 
-import re
 import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Literal
@@ -48,17 +47,15 @@ def walk_files(folder: AnyPath, under: str = "") -> Iterator[tuple[str, Entry]]:
 
 
 def legacy_tree(path: AnyPath) -> bool:
-    """True when ``path`` is a legacy ``rank_*`` tree (a local folder of ``rank_<n>`` folders).
+    """True when ``path`` is a legacy ``rank_*`` tree (a folder of ``rank_<n>`` folders).
 
     Raises:
-        NotImplementedYet: such a tree on an object store (the legacy readers are local only).
+        NotImplementedYet: such a tree on an object store (the legacy layout is local only).
     """
     from resumable import storage
-
-    if storage.is_object(path):
-        if any(e.is_dir and re.fullmatch(r"rank_[0-9]+", e.name) for e in storage.list_dir(path)):
-            storage.require_local(path, "a legacy (rank_*) tree")
-        return False
     from resumable.legacy.files import rank_folders
 
-    return storage.is_dir(path) and bool(rank_folders(path))
+    if not storage.is_dir(path) or not rank_folders(path):
+        return False
+    storage.require_local(path, "a legacy (rank_*) tree")
+    return True

@@ -345,7 +345,8 @@ def _convert(args: argparse.Namespace) -> int:
 
 _PATHS = ("a checkpoint folder (follows latest_checkpointed_iteration.txt), an iteration_* folder, a rank_* "
           "tree (legacy), a MindFormers 2.0 folder, a HuggingFace/unified folder, or a single file (MindSpore "
-          ".ckpt or .safetensors, a legacy rank file, a PyTorch .ckpt/.pt/.pth/.bin; or a folder holding only it)")
+          ".ckpt or .safetensors, a legacy rank file, a PyTorch .ckpt/.pt/.pth/.bin; or a folder holding only it); "
+          "local or s3://bucket/prefix (legacy rank_* trees: local only)")
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -372,7 +373,7 @@ def _add_list(sub: argparse._SubParsersAction) -> None:
                        "age, and which one the tracker (latest_checkpointed_iteration.txt) names.",
                        epilog=exit_status("a committed iteration is invalid or the tracker is damaged: one PROBLEM "
                                           "line each"))
-    p.add_argument("path", help="a checkpoint folder (<output_dir>/checkpoint)")
+    p.add_argument("path", help="a checkpoint folder (<output_dir>/checkpoint), local or s3://bucket/prefix")
     p.add_argument("--verify", action="store_true",
                    help="also check every file's xxh3-64 and block checksums (reads every byte)")
     p.add_argument("--json", action="store_true",
@@ -463,7 +464,7 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
                        "is assembled at a time: memory is bounded by the largest tensor.",
                        epilog=exit_status(_DAMAGED, _INTERRUPTED))
     p.add_argument("src", help=_PATHS)
-    p.add_argument("out", help="new (or empty) output folder")
+    p.add_argument("out", help="new (or empty) output folder, local or s3://bucket/prefix")
     _common_write_args(p, shards=True)
     p.set_defaults(func=_merge)
 
@@ -475,7 +476,8 @@ def _add_split(sub: argparse._SubParsersAction) -> None:
                        "parallel: column-wise dim 0, row-wise dim 1; pipeline stages own contiguous layers).",
                        epilog=exit_status(_DAMAGED, _INTERRUPTED))
     p.add_argument("src", help=_PATHS)
-    p.add_argument("out", help="checkpoint folder to write iteration_* and the tracker into")
+    p.add_argument("out", help="checkpoint folder to write iteration_* and the tracker into, local or "
+                   "s3://bucket/prefix")
     p.add_argument("--layout", required=True, metavar="dp=N,tp=N[,pp=N]", help="the target layout")
     p.add_argument("--iteration", type=int, default=None, help="iteration number (default: the source's)")
     _v2_args(p)
@@ -498,7 +500,8 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
                        "no config.json gets one inferred from its shapes (logged).",
                        epilog=exit_status(_DAMAGED, _INTERRUPTED))
     p.add_argument("src", help=_PATHS)
-    p.add_argument("out", help="output folder (for v2: the checkpoint folder)")
+    p.add_argument("out", help="output folder (for v2: the checkpoint folder), local or s3://bucket/prefix (not for "
+                   "--to legacy)")
     p.add_argument("--to", required=True, choices=TARGETS, help="output format")
     p.add_argument("--layout", default=None, metavar="dp=N,tp=N[,pp=N]", help="v2 only: target layout (default 1 rank)")
     p.add_argument("--config", default=None, help="hf only: training YAML whose model: section gives config.json "

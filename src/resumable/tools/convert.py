@@ -96,7 +96,7 @@ def convert(src: str | os.PathLike[str], out: str | os.PathLike[str], to: Target
         raise ConfigError(f"--to {to!r}: choose one of {', '.join(TARGETS)}")
     out = storage.as_path(out)
     if to == "legacy":  # the legacy writer renames and flocks: local folders only
-        out = storage.require_local(out, "convert --to legacy")
+        out = storage.require_local(out, "writing a legacy (Checkpoint 1.0) tree")
     source = open_source(src, heads=heads, fused=fused, names=names, src_strategy=src_strategy)
     if to == "legacy":
         return _write_legacy(source, out, prefix, dtype)

@@ -6,7 +6,8 @@ assembling one tensor at a time from its chunks, so memory is bounded by the lar
 tensor. They write into a hidden temporary folder beside ``out`` of their own
 (``commit.new_output_dir``) and commit it with ``commit.publish_output_dir`` (every file
 and the folder fsynced, renamed, the parent fsynced): neither an interrupted run nor a
-power loss leaves a folder that looks complete.
+power loss leaves a folder that looks complete. On an object store (``s3://``, no rename) the
+output is written in place into a prefix that must hold no object; a failed run removes it.
 
 - *unified* keeps every tensor (model and optimizer state) and the training context
   (``common.json``), so ``resumable split`` can turn it back into the same checkpoint;

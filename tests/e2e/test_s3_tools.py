@@ -1,0 +1,99 @@
+"""The checkpoint commands on s3:// paths: ``python -m resumable.cli ...`` against a real S3 server.
+
+Each command runs as its own process (the ``s3`` fixture's AWS environment is inherited), as a
+user runs it. Commands that do not depend on each other run at once, so that the file stays
+quick. The checkpoint is saved by ``resumable.save`` straight into the bucket.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from safetensors.torch import load_file
+
+import resumable
+from tests.e2e.jobs import run_job
+
+NAME = "CKP-model-0000000-0000001.safetensors"  # the one file a one-rank save of a model-only state writes
+
+
+def _state(step: int) -> dict:
+    return {"model": {"w": torch.arange(12.0).reshape(3, 4) * step, "b": torch.full((5,), float(step))},
+            "step": step}
+
+
+def _save_two(s3) -> str:
+    url = s3.url("run", "ckpt")
+    for step in (1, 2):
+        resumable.save(_state(step), url, step)
+    return url
+
+
+def _cli(*runs: tuple[str, ...]) -> list[subprocess.CompletedProcess]:
+    """Run each ``resumable`` command line of ``runs`` at once; their results, in order (any exit status)."""
+    with ThreadPoolExecutor(len(runs)) as pool:
+        return list(pool.map(lambda args: run_job([sys.executable, "-m", "resumable.cli", *args], expect_ok=False),
+                             runs))
+
+
+def _ok(done: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert done.returncode == 0, f"{done.args[3:]}: exit {done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+    return done
+
+
+def test_verify_inspect_list_on_s3_and_a_flipped_byte_is_named(s3) -> None:
+    url = _save_two(s3)
+    verify, inspect, listed, other = _cli(("verify", url, "--json"), ("inspect", url, "--summary", "--json"),
+                                          ("list", url, "--json"), ("verify", "gs://x/y"))
+    report = json.loads(_ok(verify).stdout)
+    assert report["ok"] and report["files_checked"] == 4, report  # 2 iterations x (model file, common.json)
+    assert "xxh3-64" in report["checked"]
+    summary = json.loads(_ok(inspect).stdout)
+    assert [(r["iteration"], r["committed"]) for r in summary["iterations"]] == [(1, True), (2, True)]
+    assert summary["latest"] == 2 and summary["selected"] == f"{url}/iteration_00000002"
+    rows = json.loads(_ok(listed).stdout)["iterations"]
+    assert [(r["folder"], r["valid"], r["tracked"]) for r in rows] == [
+        (f"{url}/iteration_00000001", True, False), (f"{url}/iteration_00000002", True, True)]
+    assert all(r["bytes"] > 0 for r in rows)
+    # Not a local folder named "gs:": refused as a usage error, naming what is supported.
+    assert other.returncode == 2 and "gs:// storage is not supported" in other.stderr, other.stderr
+
+    key = f"run/ckpt/iteration_00000001/{NAME}"
+    data = bytearray(s3.get(key))
+    data[-1] ^= 0x01  # the last tensor byte: same size, so only a checksum can tell
+    s3.put(key, bytes(data))
+    damaged, sizes_only, listed = _cli(("verify", url, "--json"), ("verify", url, "--no-checksum"),
+                                       ("list", url, "--verify"))
+    assert damaged.returncode == 1, damaged.stderr  # README: 1 is verify's "problems found"
+    assert [p["where"] for p in json.loads(damaged.stdout)["problems"]] == [f"s3://{s3.bucket}/{key}"]
+    _ok(sizes_only)
+    assert listed.returncode == 1 and "PROBLEM step 1:" in listed.stdout, listed.stdout
+
+
+def test_convert_s3_to_local_hf_and_local_to_s3_v2(s3, tmp_path) -> None:
+    url = _save_two(s3)
+    hf, config = tmp_path / "hf", tmp_path / "config.json"
+    config.write_text(json.dumps({"model_type": "tiny", "hidden_size": 4}))  # a model no mapping knows: not checked
+    to_hf, merged, legacy = _cli(("convert", url, str(hf), "--to", "hf", "--hf-config", str(config), "--quiet"),
+                                 ("merge", url, s3.url("merged"), "--quiet"),
+                                 ("convert", url, s3.url("legacy"), "--to", "legacy"))
+    _ok(to_hf)
+    weights = load_file(hf / "model.safetensors")
+    assert set(weights) == {"w", "b"} and all(torch.equal(weights[n], _state(2)["model"][n]) for n in weights)
+    _ok(merged)
+    assert legacy.returncode == 2 and "not supported" in legacy.stderr, legacy.stderr
+    assert s3.keys("legacy") == []  # refused before anything is written
+
+    to_v2, split = _cli(("convert", str(hf), s3.url("v2"), "--to", "v2", "--quiet"),
+                        ("split", s3.url("merged"), s3.url("split"), "--layout", "dp=1,tp=1", "--quiet"))
+    _ok(to_v2)
+    _ok(split)
+    for where, expected in ((s3.url("v2"), _state(2)["model"]), (s3.url("split"), _state(2)["model"])):
+        target = {"model": {"w": torch.zeros(3, 4), "b": torch.zeros(5)}}
+        resumable.load(target, where)
+        assert all(torch.equal(target["model"][n], expected[n]) for n in expected), where
+    assert not any(".tmp-" in k for k in s3.keys())  # written in place: no temp names on the store
