@@ -18,7 +18,7 @@ import torch
 
 import resumable
 from resumable.errors import CorruptCheckpointError, NotImplementedYet
-from resumable.formats import hf
+from resumable.formats import hf, v1
 from resumable.formats.ms_ckpt import write_ms_ckpt
 from resumable.geometry import Box
 from resumable.sources import Source, open_source
@@ -157,3 +157,11 @@ def test_a_legacy_rank_tree_on_s3_is_refused_as_not_supported_yet(s3, tmp_path: 
     with pytest.raises(NotImplementedYet, match=re.escape(
             f"reading a Checkpoint 1.0 (rank_*) tree on object storage ({s3.url('legacy')}) is not supported yet")):
         open_source(s3.url("legacy"))
+
+
+def test_a_legacy_ckpt_file_reads_from_s3_as_locally(s3, tmp_path: Path) -> None:
+    tensors = {"w": torch.randn(5, 3, generator=torch.Generator().manual_seed(SEED))}
+    v1.save_ckpt(tmp_path / "r.ckpt", tensors, {"k": "v"})
+    s3.put("one/r.ckpt", (tmp_path / "r.ckpt").read_bytes())
+    got, meta = v1.load_ckpt(s3.url("one", "r.ckpt"))
+    assert meta == {"k": "v"} and torch.equal(got["w"], tensors["w"])

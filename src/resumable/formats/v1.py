@@ -362,7 +362,7 @@ def save_ckpt(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor],
         data.release()  # the buffer may be freed now
 
 
-def load_ckpt(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def load_ckpt(path: str | os.PathLike[str] | storage.ObjectPath) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Open a ``.ckpt`` safely: ``torch.load(weights_only=True, mmap=True)``; tensors map lazily.
 
     Returns:
@@ -375,7 +375,7 @@ def load_ckpt(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], di
             ``__metadata__`` (str → str).
         FileNotFoundError: no such file.
     """
-    path = Path(path)
+    path = storage.as_path(path)
     doc = load_weights_only(path, "legacy .ckpt file", "re-save it with resumable")
     meta = doc.pop("__metadata__", None) if isinstance(doc, dict) else None
     if (not isinstance(doc, dict) or not isinstance(meta, dict)
@@ -410,7 +410,7 @@ def strategy_doc(*, rank: int, world_size: int, layout: Mapping[str, Any], remov
     return json.dumps(doc, separators=(",", ":")).encode()
 
 
-def read_strategy(path: str | os.PathLike[str]) -> dict[str, Any]:
+def read_strategy(path: str | os.PathLike[str] | storage.ObjectPath) -> dict[str, Any]:
     """Read and check one strategy file.
 
     Raises:
@@ -419,7 +419,7 @@ def read_strategy(path: str | os.PathLike[str]) -> dict[str, Any]:
         CorruptCheckpointError: not a resumable strategy (e.g. a pickled MindSpore strategy),
             or a malformed tensor entry; the file and the tensor are named.
     """
-    path = Path(path)
+    path = storage.as_path(path)
     try:
         doc = load_json_object(path, "strategy file", MAX_STRATEGY_BYTES)
     except CorruptCheckpointError as exc:
