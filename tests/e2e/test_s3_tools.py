@@ -45,7 +45,13 @@ def _ok(done: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     return done
 
 
-def test_verify_inspect_list_on_s3_and_a_flipped_byte_is_named(s3) -> None:
+def _hf_config(tmp_path) -> str:
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"model_type": "tiny", "hidden_size": 4}))  # a model no mapping knows: not checked
+    return str(path)
+
+
+def test_verify_inspect_list_on_s3_and_a_flipped_byte_is_named(s3, tmp_path) -> None:
     url = _save_two(s3)
     verify, inspect, listed, other = _cli(("verify", url, "--json"), ("inspect", url, "--summary", "--json"),
                                           ("list", url, "--json"), ("verify", "gs://x/y"))
@@ -66,19 +72,23 @@ def test_verify_inspect_list_on_s3_and_a_flipped_byte_is_named(s3) -> None:
     data = bytearray(s3.get(key))
     data[-1] ^= 0x01  # the last tensor byte: same size, so only a checksum can tell
     s3.put(key, bytes(data))
-    damaged, sizes_only, listed = _cli(("verify", url, "--json"), ("verify", url, "--no-checksum"),
-                                       ("list", url, "--verify"))
+    damaged, sizes_only, listed, export = _cli(
+        ("verify", url, "--json"), ("verify", url, "--no-checksum"), ("list", url, "--verify"),
+        ("convert", f"{url}/iteration_00000001", s3.url("hf"), "--to", "hf", "--hf-config", _hf_config(tmp_path)))
     assert damaged.returncode == 1, damaged.stderr  # README: 1 is verify's "problems found"
     assert [p["where"] for p in json.loads(damaged.stdout)["problems"]] == [f"s3://{s3.bucket}/{key}"]
     _ok(sizes_only)
     assert listed.returncode == 1 and "PROBLEM step 1:" in listed.stdout, listed.stdout
+    # The export failed on the damaged tensor after writing config.json in place: the prefix is emptied again.
+    assert export.returncode == 1 and key in export.stderr, export.stderr
+    assert s3.keys("hf/") == []
 
 
 def test_convert_s3_to_local_hf_and_local_to_s3_v2(s3, tmp_path) -> None:
     url = _save_two(s3)
-    hf, config = tmp_path / "hf", tmp_path / "config.json"
-    config.write_text(json.dumps({"model_type": "tiny", "hidden_size": 4}))  # a model no mapping knows: not checked
-    to_hf, merged, legacy = _cli(("convert", url, str(hf), "--to", "hf", "--hf-config", str(config), "--quiet"),
+    hf = tmp_path / "hf"
+    to_hf, merged, legacy = _cli(("convert", url, str(hf), "--to", "hf", "--hf-config", _hf_config(tmp_path),
+                                  "--quiet"),
                                  ("merge", url, s3.url("merged"), "--quiet"),
                                  ("convert", url, s3.url("legacy"), "--to", "legacy"))
     _ok(to_hf)
