@@ -50,6 +50,9 @@ parts of its parameter's moments. Each
 decision and its reason is a line of :attr:`Source.notes`, logged when opened.
 
 Nothing here is collective; reading is lazy (headers and JSON only until a chunk is read).
+Every read goes through :mod:`resumable.storage`: any path may be ``s3://bucket/prefix``
+(a region of a safetensors chunk is one ranged read; a ``.ckpt`` or PyTorch file in an object
+store is read whole into memory), except a ``rank_*`` tree, refused there (``NotImplementedYet``).
 
 Example::
 
@@ -692,7 +695,7 @@ def open_source(path: str | os.PathLike[str] | storage.ObjectPath, *, heads: Att
 
     Args:
         path: a checkpoint folder, an ``iteration_*`` folder, a ``rank_*`` tree or a
-            HuggingFace / unified folder.
+            HuggingFace / unified folder, or one file; local, or ``s3://`` (not a ``rank_*`` tree).
         heads: attention head counts for splitting MindFormers ``linear_qkv`` (default:
             the recorded config's, else inferred from the shapes).
         fused: the row order of MindFormers' fused ``linear_qkv`` / ``linear_fc1``: a

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import resumable
-from resumable.errors import CorruptCheckpointError, NotImplementedYet
+from resumable.errors import CheckpointNotFoundError, CorruptCheckpointError, NotImplementedYet
 from resumable.formats import hf, v1
 from resumable.formats.ms_ckpt import write_ms_ckpt
 from resumable.geometry import Box
@@ -151,12 +151,14 @@ def test_damaged_objects_are_refused_naming_the_s3_object(s3, tmp_path: Path) ->
         open_source(s3.url("hf"))
 
 
-def test_a_legacy_rank_tree_on_s3_is_refused_as_not_supported_yet(s3, tmp_path: Path) -> None:
+def test_a_legacy_rank_tree_on_s3_is_refused_as_not_supported_yet_and_a_missing_prefix_named(s3, tmp_path: Path) -> None:
     build_legacy(tmp_path / "legacy", [[(1, 1, 0)]], [(1, 1)])
     _upload(s3, tmp_path / "legacy", "legacy")
     with pytest.raises(NotImplementedYet, match=re.escape(
             f"reading a Checkpoint 1.0 (rank_*) tree on object storage ({s3.url('legacy')}) is not supported yet")):
         open_source(s3.url("legacy"))
+    with pytest.raises(CheckpointNotFoundError, match=re.escape(f"{s3.url('nothing')} does not exist")):
+        open_source(s3.url("nothing"))
 
 
 def test_a_legacy_ckpt_file_reads_from_s3_as_locally(s3, tmp_path: Path) -> None:
