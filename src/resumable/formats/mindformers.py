@@ -238,7 +238,7 @@ def _int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _v2_context(common: dict[str, Any], path: Path) -> TrainingContext:
+def _v2_context(common: dict[str, Any], path: AnyPath) -> TrainingContext:
     where = str(path)
     fields = {"epoch": "epoch_num", "step": "step_num", "consumed_samples": "consumed_samples",
               "global_batch_size": "global_batch_size"}
@@ -248,7 +248,7 @@ def _v2_context(common: dict[str, Any], path: Path) -> TrainingContext:
                            loss_scale=None if loss_scale is None else float(loss_scale), **values)
 
 
-def _storage_key(key: str, path: Path) -> tuple[str, int]:
+def _storage_key(key: str, path: AnyPath) -> tuple[str, int]:
     """``"('fc1.weight', (3,))"`` → ``("fc1.weight", 3)``, evaluated as a literal only."""
     if len(key) > MAX_STORAGE_KEY:
         raise UnsafeCheckpointError(f"{path}: storage_data key of {len(key)} characters exceeds {MAX_STORAGE_KEY}")
@@ -262,12 +262,12 @@ def _storage_key(key: str, path: Path) -> tuple[str, int]:
     return value[0], value[1][0]
 
 
-def _storage_files(meta: dict[str, Any], path: Path) -> dict[tuple[str, int], list[str]]:
-    storage = meta.get("storage_data")
-    if not isinstance(storage, dict):
+def _storage_files(meta: dict[str, Any], path: AnyPath) -> dict[tuple[str, int], list[str]]:
+    stored = meta.get("storage_data")
+    if not isinstance(stored, dict):
         raise CorruptCheckpointError(f"{path} has no \"storage_data\" object")
     out = {}
-    for key, entries in storage.items():
+    for key, entries in stored.items():
         piece = _storage_key(key, path)
         if not isinstance(entries, list) or not entries or not all(
                 isinstance(e, dict) and "file_name" in e for e in entries):
@@ -311,10 +311,10 @@ def _piece_box(k: int, frag: list[int], local: list[int]) -> Box:
 class _Headers:
     """Safetensors headers of a folder's files, each read once, names checked for safety."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: AnyPath) -> None:
         self.folder, self.cache = folder, {}
 
-    def get(self, file_name: object, what: str) -> tuple[Path, dict[str, tuple[torch.dtype, tuple[int, ...]]]]:
+    def get(self, file_name: object, what: str) -> tuple[AnyPath, dict[str, tuple[torch.dtype, tuple[int, ...]]]]:
         path = safe_member(self.folder, file_name, what)
         if path not in self.cache:
             if not storage.is_file(path):
@@ -323,29 +323,29 @@ class _Headers:
         return path, self.cache[path]
 
 
-def _v2_tensors(folder: Path, meta: dict[str, Any], path: Path) -> dict[str, ForeignTensor]:
+def _v2_tensors(folder: AnyPath, meta: dict[str, Any], path: AnyPath) -> dict[str, ForeignTensor]:
     described = meta.get("state_dict_metadata")
     if not isinstance(described, dict):
         raise CorruptCheckpointError(f"{path} has no \"state_dict_metadata\" object")
-    storage = _storage_files(meta, path)
+    stored = _storage_files(meta, path)
     headers = _Headers(folder)
     tensors = {}
     for name, entry in described.items():
         try:
-            tensors[name] = _v2_tensor(name, entry, storage, headers)
+            tensors[name] = _v2_tensor(name, entry, stored, headers)
         except CorruptCheckpointError:
             raise
         except KeyError as e:
             raise CorruptCheckpointError(f"{path}: tensor {name!r}: missing key {e}") from e
         except (ValueError, TypeError) as e:
             raise CorruptCheckpointError(f"{path}: tensor {name!r}: {e}") from e
-    if storage:
-        name, k = next(iter(storage))
+    if stored:
+        name, k = next(iter(stored))
         raise CorruptCheckpointError(f"{path}: storage_data names piece {k} of {name!r}, which state_dict_metadata lacks")
     return tensors
 
 
-def _v2_tensor(name: str, entry: dict[str, Any], storage: dict[tuple[str, int], list[str]],
+def _v2_tensor(name: str, entry: dict[str, Any], stored: dict[tuple[str, int], list[str]],
                headers: _Headers) -> ForeignTensor:
     dtype_name = entry["properties"]["dtype"]
     if dtype_name not in MS_DTYPES:
@@ -371,9 +371,9 @@ def _v2_tensor(name: str, entry: dict[str, Any], storage: dict[tuple[str, int], 
         raise ValueError(problem)
     chunks = []
     for k, box in boxes.items():
-        if (name, k) not in storage:
+        if (name, k) not in stored:
             raise ValueError(f"piece {k} has no storage_data entry")
-        for file_name in storage.pop((name, k)):
+        for file_name in stored.pop((name, k)):
             file, header = headers.get(file_name, "storage_data file_name")
             if header.get(name) != (dtype, box.shape):
                 found = "nothing" if name not in header else f"{header[name][0]} {list(header[name][1])}"
@@ -397,7 +397,7 @@ def _single_rank_tensors(folder: AnyPath) -> dict[str, ForeignTensor]:
 
 
 def _full_chunks(headers: dict[AnyPath, dict[str, tuple[torch.dtype, tuple[int, ...]]]],
-                 strategy: Path | None = None) -> dict[str, ForeignTensor]:
+                 strategy: AnyPath | None = None) -> dict[str, ForeignTensor]:
     """Every tensor of every file as a full chunk; the same name in several files is a replica.
 
     ``strategy``: the strategy that was given, which lists none of these tensors.
@@ -604,7 +604,7 @@ def _ranks_text(ranks: list[int]) -> str:
 
 
 def _strategy_chunks(paths: list[Path], headers: dict[Path, dict[str, tuple[torch.dtype, tuple[int, ...]]]],
-                     layouts: dict[str, ParamLayout], strategy: Path) -> dict[str, ForeignTensor]:
+                     layouts: dict[str, ParamLayout], strategy: AnyPath) -> dict[str, ForeignTensor]:
     """Slices (``paths[r]`` is rank r's file) at the boxes their layouts give; the tensors without one whole."""
     placed: dict[str, tuple[torch.dtype, tuple[int, ...], int]] = {}
     chunks: dict[str, list[ForeignChunk]] = {}
