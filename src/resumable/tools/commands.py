@@ -19,7 +19,7 @@ import textwrap
 from typing import TYPE_CHECKING, Any, Callable
 
 from resumable import storage
-from resumable.errors import CheckpointError, ConfigError, describe_os_error, yaml_problem
+from resumable.errors import CheckpointError, CheckpointNotFoundError, ConfigError, describe_os_error, yaml_problem
 from resumable.formats.ms_names import NAMES
 from resumable.tools import TARGETS
 
@@ -305,9 +305,11 @@ def _model_section(path: AnyPath) -> ModelConfig:
 
     try:
         tree = yaml.safe_load(storage.read_bounded(path, "--config", _MAX_CONFIG_BYTES).decode("utf-8"))
+    except CheckpointNotFoundError:  # an OSError too: first
+        raise ConfigError(f"--config: {path} does not exist: check the path") from None
     except OSError as exc:
         raise ConfigError(f"--config: {describe_os_error(exc)}") from None
-    except (CheckpointError, UnicodeDecodeError) as exc:
+    except (CheckpointError, UnicodeDecodeError) as exc:  # not a regular file, too large, the store failing
         raise ConfigError(f"--config: {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"--config {path} is not valid YAML: {yaml_problem(exc)}") from None
