@@ -7,6 +7,8 @@ uses (``resumable.save.build_plan``), so file names, keys, ``__metadata__``,
 layout. Files are streamed one chunk at a time (memory: the largest chunk) into the
 temporary folder, then committed by ``resumable.save.commit_plan`` (metadata, fsync, rename,
 tracker), all under the folder's lock (``resumable.lock``: a live job's folder is refused).
+On an object store (``s3://``) the staging prefix is the final one, metadata.json written last
+commits it, and the lock is a lease, as for the trainer's saves (:mod:`resumable.commit`).
 ``resumable convert --to v2`` is this with a one-rank layout by default.
 
 Example::
