@@ -22,7 +22,6 @@ from __future__ import annotations
 import bisect
 import itertools
 import logging
-import math
 import sys
 from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -31,7 +30,7 @@ from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 import torch
 
 from resumable import storage
-from resumable.errors import CorruptCheckpointError, NotImplementedYet
+from resumable.errors import CorruptCheckpointError
 from resumable.formats import v2
 from resumable.formats.safetensors_io import (
     BlockDigests,
@@ -40,6 +39,7 @@ from resumable.formats.safetensors_io import (
     block_digests,
     dtype_name,
     read_header,
+    read_region,
 )
 from resumable.storage import AnyPath, Reader
 from resumable.layout import local_tensor
@@ -50,37 +50,9 @@ log = logging.getLogger(__name__)
 __all__ = ["READ_PIECE", "READ_THREADS", "SMALL_GAP", "SMALL_READ", "SMALL_THREADS", "ReadJob", "Sink",
            "bytes_of",
            "byte_extent", "contiguous_run", "contiguous_shares", "execute_reads", "piece_bounds", "place_into",
-           "plan_small_reads", "read_direct", "read_region"]
+           "plan_small_reads", "read_direct"]
 
 Sink = Callable[[Read, torch.Tensor], None]
-
-
-def read_region(reader: Reader, entry: TensorEntry, src: tuple[slice, ...],
-                check: BlockDigests | None = None) -> torch.Tensor:
-    """``stored[src]`` of one stored entry: the rows of dim 0 it spans are read (every block they
-    overlap checked against ``check`` first), then sliced.
-
-    Raises:
-        CorruptCheckpointError: a block fails its checksum, or the file ends early.
-    """
-    if sys.byteorder != "little":
-        raise NotImplementedYet("reading safetensors (little-endian) on a big-endian host is not supported")
-    shape, dtype = entry.shape, entry.torch_dtype
-    row = math.prod(shape[1:]) * dtype.itemsize
-    r0, r1 = (src[0].start, src[0].stop) if src else (0, 1)
-    lo, hi = entry.start + r0 * row, entry.start + max(r0, r1) * row
-    if not src:
-        hi = entry.end
-    if hi <= lo:
-        return torch.empty([max(0, sl.stop - sl.start) for sl in src], dtype=dtype)
-    buf = bytearray(hi - lo)
-    reader.readinto(memoryview(buf), lo)
-    if check is not None:
-        check.check(lo, hi, memoryview(buf), reader.read)
-    rows = torch.frombuffer(buf, dtype=torch.uint8).view(dtype)
-    if not src:
-        return rows.reshape(())
-    return rows.reshape(r1 - r0, *shape[1:])[(slice(0, r1 - r0),) + tuple(src[1:])]
 
 
 def execute_reads(folder: AnyPath, reads: Iterable[Read], sink: Sink, *, verify: bool = True,

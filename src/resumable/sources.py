@@ -80,13 +80,13 @@ from resumable.errors import CheckpointNotFoundError, ConfigError, CorruptCheckp
 from resumable.formats import hf, hf_aux, mindformers as mf, schema, v1, v2
 from resumable.storage import AnyPath
 from resumable.storage.local import check_regular
-from resumable.formats.safetensors_io import block_digests, read_header, stored_entry
+from resumable.formats.safetensors_io import block_digests, read_header, read_region, stored_entry
 from resumable.formats.ms_names import NAMES, OPT_STATE, Names, our_name, parse_ms_name
 from resumable.formats.torch_file import PICKLE_PROTOCOL, is_zip, read_torch_file
 from resumable.models import MODELS, identify_mindformers
 from resumable.models.qwen3 import AttentionShape, FusedLayout
 from resumable.geometry import Box, covers_exactly, runs
-from resumable.reads import check_slice, read_region
+from resumable.reads import check_slice
 
 log = logging.getLogger(__name__)
 

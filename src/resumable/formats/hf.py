@@ -27,9 +27,7 @@ Example::
 from __future__ import annotations
 
 import json
-import math
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -37,12 +35,12 @@ from typing import Any, Callable, Sequence
 import torch
 
 from resumable import storage
-from resumable.errors import CheckpointNotFoundError, CorruptCheckpointError, NotImplementedYet, UnsafeCheckpointError
+from resumable.errors import CheckpointNotFoundError, CorruptCheckpointError, UnsafeCheckpointError
 from resumable.formats.jsonfile import load_json_object
 from resumable.storage import AnyPath, ObjectPath
 from resumable.storage.local import check_regular
 from resumable.formats.schema import need_int, need_number, need_type, shown
-from resumable.formats.safetensors_io import read_header, stored_entry, write_file_streaming
+from resumable.formats.safetensors_io import read_header, read_region, stored_entry, write_file_streaming
 from resumable.geometry import Box
 
 __all__ = [
@@ -228,27 +226,13 @@ def read_stored(path: AnyPath, key: str, dtype: torch.dtype | None, shape: Seque
     """``stored[src]`` of ``key`` in a safetensors file or object, once its header stores ``key`` as ``dtype``
     (None: any) of ``shape``: only the rows of dim 0 that ``src`` spans are read, then sliced.
 
-    (``reads.read_region`` does the same with block checks, in the engine layer above this one.)
-
     Raises:
         CorruptCheckpointError: the header disagrees (file and key named), or the file ends early.
     """
-    if sys.byteorder != "little":
-        raise NotImplementedYet("reading safetensors (little-endian) on a big-endian host is not supported")
     entry = stored_entry(read_header(path), key, dtype, shape)
-    row = math.prod(entry.shape[1:]) * entry.torch_dtype.itemsize
-    r0, r1 = (src[0].start, max(src[0].start, src[0].stop)) if src else (0, 1)
-    lo, hi = (entry.start + r0 * row, entry.start + r1 * row) if src else (entry.start, entry.end)
-    buf = bytearray(hi - lo)
-    if buf:
-        with storage.open_reader(path, "safetensors file") as reader:
-            reader.random()
-            reader.readinto(memoryview(buf), lo)
-    rows = torch.frombuffer(buf, dtype=torch.uint8).view(entry.torch_dtype) if buf else \
-        torch.empty(0, dtype=entry.torch_dtype)
-    if not src:
-        return rows.reshape(())
-    return rows.reshape(r1 - r0, *entry.shape[1:])[(slice(0, r1 - r0),) + tuple(src[1:])].contiguous()
+    with storage.open_reader(path, "safetensors file") as reader:
+        reader.random()
+        return read_region(reader, entry, src).contiguous()
 
 
 def _plan_shards(specs: Sequence[tuple[str, torch.dtype, tuple[int, ...]]], max_shard_size: int) -> list[list[int]]:

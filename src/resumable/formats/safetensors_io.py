@@ -34,8 +34,10 @@ and renames live in ``resumable.commit``.
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
@@ -44,7 +46,7 @@ import torch
 import xxhash
 
 from resumable import storage
-from resumable.errors import CorruptCheckpointError, UnsafeCheckpointError
+from resumable.errors import CorruptCheckpointError, NotImplementedYet, UnsafeCheckpointError
 from resumable.formats.jsonfile import parse_json_object
 from resumable.formats.schema import MAX_DIM, MAX_NDIM, shown
 from resumable.storage import AnyPath
@@ -61,6 +63,7 @@ __all__ = [
     "dtype_from_name",
     "dtype_name",
     "read_header",
+    "read_region",
     "stored_entry",
     "verify_file",
     "write_file",
@@ -429,6 +432,34 @@ def stored_entry(header: Header, key: str, dtype: torch.dtype | None, shape: Seq
         raise _corrupt(header.path, f"tensor {key!r} is stored as {found[0]} {found[1]}, but the checkpoint's "
                                     f"metadata says {want[0]} {want[1]}")
     return entry
+
+
+def read_region(reader: storage.Reader, entry: TensorEntry, src: tuple[slice, ...],
+                check: BlockDigests | None = None) -> torch.Tensor:
+    """``stored[src]`` of one stored entry: the rows of dim 0 it spans are read (every block they
+    overlap checked against ``check`` first), then sliced.
+
+    Raises:
+        CorruptCheckpointError: a block fails its checksum, or the file ends early.
+    """
+    if sys.byteorder != "little":
+        raise NotImplementedYet("reading safetensors (little-endian) on a big-endian host is not supported")
+    shape, dtype = entry.shape, entry.torch_dtype
+    row = math.prod(shape[1:]) * dtype.itemsize
+    r0, r1 = (src[0].start, src[0].stop) if src else (0, 1)
+    lo, hi = entry.start + r0 * row, entry.start + max(r0, r1) * row
+    if not src:
+        hi = entry.end
+    if hi <= lo:
+        return torch.empty([max(0, sl.stop - sl.start) for sl in src], dtype=dtype)
+    buf = bytearray(hi - lo)
+    reader.readinto(memoryview(buf), lo)
+    if check is not None:
+        check.check(lo, hi, memoryview(buf), reader.read)
+    rows = torch.frombuffer(buf, dtype=torch.uint8).view(dtype)
+    if not src:
+        return rows.reshape(())
+    return rows.reshape(r1 - r0, *shape[1:])[(slice(0, r1 - r0),) + tuple(src[1:])]
 
 
 def verify_file(path: AnyPath) -> tuple[str, bool, CorruptCheckpointError | None]:
