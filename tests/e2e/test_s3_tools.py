@@ -41,7 +41,8 @@ def _cli(*runs: tuple[str, ...]) -> list[subprocess.CompletedProcess]:
 
 
 def _ok(done: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert done.returncode == 0, f"{done.args[3:]}: exit {done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+    assert done.returncode == 0, (f"{done.args[3:]}: exit {done.returncode}\n{done.stdout[-2000:]}\n"
+                                  f"{done.stderr[-3000:]}")
     return done
 
 
