@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Callable, Iterable, Protocol, Sequence
 
 from resumable.errors import CheckpointError
 
@@ -60,6 +60,9 @@ class Reader(Protocol):
 
     def read(self, offset: int, nbytes: int) -> bytes:
         """``nbytes`` bytes from ``offset``."""
+
+    def read_span(self, views: "Sequence[tuple[int, memoryview]]") -> None:
+        """Fill each ``(offset, view)`` (sorted, disjoint); an object store reads them with one request."""
 
     def sequential(self) -> None:
         """Hint: this reader goes front to back (local: readahead); a no-op where it means nothing."""

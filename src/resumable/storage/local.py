@@ -140,6 +140,10 @@ class LocalReader:
         self.readinto(memoryview(buf), offset)
         return bytes(buf)
 
+    def read_span(self, views: "list[tuple[int, memoryview]]") -> None:
+        for offset, view in views:
+            self.readinto(view, offset)
+
     def sequential(self) -> None:
         os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
 

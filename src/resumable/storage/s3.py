@@ -182,7 +182,8 @@ class S3Backend(Backend):
     # -- writes --------------------------------------------------------------------------
 
     def write_atomic(self, path: ObjectPath, data: bytes) -> None:
-        self.call("put_object", path, Key=path.key, Body=bytes(data))  # a PUT is all or nothing
+        body = data if isinstance(data, (bytes, bytearray)) else bytes(data)
+        self.call("put_object", path, Key=path.key, Body=body)  # a PUT is all or nothing
 
     def write_stream(self, path: ObjectPath, total: int, chunks: Iterable[memoryview],
                      late_header: LateHeader | None = None) -> tuple[int, str]:
@@ -196,7 +197,7 @@ class S3Backend(Backend):
             header = late_header() if late_header is not None else None
             if header is not None:
                 buf[8:8 + len(header)] = header
-            self.write_atomic(path, bytes(buf))
+            self.write_atomic(path, buf)
             return len(buf), hasher.hexdigest()
         return _MultipartUpload(self, path, part).run(chunks, late_header)
 
@@ -266,20 +267,52 @@ class S3Reader:
                 raise self._short(offset) from None
             raise
         raw = resp["Body"]._raw_stream  # urllib3's response: readinto without an intermediate bytes object
+        try:
+            self._fill(raw, view, offset)
+        finally:
+            raw.release_conn()
+
+    def read_span(self, views: "list[tuple[int, memoryview]]") -> None:
+        """One ranged GET from the first view's start to the last one's end, its body read into each
+        view in turn (the bytes between two views read into a scratch buffer and dropped)."""
+        views = [(at, v) for at, v in views if len(v)]
+        if len(views) <= 1:
+            for at, v in views:
+                self.readinto(v, at)
+            return
+        start, end = views[0][0], views[-1][0] + len(views[-1][1])
+        try:
+            resp = self.backend.call("get_object", self.path, self.what, Key=self.path.key,
+                                     Range=f"bytes={start}-{end - 1}")
+        except StorageError as exc:
+            if "InvalidRange" in str(exc):
+                raise self._short(start) from None
+            raise
+        raw = resp["Body"]._raw_stream
+        scratch = memoryview(bytearray(min(1 << 20, end - start)))
+        pos = start
+        try:
+            for at, view in views:
+                while pos < at:  # a gap between two views
+                    pos += self._fill(raw, scratch[:min(len(scratch), at - pos)], pos)
+                pos += self._fill(raw, view, pos)
+        finally:
+            raw.release_conn()
+
+    def _fill(self, raw: Any, view: memoryview, at: int) -> int:
+        """Read all of ``view`` from the response body ``raw`` (positioned at byte ``at``); its length."""
         got = 0
         try:
             while got < len(view):
                 n = raw.readinto(view[got:])
                 if not n:
-                    raise self._short(offset + got)
+                    raise self._short(at + got)
                 got += n
-        except (OSError, ValueError) as exc:  # the connection dropped mid-body
+        except (OSError, ValueError) as exc:
             if isinstance(exc, CorruptCheckpointError):
                 raise
-            raise StorageError(f"{self.path}: the connection broke after {got} of {len(view)} bytes of a "
-                               f"ranged read at {offset}: {exc}") from exc
-        finally:
-            raw.release_conn()
+            raise StorageError(f"{self.path}: the connection broke at byte {at + got} of a ranged read: {exc}") from exc
+        return got
 
     def _short(self, at: int) -> CorruptCheckpointError:
         return CorruptCheckpointError(f"{self.path}: object ends at byte {at}, before the data metadata.json "
@@ -321,9 +354,10 @@ class _MultipartUpload:
         self.upload_id = ""
 
     def _send(self, number: int, buf: bytearray, nbytes: int) -> None:
-        body = bytes(memoryview(buf)[:nbytes])
+        if nbytes < len(buf):  # the last part: cut in place (boto3 takes a bytearray, not a memoryview)
+            del buf[nbytes:]
         resp = self.backend.call("upload_part", self.path, Key=self.path.key, UploadId=self.upload_id,
-                                 PartNumber=number, Body=body)
+                                 PartNumber=number, Body=buf)
         self.etags[number] = resp["ETag"]
         self.free.append(buf)
 
