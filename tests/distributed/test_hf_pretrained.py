@@ -50,3 +50,13 @@ def test_tp2_trainer_starts_from_the_transformers_weights(tmp_path):
     # Same float32 weights and batch; TP splits the matmuls and sums partial products
     # in another order (~1e-7 relative).
     assert loss == pytest.approx(expected, rel=1e-5)
+
+
+def test_pretrained_model_dir_on_s3_gives_the_same_first_step(tmp_path, s3):
+    torch.manual_seed(2)
+    transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**SIZES)).save_pretrained(tmp_path)
+    for path in tmp_path.iterdir():
+        s3.put(f"hf/{path.name}", path.read_bytes())
+    local = run_distributed(_first_step, 2, str(tmp_path))
+    remote = run_distributed(_first_step, 2, s3.url("hf"))
+    assert remote == local  # the same weights, read by ranged GETs: the same loss, bit for bit

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from resumable import storage
 from resumable.errors import ConfigError
 from resumable.formats.hf import index_hf_folder, read_hf_box, read_hf_config
 from resumable.layout import local_chunks, local_tensor
@@ -32,7 +33,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["PretrainedInit", "init_from_pretrained", "load_pretrained"]
 
 
-def load_pretrained(model: nn.Module, folder: str | Path, model_cfg: ModelConfig) -> int:
+def load_pretrained(model: nn.Module, folder: "str | Path | storage.ObjectPath", model_cfg: ModelConfig) -> int:
     """Fill ``model``'s parameters (plain, TP/FSDP DTensors, a pipeline stage's subset) from a HF folder.
 
     Each rank reads only the boxes it holds. Not collective.
@@ -43,7 +44,7 @@ def load_pretrained(model: nn.Module, folder: str | Path, model_cfg: ModelConfig
     Raises:
         ConfigError: the folder's config or tensors do not match ``model_cfg`` (all listed).
     """
-    folder = Path(folder)
+    folder = storage.as_path(folder)
     config = read_hf_config(folder)
     problems = config_mismatches(model_cfg, config)
     index = index_hf_folder(folder)
