@@ -26,9 +26,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
-# make bench BENCH_ARGS="--size-gib 0.1 --reps 1 --cold-reps 1" for a quick run (bench/run.py lists the options)
+# make bench BENCH_ARGS="--size-gib 0.1 --reps 1 --cold-reps 1" S3_ARGS="--size-gib 0.1" for a quick run
+# (bench/run.py and bench/s3.py list the options); the object-store rows take ~3 min
 bench: $(STAMP)
 	$(PY) -m bench.run $(BENCH_ARGS)
+	$(PY) -m bench.s3 $(S3_ARGS)
 
 # Planning at 8 to 8192 simulated ranks, resumable beside DCP (bench/scale.py; the README's table): ~23 min;
 # make bench-scale SCALE_ARGS="--model 8b --layout fsdp --world 8 64 1024 8192" takes ~2 min
