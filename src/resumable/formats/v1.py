@@ -37,7 +37,6 @@ This module is bytes and JSON only: no ``torch.distributed``, no renames (see ``
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -338,8 +337,9 @@ def save_ckpt(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor],
               metadata: Mapping[str, str]) -> FileRecord:
     """Write a ``.ckpt`` (``torch.save`` of tensors and ``__metadata__``) to a new file, fsynced.
 
-    ``torch.save`` serialises into memory (the file's size must be known to the storage
-    layer's writer), which then writes it durably (``O_EXCL``, fsync) and checksums it.
+    ``torch.save`` streams into a new local file (``O_EXCL``, fsynced), checksummed as it
+    goes; an object is serialised into memory first, then uploaded
+    (:func:`resumable.storage.write_serialized`).
 
     Returns:
         ``(size_in_bytes, xxh3_64_hex)`` of the file, computed while writing.
@@ -352,14 +352,7 @@ def save_ckpt(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor],
         raise ValueError("'__metadata__' is reserved in a .ckpt file")
     payload: dict[str, Any] = {k: t.detach().cpu().contiguous() for k, t in tensors.items()}
     payload["__metadata__"] = dict(metadata)
-    buf = io.BytesIO()
-    torch.save(payload, buf)
-    del payload
-    data = buf.getbuffer()
-    try:
-        return storage.write_stream(storage.as_path(path), len(data), [data])
-    finally:
-        data.release()  # the buffer may be freed now
+    return storage.write_serialized(storage.as_path(path), lambda f: torch.save(payload, f))
 
 
 def load_ckpt(path: str | os.PathLike[str] | storage.ObjectPath) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

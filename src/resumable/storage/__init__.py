@@ -9,16 +9,19 @@ dispatches on the path's type. Only this package opens files by path
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from resumable.storage.base import Backend, Conflict, Entry, LateHeader, Reader, StorageError
+from resumable.storage import local
 from resumable.storage.local import LocalBackend
 from resumable.storage.paths import AnyPath, ObjectPath, as_path, is_object, is_remote_text
 
 __all__ = ["AnyPath", "Backend", "Conflict", "Entry", "ObjectPath", "Reader", "StorageError", "as_path", "backend",
            "exists", "is_dir", "is_file", "is_object", "is_remote_text", "list_dir", "open_reader", "read_bounded",
-           "remove", "remove_tree", "require_local", "stat", "write_atomic", "write_stream"]
+           "remove", "remove_tree", "require_local", "stat", "write_atomic", "write_serialized",
+           "write_stream"]
 
 LOCAL = LocalBackend()
 _S3: Backend | None = None
@@ -76,6 +79,20 @@ def write_atomic(path: AnyPath, data: bytes) -> None:
 def write_stream(path: AnyPath, total: int, chunks: Iterable[memoryview],
                  late_header: LateHeader | None = None) -> tuple[int, str]:
     return backend(path).write_stream(path, total, chunks, late_header)
+
+
+def write_serialized(path: AnyPath, serialize: Callable[[Any], None]) -> tuple[int, str]:
+    """A new file written by ``serialize(binary_file)`` (``torch.save``): streamed into a local file; for an
+    object, serialised into memory first (its size must be known), then uploaded. ``(size, xxh3_64)``."""
+    if not isinstance(path, ObjectPath):
+        return local.write_through(path, serialize)
+    buf = io.BytesIO()
+    serialize(buf)
+    data = buf.getbuffer()
+    try:
+        return write_stream(path, len(data), [data])
+    finally:
+        data.release()
 
 
 def remove(path: AnyPath) -> None:

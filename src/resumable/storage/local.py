@@ -239,6 +239,42 @@ def write_durable(path: str | os.PathLike[str], data: bytes) -> None:
         os.close(fd)
 
 
+class _HashingWriter:
+    """A write-only binary file over a descriptor that hashes what passes through it (for ``torch.save``)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd, self.hasher, self.size = fd, xxhash.xxh3_64(), 0
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        n = len(view)
+        self.hasher.update(view)
+        while view:
+            view = view[os.write(self.fd, view):]
+        self.size += n
+        return n
+
+    def flush(self) -> None:
+        """Nothing buffered."""
+
+
+def write_through(path: str | os.PathLike[str], serialize: Callable[[Any], None]) -> tuple[int, str]:
+    """Create ``path`` (``O_EXCL``) and let ``serialize(file)`` write it, streamed: no copy of the file in
+    memory; fsynced. Returns ``(size, xxh3_64 hex)`` of what was written."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+    try:
+        out = _HashingWriter(fd)
+        serialize(out)
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.filename is None:
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
+    finally:
+        os.close(fd)
+    return out.size, out.hasher.hexdigest()
+
+
 def mkdir(path: str | os.PathLike[str]) -> None:
     """Create one new folder (its parent must exist; an existing one is an error)."""
     Path(path).mkdir()
