@@ -277,11 +277,16 @@ def read_tracker(directory: AnyPath | str) -> int | None:
         return None
 
 
-def write_tracker(directory: AnyPath | str, iteration: int) -> None:
+#: Object store: the tracker's user metadata naming the save that wrote it (see :func:`interrupted_commit`).
+SAVED_BY = "resumable-saved"
+
+
+def write_tracker(directory: AnyPath | str, iteration: int, *, by_save: bool = False) -> None:
     """Point the tracker at ``iteration`` (call only after that folder is committed).
 
     Local: atomically (rename). Object store: a conditional write against the version this
-    process last read or wrote (read now when it never did).
+    process last read or wrote (read now when it never did); ``by_save``: the save of
+    ``iteration`` writes it, and says so in the object's metadata (:data:`SAVED_BY`).
 
     Raises:
         SaveError: (object store) another job wrote the tracker since this one read it.
@@ -294,7 +299,8 @@ def write_tracker(directory: AnyPath | str, iteration: int) -> None:
     if path not in _tracker_versions:
         read_tracker(directory)
     try:
-        _tracker_versions[path] = storage.backend(path).write_if(path, data, _tracker_versions[path])
+        _tracker_versions[path] = storage.backend(path).write_if(
+            path, data, _tracker_versions[path], metadata={SAVED_BY: str(iteration)} if by_save else None)
     except storage.Conflict:
         _tracker_versions.pop(path, None)
         raise SaveError(f"{path} was changed by someone else since this job read it: another job is saving "
@@ -588,8 +594,9 @@ def interrupted_commit(directory: AnyPath | str) -> int | None:
     a metadata.json written after the tracker. A tracker written after that folder (by
     hand: the user chose the older iteration) does not qualify. A resume from the
     tracker's target redoes that save, which replaces the folder; nothing else is lost.
-    Object stores record modification times to the second: there a metadata.json of the
-    tracker's second counts as written after it.
+    Object stores record modification times to the second only: there the tracker must still
+    be the one the save of its target wrote (:data:`SAVED_BY` in its metadata); a tracker
+    written by anything else (a hand edit, ``discard_newer_checkpoints``) does not qualify.
     """
     directory = storage.as_path(directory)
     try:
@@ -599,11 +606,12 @@ def interrupted_commit(directory: AnyPath | str) -> int | None:
     newer = iterations_after(directory, target) if target is not None else []
     if len(newer) != 1 or not is_committed(folder := directory / iteration_dirname(newer[0])):
         return None
+    if isinstance(directory, ObjectPath):
+        written_by = storage.backend(directory).user_metadata(directory / TRACKER)  # type: ignore[attr-defined]
+        return newer[0] if written_by.get(SAVED_BY) == str(target) else None
     meta, tracker = storage.stat(folder / METADATA), storage.stat(directory / TRACKER)
     if meta is None or tracker is None:
         return None
-    if isinstance(directory, ObjectPath):
-        return newer[0] if meta.mtime_ns >= tracker.mtime_ns else None
     return newer[0] if meta.mtime_ns > tracker.mtime_ns else None
 
 

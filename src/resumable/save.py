@@ -477,7 +477,7 @@ def commit_plan(plan: SavePlan) -> None:
     previous = commit.commit_folder(plan.temp, plan.final, files)  # an earlier copy, set aside (local)
     commit.fault_point("after-rename")
     try:
-        commit.write_tracker(plan.directory, plan.iteration)
+        commit.write_tracker(plan.directory, plan.iteration, by_save=True)
     except (OSError, CheckpointError):
         # E.g. the disk filled up between the rename and the tracker: take the folder back out of
         # view and put the earlier copy back, so that "nothing was committed" (what every rank is

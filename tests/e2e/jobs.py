@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -61,29 +61,33 @@ def losses(out: Path) -> dict[int, float]:
     return {r["global_step"]: r["loss"] for r in log_records(out)}
 
 
-def run_until_step_then_kill(cmd: list[str], out: Path, step: int, *, committed: int = 0,
-                             timeout: float = 300) -> int:
-    """Start a job, SIGKILL its whole process tree once its log reaches ``step`` and its tracker
-    names at least ``committed`` (an async save commits later than the step it saves);
-    return the last logged step."""
+def kill_when(cmd: list[str], ready: Callable[[], bool], timeout: float = 300) -> None:
+    """Start a job and SIGKILL its whole process tree once ``ready()`` is true (polled every 10 ms)."""
     job = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env(),
                            start_new_session=True)
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
-            records = log_records(out)
-            if records and records[-1]["global_step"] >= step and (read_tracker(out / "checkpoint") or 0) >= committed:
-                kill_tree(job.pid, signal.SIGKILL)
-                job.wait()
-                return log_records(out)[-1]["global_step"]
+            if ready():
+                return
             if job.poll() is not None:
-                raise AssertionError(f"job ended (exit {job.returncode}) before step {step}:\n{job.stderr.read()[-3000:]}")
+                raise AssertionError(f"job ended (exit {job.returncode}) first:\n{job.stderr.read()[-3000:]}")
             time.sleep(0.01)
-        raise AssertionError(f"job did not reach step {step} in {timeout} s")
+        raise AssertionError(f"job was not ready to be killed in {timeout} s")
     finally:
         if job.poll() is None:
             kill_tree(job.pid, signal.SIGKILL)
-            job.wait()
+        job.wait()
+
+
+def run_until_step_then_kill(cmd: list[str], out: Path, step: int, *, committed: int = 0,
+                             timeout: float = 300) -> int:
+    """Start a job, SIGKILL its whole process tree once its log reaches ``step`` and its tracker
+    names at least ``committed`` (an async save commits later than the step it saves);
+    return the last logged step."""
+    kill_when(cmd, lambda: bool(records := log_records(out)) and records[-1]["global_step"] >= step
+              and (read_tracker(out / "checkpoint") or 0) >= committed, timeout)
+    return log_records(out)[-1]["global_step"]
 
 
 def start_bodies(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,

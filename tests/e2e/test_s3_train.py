@@ -19,7 +19,7 @@ import pytest
 
 from resumable import commit, storage
 from resumable.proctree import kill_tree
-from tests.e2e.jobs import _env, log_records, losses, run_job, train_cmd
+from tests.e2e.jobs import _env, kill_when, log_records, losses, run_job, train_cmd
 
 pytestmark = pytest.mark.slow
 
@@ -38,25 +38,6 @@ def _iterations(s3, prefix: str) -> list[str]:
 
 def _model_bytes(s3, prefix: str, step: int) -> bytes:
     return s3.get(f"{prefix}iteration_{step:08d}/CKP-model-0000000-0000001.safetensors")
-
-
-def _kill_when(cmd: list[str], ready, timeout: float = 240) -> None:
-    """Start a job and SIGKILL its whole process tree once ``ready()`` is true."""
-    job = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env(),
-                           start_new_session=True)
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            if ready():
-                return
-            if job.poll() is not None:
-                raise AssertionError(f"job ended (exit {job.returncode}) first:\n{job.stderr.read()[-3000:]}")
-            time.sleep(0.02)
-        raise AssertionError(f"not ready in {timeout} s")
-    finally:
-        if job.poll() is None:
-            kill_tree(job.pid, signal.SIGKILL)
-        job.wait()
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +60,7 @@ def reference(tmp_path_factory) -> dict[str, bytes | dict[int, float]]:
 def test_sigkill_then_the_identical_command_resumes_bit_for_bit_from_the_bucket(tmp_path, s3, reference) -> None:
     out, url = tmp_path / "job", s3.url("ckpt")
     cmd = _cmd(out, url, "callbacks.0.async_save=true")
-    _kill_when(cmd, lambda: (log_records(out) or [{}])[-1].get("global_step", 0) >= EVERY + 2
+    kill_when(cmd, lambda: (log_records(out) or [{}])[-1].get("global_step", 0) >= EVERY + 2
                and (commit.read_tracker(url) or 0) >= EVERY)
     resumed_from = commit.read_tracker(url)
     assert resumed_from is not None and resumed_from >= EVERY
@@ -149,7 +130,7 @@ def test_a_kill_during_a_multipart_upload_is_cleaned_up_by_the_identical_command
     cmd = _cmd(out, url, "model.hidden_size=256", "model.intermediate_size=1024", "model.vocab_size=4096",
                f"runner_config.stop_step={EVERY}")
     s3_faulty.proxy.fail(method="PUT", path_contains="partNumber=2", status=503)
-    _kill_when(cmd, lambda: s3_faulty.proxy.count(method="PUT", path_contains="partNumber=2") >= 3)
+    kill_when(cmd, lambda: s3_faulty.proxy.count(method="PUT", path_contains="partNumber=2") >= 3)
     assert s3_faulty.multipart_uploads() != []  # killed mid-upload
     assert commit.read_tracker(url) is None
     s3_faulty.proxy.heal()

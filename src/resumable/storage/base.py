@@ -134,8 +134,10 @@ class Backend(abc.ABC):
         """``(content, version)`` of a small file, ``(None, None)`` when absent."""
 
     @abc.abstractmethod
-    def write_if(self, path: Any, data: bytes, version: str | None) -> str:
+    def write_if(self, path: Any, data: bytes, version: str | None, metadata: dict[str, str] | None = None) -> str:
         """Write ``path`` only if its version is still ``version`` (None: only if absent).
+
+        ``metadata``: an object store's user metadata of the new object (a local file has none).
 
         Returns:
             The new version.

@@ -225,18 +225,7 @@ def atomic_write(path: str | os.PathLike[str], data: bytes, fault: Callable[[], 
 
 def write_durable(path: str | os.PathLike[str], data: bytes) -> None:
     """Create ``path`` (it must not exist) holding ``data``, fsynced: a file of a folder renamed into place later."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    except OSError as exc:
-        if exc.filename is None:
-            raise OSError(exc.errno, exc.strerror, str(path)) from exc
-        raise
-    finally:
-        os.close(fd)
+    write_through(path, lambda f: f.write(data))
 
 
 class _HashingWriter:
@@ -567,7 +556,7 @@ class LocalBackend(Backend):
         st = os.stat(path)
         return data, f"{st.st_ino}:{st.st_mtime_ns}:{st.st_size}"
 
-    def write_if(self, path: Path, data: bytes, version: str | None) -> str:
+    def write_if(self, path: Path, data: bytes, version: str | None, metadata: dict[str, str] | None = None) -> str:
         # One job per folder is enforced by the flock (resumable.lock); this check catches a
         # tracker changed by hand or by a job on a file system whose flock is node-local.
         _, now = self.read_versioned(path, "file", 1 << 20)

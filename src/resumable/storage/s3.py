@@ -237,9 +237,18 @@ class S3Backend(Backend):
             raise UnsafeCheckpointError(f"{what} {path} is more than the {limit} bytes we parse; it is damaged")
         return resp["Body"].read(), resp["ETag"]
 
-    def write_if(self, path: ObjectPath, data: bytes, version: str | None) -> str:
+    def write_if(self, path: ObjectPath, data: bytes, version: str | None,
+                 metadata: dict[str, str] | None = None) -> str:
         condition = {"IfMatch": version} if version is not None else {"IfNoneMatch": "*"}
-        return self.call("put_object", path, Key=path.key, Body=bytes(data), **condition)["ETag"]
+        return self.call("put_object", path, Key=path.key, Body=bytes(data), Metadata=metadata or {},
+                         **condition)["ETag"]
+
+    def user_metadata(self, path: ObjectPath) -> dict[str, str]:
+        """The object's user metadata (``x-amz-meta-*``), empty when it has none or is absent."""
+        try:
+            return dict(self.call("head_object", path, Key=path.key).get("Metadata", {}))
+        except CheckpointNotFoundError:
+            return {}
 
 
 class S3Reader:
