@@ -91,6 +91,8 @@ DTYPE_NAMES: dict[torch.dtype, str] = {
 _DTYPES_BY_NAME: dict[str, torch.dtype] = {v: k for k, v in DTYPE_NAMES.items()}
 _ITEMSIZE: dict[str, int] = {v: torch.empty(0, dtype=k).element_size() for k, v in DTYPE_NAMES.items()}
 
+#: Bytes a header read asks for first: the 8-byte length and, for most files, the header itself.
+HEADER_GUESS = 64 << 10
 #: Largest header we agree to parse (the safetensors library uses the same bound).
 MAX_HEADER_BYTES = 100_000_000
 #: Bytes read at a time by :func:`verify_file`.
@@ -537,17 +539,18 @@ def read_header(path: AnyPath, *, max_header_bytes: int = MAX_HEADER_BYTES) -> H
     """
     path = storage.as_path(path)
     with storage.open_reader(path, "safetensors file") as f:  # a FIFO or /dev/zero: refused, never read
+        first = f.read_some(0, HEADER_GUESS)  # the length and (usually) the whole header in one request
         size = f.size
         if size < 8:
             raise _corrupt(path, f"file has {size} bytes, fewer than the 8-byte header length")
-        (n,) = struct.unpack("<Q", f.read(0, 8))
+        (n,) = struct.unpack("<Q", first[:8])
         if n > max_header_bytes:
             raise UnsafeCheckpointError(
                 f"{path}: safetensors header length {n} exceeds the limit of {max_header_bytes} bytes; "
                 "refusing to read it (the file is damaged or not a safetensors file)")
         if 8 + n > size:
             raise _corrupt(path, f"header length {n} runs past the end of the {size}-byte file")
-        raw = f.read(8, n)
+        raw = first[8:8 + n] if 8 + n <= len(first) else first[8:] + f.read(len(first), 8 + n - len(first))
     doc = parse_json_object(raw, f"{path}: not a valid safetensors file: header", fix=_DAMAGED)
     data_start = 8 + n
     meta = doc.pop("__metadata__", None) or {}

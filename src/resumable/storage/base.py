@@ -61,6 +61,10 @@ class Reader(Protocol):
     def read(self, offset: int, nbytes: int) -> bytes:
         """``nbytes`` bytes from ``offset``."""
 
+    def read_some(self, offset: int, nbytes: int) -> bytes:
+        """Up to ``nbytes`` bytes from ``offset``: fewer at the end of the file (a header read whose length
+        is not known yet); an object store learns the object's size from the same request."""
+
     def read_span(self, views: "Sequence[tuple[int, memoryview]]") -> None:
         """Fill each ``(offset, view)`` (sorted, disjoint); an object store reads them with one request."""
 

@@ -140,6 +140,9 @@ class LocalReader:
         self.readinto(memoryview(buf), offset)
         return bytes(buf)
 
+    def read_some(self, offset: int, nbytes: int) -> bytes:
+        return os.pread(self.fd, nbytes, offset)
+
     def read_span(self, views: "list[tuple[int, memoryview]]") -> None:
         for offset, view in views:
             self.readinto(view, offset)

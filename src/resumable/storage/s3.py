@@ -281,6 +281,19 @@ class S3Reader:
         finally:
             raw.release_conn()
 
+    def read_some(self, offset: int, nbytes: int) -> bytes:
+        try:
+            resp = self.backend.call("get_object", self.path, self.what, Key=self.path.key,
+                                     Range=f"bytes={offset}-{offset + nbytes - 1}")
+        except StorageError as exc:
+            if "InvalidRange" in str(exc):  # past the end (or an empty object)
+                return b""
+            raise
+        total = str(resp.get("ContentRange", "")).rpartition("/")[2]
+        if total.isdigit():
+            self._size = int(total)  # "bytes 0-65535/123456": no HEAD needed for the size
+        return resp["Body"].read()
+
     def read_span(self, views: "list[tuple[int, memoryview]]") -> None:
         """One ranged GET from the first view's start to the last one's end, its body read into each
         view in turn (the bytes between two views read into a scratch buffer and dropped)."""
