@@ -31,7 +31,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from resumable import __version__
 from resumable.errors import CheckpointError, ConfigError, CorruptCheckpointError, describe_os_error
@@ -59,6 +59,7 @@ def _train(args: argparse.Namespace) -> int:
         from resumable.train.checkpointing import TrainCommand
         from resumable.train.config import load_config
         from resumable.train.launch import command, stopped
+        from resumable.preemption import PREEMPTED_EXIT
         from resumable.train.loop import Interrupted
         from resumable.train.parallel import check_layout
     except KeyboardInterrupt:
@@ -71,21 +72,25 @@ def _train(args: argparse.Namespace) -> int:
         ["--stop-timeout", f"{args.stop_timeout:g}"] if args.stop_timeout != STOP_TIMEOUT else [])))
     if nproc > 1:
         print(f"resumable train: launching torchrun with {nproc} processes", file=sys.stderr)
-        status = _launch(command(nproc, train_argv), args.stop_timeout)
+        status = _launch(command(nproc, train_argv), args.stop_timeout, cfg)
     else:
         try:
             train(cfg, this)
             status = 0
         except Interrupted as stop:  # the save in flight was finished on the way out
             status = stop.exit_status
+    resume = this.with_sets(f"load_checkpoint={cfg.checkpoint_dir}", "resume_training=true")
     if status - 128 in set(STOP_SIGNALS):
-        resume = this.with_sets(f"load_checkpoint={cfg.checkpoint_dir}", "resume_training=true")
         print(f"resumable train: {stopped(cfg, status - 128, this.with_sets(), resume)}", file=sys.stderr)
+    elif status == PREEMPTED_EXIT:
+        print(f"resumable train: {stopped(cfg, None, this.with_sets(), resume)}", file=sys.stderr)
     return status
 
 
-def _launch(cmd: list[str], stop_timeout: float) -> int:
-    """Run the job's torchrun (``resumable.train.launch.command``), forwarding stop signals to it."""
+def _launch(cmd: list[str], stop_timeout: float, cfg: Any) -> int:
+    """Run the job's torchrun (``resumable.train.launch.command``), forwarding stop signals to it
+    (preemption signals straight to the workers, which save and exit with 75 together)."""
+    from resumable.preemption import PREEMPTED_EXIT, signal_numbers
     from resumable.proctree import STOP_SIGNALS, run_forwarding_signals
 
     signals = ",".join(sig.name for sig in STOP_SIGNALS)
@@ -95,8 +100,10 @@ def _launch(cmd: list[str], stop_timeout: float) -> int:
            # workers still alive after the timeout.
            "PET_SIGNALS_TO_HANDLE": signals, "TORCHELASTIC_SIGNALS_TO_HANDLE": signals,
            "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(max(1, int(stop_timeout)))}
+    mon = cfg.checkpoint
+    preempt = signal_numbers(mon.preemption_signals) if mon is not None and mon.save_on_preemption else frozenset()
     # A few seconds beyond torchrun's own timeout, so that torchrun reports before we kill it.
-    return run_forwarding_signals(cmd, env, stop_timeout + 5)
+    return run_forwarding_signals(cmd, env, stop_timeout + 5, preempt, PREEMPTED_EXIT)
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:

@@ -32,6 +32,7 @@ from resumable.events import Callback, EventLog, make_event
 from resumable.formats import v2
 from resumable.formats.schema import listed
 from resumable.lock import DirectoryLock, lock_for_job
+from resumable.preemption import DEFAULT_SIGNALS, Preemption
 from resumable.retention import KeepBest, Metric, Missing, Policy
 from resumable.load import LoadResult
 from resumable.save import SavePlan, save as sync_save
@@ -58,6 +59,8 @@ class CheckpointManager:
         checkpoint_format: ``safetensors``; ``ckpt`` is accepted with a warning and
             saved as safetensors (Checkpoint 2.0 has no .ckpt variant).
         process_group: the ranks that save together (default: all).
+        preemption: take over the preemption signals (True: SIGTERM and SIGUSR1, or a list of
+            names) so that :meth:`preemption_requested` sees them (:mod:`resumable.preemption`).
         layout_info: recorded in metadata.json (see :func:`resumable.save`).
 
         events_path: a JSON-lines file rank 0 appends one event to per save and load
@@ -85,7 +88,7 @@ class CheckpointManager:
                  remove_redundancy: bool = False, checkpoint_format: str = "safetensors",
                  process_group: Any = None, layout_info: Any = None,
                  collective_timeout: float | None = None, events_path: str | os.PathLike[str] | None = None,
-                 on_event: Callback | None = None) -> None:
+                 on_event: Callback | None = None, preemption: bool | Iterable[str] = False) -> None:
         dist.require_group("CheckpointManager")
         if save_checkpoint_steps < 1:
             raise ConfigError(f"save_checkpoint_steps must be at least 1, got {save_checkpoint_steps}")
@@ -103,6 +106,8 @@ class CheckpointManager:
         self.layout_info = layout_info
         self.protected: set[int] = set()  # iterations retention must keep (e.g. the one loaded)
         self._group = process_group
+        self._preemption = None if preemption is False else Preemption(
+            DEFAULT_SIGNALS if preemption is True else preemption).install()  # type: ignore[arg-type]
         self._events = EventLog(events_path, on_event) if dist.rank(process_group) == 0 else None
         # Lock before cleaning: the leftovers of a live job are its saves in progress.
         self._lock: DirectoryLock | None = lock_for_job(self.directory, process_group)
@@ -180,8 +185,23 @@ class CheckpointManager:
         """Wait for the async save in flight (if any); return its folder, raising its error."""
         return self._async.wait() if self._async is not None else None
 
+    def preemption_requested(self) -> int | None:
+        """The preemption signal some rank received (the same answer on every rank), or None.
+
+        Save this step (``save``), ``wait()``, then exit with
+        ``resumable.preemption.PREEMPTED_EXIT``. Collective: every rank of the manager's group
+        asks at the same step (one all-reduce of one integer).
+
+        Raises:
+            ConfigError: the manager was built without ``preemption=``.
+        """
+        if self._preemption is None:
+            raise ConfigError("preemption_requested(): build the CheckpointManager with preemption=True (or the "
+                              "signal names) so that it takes over the preemption signals")
+        return self._preemption.requested(self._group)
+
     def close(self) -> None:
-        """Wait for the last save to be committed, then release the folder's lock.
+        """Wait for the last save to be committed, then release the folder's lock and the signals.
 
         Call before ``destroy_process_group``. Raises the last async save's error (the
         lock is released all the same).
@@ -189,6 +209,8 @@ class CheckpointManager:
         try:
             self.wait()
         finally:
+            if self._preemption is not None:
+                self._preemption.uninstall()
             if self._lock is not None:
                 self._lock.release()
 

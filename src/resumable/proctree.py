@@ -104,7 +104,8 @@ def bind_to_launcher() -> None:
     os.environ[PARENT_ENV] = str(os.getpid())
 
 
-def run_forwarding_signals(cmd: Sequence[str], env: Mapping[str, str], stop_timeout: float) -> int:
+def run_forwarding_signals(cmd: Sequence[str], env: Mapping[str, str], stop_timeout: float,
+                           to_workers: frozenset[int] = frozenset(), kept_status: int | None = None) -> int:
     """Run ``cmd`` (a launcher) and pass it every stop signal this process gets; its exit status.
 
     The command runs in a session of its own, so a terminal's Ctrl-C reaches it once, from
@@ -113,6 +114,11 @@ def run_forwarding_signals(cmd: Sequence[str], env: Mapping[str, str], stop_time
     whole tree is SIGKILLed. Returns 128 + the first signal's number when one was received
     (130 for SIGINT, 143 for SIGTERM), else the command's own status (128 + n if a signal n
     killed it). Main thread only (it installs signal handlers, restored on return).
+
+    ``to_workers``: signals sent to the launcher's children (the workers) instead of the
+    launcher, so that torchrun does not stop them itself (a preemption: they save, agree and
+    exit); ``kept_status``: the command's own status returned as it is even after a signal
+    (the preempted job's 75).
     """
     job = subprocess.Popen(list(cmd), env={**env, PARENT_ENV: str(os.getpid())}, start_new_session=True)
     received: list[tuple[int, float]] = []  # (signal, when)
@@ -122,10 +128,11 @@ def run_forwarding_signals(cmd: Sequence[str], env: Mapping[str, str], stop_time
             print(f"resumable: second signal ({signal.Signals(signum).name}): killing the job", file=sys.stderr)
             kill_tree(job.pid)
         else:  # silent: the caller says how the job ended, in one line
-            try:
-                os.kill(job.pid, signum)
-            except ProcessLookupError:
-                pass  # it ended meanwhile; its status is read below
+            for pid in (children(job.pid) or [job.pid]) if signum in to_workers else [job.pid]:
+                try:
+                    os.kill(pid, signum)
+                except ProcessLookupError:
+                    pass  # it ended meanwhile; its status is read below
         received.append((signum, time.monotonic()))
 
     # A signal before the handlers are installed ends us by its default action: the
@@ -147,7 +154,7 @@ def run_forwarding_signals(cmd: Sequence[str], env: Mapping[str, str], stop_time
             job.wait()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    if received:
+    if received and status != kept_status:
         return 128 + received[0][0]
     return 128 - status if status < 0 else status
 

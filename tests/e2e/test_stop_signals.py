@@ -19,6 +19,7 @@ from typing import Callable, Iterator
 import pytest
 
 from resumable import commit
+from resumable.preemption import PREEMPTED_EXIT
 from resumable.resolve import verify_files
 from tests.e2e.jobs import _env, log_records, train_cmd
 from tests.launch import free_port
@@ -114,7 +115,9 @@ def test_ctrl_c_or_sigterm_during_an_async_save_commits_it_and_exits_128_plus_th
     out = tmp_path / "job"
     checkpoint = out / "checkpoint"
     legacy = layout == "legacy"
+    # save_on_preemption off: SIGTERM is then a plain stop, as Ctrl-C (tests/e2e/test_preemption.py: on)
     cmd = train_cmd(out, *BIG, "runner_config.epochs=100000", f"parallel_config.data_parallel={nproc}",
+                    "callbacks.0.save_on_preemption=false",
                     *(["use_legacy_format=true"] if legacy else []), nproc=nproc if nproc > 1 else 0)
     in_flight = _legacy_in_flight if legacy else _in_flight
     with _job(cmd, out) as (job, _):
@@ -163,7 +166,7 @@ def test_an_error_in_the_loop_during_an_async_save_commits_it_then_fails(tmp_pat
     assert _assert_committed_and_clean(out / "checkpoint", 4) == 4
 
 
-def test_sigterm_to_the_wrapper_stops_every_process_and_the_same_command_resumes(tmp_path: Path) -> None:
+def test_sigterm_to_the_wrapper_saves_on_every_process_stops_them_and_the_same_command_resumes(tmp_path: Path) -> None:
     out = tmp_path / "job"
     checkpoint = out / "checkpoint"
     cmd = train_cmd(out, f"load_checkpoint={checkpoint}", "resume_training=true", "runner_config.epochs=100000",
@@ -171,18 +174,19 @@ def test_sigterm_to_the_wrapper_stops_every_process_and_the_same_command_resumes
                     "parallel_config.data_parallel=2", nproc=2)
     with _job(cmd, out / "first") as (job, marker):
         _wait_for(lambda: (commit.read_tracker(checkpoint) or 0) >= 6, 180, "two committed checkpoints")
-        os.kill(job.pid, signal.SIGTERM)  # `kill PID`, as a container runtime stops a job
-        assert job.wait(timeout=90) == 143, _stderr(out / "first")[-3000:]
+        os.kill(job.pid, signal.SIGTERM)  # `kill PID`, as a container runtime stops a job: a preemption
+        assert job.wait(timeout=90) == PREEMPTED_EXIT, _stderr(out / "first")[-3000:]
         _wait_for(lambda: not _job_pids(marker), 10, "every process of the job gone")
     newest = _assert_committed_and_clean(checkpoint, 6)
     logged = len(log_records(out))
+    assert newest == log_records(out)[-1]["global_step"]  # the step the workers agreed on was saved
     # The lock went with the job: the identical command takes the folder and resumes from the newest.
     with _job(cmd, out / "second") as (job, _):
         _wait_for(lambda: len(log_records(out)) > logged or job.poll() is not None, 180, "the relaunch trains")
         assert job.poll() is None, _stderr(out / "second")[-3000:]
         assert log_records(out)[logged]["global_step"] == newest + 1
         os.kill(job.pid, signal.SIGTERM)
-        assert job.wait(timeout=90) == 143, _stderr(out / "second")[-3000:]
+        assert job.wait(timeout=90) == PREEMPTED_EXIT, _stderr(out / "second")[-3000:]
 
 
 def _workers(marker: str) -> list[int]:

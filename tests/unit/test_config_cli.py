@@ -21,7 +21,7 @@ from resumable.train.config import load_config, record_config
 
 ONE_PROCESS = ["parallel_config.data_parallel=1", "parallel_config.model_parallel=1"]
 CALLBACK_KEYS = ("type (required), prefix, directory, save_checkpoint_steps, keep_checkpoint_max, "
-                 "keep_checkpoint_every_n_steps and 11 more")
+                 "keep_checkpoint_every_n_steps and 13 more")
 
 
 def _train(capsys, *args: str) -> tuple[int, str, str]:

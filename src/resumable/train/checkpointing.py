@@ -114,7 +114,12 @@ class CheckpointMonitor(Callback):
 
     def on_step_end(self, trainer: Trainer) -> None:
         assert self.manager is not None
-        if self.manager.should_save(trainer.ctx.global_step):
+        if trainer.preempted is not None:  # every rank agreed on it at this step: save it, committed before exiting
+            if self.last_saved != trainer.ctx.global_step:
+                self._save(trainer)
+            with on_save_error(self.cfg, trainer.ctx.global_step):
+                self.manager.wait()
+        elif self.manager.should_save(trainer.ctx.global_step):
             self._save(trainer)
 
     def on_train_end(self, trainer: Trainer) -> None:

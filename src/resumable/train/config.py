@@ -109,6 +109,20 @@ class CheckpointMonitorConfig(_Section):
     export_dtype: Literal["bf16", "fp16", "fp32"] = Field(
         "fp32", description="the dtype of last_save_model_only's floating-point tensors (others are never cast)")
 
+    save_on_preemption: bool = Field(True, description="a preemption signal (preemption_signals) on any rank: every "
+                                                       "rank saves the same next step, then the job exits with 75")
+    preemption_signals: list[str] = Field(["SIGTERM", "SIGUSR1"], description="what counts as preemption "
+                                          "(Slurm: --signal=USR1@120); SIGINT (Ctrl-C) always stops without a save")
+
+    @field_validator("preemption_signals")
+    @classmethod
+    def _catchable_signals(cls, v: list[str]) -> list[str]:
+        from resumable.preemption import signal_numbers
+        if "SIGINT" in v or "INT" in v:
+            raise ValueError("SIGINT (Ctrl-C) stops a run without a save; list SIGTERM, SIGUSR1, SIGUSR2 or SIGHUP")
+        signal_numbers(v)
+        return v
+
     @field_validator("prefix")
     @classmethod
     def _prefix_is_a_name(cls, v: str) -> str:

@@ -127,10 +127,11 @@ def main(argv: list[str]) -> None:
         raise SystemExit(status) from None
 
 
-def stopped(cfg: "TrainConfig", signum: int, again: str, resume: str) -> str:
-    """What ``resumable train`` says after stop signal ``signum``: the newest checkpoint of ``cfg``'s
-    folder and ``resume``, the command that resumes from it (``again`` when there is none)."""
-    stop = f"training stopped by {signal.Signals(signum).name}"
+def stopped(cfg: "TrainConfig", signum: int | None, again: str, resume: str) -> str:
+    """What ``resumable train`` says after stop signal ``signum`` (None: a preemption, saved): the newest
+    checkpoint of ``cfg``'s folder and ``resume``, the command that resumes from it (``again`` when there
+    is none)."""
+    stop = "training stopped for preemption" if signum is None else f"training stopped by {signal.Signals(signum).name}"
     try:
         newest = _newest(cfg)
     except CheckpointError as err:

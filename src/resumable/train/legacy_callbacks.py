@@ -157,8 +157,11 @@ class LegacyCheckpointMonitor(Callback):
         self._in_epoch = ctx.step_in_epoch
         mon = self.cfg.checkpoint
         assert mon is not None
-        if ctx.global_step % mon.save_checkpoint_steps == 0:
+        if ctx.global_step % mon.save_checkpoint_steps == 0 or trainer.preempted is not None:
             self._save(trainer)
+        if trainer.preempted is not None and self.background is not None:
+            with on_save_error(self.cfg, ctx.global_step):
+                self.background.wait()  # committed before the job exits
 
     def on_train_end(self, trainer: Trainer) -> None:
         if self.last_saved != trainer.ctx.global_step:

@@ -36,6 +36,7 @@ from resumable import storage
 from resumable.async_save import collective_timeout, env_seconds, finish_pending
 from resumable.errors import ConfigError
 from resumable.models.qwen3 import hf_config
+from resumable.preemption import PREEMPTED_EXIT, Preemption
 from resumable.proctree import STOP_SIGNALS
 from resumable.train.config import TrainConfig, record_config
 from resumable.train.data import Batches, load_dataset
@@ -79,6 +80,19 @@ class Interrupted(KeyboardInterrupt):
         return 128 + self.signum
 
 
+class Preempted(Interrupted):
+    """A preemption signal: every rank saved the same step; the process exits with ``PREEMPTED_EXIT`` (75)."""
+
+    def __init__(self, signum: int, step: int) -> None:
+        super().__init__(signum)
+        self.args = (f"preempted by {signal.Signals(signum).name}: saved global step {step}",)
+        self.step = step
+
+    @property
+    def exit_status(self) -> int:
+        return PREEMPTED_EXIT
+
+
 class _StopSignals:
     """While entered (main thread only): each stop signal raises ``Interrupted`` in the training thread.
 
@@ -93,6 +107,8 @@ class _StopSignals:
         self._raised = False
         self._depth = 0
         self._previous: dict[int, Any] = {}
+        #: Signals that ask for a save at the next step boundary (``callbacks.0.save_on_preemption``).
+        self.preemption: Preemption | None = None
 
     def __enter__(self) -> "_StopSignals":
         self.received, self._raised, self._depth = None, False, 0
@@ -106,6 +122,10 @@ class _StopSignals:
         self._previous = {}
 
     def _handle(self, signum: int, _frame: object) -> None:
+        if self.preemption is not None and self.received is None and (
+                signum in self.preemption.signals or self.preemption.signum is not None):
+            self.preemption.handle(signum)  # recorded for the step-end agreement (a second one exits)
+            return
         if self.received is not None:
             print(f"[rank {os.environ.get('RANK', '0')}] second signal ({signal.Signals(signum).name}): "
                   "exiting now, without waiting for the save in flight", file=sys.stderr, flush=True)
@@ -167,6 +187,8 @@ class Trainer:
         self.cfg = cfg
         self.layout = layout
         self.callbacks = list(callbacks)
+        #: The preemption signal every rank agreed on at this step (the monitor then saves it), or None.
+        self.preempted: int | None = None
         rc, pc = cfg.runner_config, cfg.parallel_config
         # Data first: a bad data file should fail before the model is built.
         self.batches = Batches(load_dataset(cfg.train_dataset, cfg.model.vocab_size), cfg.seed,
@@ -252,9 +274,13 @@ class Trainer:
             self.train_step()
             if report is not None:
                 report.step()
+            if _STOP.preemption is not None:  # every rank, every step: one all-reduce of one integer
+                self.preempted = _STOP.preemption.requested()
             with _STOP.deferred():  # a stop signal waits for the hooks' save to be handed over
                 for cb in self.callbacks:
                     cb.on_step_end(self)
+            if self.preempted is not None:
+                raise Preempted(self.preempted, self.ctx.global_step)
         with _STOP.deferred():
             for cb in self.callbacks:
                 cb.on_train_end(self)
@@ -471,6 +497,8 @@ def run(cfg: TrainConfig, callbacks: Iterable[Callback] = ()) -> Trainer:
     setup_logging()
     check_layout(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # before any work
     _fix_threads()
+    mon = cfg.checkpoint
+    _STOP.preemption = Preemption(mon.preemption_signals) if mon is not None and mon.save_on_preemption else None
     with _STOP:
         created = _init_distributed()
         try:
