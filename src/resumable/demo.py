@@ -69,7 +69,15 @@ def _losses(out: Path) -> dict[int, float]:
     return losses
 
 
-def _plot(path: Path, curves: dict[str, dict[int, float]], kill_step: int) -> bool:
+def _events(out: Path) -> list[dict]:
+    """The save and load events a run's monitor logged (``log/checkpoints.jsonl``), in order."""
+    path = out / "log" / "checkpoints.jsonl"
+    if not storage.exists(path):
+        return []
+    return [json.loads(line) for line in storage.read_bounded(path, "checkpoint events", 1 << 30).decode().splitlines()]
+
+
+def _plot(path: Path, curves: dict[str, dict[int, float]], kill_step: int, events: list[dict]) -> bool:
     try:
         import matplotlib
 
@@ -78,7 +86,7 @@ def _plot(path: Path, curves: dict[str, dict[int, float]], kill_step: int) -> bo
     except ImportError:
         print("(matplotlib is not installed: no plot)")
         return False
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, (ax, costs) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, height_ratios=(3, 1))
     styles = {"uninterrupted (DP2 x TP2)": dict(lw=3, alpha=0.4), "killed + resumed": dict(lw=1.2, marker=".", ms=4),
               "new layout (PP2 x DP2)": dict(lw=1.2, ls="--")}
     for label, losses in curves.items():
@@ -86,10 +94,19 @@ def _plot(path: Path, curves: dict[str, dict[int, float]], kill_step: int) -> bo
         ax.plot(steps, [losses[s] for s in steps], label=label, **styles.get(label, {}))
     ax.axvline(kill_step, color="grey", lw=0.8, ls=":")
     ax.text(kill_step, ax.get_ylim()[1], " resumed from here", va="top", fontsize=8, color="grey")
-    ax.set_xlabel("global step")
     ax.set_ylabel("loss")
     ax.set_title("resumable: SIGKILL, automatic recovery, layout change")
     ax.legend()
+    # Where each checkpoint was taken (saved) or read (loaded) by the recovered job, and what it cost.
+    for kind, color, shift in (("save", "tab:blue", -0.45), ("load", "tab:orange", 0.45)):  # side by side
+        done = [e for e in events if e.get("kind") == kind]
+        costs.bar([e["iteration"] + shift for e in done], [1000 * e["blocked_s"] for e in done], width=0.9,
+                  color=color, label=f"{kind}: training blocked (ms)")
+    for e in (e for e in events if e.get("kind") == "save"):
+        ax.axvline(e["iteration"], color="tab:blue", lw=0.4, alpha=0.4)
+    costs.set_ylabel("ms")
+    costs.set_xlabel("global step")
+    costs.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return True
@@ -124,8 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     worst = max(abs(resumed[s] - reference[s]) for s in tail)
     new_layout = {s: final[s] for s in range(args.steps + 1, more + 1) if s in final}
     png = root / "losses.png"
+    events = _events(job)
     plotted = _plot(png, {"uninterrupted (DP2 x TP2)": reference, "killed + resumed": resumed,
-                          "new layout (PP2 x DP2)": new_layout}, killed_at)
+                          "new layout (PP2 x DP2)": new_layout}, killed_at, events)
+    saves = sorted(e["blocked_s"] for e in events if e.get("kind") == "save")
     print("\n=== summary")
     print(f"killed after iteration {killed_at} was committed; the rerun resumed from it")
     print(f"steps {tail.start}..{tail.stop - 1} after the resume vs the uninterrupted run: "
@@ -135,6 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"then resumed on PP2 x DP2 (sharded optimizer): step {first} loss {new_layout[first]:.6f} vs "
           f"{reference[first]:.6f} on DP2 x TP2 (relative difference {rel:.1e}); step {more}: "
           f"{new_layout[more]:.4f} vs {reference[more]:.4f}")
+    if saves:
+        print(f"checkpoints of the recovered job: {len(saves)} saves, training blocked {1000 * saves[len(saves) // 2]:.0f} "
+              f"ms each (median), {sum(e['bytes'] for e in events if e.get('kind') == 'save') / 1e6:.1f} MB in all; "
+              f"{sum(e.get('kind') == 'load' for e in events)} load(s) (log/checkpoints.jsonl, plotted)")
     print(f"outputs in {root}/ (logs, checkpoints{', losses.png' if plotted else ''}); "
           f"demo took {time.perf_counter() - started:.0f} s")
     return 0 if identical else 1
