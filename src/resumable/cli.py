@@ -69,10 +69,12 @@ def _train(args: argparse.Namespace) -> int:
     nproc = args.nproc or cfg.parallel_config.world_size  # as many processes as the layout needs
     check_layout(cfg, nproc, f"--nproc {nproc}")  # what every rank would report, once and before starting them
     this = TrainCommand(args.config, tuple(args.set), (*(["--nproc", str(args.nproc)] if args.nproc else []), *(
-        ["--stop-timeout", f"{args.stop_timeout:g}"] if args.stop_timeout != STOP_TIMEOUT else [])))
-    if nproc > 1:
-        print(f"resumable train: launching torchrun with {nproc} processes", file=sys.stderr)
-        status = _launch(command(nproc, train_argv), args.stop_timeout, cfg)
+        ["--stop-timeout", f"{args.stop_timeout:g}"] if args.stop_timeout != STOP_TIMEOUT else []),
+        *(["--max-restarts", str(args.max_restarts)] if args.max_restarts else [])))
+    if nproc > 1 or args.max_restarts:  # a restart needs torchrun, also for one process
+        print(f"resumable train: launching torchrun with {nproc} process(es)"
+              + (f", up to {args.max_restarts} restart(s)" if args.max_restarts else ""), file=sys.stderr)
+        status = _launch(command(nproc, train_argv, args.max_restarts), args.stop_timeout, cfg)
     else:
         try:
             train(cfg, this)
@@ -85,6 +87,13 @@ def _train(args: argparse.Namespace) -> int:
     elif status == PREEMPTED_EXIT:
         print(f"resumable train: {stopped(cfg, None, this.with_sets(), resume)}", file=sys.stderr)
     return status
+
+
+def _restarts(text: str) -> int:
+    n = int(text)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {n}")
+    return n
 
 
 def _launch(cmd: list[str], stop_timeout: float, cfg: Any) -> int:
@@ -132,7 +141,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                         "stops (finishing the save in flight); when torchrun runs the job, processes still "
                         "running this long after the signal are killed (default 60). A second signal "
                         "stops at once. Exit status: 128 + the signal's number (130 for Ctrl-C, 143 for "
-                        "SIGTERM)")
+                        "SIGTERM with save_on_preemption: false; 75 after a preemption's save)")
+    p.add_argument("--max-restarts", type=_restarts, default=0, metavar="N",
+                   help="when a process of the job dies, restart the job (torchrun --max-restarts) up to N "
+                        "times; each restart resumes from the newest complete checkpoint (default 0)")
     p.set_defaults(func=_train)
 
 

@@ -29,6 +29,7 @@ from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
 from resumable import commit, dist, storage
 from resumable.errors import CheckpointError, ConfigError, NewerCheckpointsError, NotImplementedYet
+from resumable.train.launch import restart_count
 from resumable.commit import parse_iteration
 from resumable.formats.schema import listed
 from resumable.formats.v2 import read_metadata
@@ -397,6 +398,17 @@ def _names_iteration(path: str) -> bool:
     return parse_iteration(name) is not None or name.startswith((".tmp-", ".old-", ".del-"))
 
 
+def _own_checkpoint_exists(cfg: TrainConfig) -> bool:
+    """Whether the job's own checkpoint folder holds a committed checkpoint (2.0 or legacy)."""
+    if cfg.use_legacy_format:
+        return storage.is_dir(cfg.checkpoint_dir) and any(e.name.startswith("rank_")
+                                                          for e in storage.list_dir(cfg.checkpoint_dir))
+    try:
+        return commit.latest_committed(cfg.checkpoint_dir) is not None
+    except CheckpointError:
+        return True  # damaged: the resume says so (and falls back)
+
+
 def checkpoint_callbacks(cfg: TrainConfig, command: TrainCommand | None = None) -> list[Callback]:
     """The callbacks a config asks for, in order: HF init, resume (it sets the step), the monitor.
 
@@ -408,6 +420,13 @@ def checkpoint_callbacks(cfg: TrainConfig, command: TrainCommand | None = None) 
     from resumable.train.pretrained import PretrainedInit
 
     callbacks: list[Callback] = [PretrainedInit(cfg)] if cfg.pretrained_model_dir else []
+    restarts = restart_count()
+    if restarts and cfg.checkpoint is not None and _own_checkpoint_exists(cfg):
+        # torchrun restarted the job after a process died (--max-restarts): go on from the newest complete
+        # checkpoint of this job's own folder, whatever load_checkpoint / resume_training said for its start.
+        logger.warning("restart %d of the job by its launcher: resuming from the newest complete checkpoint in %s",
+                       restarts, cfg.checkpoint_dir)
+        cfg = cfg.model_copy(update={"resume_training": True, "load_checkpoint": ""})
     own = cfg.resume_training is True and not cfg.load_checkpoint
     if own:  # as torchtitan: resume where this job saves (over pretrained_model_dir's weights), never fresh silently
         cfg = cfg.model_copy(update={"load_checkpoint": str(cfg.checkpoint_dir)})

@@ -57,10 +57,17 @@ def boot(module: str) -> list[str]:
     return [sys.executable, "-c", _BOOT, module]
 
 
-def command(nproc: int, train_argv: list[str]) -> list[str]:
-    """This launcher running ``resumable.train``'s main with ``train_argv`` on ``nproc`` local processes."""
-    return [*boot("resumable.train.launch"), "--standalone", f"--nproc-per-node={nproc}", "--no-python",
-            *boot("resumable.train"), *train_argv]
+def command(nproc: int, train_argv: list[str], max_restarts: int = 0) -> list[str]:
+    """This launcher running ``resumable.train``'s main with ``train_argv`` on ``nproc`` local processes,
+    restarting them up to ``max_restarts`` times after a failure (each restart resumes: :func:`restart_count`)."""
+    return [*boot("resumable.train.launch"), "--standalone", f"--nproc-per-node={nproc}",
+            f"--max-restarts={max_restarts}", "--no-python", *boot("resumable.train"), *train_argv]
+
+
+def restart_count() -> int:
+    """How many times torchrun restarted this job's processes (``TORCHELASTIC_RESTART_COUNT``; 0 elsewhere)."""
+    text = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return int(text) if text.isdigit() else 0
 
 
 def report(status: int, text: str) -> bool:

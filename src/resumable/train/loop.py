@@ -452,6 +452,9 @@ def _join_job(backend: str) -> None:
     rendezvous = env_seconds(RENDEZVOUS_ENV, timedelta(minutes=10))
     try:
         store, rank, world = next(dist.rendezvous("env://", timeout=rendezvous))
+        # torchrun keeps its store across restarts (--max-restarts): the backend's address exchange of an
+        # earlier attempt would still be there (dead peers' addresses), so each attempt has keys of its own.
+        store = dist.PrefixStore(f"resumable/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
         dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=collective_timeout())
     except dist.DistError as exc:  # a store or connect timeout, a peer that closed
         where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
