@@ -72,7 +72,7 @@ def _train(args: argparse.Namespace) -> int:
         ["--stop-timeout", f"{args.stop_timeout:g}"] if args.stop_timeout != STOP_TIMEOUT else []),
         *(["--max-restarts", str(args.max_restarts)] if args.max_restarts else [])))
     if nproc > 1 or args.max_restarts:  # a restart needs torchrun, also for one process
-        print(f"resumable train: launching torchrun with {nproc} process(es)"
+        print(f"resumable train: launching torchrun with {nproc} process{'es' if nproc > 1 else ''}"
               + (f", up to {args.max_restarts} restart(s)" if args.max_restarts else ""), file=sys.stderr)
         status = _launch(command(nproc, train_argv, args.max_restarts), args.stop_timeout, cfg)
     else:
