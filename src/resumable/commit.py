@@ -53,7 +53,7 @@ from typing import Callable, Iterable, Sequence
 from resumable import storage
 from resumable.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, SaveError
 from resumable.formats.jsonfile import MAX_TRACKER_BYTES, load_json_object, parse_tracker, read_tracker_file
-from resumable.retention import Metric, Missing, Policy, decide
+from resumable.retention import Metric, Missing, Policy, decide, describe
 from resumable.storage import AnyPath, ObjectPath
 from resumable.storage.local import fsync_dir, fsync_file, make_dirs, temp_path
 
@@ -684,18 +684,8 @@ def apply_retention(directory: AnyPath | str, policy: Policy, protect: Iterable[
         folder = directory / iteration_dirname(n)
         _delete(folder)
         deleted.append(n)
-        log.info("retention (%s): deleted %s", _describe(policy), folder)
+        log.info("retention (%s): deleted %s", describe(policy), folder)
     return deleted
-
-
-def _describe(policy: Policy) -> str:
-    """The configured policies as their keys, for the log."""
-    parts = [f"keep_checkpoint_max={policy.keep_max}"]
-    if policy.every_n_steps is not None:
-        parts.append(f"keep_every_n_steps={policy.every_n_steps}")
-    if policy.best is not None:
-        parts.append(f"keep_best={policy.best.count} by {policy.best.mode} {policy.best.metric}")
-    return ", ".join(parts)
 
 
 def latest_committed(directory: AnyPath | str) -> AnyPath | None:

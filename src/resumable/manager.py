@@ -33,7 +33,7 @@ from resumable.formats import v2
 from resumable.formats.schema import listed
 from resumable.lock import DirectoryLock, lock_for_job
 from resumable.preemption import DEFAULT_SIGNALS, Preemption
-from resumable.retention import KeepBest, Metric, Missing, Policy
+from resumable.retention import KeepBest, Metric, Missing, Policy, check_metrics
 from resumable.load import LoadResult
 from resumable.save import SavePlan, save as sync_save
 
@@ -176,7 +176,7 @@ class CheckpointManager:
         """
         options = dict(prefix=self.prefix, save_optimizer=self.save_optimizer,
                        remove_redundancy=self.remove_redundancy, layout_info=self.layout_info,
-                       on_commit=self._committed, metrics=_check_metrics(metrics, self.retention))
+                       on_commit=self._committed, metrics=check_metrics(metrics, self.retention))
         if self._async is not None:
             return self._async.save(state, self.directory, iteration, **options)
         return sync_save(state, self.directory, iteration, process_group=self._group, **options)
@@ -255,26 +255,6 @@ class CheckpointManager:
             self._metrics[iteration] = read_metric(self.directory / commit.iteration_dirname(iteration),
                                                    self.retention.best.metric)
         return self._metrics[iteration]
-
-
-def _check_metrics(metrics: Mapping[str, float] | None, policy: Policy) -> dict[str, float] | None:
-    """``metrics`` as floats, refusing what is no number and, with ``keep_best``, a missing metric."""
-    if metrics is None and policy.best is None:
-        return None
-    checked: dict[str, float] = {}
-    for name, value in (metrics or {}).items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) and not _is_scalar_tensor(value):
-            raise ConfigError(f"save(..., metrics=): {name!r} is {value!r}; metrics are numbers "
-                              "(e.g. metrics={'loss': 2.31})")
-        checked[str(name)] = float(value)
-    if policy.best is not None and policy.best.metric not in checked:
-        raise ConfigError(f"keep_best ranks checkpoints by {policy.best.metric!r}, but save(..., metrics=) "
-                          f"gives {sorted(checked) or 'none'}: pass metrics={{{policy.best.metric!r}: value}}")
-    return checked
-
-
-def _is_scalar_tensor(value: Any) -> bool:
-    return hasattr(value, "numel") and hasattr(value, "item") and value.numel() == 1
 
 
 def read_metric(folder: Path, name: str) -> Metric:

@@ -2,7 +2,9 @@
 
 Each policy maps the committed iterations to the set it keeps; an iteration is kept when ANY
 configured policy keeps it, or when it is protected. Everything else is deleted (by
-:func:`resumable.commit.apply_retention`, oldest first).
+:func:`resumable.commit.apply_retention`, oldest first). The legacy layout decides each rank
+folder's files with the same :func:`decide` (:func:`resumable.legacy.save.decide_folder`: the
+files numbered in retention order, their global steps given by ``steps=``).
 
 Policies (their name in :func:`decide`'s answer / the YAML key under ``callbacks.0`` / the
 :class:`~resumable.manager.CheckpointManager` argument):
@@ -27,7 +29,7 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass
-from typing import Iterable, Literal, Mapping, Sequence
+from typing import Any, Iterable, Literal, Mapping, Sequence
 
 from resumable.errors import ConfigError
 
@@ -91,9 +93,16 @@ def keep_newest(iterations: Sequence[int], count: int | None) -> set[int]:
     return set(ordered if count is None else ordered[-count:])
 
 
-def keep_every_n_steps(iterations: Iterable[int], k: int | None) -> set[int]:
-    """The iterations divisible by ``k`` (none when None)."""
-    return set() if k is None else {n for n in iterations if n % k == 0}
+def keep_every_n_steps(iterations: Iterable[int], k: int | None, steps: Mapping[int, int] | None = None) -> set[int]:
+    """The iterations whose step is divisible by ``k`` (none when None).
+
+    ``steps``: iteration → its global step, when the iterations are not steps themselves (legacy
+    files, numbered in retention order); one absent from it has no known step and is not kept.
+    """
+    if k is None:
+        return set()
+    step = (lambda n: n) if steps is None else steps.get
+    return {n for n in iterations if (s := step(n)) is not None and s % k == 0}
 
 
 def keep_best(metrics: Mapping[int, Metric], best: KeepBest | None) -> tuple[set[int], set[int]]:
@@ -108,7 +117,7 @@ def keep_best(metrics: Mapping[int, Metric], best: KeepBest | None) -> tuple[set
 
 
 def decide(metrics: Mapping[int, Metric], policy: Policy, *, tracker: int | None = None,
-           protected: Iterable[int] = ()) -> dict[int, tuple[str, ...]]:
+           protected: Iterable[int] = (), steps: Mapping[int, int] | None = None) -> dict[int, tuple[str, ...]]:
     """Which committed iterations to keep, and why.
 
     Args:
@@ -117,6 +126,9 @@ def decide(metrics: Mapping[int, Metric], policy: Policy, *, tracker: int | None
         policy: the configured policies.
         tracker: the tracker's target (None: no tracker).
         protected: iterations never deleted.
+        steps: iteration → global step for ``every_n_steps``, when the keys of ``metrics`` are
+            not steps but positions, oldest first (a legacy rank folder's files,
+            :func:`resumable.legacy.save.decide_folder`); None: the keys are the steps.
 
     Returns:
         Each kept iteration → its reasons (names of :data:`REASONS`, in that order); the
@@ -127,7 +139,7 @@ def decide(metrics: Mapping[int, Metric], policy: Policy, *, tracker: int | None
     best, unreadable = keep_best(metrics, policy.best)
     by_reason = {
         "newest": keep_newest(iterations, policy.keep_max),
-        "every_n_steps": keep_every_n_steps(iterations, policy.every_n_steps),
+        "every_n_steps": keep_every_n_steps(iterations, policy.every_n_steps, steps),
         "best": best,
         "tracker": {tracker} if tracker is not None else set(),
         "newer": {n for n in iterations if tracker is not None and n > tracker},
@@ -135,3 +147,33 @@ def decide(metrics: Mapping[int, Metric], policy: Policy, *, tracker: int | None
         "metric_unreadable": unreadable,
     }
     return {n: why for n in iterations if (why := tuple(r for r in REASONS if n in by_reason[r]))}
+
+
+def describe(policy: Policy) -> str:
+    """The configured policies as their keys, for the log."""
+    parts = [f"keep_checkpoint_max={policy.keep_max}"]
+    if policy.every_n_steps is not None:
+        parts.append(f"keep_every_n_steps={policy.every_n_steps}")
+    if policy.best is not None:
+        parts.append(f"keep_best={policy.best.count} by {policy.best.mode} {policy.best.metric}")
+    return ", ".join(parts)
+
+
+def check_metrics(metrics: Mapping[str, float] | None, policy: Policy) -> dict[str, float] | None:
+    """``metrics`` as floats, refusing what is no number and, with ``keep_best``, a missing metric."""
+    if metrics is None and policy.best is None:
+        return None
+    checked: dict[str, float] = {}
+    for name, value in (metrics or {}).items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) and not _is_scalar_tensor(value):
+            raise ConfigError(f"save(..., metrics=): {name!r} is {value!r}; metrics are numbers "
+                              "(e.g. metrics={'loss': 2.31})")
+        checked[str(name)] = float(value)
+    if policy.best is not None and policy.best.metric not in checked:
+        raise ConfigError(f"keep_best ranks checkpoints by {policy.best.metric!r}, but save(..., metrics=) "
+                          f"gives {sorted(checked) or 'none'}: pass metrics={{{policy.best.metric!r}: value}}")
+    return checked
+
+
+def _is_scalar_tensor(value: Any) -> bool:
+    return hasattr(value, "numel") and hasattr(value, "item") and value.numel() == 1

@@ -75,10 +75,12 @@ def test_dp2_remove_redundancy_resume_is_bitwise_with_prefix_increment_and_keep_
     # Steps 4..6 after resuming from step 3 equal the uninterrupted run bit for bit.
     assert r0["first"] == r0["ref"][:3]
     assert r0["resumed"] == r0["ref"][3:]
-    # Job 1 saved 1_2 and 1_3 (its last step); job 2 writes with prefix suffix _1 and keeps 2 files,
-    # never deleting the file it resumed from (1_3): 1_2, then _1-1_4 went.
-    assert r0["files"] == ["CKP_rank_0-1_3.safetensors", "CKP_rank_0_1-1_6.safetensors", "meta.json"]
-    assert r1["files"] == ["CKP_rank_1-1_3.safetensors", "CKP_rank_1_1-1_6.safetensors", "meta.json"]
+    # Job 1 saved 1_2 and 1_3 (its last step); job 2 writes with prefix suffix _1 and keeps the newest 2
+    # files, and, as Checkpoint 2.0 does, the file it resumed from (1_3) beside them: only 1_2 went.
+    assert r0["files"] == ["CKP_rank_0-1_3.safetensors", "CKP_rank_0_1-1_4.safetensors",
+                           "CKP_rank_0_1-1_6.safetensors", "meta.json"]
+    assert r1["files"] == ["CKP_rank_1-1_3.safetensors", "CKP_rank_1_1-1_4.safetensors",
+                           "CKP_rank_1_1-1_6.safetensors", "meta.json"]
     assert r0["strategy"] == r1["strategy"] == ["ckpt_strategy_rank_0.ckpt", "ckpt_strategy_rank_1.ckpt"]
     # Every tensor is replicated over DP2: each chunk stored once, split between the ranks.
     scalars = {"consumed_samples", "epoch_num", "global_batch_size", "global_step", "step_num"}

@@ -87,16 +87,17 @@ def test_interrupted_job_recovers_automatically_from_its_last_complete_checkpoin
     # Steps 5..8 after the restart are bit for bit those of the uninterrupted run.
     assert _losses(records, 5, 8) == _losses(reference, 5, 8)
     assert [r["global_step"] for r in records] == [1, 2, 3, 4, 5, 6, 7, 8]
-    # The restart writes with prefix suffix _1; keep_checkpoint_max 3 removed the oldest files of the
-    # folder (1_2 and the partial 1_6) but never the one it resumed from (1_4).
+    # The restart writes with prefix suffix _1; keep_checkpoint_max 3 keeps the newest three files of the
+    # folder (the partial 1_6 among them: name order) and, beside them, the one it resumed from (1_4): 1_2 went.
     names = sorted(p.name for p in (out / "checkpoint" / "rank_0").iterdir())
-    assert names == ["CKP_rank_0-1_4.safetensors", "CKP_rank_0_1-1_6.safetensors", "CKP_rank_0_1-1_8.safetensors",
-                     "meta.json"]
+    assert names == ["CKP_rank_0-1_4.safetensors", partial.name, "CKP_rank_0_1-1_6.safetensors",
+                     "CKP_rank_0_1-1_8.safetensors", "meta.json"]
     meta = json.loads((out / "checkpoint" / "rank_0" / "meta.json").read_text())
     assert {k: meta[k] for k in ("last_epoch", "last_step", "last_ckpt_file")} == {
         "last_epoch": 1, "last_step": 8, "last_ckpt_file": "CKP_rank_0_1-1_8.safetensors"}
-    # Every file the folder keeps is recorded with its size and checksum (the deleted ones no longer).
-    assert sorted(meta["files"]) == names[:-1]
+    # Every file resumable wrote and the folder keeps is recorded with its size and checksum (the deleted
+    # 1_2 no longer, the partial file never).
+    assert sorted(meta["files"]) == [n for n in names[:-1] if n != partial.name]
 
 
 def test_async_saves_record_the_same_steps_and_resume_bit_for_bit(tmp_path, reference):

@@ -68,10 +68,19 @@ def test_meta_json_records_the_size_and_checksum_of_every_kept_file_and_is_seale
         "last_epoch": 1, "last_step": 6, "last_ckpt_file": _name(6)}
     meta = v1.read_meta(folder)
     assert meta is not None and meta.sealed and meta.position == (1, 6)
-    assert sorted(meta.files) == [_name(4), _name(6)]  # 1_2 was deleted by keep_checkpoint_max
+    # 1_2 was deleted by keep_checkpoint_max after meta.json was written: its record outlives it until the next
+    # save (a crash part way through the deletions leaves every victim listed with its step and metric).
+    assert sorted(meta.files) == [_name(2), _name(4), _name(6)]
+    assert sorted(p.name for p in folder.iterdir()) == [_name(4), _name(6), "meta.json"]
     for name, (size, digest) in meta.files.items():
-        data = (folder / name).read_bytes()
-        assert (size, digest) == (len(data), xxhash.xxh3_64_hexdigest(data))
+        if name != _name(2):
+            data = (folder / name).read_bytes()
+            assert (size, digest) == (len(data), xxhash.xxh3_64_hexdigest(data))
+    # Each record carries the global step the state held (no metrics were given).
+    assert {n: (note.global_step, dict(note.metrics)) for n, note in meta.notes.items()} == {
+        _name(s): (s, {}) for s in (2, 4, 6)}
+    assert doc["files"][_name(6)] == {"size": meta.files[_name(6)][0], "xxh3_64": meta.files[_name(6)][1],
+                                      "global_step": 6}
 
 
 def test_a_flipped_byte_or_a_forged_key_in_meta_json_is_refused_naming_the_file(tmp_path):
@@ -219,7 +228,13 @@ def test_retention_keeps_the_step_resumed_from_and_the_one_meta_json_names(tmp_p
     saver.save({"model": {"w": torch.zeros(4)}}, 1, 6)
     assert sorted(p.name for p in (tree / "rank_0").iterdir()) == [_name(2), "CKP_rank_0_1-1_6.safetensors",
                                                                     "meta.json"]
-    assert sorted(v1.read_meta(tree / "rank_0").files) == [_name(2), "CKP_rank_0_1-1_6.safetensors"]
+    # 1_4's record outlives its file until the next save (retention deletes after meta.json is written).
+    assert sorted(v1.read_meta(tree / "rank_0").files) == [_name(2), _name(4), "CKP_rank_0_1-1_6.safetensors"]
+    saver.save({"model": {"w": torch.zeros(4)}}, 1, 8)
+    assert sorted(v1.read_meta(tree / "rank_0").files) == [_name(2), "CKP_rank_0_1-1_6.safetensors",
+                                                            "CKP_rank_0_1-1_8.safetensors"]
+    assert sorted(p.name for p in (tree / "rank_0").iterdir()) == [_name(2), "CKP_rank_0_1-1_8.safetensors",
+                                                                    "meta.json"]
 
 
 _CRASH = """

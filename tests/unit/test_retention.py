@@ -13,6 +13,7 @@ import torch
 
 from resumable import commit
 from resumable.errors import ConfigError
+from resumable.formats import v1
 from resumable.manager import CheckpointManager
 from resumable.retention import KeepBest, Missing, Policy, decide
 
@@ -161,11 +162,15 @@ def test_the_trainer_records_each_steps_loss_and_keeps_newest_every_third_and_be
     for n in (1, 3, 5):
         common = json.loads((checkpoints / commit.iteration_dirname(n) / "common.json").read_text())
         assert common["metrics"] == {"loss": losses[n]}
+    # The legacy layout keeps the same steps, decided by the same policies from each rank folder's meta.json.
     monkeypatch.delenv(PARENT_ENV)
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        train_main([*sets, "--set", "use_legacy_format=true", "--set", f"output_dir={tmp_path / 'legacy'}"])
-    assert (e.value.code, capsys.readouterr().err) == (2, (
-        "error: not implemented yet: keep_checkpoint_every_n_steps and keep_best_checkpoint_max with "
-        "use_legacy_format: true (the legacy layout keeps the newest keep_checkpoint_max files per rank folder): "
-        "remove them, or save Checkpoint 2.0 (use_legacy_format: false)\n"))
+    legacy = tmp_path / "legacy"
+    train_main([*sets, "--set", "use_legacy_format=true", "--set", f"output_dir={legacy}"])
+    folder = legacy / "checkpoint" / "rank_0"
+    meta = v1.read_meta(folder)
+    assert meta is not None
+    on_disk = sorted(p.name for p in folder.iterdir() if p.name != "meta.json")
+    logged = [json.loads(line) for line in (legacy / "log" / "train.jsonl").read_text().splitlines()]
+    losses = {e["global_step"]: e["loss"] for e in logged if "global_step" in e}
+    assert [(meta.notes[n].global_step, dict(meta.notes[n].metrics)) for n in on_disk] == [
+        (n, {"loss": losses[n]}) for n in (1, 3, 5)]

@@ -470,7 +470,7 @@ def _rank_dirs(root: Path) -> list[Path]:
 def _meta_position(path: Path) -> tuple[int, int] | None:
     if not storage.is_file(path / "meta.json"):
         return None
-    meta = load_json_object(path / "meta.json", "MindFormers meta.json")
+    meta = load_json_object(path / "meta.json", "MindFormers meta.json", allow_nan=True)  # ours may record a NaN loss
     return need_int(meta, "last_epoch", str(path / "meta.json")), need_int(meta, "last_step", str(path / "meta.json"))
 
 

@@ -23,7 +23,8 @@ What a rank's file holds (both formats hold the same keys):
 
 ``meta.json`` keeps MindFormers' three keys and, when resumable wrote it, ``files``: the
 size and whole-file xxh3-64 of every rank file of the folder written by resumable (a file
-cannot vouch for itself, so its checksum lives here, written after it), and ``seal``: the
+cannot vouch for itself, so its checksum lives here, written after it), with the global
+step and metrics the save recorded (what retention ranks by, :class:`FileNote`), and ``seal``: the
 xxh3-64 of the other keys as canonical JSON, so that a damaged ``meta.json`` is detected
 rather than trusted (:func:`read_meta`). Strategy files carry a ``seal`` of their own.
 
@@ -40,7 +41,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -59,6 +60,7 @@ from resumable.formats.mindformers import LegacyFile, legacy_file_name, parse_le
 __all__ = [
     "META_JSON",
     "FileInfo",
+    "FileNote",
     "FileRecord",
     "LegacyMeta",
     "file_metadata",
@@ -166,6 +168,22 @@ def name_position(epochs_done: int, step_in_epoch: int, steps_of_last_epoch: int
 #: (size in bytes, xxh3-64 hex) of one file, as ``meta.json`` records it.
 FileRecord = tuple[int, str]
 _META_KEYS = {"last_epoch", "last_step", "last_ckpt_file"}
+_RECORD_KEYS = {"size", "xxh3_64"}
+_NOTE_KEYS = {"global_step", "metrics"}  # optional in a record: written by resumable since retention policies
+
+
+@dataclass(frozen=True)
+class FileNote:
+    """What a save recorded about one rank file beside its size and checksum (retention ranks by it).
+
+    Attributes:
+        global_step: the trainer's global step the file holds (None: not recorded, e.g. a
+            ``meta.json`` written before these fields, or a ``LegacySaver`` given none).
+        metrics: name → number (the trainer's ``loss``, the same on every rank); empty: none recorded.
+    """
+
+    global_step: int | None = None
+    metrics: Mapping[str, float] = field(default_factory=dict)
 
 
 def seal(doc: Mapping[str, Any]) -> str:
@@ -173,15 +191,26 @@ def seal(doc: Mapping[str, Any]) -> str:
     return xxhash.xxh3_64_hexdigest(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode())
 
 
-def meta_bytes(epoch: int, step: int, file_name: str, files: Mapping[str, FileRecord]) -> bytes:
+def meta_bytes(epoch: int, step: int, file_name: str, files: Mapping[str, FileRecord],
+               notes: Mapping[str, FileNote] | None = None) -> bytes:
     """The content of a rank's ``meta.json`` naming its last complete save, sealed.
 
     Args:
         files: size and checksum of every rank file of the folder to record (the new one included).
+        notes: the global step and metrics of those files, where known (``files[name]["global_step"]``,
+            ``["metrics"]``; left out when unknown, so older readers' records are unchanged).
     """
-    doc: dict[str, Any] = {"last_epoch": epoch, "last_step": step, "last_ckpt_file": file_name,
-                           "files": {n: {"size": size, "xxh3_64": digest}
-                                     for n, (size, digest) in sorted(files.items())}}
+    notes = notes or {}
+    records: dict[str, dict[str, Any]] = {}
+    for n, (size, digest) in sorted(files.items()):
+        record: dict[str, Any] = {"size": size, "xxh3_64": digest}
+        note = notes.get(n)
+        if note is not None and note.global_step is not None:
+            record["global_step"] = note.global_step
+        if note is not None and note.metrics:
+            record["metrics"] = {k: float(v) for k, v in sorted(note.metrics.items())}
+        records[n] = record
+    doc: dict[str, Any] = {"last_epoch": epoch, "last_step": step, "last_ckpt_file": file_name, "files": records}
     doc["seal"] = seal(doc)
     return (json.dumps(doc) + "\n").encode()
 
@@ -195,17 +224,26 @@ class LegacyMeta:
         file: ``last_ckpt_file``.
         files: name → (size, xxh3-64) of the files resumable recorded; empty for MindFormers'.
         sealed: written by resumable (its seal matched).
+        notes: name → its global step and metrics, for every file of ``files`` (empty notes
+            where the record has neither).
     """
 
     position: tuple[int, int]
     file: str
     files: dict[str, FileRecord]
     sealed: bool
+    notes: dict[str, FileNote] = field(default_factory=dict)
 
 
 def _record(value: Any) -> bool:
-    return (isinstance(value, dict) and set(value) == {"size", "xxh3_64"} and _ints([value["size"]])
-            and isinstance(value["xxh3_64"], str) and re.fullmatch(r"[0-9a-f]{16}", value["xxh3_64"]) is not None)
+    if not (isinstance(value, dict) and _RECORD_KEYS <= set(value) <= _RECORD_KEYS | _NOTE_KEYS):
+        return False
+    metrics = value.get("metrics", {})
+    return (_ints([value["size"]]) and isinstance(value["xxh3_64"], str)
+            and re.fullmatch(r"[0-9a-f]{16}", value["xxh3_64"]) is not None
+            and ("global_step" not in value or _ints([value["global_step"]]))
+            and isinstance(metrics, dict) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                  for v in metrics.values()))
 
 
 def read_meta(folder: str | os.PathLike[str]) -> LegacyMeta | None:
@@ -213,6 +251,8 @@ def read_meta(folder: str | os.PathLike[str]) -> LegacyMeta | None:
 
     MindFormers' (the three keys only) is accepted unsealed; resumable's must carry a
     matching ``seal``, so a flipped byte anywhere in it is an error, not a wrong step.
+    A record's ``global_step`` and ``metrics`` are optional (older files have neither); a
+    metric may be ``NaN`` (a diverged loss).
 
     Raises:
         CorruptCheckpointError: not JSON, an unknown or missing key, a wrong type, or a seal
@@ -220,7 +260,7 @@ def read_meta(folder: str | os.PathLike[str]) -> LegacyMeta | None:
     """
     path = storage.as_path(folder) / META_JSON
     try:
-        doc = load_json_object(path, "legacy meta.json")
+        doc = load_json_object(path, "legacy meta.json", allow_nan=True)
     except CheckpointNotFoundError:  # no meta.json (or a dangling link named so): none written yet
         return None
     given = doc.pop("seal", None)
@@ -235,12 +275,16 @@ def read_meta(folder: str | os.PathLike[str]) -> LegacyMeta | None:
                                          "damaged: delete it (the newest step complete on the other ranks is then "
                                          "loaded)")
         if not (isinstance(doc.get("files"), dict) and all(_record(v) for v in doc["files"].values())):
-            raise CorruptCheckpointError(f"{path}: \"files\" must map file names to {{size, xxh3_64}}")
+            raise CorruptCheckpointError(f"{path}: \"files\" must map file names to {{size, xxh3_64}} (and optional "
+                                         "global_step, metrics {name: number})")
     if not (_ints([doc["last_epoch"], doc["last_step"]]) and isinstance(doc["last_ckpt_file"], str)):
         raise CorruptCheckpointError(f"{path}: \"last_epoch\" and \"last_step\" must be non-negative integers and "
                                      "\"last_ckpt_file\" a file name")
-    files = {n: (r["size"], r["xxh3_64"]) for n, r in doc.get("files", {}).items()}
-    return LegacyMeta((doc["last_epoch"], doc["last_step"]), doc["last_ckpt_file"], files, given is not None)
+    records = doc.get("files", {})
+    files = {n: (r["size"], r["xxh3_64"]) for n, r in records.items()}
+    notes = {n: FileNote(r.get("global_step"), {k: float(v) for k, v in r.get("metrics", {}).items()})
+             for n, r in records.items()}
+    return LegacyMeta((doc["last_epoch"], doc["last_step"]), doc["last_ckpt_file"], files, given is not None, notes)
 
 
 # ------------------------------------------------------------------------ file metadata

@@ -24,6 +24,7 @@ from torch.distributed.tensor import DTensor
 from resumable import commit
 from resumable.async_save import StagingBuffers, track, untrack
 from resumable.legacy.save import LegacySaver
+from resumable.retention import check_metrics
 
 __all__ = ["BackgroundLegacySaves"]
 
@@ -42,17 +43,22 @@ class BackgroundLegacySaves:
         self._result: Path | None = None
         self._error: BaseException | None = None
 
-    def save(self, state: Mapping[str, Any], epoch: int, step: int) -> None:
+    def save(self, state: Mapping[str, Any], epoch: int, step: int, *,
+             metrics: Mapping[str, float] | None = None) -> None:
         """Wait for the save in flight (re-raising its error), snapshot ``state``, start saving it.
 
+        ``metrics``: recorded with the file, as :meth:`LegacySaver.save` takes them (checked here, in the caller).
+
         Raises:
+            ConfigError: ``metrics`` as :meth:`LegacySaver.save` refuses them (nothing started).
             SaveError: the previous save failed (nothing of it was recorded in meta.json).
         """
+        metrics = check_metrics(metrics, self.saver.retention)
         self.wait()
         snapshot = self._snapshot(state, "")
         self._buffers.release_unused()
         commit.fault_point("staged")
-        self._thread = threading.Thread(target=self._run, args=(snapshot, epoch, step),
+        self._thread = threading.Thread(target=self._run, args=(snapshot, epoch, step, metrics),
                                         name="resumable-legacy-save", daemon=False)
         track(self)  # finished before the interpreter exits (resumable.async_save's exit hook)
         self._thread.start()
@@ -73,9 +79,9 @@ class BackgroundLegacySaves:
             raise error
         return self._result
 
-    def _run(self, snapshot: Mapping[str, Any], epoch: int, step: int) -> None:
+    def _run(self, snapshot: Mapping[str, Any], epoch: int, step: int, metrics: Mapping[str, float] | None) -> None:
         try:
-            self._result = self.saver.save(snapshot, epoch, step)
+            self._result = self.saver.save(snapshot, epoch, step, metrics=metrics)
         except BaseException as exc:  # re-raised in the training thread by wait()
             self._error = exc
 

@@ -61,19 +61,25 @@ def rank_folders(root: Path) -> list[str]:
                   key=lambda n: int(n[5:]))
 
 
+def folder_meta(folder: Path) -> tuple[v1.LegacyMeta | None, str | None]:
+    """A rank folder's ``meta.json``, or None and why (missing, or damaged: it then vouches for nothing)."""
+    try:
+        meta = v1.read_meta(folder)
+    except (CorruptCheckpointError, OSError) as exc:
+        return None, str(exc)
+    if meta is None:
+        return None, f"{folder / v1.META_JSON} is missing"
+    return meta, None
+
+
 def folder_records(folder: Path) -> tuple[dict[str, v1.FileRecord], str | None]:
     """The sizes and checksums a rank folder's ``meta.json`` records, and why there are none.
 
     A damaged ``meta.json`` vouches for nothing: its records are dropped and the reason is
     returned (its files are then checked by their own block checksums, or by size and header only).
     """
-    try:
-        meta = v1.read_meta(folder)
-    except (CorruptCheckpointError, OSError) as exc:
-        return {}, str(exc)
-    if meta is None:
-        return {}, f"{folder / v1.META_JSON} is missing"
-    return meta.files, None
+    meta, why = folder_meta(folder)
+    return (meta.files if meta is not None else {}), why
 
 
 def member(root: Path, name: str) -> Path:

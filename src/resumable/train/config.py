@@ -86,7 +86,7 @@ class CheckpointMonitorConfig(_Section):
         None, gt=0, description="also keep, forever, every checkpoint whose step is a multiple of this")
     keep_best_checkpoint_max: int | None = Field(
         None, gt=0, description="also keep the N best checkpoints by best_checkpoint_metric (recorded in each "
-                                "checkpoint's common.json)")
+                                "checkpoint's common.json; legacy: in each rank folder's meta.json)")
     best_checkpoint_metric: Literal["loss"] = Field("loss", description="the metric keep_best_checkpoint_max "
                                                                         "ranks by: the step's loss")
     best_checkpoint_mode: Literal["min", "max"] = Field("min", description="min: lower is better; max: higher")

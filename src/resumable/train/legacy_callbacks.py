@@ -3,7 +3,8 @@
 They mirror :mod:`resumable.train.checkpointing` (``CheckpointMonitor`` / ``Resume``) and
 run on every rank at the same points of ``Trainer.fit`` (their library calls are
 collective). Keys read (docs/formats.md): the CheckpointMonitor's ``prefix``,
-``directory``, ``save_checkpoint_steps``, ``keep_checkpoint_max``, ``async_save``,
+``directory``, ``save_checkpoint_steps``, ``keep_checkpoint_max``, ``keep_checkpoint_every_n_steps``,
+``keep_best_checkpoint_max`` / ``best_checkpoint_metric`` / ``best_checkpoint_mode``, ``async_save``,
 ``checkpoint_format``, ``remove_redundancy``, ``save_optimizer``; ``output_dir`` (``strategy/``,
 ``unified_checkpoint/``, ``transformed_checkpoint/``); ``load_checkpoint``,
 ``resume_training`` (true, or a file name), ``load_ckpt_format``, ``auto_trans_ckpt``,
@@ -31,7 +32,7 @@ from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
 from resumable import dist
 from resumable.async_save import collective_timeout
-from resumable.errors import CheckpointNotFoundError, NewerCheckpointsError, NotImplementedYet
+from resumable.errors import CheckpointNotFoundError, NewerCheckpointsError
 from resumable.formats import v1
 from resumable.legacy import (
     BackgroundLegacySaves,
@@ -46,6 +47,7 @@ from resumable.legacy.resolve import complete_steps
 from resumable.legacy.save import discard_steps
 from resumable.lock import DirectoryLock, lock_for_job
 from resumable.prefetch import Prefetch
+from resumable.retention import KeepBest
 from resumable.train.config import TrainConfig
 from resumable.train.data import fill_position, unset_position
 from resumable.train.loop import Callback, Trainer
@@ -91,11 +93,6 @@ class LegacyCheckpointMonitor(Callback):
     def on_train_begin(self, trainer: Trainer) -> None:
         mon = self.cfg.checkpoint
         assert mon is not None  # only built when the config has a CheckpointMonitor
-        if mon.keep_checkpoint_every_n_steps is not None or mon.keep_best_checkpoint_max is not None:
-            raise NotImplementedYet(
-                "keep_checkpoint_every_n_steps and keep_best_checkpoint_max with use_legacy_format: true (the legacy "
-                "layout keeps the newest keep_checkpoint_max files per rank folder): remove them, or save "
-                "Checkpoint 2.0 (use_legacy_format: false)")
         self.open(trainer)
         if trainer.ctx.global_step == 0:
             self._earlier_run(mon.checkpoint_format, mon.discard_newer_checkpoints)
@@ -105,9 +102,12 @@ class LegacyCheckpointMonitor(Callback):
             group = torch.distributed.new_group(backend="gloo", timeout=collective_timeout())
         self.saver = LegacySaver(
             self.cfg.checkpoint_dir, prefix=mon.prefix, fmt=mon.checkpoint_format,
-            keep_checkpoint_max=mon.keep_checkpoint_max, remove_redundancy=mon.remove_redundancy,
-            save_optimizer=mon.save_optimizer, strategy_dir=self.cfg.local_dir / v1.STRATEGY_DIR,
-            layout=legacy_layout(trainer), protect=self.protected, process_group=group)
+            keep_checkpoint_max=mon.keep_checkpoint_max, keep_every_n_steps=mon.keep_checkpoint_every_n_steps,
+            keep_best=(KeepBest(mon.keep_best_checkpoint_max, mon.best_checkpoint_metric, mon.best_checkpoint_mode)
+                       if mon.keep_best_checkpoint_max is not None else None),
+            remove_redundancy=mon.remove_redundancy, save_optimizer=mon.save_optimizer,
+            strategy_dir=self.cfg.local_dir / v1.STRATEGY_DIR, layout=legacy_layout(trainer), protect=self.protected,
+            process_group=group)
         if mon.async_save:
             self.background = BackgroundLegacySaves(self.saver)
         ctx = trainer.ctx
@@ -144,11 +144,13 @@ class LegacyCheckpointMonitor(Callback):
 
     def _save(self, trainer: Trainer) -> None:
         assert self.saver is not None
+        # The step's loss (the same on every rank) is what keep_best_checkpoint_max ranks by.
+        metrics = {"loss": trainer.last_loss} if trainer.last_loss is not None else None
         with on_save_error(self.cfg, trainer.ctx.global_step):
             if self.background is not None:  # waits for the previous save, raising its error
-                self.background.save(trainer.state_dict(), *self._position)
+                self.background.save(trainer.state_dict(), *self._position, metrics=metrics)
             else:
-                self.saver.save(trainer.state_dict(), *self._position)
+                self.saver.save(trainer.state_dict(), *self._position, metrics=metrics)
         self.last_saved = trainer.ctx.global_step
 
     def on_step_end(self, trainer: Trainer) -> None:
