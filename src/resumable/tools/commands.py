@@ -372,18 +372,23 @@ def _add_list(sub: argparse._SubParsersAction) -> None:
                        description="List the iterations of a Checkpoint 2.0 checkpoint folder, oldest first: step, "
                        "committed or not (a save that never finished), valid (every file present with its recorded "
                        "size, metadata.json and common.json sealed; checksums too with --verify), size on disk, "
-                       "age, and which one the tracker (latest_checkpointed_iteration.txt) names.",
-                       epilog=exit_status("a committed iteration is invalid or the tracker is damaged: one PROBLEM "
-                                          "line each"))
-    p.add_argument("path", help="a checkpoint folder (<output_dir>/checkpoint), local or s3://bucket/prefix")
+                       "age, and which one the tracker (latest_checkpointed_iteration.txt) names. On a legacy "
+                       "(rank_*) tree: one row per step's file, complete when every rank folder holds it, valid "
+                       "against each rank's meta.json records, and the latest mark when every meta.json names it.",
+                       epilog=exit_status("a committed iteration (legacy: complete step) is invalid or the tracker "
+                                          "(legacy: a meta.json) is damaged: one PROBLEM line each"))
+    p.add_argument("path", help="a checkpoint folder (<output_dir>/checkpoint), local or s3://bucket/prefix, or a "
+                   "legacy rank_* tree (local)")
     p.add_argument("--verify", action="store_true",
                    help="also check every file's xxh3-64 and block checksums (reads every byte)")
     p.add_argument("--json", action="store_true",
                    help='print one JSON object (for scripts): {"path", "checked", "tracker_problem", "iterations": '
                         '[{"iteration", "folder", "committed", "valid", "problem", "bytes", "age_s", "tracked", '
-                        '"kept_by"}]}')
+                        '"kept_by", and for a legacy tree "file", "epoch_step", "ranks", "world_size", '
+                        '"latest_on"}]}')
     policy = p.add_argument_group("retention", "the job's retention policy (the folder does not record it): "
-                                  "a \"kept by\" column names what keeps each committed iteration")
+                                  "a \"kept by\" column names what keeps each committed iteration (legacy: "
+                                  "each step's file, decided per rank folder)")
     policy.add_argument("--keep-max", type=int, default=None, metavar="N",
                         help="keep_checkpoint_max: the newest N (without it, with another policy: keep all)")
     policy.add_argument("--keep-every", type=int, default=None, metavar="K",
