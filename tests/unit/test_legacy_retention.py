@@ -187,3 +187,18 @@ def test_a_kill_in_the_middle_of_the_deletions_resumes_and_the_next_save_finishe
     again = _saver(tree, keep_every_n_steps=3, keep_best=KeepBest(1), protect=(folder / _n(1, 1, 6),))
     again.save(_state(7), 1, 7, metrics={"loss": 0.5})
     assert _steps(folder) == [3, 4, 6, 7]  # 6 stays: resumed from (and a multiple of 3)
+
+
+def test_background_saves_record_the_metrics_and_apply_the_same_policies(tmp_path):
+    from resumable.legacy import BackgroundLegacySaves
+
+    tree = tmp_path / "checkpoint"
+    background = BackgroundLegacySaves(_saver(tree, keep_every_n_steps=3, keep_best=KeepBest(1)))
+    for step, loss in enumerate(LOSSES, 1):
+        background.save(_state(step), 1, step, metrics={"loss": loss})
+    with pytest.raises(ConfigError) as e:  # refused in the caller, before the next snapshot
+        background.save(_state(7), 1, 7, metrics={"loss": "low"})
+    assert str(e.value) == "save(..., metrics=): 'loss' is 'low'; metrics are numbers (e.g. metrics={'loss': 2.31})"
+    background.wait()
+    assert _steps(tree / "rank_0") == [3, 4, 6]
+    assert v1.read_meta(tree / "rank_0").notes[_n(0, 1, 6)] == v1.FileNote(6, {"loss": 0.6})

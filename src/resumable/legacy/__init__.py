@@ -20,7 +20,8 @@ Order of calls across ranks (every rank calls each public function together)::
     LegacySaver.save     all_gather     (remove_redundancy) holdings → the same writer plan
                          no             write temp file, fsync, rename; strategy file
                          agree          every rank wrote, else SaveError everywhere
-                         no             meta.json (atomic), then keep_checkpoint_max
+                         no             meta.json (atomic)
+                         agree          every rank recorded it; then retention (decide_folder, per folder)
     resolve_legacy       broadcast /    rank 0 picks the step (or each rank checks its own
                          all_gather     substituted name); every rank learns every failure
     load_legacy          all_gather     agreement before and after reading (dist.agree_on);
