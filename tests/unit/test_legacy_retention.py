@@ -9,6 +9,7 @@ leaves a tree that resumes, whose next save finishes the deletions. Two ranks th
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -18,7 +19,7 @@ import pytest
 import torch
 
 from resumable import commit
-from resumable.errors import ConfigError
+from resumable.errors import ConfigError, CorruptCheckpointError
 from resumable.formats import v1
 from resumable.legacy import LegacySaver, resolve_legacy
 from resumable.legacy.save import decide_folder
@@ -102,6 +103,41 @@ def test_a_folder_without_meta_json_is_decided_by_name_order_and_best_keeps_ever
     _, kept = decide_folder(list(FILES), "CKP", 0, Policy(1, best=KeepBest(1)), {}, latest=NEWEST)
     assert _by_step(kept) == {s: ("newest", "tracker", "metric_unreadable") if s == 8 else ("metric_unreadable",)
                               for s in range(1, 9)}
+
+
+# ---------------------------------------------------------------------------------- meta.json
+
+
+def _sealed(doc: dict) -> str:
+    return json.dumps({**doc, "seal": v1.seal(doc)})
+
+
+def test_meta_json_records_step_and_metrics_optionally_and_older_files_still_read(tmp_path):
+    folder = tmp_path / "rank_0"
+    folder.mkdir()
+    name = _n(0, 1, 2)
+    digest = "0123456789abcdef"
+    (folder / v1.META_JSON).write_bytes(v1.meta_bytes(1, 2, name, {name: (10, digest)},
+                                                      {name: v1.FileNote(2, {"loss": math.nan})}))
+    meta = v1.read_meta(folder)
+    assert meta.files == {name: (10, digest)} and meta.notes[name].global_step == 2
+    assert math.isnan(meta.notes[name].metrics["loss"])  # a diverged loss is recorded, and ranks last
+    head = {"last_epoch": 1, "last_step": 2, "last_ckpt_file": name}
+    # Written before steps and metrics were recorded: the same records, no notes.
+    (folder / v1.META_JSON).write_text(_sealed({**head, "files": {name: {"size": 10, "xxh3_64": digest}}}))
+    assert v1.read_meta(folder).notes == {name: v1.FileNote()}
+    # MindFormers' three keys, unsealed: no records at all.
+    (folder / v1.META_JSON).write_text(json.dumps(head))
+    meta = v1.read_meta(folder)
+    assert (meta.files, meta.notes, meta.sealed) == ({}, {}, False)
+    for bad in ({"size": 10, "xxh3_64": digest, "global_step": -1}, {"size": 10, "xxh3_64": digest, "step": 2},
+                {"size": 10, "xxh3_64": digest, "metrics": {"loss": "low"}},
+                {"size": 10, "xxh3_64": digest, "metrics": [0.5]}):
+        (folder / v1.META_JSON).write_text(_sealed({**head, "files": {name: bad}}))
+        with pytest.raises(CorruptCheckpointError) as e:
+            v1.read_meta(folder)
+        assert str(e.value) == (f"{folder / v1.META_JSON}: \"files\" must map file names to {{size, xxh3_64}} (and "
+                                "optional global_step, metrics {name: number})")
 
 
 # ------------------------------------------------------------------------ real saves, one rank
