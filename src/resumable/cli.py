@@ -53,18 +53,13 @@ def _train(args: argparse.Namespace) -> int:
         from resumable.train.__main__ import main as train_main
 
         return train_main(train_argv)
-    try:  # seconds of importing torch, before any signal handling of ours: no traceback for a Ctrl-C
-        from resumable.proctree import STOP_SIGNALS
-        from resumable.train.__main__ import train
-        from resumable.train.checkpointing import TrainCommand
-        from resumable.train.config import load_config
-        from resumable.train.launch import command, stopped
-        from resumable.preemption import PREEMPTED_EXIT
-        from resumable.train.loop import Interrupted
-        from resumable.train.parallel import check_layout
-    except KeyboardInterrupt:
-        print("resumable train: training stopped by SIGINT before it started", file=sys.stderr)
-        return 130
+    # Launching torchrun needs no torch here (seconds on a small machine): it is imported for one process only.
+    from resumable.preemption import PREEMPTED_EXIT
+    from resumable.proctree import STOP_SIGNALS
+    from resumable.train.config import check_layout, load_config
+    from resumable.train.launch import command, stopped
+    from resumable.train.saving import TrainCommand
+
     cfg = load_config(args.config, args.set)
     nproc = args.nproc or cfg.parallel_config.world_size  # as many processes as the layout needs
     check_layout(cfg, nproc, f"--nproc {nproc}")  # what every rank would report, once and before starting them
@@ -76,6 +71,12 @@ def _train(args: argparse.Namespace) -> int:
               + (f", up to {args.max_restarts} restart(s)" if args.max_restarts else ""), file=sys.stderr)
         status = _launch(command(nproc, train_argv, args.max_restarts), args.stop_timeout, cfg)
     else:
+        try:  # seconds of importing torch, before any signal handling of ours: no traceback for a Ctrl-C
+            from resumable.train.__main__ import train
+            from resumable.train.loop import Interrupted
+        except KeyboardInterrupt:
+            print("resumable train: training stopped by SIGINT before it started", file=sys.stderr)
+            return 130
         try:
             train(cfg, this)
             status = 0

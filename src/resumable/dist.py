@@ -168,7 +168,7 @@ def all_reduce_max(values: list[int], group: Group = None) -> list[int]:
     """Element-wise maximum of every rank's ``values`` (int64). Collective: every rank of ``group``."""
     if world_size(group) == 1:
         return list(values)
-    t = torch.tensor(values, dtype=torch.int64)
+    t = torch.tensor(values, dtype=torch.int64, device="cuda" if dist.get_backend(group) == "nccl" else "cpu")
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return t.tolist()
 

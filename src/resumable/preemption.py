@@ -32,10 +32,7 @@ import threading
 import time
 from typing import Any, Iterable
 
-import torch
-import torch.distributed as tdist
-
-__all__ = ["DEFAULT_SIGNALS", "PREEMPTED_EXIT", "Preemption", "agree_max", "signal_numbers"]
+__all__ = ["DEFAULT_SIGNALS", "PREEMPTED_EXIT", "Preemption", "signal_numbers"]
 
 log = logging.getLogger(__name__)
 
@@ -59,17 +56,6 @@ def signal_numbers(names: Iterable[str]) -> frozenset[int]:
             raise ValueError(f"{name!r} is not a signal a job can catch; e.g. SIGTERM, SIGUSR1, SIGUSR2, SIGHUP")
         out.add(int(signal.Signals[full]))
     return frozenset(out)
-
-
-def agree_max(value: int, group: Any = None) -> int:
-    """The largest ``value`` over the ranks of ``group`` (one all-reduce; ``value`` itself without a
-    process group). Collective: every rank calls it at the same point."""
-    if not tdist.is_available() or not tdist.is_initialized() or tdist.get_world_size(group) == 1:
-        return value
-    device = "cuda" if tdist.get_backend(group) == "nccl" else "cpu"
-    t = torch.tensor([value], dtype=torch.int64, device=device)
-    tdist.all_reduce(t, op=tdist.ReduceOp.MAX, group=group)
-    return int(t.item())
 
 
 class Preemption:
@@ -118,5 +104,6 @@ class Preemption:
 
         Collective: every rank calls it at the same step (one all-reduce of one integer).
         """
-        agreed = agree_max(self.signum or 0, group)
-        return agreed or None
+        from resumable import dist  # torch: `resumable train` reads this module's names without it
+
+        return dist.all_reduce_max([self.signum or 0], group)[0] or None

@@ -12,7 +12,7 @@ import pytest
 
 from resumable.errors import ConfigError
 from resumable.train.config import load_config
-from resumable.train.parallel import check_layout
+from resumable.train.config import check_layout
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 

@@ -39,13 +39,15 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, replace
-from typing import Any, Literal, Mapping
+from typing import TYPE_CHECKING, Any, Literal, Mapping, Sequence
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from resumable.errors import ConfigError, CorruptCheckpointError
 from resumable.formats.ms_names import SCALARS, ms_export_name, our_name, parse_ms_name, parse_our_name
+
+if TYPE_CHECKING:  # tensors are only indexed here: `resumable train` reads a config and starts torchrun without torch
+    import torch
 
 __all__ = [
     "ARCHITECTURE",
@@ -316,7 +318,15 @@ def _check_rows(what: str, tensor: torch.Tensor, rows: int) -> None:
 
 
 def _take(fused: torch.Tensor, rows: list[int]) -> torch.Tensor:
-    return fused[torch.tensor(rows, dtype=torch.long)]
+    return fused[rows]
+
+
+def _fuse(parts: Sequence[torch.Tensor], rows: Sequence[list[int]]) -> torch.Tensor:
+    """One tensor whose ``rows[i]`` are ``parts[i]`` (the rows of all parts cover it exactly once)."""
+    out = parts[0].new_empty((sum(p.shape[0] for p in parts), *parts[0].shape[1:]))
+    for part, where in zip(parts, rows):
+        out[where] = part
+    return out
 
 
 def split_qkv(fused: torch.Tensor, heads: AttentionShape,
@@ -343,10 +353,7 @@ def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: Attention
     _check_rows("q_proj", q, heads.num_heads * heads.head_dim)
     _check_rows("k_proj", k, heads.num_kv_heads * heads.head_dim)
     _check_rows("v_proj", v, heads.num_kv_heads * heads.head_dim)
-    out = q.new_empty((q.shape[0] + k.shape[0] + v.shape[0], *q.shape[1:]))
-    for part, rows in zip((q, k, v), qkv_rows(heads, layout)):
-        out[torch.tensor(rows, dtype=torch.long)] = part
-    return out
+    return _fuse((q, k, v), qkv_rows(heads, layout))
 
 
 def split_fc1(fused: torch.Tensor, layout: FusedLayout = DEFAULT_LAYOUT) -> tuple[torch.Tensor, torch.Tensor]:
@@ -369,9 +376,7 @@ def fuse_fc1(gate: torch.Tensor, up: torch.Tensor, layout: FusedLayout = DEFAULT
     """
     if gate.shape != up.shape:
         raise ValueError(f"gate_proj {list(gate.shape)} and up_proj {list(up.shape)} differ in shape")
-    if not layout.use_interleaved_weight_layout_mlp:
-        return torch.cat((gate, up))
-    return torch.stack((gate, up), dim=1).reshape(2 * gate.shape[0], *gate.shape[1:])  # [ffn, 2, ...] → [2ffn, ...]
+    return _fuse((gate, up), fc1_rows(2 * gate.shape[0], layout))
 
 
 def mf_to_hf(name: str, tensor: torch.Tensor, heads: AttentionShape,

@@ -229,6 +229,35 @@ LEGACY_ONLY: dict[str, Any] = {
 }
 
 
+def check_layout(cfg: TrainConfig, world_size: int, counted_by: str = "WORLD_SIZE") -> None:
+    """Raise ConfigError if the layout cannot run on ``world_size`` processes, ``counted_by`` naming where
+    that number came from. No collectives: ``resumable train`` runs it before starting the ranks."""
+    pc, mc = cfg.parallel_config, cfg.model
+    if pc.world_size != world_size:
+        raise ConfigError(
+            f"parallel_config.data_parallel ({pc.data_parallel}) x parallel_config.model_parallel "
+            f"({pc.model_parallel}) x parallel_config.pipeline_stage ({pc.pipeline_stage}) = {pc.world_size}, "
+            f"but the job has {world_size} processes ({counted_by}); make the product equal the world size"
+        )
+    tp = pc.model_parallel
+    for key, heads in (("num_attention_heads", mc.num_attention_heads), ("num_key_value_heads", mc.num_key_value_heads)):
+        if heads % tp:
+            raise ConfigError(
+                f"model.{key} ({heads}) must be divisible by parallel_config.model_parallel ({tp}): "
+                "tensor parallelism splits attention heads across ranks"
+            )
+    if pc.pipeline_stage > mc.num_hidden_layers:
+        raise ConfigError(
+            f"parallel_config.pipeline_stage ({pc.pipeline_stage}) exceeds model.num_hidden_layers "
+            f"({mc.num_hidden_layers}): every stage needs at least one layer"
+        )
+    if pc.pipeline_stage > 1 and mc.tie_word_embeddings:
+        raise ConfigError(
+            "model.tie_word_embeddings: true cannot be used with parallel_config.pipeline_stage > 1 "
+            "(the embedding and lm_head live on different stages)"
+        )
+
+
 def ignored_keys(cfg: TrainConfig) -> list[str]:
     """Sentences naming the keys set to a value the chosen format does not use (to be logged)."""
     if cfg.use_legacy_format:

@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING, Mapping
 from resumable import storage
 from resumable.commit import latest_committed, parse_iteration
 from resumable.errors import CheckpointError, CheckpointNotFoundError
-from resumable.formats.mindformers import select_legacy_files
 from resumable.proctree import STOP_SIGNALS, bind_to_launcher
 
 if TYPE_CHECKING:
@@ -155,6 +154,8 @@ def _newest(cfg: "TrainConfig") -> str | None:
         return None if folder is None else f"iteration {parse_iteration(folder.name)} ({folder})"
     if cfg.checkpoint is None:
         return None
+    from resumable.formats.mindformers import select_legacy_files  # torch: only after a stopped legacy job
+
     try:
         (epoch, step), files = select_legacy_files(cfg.checkpoint_dir, cfg.checkpoint.checkpoint_format)
     except CheckpointNotFoundError:

@@ -38,10 +38,10 @@ from resumable.errors import ConfigError
 from resumable.models.qwen3 import hf_config
 from resumable.preemption import PREEMPTED_EXIT, Preemption
 from resumable.proctree import STOP_SIGNALS
-from resumable.train.config import TrainConfig, record_config
+from resumable.train.config import TrainConfig, check_layout, record_config
 from resumable.train.data import Batches, load_dataset
 from resumable.train.model import build_model, causal_lm_loss
-from resumable.train.parallel import Layout, build_layout, build_pipeline, check_layout, parallelize, sync_grads
+from resumable.train.parallel import Layout, build_layout, build_pipeline, parallelize, sync_grads
 from resumable.train.schedule import build_optimizer, lr_at, set_lr
 
 logger = logging.getLogger(__name__)

@@ -42,7 +42,6 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Replicate
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, parallelize_module
 
-from resumable.errors import ConfigError
 from resumable.models.qwen3 import (
     FIRST_STAGE,
     LAST_STAGE,
@@ -51,7 +50,7 @@ from resumable.models.qwen3 import (
     TP_TOP_PLAN,
     stage_layers,
 )
-from resumable.train.config import TrainConfig
+from resumable.train.config import TrainConfig, check_layout
 from resumable.train.model import Qwen3ForCausalLM
 
 if TYPE_CHECKING:
@@ -92,35 +91,6 @@ class Layout:
     @property
     def is_last_stage(self) -> bool:
         return self.coord("pp") == self.pp - 1
-
-
-def check_layout(cfg: TrainConfig, world_size: int, counted_by: str = "WORLD_SIZE") -> None:
-    """Raise ConfigError if the layout cannot run on ``world_size`` processes, ``counted_by`` naming where
-    that number came from. No collectives: ``resumable train`` runs it before starting the ranks."""
-    pc, mc = cfg.parallel_config, cfg.model
-    if pc.world_size != world_size:
-        raise ConfigError(
-            f"parallel_config.data_parallel ({pc.data_parallel}) x parallel_config.model_parallel "
-            f"({pc.model_parallel}) x parallel_config.pipeline_stage ({pc.pipeline_stage}) = {pc.world_size}, "
-            f"but the job has {world_size} processes ({counted_by}); make the product equal the world size"
-        )
-    tp = pc.model_parallel
-    for key, heads in (("num_attention_heads", mc.num_attention_heads), ("num_key_value_heads", mc.num_key_value_heads)):
-        if heads % tp:
-            raise ConfigError(
-                f"model.{key} ({heads}) must be divisible by parallel_config.model_parallel ({tp}): "
-                "tensor parallelism splits attention heads across ranks"
-            )
-    if pc.pipeline_stage > mc.num_hidden_layers:
-        raise ConfigError(
-            f"parallel_config.pipeline_stage ({pc.pipeline_stage}) exceeds model.num_hidden_layers "
-            f"({mc.num_hidden_layers}): every stage needs at least one layer"
-        )
-    if pc.pipeline_stage > 1 and mc.tie_word_embeddings:
-        raise ConfigError(
-            "model.tie_word_embeddings: true cannot be used with parallel_config.pipeline_stage > 1 "
-            "(the embedding and lm_head live on different stages)"
-        )
 
 
 def pick_device() -> torch.device:

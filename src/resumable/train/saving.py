@@ -13,12 +13,14 @@ import os
 import shlex
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from resumable import storage
 from resumable.errors import SaveError
 from resumable.train.config import TrainConfig
-from resumable.train.loop import Trainer
+
+if TYPE_CHECKING:  # the CLI quotes a TrainCommand without importing torch
+    from resumable.train.loop import Trainer
 
 logger = logging.getLogger(__name__)
 
