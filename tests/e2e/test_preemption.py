@@ -93,15 +93,24 @@ def test_sigterm_saves_the_next_step_exits_75_and_the_identical_command_resumes_
     assert [got[s] for s in range(saved + 1, STEPS + 1)] == [ref[s] for s in range(saved + 1, STEPS + 1)]
 
 
-def test_sigterm_to_one_worker_saves_the_same_step_on_every_rank(tmp_path: Path, reference) -> None:
+def _torchrun(job: subprocess.Popen) -> int:
+    """The launcher's torchrun (what a scheduler signalling the job's processes one by one reaches too)."""
+    [torchrun] = children(job.pid)
+    return torchrun
+
+
+@pytest.mark.parametrize("target", [_rank1, _torchrun], ids=["rank-1-worker", "torchrun"])
+def test_sigterm_to_one_worker_or_torchrun_saves_the_same_step_on_every_rank(tmp_path: Path, reference,
+                                                                             target) -> None:
     # To the launcher of 2 processes: tests/e2e/test_stop_signals.py (the wrapper test).
     out = tmp_path / "job"
     cmd = _cmd(out, "parallel_config.data_parallel=2", nproc=2)
-    done = _signal_at_step(cmd, out, 6, _rank1)
+    done = _signal_at_step(cmd, out, 6, target)
     assert done.returncode == PREEMPTED_EXIT, done.stderr[-3000:]
     saved = commit.read_tracker(out / "checkpoint")
     assert saved == log_records(out)[-1]["global_step"]
-    assert "[rank 1]" in done.stderr and "preemption requested" in done.stderr
+    assert f"training stopped for preemption; the newest checkpoint is iteration {saved}" in done.stderr
+    assert "preemption requested" in done.stderr and ("[rank 1]" in done.stderr or target is _torchrun)
     again = run_job(cmd)
     assert f"at global step {saved}" in again.stderr
     got, ref = losses(out), reference["dp2"]

@@ -28,6 +28,7 @@ import errno
 import mmap
 import os
 import shutil
+import tempfile
 import stat
 import threading
 import uuid
@@ -270,6 +271,11 @@ def write_through(path: str | os.PathLike[str], serialize: Callable[[Any], None]
 def mkdir(path: str | os.PathLike[str]) -> None:
     """Create one new folder (its parent must exist; an existing one is an error)."""
     Path(path).mkdir()
+
+
+def make_temp_dir(prefix: str) -> Path:
+    """A new private folder in the system's temporary folder (``$TMPDIR``), named ``{prefix}...``."""
+    return Path(tempfile.mkdtemp(prefix=prefix))
 
 
 def fsync_tree(path: str | os.PathLike[str]) -> None:

@@ -12,6 +12,8 @@ instead of printing it (:func:`report`); the launcher prints the first failing r
 once (:func:`outcome`): exit status 2 for a configuration or checkpoint error, 1 for anything
 else, nothing for a stop (the CLI then prints :func:`stopped`). torchrun's own log lines and
 its ChildFailedError report are hidden unless ``$LOGLEVEL`` (torchrun's switch) is set.
+A stop signal to torchrun itself, which passes it on to the workers, ends the job with 75 when
+every worker saved for preemption (:func:`signalled`, from the error files).
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ from typing import TYPE_CHECKING, Mapping
 from resumable import storage
 from resumable.commit import latest_committed, parse_iteration
 from resumable.errors import CheckpointError, CheckpointNotFoundError
+from resumable.preemption import PREEMPTED_EXIT
 from resumable.proctree import STOP_SIGNALS, bind_to_launcher
+from resumable.storage.local import make_temp_dir
 
 if TYPE_CHECKING:
     from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
@@ -126,15 +130,40 @@ def main(argv: list[str]) -> None:
         for name in ("torch", "torch.distributed"):
             for handler in logging.getLogger(name).handlers:
                 handler.setLevel(logging.CRITICAL + 1)
+    logs = make_temp_dir("resumable-torchrun-")  # where torchrun puts each worker's error file
     try:
-        run(parse_args(argv))
+        run(parse_args([f"--log-dir={logs}", *argv]))
     except SignalException as stop:  # the workers were told and waited for; the CLI says what is saved
-        raise SystemExit(128 + int(stop.sigval)) from None
+        raise SystemExit(signalled(logs, int(stop.sigval))) from None
     except ChildFailedError as failed:
         status, text = outcome(failed.failures)
         if text is not None:
             print(f"resumable train: {text}", file=sys.stderr, flush=True)
         raise SystemExit(status) from None
+    finally:
+        storage.remove_tree(logs)
+
+
+def signalled(logs: Path, signum: int) -> int:
+    """The exit status of a job whose torchrun got stop signal ``signum``: 75 when every worker of the last
+    attempt reported saving for preemption (the signal is a preemption signal: torchrun passed it on),
+    else 128 + ``signum``. ``logs``: torchrun's ``--log-dir`` (``<run>/attempt_<n>/<rank>/error.json``)."""
+    attempts = [(int(e.name.removeprefix("attempt_")), run / e.name) for run in _folders(logs)
+                for e in storage.list_dir(run) if e.is_dir and e.name.removeprefix("attempt_").isdigit()]
+    if not attempts:
+        return 128 + signum
+    statuses = []
+    for rank in _folders(max(attempts)[1]):
+        try:
+            doc = json.loads(storage.read_bounded(rank / "error.json", "a worker's error file", 1 << 20))
+            statuses.append(int(doc[_REPORT_KEY]["status"]))
+        except (OSError, CheckpointError, ValueError, KeyError, TypeError):  # no report: it did not save
+            return 128 + signum
+    return PREEMPTED_EXIT if statuses and all(s == PREEMPTED_EXIT for s in statuses) else 128 + signum
+
+
+def _folders(path: Path) -> list[Path]:
+    return [path / e.name for e in storage.list_dir(path) if e.is_dir and not e.link]
 
 
 def stopped(cfg: "TrainConfig", signum: int | None, again: str, resume: str) -> str:
