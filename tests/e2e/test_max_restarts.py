@@ -19,7 +19,7 @@ from tests.e2e.jobs import _env, log_records, run_job, train_cmd
 
 pytestmark = pytest.mark.slow
 
-STEPS, EVERY = 16, 4
+STEPS, EVERY = 10, 3
 
 
 def _cmd(out: Path, *options: str) -> list[str]:
