@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import http.client
 import logging
+import os
 import re
 import threading
 import uuid
@@ -27,6 +28,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 from xml.sax.saxutils import escape
@@ -384,6 +386,12 @@ class Bucket:
     def put(self, key: str, data: bytes) -> str:
         """Store ``data`` at ``key``; returns its ETag (quoted, as S3 gives it)."""
         return self.direct.put_object(Bucket=self.bucket, Key=key, Body=data)["ETag"]
+
+    def upload(self, local: os.PathLike[str], prefix: str) -> None:
+        """Every file under the local folder ``local`` as the object ``prefix/<relative path>``."""
+        root = Path(local)
+        for path in sorted(p for p in root.rglob("*") if p.is_file()):
+            self.put(f"{prefix}/{path.relative_to(root).as_posix()}", path.read_bytes())
 
     def delete(self, key: str) -> None:
         self.direct.delete_object(Bucket=self.bucket, Key=key)

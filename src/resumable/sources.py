@@ -566,7 +566,7 @@ def _open_foreign(ckpt: mf.ForeignCheckpoint, fmt: Format, opts: _Options, confi
                   model_config=recorded.keys if recorded is not None else None, notes=notes)
 
 
-def _legacy_ext(root: Path) -> str:
+def _legacy_ext(root: AnyPath) -> str:
     """``safetensors`` when a ``rank_*`` folder holds a ``*.safetensors`` file (hidden ones aside, as glob), else ``ckpt``."""
     return "safetensors" if any(
         e.name.endswith(".safetensors") and not e.name.startswith(".")
@@ -574,15 +574,16 @@ def _legacy_ext(root: Path) -> str:
         for e in storage.list_dir(root / rank.name)) else "ckpt"
 
 
-def _written_by_us(path: Path) -> bool:
+def _written_by_us(path: AnyPath) -> bool:
     """Our Checkpoint 1.0 files carry ``resumable_legacy`` metadata (.ckpt: a torch zip, not protobuf)."""
     if path.suffix == ".ckpt":
-        check_regular(path, "legacy rank file")  # is_zipfile would block on a FIFO
+        if isinstance(path, Path):
+            check_regular(path, "legacy rank file")  # is_zipfile would block on a FIFO
         return is_zip(path)
     return v1.META_KEY in read_header(path).metadata
 
 
-def _open_our_legacy(root: Path, paths: list[Path], *, single: bool = False) -> Source:
+def _open_our_legacy(root: AnyPath, paths: list[AnyPath], *, single: bool = False) -> Source:
     """Our own Checkpoint 1.0 step: chunks indexed from each rank file's metadata (see resumable.legacy).
 
     ``single``: ``paths`` is one file given alone; refused when it holds only part of its step."""
@@ -662,8 +663,7 @@ def _open_torch(path: AnyPath, opts: _Options) -> Source:
 def _open_file(path: AnyPath, fmt: Format, opts: _Options) -> Source:
     """One file given alone (see :func:`detect`)."""
     if fmt == "legacy":
-        local = storage.require_local(path, "reading a Checkpoint 1.0 rank file")  # RankFiles reads the tree
-        source = _open_our_legacy(local.parent.parent, [local], single=True)
+        source = _open_our_legacy(path.parent.parent, [path], single=True)
         source.path = path
         return source
     if fmt == "torch":
@@ -673,16 +673,15 @@ def _open_file(path: AnyPath, fmt: Format, opts: _Options) -> Source:
 
 
 def _open_legacy(folder: AnyPath, opts: _Options) -> Source:
-    root = storage.require_local(folder, "reading a Checkpoint 1.0 (rank_*) tree")  # walks the whole tree
-    ext = _legacy_ext(root)
-    _, paths = mf.select_legacy_files(root, ext)
+    ext = _legacy_ext(folder)
+    _, paths = mf.select_legacy_files(folder, ext)
     if paths and _written_by_us(paths[0]):
-        source = _open_our_legacy(root, paths)
+        source = _open_our_legacy(folder, paths)
         if opts.src_strategy is not None:
             source.notes.append(f"src_strategy {opts.src_strategy} not used: resumable's rank files record "
                                 "their own chunks and strategy")
         return source
-    source = _open_foreign(mf.read_mf_legacy(root, ext, strategy=opts.src_strategy), "legacy", opts, [root])
+    source = _open_foreign(mf.read_mf_legacy(folder, ext, strategy=opts.src_strategy), "legacy", opts, [folder])
     if opts.src_strategy is not None:
         source.notes.append(f"slices placed by the strategy files {opts.src_strategy}")
     return source
@@ -690,12 +689,12 @@ def _open_legacy(folder: AnyPath, opts: _Options) -> Source:
 
 def open_source(path: str | os.PathLike[str] | storage.ObjectPath, *, heads: AttentionShape | None = None,
                 fused: Fused | None = None, names: Names = "auto",
-                src_strategy: str | os.PathLike[str] | None = None) -> Source:
+                src_strategy: str | os.PathLike[str] | storage.ObjectPath | None = None) -> Source:
     """Open any checkpoint (see the module table) for reading.
 
     Args:
         path: a checkpoint folder, an ``iteration_*`` folder, a ``rank_*`` tree or a
-            HuggingFace / unified folder, or one file; local, or ``s3://`` (not a ``rank_*`` tree).
+            HuggingFace / unified folder, or one file; local, or ``s3://``.
         heads: attention head counts for splitting MindFormers ``linear_qkv`` (default:
             the recorded config's, else inferred from the shapes).
         fused: the row order of MindFormers' fused ``linear_qkv`` / ``linear_fc1``: a

@@ -2,7 +2,8 @@
 
 Each command runs as its own process (the ``s3`` fixture's AWS environment is inherited), as a
 user runs it. Commands that do not depend on each other run at once, so that the file stays
-quick. The checkpoint is saved by ``resumable.save`` straight into the bucket.
+quick. The checkpoint is saved by ``resumable.save`` straight into the bucket; a MindFormers
+legacy ``rank_*`` tree is written locally and uploaded.
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load, load_file
 
 import resumable
+from resumable.sources import open_source
 from tests.e2e.jobs import run_job
+from tests.fixtures.mindformers import build_legacy
 
 NAME = "CKP-model-0000000-0000001.safetensors"  # the one file a one-rank save of a model-only state writes
 
@@ -78,6 +81,10 @@ def test_verify_inspect_list_on_s3_and_a_flipped_byte_is_named(s3, tmp_path) -> 
         ("convert", f"{url}/iteration_00000001", s3.url("hf"), "--to", "hf", "--hf-config", _hf_config(tmp_path)))
     assert damaged.returncode == 1, damaged.stderr  # README: 1 is verify's "problems found"
     assert [p["where"] for p in json.loads(damaged.stdout)["problems"]] == [f"s3://{s3.bucket}/{key}"]
+    rows = json.loads(listed.stdout)["iterations"]  # one step, on both ranks, the damaged file named
+    assert [(r["file"], r["committed"], r["valid"], r["latest_on"]) for r in rows] == [
+        ("tiny_rank_{r}-1_2.safetensors", True, False, [0, 1])], rows
+    assert listed.returncode == 1 and key in rows[0]["problem"], listed.stderr
     _ok(sizes_only)
     assert listed.returncode == 1 and "PROBLEM step 1:" in listed.stdout, listed.stdout
     # The export failed on the damaged tensor after writing config.json in place: the prefix is emptied again.
@@ -108,3 +115,30 @@ def test_convert_s3_to_local_hf_and_local_to_s3_v2(s3, tmp_path) -> None:
         resumable.load(target, where)
         assert all(torch.equal(target["model"][n], expected[n]) for n in expected), where
     assert not any(".tmp-" in k for k in s3.keys())  # written in place: no temp names on the store
+
+
+def test_verify_list_and_convert_to_hf_of_a_mindformers_legacy_tree_on_s3(s3, tmp_path) -> None:
+    build_legacy(tmp_path / "legacy", [[(1, 2, 0)], [(1, 2, 0)]], [(1, 2), (1, 2)])
+    for prefix in ("legacy", "damaged"):
+        s3.upload(tmp_path / "legacy", prefix)
+    key = "damaged/rank_1/tiny_rank_1-1_2.safetensors"
+    s3.put(key, s3.get(key)[:-1])  # truncated: its last tensor runs past the end
+    url = s3.url("legacy")
+    verify, export, damaged, listed = _cli(
+        ("verify", url, "--json"), ("convert", url, s3.url("hf"), "--to", "hf", "--quiet"),
+        ("verify", s3.url("damaged"), "--json"), ("list", s3.url("damaged"), "--json"))
+    report = json.loads(_ok(verify).stdout)
+    assert report["ok"] and report["files_checked"] == 4, report  # each rank's meta.json and file
+    assert "0 with checksums" in report["checked"] and "4 sizes only" in report["checked"]  # MindFormers': none
+    _ok(export)
+    expected = open_source(tmp_path / "legacy")  # the local copy, mapped to HuggingFace names
+    weights = load(s3.get("hf/model.safetensors"))
+    assert set(weights) == {n for n in expected.tensors if not n.startswith("optimizer.")}
+    assert all(torch.equal(weights[n], expected.tensors[n].read()) for n in weights)
+    assert json.loads(s3.get("hf/config.json"))["model_type"] == "qwen3"
+    assert damaged.returncode == 1, damaged.stderr
+    assert [p["where"] for p in json.loads(damaged.stdout)["problems"]] == [f"s3://{s3.bucket}/{key}"]
+    rows = json.loads(listed.stdout)["iterations"]  # one step, on both ranks, the damaged file named
+    assert [(r["file"], r["committed"], r["valid"], r["latest_on"]) for r in rows] == [
+        ("tiny_rank_{r}-1_2.safetensors", True, False, [0, 1])], rows
+    assert listed.returncode == 1 and key in rows[0]["problem"], listed.stderr

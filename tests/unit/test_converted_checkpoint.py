@@ -3,7 +3,8 @@
 A foreign ``load_checkpoint`` (here a real HuggingFace/unified folder written by
 ``resumable merge``) is converted into ``<output_dir>/converted_checkpoint``, which the
 conversion replaces. An input that is, is inside or contains that folder, and a
-``converted_checkpoint`` that holds the user's own files, are refused and left intact.
+``converted_checkpoint`` that holds the user's own files, are refused and left intact. A
+MindFormers legacy tree on ``s3://`` (moto) converts into the local folder, recorded by its URLs.
 """
 
 from __future__ import annotations
@@ -14,11 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from resumable import latest
 from resumable.errors import ConfigError
+from resumable.formats import v2
 from resumable.save import save
 from resumable.sources import open_source
-from resumable.train.foreign import CONVERTED, ensure_loadable
+from resumable.train.foreign import CONVERTED, ForeignOptions, ensure_loadable
 from resumable.tools.merge import merge
+from tests.fixtures.ms_strategy import build_sharded_legacy, generic_state
 
 
 def _unified(folder: Path, seed: int = 0) -> Path:
@@ -76,3 +80,19 @@ def test_an_earlier_conversion_of_another_source_is_replaced_and_the_same_source
     assert ensure_loadable(b, out) == target
     assert torch.equal(open_source(target).tensors["w"].read(), open_source(b).tensors["w"].read())
     assert _snapshot(a) and _snapshot(b)  # both inputs intact
+
+
+def test_a_sharded_mindformers_legacy_tree_on_s3_converts_once_into_the_local_output_dir(s3, tmp_path):
+    """The trainer's ``load_checkpoint: s3://...`` (Checkpoint 2.0 mode) with the strategy files on the store."""
+    build_sharded_legacy(tmp_path / "tree", generic_state(seed=5), dp=2, mp=2)
+    s3.upload(tmp_path / "tree", "tree")
+    out, options = tmp_path / "output", ForeignOptions(src_strategy=s3.url("tree", "strategy"))
+    target = ensure_loadable(s3.url("tree"), out, options)
+    assert target == out / CONVERTED
+    origin = v2.read_common(latest(target))["converted_from"]
+    assert (origin["path"], origin["src_strategy"]) == (s3.url("tree"), s3.url("tree", "strategy"))  # URLs, not s3:/
+    local = open_source(tmp_path / "tree", src_strategy=tmp_path / "tree" / "strategy")
+    converted = open_source(target)
+    assert all(torch.equal(converted.tensors[n].read(), t.read()) for n, t in local.tensors.items())
+    first = _snapshot(target)
+    assert ensure_loadable(s3.url("tree"), out, options) == target and _snapshot(target) == first  # reused

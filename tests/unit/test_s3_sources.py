@@ -4,14 +4,16 @@ A HuggingFace folder, one of our Checkpoint 2.0 iterations, MindFormers 2.0 iter
 MindSpore ``.ckpt`` and PyTorch files are written locally by the usual fixtures and uploaded
 object by object (ours is also saved straight to the store); the source opened from the
 store must list the same tensors (name, dtype, shape) and read the same values, whole and
-by region. Damaged objects are refused naming the ``s3://`` object; a legacy ``rank_*``
-tree is refused as not supported yet.
+by region. Legacy ``rank_*`` trees (MindFormers', also sharded with their strategy files on
+the store, and resumable's own) read the same way. Damaged objects are refused naming the
+``s3://`` object.
 """
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -20,19 +22,17 @@ import resumable
 from resumable.errors import CheckpointNotFoundError, CorruptCheckpointError, NotImplementedYet
 from resumable.formats import hf, v1
 from resumable.formats.ms_ckpt import write_ms_ckpt
+from resumable.formats.safetensors_io import read_header
 from resumable.geometry import Box
+from resumable.legacy import LegacySaver
 from resumable.sources import Source, open_source
+from resumable.tools.verify import verify_path
 from tests.fixtures.mindformers import build_legacy, build_v2, hf_params, mf_state, net_state
+from tests.fixtures.ms_strategy import build_sharded_legacy, generic_state
 
 SEED = 7
 REGIONS = 4  # regions read per source (every tensor is read whole): each read is a few requests to the server
 TOKENIZER = b'{"model": {"type": "BPE", "vocab": {"a": 0}}}\n'
-
-
-def _upload(s3, local: Path, prefix: str) -> None:
-    """Every file under ``local`` as the object ``prefix/<relative path>``."""
-    for path in sorted(p for p in local.rglob("*") if p.is_file()):
-        s3.put(f"{prefix}/{path.relative_to(local).as_posix()}", path.read_bytes())
 
 
 def _assert_same(remote: Source, local: Source) -> None:
@@ -59,7 +59,7 @@ def _hf_folder(folder: Path) -> None:
 
 def test_a_huggingface_folder_reads_the_same_from_s3(s3, tmp_path: Path) -> None:
     _hf_folder(tmp_path / "hf")
-    _upload(s3, tmp_path / "hf", "models/qwen")
+    s3.upload(tmp_path / "hf", "models/qwen")
     remote, local = open_source(s3.url("models", "qwen")), open_source(tmp_path / "hf")
     _assert_same(remote, local)
     assert remote.format == "hf" and str(remote.path) == s3.url("models", "qwen")
@@ -93,7 +93,7 @@ def test_our_checkpoint_saved_to_s3_reads_as_the_local_one(s3, tmp_path: Path) -
 @pytest.mark.parametrize("dp,mp", [(1, 1), (2, 2)], ids=["single-rank", "dp2-mp2-metadata"])
 def test_a_mindformers_2_0_iteration_reads_the_same_from_s3(s3, tmp_path: Path, dp: int, mp: int) -> None:
     build_v2(tmp_path / "mf", 100, mf_state(SEED), dp=dp, mp=mp)
-    _upload(s3, tmp_path / "mf", "mf")
+    s3.upload(tmp_path / "mf", "mf")
     remote, local = open_source(s3.url("mf")), open_source(tmp_path / "mf")
     assert remote.format == "mindformers" and remote.iteration == 100
     assert "model.layers.0.self_attn.q_proj.weight" in remote.tensors  # mapped to HuggingFace names
@@ -145,18 +145,74 @@ def test_damaged_objects_are_refused_naming_the_s3_object(s3, tmp_path: Path) ->
         open_source(s3.url("pt", "model.pt"))
 
     _hf_folder(tmp_path / "hf")
-    _upload(s3, tmp_path / "hf", "hf")
+    s3.upload(tmp_path / "hf", "hf")
     s3.put("hf/model.safetensors", s3.get("hf/model.safetensors")[:-1])  # its last tensor runs past the end
     with pytest.raises(CorruptCheckpointError, match=re.escape(f"{s3.url('hf', hf.SINGLE)} is not a readable safetensors")):
         open_source(s3.url("hf"))
 
 
-def test_a_legacy_rank_tree_on_s3_is_refused_as_not_supported_yet_and_a_missing_prefix_named(s3, tmp_path: Path) -> None:
-    build_legacy(tmp_path / "legacy", [[(1, 1, 0)]], [(1, 1)])
-    _upload(s3, tmp_path / "legacy", "legacy")
-    with pytest.raises(NotImplementedYet, match=re.escape(
-            f"reading a Checkpoint 1.0 (rank_*) tree on object storage ({s3.url('legacy')}) is not supported yet")):
-        open_source(s3.url("legacy"))
+def _ours(root: Path, fmt: str) -> None:
+    """A one-rank legacy tree written by resumable's LegacySaver (rank files that carry their own chunk map)."""
+    saver = LegacySaver(root, prefix="CKP", fmt=fmt, keep_checkpoint_max=None, remove_redundancy=False,
+                        save_optimizer=True, strategy_dir=root.parent / "strategy", layout={"world_size": 1})
+    g = torch.Generator().manual_seed(SEED)
+    saver.save({"model": {"w": torch.randn(6, 4, generator=g), "b": torch.randn(4, generator=g)},
+                "optimizer": {"state": {"w": {"exp_avg": torch.randn(6, 4, generator=g)}}}, "global_step": 4}, 1, 4)
+
+
+# name → (writes the tree under the given folder; the src_strategy to read it with, relative to the tree;
+# a rank file that holds the whole step, read alone too)
+LEGACY_TREES: dict[str, tuple[Callable[[Path], object], str | None, str | None]] = {
+    "mindformers-ckpt": (lambda root: build_legacy(root, [[(1, 1, 0)]], [(1, 1)], fmt="ckpt",
+                                                   states=lambda *_: net_state(SEED)), None, None),
+    "mindformers-2-ranks-remove-redundancy": (lambda root: build_legacy(
+        root, [[(1, 2, 0)], [(1, 2, 0)]], [(1, 2), (1, 2)], remove_redundancy=True,
+        states=lambda *_: net_state(SEED)), None, None),  # Qwen3's names from a legacy tree on s3: tests/e2e/test_s3_tools.py
+    "mindformers-dp2-mp2-strategy": (lambda root: build_sharded_legacy(root, generic_state(SEED), dp=2, mp=2),
+                                     "strategy", None),
+    "ours-safetensors": (lambda root: _ours(root, "safetensors"), None, "rank_0/CKP_rank_0-1_4.safetensors"),
+    "ours-ckpt": (lambda root: _ours(root, "ckpt"), None, "rank_0/CKP_rank_0-1_4.ckpt"),
+}
+
+
+@pytest.mark.parametrize("tree", sorted(LEGACY_TREES))
+def test_a_legacy_rank_tree_reads_the_same_from_s3(s3, tmp_path: Path, tree: str) -> None:
+    build, strategy, alone = LEGACY_TREES[tree]
+    build(tmp_path / "legacy")
+    s3.upload(tmp_path / "legacy", "legacy")
+    remote = open_source(s3.url("legacy"), src_strategy=strategy and s3.url("legacy", strategy))
+    local = open_source(tmp_path / "legacy", src_strategy=strategy and tmp_path / "legacy" / strategy)
+    assert remote.format == "legacy" and str(remote.path) == s3.url("legacy")
+    _assert_same(remote, local)
+    if strategy is not None:  # slices placed by the strategy read from the store; without it refused, naming it
+        assert len(remote.tensors["fc1.weight"].chunks) == 2
+        with pytest.raises(NotImplementedYet, match=re.escape(f"({s3.url('legacy', 'strategy')} splits ")):
+            open_source(s3.url("legacy"))
+    if alone is not None:
+        _assert_same(open_source(s3.url("legacy", *alone.split("/"))), open_source(tmp_path / "legacy" / alone))
+
+
+def test_a_damaged_legacy_rank_object_is_named_by_its_url_and_a_missing_prefix_named(s3, tmp_path: Path) -> None:
+    _ours(tmp_path / "ours", "safetensors")
+    s3.upload(tmp_path / "ours", "ours")
+    key = "ours/rank_0/CKP_rank_0-1_4.safetensors"
+    data = bytearray(s3.get(key))
+    data[read_header(s3.url(*key.split("/"))).tensors["w"].end - 1] ^= 0xFF  # w's block checksum no longer matches
+    s3.put(key, bytes(data))
+    with pytest.raises(CorruptCheckpointError, match=re.escape(f"s3://{s3.bucket}/{key}: tensor 'w', bytes ")):
+        open_source(s3.url("ours")).tensors["w"].read()
+    for where in (s3.url("ours"), f"s3://{s3.bucket}/{key}"):  # the tree, and the rank file alone
+        problems, _, _ = verify_path(where)
+        assert [p.where for p in problems] == [f"s3://{s3.bucket}/{key}"], problems
+        assert re.fullmatch(re.escape(f"s3://{s3.bucket}/{key}: xxh3-64 ") + r"[0-9a-f]{16}, meta.json records "
+                            r"[0-9a-f]{16}; the file is damaged: restore it or load another step", problems[0].message)
+
+    build_legacy(tmp_path / "mf", [[(1, 1, 0)]], [(1, 1)])
+    s3.upload(tmp_path / "mf", "mf")
+    key = "mf/rank_0/tiny_rank_0-1_1.safetensors"
+    s3.put(key, s3.get(key)[:-1])  # its last tensor runs past the end
+    with pytest.raises(CorruptCheckpointError, match=re.escape(f"s3://{s3.bucket}/{key}: not a valid safetensors file: ")):
+        open_source(s3.url("mf"))
     with pytest.raises(CheckpointNotFoundError, match=re.escape(f"{s3.url('nothing')} does not exist")):
         open_source(s3.url("nothing"))
 

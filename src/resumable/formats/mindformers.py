@@ -41,7 +41,6 @@ import math
 import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -449,7 +448,7 @@ def parse_legacy_name(name: str) -> LegacyFile | None:
     return LegacyFile(int(epoch), int(step), int(suffix or 0), prefix, int(rank), ext)
 
 
-def _rank_dirs(root: Path) -> list[Path]:
+def _rank_dirs(root: AnyPath) -> list[AnyPath]:
     ranks = {}
     for entry in storage.list_dir(root):
         m = re.fullmatch(r"rank_([0-9]+)", entry.name)
@@ -467,14 +466,14 @@ def _rank_dirs(root: Path) -> list[Path]:
     return [ranks[r] for r in order]
 
 
-def _meta_position(path: Path) -> tuple[int, int] | None:
+def _meta_position(path: AnyPath) -> tuple[int, int] | None:
     if not storage.is_file(path / "meta.json"):
         return None
     meta = load_json_object(path / "meta.json", "MindFormers meta.json", allow_nan=True)  # ours may record a NaN loss
     return need_int(meta, "last_epoch", str(path / "meta.json")), need_int(meta, "last_step", str(path / "meta.json"))
 
 
-def _rank_files(path: Path, rank: int, ext: str) -> dict[tuple[int, int], LegacyFile]:
+def _rank_files(path: AnyPath, rank: int, ext: str) -> dict[tuple[int, int], LegacyFile]:
     """(epoch, step) → newest file (largest prefix suffix) of one rank folder."""
     files: dict[tuple[int, int], LegacyFile] = {}
     for entry in storage.list_dir(path):
@@ -495,7 +494,8 @@ def legacy_file_name(f: LegacyFile) -> str:
     return f"{f.prefix}_rank_{f.rank}{suffix}-{f.epoch}_{f.step}.{f.ext}"
 
 
-def select_legacy_files(root: str | os.PathLike[str], fmt: str) -> tuple[tuple[int, int], list[Path]]:
+def select_legacy_files(root: str | os.PathLike[str] | storage.ObjectPath,
+                        fmt: str) -> tuple[tuple[int, int], list[AnyPath]]:
     """The newest ``(epoch, step)`` complete on every rank of a legacy tree, and its file per rank.
 
     The rule of :func:`read_mf_legacy` (``meta.json`` bounds, presence on every rank,
@@ -513,9 +513,9 @@ def select_legacy_files(root: str | os.PathLike[str], fmt: str) -> tuple[tuple[i
     return complete_legacy_steps(root, fmt)[0]
 
 
-def complete_legacy_steps(root: str | os.PathLike[str], fmt: str,
-                          meta_position: Callable[[Path], tuple[int, int] | None] = _meta_position,
-                          ) -> list[tuple[tuple[int, int], list[Path]]]:
+def complete_legacy_steps(root: str | os.PathLike[str] | storage.ObjectPath, fmt: str,
+                          meta_position: Callable[[AnyPath], tuple[int, int] | None] = _meta_position,
+                          ) -> list[tuple[tuple[int, int], list[AnyPath]]]:
     """Every ``(epoch, step)`` complete on every rank of a legacy tree, newest first, with its file per rank.
 
     Args:
@@ -527,7 +527,7 @@ def complete_legacy_steps(root: str | os.PathLike[str], fmt: str,
     """
     if fmt not in ("safetensors", "ckpt"):
         raise ValueError(f"fmt must be 'safetensors' or 'ckpt', got {fmt!r}")
-    root = storage.require_local(storage.as_path(root), "reading a MindFormers legacy tree")
+    root = storage.as_path(root)
     dirs = _rank_dirs(root)
     per_rank = [_rank_files(d, r, fmt) for r, d in enumerate(dirs)]
     bounds = [b for b in (meta_position(d) for d in dirs) if b is not None]
@@ -542,8 +542,8 @@ def complete_legacy_steps(root: str | os.PathLike[str], fmt: str,
             for pos in sorted(common, reverse=True)]
 
 
-def read_mf_legacy(checkpoint_dir: str | os.PathLike[str], fmt: str = "safetensors",
-                   strategy: str | os.PathLike[str] | None = None) -> ForeignCheckpoint:
+def read_mf_legacy(checkpoint_dir: str | os.PathLike[str] | storage.ObjectPath, fmt: str = "safetensors",
+                   strategy: str | os.PathLike[str] | storage.ObjectPath | None = None) -> ForeignCheckpoint:
     """Describe the last complete save of a MindFormers legacy ``rank_*`` tree.
 
     "Last complete": the minimum ``(epoch, step)`` over the ranks' ``meta.json`` bounds
@@ -575,7 +575,7 @@ def read_mf_legacy(checkpoint_dir: str | os.PathLike[str], fmt: str = "safetenso
         ckpt.context.global_step                    # 12
         tp = read_mf_legacy("output/checkpoint", strategy="output/strategy")
     """
-    root = storage.require_local(storage.as_path(checkpoint_dir), "reading a MindFormers legacy tree")
+    root = storage.as_path(checkpoint_dir)
     chosen, paths = select_legacy_files(root, fmt)
     headers = {p: _legacy_header(p) for p in paths}
     flags = {p: _remove_redundancy_flag(p) for p in paths}
@@ -603,13 +603,13 @@ def _ranks_text(ranks: list[int]) -> str:
     return shown_ranks + (f" and {len(ranks) - 8} more" if len(ranks) > 8 else "")
 
 
-def _strategy_chunks(paths: list[Path], headers: dict[Path, dict[str, tuple[torch.dtype, tuple[int, ...]]]],
+def _strategy_chunks(paths: list[AnyPath], headers: dict[AnyPath, dict[str, tuple[torch.dtype, tuple[int, ...]]]],
                      layouts: dict[str, ParamLayout], strategy: AnyPath) -> dict[str, ForeignTensor]:
     """Slices (``paths[r]`` is rank r's file) at the boxes their layouts give; the tensors without one whole."""
     placed: dict[str, tuple[torch.dtype, tuple[int, ...], int]] = {}
     chunks: dict[str, list[ForeignChunk]] = {}
     holders: dict[str, list[int]] = {}
-    whole: dict[Path, dict[str, tuple[torch.dtype, tuple[int, ...]]]] = {path: {} for path in paths}
+    whole: dict[AnyPath, dict[str, tuple[torch.dtype, tuple[int, ...]]]] = {path: {} for path in paths}
     for rank, path in enumerate(paths):
         for name, (dtype, shape) in headers[path].items():
             layout = _layout_of(name, layouts)
@@ -640,7 +640,7 @@ def _strategy_chunks(paths: list[Path], headers: dict[Path, dict[str, tuple[torc
     return tensors
 
 
-def _refuse_unread_strategy(root: Path, tensors: dict[str, ForeignTensor]) -> None:
+def _refuse_unread_strategy(root: AnyPath, tensors: dict[str, ForeignTensor]) -> None:
     """Refuse a tree whose job's strategy files (``strategy/`` in or beside ``root``) split its tensors.
 
     Evenly split slices have the same shape on every rank and would pass for replicas.
@@ -695,7 +695,7 @@ def _context(values: dict[str, float | int], global_step: int) -> TrainingContex
     )
 
 
-def _legacy_context(tensors: dict[str, ForeignTensor], root: Path, chosen: tuple[int, int]) -> TrainingContext:
+def _legacy_context(tensors: dict[str, ForeignTensor], root: AnyPath, chosen: tuple[int, int]) -> TrainingContext:
     values = _scalar_values(tensors)
     if not isinstance(values.get("global_step"), int):
         raise CorruptCheckpointError(f"{root}: the files of epoch {chosen[0]} step {chosen[1]} hold no integer "

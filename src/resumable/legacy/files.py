@@ -23,7 +23,7 @@ from resumable import storage
 from resumable.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, UnsafeCheckpointError
 from resumable.formats import v1, v2
 from resumable.errors import NotImplementedYet
-from resumable.storage import ObjectPath, Reader
+from resumable.storage import AnyPath, ObjectPath, Reader
 from resumable.storage.local import check_regular
 from resumable.formats.mindformers import parse_legacy_name
 from resumable.formats.ms_ckpt import index_ms_ckpt
@@ -50,7 +50,7 @@ def local_path(path: str | os.PathLike[str], key: str) -> Path:
     return found
 
 
-def rank_folders(root: Path) -> list[str]:
+def rank_folders(root: AnyPath) -> list[str]:
     """The ``rank_{r}`` folders under ``root``, by rank."""
     if not storage.is_dir(root):  # iterdir's errors (list_dir sees nothing there, silently)
         if storage.exists(root):
@@ -61,7 +61,7 @@ def rank_folders(root: Path) -> list[str]:
                   key=lambda n: int(n[5:]))
 
 
-def folder_meta(folder: Path) -> tuple[v1.LegacyMeta | None, str | None]:
+def folder_meta(folder: AnyPath) -> tuple[v1.LegacyMeta | None, str | None]:
     """A rank folder's ``meta.json``, or None and why (missing, or damaged: it then vouches for nothing)."""
     try:
         meta = v1.read_meta(folder)
@@ -72,7 +72,7 @@ def folder_meta(folder: Path) -> tuple[v1.LegacyMeta | None, str | None]:
     return meta, None
 
 
-def folder_records(folder: Path) -> tuple[dict[str, v1.FileRecord], str | None]:
+def folder_records(folder: AnyPath) -> tuple[dict[str, v1.FileRecord], str | None]:
     """The sizes and checksums a rank folder's ``meta.json`` records, and why there are none.
 
     A damaged ``meta.json`` vouches for nothing: its records are dropped and the reason is
@@ -82,20 +82,26 @@ def folder_records(folder: Path) -> tuple[dict[str, v1.FileRecord], str | None]:
     return (meta.files if meta is not None else {}), why
 
 
-def member(root: Path, name: str) -> Path:
-    """``root / name``, refused unless it is a regular file that lies inside ``root`` (links followed)."""
+def member(root: AnyPath, name: str) -> AnyPath:
+    """``root / name``, refused unless it is a regular file (an object) that lies inside ``root`` (links followed;
+    an object store has none)."""
     path = root / name
+    missing = CheckpointNotFoundError(f"{path} does not exist; the checkpoint is incomplete")
+    if isinstance(path, ObjectPath):
+        if not storage.is_file(path):
+            raise missing
+        return path
     try:
         check_regular(path, "rank file")  # a FIFO or a device would block or never end
     except CheckpointNotFoundError:
-        raise CheckpointNotFoundError(f"{path} does not exist; the checkpoint is incomplete") from None
+        raise missing from None
     if "/" in name and not inside(path, root):  # a rank_*/ file symlinked out of the tree
         raise UnsafeCheckpointError(f"{path} resolves outside {root}; refusing to read it (a rank file of "
                                     "a checkpoint must lie inside its checkpoint folder)")
     return path
 
 
-def check_rank_file(root: Path, name: str, record: v1.FileRecord | None, *, checksum: bool = True) -> bool:
+def check_rank_file(root: AnyPath, name: str, record: v1.FileRecord | None, *, checksum: bool = True) -> bool:
     """Check one rank file: its size and xxh3-64 against ``record``, else its structure only.
 
     Without a record (MindFormers' files, or a damaged ``meta.json``) a safetensors file
@@ -127,7 +133,7 @@ def check_rank_file(root: Path, name: str, record: v1.FileRecord | None, *, chec
     return True
 
 
-def _check_structure(path: Path, checksum: bool) -> bool:
+def _check_structure(path: AnyPath, checksum: bool) -> bool:
     """A file no ``meta.json`` vouches for: its block checksums when it has them, else its structure."""
     if path.suffix == ".ckpt":
         with storage.open_reader(path, "rank file") as reader:
@@ -193,7 +199,7 @@ class TreeCheck:
             self.sizes_only += 1
 
 
-def verify_tree(root: Path, *, checksum: bool = True) -> TreeCheck:
+def verify_tree(root: AnyPath, *, checksum: bool = True) -> TreeCheck:
     """Check every file of a legacy tree: each rank folder's ``meta.json`` and every step file, and ``strategy/``.
 
     Every step kept is checked, not only the one a resume would pick; the strategy
@@ -259,7 +265,7 @@ class RankFiles:
     safetensors reads check the blocks they read (:func:`resumable.reads.execute_reads`).
     """
 
-    def __init__(self, root: Path, checked: Iterable[str] = ()) -> None:
+    def __init__(self, root: AnyPath, checked: Iterable[str] = ()) -> None:
         self.root = root
         self.checked = set(checked)
         self.infos: dict[str, v1.FileInfo] = {}

@@ -47,15 +47,8 @@ def walk_files(folder: AnyPath, under: str = "") -> Iterator[tuple[str, Entry]]:
 
 
 def legacy_tree(path: AnyPath) -> bool:
-    """True when ``path`` is a legacy ``rank_*`` tree (a folder of ``rank_<n>`` folders).
-
-    Raises:
-        NotImplementedYet: such a tree on an object store (the legacy layout is local only).
-    """
+    """True when ``path`` is a legacy ``rank_*`` tree (a folder of ``rank_<n>`` folders; local or ``s3://``)."""
     from resumable import storage
     from resumable.legacy.files import rank_folders
 
-    if not storage.is_dir(path) or not rank_folders(path):
-        return False
-    storage.require_local(path, "a legacy (rank_*) tree")
-    return True
+    return storage.is_dir(path) and bool(rank_folders(path))

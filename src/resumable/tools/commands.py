@@ -348,7 +348,7 @@ def _convert(args: argparse.Namespace) -> int:
 _PATHS = ("a checkpoint folder (follows latest_checkpointed_iteration.txt), an iteration_* folder, a rank_* "
           "tree (legacy), a MindFormers 2.0 folder, a HuggingFace/unified folder, or a single file (MindSpore "
           ".ckpt or .safetensors, a legacy rank file, a PyTorch .ckpt/.pt/.pth/.bin; or a folder holding only it); "
-          "local or s3://bucket/prefix (legacy rank_* trees: local only)")
+          "local or s3://bucket/prefix")
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -377,8 +377,8 @@ def _add_list(sub: argparse._SubParsersAction) -> None:
                        "against each rank's meta.json records, and the latest mark when every meta.json names it.",
                        epilog=exit_status("a committed iteration (legacy: complete step) is invalid or the tracker "
                                           "(legacy: a meta.json) is damaged: one PROBLEM line each"))
-    p.add_argument("path", help="a checkpoint folder (<output_dir>/checkpoint), local or s3://bucket/prefix, or a "
-                   "legacy rank_* tree (local)")
+    p.add_argument("path", help="a checkpoint folder (<output_dir>/checkpoint) or a legacy rank_* tree, local or "
+                   "s3://bucket/prefix")
     p.add_argument("--verify", action="store_true",
                    help="also check every file's xxh3-64 and block checksums (reads every byte)")
     p.add_argument("--json", action="store_true",

@@ -23,8 +23,6 @@ import os
 import time
 from dataclasses import asdict, dataclass
 
-from pathlib import Path
-
 from resumable import commit, storage
 from resumable.errors import CheckpointError, CheckpointNotFoundError
 from resumable.formats import v1, v2
@@ -90,7 +88,6 @@ def list_iterations(directory: str | os.PathLike[str], *, verify: bool = False,
 
     Raises:
         CheckpointNotFoundError: ``directory`` is not a folder.
-        NotImplementedYet: a legacy tree on an object store.
         ValueError: ``directory`` is one iteration folder (list its parent).
     """
     directory = storage.as_path(directory)
@@ -102,7 +99,6 @@ def list_iterations(directory: str | os.PathLike[str], *, verify: bool = False,
         raise ValueError(f"{directory} is one iteration; list the checkpoint folder holding it: "
                          f"resumable list {directory.parent}")
     if legacy_tree(directory):
-        assert isinstance(directory, Path)  # legacy_tree refuses an object store
         return _legacy_rows(directory, verify, policy)
     tracker_problem = None
     try:
@@ -133,7 +129,7 @@ def list_iterations(directory: str | os.PathLike[str], *, verify: bool = False,
     return rows, tracker_problem
 
 
-def _legacy_rows(root: Path, verify: bool, policy: Policy | None) -> tuple[list[Row], str | None]:
+def _legacy_rows(root: AnyPath, verify: bool, policy: Policy | None) -> tuple[list[Row], str | None]:
     """The rows of a legacy tree, oldest job then oldest step first, and its damaged meta.json files."""
     folders = {int(n[5:]): root / n for n in rank_folders(root)}
     world = max(folders) + 1  # a missing rank_N below the highest leaves every step incomplete
@@ -173,7 +169,7 @@ def _legacy_rows(root: Path, verify: bool, policy: Policy | None) -> tuple[list[
     return rows, "; ".join(damaged) or None
 
 
-def _legacy_problems(root: Path, names: dict[int, str], metas: dict[int, v1.LegacyMeta | None],
+def _legacy_problems(root: AnyPath, names: dict[int, str], metas: dict[int, v1.LegacyMeta | None],
                      verify: bool) -> list[str]:
     """Each rank's file of a complete step checked against its folder's meta.json record (the verify code)."""
     problems = []
@@ -187,10 +183,10 @@ def _legacy_problems(root: Path, names: dict[int, str], metas: dict[int, v1.Lega
     return problems
 
 
-def _legacy_kept(folders: dict[int, Path], metas: dict[int, v1.LegacyMeta | None],
-                 policy: Policy) -> dict[Path, tuple[str, ...]]:
+def _legacy_kept(folders: dict[int, AnyPath], metas: dict[int, v1.LegacyMeta | None],
+                 policy: Policy) -> dict[AnyPath, tuple[str, ...]]:
     """Each counted file → its reasons, decided per rank folder and prefix as that folder's next save would."""
-    kept: dict[Path, tuple[str, ...]] = {}
+    kept: dict[AnyPath, tuple[str, ...]] = {}
     for r, folder in folders.items():
         meta = metas[r]
         names = [e.name for e in storage.list_dir(folder) if not (e.link or e.is_dir or e.special)]

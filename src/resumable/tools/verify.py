@@ -188,7 +188,6 @@ def _verify_rank_file(path: AnyPath, checksum: bool, seen: Checked,
                       open_args: Mapping[str, Any]) -> tuple[list[Problem], int]:
     """One of our Checkpoint 1.0 rank files given alone: its size and xxh3-64 against its folder's
     meta.json, else its own block checksums (as a tree's files are checked), then opened as a source."""
-    path = storage.require_local(path, "verifying a legacy rank file")
     record = folder_records(path.parent)[0].get(path.name)
     if record is not None:
         seen.foreign, seen.whole = None, int(checksum)

@@ -68,9 +68,14 @@ class ForeignOptions:
 
     def origin(self) -> dict[str, Any]:
         """What of these options changes a conversion's result, as JSON."""
-        strategy = str(Path(self.src_strategy).resolve()) if self.src_strategy else None
+        strategy = _where(storage.as_path(self.src_strategy)) if self.src_strategy else None
         return {"fused": None if self.fused is None else asdict(self.fused), "names": self.names,
                 "src_strategy": strategy, "dtype": None if self.dtype is None else str(self.dtype)}
+
+
+def _where(path: AnyPath) -> str:
+    """A source's path as recorded in ``converted_from``: local ones resolved, an ``s3://`` URL as given."""
+    return str(path if storage.is_object(path) else Path(path).resolve())
 
 
 def _is_v2_or_empty(path: AnyPath) -> bool:
@@ -167,7 +172,7 @@ def ensure_loadable(path: str | os.PathLike[str], output_dir: str | os.PathLike[
     target = Path(output_dir) / CONVERTED
     _refuse_overlap(path, target)
     source = open_source(path, fused=options.fused, names=options.names, src_strategy=options.src_strategy or None)
-    origin = {"path": str(source.path if storage.is_object(source.path) else source.path.resolve()), "format": source.format, "iteration": source.iteration,
+    origin = {"path": _where(source.path), "format": source.format, "iteration": source.iteration,
               **options.origin(), "notes": list(source.notes)}
     found = _conversion_origin(target)
     if found == origin:
