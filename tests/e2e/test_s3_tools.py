@@ -81,10 +81,6 @@ def test_verify_inspect_list_on_s3_and_a_flipped_byte_is_named(s3, tmp_path) -> 
         ("convert", f"{url}/iteration_00000001", s3.url("hf"), "--to", "hf", "--hf-config", _hf_config(tmp_path)))
     assert damaged.returncode == 1, damaged.stderr  # README: 1 is verify's "problems found"
     assert [p["where"] for p in json.loads(damaged.stdout)["problems"]] == [f"s3://{s3.bucket}/{key}"]
-    rows = json.loads(listed.stdout)["iterations"]  # one step, on both ranks, the damaged file named
-    assert [(r["file"], r["committed"], r["valid"], r["latest_on"]) for r in rows] == [
-        ("tiny_rank_{r}-1_2.safetensors", True, False, [0, 1])], rows
-    assert listed.returncode == 1 and key in rows[0]["problem"], listed.stderr
     _ok(sizes_only)
     assert listed.returncode == 1 and "PROBLEM step 1:" in listed.stdout, listed.stdout
     # The export failed on the damaged tensor after writing config.json in place: the prefix is emptied again.
