@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 
-from resumable.train.launch import LAUNCHED_ENV, outcome, report
+from resumable.train.launch import LAUNCHED_ENV, outcome, report, signalled
 
 
 def _ended(folder: Path, monkeypatch: pytest.MonkeyPatch, ranks: list[tuple[int, int, str | None]]) -> dict:
@@ -57,3 +57,21 @@ def test_a_killed_rank_is_named_and_a_job_that_only_stopped_prints_nothing(
     assert outcome(killed) == (1, "rank 1 was killed by SIGKILL (out of memory?)")
     stopped = _ended(tmp_path / "b", monkeypatch, [(0, 130, "stopped by SIGINT"), (1, 130, None)])
     assert outcome(stopped) == (130, None)
+
+
+@pytest.mark.parametrize("reports, status", [
+    ({0: 75, 1: 75}, 75),           # every worker of the last attempt saved for preemption
+    ({0: 75, 1: None}, 143),        # one worker ended without a report: it did not save
+    ({0: 75, 1: 130}, 143),         # one stopped without saving (its own Ctrl-C)
+], ids=["all-saved", "one-silent", "one-stopped"])
+def test_a_signal_to_torchrun_ends_with_75_only_when_every_worker_saved_for_preemption(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reports: dict, status: int) -> None:
+    monkeypatch.setenv(LAUNCHED_ENV, "1")
+    (tmp_path / "run_0" / "attempt_0" / "0").mkdir(parents=True)  # an earlier attempt, which did not save
+    for rank, saved in reports.items():  # torchrun's --log-dir layout: <run>/attempt_<n>/<rank>/error.json
+        error_file = tmp_path / "run_0" / "attempt_1" / str(rank) / "error.json"
+        error_file.parent.mkdir(parents=True)
+        if saved is not None:
+            monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+            assert report(saved, "stopped")
+    assert signalled(tmp_path, signal.SIGTERM) == status

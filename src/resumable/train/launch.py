@@ -148,8 +148,8 @@ def signalled(logs: Path, signum: int) -> int:
     """The exit status of a job whose torchrun got stop signal ``signum``: 75 when every worker of the last
     attempt reported saving for preemption (the signal is a preemption signal: torchrun passed it on),
     else 128 + ``signum``. ``logs``: torchrun's ``--log-dir`` (``<run>/attempt_<n>/<rank>/error.json``)."""
-    attempts = [(int(e.name.removeprefix("attempt_")), run / e.name) for run in _folders(logs)
-                for e in storage.list_dir(run) if e.is_dir and e.name.removeprefix("attempt_").isdigit()]
+    attempts = [(int(e.name.removeprefix("attempt_")), job / e.name) for job in _folders(logs)
+                for e in storage.list_dir(job) if e.is_dir and e.name.removeprefix("attempt_").isdigit()]
     if not attempts:
         return 128 + signum
     statuses = []
