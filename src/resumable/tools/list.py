@@ -142,12 +142,13 @@ def _legacy_rows(root: AnyPath, verify: bool, policy: Policy | None) -> tuple[li
         except (CheckpointError, OSError) as exc:  # vouches for nothing: its files are checked on their own
             damaged.append(str(exc))
     steps: dict[tuple[int, int, int, str, str], dict[int, storage.Entry]] = {}  # retention order → rank → file
+    listed = {r: storage.list_dir(folder) for r, folder in folders.items()}  # once: the rows and retention share it
     for r, folder in folders.items():
-        for e in storage.list_dir(folder):
+        for e in listed[r]:
             parsed = parse_legacy_name(e.name)
             if parsed is not None and parsed.rank == r and not (e.is_dir or e.special):
                 steps.setdefault((parsed.suffix, parsed.epoch, parsed.step, parsed.ext, parsed.prefix), {})[r] = e
-    kept = _legacy_kept(folders, metas, policy) if policy is not None else None
+    kept = _legacy_kept(folders, listed, metas, policy) if policy is not None else None
     rows, now = [], time.time()
     for key in sorted(steps):
         held = steps[key]
@@ -183,13 +184,14 @@ def _legacy_problems(root: AnyPath, names: dict[int, str], metas: dict[int, v1.L
     return problems
 
 
-def _legacy_kept(folders: dict[int, AnyPath], metas: dict[int, v1.LegacyMeta | None],
+def _legacy_kept(folders: dict[int, AnyPath], listed: dict[int, list[storage.Entry]],
+                 metas: dict[int, v1.LegacyMeta | None],
                  policy: Policy) -> dict[AnyPath, tuple[str, ...]]:
     """Each counted file → its reasons, decided per rank folder and prefix as that folder's next save would."""
     kept: dict[AnyPath, tuple[str, ...]] = {}
     for r, folder in folders.items():
         meta = metas[r]
-        names = [e.name for e in storage.list_dir(folder) if not (e.link or e.is_dir or e.special)]
+        names = [e.name for e in listed[r] if not (e.link or e.is_dir or e.special)]
         prefixes = {p.prefix for p in map(parse_legacy_name, names) if p is not None and p.rank == r}
         for prefix in sorted(prefixes):
             _, why = decide_folder(names, prefix, r, policy, meta.notes if meta is not None else {},
